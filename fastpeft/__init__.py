@@ -1,0 +1,19 @@
+"""fastpeft: fused kernels for parameter-efficient fine-tuning in PyTorch.
+
+    import fastpeft
+    model = fastpeft.apply_lora(model, target_modules=["q_proj", "v_proj"], r=16, lora_alpha=32)
+
+The Triton kernels are imported on first use, so ``import fastpeft`` stays light on CPU-only machines.
+"""
+from .backends import BackendUnavailableError, available_backends, backend_status
+from .layers import LoraAdapter, LoraLinear
+from .model import apply_lora, find_targets, lora_layers, merge_and_unload
+from .ops import LoraLinearFunction, dropout_mask, lora_linear, lora_linear_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError", "LoraAdapter", "LoraLinear", "LoraLinearFunction", "apply_lora",
+    "available_backends", "backend_status", "dropout_mask", "find_targets", "lora_layers", "lora_linear",
+    "lora_linear_reference", "merge_and_unload",
+]

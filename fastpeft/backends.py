@@ -1,0 +1,110 @@
+"""Which backends can run here, and which one runs a given call.
+
+A backend is chosen per call (``backend=`` argument), per module (its ``backend`` attribute, passed on as the
+argument) or per process (``FASTPEFT_BACKEND=auto|torch|triton``). ``auto`` takes the fastest backend that
+supports the inputs; a backend asked for by name that cannot run raises :class:`BackendUnavailableError` listing
+every reason, never a silent fallback.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Iterable
+
+import torch
+
+BACKENDS = ("torch", "triton")
+ENV_VAR = "FASTPEFT_BACKEND"
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs on this machine."""
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _triton_missing() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install 'fastpeft[triton]', or a CUDA build of torch)"
+    return None
+
+
+def _environment_reasons(name: str) -> list[str]:
+    if name == "torch":
+        return []
+    reasons = []
+    missing = _triton_missing()
+    if missing:
+        reasons.append(missing)
+    if not torch.cuda.is_available() and not triton_interpreting():
+        reasons.append("no CUDA GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1")
+    return reasons
+
+
+def _input_reasons(name: str, tensors: Iterable[torch.Tensor]) -> list[str]:
+    if name == "torch":
+        return []
+    reasons = []
+    for t in tensors:
+        if t.dtype not in _TRITON_DTYPES:
+            reasons.append(f"dtype {t.dtype} is not one of float16, bfloat16, float32")
+        if t.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(t.device)
+            if major < 8:
+                reasons.append(f"CUDA device {t.device} has compute capability {major}.{minor}; the kernels need 8.0+")
+        elif t.device.type == "cpu":
+            if not triton_interpreting():
+                reasons.append("tensors are on the CPU; Triton runs CPU tensors only under TRITON_INTERPRET=1 "
+                               "(set before fastpeft's kernels are first imported)")
+        else:
+            reasons.append(f"device type {t.device.type!r} is not supported")
+    return list(dict.fromkeys(reasons))  # one line per distinct reason, in order
+
+
+def not_supported_reasons(name: str, tensors: Iterable[torch.Tensor] = ()) -> list[str]:
+    """Every reason backend ``name`` cannot run ``tensors`` here; empty when it can."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return _environment_reasons(name) + _input_reasons(name, list(tensors))
+
+
+def backend_status() -> dict[str, list[str]]:
+    """For each backend, why it cannot run on this machine at all (an empty list: it can)."""
+    return {name: _environment_reasons(name) for name in BACKENDS}
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine (for some inputs)."""
+    return [name for name, reasons in backend_status().items() if not reasons]
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend name in force: the argument if given, else ``$FASTPEFT_BACKEND``, else ``auto``."""
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
+    if not isinstance(backend, str) or backend.strip().lower() not in ("auto",) + BACKENDS:
+        raise ValueError(f"{source} must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    return backend.strip().lower()
+
+
+def select_backend(backend: str | None, tensors: list[torch.Tensor]) -> str:
+    """Resolve ``backend`` (None → ``$FASTPEFT_BACKEND`` → ``auto``) for a call on ``tensors``."""
+    name = requested_backend(backend)
+    if name == "auto":
+        preference = ("triton", "torch") if tensors[0].device.type == "cuda" else ("torch",)
+        for candidate in preference:
+            if not not_supported_reasons(candidate, tensors):
+                return candidate
+        return "torch"
+    reasons = not_supported_reasons(name, tensors)
+    if reasons:
+        raise BackendUnavailableError(f"backend {name!r} cannot run this call:\n  - " + "\n  - ".join(reasons))
+    return name

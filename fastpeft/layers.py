@@ -1,0 +1,152 @@
+"""nn.Modules: ``LoraLinear``, a drop-in for ``nn.Linear`` that runs the fused LoRA op."""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import nn
+
+from .ops.lora_linear import lora_linear
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class LoraAdapter(nn.Module):
+    """One named LoRA adapter of a layer: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r) and its scale."""
+
+    def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                 init_lora_weights=True, device=None, dtype=None):
+        super().__init__()
+        _check_positive_int("r", r)
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
+                or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = int(r), lora_alpha, float(lora_dropout), use_rslora
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.reset_parameters(init_lora_weights)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_lora_weights=True):
+        """HF PEFT's rules: True → A kaiming-uniform (a=√5), B zeros (the layer starts as the base layer);
+        "gaussian" → A ~ N(0, 1/r), B zeros; False → both kaiming-uniform (a non-zero update, for tests)."""
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling · B A`` (out_features, in_features) in fp32 (or fp64 for fp64 adapters)."""
+        dtype = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
+                f"use_rslora={self.use_rslora}")
+
+
+class LoraLinear(nn.Module):
+    """``nn.Linear`` plus a LoRA update, computed by one fused op: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``.
+
+    Wraps ``base`` (sharing its weight and bias, which are frozen) and holds the adapter's ``lora_A``
+    (r, in_features) and ``lora_B`` (out_features, r) parameters, stored per adapter name in ``adapters``;
+    ``lora_A``/``lora_B`` are those of the active adapter. ``scaling`` = lora_alpha / r, or lora_alpha / √r
+    with ``use_rslora``. Adapter weights default to fp32 on a float16/bfloat16 base (``autocast_adapter_dtype``),
+    like HF PEFT. ``backend`` ("auto", "torch", "triton" or None for ``$FASTPEFT_BACKEND``) picks the kernels.
+    """
+
+    def __init__(self, base: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                 init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True, backend=None):
+        super().__init__()
+        if not isinstance(base, nn.Linear) or isinstance(base, LoraLinear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        weight = base.weight
+        dtype = weight.dtype
+        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        adapter = LoraAdapter(base.in_features, base.out_features, r, lora_alpha, lora_dropout, use_rslora,
+                              init_lora_weights, device=weight.device, dtype=dtype)
+        self.base_layer = base
+        self.adapters = nn.ModuleDict({adapter_name: adapter})
+        self.active_adapter = adapter_name
+        self.merged = False
+        self.backend = backend
+        base.requires_grad_(False)
+
+    # The base layer's attributes, so code written for nn.Linear keeps working.
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    @property
+    def adapter(self) -> LoraAdapter:
+        """The active adapter."""
+        return self.adapters[self.active_adapter]
+
+    lora_A = property(lambda self: self.adapter.lora_A, doc="Active adapter's A (r, in_features).")
+    lora_B = property(lambda self: self.adapter.lora_B, doc="Active adapter's B (out_features, r).")
+    r = property(lambda self: self.adapter.r)
+    lora_alpha = property(lambda self: self.adapter.lora_alpha)
+    lora_dropout = property(lambda self: self.adapter.lora_dropout)
+    use_rslora = property(lambda self: self.adapter.use_rslora)
+    scaling = property(lambda self: self.adapter.scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        a = self.adapter
+        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a.lora_A, a.lora_B, a.scaling,
+                           a.lora_dropout, self.training, backend=self.backend)
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Add ``scaling · B A`` into the base weight; forward then runs the base layer alone.
+
+        The sum is formed in fp32 and rounded once to the weight's dtype. With ``safe=True`` it is checked
+        first, and a result with NaN/Inf raises ``ValueError`` leaving the weight untouched.
+        """
+        if self.merged:
+            warnings.warn("LoraLinear.merge: the adapter is already merged; nothing done", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        delta = self.adapter.delta_weight()
+        merged = weight.to(delta.dtype) + delta
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError("LoraLinear.merge(safe=True): the merged weight would contain NaN/Inf; "
+                             "the weight was left unchanged")
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged update again (exact up to the rounding of the weight's dtype)."""
+        if not self.merged:
+            warnings.warn("LoraLinear.unmerge: the adapter is not merged; nothing done", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        delta = self.adapter.delta_weight()
+        weight.copy_(weight.to(delta.dtype) - delta)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"active_adapter={self.active_adapter!r}, merged={self.merged}, backend={self.backend!r}"

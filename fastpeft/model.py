@@ -1,0 +1,108 @@
+"""Whole-model helpers: put LoRA on chosen ``nn.Linear`` layers, and merge it back out."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .layers import LoraLinear
+
+
+def _inside_lora_layer(name: str, lora_prefixes: list[str]) -> bool:
+    return any(name.startswith(prefix + ".") for prefix in lora_prefixes)
+
+
+def find_targets(model: nn.Module, target_modules) -> list[str]:
+    """Qualified names of the sub-modules ``target_modules`` selects.
+
+    A string is a regular expression matched against the whole qualified name (``re.fullmatch``); a list of
+    strings selects names equal to an entry or ending in ``"." + entry`` (``"q_proj"`` matches
+    ``"layers.0.attn.q_proj"``). Modules inside existing LoRA layers are not candidates. Raises ``ValueError``
+    when the pattern, or any entry of the list, matches nothing.
+    """
+    modules = dict(model.named_modules())
+    lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
+    names = [n for n in modules if n and not _inside_lora_layer(n, lora_prefixes)]
+    linear_names = [n for n in names if isinstance(modules[n], nn.Linear)]
+    hint = f" (the model's nn.Linear layers: {', '.join(linear_names[:12])}{', …' if len(linear_names) > 12 else ''})"
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {err}") from None
+        matched = [n for n in names if pattern.fullmatch(n)]
+        if not matched:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no module name{hint}")
+        return matched
+    if not isinstance(target_modules, Iterable) or not all(isinstance(t, str) and t for t in target_modules) \
+            or not list(target_modules):
+        raise ValueError("target_modules must be a regex string or a non-empty list of module names, "
+                         f"got {target_modules!r}")
+    suffixes = list(target_modules)
+    matched = [n for n in names if any(n == t or n.endswith("." + t) for t in suffixes)]
+    unmatched = [t for t in suffixes if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ValueError(f"target_modules entries {unmatched} match no module{hint}")
+    return matched
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+               init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True,
+               backend=None) -> nn.Module:
+    """Replace every selected ``nn.Linear`` of ``model`` with a :class:`LoraLinear`, in place.
+
+    ``target_modules`` as in :func:`find_targets`. Every other parameter of the model is frozen, so only the
+    LoRA parameters train. All layers are checked and built before the model is touched: a bad argument or
+    a selected module that is not a plain ``nn.Linear`` raises with the model unchanged. Returns ``model``.
+    """
+    names = find_targets(model, target_modules)
+    bad = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLinear):
+            bad[name] = "already a LoraLinear"
+        elif not isinstance(module, nn.Linear):
+            bad[name] = f"a {type(module).__name__}, not an nn.Linear"
+        elif isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            # nn.MultiheadAttention reads out_proj.weight directly, so a wrapper would be silently bypassed.
+            bad[name] = "the out_proj of an nn.MultiheadAttention, which bypasses its forward"
+    if bad:
+        listed = "; ".join(f"{n}: {why}" for n, why in bad.items())
+        raise TypeError(f"apply_lora: target_modules selected modules it cannot wrap ({listed})")
+    layers = {name: LoraLinear(model.get_submodule(name), r, lora_alpha, lora_dropout, use_rslora,
+                               init_lora_weights, adapter_name=adapter_name,
+                               autocast_adapter_dtype=autocast_adapter_dtype, backend=backend)
+              for name in names}
+    model.requires_grad_(False)
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+        layer.adapters.requires_grad_(True)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    """Every :class:`LoraLinear` in ``model``, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer's update into its base weight and put the plain ``nn.Linear`` back.
+
+    Returns the model (or the bare ``nn.Linear`` when ``model`` itself is a LoraLinear). Base parameters
+    stay frozen, as they were under LoRA.
+    """
+    if isinstance(model, LoraLinear):
+        if not model.merged:
+            model.merge()
+        return model.base_layer
+    for name, layer in lora_layers(model).items():
+        if not layer.merged:
+            layer.merge()
+        _set_submodule(model, name, layer.base_layer)
+    return model

@@ -1,0 +1,215 @@
+"""The fused LoRA linear op: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
+
+Read top to bottom: the float64-friendly reference, the torch backend, the autograd Function shared by
+both backends, input checks, and the public ``lora_linear``. The Triton backend's kernels and launchers
+live in ``fastpeft.kernels.lora``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..backends import select_backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference: plain differentiable torch ops, the definition every backend is tested against.
+# ----------------------------------------------------------------------------------------------------------
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=None, dropout_p=0.0):
+    """``x Wᵀ + b + scaling · ((x ⊙ keep_mask / (1-p)) Aᵀ) Bᵀ`` with ordinary autograd ops.
+
+    keep_mask: None (no dropout) or a bool tensor of x's shape (True = keep). Run it in float64 to get
+    the reference outputs and gradients.
+    """
+    dropped = x if keep_mask is None else x * keep_mask / (1.0 - dropout_p)
+    y = x @ weight.t() + scaling * ((dropped @ lora_A.t()) @ lora_B.t())
+    return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch backend: the cheapest torch formulation. No M×N temporary: the base GEMM writes y, and the update is
+# accumulated into it in place with addmm_. Backward saves x (only if dA is needed), S = drop(x)Aᵀ (M×r) and,
+# with dropout, the bool keep-mask (1 byte per element of x) instead of a dropped copy of x.
+# ----------------------------------------------------------------------------------------------------------
+
+def torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The bool keep-mask (True = keep) the torch backend draws for ``seed``."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
+def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    dtype = x.dtype
+    a, b = lora_A.to(dtype), lora_B.to(dtype)  # r×K and N×r casts: small
+    keep = None
+    if dropout_p > 0.0:
+        keep = torch_dropout_mask(seed, x.shape, dropout_p, x.device)
+        s = torch.mm((x * keep).mul_(1.0 / (1.0 - dropout_p)), a.t())
+    else:
+        s = torch.mm(x, a.t())
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    y.addmm_(s, b.t(), alpha=scaling)
+    return y, s, keep
+
+
+def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, keep, scaling, dropout_p,
+                    needs_dx, needs_da, needs_db, needs_dbias):
+    dtype = dy.dtype
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    ds = torch.mm(dy, lora_B.to(dtype)).mul_(scaling)  # M×r
+    dx = da = db = dbias = None
+    if needs_db:
+        db = torch.mm(dy.t(), s).mul_(scaling).to(lora_B.dtype)
+    if needs_dbias:
+        dbias = dy.sum(0)
+    if needs_da:
+        dropped = x if keep is None else (x * keep).mul_(keep_scale)
+        da = torch.mm(ds.t(), dropped).to(lora_A.dtype)
+        del dropped
+    if needs_dx:
+        a = lora_A.to(dtype)
+        if keep is None:
+            dx = torch.mm(dy, weight).addmm_(ds, a)
+        else:
+            # The masked low-rank term is built in dx's own buffer, then the base GEMM accumulates onto it.
+            dx = torch.mm(ds * keep_scale, a).mul_(keep).addmm_(dy, weight)
+    return dx, da, db, dbias
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd: one Function for both backends; W is frozen, so it never gets a gradient.
+# ----------------------------------------------------------------------------------------------------------
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Autograd of the LoRA linear on 2-D ``x`` (M, K); ``backend`` is "torch" or "triton"."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        if backend == "triton":
+            from ..kernels import lora as triton_lora
+            y, s = triton_lora.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+            keep = None
+        else:
+            y, s, keep = _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        needs_x = ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if needs_x else None, weight, lora_A, lora_B, s, keep)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, s, keep = ctx.saved_tensors
+        needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
+        if ctx.backend == "triton":
+            from ..kernels import lora as triton_lora
+            dx, da, db, dbias = triton_lora.lora_bwd(
+                dy, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, ctx.seed,
+                needs_dx, needs_da, needs_db, needs_dbias)
+        else:
+            dx, da, db, dbias = _torch_lora_bwd(
+                dy, x, weight, lora_A, lora_B, s, keep, ctx.scaling, ctx.dropout_p,
+                needs_dx, needs_da, needs_db, needs_dbias)
+        return dx, None, dbias, da, db, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input checks: every problem named with the argument and what was expected.
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have shape (..., in_features), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight {tuple(weight.shape)} "
+                         f"expects in_features={k}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must have shape (r, in_features={k}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A has rank r={r}; LoRA needs r >= 1")
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must have shape (out_features={n}, r={r}), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape (out_features={n},), got {tuple(bias.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; they must match")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}; they must match")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A has dtype {lora_A.dtype} but lora_B has {lora_B.dtype}; they must match")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weight must be frozen (requires_grad=False): lora_linear trains lora_A, lora_B "
+                         "(and bias), never the base weight")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None, *,
+                dropout_seed=None):
+    """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``, fused.
+
+    Args:
+        x: (..., K) input, any leading dims and strides; float16/bfloat16/float32 (float64 on the torch backend).
+        weight: (N, K) frozen base weight, x's dtype. bias: (N,) in x's dtype, or None; trained if it requires grad.
+        lora_A: (r, K), lora_B: (N, r), r >= 1; any float dtype (fp32 adapters on a bf16 base are fine),
+            both the same. Gradients are returned in their dtype.
+        scaling: the LoRA scale, alpha/r (or alpha/sqrt(r) for rsLoRA).
+        dropout_p: dropout on the input of the low-rank branch, applied only when ``training``.
+        backend: "auto", "torch" or "triton"; None reads ``$FASTPEFT_BACKEND`` (default auto).
+        dropout_seed: fixes the dropout mask (see :func:`dropout_mask`); None draws a seed from torch's
+            global generator, so ``torch.manual_seed`` makes runs repeatable.
+
+    Returns (..., N) in x's dtype. Differentiable in x, lora_A, lora_B and bias.
+    """
+    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
+    name = select_backend(backend, tensors)
+    p = float(dropout_p) if training else 0.0
+    seed = 0
+    if p > 0.0:
+        seed = int(dropout_seed) if dropout_seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    lead = x.shape[:-1]
+    y = LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                                 float(scaling), p, seed, name)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu") -> torch.Tensor:
+    """The bool keep-mask (True = keep) that ``backend`` applies to a 2-D (M, K) input for ``dropout_seed=seed``.
+
+    Backends draw differently (torch: its Generator; triton: in-kernel Philox at offset m·K + k), so a
+    seed reproduces a mask within one backend.
+    """
+    if backend == "torch":
+        return torch_dropout_mask(seed, shape, p, device)
+    if backend == "triton":
+        from ..kernels import lora as triton_lora
+        return triton_lora.dropout_keep_mask(seed, tuple(shape), p, device)
+    raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")

@@ -1,0 +1,1 @@
+"""Triton kernels of fastpeft, installed as ``fastpeft.kernels`` (one module per op)."""

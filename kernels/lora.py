@@ -1,0 +1,443 @@
+"""Triton kernels of the fused LoRA linear ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``, and their launchers.
+
+Forward, split at the small tensor ``S = drop(x) Aᵀ`` (M×r, fp32):
+  1. ``_lora_shrink_kernel``  S = drop(x) Aᵀ — reads x once; the dropout mask is drawn in-kernel (Philox)
+     and never stored.
+  2. ``_lora_gemm_kernel``    Y = x Wᵀ + s·S Bᵀ + b — ONE GEMM whose accumulator is seeded with the low-rank
+     product, so the update costs one small dot per output tile and no M×N temporary.
+Backward (W is frozen, so there is no dW):
+  3. ``_lora_bwd_dy_kernel``  one pass over dY: dS = s·dY B, and per row-block partial sums of dB = s·dYᵀ S and db.
+  4. ``_lora_bwd_da_kernel``  dA = dSᵀ drop(x), the mask regenerated from the seed; split over rows, partials.
+  5. ``_lora_gemm_kernel``    dX = dY W + (dS A) ⊙ mask/(1-p) — the forward GEMM kernel again, roles swapped.
+Partial sums are reduced with ``torch.sum`` (no float atomics), so results are deterministic.
+
+The dropout keep-decision of element (m, k) of x is ``rand(seed, m·K + k) >= p`` in every kernel, which is
+what lets the mask be regenerated instead of saved. Tensors on the CPU run through Triton's interpreter
+(``TRITON_INTERPRET=1``, for tests) with one small fixed configuration; CUDA tensors use autotuned configs
+for Ampere and Hopper, pruned to what fits the device's shared memory.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Fill kernel outputs with NaN before launching, so an element a kernel fails to write fails the tests.
+POISON_OUTPUTS = os.environ.get("FASTPEFT_POISON_OUTPUTS", "0") == "1"
+
+
+@triton.jit
+def _dropout_keep(seed, p, rows, cols, n_cols):
+    """Keep-decisions (True = keep) of elements (rows × cols) of a matrix with ``n_cols`` columns."""
+    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Materialize the keep-mask (1 = keep) the other kernels use for ``seed`` — for tests and references."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _dropout_keep(seed, p, rm, rk, K)
+    ptrs = out_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+    tl.store(ptrs, tl.where(keep, 1, 0).to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, s_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    seed, p, keep_scale,
+    DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """S (M, R) fp32 = drop(x (M, K)) · A (R, K)ᵀ; one program per BLOCK_M rows, looping over K."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    r_ok = rr < R
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk
+    a_ptrs = a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak  # the (BLOCK_K, BLOCK_R) tile of Aᵀ
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K - k0
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
+        if DROPOUT:
+            # Multiply rather than select, so a NaN in a dropped element still propagates as in torch.
+            keep = _dropout_keep(seed, p, rm, k0 + rk, K)
+            x = x * tl.where(keep, 1.0, 0.0).to(COMPUTE)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    if DROPOUT:
+        acc = acc * keep_scale
+    tl.store(s_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_lm, stride_lr, stride_ur, stride_un,
+    stride_om, stride_on,
+    lr_scale, seed, p,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """out (M, N) = a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) + bias (N).
+
+    Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lr_scale = s. Backward: a = dY, b = W, l = dS, u = A,
+    lr_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
+    """
+    pid = tl.program_id(0)
+    # Grouped tile order: GROUP_M row-tiles share each column-tile of b while it is hot in L2.
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Loads use wrapped indices so they need no row/column masks; the store masks the extra lanes.
+    rm_load = (rm % M).to(tl.int64)
+    rn_load = (rn % N).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    r_ok = rr < R
+
+    # The low-rank term seeds the accumulator: one (BLOCK_M×R)·(R×BLOCK_N) dot, then the base K loop.
+    lo = tl.load(l_ptr + rm_load[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
+    up = tl.load(u_ptr + rr[:, None] * stride_ur + rn_load[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
+    acc = tl.dot((lo * lr_scale).to(COMPUTE), up.to(COMPUTE), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, p, rm, rn, N)
+        acc = acc * tl.where(keep, 1.0, 0.0)
+
+    a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = rk < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _lora_bwd_dy_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_part_ptr, dbias_part_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br,
+    scaling,
+    HAS_DBIAS: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One pass over dY (M, N): dS (M, R) = s·dY·B, and this row-block's partial sums of
+    dB (N, R) = s·dYᵀ·S and of db (N) = Σ_m dY, written to slot ``program_id`` of the partial buffers."""
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rn = tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    r_ok = rr < R
+    # Rows past M load as zero, so they add nothing to dB or db.
+    s = tl.load(s_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    s = (s * scaling).to(COMPUTE)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    dy_ptrs = dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn
+    part = pid_m.to(tl.int64) * N
+    for n0 in range(0, N, BLOCK_N):
+        n_ok = rn < N - n0
+        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(COMPUTE)
+        b = tl.load(b_ptr + (n0 + rn)[:, None] * stride_bn + rr[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
+        ds = tl.dot(dy, b, ds, input_precision=DOT_PRECISION)
+        db = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION)
+        tl.store(db_part_ptr + (part + n0 + rn)[:, None] * R + rr[None, :], db, mask=n_ok[:, None] & r_ok[None, :])
+        if HAS_DBIAS:
+            tl.store(dbias_part_ptr + part + n0 + rn, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok)
+        dy_ptrs += BLOCK_N * stride_dyn
+    tl.store(ds_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _lora_bwd_da_kernel(
+    x_ptr, ds_ptr, da_part_ptr,
+    M, K, R, rows_per_split,
+    stride_xm, stride_xk,
+    seed, p, keep_scale,
+    DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Partial dA (R, BLOCK_K) = dSᵀ · drop(x) over split ``program_id(1)`` of the rows, into da_part[split]."""
+    pid_k = tl.program_id(0)
+    split = tl.program_id(1)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    k_ok = rk < K
+    r_ok = rr < R
+    m_begin = split * rows_per_split
+    m_end = tl.minimum(m_begin + rows_per_split, M)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < m_end
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
+        if DROPOUT:
+            keep = _dropout_keep(seed, p, rm, rk, K)
+            x = x * tl.where(keep, 1.0, 0.0).to(COMPUTE)
+        ds = tl.load(ds_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(ds.to(COMPUTE)), x, acc, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        acc = acc * keep_scale
+    out = da_part_ptr + split.to(tl.int64) * R * K + rr[:, None] * K + rk[None, :]
+    tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------
+
+def _config(num_warps, num_stages, **blocks):
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_K=64 suits Hopper's wgmma, BLOCK_K=32 Ampere's mma.sync;
+# the 64-wide tiles serve small or odd shapes.
+GEMM_CONFIGS = [
+    _config(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4), (64, 64, 32, 4, 5),
+    ]
+]
+SHRINK_CONFIGS = [
+    _config(w, s, BLOCK_M=bm, BLOCK_K=bk)
+    for bm, bk, w, s in [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 5), (128, 64, 8, 4), (64, 256, 8, 3)]
+]
+DY_BLOCK_M = 128  # fixed: it sets the number of dB partials, allocated before the launch
+DY_CONFIGS = [_config(w, s, BLOCK_N=bn) for bn, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]]
+DA_CONFIGS = [
+    _config(w, s, BLOCK_M=bm, BLOCK_K=bk)
+    for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)]
+]
+
+# The interpreter runs one small configuration: blocks ≥ 16 for tl.dot, few programs for speed.
+INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+INTERPRET_SHRINK = dict(BLOCK_M=32, BLOCK_K=32)
+INTERPRET_DY = dict(BLOCK_N=32)
+INTERPRET_DY_BLOCK_M = 32
+INTERPRET_DA = dict(BLOCK_M=32, BLOCK_K=32)
+
+
+def _shared_memory_pruner(tile_elements):
+    """An ``early_config_prune`` dropping configs whose pipelined operand tiles exceed the device's shared memory.
+
+    ``tile_elements(blocks)`` gives the operand elements one pipeline stage holds for a config's block sizes.
+    """
+    def prune(configs, named_args, **kwargs):
+        tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+        limit = torch.cuda.get_device_properties(tensor.device).shared_memory_per_block_optin
+        def need(cfg):
+            return cfg.num_stages * tile_elements({**kwargs, **cfg.kwargs}) * tensor.element_size()
+        fitting = [c for c in configs if need(c) <= limit]
+        return fitting or [min(configs, key=need)]
+    return prune
+
+
+def _autotuned(kernel, configs, key, tile_elements):
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": _shared_memory_pruner(tile_elements)})(kernel)
+
+
+_gemm_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_gemm = _gemm_even_k(_lora_gemm_kernel)
+_gemm_tuned = _autotuned(_gemm, GEMM_CONFIGS, ["M_BUCKET", "N", "K"],
+                         lambda b: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_K"] * b["BLOCK_N"])
+_shrink_tuned = _autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M", "K"],
+                           lambda b: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_K"] * b["BLOCK_R"])
+_dy_tuned = _autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M", "N"],
+                       lambda b: b["BLOCK_M"] * b["BLOCK_N"] + b["BLOCK_N"] * b["BLOCK_R"])
+_da_tuned = _autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M", "K"],
+                       lambda b: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_M"] * b["BLOCK_R"])
+
+
+def _launch(tuned, plain, interpret_config, grid, on_cpu, *args, **kwargs):
+    """Run ``plain`` with the interpreter's config for CPU tensors, else the autotuned kernel."""
+    if on_cpu:
+        plain[grid(interpret_config)](*args, **kwargs, **interpret_config)
+    else:
+        tuned[grid](*args, **kwargs)
+
+
+def _new(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _compute_dtype(dtype: torch.dtype, on_cpu: bool):
+    """The dtype tiles are multiplied in (accumulation is always fp32).
+
+    On a GPU that is the base dtype, so bf16/fp16 run on tensor cores. Triton's interpreter cannot compute
+    in bfloat16 (it keeps bf16 as raw uint16 bits), so there bf16 tiles are widened to fp32 after loading;
+    loads, stores and every index are exercised the same.
+    """
+    if on_cpu and dtype == torch.bfloat16:
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full fp32 precision unless the user allowed TF32 for matmuls.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _rank_block(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few row splits, so tests exercise the partial-sum reduction
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
+def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> torch.Tensor:
+    """The (M, K) bool keep-mask the kernels draw for ``seed`` and drop probability ``p``."""
+    M, K = shape
+    out = _new((M, K), torch.int8, device)
+    if M and K:
+        cfg = dict(BLOCK_M=32, BLOCK_K=32) if torch.device(device).type == "cpu" else dict(BLOCK_M=64, BLOCK_K=128)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+        _dropout_mask_kernel[grid](out, M, K, seed, p, **cfg)
+    return out.bool()
+
+
+def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+    """Forward of the fused LoRA linear.
+
+    x (M, K) fp16/bf16/fp32, any strides; weight (N, K) and bias (N,) in x's dtype; lora_A (R, K) and
+    lora_B (N, R) in any of those dtypes (computed in x's dtype, accumulated in fp32).
+    Returns y (M, N) in x's dtype and S = drop(x) Aᵀ (M, R) in fp32, which backward needs.
+    """
+    M, K = x.shape
+    N, R = lora_B.shape
+    device, on_cpu = x.device, x.device.type == "cpu"
+    s = _new((M, R), torch.float32, device)
+    y = _new((M, N), x.dtype, device)
+    if M == 0:
+        return y, s
+    dropout = dropout_p > 0.0
+    precision = _dot_precision(x.dtype)
+    compute = _compute_dtype(x.dtype, on_cpu)
+    block_r = _rank_block(R)
+    _launch(_shrink_tuned, _lora_shrink_kernel, INTERPRET_SHRINK, lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
+            x, lora_A, s, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+            seed, dropout_p, 1.0 / (1.0 - dropout_p),
+            DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
+    bias_arg = bias.contiguous() if bias is not None else y
+    _launch(_gemm_tuned, _gemm, INTERPRET_GEMM,
+            lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
+            x, weight, s, lora_B, bias_arg, y,
+            M, N, K, R, triton.next_power_of_2(M),
+            x.stride(0), x.stride(1), weight.stride(1), weight.stride(0),
+            s.stride(0), s.stride(1), lora_B.stride(1), lora_B.stride(0),
+            y.stride(0), y.stride(1),
+            scaling, 0, 0.0,
+            HAS_BIAS=bias is not None, DROPOUT=False, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
+    return y, s
+
+
+def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float, seed: int,
+             needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool):
+    """Backward of the fused LoRA linear: (dx, dA, dB, dbias), each None where not needed.
+
+    dy (M, N) in the forward's dtype, any strides; x (M, K) as in forward (only read when dA is needed);
+    s = S from forward (M, R) fp32. dA, dB come back in the adapters' dtype, dx and dbias in x's dtype.
+    """
+    M, N = dy.shape
+    R, K = lora_A.shape
+    device, on_cpu = dy.device, dy.device.type == "cpu"
+    dropout = dropout_p > 0.0
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    precision = _dot_precision(dy.dtype)
+    compute = _compute_dtype(dy.dtype, on_cpu)
+    block_r = _rank_block(R)
+    dx = da = db = dbias = None
+    if M == 0:
+        dx = torch.zeros((0, K), dtype=dy.dtype, device=device) if needs_dx else None
+        da = torch.zeros_like(lora_A) if needs_da else None
+        db = torch.zeros_like(lora_B) if needs_db else None
+        dbias = torch.zeros(N, dtype=dy.dtype, device=device) if needs_dbias else None
+        return dx, da, db, dbias
+
+    dy_block_m = INTERPRET_DY_BLOCK_M if on_cpu else DY_BLOCK_M
+    row_blocks = triton.cdiv(M, dy_block_m)
+    ds = _new((M, R), torch.float32, device)
+    db_part = _new((row_blocks, N, R), torch.float32, device)
+    dbias_part = _new((row_blocks, N), torch.float32, device) if needs_dbias else ds
+    _launch(_dy_tuned, _lora_bwd_dy_kernel, INTERPRET_DY, lambda c: (row_blocks,), on_cpu,
+            dy, lora_B, s, ds, db_part, dbias_part, M, N, R,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), scaling,
+            HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r)
+    if needs_db:
+        db = db_part.sum(0).to(lora_B.dtype)
+    if needs_dbias:
+        dbias = dbias_part.sum(0).to(dy.dtype)
+
+    if needs_da:
+        # Enough (column-block × row-split) programs to fill the GPU about twice; partials summed below.
+        col_blocks = triton.cdiv(K, 128)
+        splits = max(1, min(triton.cdiv(M, 256), (2 * _num_sms(device)) // col_blocks))
+        rows_per_split = triton.cdiv(M, splits)
+        da_part = _new((splits, R, K), torch.float32, device)
+        _launch(_da_tuned, _lora_bwd_da_kernel, INTERPRET_DA, lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits),
+                on_cpu, x, ds, da_part, M, K, R, rows_per_split, x.stride(0), x.stride(1),
+                seed, dropout_p, keep_scale,
+                DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
+        da = da_part.sum(0).to(lora_A.dtype)
+
+    if needs_dx:
+        dx = _new((M, K), dy.dtype, device)
+        _launch(_gemm_tuned, _gemm, INTERPRET_GEMM,
+                lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]),), on_cpu,
+                dy, weight, ds, lora_A, dx, dx,
+                M, K, N, R, triton.next_power_of_2(M),
+                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
+                ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
+                dx.stride(0), dx.stride(1),
+                keep_scale, seed, dropout_p,
+                HAS_BIAS=False, DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
+    return dx, da, db, dbias

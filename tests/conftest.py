@@ -1,0 +1,40 @@
+"""Test set-up: Triton runs under its interpreter on CPU-only machines, and kernel outputs start as NaN."""
+import os
+
+import torch
+
+# Both are read when fastpeft's kernels are first imported, so they are set before any test imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("FASTPEFT_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
+
+from fastpeft import backends  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+# Where each backend is tested: torch on every device here; triton on the GPU, or the CPU under the interpreter.
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+TRITON_DEVICE = "cuda" if HAS_CUDA else ("cpu" if backends.triton_interpreting() else None)
+
+# Relative-error budgets against the float64 reference (DESIGN.md "Numerics").
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def rel_err(out, ref):
+    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are 0)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / denom if denom else (out - ref).norm().item()
+
+
+def backend_params():
+    """The (backend, device) pairs this machine can run, as pytest params."""
+    params = [pytest.param("torch", d, id=f"torch-{d}") for d in DEVICES]
+    if TRITON_DEVICE is not None and not backends._triton_missing():
+        params.append(pytest.param("triton", TRITON_DEVICE, id=f"triton-{TRITON_DEVICE}"))
+    return params
+
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

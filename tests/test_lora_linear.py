@@ -1,0 +1,204 @@
+"""lora_linear on every backend this machine runs, against the float64 reference: outputs and all gradients."""
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import DTYPE_NAMES, TOLERANCE, backend_params, rel_err
+
+import fastpeft
+from fastpeft.ops.lora_linear import lora_linear_reference
+
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+
+
+@dataclass(frozen=True)
+class Case:
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: torch.dtype
+    adapter_dtype: torch.dtype
+    bias: bool
+    p: float
+    layout: str  # "2d", "3d" (x of shape (2, M, K), M rows each), or "strided" (a column-major 2-D view)
+
+    @property
+    def id(self):
+        adapter = "" if self.adapter_dtype == self.dtype else f"-A{DTYPE_NAMES[self.adapter_dtype]}"
+        return (f"M{self.M}-K{self.K}-N{self.N}-r{self.r}-{DTYPE_NAMES[self.dtype]}{adapter}"
+                f"{'-bias' if self.bias else ''}{f'-drop{self.p}' if self.p else ''}-{self.layout}")
+
+
+# Odd shapes on purpose: M ∈ {1, 3, 17, 130}, K and N not multiples of 16, r ∈ {1, 3, 8, 16, 64};
+# each dtype with and without bias and dropout, 2-D, 3-D and strided x, fp32 adapters on half bases.
+CASES = [
+    Case(1, 40, 33, 1, fp32, fp32, True, 0.0, "2d"),
+    Case(3, 100, 50, 3, fp32, fp32, False, 0.0, "3d"),
+    Case(17, 70, 97, 8, fp32, fp32, True, 0.2, "2d"),
+    Case(130, 100, 33, 16, fp32, fp32, True, 0.0, "strided"),
+    Case(130, 40, 50, 64, fp32, fp32, False, 0.1, "3d"),
+    Case(17, 100, 33, 3, bf16, fp32, True, 0.0, "2d"),
+    Case(130, 70, 50, 16, bf16, fp32, True, 0.1, "3d"),
+    Case(3, 40, 97, 64, bf16, bf16, False, 0.0, "strided"),
+    Case(1, 100, 50, 8, bf16, fp32, False, 0.3, "2d"),
+    Case(17, 40, 33, 1, fp16, fp16, True, 0.0, "3d"),
+    Case(130, 100, 97, 8, fp16, fp32, False, 0.2, "strided"),
+    Case(3, 70, 33, 16, fp16, fp16, True, 0.1, "2d"),
+]
+
+
+def make_inputs(case, device, seed=0):
+    """Fresh random inputs (never zeros) for ``case``; bias trains so its gradient is checked too."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+
+    M, K, N, r = case.M, case.K, case.N, case.r
+    if case.layout == "3d":
+        x = rand(2, M, K, dtype=case.dtype)
+    elif case.layout == "strided":
+        x = rand(K, M, dtype=case.dtype).t()  # column-major: stride (1, M)
+    else:
+        x = rand(M, K, dtype=case.dtype)
+    w = rand(N, K, dtype=case.dtype, scale=K ** -0.5)
+    b = rand(N, dtype=case.dtype) if case.bias else None
+    a = rand(r, K, dtype=case.adapter_dtype, scale=K ** -0.5)
+    bb = rand(N, r, dtype=case.adapter_dtype, scale=r ** -0.5)
+    dy = rand(*x.shape[:-1], N, dtype=case.dtype)
+    x.requires_grad_(True)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    return x, w, b, a, bb, dy
+
+
+def run(backend, x, w, b, a, bb, dy, scaling, p, seed):
+    """Outputs and gradients (y, dx, dA, dB, dbias) of one backend."""
+    for t in (x, a, bb, b):
+        if t is not None:
+            t.grad = None
+    y = fastpeft.lora_linear(x, w, b, a, bb, scaling, dropout_p=p, backend=backend, dropout_seed=seed)
+    y.backward(dy)
+    return [y, x.grad, a.grad, bb.grad] + ([b.grad] if b is not None else [])
+
+
+def reference(backend, case, x, w, b, a, bb, dy, scaling, seed, device):
+    """The same quantities from the float64 reference, on the same (rounded) inputs and the same mask."""
+    def f64(t):
+        return None if t is None else t.detach().double().cpu().requires_grad_(True)
+    x64, w64, b64, a64, bb64 = f64(x), f64(w).detach(), f64(b), f64(a), f64(bb)
+    keep = None
+    if case.p:
+        keep = fastpeft.dropout_mask(seed, (x.numel() // case.K, case.K), case.p, backend, device).cpu()
+        keep = keep.reshape(x.shape)
+    y = lora_linear_reference(x64, w64, b64, a64, bb64, scaling, keep, case.p)
+    y.backward(dy.double().cpu())
+    return [y, x64.grad, a64.grad, bb64.grad] + ([b64.grad] if b is not None else [])
+
+
+NAMES = ["y", "dx", "dA", "dB", "dbias"]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_float64_reference(backend, device, case):
+    x, w, b, a, bb, dy = make_inputs(case, device)
+    scaling, seed = 1.7, 1234
+    got = run(backend, x, w, b, a, bb, dy, scaling, case.p, seed)
+    ref = reference(backend, case, x, w, b, a, bb, dy, scaling, seed, device)
+    assert got[0].shape == (*x.shape[:-1], case.N) and got[0].dtype == case.dtype
+    assert got[2].dtype == case.adapter_dtype and got[3].dtype == case.adapter_dtype
+    errors = {name: rel_err(g, r) for name, g, r in zip(NAMES, got, ref)}
+    assert all(e <= TOLERANCE[case.dtype] for e in errors.values()), errors
+
+    if backend != "torch":
+        # Never worse than 2x the torch path's own error in the same dtype (plus a floor at fp32 rounding).
+        x2, w2, b2, a2, bb2, dy2 = make_inputs(case, device)
+        base = run("torch", x2, w2, b2, a2, bb2, dy2, scaling, case.p, seed)
+        base_ref = reference("torch", case, x2, w2, b2, a2, bb2, dy2, scaling, seed, device)
+        for name, g, r, bg, br in zip(NAMES, got, ref, base, base_ref):
+            assert rel_err(g, r) <= max(2 * rel_err(bg, br), 2e-7), (name, errors)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_eval_mode_and_no_grad_skip_dropout(backend, device):
+    case = Case(17, 40, 33, 8, fp32, fp32, True, 0.5, "2d")
+    x, w, b, a, bb, _ = make_inputs(case, device)
+    with torch.no_grad():
+        y = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=0.5, training=False, backend=backend)
+        ref = lora_linear_reference(x.double(), w.double(), b.double(), a.double(), bb.double(), 2.0)
+    assert rel_err(y, ref) <= TOLERANCE[fp32]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_dropout_mask_reproducible_from_seed(backend, device):
+    case = Case(33, 70, 20, 4, fp32, fp32, False, 0.25, "2d")
+    x, w, _, a, bb, _ = make_inputs(case, device)
+    m1 = fastpeft.dropout_mask(99, (33, 70), 0.25, backend, device)
+    m2 = fastpeft.dropout_mask(99, (33, 70), 0.25, backend, device)
+    m3 = fastpeft.dropout_mask(100, (33, 70), 0.25, backend, device)
+    assert m1.dtype == torch.bool and torch.equal(m1, m2) and not torch.equal(m1, m3)
+    with torch.no_grad():
+        y1 = fastpeft.lora_linear(x, w, None, a, bb, 1.0, dropout_p=0.25, backend=backend, dropout_seed=99)
+        y2 = fastpeft.lora_linear(x, w, None, a, bb, 1.0, dropout_p=0.25, backend=backend, dropout_seed=99)
+        y3 = fastpeft.lora_linear(x, w, None, a, bb, 1.0, dropout_p=0.25, backend=backend, dropout_seed=100)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    # With no seed given, torch.manual_seed makes the draw repeatable.
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        with torch.no_grad():
+            outs.append(fastpeft.lora_linear(x, w, None, a, bb, 1.0, dropout_p=0.25, backend=backend))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(backend, device, p):
+    keep = fastpeft.dropout_mask(7, (512, 1000), p, backend, device)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_nan_and_inf_propagate(backend, device):
+    case = Case(17, 40, 33, 8, fp32, fp32, True, 0.0, "2d")
+    x, w, b, a, bb, _ = make_inputs(case, device)
+    with torch.no_grad():
+        x = x.detach().clone()
+        x[3, 5] = float("nan")
+        x[9, 1] = float("inf")
+        y = fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend=backend)
+    assert torch.isnan(y[3]).all()
+    assert not torch.isfinite(y[9]).all()
+    rows = [i for i in range(17) if i not in (3, 9)]
+    assert torch.isfinite(y[rows]).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_empty_batch(backend, device):
+    case = Case(1, 40, 33, 8, fp32, fp32, True, 0.0, "2d")
+    _, w, b, a, bb, _ = make_inputs(case, device)
+    x = torch.randn(0, 40, device=device, requires_grad=True)
+    y = fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend=backend)
+    assert y.shape == (0, 33)
+    y.sum().backward()
+    assert x.grad.shape == (0, 40) and torch.equal(a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_only_needed_gradients(backend, device):
+    """x without grad (a first layer) and a frozen B: only dA is computed, and it is right."""
+    case = Case(17, 40, 33, 8, fp32, fp32, False, 0.1, "2d")
+    x, w, _, a, bb, dy = make_inputs(case, device)
+    x = x.detach()
+    bb = bb.detach()
+    y = fastpeft.lora_linear(x, w, None, a, bb, 0.5, dropout_p=0.1, backend=backend, dropout_seed=3)
+    y.backward(dy)
+    keep = fastpeft.dropout_mask(3, (17, 40), 0.1, backend, device).cpu()
+    a64 = a.detach().double().cpu().requires_grad_(True)
+    ref = lora_linear_reference(x.double().cpu(), w.double().cpu(), None, a64, bb.double().cpu(), 0.5, keep, 0.1)
+    ref.backward(dy.double().cpu())
+    assert rel_err(a.grad, a64.grad) <= TOLERANCE[fp32]
