@@ -68,9 +68,7 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
         if DROPOUT:
-            # Multiply rather than select, so a NaN in a dropped element still propagates as in torch.
-            keep = _dropout_keep(seed, p, rm, k0 + rk, K)
-            x = x * tl.where(keep, 1.0, 0.0).to(COMPUTE)
+            x = tl.where(_dropout_keep(seed, p, rm, k0 + rk, K), x, 0.0)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
@@ -120,8 +118,7 @@ def _lora_gemm_kernel(
     up = tl.load(u_ptr + rr[:, None] * stride_ur + rn_load[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
     acc = tl.dot((lo * lr_scale).to(COMPUTE), up.to(COMPUTE), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, p, rm, rn, N)
-        acc = acc * tl.where(keep, 1.0, 0.0)
+        acc = tl.where(_dropout_keep(seed, p, rm, rn, N), acc, 0.0)
 
     a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
@@ -205,8 +202,7 @@ def _lora_bwd_da_kernel(
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
         if DROPOUT:
-            keep = _dropout_keep(seed, p, rm, rk, K)
-            x = x * tl.where(keep, 1.0, 0.0).to(COMPUTE)
+            x = tl.where(_dropout_keep(seed, p, rm, rk, K), x, 0.0)
         ds = tl.load(ds_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(ds.to(COMPUTE)), x, acc, input_precision=DOT_PRECISION)
     if DROPOUT:
@@ -339,7 +335,7 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> to
     M, K = shape
     out = _new((M, K), torch.int8, device)
     if M and K:
-        cfg = dict(BLOCK_M=32, BLOCK_K=32) if torch.device(device).type == "cpu" else dict(BLOCK_M=64, BLOCK_K=128)
+        cfg = dict(BLOCK_M=64, BLOCK_K=256) if torch.device(device).type == "cpu" else dict(BLOCK_M=64, BLOCK_K=128)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
         _dropout_mask_kernel[grid](out, M, K, seed, p, **cfg)
     return out.bool()

@@ -23,10 +23,11 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=None, dropout_p=0.0):
     """``x Wᵀ + b + scaling · ((x ⊙ keep_mask / (1-p)) Aᵀ) Bᵀ`` with ordinary autograd ops.
 
-    keep_mask: None (no dropout) or a bool tensor of x's shape (True = keep). Run it in float64 to get
-    the reference outputs and gradients.
+    keep_mask: None (no dropout) or a bool tensor of x's shape (True = keep). Dropped elements are replaced
+    by zero (so a NaN there does not reach the low-rank branch; it still reaches y through x Wᵀ).
+    Run it in float64 to get the reference outputs and gradients.
     """
-    dropped = x if keep_mask is None else x * keep_mask / (1.0 - dropout_p)
+    dropped = x if keep_mask is None else torch.where(keep_mask, x, 0.0) / (1.0 - dropout_p)
     y = x @ weight.t() + scaling * ((dropped @ lora_A.t()) @ lora_B.t())
     return y if bias is None else y + bias
 
@@ -34,31 +35,41 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=No
 # ----------------------------------------------------------------------------------------------------------
 # torch backend: the cheapest torch formulation. No M×N temporary: the base GEMM writes y, and the update is
 # accumulated into it in place with addmm_. Backward saves x (only if dA is needed), S = drop(x)Aᵀ (M×r) and,
-# with dropout, the bool keep-mask (1 byte per element of x) instead of a dropped copy of x.
+# with dropout, the bool drop-mask (1 byte per element of x) instead of a dropped copy of x. Masks are applied
+# with masked_fill: multiplying by a bool tensor would first widen it to a float M×K temporary.
 # ----------------------------------------------------------------------------------------------------------
 
-def torch_dropout_mask(seed: int, shape, p: float, device) -> torch.Tensor:
-    """The bool keep-mask (True = keep) the torch backend draws for ``seed``."""
+def torch_drop_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The bool drop-mask (True = dropped) the torch backend draws for ``seed``.
+
+    Each element compares a 16-bit uniform against p, so the drop probability is p rounded to a multiple of
+    2⁻¹⁶. Drawing 64 random bits per four elements is about 4× faster on a CPU than ``bernoulli_``,
+    whose per-element draw dominated the cost of dropout.
+    """
+    shape = tuple(shape)
+    n = math.prod(shape)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return torch.empty(tuple(shape), dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
+    uniform16 = bits.view(torch.int16)[:n].view(shape)
+    return uniform16 < -32768 + round(p * 65536)
 
 
 def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     dtype = x.dtype
     a, b = lora_A.to(dtype), lora_B.to(dtype)  # r×K and N×r casts: small
-    keep = None
+    drop = None
     if dropout_p > 0.0:
-        keep = torch_dropout_mask(seed, x.shape, dropout_p, x.device)
-        s = torch.mm((x * keep).mul_(1.0 / (1.0 - dropout_p)), a.t())
+        drop = torch_drop_mask(seed, x.shape, dropout_p, x.device)
+        s = torch.mm(x.masked_fill(drop, 0.0), a.t()).mul_(1.0 / (1.0 - dropout_p))  # scale M×r, not M×K
     else:
         s = torch.mm(x, a.t())
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     y.addmm_(s, b.t(), alpha=scaling)
-    return y, s, keep
+    return y, s, drop
 
 
-def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, keep, scaling, dropout_p,
+def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
                     needs_dx, needs_da, needs_db, needs_dbias):
     dtype = dy.dtype
     keep_scale = 1.0 / (1.0 - dropout_p)
@@ -69,16 +80,18 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, keep, scaling, dropout_p,
     if needs_dbias:
         dbias = dy.sum(0)
     if needs_da:
-        dropped = x if keep is None else (x * keep).mul_(keep_scale)
-        da = torch.mm(ds.t(), dropped).to(lora_A.dtype)
-        del dropped
+        if drop is None:
+            da = torch.mm(ds.t(), x)
+        else:
+            da = torch.mm(ds.t(), x.masked_fill(drop, 0.0)).mul_(keep_scale)
+        da = da.to(lora_A.dtype)
     if needs_dx:
         a = lora_A.to(dtype)
-        if keep is None:
+        if drop is None:
             dx = torch.mm(dy, weight).addmm_(ds, a)
         else:
             # The masked low-rank term is built in dx's own buffer, then the base GEMM accumulates onto it.
-            dx = torch.mm(ds * keep_scale, a).mul_(keep).addmm_(dy, weight)
+            dx = torch.mm(ds * keep_scale, a).masked_fill_(drop, 0.0).addmm_(dy, weight)
     return dx, da, db, dbias
 
 
@@ -94,17 +107,17 @@ class LoraLinearFunction(torch.autograd.Function):
         if backend == "triton":
             from ..kernels import lora as triton_lora
             y, s = triton_lora.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-            keep = None
+            drop = None
         else:
-            y, s, keep = _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+            y, s, drop = _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         needs_x = ctx.needs_input_grad[3]
-        ctx.save_for_backward(x if needs_x else None, weight, lora_A, lora_B, s, keep)
+        ctx.save_for_backward(x if needs_x else None, weight, lora_A, lora_B, s, drop)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, s, keep = ctx.saved_tensors
+        x, weight, lora_A, lora_B, s, drop = ctx.saved_tensors
         needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
         if ctx.backend == "triton":
             from ..kernels import lora as triton_lora
@@ -113,7 +126,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 needs_dx, needs_da, needs_db, needs_dbias)
         else:
             dx, da, db, dbias = _torch_lora_bwd(
-                dy, x, weight, lora_A, lora_B, s, keep, ctx.scaling, ctx.dropout_p,
+                dy, x, weight, lora_A, lora_B, s, drop, ctx.scaling, ctx.dropout_p,
                 needs_dx, needs_da, needs_db, needs_dbias)
         return dx, None, dbias, da, db, None, None, None, None
 
@@ -208,7 +221,7 @@ def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu
     seed reproduces a mask within one backend.
     """
     if backend == "torch":
-        return torch_dropout_mask(seed, shape, p, device)
+        return ~torch_drop_mask(seed, shape, p, device)
     if backend == "triton":
         from ..kernels import lora as triton_lora
         return triton_lora.dropout_keep_mask(seed, tuple(shape), p, device)

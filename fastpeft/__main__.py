@@ -1,0 +1,99 @@
+"""Command line: ``python -m fastpeft info`` and ``python -m fastpeft bench [--quick]``."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+from . import __version__
+from .backends import ENV_VAR, backend_status, requested_backend, triton_interpreting
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def info(_args) -> int:
+    print(f"fastpeft {__version__}  torch {torch.__version__}  python {sys.version.split()[0]}")
+    try:
+        import triton
+        print(f"triton {triton.__version__}" + ("  (TRITON_INTERPRET=1: kernels run on the CPU interpreter)"
+                                                  if triton_interpreting() else ""))
+    except ImportError:
+        print("triton: not installed")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i} {p.name}  compute capability {p.major}.{p.minor}")
+    else:
+        print("cuda: no GPU visible to torch")
+    print(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r} -> {requested_backend(None)}")
+    print("backends:")
+    for name, reasons in backend_status().items():
+        print(f"  {name:7s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+    return 0
+
+
+def _shape(text: str):
+    from .benchmark import Shape
+    try:
+        M, K, N, r = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected M,K,N,r (four integers), got {text!r}") from None
+    if min(M, K, N, r) < 1:
+        raise argparse.ArgumentTypeError(f"M, K, N and r must be positive, got {text!r}")
+    return Shape(M, K, N, r)
+
+
+def bench(args) -> int:
+    from . import benchmark
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if args.shape:
+        shapes = args.shape
+    elif args.quick:
+        shapes = benchmark.QUICK_SHAPES
+    else:
+        shapes = benchmark.GPU_SHAPES if device.type == "cuda" else benchmark.CPU_SHAPES
+    dropouts = args.dropout if args.dropout is not None else [0.0, 0.1]
+    rounds = args.rounds or ((5 if args.quick else 10) if device.type == "cuda" else (15 if args.quick else 30))
+    if not benchmark.peft_available():
+        print("note: peft is not installed, so HF PEFT is not compared (pip install 'fastpeft[bench]')")
+    description = benchmark.device_description(device)
+    print(f"fastpeft bench on {description}, {args.dtype or dtype}, {rounds} rounds")
+    results = benchmark.run(shapes, dtype, device, dropouts, rounds)
+    table = benchmark.format_table(results)
+    print()
+    print(table)
+    if args.markdown:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(args.markdown, "a") as f:
+            f.write(f"\n## LoRA linear, {dtype}, {description}\n\n{stamp}; fastpeft {__version__}, "
+                    f"torch {torch.__version__}; median of {rounds} rounds; peak = allocated above the live "
+                    f"set before the call.\n\n{table}\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastpeft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, and which backends run here (and why not)")
+    b = sub.add_parser("bench", help="time nn.Linear vs fastpeft (each usable backend) vs HF PEFT's LoRA layer")
+    b.add_argument("--quick", action="store_true", help="one shape, fewer rounds: under a minute on a 2-core CPU")
+    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    b.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
+    b.add_argument("--shape", type=_shape, action="append", metavar="M,K,N,r", help="repeatable")
+    b.add_argument("--dropout", type=float, action="append", help="repeatable; default 0 and 0.1")
+    b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken)")
+    b.add_argument("--markdown", metavar="PATH", help="append the table to this markdown file")
+    args = parser.parse_args(argv)
+    return info(args) if args.command == "info" else bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Benchmarks of the LoRA linear: one set of cases and one timing helper, shared by ``python -m fastpeft bench``,
+pytest-benchmark (``pytest bench/ --benchmark-only``) and ``bench/gpu_check.sh``.
+
+Every candidate layer runs the same shape on the same device side by side in one process: the frozen base
+``nn.Linear``, fastpeft's ``LoraLinear`` on each usable backend, and HF PEFT's LoRA ``Linear`` (when ``peft`` is
+installed). Times are medians; peak memory is what a call allocates above what was live before it.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .backends import not_supported_reasons
+from .layers import LoraLinear
+
+
+@dataclass(frozen=True)
+class Shape:
+    M: int  # tokens (batch × sequence)
+    K: int  # in_features
+    N: int  # out_features
+    r: int
+
+    def __str__(self):
+        return f"M={self.M} K={self.K} N={self.N} r={self.r}"
+
+
+QUICK_SHAPES = [Shape(2048, 1024, 1024, 16)]
+CPU_SHAPES = QUICK_SHAPES + [Shape(512, 4096, 4096, 16), Shape(1024, 2048, 5632, 64)]
+GPU_SHAPES = [Shape(8192, 4096, 4096, 16), Shape(8192, 4096, 14336, 16), Shape(8192, 14336, 4096, 64),
+              Shape(2048, 4096, 4096, 16)]
+
+MODES = ("fwd", "fwd+bwd")
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_candidates(shape: Shape, dtype, device, dropout: float, seed: int = 0) -> dict[str, nn.Module]:
+    """The layers to compare, all over one base weight and (LoRA ones) the same adapter values.
+
+    Adapters are fp32 on a half-precision base in both fastpeft and PEFT (each library's default).
+    """
+    torch.manual_seed(seed)
+    base = nn.Linear(shape.K, shape.N, bias=True, device=device, dtype=dtype).requires_grad_(False)
+    alpha = 2 * shape.r
+    ours = LoraLinear(copy.deepcopy(base), shape.r, alpha, dropout, init_lora_weights=False)
+    layers: dict[str, nn.Module] = {"nn.Linear": base}
+    for backend in ("torch", "triton"):
+        if backend == "torch" or not not_supported_reasons(backend, [base.weight]):
+            layer = copy.deepcopy(ours)
+            layer.backend = backend
+            layers[f"fastpeft[{backend}]"] = layer
+    if peft_available():
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+        config = LoraConfig(r=shape.r, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=False)
+        peft_layer = PeftLinear(copy.deepcopy(base), "default", config=config, r=shape.r, lora_alpha=alpha)
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight = nn.Parameter(ours.lora_A.detach().clone())
+            peft_layer.lora_B["default"].weight = nn.Parameter(ours.lora_B.detach().clone())
+        layers["peft"] = peft_layer
+    for layer in layers.values():
+        layer.train()
+    return layers
+
+
+def _clear_grads(layer: nn.Module, x: torch.Tensor) -> None:
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
+def make_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str):
+    """A zero-argument callable running one ``mode`` step of ``layer`` (gradients reset, as an optimizer would)."""
+    def forward():
+        layer(x)
+
+    def forward_backward():
+        _clear_grads(layer, x)
+        layer(x).backward(dy)
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return forward if mode == "fwd" else forward_backward
+
+
+def time_ms(fn, device, min_run_time: float = 0.3) -> float:
+    """Median time of ``fn()`` in milliseconds: Triton's do_bench on CUDA, torch.utils.benchmark on CPU."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    from torch.utils.benchmark import Timer
+    fn()  # warm-up
+    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def interleaved_times(steps: dict, device, rounds: int) -> dict[str, list[float]]:
+    """Times (ms) of each named zero-argument callable over ``rounds`` rounds that interleave them, rotating
+    their order, so the drift of a shared machine falls on all alike. A round is one call per callable on a
+    CPU (calls there take milliseconds), one ``do_bench`` median on CUDA."""
+    names = list(steps)
+    for name in names:  # warm-up: first-call allocations, autotuning, lazy imports
+        steps[name]()
+        steps[name]()
+    times = {name: [] for name in names}
+    cuda = torch.device(device).type == "cuda"
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            if cuda:
+                times[name].append(time_ms(steps[name], device))
+            else:
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def peak_memory_mb(fn, device) -> float:
+    """Peak bytes (MiB) that ``fn()`` allocates above what was live before it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    # CPU: the profiler's allocation events carry the running total of memory allocated while profiling.
+    from torch._C._profiler import _ExtraFields_Allocation
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if isinstance(event.extra_fields, _ExtraFields_Allocation):
+            events.append(event)
+    if not events:
+        return 0.0
+    # The running total also counts earlier blocks whose frees were not seen; measure from the first event.
+    events.sort(key=lambda e: e.start_time_ns)
+    first = events[0].extra_fields
+    before = first.total_allocated - first.alloc_size
+    return max(e.extra_fields.total_allocated - before for e in events) / 2**20
+
+
+def flops(shape: Shape, mode: str, lora: bool) -> int:
+    """Multiply-add FLOPs (×2) of one step; backward has no dW (the base weight is frozen)."""
+    M, K, N, r = shape.M, shape.K, shape.N, shape.r
+    base = 2 * M * N * K * (1 if mode == "fwd" else 2)
+    if not lora:
+        return base
+    low = 2 * M * r * (K + N)  # x·Aᵀ and S·Bᵀ
+    return base + low * (1 if mode == "fwd" else 3)
+
+
+@dataclass
+class Result:
+    shape: Shape
+    dropout: float
+    candidate: str
+    mode: str
+    ms: float
+    peak_mb: float
+    round_ms: list[float] = field(default_factory=list)
+
+    @property
+    def tflops(self) -> float:
+        return flops(self.shape, self.mode, self.candidate != "nn.Linear") / (self.ms * 1e-3) / 1e12
+
+
+def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int = 15, candidates=None,
+        log=print) -> list[Result]:
+    """Measure every candidate on every shape, dropout and mode, side by side (:func:`interleaved_times`);
+    each reported time is the median over the rounds."""
+    results = []
+    for shape in shapes:
+        for dropout in dropouts:
+            layers = make_candidates(shape, dtype, device, dropout)
+            if candidates is not None:
+                layers = {k: v for k, v in layers.items() if k in candidates}
+            torch.manual_seed(1)
+            x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
+            for mode in MODES:
+                steps = {name: make_step(layer, x, dy, mode) for name, layer in layers.items()}
+                times = interleaved_times(steps, device, rounds)
+                for name, step in steps.items():
+                    _clear_grads(layers[name], x)
+                    result = Result(shape, dropout, name, mode, statistics.median(times[name]),
+                                    peak_memory_mb(step, device), times[name])
+                    results.append(result)
+                    log(f"  {shape}  dropout={dropout}  {mode:8s} {name:16s} {result.ms:9.3f} ms  "
+                        f"{result.peak_mb:9.1f} MiB")
+    return results
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 and math.isfinite(a / b) else "-"
+
+
+def format_table(results: list[Result], reference: str = "peft") -> str:
+    """A markdown table: times, peak memory, and ratios to ``reference`` (HF PEFT) and to the base nn.Linear."""
+    by_key = {(r.shape, r.dropout, r.mode, r.candidate): r for r in results}
+    has_ref = any(r.candidate == reference for r in results)
+    head = ["shape", "dropout", "mode", "candidate", "median ms", "TFLOP/s", "peak MiB", "time / base"]
+    if has_ref:
+        head += [f"time / {reference}", f"memory / {reference}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        base = by_key.get((r.shape, r.dropout, r.mode, "nn.Linear"))
+        row = [str(r.shape), f"{r.dropout:g}", r.mode, r.candidate, f"{r.ms:.3f}", f"{r.tflops:.2f}",
+               f"{r.peak_mb:.1f}", _ratio(r.ms, base.ms) if base else "-"]
+        if has_ref:
+            ref = by_key.get((r.shape, r.dropout, r.mode, reference))
+            row += [_ratio(r.ms, ref.ms), _ratio(r.peak_mb, ref.peak_mb)] if ref else ["-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def device_description(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+    import os
+    import platform
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
