@@ -248,36 +248,45 @@ INTERPRET_DY_BLOCK_M = 32
 INTERPRET_DA = dict(BLOCK_M=32, BLOCK_K=32)
 
 
-def _shared_memory_pruner(tile_elements):
-    """An ``early_config_prune`` dropping configs whose pipelined operand tiles exceed the device's shared memory.
+def shared_memory_estimate(kernel_name: str, blocks: dict, num_stages: int, element_size: int) -> int:
+    """Bytes of shared memory a config needs: its pipelined tiles (×stages) plus, for the GEMM, the low-rank
+    tiles staged once. Base-operand tiles count ``element_size`` bytes an element, rank-sized tiles 4 (the
+    adapters and S may be fp32). An upper bound on what Triton allocates (checked by the AOT tests)."""
+    bm, bn, bk, br = (blocks.get(k, 0) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
+    es = element_size
+    per_stage, once = {
+        "_lora_gemm_kernel": ((bm * bk + bk * bn) * es, (bm + bn) * br * 4),
+        "_lora_shrink_kernel": (bm * bk * es + bk * br * 4, 0),
+        "_lora_bwd_dy_kernel": (bm * bn * es + bn * br * 4, 0),
+        "_lora_bwd_da_kernel": (bm * bk * es + bm * br * 4, 0),
+    }[kernel_name]
+    return num_stages * per_stage + once
 
-    ``tile_elements(blocks)`` gives the operand elements one pipeline stage holds for a config's block sizes.
-    """
+
+def _shared_memory_pruner(kernel_name):
+    """An ``early_config_prune`` dropping configs that do not fit the device's shared memory."""
     def prune(configs, named_args, **kwargs):
         tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
         limit = torch.cuda.get_device_properties(tensor.device).shared_memory_per_block_optin
         def need(cfg):
-            return cfg.num_stages * tile_elements({**kwargs, **cfg.kwargs}) * tensor.element_size()
+            return shared_memory_estimate(kernel_name, {**kwargs, **cfg.kwargs}, cfg.num_stages,
+                                          tensor.element_size())
         fitting = [c for c in configs if need(c) <= limit]
         return fitting or [min(configs, key=need)]
     return prune
 
 
-def _autotuned(kernel, configs, key, tile_elements):
+def _autotuned(kernel, configs, key, kernel_name):
     return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": _shared_memory_pruner(tile_elements)})(kernel)
+                           prune_configs_by={"early_config_prune": _shared_memory_pruner(kernel_name)})(kernel)
 
 
 _gemm_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _gemm = _gemm_even_k(_lora_gemm_kernel)
-_gemm_tuned = _autotuned(_gemm, GEMM_CONFIGS, ["M_BUCKET", "N", "K"],
-                         lambda b: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_K"] * b["BLOCK_N"])
-_shrink_tuned = _autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M", "K"],
-                           lambda b: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_K"] * b["BLOCK_R"])
-_dy_tuned = _autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M", "N"],
-                       lambda b: b["BLOCK_M"] * b["BLOCK_N"] + b["BLOCK_N"] * b["BLOCK_R"])
-_da_tuned = _autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M", "K"],
-                       lambda b: b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_M"] * b["BLOCK_R"])
+_gemm_tuned = _autotuned(_gemm, GEMM_CONFIGS, ["M_BUCKET", "N", "K"], "_lora_gemm_kernel")
+_shrink_tuned = _autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M", "K"], "_lora_shrink_kernel")
+_dy_tuned = _autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M", "N"], "_lora_bwd_dy_kernel")
+_da_tuned = _autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M", "K"], "_lora_bwd_da_kernel")
 
 
 def _launch(tuned, plain, interpret_config, grid, on_cpu, *args, **kwargs):

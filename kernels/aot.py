@@ -1,0 +1,156 @@
+"""Ahead-of-time compilation of every Triton kernel config for sm_80 and sm_90, with no GPU needed.
+
+    python -m fastpeft.kernels.aot [--arch 80 90] [--jobs N] [--json]
+
+Each kernel is compiled for a typical training launch (bf16 base, fp32 adapters, M=8192, K=N=4096, r=16),
+with the argument specializations Triton's launcher would make for it (16-byte aligned pointers, sizes and
+strides divisible by 16, unit strides as constants), so the software pipelining and the tensor-core
+instructions are those a real launch gets. The report gives, per kernel, config and arch: shared memory,
+whether the PTX uses ``wgmma`` (Hopper) or ``mma.sync`` (Ampere), and compile seconds. Must run without
+``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+# Opt-in shared memory per block (bytes): A100 for sm_80, H100 for sm_90.
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+M, K, N, R = 8192, 4096, 4096, 16
+
+
+def _launches():
+    """(kernel name, profile, {arg: example value}, [configs]) for every kernel and launch profile.
+
+    Example values: a string names a pointer's element type, an int or float stands for a scalar argument,
+    anything under "constexprs" is a compile-time constant.
+    """
+    import triton.language as tl
+
+    from . import lora
+
+    bf16_gemm_fwd = dict(
+        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16",
+        M=M, N=N, K=K, R=R, M_BUCKET=M,
+        stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
+        stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
+        constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
+                        EVEN_K=True))
+    bf16_gemm_dx = dict(
+        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16",
+        M=M, N=K, K=N, R=R, M_BUCKET=M,
+        stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_lm=R, stride_lr=1, stride_ur=K, stride_un=1,
+        stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
+        constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
+                        EVEN_K=True))
+    shrink = dict(
+        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", M=M, K=K, R=R, stride_xm=K, stride_xk=1, stride_ar=K,
+        stride_ak=1, seed=12345, p=0.1, keep_scale=1.1,
+        constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
+    bwd_dy = dict(
+        dy_ptr="bf16", b_ptr="fp32", s_ptr="fp32", ds_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
+        M=M, N=N, R=R, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1, scaling=2.0,
+        constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=lora.DY_BLOCK_M,
+                        BLOCK_R=16))
+    bwd_da = dict(
+        x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", M=M, K=K, R=R, rows_per_split=1024,
+        stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
+        constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
+    mask = dict(out_ptr="i8", M=M, K=K, seed=12345, p=0.1, constexprs=dict(BLOCK_M=64, BLOCK_K=128))
+
+    mask_config = [dict(kwargs={}, num_warps=4, num_stages=1)]
+    as_dicts = lambda configs: [dict(kwargs=c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)  # noqa: E731
+                                for c in configs]
+    return [
+        ("_lora_gemm_kernel", "forward", bf16_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
+        ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS[:1])),
+        ("_lora_shrink_kernel", "forward", shrink, as_dicts(lora.SHRINK_CONFIGS)),
+        ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
+        ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
+        ("_dropout_mask_kernel", "mask", mask, mask_config),
+    ]
+
+
+def _specialize(kernel, example: dict, config: dict):
+    """signature, constexprs and attrs for ``kernel`` as Triton's launcher would build them for ``example``."""
+    signature, constexprs, attrs = {}, {}, {}
+    fixed = {**example["constexprs"], **config["kwargs"]}
+    for index, name in enumerate(kernel.arg_names):
+        if name in fixed:
+            signature[name], constexprs[name] = "constexpr", fixed[name]
+            continue
+        value = example[name]
+        if isinstance(value, str):  # a pointer: torch's allocations are 16-byte aligned
+            signature[name] = "*" + value
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:  # Triton specializes integer arguments equal to 1 into constants
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def compile_one(job):
+    """Compile one (kernel, profile, example, config, arch) job; returns its report row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from . import lora
+
+    name, profile, example, config, arch = job
+    kernel = getattr(lora, name)
+    signature, constexprs, attrs = _specialize(kernel, example, config)
+    start = time.perf_counter()
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+    ptx = compiled.asm["ptx"]
+    return dict(kernel=name, profile=profile, arch=arch, config=config["kwargs"],
+                num_warps=config["num_warps"], num_stages=config["num_stages"],
+                shared=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[arch],
+                wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, seconds=round(time.perf_counter() - start, 2))
+
+
+def compile_all(archs=(80, 90), jobs=None):
+    """Compile every kernel config for every arch, in parallel processes; returns the report rows."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the interpreter replaces "
+                           "the compiler)")
+    work = [(name, profile, example, config, arch)
+            for name, profile, example, configs in _launches() for config in configs for arch in archs]
+    # Big tiles first, so the slowest compiles do not end up last on one worker.
+    work.sort(key=lambda job: -(job[0] == "_lora_gemm_kernel"))
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+        return list(pool.map(compile_one, work))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastpeft.kernels.aot", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_MEMORY_LIMIT))
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: all cores)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    rows = compile_all(args.arch, args.jobs)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for r in rows:
+        blocks = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        isa = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "no-mma")
+        print(f"sm_{r['arch']} {r['kernel']:22s} {r['profile']:12s} {blocks:45s} w{r['num_warps']} s{r['num_stages']} "
+              f"{isa:8s} shared {r['shared']:6d}/{r['shared_limit']} B  {r['seconds']:5.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

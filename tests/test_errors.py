@@ -1,0 +1,101 @@
+"""Bad input gets a clear error naming the argument and what was expected; backends explain themselves."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fastpeft
+from fastpeft import backends
+
+
+def inputs(K=12, N=7, r=3, dtype=torch.float32):
+    return dict(x=torch.randn(5, K, dtype=dtype), weight=torch.randn(N, K, dtype=dtype),
+                bias=torch.randn(N, dtype=dtype), lora_A=torch.randn(r, K), lora_B=torch.randn(N, r), scaling=2.0)
+
+
+def call(**overrides):
+    args = inputs()
+    args.update(overrides)
+    return fastpeft.lora_linear(**args, backend="torch")
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(x=torch.randn(5, 11)), ValueError, "x has 11 features"),
+    (dict(weight=torch.randn(7)), ValueError, "weight must have shape"),
+    (dict(lora_A=torch.randn(3, 11)), ValueError, r"lora_A must have shape \(r, in_features=12\)"),
+    (dict(lora_A=torch.randn(0, 12), lora_B=torch.randn(7, 0)), ValueError, "r=0"),
+    (dict(lora_B=torch.randn(7, 4)), ValueError, r"lora_B must have shape \(out_features=7, r=3\)"),
+    (dict(bias=torch.randn(8)), ValueError, "bias must have shape"),
+    (dict(x=torch.randn(5, 12, dtype=torch.float64)), TypeError, "x has dtype torch.float64 but weight"),
+    (dict(bias=torch.randn(7, dtype=torch.float16)), TypeError, "bias has dtype"),
+    (dict(lora_B=torch.randn(7, 3, dtype=torch.float64)), TypeError, "lora_A has dtype .* lora_B"),
+    (dict(x=torch.ones(5, 12, dtype=torch.int64)), TypeError, "x must be a float16"),
+    (dict(x=[[1.0] * 12]), TypeError, "x must be a torch.Tensor"),
+    (dict(lora_A=torch.randn(3, 12, device="meta")), ValueError, "one device.*lora_A on meta"),
+    (dict(scaling=float("nan")), ValueError, "scaling must be a finite"),
+    (dict(scaling="2"), ValueError, "scaling must be a finite"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+    (dict(weight=torch.randn(7, 12, requires_grad=True)), ValueError, "weight must be frozen"),
+])
+def test_bad_inputs(overrides, error, match):
+    with pytest.raises(error, match=match):
+        call(**overrides)
+
+
+def test_unknown_backend_names():
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, triton; got 'cuda'"):
+        fastpeft.lora_linear(**inputs(), backend="cuda")
+
+
+def test_bad_environment_backend(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FASTPEFT_BACKEND must be one of"):
+        fastpeft.lora_linear(**inputs())
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    assert backends.requested_backend(None) == "torch"
+    assert backends.requested_backend("auto") == "auto"  # the argument wins over the environment
+
+
+def test_explicit_backend_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = inputs(dtype=torch.float64)
+    args["lora_A"], args["lora_B"] = args["lora_A"].double(), args["lora_B"].double()
+    with pytest.raises(fastpeft.BackendUnavailableError) as err:
+        fastpeft.lora_linear(**args, backend="triton")
+    message = str(err.value)
+    assert "float64" in message and "TRITON_INTERPRET" in message
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in message
+
+
+def test_auto_falls_back_to_torch_for_what_triton_cannot_run():
+    args = inputs(dtype=torch.float64)
+    args["lora_A"], args["lora_B"] = args["lora_A"].double(), args["lora_B"].double()
+    assert backends.select_backend("auto", [args["x"]]) == "torch"
+    y = fastpeft.lora_linear(**args, backend="auto")
+    assert y.dtype == torch.float64
+
+
+def test_layer_arguments():
+    with pytest.raises(TypeError, match="base must be an nn.Linear"):
+        fastpeft.LoraLinear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        fastpeft.LoraLinear(nn.Linear(4, 4), r=0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        fastpeft.LoraLinear(nn.Linear(4, 4), lora_dropout=1.5)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        fastpeft.LoraLinear(nn.Linear(4, 4), init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="adapter_name"):
+        fastpeft.LoraLinear(nn.Linear(4, 4), adapter_name="a.b")
+
+
+def test_available_backends_and_info_command():
+    status = fastpeft.backend_status()
+    assert set(status) == {"torch", "triton"} and status["torch"] == []
+    assert "torch" in fastpeft.available_backends()
+    out = subprocess.run([sys.executable, "-m", "fastpeft", "info"], capture_output=True, text=True, check=True)
+    assert "torch   available" in out.stdout
+    assert "triton " in out.stdout

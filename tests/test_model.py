@@ -1,0 +1,122 @@
+"""apply_lora / merge_and_unload over a small multi-layer model."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastpeft
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        h = x + self.v_proj(torch.tanh(self.q_proj(x)))
+        return h + self.mlp(self.norm(h))
+
+
+class TinyModel(nn.Module):
+    def __init__(self, d=24, layers=2):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(d) for _ in range(layers))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return self.head(x)
+
+
+def test_only_lora_parameters_train_and_loss_falls():
+    torch.manual_seed(0)
+    model = TinyModel()
+    fastpeft.apply_lora(model, ["q_proj", "v_proj"], r=4, lora_alpha=8)
+    assert isinstance(model.layers[0].q_proj, fastpeft.LoraLinear)
+    assert isinstance(model.layers[1].v_proj, fastpeft.LoraLinear)
+    assert isinstance(model.layers[0].mlp[0], nn.Linear) and not isinstance(model.layers[0].mlp[0], fastpeft.LoraLinear)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".adapters.default.lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 2 * 2  # 2 blocks × (q, v) × (A, B)
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    x, target = torch.randn(64, 24), torch.randn(64, 3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.mse_loss(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_regex_targets_and_merge_and_unload():
+    torch.manual_seed(0)
+    model = TinyModel()
+    original = copy.deepcopy(model)
+    fastpeft.apply_lora(model, r"layers\.\d+\.mlp\.[02]", r=4, init_lora_weights=False)
+    assert len(fastpeft.lora_layers(model)) == 4
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        with_lora = model(x)
+        assert not torch.allclose(with_lora, original(x))
+        merged = fastpeft.merge_and_unload(model)
+        assert merged is model and not fastpeft.lora_layers(model)
+        assert all(type(m) is nn.Linear for m in (model.layers[0].mlp[0], model.layers[1].mlp[2]))
+        assert torch.allclose(model(x), with_lora, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_of_a_single_layer():
+    layer = fastpeft.LoraLinear(nn.Linear(8, 4), r=2, init_lora_weights=False)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        y = layer(x)
+        plain = fastpeft.merge_and_unload(layer)
+        assert type(plain) is nn.Linear and torch.allclose(plain(x), y, atol=1e-6)
+
+
+def test_bad_targets_leave_model_unchanged():
+    model = TinyModel()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="q_porj"):
+        fastpeft.apply_lora(model, ["q_proj", "q_porj"])
+    with pytest.raises(ValueError, match="matches no module"):
+        fastpeft.apply_lora(model, r"nothing\.here")
+    with pytest.raises(ValueError, match="regular expression"):
+        fastpeft.apply_lora(model, "q_proj(")
+    with pytest.raises(TypeError, match="LayerNorm"):
+        fastpeft.apply_lora(model, ["q_proj", "norm"])
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        fastpeft.apply_lora(model, ["q_proj"], r=0)
+    with pytest.raises(ValueError, match="target_modules must be"):
+        fastpeft.apply_lora(model, [])
+    assert not fastpeft.lora_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_applying_twice_is_refused():
+    model = TinyModel()
+    fastpeft.apply_lora(model, ["q_proj"])
+    # Names inside an existing LoraLinear (its base_layer) are not candidates, so nothing new matches.
+    with pytest.raises(ValueError, match="match no module"):
+        fastpeft.apply_lora(model, ["base_layer"])
+    with pytest.raises(TypeError, match="already a LoraLinear"):
+        fastpeft.apply_lora(model, ["q_proj"])
+
+
+def test_multihead_attention_out_proj_is_refused():
+    model = nn.Sequential(nn.MultiheadAttention(16, 2))
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        fastpeft.apply_lora(model, ["out_proj"])
