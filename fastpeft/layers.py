@@ -30,7 +30,8 @@ class LoraAdapter(nn.Module):
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = int(r), lora_alpha, float(lora_dropout), use_rslora
+        self.r, self.lora_alpha = int(r), lora_alpha
+        self.lora_dropout, self.use_rslora = float(lora_dropout), bool(use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
         self.reset_parameters(init_lora_weights)

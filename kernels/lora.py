@@ -26,6 +26,8 @@ import triton.language as tl
 
 # Fill kernel outputs with NaN before launching, so an element a kernel fails to write fails the tests.
 POISON_OUTPUTS = os.environ.get("FASTPEFT_POISON_OUTPUTS", "0") == "1"
+# FASTPEFT_AUTOTUNE=0 launches each kernel's default config instead of autotuning (tests: fewer compiles).
+AUTOTUNE = os.environ.get("FASTPEFT_AUTOTUNE", "1") != "0"
 
 
 @triton.jit
@@ -240,6 +242,12 @@ DA_CONFIGS = [
     for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)]
 ]
 
+# Without autotuning: configs that fit every supported GPU's shared memory, fp32 included.
+GEMM_DEFAULT = GEMM_CONFIGS[6]  # 128×128×32, 4 warps, 4 stages
+SHRINK_DEFAULT = SHRINK_CONFIGS[2]
+DY_DEFAULT = DY_CONFIGS[0]
+DA_DEFAULT = DA_CONFIGS[0]
+
 # The interpreter runs one small configuration: blocks ≥ 16 for tl.dot, few programs for speed.
 INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRET_SHRINK = dict(BLOCK_M=32, BLOCK_K=32)
@@ -289,12 +297,16 @@ _dy_tuned = _autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M", "N"], "_lora_bwd_d
 _da_tuned = _autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M", "K"], "_lora_bwd_da_kernel")
 
 
-def _launch(tuned, plain, interpret_config, grid, on_cpu, *args, **kwargs):
-    """Run ``plain`` with the interpreter's config for CPU tensors, else the autotuned kernel."""
+def _launch(tuned, plain, default, interpret_config, grid, on_cpu, *args, **kwargs):
+    """Run the kernel: the interpreter's config for CPU tensors; on a GPU the autotuned kernel, or its
+    ``default`` config when autotuning is off."""
     if on_cpu:
         plain[grid(interpret_config)](*args, **kwargs, **interpret_config)
-    else:
+    elif AUTOTUNE:
         tuned[grid](*args, **kwargs)
+    else:
+        plain[grid(default.kwargs)](*args, **kwargs, **default.kwargs, num_warps=default.num_warps,
+                                    num_stages=default.num_stages)
 
 
 def _new(shape, dtype, device):
@@ -368,12 +380,13 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
     precision = _dot_precision(x.dtype)
     compute = _compute_dtype(x.dtype, on_cpu)
     block_r = _rank_block(R)
-    _launch(_shrink_tuned, _lora_shrink_kernel, INTERPRET_SHRINK, lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
+    _launch(_shrink_tuned, _lora_shrink_kernel, SHRINK_DEFAULT, INTERPRET_SHRINK,
+            lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
             x, lora_A, s, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
             DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
     bias_arg = bias.contiguous() if bias is not None else y
-    _launch(_gemm_tuned, _gemm, INTERPRET_GEMM,
+    _launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
             x, weight, s, lora_B, bias_arg, y,
             M, N, K, R, triton.next_power_of_2(M),
@@ -413,7 +426,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     ds = _new((M, R), torch.float32, device)
     db_part = _new((row_blocks, N, R), torch.float32, device)
     dbias_part = _new((row_blocks, N), torch.float32, device) if needs_dbias else ds
-    _launch(_dy_tuned, _lora_bwd_dy_kernel, INTERPRET_DY, lambda c: (row_blocks,), on_cpu,
+    _launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks,), on_cpu,
             dy, lora_B, s, ds, db_part, dbias_part, M, N, R,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), scaling,
             HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r)
@@ -428,15 +441,16 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
         splits = max(1, min(triton.cdiv(M, 256), (2 * _num_sms(device)) // col_blocks))
         rows_per_split = triton.cdiv(M, splits)
         da_part = _new((splits, R, K), torch.float32, device)
-        _launch(_da_tuned, _lora_bwd_da_kernel, INTERPRET_DA, lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits),
-                on_cpu, x, ds, da_part, M, K, R, rows_per_split, x.stride(0), x.stride(1),
+        _launch(_da_tuned, _lora_bwd_da_kernel, DA_DEFAULT, INTERPRET_DA,
+                lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits), on_cpu,
+                x, ds, da_part, M, K, R, rows_per_split, x.stride(0), x.stride(1),
                 seed, dropout_p, keep_scale,
                 DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
         da = da_part.sum(0).to(lora_A.dtype)
 
     if needs_dx:
         dx = _new((M, K), dy.dtype, device)
-        _launch(_gemm_tuned, _gemm, INTERPRET_GEMM,
+        _launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
                 lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]),), on_cpu,
                 dy, weight, ds, lora_A, dx, dx,
                 M, K, N, R, triton.next_power_of_2(M),

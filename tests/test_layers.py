@@ -45,7 +45,7 @@ def test_matches_peft_forward_and_grads(backend, device, use_rslora):
     dy = torch.randn(2, 9, 45, device=device)
     got = forward_backward(ours, x, dy, ours.lora_A, ours.lora_B)
     want = forward_backward(theirs, x, dy, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) <= 1e-6
 
 
