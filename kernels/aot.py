@@ -53,8 +53,8 @@ def _launches():
         stride_ak=1, seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
     bwd_dy = dict(
-        dy_ptr="bf16", b_ptr="fp32", s_ptr="fp32", ds_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
-        M=M, N=N, R=R, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1, scaling=2.0,
+        dy_ptr="bf16", b_ptr="fp32", s_ptr="fp32", ds_part_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
+        M=M, N=N, R=R, cols_per_split=2048, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1, scaling=2.0,
         constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=lora.DY_BLOCK_M,
                         BLOCK_R=16))
     bwd_da = dict(

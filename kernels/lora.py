@@ -6,7 +6,8 @@ Forward, split at the small tensor ``S = drop(x) Aᵀ`` (M×r, fp32):
   2. ``_lora_gemm_kernel``    Y = x Wᵀ + s·S Bᵀ + b — ONE GEMM whose accumulator is seeded with the low-rank
      product, so the update costs one small dot per output tile and no M×N temporary.
 Backward (W is frozen, so there is no dW):
-  3. ``_lora_bwd_dy_kernel``  one pass over dY: dS = s·dY B, and per row-block partial sums of dB = s·dYᵀ S and db.
+  3. ``_lora_bwd_dy_kernel``  one pass over dY: partial sums of dS = s·dY B (per column split) and of
+     dB = s·dYᵀ S and db (per row block).
   4. ``_lora_bwd_da_kernel``  dA = dSᵀ drop(x), the mask regenerated from the seed; split over rows, partials.
   5. ``_lora_gemm_kernel``    dX = dY W + (dS A) ⊙ mask/(1-p) — the forward GEMM kernel again, roles swapped.
 Partial sums are reduced with ``torch.sum`` (no float atomics), so results are deterministic.
@@ -144,16 +145,18 @@ def _lora_gemm_kernel(
 
 @triton.jit
 def _lora_bwd_dy_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_ptr, db_part_ptr, dbias_part_ptr,
-    M, N, R,
+    dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr,
+    M, N, R, cols_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br,
     scaling,
     HAS_DBIAS: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """One pass over dY (M, N): dS (M, R) = s·dY·B, and this row-block's partial sums of
-    dB (N, R) = s·dYᵀ·S and of db (N) = Σ_m dY, written to slot ``program_id`` of the partial buffers."""
+    """One pass over dY (M, N). Program (row block i, column split j) reads its dY tile once and writes
+    ds_part[j] = s·dY[i, j]·B[j] (M, R) and this row block's partials db_part[i] = s·dY[i, j]ᵀ·S[i] (N, R) and
+    dbias_part[i] = Σ_m dY[i, j] (N); summing the partials gives dS, dB and db."""
     pid_m = tl.program_id(0)
+    split = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     rn = tl.arange(0, BLOCK_N)
@@ -163,10 +166,12 @@ def _lora_bwd_dy_kernel(
     s = tl.load(s_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
     s = (s * scaling).to(COMPUTE)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    dy_ptrs = dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn
+    n_begin = split * cols_per_split
+    n_end = tl.minimum(n_begin + cols_per_split, N)
+    dy_ptrs = dy_ptr + rm[:, None].to(tl.int64) * stride_dym + (n_begin + rn)[None, :] * stride_dyn
     part = pid_m.to(tl.int64) * N
-    for n0 in range(0, N, BLOCK_N):
-        n_ok = rn < N - n0
+    for n0 in range(n_begin, n_end, BLOCK_N):
+        n_ok = rn < n_end - n0
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(COMPUTE)
         b = tl.load(b_ptr + (n0 + rn)[:, None] * stride_bn + rr[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
@@ -176,7 +181,8 @@ def _lora_bwd_dy_kernel(
         if HAS_DBIAS:
             tl.store(dbias_part_ptr + part + n0 + rn, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok)
         dy_ptrs += BLOCK_N * stride_dyn
-    tl.store(ds_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
+    ds_ptrs = ds_part_ptr + split.to(tl.int64) * M * R + rm[:, None].to(tl.int64) * R + rr[None, :]
+    tl.store(ds_ptrs, ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -423,13 +429,20 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
 
     dy_block_m = INTERPRET_DY_BLOCK_M if on_cpu else DY_BLOCK_M
     row_blocks = triton.cdiv(M, dy_block_m)
-    ds = _new((M, R), torch.float32, device)
+    # Split the columns too when there are few row blocks, so the pass over dY fills the GPU (dS partials
+    # are small: M×r each). cols_per_split is a multiple of every BLOCK_N the kernel may run with.
+    quantum = INTERPRET_DY["BLOCK_N"] if on_cpu else max(c.kwargs["BLOCK_N"] for c in DY_CONFIGS)
+    col_splits = max(1, min(triton.cdiv(N, quantum), (2 * _num_sms(device)) // row_blocks))
+    cols_per_split = triton.cdiv(triton.cdiv(N, col_splits), quantum) * quantum
+    col_splits = triton.cdiv(N, cols_per_split)
+    ds_part = _new((col_splits, M, R), torch.float32, device)
     db_part = _new((row_blocks, N, R), torch.float32, device)
-    dbias_part = _new((row_blocks, N), torch.float32, device) if needs_dbias else ds
-    _launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks,), on_cpu,
-            dy, lora_B, s, ds, db_part, dbias_part, M, N, R,
+    dbias_part = _new((row_blocks, N), torch.float32, device) if needs_dbias else db_part
+    _launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks, col_splits), on_cpu,
+            dy, lora_B, s, ds_part, db_part, dbias_part, M, N, R, cols_per_split,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), scaling,
             HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r)
+    ds = ds_part.sum(0) if col_splits > 1 else ds_part[0]
     if needs_db:
         db = db_part.sum(0).to(lora_B.dtype)
     if needs_dbias:
