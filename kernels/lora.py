@@ -357,6 +357,23 @@ def _num_sms(device: torch.device) -> int:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
+def _lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0):
+    """out (M, N) = a (M, K) · b (K, N) + lr_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
+    transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0."""
+    M, K = a.shape
+    N, R = b.shape[1], lo.shape[1]
+    on_cpu = a.device.type == "cpu"
+    _launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
+            lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
+            a, b, lo, up, bias.contiguous() if bias is not None else out, out,
+            M, N, K, R, triton.next_power_of_2(M),
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), lo.stride(0), lo.stride(1),
+            up.stride(0), up.stride(1), out.stride(0), out.stride(1),
+            lr_scale, seed, dropout_p,
+            HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=_compute_dtype(a.dtype, on_cpu),
+            DOT_PRECISION=_dot_precision(a.dtype), BLOCK_R=_rank_block(R))
+
+
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> torch.Tensor:
     """The (M, K) bool keep-mask the kernels draw for ``seed`` and drop probability ``p``."""
     M, K = shape
@@ -382,25 +399,13 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
     y = _new((M, N), x.dtype, device)
     if M == 0:
         return y, s
-    dropout = dropout_p > 0.0
-    precision = _dot_precision(x.dtype)
-    compute = _compute_dtype(x.dtype, on_cpu)
-    block_r = _rank_block(R)
     _launch(_shrink_tuned, _lora_shrink_kernel, SHRINK_DEFAULT, INTERPRET_SHRINK,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
             x, lora_A, s, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
-            DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
-    bias_arg = bias.contiguous() if bias is not None else y
-    _launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
-            lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
-            x, weight, s, lora_B, bias_arg, y,
-            M, N, K, R, triton.next_power_of_2(M),
-            x.stride(0), x.stride(1), weight.stride(1), weight.stride(0),
-            s.stride(0), s.stride(1), lora_B.stride(1), lora_B.stride(0),
-            y.stride(0), y.stride(1),
-            scaling, 0, 0.0,
-            HAS_BIAS=bias is not None, DROPOUT=False, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
+            DROPOUT=dropout_p > 0.0, COMPUTE=_compute_dtype(x.dtype, on_cpu), DOT_PRECISION=_dot_precision(x.dtype),
+            BLOCK_R=_rank_block(R))
+    _lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling)
     return y, s
 
 
@@ -463,13 +468,5 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
 
     if needs_dx:
         dx = _new((M, K), dy.dtype, device)
-        _launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
-                lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]),), on_cpu,
-                dy, weight, ds, lora_A, dx, dx,
-                M, K, N, R, triton.next_power_of_2(M),
-                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-                ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
-                dx.stride(0), dx.stride(1),
-                keep_scale, seed, dropout_p,
-                HAS_BIAS=False, DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
+        _lora_gemm(dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p)
     return dx, da, db, dbias
