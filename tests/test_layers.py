@@ -145,3 +145,19 @@ def test_dropout_only_in_training_mode():
         c, d = layer(x), layer(x)
     assert not torch.equal(a, b)
     assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_autocast_runs_the_base_in_the_autocast_dtype(backend, device):
+    _, ours, _ = twin_layers(backend, device)
+    x = torch.randn(6, 70, device=device, requires_grad=True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        y = ours(x)
+        base = ours.base_layer(x)
+    assert y.dtype == base.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and ours.lora_A.grad.dtype == torch.float32
+    ref = fastpeft.lora_linear_reference(x.detach().bfloat16().double(), ours.weight.bfloat16().double(),
+                                         ours.bias.bfloat16().double(), ours.lora_A.double(), ours.lora_B.double(),
+                                         ours.scaling)
+    assert rel_err(y, ref) <= TOLERANCE[torch.bfloat16]

@@ -199,8 +199,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         dropout_seed: fixes the dropout mask (see :func:`dropout_mask`); None draws a seed from torch's
             global generator, so ``torch.manual_seed`` makes runs repeatable.
 
-    Returns (..., N) in x's dtype. Differentiable in x, lora_A, lora_B and bias.
+    Returns (..., N) in x's dtype. Differentiable in x, lora_A, lora_B and bias. Under ``torch.autocast``
+    x, weight and bias run in the autocast dtype (as ``nn.Linear`` would), the adapters in their own.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
     name = select_backend(backend, tensors)
