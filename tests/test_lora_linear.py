@@ -162,6 +162,7 @@ def test_dropout_keep_rate(backend, device, p):
     assert abs(keep.float().mean().item() - (1 - p)) < 0.01
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_nan_and_inf_propagate(backend, device):
     case = Case(17, 40, 33, 8, fp32, fp32, True, 0.0, "2d")
