@@ -29,6 +29,8 @@ def info(_args) -> int:
     else:
         print("cuda: no GPU visible to torch")
     print(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r} -> {requested_backend(None)}")
+    from . import cuda_ext
+    print(f"extension fastpeft._C: {cuda_ext.status()}")
     print("backends:")
     for name, reasons in backend_status().items():
         print(f"  {name:7s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))

@@ -1,9 +1,13 @@
 """Which backends can run here, and which one runs a given call.
 
 A backend is chosen per call (``backend=`` argument), per module (its ``backend`` attribute, passed on as the
-argument) or per process (``FASTPEFT_BACKEND=auto|torch|triton``). ``auto`` takes the fastest backend that
+argument) or per process (``FASTPEFT_BACKEND=auto|torch|triton|cuda``). ``auto`` takes the fastest backend that
 supports the inputs; a backend asked for by name that cannot run raises :class:`BackendUnavailableError` listing
 every reason, never a silent fallback.
+
+- ``torch``: always available; the CPU default.
+- ``triton``: fused Triton kernels; the default for CUDA tensors (on the CPU only under ``TRITON_INTERPRET=1``).
+- ``cuda``: the compiled extension ``fastpeft._C``, for the shapes it serves (decode: forward only, M <= 16).
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ from collections.abc import Iterable
 
 import torch
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "cuda")
+# auto's order of preference for CUDA tensors: the first backend with no reason against the call wins.
+CUDA_PREFERENCE = ("cuda", "triton", "torch")
 ENV_VAR = "FASTPEFT_BACKEND"
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,6 +45,13 @@ def _triton_missing() -> str | None:
 def _environment_reasons(name: str) -> list[str]:
     if name == "torch":
         return []
+    if name == "cuda":
+        from . import cuda_ext
+        _, reason = cuda_ext.load()
+        reasons = [reason] if reason else []
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA GPU (torch.cuda.is_available() is False)")
+        return reasons
     reasons = []
     missing = _triton_missing()
     if missing:
@@ -55,7 +68,10 @@ def _input_reasons(name: str, tensors: Iterable[torch.Tensor]) -> list[str]:
     for t in tensors:
         if t.dtype not in _TRITON_DTYPES:
             reasons.append(f"dtype {t.dtype} is not one of float16, bfloat16, float32")
-        if t.device.type == "cuda":
+        if name == "cuda":
+            if t.device.type != "cuda":
+                reasons.append(f"the cuda backend needs CUDA tensors, got {t.device}")
+        elif t.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(t.device)
             if major < 8:
                 reasons.append(f"CUDA device {t.device} has compute capability {major}.{minor}; the kernels need 8.0+")
@@ -95,16 +111,22 @@ def requested_backend(backend: str | None) -> str:
     return backend.strip().lower()
 
 
-def select_backend(backend: str | None, tensors: list[torch.Tensor]) -> str:
-    """Resolve ``backend`` (None → ``$FASTPEFT_BACKEND`` → ``auto``) for a call on ``tensors``."""
+def select_backend(backend: str | None, tensors: list[torch.Tensor], op_reasons=None) -> str:
+    """Resolve ``backend`` (None → ``$FASTPEFT_BACKEND`` → ``auto``) for a call on ``tensors``.
+
+    ``op_reasons(name)`` adds the op's own reasons against a backend for this call (shapes, gradients, ...).
+    """
+    def reasons_against(name):
+        return not_supported_reasons(name, tensors) + (op_reasons(name) if op_reasons else [])
+
     name = requested_backend(backend)
     if name == "auto":
-        preference = ("triton", "torch") if tensors[0].device.type == "cuda" else ("torch",)
+        preference = CUDA_PREFERENCE if tensors[0].device.type == "cuda" else ("torch",)
         for candidate in preference:
-            if not not_supported_reasons(candidate, tensors):
+            if not reasons_against(candidate):
                 return candidate
         return "torch"
-    reasons = not_supported_reasons(name, tensors)
+    reasons = reasons_against(name)
     if reasons:
         raise BackendUnavailableError(f"backend {name!r} cannot run this call:\n  - " + "\n  - ".join(reasons))
     return name

@@ -46,8 +46,8 @@ def test_bad_inputs(overrides, error, match):
 
 
 def test_unknown_backend_names():
-    with pytest.raises(ValueError, match="backend must be one of auto, torch, triton; got 'cuda'"):
-        fastpeft.lora_linear(**inputs(), backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, triton, cuda; got 'cudnn'"):
+        fastpeft.lora_linear(**inputs(), backend="cudnn")
 
 
 def test_bad_environment_backend(monkeypatch):
@@ -94,7 +94,7 @@ def test_layer_arguments():
 
 def test_available_backends_and_info_command():
     status = fastpeft.backend_status()
-    assert set(status) == {"torch", "triton"} and status["torch"] == []
+    assert set(status) == {"torch", "triton", "cuda"} and status["torch"] == []
     assert "torch" in fastpeft.available_backends()
     out = subprocess.run([sys.executable, "-m", "fastpeft", "info"], capture_output=True, text=True, check=True)
     assert "torch   available" in out.stdout

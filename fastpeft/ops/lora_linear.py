@@ -195,7 +195,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             both the same. Gradients are returned in their dtype.
         scaling: the LoRA scale, alpha/r (or alpha/sqrt(r) for rsLoRA).
         dropout_p: dropout on the input of the low-rank branch, applied only when ``training``.
-        backend: "auto", "torch" or "triton"; None reads ``$FASTPEFT_BACKEND`` (default auto).
+        backend: "auto", "torch", "triton" or "cuda" (the compiled decode kernel: M <= 16 rows, inference
+            only); None reads ``$FASTPEFT_BACKEND`` (default auto).
         dropout_seed: fixes the dropout mask (see :func:`dropout_mask`); None draws a seed from torch's
             global generator, so ``torch.manual_seed`` makes runs repeatable.
 
@@ -208,14 +209,32 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
-    name = select_backend(backend, tensors)
     p = float(dropout_p) if training else 0.0
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    def op_reasons(name):
+        if name != "cuda":
+            return []
+        from .. import cuda_ext
+        reasons = cuda_ext.decode_reasons(x2d, weight, bias, lora_A, lora_B)
+        if needs_grad:
+            reasons.append("the cuda backend is forward-only (inference): inputs require grad "
+                           "(use torch.no_grad() or torch.inference_mode())")
+        if p > 0.0:
+            reasons.append("the cuda backend has no dropout (inference): use training=False or dropout_p=0")
+        return reasons
+
+    name = select_backend(backend, tensors, op_reasons)
+    if name == "cuda":
+        from .. import cuda_ext
+        y = cuda_ext.lora_decode(x2d, weight, bias, lora_A, lora_B, float(scaling))
+        return y.reshape(*lead, weight.shape[0])
     seed = 0
     if p > 0.0:
         seed = int(dropout_seed) if dropout_seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    lead = x.shape[:-1]
-    y = LoraLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
-                                 float(scaling), p, seed, name)
+    y = LoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -1,0 +1,44 @@
+// pybind11 bindings of fastpeft._C. Errors from CUDA come back as RuntimeError with the CUDA error string,
+// bad arguments as ValueError.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "lora_decode.h"
+
+namespace py = pybind11;
+
+#ifndef FASTPEFT_CUDA_ARCHS
+#define FASTPEFT_CUDA_ARCHS "unknown"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastpeft's compiled CUDA kernels (takes device pointers; no libtorch dependency)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+  m.def("device_count", &fastpeft::device_count,
+        "Number of CUDA devices; RuntimeError with the CUDA error when there is no usable GPU or driver.");
+  m.def(
+      "lora_decode",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t a, uintptr_t b, uintptr_t s, uintptr_t counters,
+         uintptr_t y, int64_t M, int64_t K, int64_t N, int64_t R, int64_t stride_xm, int64_t stride_ym,
+         float scaling, int dtype, int adapter_dtype, bool vector, int device, uintptr_t stream) {
+        fastpeft::DecodeArgs args{x, w, bias, a, b, s, counters, y, M, K, N, R, stride_xm, stride_ym,
+                                  scaling, dtype, adapter_dtype, vector, device, stream};
+        py::gil_scoped_release release;
+        fastpeft::lora_decode(args);
+      },
+      py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("a"), py::arg("b"), py::arg("s"), py::arg("counters"),
+      py::arg("y"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("R"), py::arg("stride_xm"),
+      py::arg("stride_ym"), py::arg("scaling"), py::arg("dtype"), py::arg("adapter_dtype"), py::arg("vector"),
+      py::arg("device"), py::arg("stream"),
+      "Fused LoRA linear for M <= 16 rows (see csrc/lora_decode.h); launches asynchronously on `stream`.");
+  m.attr("cuda_archs") = std::string(FASTPEFT_CUDA_ARCHS);
+  m.attr("max_decode_rows") = fastpeft::kMaxDecodeRows;
+  m.attr("max_decode_rank") = fastpeft::kMaxDecodeRank;
+}

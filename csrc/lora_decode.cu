@@ -1,0 +1,267 @@
+// Fused LoRA linear for decode shapes (M <= 16 rows), in one launch:
+//     y = x W^T + b + s * (x A^T) B^T
+//
+// Decode is bandwidth-bound on the read of W, so the kernel is a GEMV over the rows of W: each warp owns
+// kRowsPerWarp rows, streams them with 16-byte loads (unrolled, so several loads are in flight), and keeps the
+// M partial sums per row in registers. The low-rank term needs S = x A^T (M x r) in full before any row can
+// finish; rather than a second launch, the first blocks compute S (rows of A, the same GEMV) and publish it,
+// and the W blocks only wait for it after their own, much longer, pass over W.
+//
+// Waiting on other blocks is safe because blocks take their tile from an atomic ticket when they start
+// running: a block holding a W tile started after every S tile was handed out, so those blocks are resident
+// and make progress (the ordering argument of single-pass "decoupled look-back" scans). The three counters
+// live in a per-stream workspace that the last block to finish resets, so no memset launch is needed.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "lora_decode.h"
+
+namespace fastpeft {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerWarp = 2;
+constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
+
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// VEC consecutive elements in one load (16 bytes for the weights, VEC * sizeof(T) for x).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// acc[i][m] = sum_k x[m, k] * w[row0 + i, k] for this warp's rows, every lane holding the full sums.
+// VECTOR: 16-byte loads of w (needs K % VEC == 0 and aligned rows); otherwise one element per load.
+template <typename TX, typename TW, int MAXM, bool VECTOR>
+__device__ __forceinline__ void warp_rows_dot(const TX* __restrict__ x, int64_t stride_xm, int M,
+                                              const TW* __restrict__ w, int64_t K, int64_t row0, int64_t rows,
+                                              float (&acc)[kRowsPerWarp][MAXM]) {
+  constexpr int VEC = VECTOR ? 16 / sizeof(TW) : 1;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[i][m] = 0.f;
+
+#pragma unroll 2
+  for (int64_t k = int64_t(lane) * VEC; k < K; k += 32 * VEC) {
+    float wv[kRowsPerWarp][VEC];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      if (row0 + i < rows) {
+        load_floats<TW, VEC>(w + (row0 + i) * K + k, wv[i]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) wv[i][v] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+      if (m < M) {
+        float xv[VEC];
+        load_floats<TX, VEC>(x + m * stride_xm + k, xv);
+#pragma unroll
+        for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[i][m] = fmaf(xv[v], wv[i][v], acc[i][m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[i][m] = warp_sum(acc[i][m]);
+}
+
+struct Params {
+  const void* x;
+  const void* w;
+  const void* bias;  // nullptr: no bias
+  const void* a;
+  const void* b;
+  float* s;          // (M, R) fp32 scratch
+  int* counters;     // [ticket, S tiles done, blocks finished], zero between launches
+  void* y;
+  int64_t M, K, N, R, stride_xm, stride_ym;
+  float scaling;
+  int s_tiles;
+};
+
+template <typename T, typename TA, int MAXM, bool VECTOR>
+__global__ void __launch_bounds__(kThreads, 1) lora_decode_kernel(Params p) {
+  __shared__ int tile_shared;
+  if (threadIdx.x == 0) tile_shared = atomicAdd(&p.counters[0], 1);
+  __syncthreads();
+  const int tile = tile_shared;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int M = static_cast<int>(p.M);
+  const T* x = static_cast<const T*>(p.x);
+  float acc[kRowsPerWarp][MAXM];
+
+  if (tile < p.s_tiles) {
+    // S = x A^T: rows of A through the same GEMV; lane m writes row i's S[m, r].
+    const int64_t row0 = int64_t(tile) * kRowsPerBlock + warp * kRowsPerWarp;
+    warp_rows_dot<T, TA, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const TA*>(p.a), p.K, row0, p.R, acc);
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m)
+        if (lane == m && m < M && row0 + i < p.R) p.s[m * p.R + row0 + i] = acc[i][m];
+    __threadfence();  // S visible GPU-wide before it is announced
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(&p.counters[1], 1);
+  } else {
+    const int64_t row0 = int64_t(tile - p.s_tiles) * kRowsPerBlock + warp * kRowsPerWarp;
+    warp_rows_dot<T, T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const T*>(p.w), p.K, row0, p.N, acc);
+    if (threadIdx.x == 0) {
+      while (atomicAdd(&p.counters[1], 0) < p.s_tiles) __nanosleep(64);
+      __threadfence();
+    }
+    __syncthreads();
+    const TA* b = static_cast<const TA*>(p.b);
+    const T* bias = static_cast<const T*>(p.bias);
+    T* y = static_cast<T*>(p.y);
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int64_t n = row0 + i;
+      if (n >= p.N) break;  // warp-uniform
+      float low[MAXM];
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m) low[m] = 0.f;
+      for (int64_t r = lane; r < p.R; r += 32) {
+        const float bv = to_float(b[n * p.R + r]);
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m)
+          if (m < M) low[m] = fmaf(__ldcg(p.s + m * p.R + r), bv, low[m]);  // L2: written by other blocks
+      }
+      const float bias_n = bias != nullptr ? to_float(bias[n]) : 0.f;
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m) {
+        const float total = acc[i][m] + bias_n + p.scaling * warp_sum(low[m]);
+        if (lane == m && m < M) y[m * p.stride_ym + n] = from_float<T>(total);
+      }
+    }
+  }
+
+  // The last block out resets the counters for the next launch on this stream.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&p.counters[2], 1) == static_cast<int>(gridDim.x) - 1) {
+      p.counters[0] = 0;
+      p.counters[1] = 0;
+      p.counters[2] = 0;
+      __threadfence();
+    }
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastpeft._C: ") + what + " failed: " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+template <typename T, typename TA, int MAXM>
+void launch_m(const Params& p, bool vector, dim3 grid, cudaStream_t stream) {
+  if (vector) {
+    lora_decode_kernel<T, TA, MAXM, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    lora_decode_kernel<T, TA, MAXM, false><<<grid, kThreads, 0, stream>>>(p);
+  }
+}
+
+template <typename T, typename TA>
+void launch_types(const Params& p, bool vector, dim3 grid, cudaStream_t stream) {
+  if (p.M <= 1) launch_m<T, TA, 1>(p, vector, grid, stream);
+  else if (p.M <= 2) launch_m<T, TA, 2>(p, vector, grid, stream);
+  else if (p.M <= 4) launch_m<T, TA, 4>(p, vector, grid, stream);
+  else if (p.M <= 8) launch_m<T, TA, 8>(p, vector, grid, stream);
+  else launch_m<T, TA, 16>(p, vector, grid, stream);
+}
+
+}  // namespace
+
+int device_count() {
+  int count = 0;
+  check(cudaGetDeviceCount(&count), "cudaGetDeviceCount (is there a CUDA GPU and driver?)");
+  return count;
+}
+
+void lora_decode(const DecodeArgs& args) {
+  if (args.M < 1 || args.M > kMaxDecodeRows) throw std::invalid_argument("fastpeft._C.lora_decode: M must be in [1, 16]");
+  if (args.R < 1 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_decode: r must be in [1, 256]");
+  if (args.K < 1 || args.N < 1) throw std::invalid_argument("fastpeft._C.lora_decode: K and N must be positive");
+  const int count = device_count();
+  if (args.device < 0 || args.device >= count) {
+    throw std::invalid_argument("fastpeft._C.lora_decode: device " + std::to_string(args.device) + " out of range (" +
+                                std::to_string(count) + " CUDA devices)");
+  }
+  int previous = 0;
+  check(cudaGetDevice(&previous), "cudaGetDevice");
+  check(cudaSetDevice(args.device), "cudaSetDevice");
+
+  Params p{};
+  p.x = reinterpret_cast<const void*>(args.x);
+  p.w = reinterpret_cast<const void*>(args.w);
+  p.bias = reinterpret_cast<const void*>(args.bias);
+  p.a = reinterpret_cast<const void*>(args.a);
+  p.b = reinterpret_cast<const void*>(args.b);
+  p.s = reinterpret_cast<float*>(args.s);
+  p.counters = reinterpret_cast<int*>(args.counters);
+  p.y = reinterpret_cast<void*>(args.y);
+  p.M = args.M; p.K = args.K; p.N = args.N; p.R = args.R;
+  p.stride_xm = args.stride_xm; p.stride_ym = args.stride_ym;
+  p.scaling = args.scaling;
+  p.s_tiles = static_cast<int>((args.R + kRowsPerBlock - 1) / kRowsPerBlock);
+  const int64_t blocks = p.s_tiles + (args.N + kRowsPerBlock - 1) / kRowsPerBlock;
+  const dim3 grid(static_cast<unsigned>(blocks));
+  auto stream = reinterpret_cast<cudaStream_t>(args.stream);
+
+  using bf16 = __nv_bfloat16;
+  switch (args.dtype * 3 + args.adapter_dtype) {
+    case kHalf * 3 + kHalf: launch_types<__half, __half>(p, args.vector, grid, stream); break;
+    case kHalf * 3 + kFloat: launch_types<__half, float>(p, args.vector, grid, stream); break;
+    case kBFloat16 * 3 + kBFloat16: launch_types<bf16, bf16>(p, args.vector, grid, stream); break;
+    case kBFloat16 * 3 + kFloat: launch_types<bf16, float>(p, args.vector, grid, stream); break;
+    case kFloat * 3 + kFloat: launch_types<float, float>(p, args.vector, grid, stream); break;
+    default:
+      cudaSetDevice(previous);
+      throw std::invalid_argument("fastpeft._C.lora_decode: unsupported (dtype, adapter dtype) pair");
+  }
+  const cudaError_t launched = cudaGetLastError();
+  cudaSetDevice(previous);
+  check(launched, "lora_decode kernel launch");
+}
+
+}  // namespace fastpeft

@@ -1,0 +1,34 @@
+// Host interface of the CUDA kernels: plain integers and device pointers, no libtorch, so one build of
+// fastpeft._C serves every torch version. The Python side validates every argument before it gets here.
+#pragma once
+
+#include <cstdint>
+
+namespace fastpeft {
+
+enum DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2 };
+
+constexpr int64_t kMaxDecodeRows = 16;
+constexpr int64_t kMaxDecodeRank = 256;
+
+struct DecodeArgs {
+  // Device pointers (as integers). x: (M, K) rows of stride stride_xm, unit inner stride; w: (N, K) contiguous;
+  // bias: (N,) or 0; a: (R, K) and b: (N, R) contiguous; s: (M, R) fp32 scratch; counters: 3 int32, zero;
+  // y: (M, N) rows of stride stride_ym.
+  uintptr_t x, w, bias, a, b, s, counters, y;
+  int64_t M, K, N, R, stride_xm, stride_ym;
+  float scaling;
+  int dtype;          // DType of x, w, bias, y
+  int adapter_dtype;  // DType of a, b: the same as dtype, or kFloat
+  bool vector;        // 16-byte loads: K and stride_xm multiples of 16/sizeof(dtype), pointers 16-byte aligned
+  int device;
+  uintptr_t stream;   // cudaStream_t of the device
+};
+
+// Number of CUDA devices; throws with the CUDA error string when there is no usable GPU or driver.
+int device_count();
+
+// y = x w^T + bias + scaling * (x a^T) b^T for M <= 16 rows, one kernel launch on `stream`.
+void lora_decode(const DecodeArgs& args);
+
+}  // namespace fastpeft

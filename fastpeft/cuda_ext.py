@@ -1,0 +1,111 @@
+"""The compiled extension ``fastpeft._C``: loaded defensively, its absence reported, every pointer validated.
+
+``_C`` takes raw device pointers, sizes, strides, dtype codes and the CUDA stream, so it does not link libtorch
+(one build serves every torch version). Everything is checked here before a pointer crosses: devices, dtypes,
+shapes, strides and alignment; the C++ side checks every CUDA call and raises with the CUDA error string.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MAX_DECODE_ROWS = 16
+MAX_DECODE_RANK = 256
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+@functools.cache
+def load():
+    """``(module, None)`` when ``fastpeft._C`` imports, else ``(None, reason)``."""
+    try:
+        from . import _C
+    except ImportError as err:
+        return None, (f"fastpeft._C is not built ({err}); reinstall with nvcc on PATH (FASTPEFT_CUDA=auto) "
+                      "or FASTPEFT_CUDA=1")
+    return _C, None
+
+
+def status() -> str:
+    """One line for ``python -m fastpeft info``: built or not, archs, and whether a GPU answers."""
+    module, reason = load()
+    if module is None:
+        return reason
+    try:
+        devices = module.device_count()
+    except RuntimeError as err:
+        return f"built for {module.cuda_archs}; no usable CUDA device: {err}"
+    return f"built for {module.cuda_archs}; {devices} CUDA device(s)"
+
+
+def decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
+    """Why the decode kernel cannot run these (2-D x) inputs; empty when it can."""
+    reasons = []
+    if x.device.type != "cuda":
+        reasons.append(f"the cuda backend needs CUDA tensors, got {x.device}")
+    if x.dtype not in _DTYPE_CODES:
+        reasons.append(f"dtype {x.dtype} is not one of float16, bfloat16, float32")
+    elif lora_A.dtype not in (x.dtype, torch.float32):
+        reasons.append(f"adapter dtype {lora_A.dtype} must be {x.dtype} or float32")
+    if x.shape[0] > MAX_DECODE_ROWS:
+        reasons.append(f"the cuda decode kernel serves M <= {MAX_DECODE_ROWS} rows, got M={x.shape[0]}")
+    if lora_A.shape[0] > MAX_DECODE_RANK:
+        reasons.append(f"the cuda decode kernel serves r <= {MAX_DECODE_RANK}, got r={lora_A.shape[0]}")
+    if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
+        reasons.append("x needs unit stride along its last dim")
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and not t.is_contiguous():
+            reasons.append(f"{name} must be contiguous")
+    return reasons
+
+
+_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, stream: int) -> torch.Tensor:
+    """Three int32 counters per (device, stream), zero between launches (the kernel's last block resets them)."""
+    key = (device.index, stream)
+    if key not in _workspaces:
+        _workspaces[key] = torch.zeros(3, dtype=torch.int32, device=device)
+    return _workspaces[key]
+
+
+def _vector_ok(dtype: torch.dtype, K: int, *tensors_and_strides) -> bool:
+    """16-byte loads need K and x's row stride in whole 16-byte groups and 16-byte aligned pointers."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return K % vec == 0 and all(
+        (t.data_ptr() % 16 == 0) and (stride % vec == 0) for t, stride in tensors_and_strides)
+
+
+def lora_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """``x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`` for 2-D x with M <= 16 rows, by the fused CUDA kernel (forward only).
+
+    x (M, K) with unit inner stride; weight (N, K), bias (N,), lora_A (R, K), lora_B (N, R) contiguous;
+    fp16/bf16/fp32 base, adapters in the base dtype or fp32. Returns y (M, N) in x's dtype.
+    """
+    module, reason = load()
+    if module is None:
+        raise RuntimeError(reason)
+    reasons = decode_reasons(x, weight, bias, lora_A, lora_B)
+    devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
+    if len(devices) > 1:
+        reasons.append(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if reasons:
+        raise ValueError("fastpeft cuda decode kernel: " + "; ".join(reasons))
+    M, K = x.shape
+    N, R = lora_B.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    s = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K), (lora_A, K))
+    module.lora_decode(
+        x=x.data_ptr(), w=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0,
+        a=lora_A.data_ptr(), b=lora_B.data_ptr(), s=s.data_ptr(),
+        counters=_counters(x.device, stream).data_ptr(), y=y.data_ptr(),
+        M=M, K=K, N=N, R=R, stride_xm=x.stride(0), stride_ym=y.stride(0), scaling=float(scaling),
+        dtype=_DTYPE_CODES[x.dtype], adapter_dtype=_DTYPE_CODES[lora_A.dtype], vector=vector,
+        device=x.device.index, stream=stream)
+    return y
