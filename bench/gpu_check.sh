@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one-shot GPU check: install, GPU tests, kernel and layer timings -> bench/results/<date>-<gpu>.md
+# The one-shot GPU check: install (with fastpeft._C), GPU tests, decode/kernel/layer timings
+# -> bench/results/<date>-<gpu>.md
 #
 # Run from the repository root on a CUDA machine that already has torch, triton, peft and pytest (no network
 # is needed). Each step has its own time limit and a failing step does not stop the later ones, so one run
@@ -14,8 +15,9 @@ gpu=$(python -c 'import re, torch; n = torch.cuda.get_device_name(0).lower().rep
   || { echo "no CUDA GPU visible to torch"; exit 1; }
 result="bench/results/$(date -u +%F)-${gpu}.md"
 
-log "install (no build isolation, no dependencies: everything is preinstalled here)"
-pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+log "install and build fastpeft._C (no build isolation, no dependencies: everything is preinstalled here)"
+FASTPEFT_CUDA=1 pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 \
+  || { tail -30 "$OUT/install.log"; exit 1; }
 
 {
   echo "# GPU check, $(date -u '+%F %H:%M UTC')"
@@ -33,8 +35,12 @@ FASTPEFT_POISON_OUTPUTS=1 FASTPEFT_AUTOTUNE=0 timeout 240 python -m pytest tests
 echo "tests exit code: $?" >> "$OUT/tests.log"
 { echo; echo "## Tests"; echo; echo '```'; tail -15 "$OUT/tests.log"; echo '```'; } >> "$result"
 
-log "kernel timings (autotuned)"
-timeout 180 python bench/gpu_kernels.py --markdown "$result" > "$OUT/kernels.log" 2>&1
+log "decode kernel timings (fastpeft._C vs torch.mm, unfused torch, HF PEFT, Triton)"
+timeout 90 python bench/gpu_kernels.py --part decode --markdown "$result" > "$OUT/decode.log" 2>&1
+echo "decode exit code: $?" >> "$OUT/decode.log"
+
+log "training-shape kernel timings (autotuned)"
+timeout 180 python bench/gpu_kernels.py --part gemm --markdown "$result" > "$OUT/kernels.log" 2>&1
 echo "kernels exit code: $?" >> "$OUT/kernels.log"
 
 log "layer timings: nn.Linear vs fastpeft[torch] vs fastpeft[triton] vs HF PEFT"
@@ -44,4 +50,4 @@ echo "bench exit code: $?" >> "$OUT/bench.log"
 
 cp "$result" "$OUT/"
 log "done: $result"
-tail -3 "$OUT/tests.log" "$OUT/kernels.log" "$OUT/bench.log"
+tail -3 "$OUT/tests.log" "$OUT/decode.log" "$OUT/kernels.log" "$OUT/bench.log"

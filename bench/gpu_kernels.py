@@ -1,10 +1,14 @@
 """Kernel-level GPU timings of the LoRA linear, side by side in one process (run by bench/gpu_check.sh).
 
-For each shape: the base ``torch.mm`` (x Wᵀ forward, dY W backward), the fused Triton launchers, and the unfused
-torch path, without autograd overhead. FLOPs and bytes are counted first; times are reported with achieved
-TFLOP/s, the ratio to torch.mm, and the share of a roofline built from the device's nominal peaks.
+Training shapes (--part gemm): the base ``torch.mm`` (x Wᵀ forward, dY W backward), the fused Triton launchers,
+and the unfused torch path, without autograd overhead. FLOPs and bytes are counted first; times are reported
+with achieved TFLOP/s, the ratio to torch.mm, and the share of a roofline built from the device's nominal peaks.
 
-    python bench/gpu_kernels.py [--markdown PATH] [--shape M,K,N,r ...]
+Decode shapes (--part decode): the CUDA decode kernel (fastpeft._C) against torch.mm of the base alone, the
+unfused torch path, HF PEFT's layer and the Triton path, as time and as GB/s over the bytes of W, next to the
+device's copy bandwidth measured in the same run.
+
+    python bench/gpu_kernels.py [--part gemm|decode|all] [--markdown PATH] [--shape M,K,N,r ...]
 """
 import argparse
 import datetime
@@ -59,13 +63,77 @@ def measure(M, K, N, r, dtype, dropout):
     return {name: (median_ms(fn), flops, bytes_) for name, (fn, flops, bytes_) in rows.items()}
 
 
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time) of a 1 GiB buffer, measured now."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
+def decode_paths(x, w, a, b, peft_layer, lora_decode):
+    """The decode-shape candidates, each a zero-argument callable (adapters fp32, scaling 2, no bias)."""
+    return {
+        "torch.mm (base only)": lambda: torch.mm(x, w.t()),
+        "fastpeft cuda decode": lambda: lora_decode(x, w, None, a, b, 2.0),
+        "fastpeft triton": lambda: triton_lora.lora_fwd(x, w, None, a, b, 2.0, 0.0, 0),
+        "unfused torch": lambda: _torch_lora_fwd(x, w, None, a, b, 2.0, 0.0, 0),
+        "HF PEFT layer": lambda: peft_layer(x),
+    }
+
+
+def decode_section(dtype, markdown):
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLinear
+
+    from fastpeft import cuda_ext
+
+    copy_gbs = copy_bandwidth_gbs()
+    lines = [f"Device copy bandwidth measured in this run: {copy_gbs:.0f} GB/s.", "",
+             "| M | K | N | r | path | median µs | × torch.mm | GB/s over W | % of copy bandwidth |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    print(lines[0], flush=True)
+    for K, N in ((4096, 4096), (4096, 14336)):
+        for r in (16, 64):
+            torch.manual_seed(0)
+            w = torch.randn(N, K, device="cuda", dtype=dtype) * K ** -0.5
+            a = torch.randn(r, K, device="cuda") * K ** -0.5
+            b = torch.randn(N, r, device="cuda") * r ** -0.5
+            peft_layer = PeftLinear(torch.nn.Linear(K, N, bias=False, device="cuda", dtype=dtype), "default",
+                                    config=LoraConfig(r=r, lora_alpha=2 * r), r=r, lora_alpha=2 * r)
+            peft_layer.lora_A["default"].weight = torch.nn.Parameter(a.clone())
+            peft_layer.lora_B["default"].weight = torch.nn.Parameter(b.clone())
+            peft_layer.eval()
+            for M in (1, 4, 16):
+                x = torch.randn(M, K, device="cuda", dtype=dtype)
+                paths = decode_paths(x, w, a, b, peft_layer, cuda_ext.lora_decode)
+                with torch.no_grad():
+                    times = {path: median_ms(fn) for path, fn in paths.items()}
+                base = times["torch.mm (base only)"]
+                for path, ms in times.items():
+                    gbs = N * K * w.element_size() / (ms * 1e-3) / 1e9
+                    line = (f"| {M} | {K} | {N} | {r} | {path} | {ms * 1e3:.1f} | {ms / base:.3f} | {gbs:.0f} | "
+                            f"{100 * gbs / copy_gbs:.0f}% |")
+                    lines.append(line)
+                    print(line, flush=True)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(f"\n## Decode (M <= 16), {dtype}, {torch.cuda.get_device_name(0)}\n\n"
+                    "triton.testing.do_bench medians, no autograd (torch.no_grad); adapters fp32.\n\n"
+                    + "\n".join(lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--part", default="all", choices=["gemm", "decode", "all"])
     parser.add_argument("--markdown", help="append the table to this markdown file")
-    parser.add_argument("--shape", action="append", help="M,K,N,r (repeatable)")
+    parser.add_argument("--shape", action="append", help="M,K,N,r (repeatable; training shapes)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.part in ("decode", "all"):
+        decode_section(dtype, args.markdown)
+    if args.part == "decode":
+        return
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else \
         [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 64)]
     name = torch.cuda.get_device_name(0)
