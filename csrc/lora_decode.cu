@@ -214,7 +214,11 @@ void launch_types(const Params& p, bool vector, dim3 grid, cudaStream_t stream) 
 
 int device_count() {
   int count = 0;
-  check(cudaGetDeviceCount(&count), "cudaGetDeviceCount (is there a CUDA GPU and driver?)");
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("fastpeft._C: no CUDA GPU or driver usable (cudaGetDeviceCount: ") +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err) + ")");
+  }
   return count;
 }
 
@@ -223,6 +227,7 @@ void lora_decode(const DecodeArgs& args) {
   if (args.R < 1 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_decode: r must be in [1, 256]");
   if (args.K < 1 || args.N < 1) throw std::invalid_argument("fastpeft._C.lora_decode: K and N must be positive");
   const int count = device_count();
+  if (count == 0) throw std::runtime_error("fastpeft._C: no CUDA GPU (cudaGetDeviceCount found none)");
   if (args.device < 0 || args.device >= count) {
     throw std::invalid_argument("fastpeft._C.lora_decode: device " + std::to_string(args.device) + " out of range (" +
                                 std::to_string(count) + " CUDA devices)");

@@ -35,7 +35,7 @@ def status() -> str:
     try:
         devices = module.device_count()
     except RuntimeError as err:
-        return f"built for {module.cuda_archs}; no usable CUDA device: {err}"
+        return f"built for {module.cuda_archs}; {err}"
     return f"built for {module.cuda_archs}; {devices} CUDA device(s)"
 
 
