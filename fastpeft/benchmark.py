@@ -11,7 +11,7 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -96,14 +96,9 @@ def make_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, mode: str):
     return forward if mode == "fwd" else forward_backward
 
 
-def time_ms(fn, device, min_run_time: float = 0.3) -> float:
-    """Median time of ``fn()`` in milliseconds: Triton's do_bench on CUDA, torch.utils.benchmark on CPU."""
-    if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    from torch.utils.benchmark import Timer
-    fn()  # warm-up
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+def _cuda_median_ms(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def interleaved_times(steps: dict, device, rounds: int) -> dict[str, list[float]]:
@@ -119,7 +114,7 @@ def interleaved_times(steps: dict, device, rounds: int) -> dict[str, list[float]
     for i in range(rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:
             if cuda:
-                times[name].append(time_ms(steps[name], device))
+                times[name].append(_cuda_median_ms(steps[name]))
             else:
                 start = time.perf_counter()
                 steps[name]()
@@ -174,7 +169,6 @@ class Result:
     mode: str
     ms: float
     peak_mb: float
-    round_ms: list[float] = field(default_factory=list)
 
     @property
     def tflops(self) -> float:
@@ -200,7 +194,7 @@ def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int 
                 for name, step in steps.items():
                     _clear_grads(layers[name], x)
                     result = Result(shape, dropout, name, mode, statistics.median(times[name]),
-                                    peak_memory_mb(step, device), times[name])
+                                    peak_memory_mb(step, device))
                     results.append(result)
                     log(f"  {shape}  dropout={dropout}  {mode:8s} {name:16s} {result.ms:9.3f} ms  "
                         f"{result.peak_mb:9.1f} MiB")
