@@ -6,14 +6,33 @@
 The Triton kernels are imported on first use, so ``import fastpeft`` stays light on CPU-only machines.
 """
 from .backends import BackendUnavailableError, available_backends, backend_status
-from .layers import LoraAdapter, LoraLinear
-from .model import apply_lora, find_targets, lora_layers, merge_and_unload
-from .ops import LoraLinearFunction, dropout_mask, lora_linear, lora_linear_reference
+from .layers import AdaptedModule, BottleneckAdapter, LoraAdapter, LoraLinear
+from .model import (
+    ADAPTER_CONFIGS,
+    AdapterConfig,
+    apply_adapters,
+    apply_lora,
+    find_targets,
+    lora_layers,
+    merge_and_unload,
+    remove_adapters,
+)
+from .ops import (
+    AdapterBottleneckFunction,
+    LoraLinearFunction,
+    adapter_bottleneck,
+    adapter_bottleneck_reference,
+    dropout_mask,
+    lora_linear,
+    lora_linear_reference,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "LoraAdapter", "LoraLinear", "LoraLinearFunction", "apply_lora",
-    "available_backends", "backend_status", "dropout_mask", "find_targets", "lora_layers", "lora_linear",
-    "lora_linear_reference", "merge_and_unload",
+    "ADAPTER_CONFIGS", "AdaptedModule", "AdapterBottleneckFunction", "AdapterConfig", "BackendUnavailableError",
+    "BottleneckAdapter", "LoraAdapter", "LoraLinear", "LoraLinearFunction", "adapter_bottleneck",
+    "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends", "backend_status",
+    "dropout_mask", "find_targets", "lora_layers", "lora_linear", "lora_linear_reference", "merge_and_unload",
+    "remove_adapters",
 ]

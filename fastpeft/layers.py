@@ -151,3 +151,87 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.active_adapter!r}, merged={self.merged}, backend={self.backend!r}"
+
+
+class BottleneckAdapter(nn.Module):
+    """A bottleneck adapter: ``residual + scaling · up(act(down(h)))``, computed by :func:`adapter_bottleneck`.
+
+    ``d``: hidden size; the bottleneck ``m`` is given directly (``bottleneck``) or as ``d // reduction_factor``.
+    ``init``: "bert" (weights N(0, 0.02), zero biases), "houlsby" (near-identity: weights N(0, 0.01) truncated at
+    ±2σ, zero biases) or "lora-like zero-up" (down kaiming-uniform, up zero: starts as the identity).
+    """
+
+    INITS = ("bert", "houlsby", "lora-like zero-up")
+
+    def __init__(self, d, bottleneck=None, reduction_factor=None, activation="relu", scaling=1.0, init="bert", *,
+                 device=None, dtype=None, backend=None):
+        super().__init__()
+        from .ops.adapter_bottleneck import ACTIVATIONS
+        _check_positive_int("d", d)
+        if (bottleneck is None) == (reduction_factor is None):
+            raise ValueError("give exactly one of bottleneck (m) or reduction_factor (m = d // reduction_factor)")
+        if bottleneck is None:
+            if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, numbers.Real) \
+                    or not 0 < reduction_factor <= d:
+                raise ValueError(f"reduction_factor must be a number in (0, d={d}], got {reduction_factor!r}")
+            bottleneck = max(1, int(d // reduction_factor))
+        _check_positive_int("bottleneck", bottleneck)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+            raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {', '.join(map(repr, self.INITS))}, got {init!r}")
+        self.d, self.bottleneck, self.activation, self.scaling = d, bottleneck, activation, float(scaling)
+        self.backend = backend
+        self.down = nn.Parameter(torch.empty(bottleneck, d, device=device, dtype=dtype))
+        self.down_bias = nn.Parameter(torch.zeros(bottleneck, device=device, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(d, bottleneck, device=device, dtype=dtype))
+        self.up_bias = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init="bert"):
+        self.down_bias.zero_()
+        self.up_bias.zero_()
+        if init == "bert":
+            nn.init.normal_(self.down, std=0.02)
+            nn.init.normal_(self.up, std=0.02)
+        elif init == "houlsby":
+            nn.init.trunc_normal_(self.down, std=0.01, a=-0.02, b=0.02)
+            nn.init.trunc_normal_(self.up, std=0.01, a=-0.02, b=0.02)
+        else:
+            nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+            nn.init.zeros_(self.up)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        from .ops.adapter_bottleneck import adapter_bottleneck
+        return adapter_bottleneck(h, self.down, self.down_bias, self.up, self.up_bias, self.scaling,
+                                  self.activation, residual, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"d={self.d}, bottleneck={self.bottleneck}, activation={self.activation!r}, scaling={self.scaling}"
+
+
+class AdaptedModule(nn.Module):
+    """A module with a bottleneck adapter after it (``mode="sequential"``: adapter(module(x))) or beside it
+    (``"parallel"``: module(x) + s·up(act(down(x)))). Tuple outputs (as transformers' blocks return) get the
+    adapter on their first element. ``module`` is kept untouched, so removing the adapter restores it exactly."""
+
+    def __init__(self, module: nn.Module, adapter: BottleneckAdapter, mode: str = "sequential"):
+        super().__init__()
+        if mode not in ("sequential", "parallel"):
+            raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
+        self.module, self.adapter, self.mode = module, adapter, mode
+
+    def forward(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if self.mode == "sequential":
+            adapted = self.adapter(hidden)
+        else:
+            adapted = self.adapter(args[0] if args else next(iter(kwargs.values())), residual=hidden)
+        return (adapted,) + tuple(out[1:]) if isinstance(out, tuple) else adapted
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"

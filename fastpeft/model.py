@@ -1,12 +1,14 @@
-"""Whole-model helpers: put LoRA on chosen ``nn.Linear`` layers, and merge it back out."""
+"""Whole-model helpers: put LoRA on chosen ``nn.Linear`` layers and merge it back out; insert bottleneck
+adapters after or beside chosen modules and take them out again."""
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import LoraLinear
+from .layers import AdaptedModule, BottleneckAdapter, LoraLinear
 
 
 def _inside_lora_layer(name: str, lora_prefixes: list[str]) -> bool:
@@ -105,4 +107,94 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if not layer.merged:
             layer.merge()
         _set_submodule(model, name, layer.base_layer)
+    return model
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Where and how bottleneck adapters go: after a module (sequential) or beside it (parallel)."""
+
+    mode: str = "sequential"
+    reduction_factor: float | None = 16
+    bottleneck: int | None = None
+    activation: str = "relu"
+    scaling: float = 1.0
+    init: str = "bert"
+
+
+# The published designs. Pfeiffer: one adapter after the FFN output; Houlsby: after the attention output and after
+# the FFN output (pass both names), swish; parallel (He et al.): beside the module, reduction 2, scaling 4.
+ADAPTER_CONFIGS = {
+    "pfeiffer": AdapterConfig("sequential", 16, None, "relu", 1.0),
+    "houlsby": AdapterConfig("sequential", 16, None, "silu", 1.0),
+    "parallel": AdapterConfig("parallel", 2, None, "relu", 4.0),
+}
+
+
+def _adapter_config(config) -> AdapterConfig:
+    if isinstance(config, AdapterConfig):
+        return config
+    if isinstance(config, str):
+        if config not in ADAPTER_CONFIGS:
+            raise ValueError(f"config must be one of {', '.join(ADAPTER_CONFIGS)} or an AdapterConfig/dict, "
+                             f"got {config!r}")
+        return ADAPTER_CONFIGS[config]
+    if isinstance(config, dict):
+        unknown = set(config) - set(AdapterConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown adapter config keys {sorted(unknown)}; expected some of "
+                             f"{sorted(AdapterConfig.__dataclass_fields__)}")
+        if "bottleneck" in config and "reduction_factor" not in config:
+            config = {**config, "reduction_factor": None}
+        return AdapterConfig(**config)
+    raise TypeError(f"config must be a name, an AdapterConfig or a dict, got {type(config).__name__}")
+
+
+def _hidden_size(name: str, module: nn.Module, mode: str, hidden_size):
+    if hidden_size is not None:
+        return hidden_size
+    out_features = getattr(module, "out_features", None)
+    if out_features is None:
+        raise ValueError(f"cannot tell the hidden size after {name!r} ({type(module).__name__}); pass hidden_size=")
+    if mode == "parallel" and getattr(module, "in_features", out_features) != out_features:
+        raise ValueError(f"a parallel adapter beside {name!r} needs equal input and output sizes, got "
+                         f"{module.in_features} -> {out_features}")
+    return out_features
+
+
+def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden_size=None, backend=None) -> nn.Module:
+    """Insert bottleneck adapters after (sequential) or beside (parallel) the named sub-modules, in place.
+
+    ``after_modules`` selects modules like ``target_modules`` of :func:`apply_lora` (suffix names or a regex).
+    ``config``: "pfeiffer", "houlsby", "parallel", an :class:`AdapterConfig` or a dict of its fields. The hidden
+    size comes from the module's ``out_features`` unless ``hidden_size`` is given. Every other parameter is frozen.
+    Everything is checked and built before the model changes. Undo with :func:`remove_adapters`.
+    """
+    cfg = _adapter_config(config)
+    names = [n for n in find_targets(model, after_modules) if not n.endswith((".module", ".adapter"))]
+    already = [n for n in names if isinstance(model.get_submodule(n), AdaptedModule)]
+    if already:
+        raise TypeError(f"apply_adapters: {already} already carry an adapter (remove_adapters first)")
+    wrapped = {}
+    for name in names:
+        module = model.get_submodule(name)
+        param = next(module.parameters(), None)
+        adapter = BottleneckAdapter(_hidden_size(name, module, cfg.mode, hidden_size), cfg.bottleneck,
+                                    cfg.reduction_factor, cfg.activation, cfg.scaling, cfg.init,
+                                    device=param.device if param is not None else None,
+                                    dtype=param.dtype if param is not None else None, backend=backend)
+        wrapped[name] = AdaptedModule(module, adapter, cfg.mode)
+    model.requires_grad_(False)
+    for name, module in wrapped.items():
+        _set_submodule(model, name, module)
+        module.adapter.requires_grad_(True)
+    return model
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Take every bottleneck adapter out again, restoring the original modules (and so the original outputs)."""
+    if isinstance(model, AdaptedModule):
+        return model.module
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedModule)]:
+        _set_submodule(model, name, module.module)
     return model

@@ -1,0 +1,161 @@
+"""The bottleneck adapter op: ``residual + scaling · (act(h W_dᵀ + b_d) W_uᵀ + b_u)``.
+
+Read top to bottom: activations with their derivatives, the reference, the torch backend's autograd Function
+(it saves only the M×m pre-activation besides h), input checks, and the public ``adapter_bottleneck``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from ..backends import select_backend
+
+ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
+
+
+def activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(pre)
+    if activation == "gelu":
+        return F.gelu(pre)
+    if activation == "silu":
+        return F.silu(pre)
+    return F.gelu(pre, approximate="tanh")
+
+
+def activation_grad(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act / d pre, elementwise (computed in fp32 for half inputs, returned in pre's dtype)."""
+    z = pre if pre.dtype in (torch.float32, torch.float64) else pre.float()
+    if activation == "relu":
+        return (pre > 0).to(pre.dtype)
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+        pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+        return (cdf + z * pdf).to(pre.dtype)
+    if activation == "silu":
+        sig = torch.sigmoid(z)
+        return (sig * (1.0 + z * (1.0 - sig))).to(pre.dtype)
+    k = math.sqrt(2.0 / math.pi)
+    inner = k * (z + 0.044715 * z**3)
+    t = torch.tanh(inner)
+    return (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * z * z)).to(pre.dtype)
+
+
+def adapter_bottleneck_reference(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="relu", residual=None):
+    """``residual + scaling · (act(h W_dᵀ + b_d) W_uᵀ + b_u)`` with ordinary autograd ops (residual None → h)."""
+    pre = h @ w_down.t()
+    if b_down is not None:
+        pre = pre + b_down
+    up = activate(pre, activation) @ w_up.t()
+    if b_up is not None:
+        up = up + b_up
+    return (h if residual is None else residual) + scaling * up
+
+
+class AdapterBottleneckFunction(torch.autograd.Function):
+    """Autograd of the bottleneck adapter on 2-D h (M, d), torch backend.
+
+    Forward writes the output with one addmm: [act(pre), 1] · [W_uᵀ; b_u] accumulated onto the residual, so the
+    up bias and the scale cost no extra pass over M×d. Saves h and the pre-activation (M×m) only.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w_down, b_down, w_up, b_up, residual, scaling, activation):
+        pre = torch.mm(h, w_down.t()) if b_down is None else torch.addmm(b_down, h, w_down.t())
+        act = activate(pre, activation)
+        base = h if residual is None else residual
+        if b_up is None:
+            out = torch.addmm(base, act, w_up.t(), alpha=scaling)
+        else:
+            ones = torch.ones(act.shape[0], 1, dtype=act.dtype, device=act.device)
+            out = torch.addmm(base, torch.cat([act, ones], 1), torch.cat([w_up.t(), b_up[None]], 0), alpha=scaling)
+        ctx.save_for_backward(h, w_down, w_up, pre)
+        ctx.scaling, ctx.activation, ctx.has_residual = scaling, activation, residual is not None
+        ctx.has_b_down, ctx.has_b_up = b_down is not None, b_up is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w_down, w_up, pre = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        s = ctx.scaling
+        dh = dwd = dbd = dwu = dbu = dres = None
+        if needs[3]:
+            dwu = torch.mm(g.t(), activate(pre, ctx.activation)).mul_(s)
+        if needs[4]:
+            dbu = g.sum(0).mul_(s)
+        if needs[0] or needs[1] or needs[2]:
+            dpre = torch.mm(g, w_up).mul_(s).mul_(activation_grad(pre, ctx.activation))
+            if needs[1]:
+                dwd = torch.mm(dpre.t(), h)
+            if needs[2]:
+                dbd = dpre.sum(0)
+            if needs[0]:
+                # The residual's gradient (g) is folded into the same GEMM when the residual is h itself.
+                dh = torch.mm(dpre, w_down) if ctx.has_residual else torch.addmm(g, dpre, w_down)
+        if ctx.has_residual and needs[5]:
+            dres = g
+        return dh, dwd, dbd, dwu, dbu, dres, None, None
+
+
+def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
+    named = {"h": h, "w_down": w_down, "w_up": w_up, "b_down": b_down, "b_up": b_up, "residual": residual}
+    named = {k: v for k, v in named.items() if v is not None}
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != h.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but h has {h.dtype}; they must match")
+    if h.dim() < 1:
+        raise ValueError("h must have shape (..., d), got a 0-d tensor")
+    d = h.shape[-1]
+    if w_down.dim() != 2 or w_down.shape[1] != d or w_down.shape[0] < 1:
+        raise ValueError(f"w_down must have shape (m, d={d}) with m >= 1, got {tuple(w_down.shape)}")
+    m = w_down.shape[0]
+    if tuple(w_up.shape) != (d, m):
+        raise ValueError(f"w_up must have shape (d={d}, m={m}), got {tuple(w_up.shape)}")
+    if b_down is not None and tuple(b_down.shape) != (m,):
+        raise ValueError(f"b_down must have shape (m={m},), got {tuple(b_down.shape)}")
+    if b_up is not None and tuple(b_up.shape) != (d,):
+        raise ValueError(f"b_up must have shape (d={d},), got {tuple(b_up.shape)}")
+    if residual is not None and residual.shape != h.shape:
+        raise ValueError(f"residual must have h's shape {tuple(h.shape)}, got {tuple(residual.shape)}")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
+        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def _torch_only(name):
+    return [] if name == "torch" else ["adapter_bottleneck runs on the torch backend only (no fused kernels yet)"]
+
+
+def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="relu", residual=None, backend=None):
+    """``residual + scaling · (act(h W_dᵀ + b_d) W_uᵀ + b_u)``.
+
+    Args:
+        h: (..., d) hidden states; w_down (m, d), b_down (m,) or None, w_up (d, m), b_up (d,) or None, all in
+            h's dtype and on its device.
+        activation: "relu", "gelu" (erf), "silu" (swish) or "gelu_tanh".
+        residual: None (sequential adapter: h itself) or a tensor of h's shape (parallel adapter).
+        backend: None/"auto"/"torch" (this op has no fused kernels yet; naming another backend raises).
+
+    Returns (..., d) in h's dtype; differentiable in h, both weights, both biases and the residual.
+    """
+    _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
+    tensors = [t for t in (h, w_down, w_up, b_down, b_up, residual) if t is not None]
+    select_backend(backend, tensors, _torch_only)
+    d = h.shape[-1]
+    res2d = None if residual is None else residual.reshape(-1, d)
+    out = AdapterBottleneckFunction.apply(h.reshape(-1, d), w_down, b_down, w_up, b_up, res2d, float(scaling),
+                                          activation)
+    return out.reshape(h.shape)
