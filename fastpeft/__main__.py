@@ -68,16 +68,23 @@ def bench(args) -> int:
         print("note: peft is not installed, so HF PEFT is not compared (pip install 'fastpeft[bench]')")
     description = benchmark.device_description(device)
     print(f"fastpeft bench on {description}, {args.dtype or dtype}, {rounds} rounds")
-    results = benchmark.run(shapes, dtype, device, dropouts, rounds)
-    table = benchmark.format_table(results)
-    print()
-    print(table)
-    if args.markdown:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(args.markdown, "a") as f:
-            f.write(f"\n## LoRA linear, {dtype}, {description}\n\n{stamp}; fastpeft {__version__}, "
-                    f"torch {torch.__version__}; median of {rounds} rounds; peak = allocated above the live "
-                    f"set before the call.\n\n{table}\n")
+    sections = []
+    if args.only in (None, "lora"):
+        results = benchmark.run(shapes, dtype, device, dropouts, rounds)
+        sections.append(("LoRA linear", benchmark.format_table(results)))
+    if args.only in (None, "adapters"):
+        adapter_shapes = benchmark.ADAPTER_QUICK_SHAPES if args.quick else benchmark.ADAPTER_SHAPES
+        results = benchmark.run_adapters(adapter_shapes, dtype, device, rounds)
+        sections.append(("Bottleneck adapter", benchmark.format_table(
+            results, reference="unfused (AdapterHub way)", base_name="unfused (AdapterHub way)")))
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    for title, table in sections:
+        print(f"\n{title}\n\n{table}")
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write(f"\n## {title}, {dtype}, {description}\n\n{stamp}; fastpeft {__version__}, "
+                        f"torch {torch.__version__}; median of {rounds} rounds; peak = allocated above the live "
+                        f"set before the call.\n\n{table}\n")
     return 0
 
 
@@ -85,14 +92,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, and which backends run here (and why not)")
-    b = sub.add_parser("bench", help="time nn.Linear vs fastpeft (each usable backend) vs HF PEFT's LoRA layer")
+    b = sub.add_parser("bench", help="time nn.Linear vs fastpeft (each usable backend) vs HF PEFT's LoRA layer, "
+                                     "and fastpeft's bottleneck adapter vs the unfused AdapterHub-style one")
     b.add_argument("--quick", action="store_true", help="one shape, fewer rounds: under a minute on a 2-core CPU")
     b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     b.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
     b.add_argument("--shape", type=_shape, action="append", metavar="M,K,N,r", help="repeatable")
     b.add_argument("--dropout", type=float, action="append", help="repeatable; default 0 and 0.1")
     b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken)")
-    b.add_argument("--markdown", metavar="PATH", help="append the table to this markdown file")
+    b.add_argument("--markdown", metavar="PATH", help="append the tables to this markdown file")
+    b.add_argument("--only", choices=["lora", "adapters"], help="run one of the two benchmarks")
     args = parser.parse_args(argv)
     return info(args) if args.command == "info" else bench(args)
 

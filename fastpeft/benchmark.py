@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .backends import not_supported_reasons
-from .layers import LoraLinear
+from .layers import BottleneckAdapter, LoraLinear
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,36 @@ class Shape:
     def __str__(self):
         return f"M={self.M} K={self.K} N={self.N} r={self.r}"
 
+    def flops(self, mode: str, candidate: str) -> int:
+        """Multiply-add FLOPs (×2) of one step; backward has no dW (the base weight is frozen)."""
+        M, K, N, r = self.M, self.K, self.N, self.r
+        base = 2 * M * N * K * (1 if mode == "fwd" else 2)
+        if candidate == "nn.Linear":
+            return base
+        return base + 2 * M * r * (K + N) * (1 if mode == "fwd" else 3)  # x·Aᵀ and S·Bᵀ, and their grads
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    M: int  # tokens
+    d: int  # hidden size
+    m: int  # bottleneck
+
+    def __str__(self):
+        return f"M={self.M} d={self.d} m={self.m}"
+
+    def flops(self, mode: str, candidate: str) -> int:
+        """Two GEMMs forward; backward adds four (dh, da and both weight gradients)."""
+        return 2 * 2 * self.M * self.d * self.m * (1 if mode == "fwd" else 3)
+
 
 QUICK_SHAPES = [Shape(2048, 1024, 1024, 16)]
 CPU_SHAPES = QUICK_SHAPES + [Shape(512, 4096, 4096, 16), Shape(1024, 2048, 5632, 64)]
 GPU_SHAPES = [Shape(8192, 4096, 4096, 16), Shape(8192, 4096, 14336, 16), Shape(8192, 14336, 4096, 64),
               Shape(2048, 4096, 4096, 16)]
+
+ADAPTER_QUICK_SHAPES = [AdapterShape(2048, 1024, 64)]
+ADAPTER_SHAPES = ADAPTER_QUICK_SHAPES + [AdapterShape(2048, 1024, 256), AdapterShape(512, 4096, 64)]
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -74,6 +99,53 @@ def make_candidates(shape: Shape, dtype, device, dropout: float, seed: int = 0) 
     for layer in layers.values():
         layer.train()
     return layers
+
+
+class UnfusedAdapter(nn.Module):
+    """A bottleneck adapter written the AdapterHub way: ``h + scaling · Sequential(Linear, act, Linear)(h)``."""
+
+    ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+    def __init__(self, d, m, activation="relu", scaling=1.0, device=None, dtype=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, m, device=device, dtype=dtype), self.ACTS[activation](),
+                                 nn.Linear(m, d, device=device, dtype=dtype))
+        self.scaling = scaling
+
+    def forward(self, h):
+        return h + self.scaling * self.net(h)
+
+
+def make_adapter_candidates(shape: AdapterShape, dtype, device, activation="relu", seed=0) -> dict[str, nn.Module]:
+    """The unfused AdapterHub-style adapter and fastpeft's, holding the same weights."""
+    torch.manual_seed(seed)
+    unfused = UnfusedAdapter(shape.d, shape.m, activation, 2.0, device=device, dtype=dtype)
+    ours = BottleneckAdapter(shape.d, shape.m, activation=activation, scaling=2.0, device=device, dtype=dtype)
+    with torch.no_grad():
+        ours.down.copy_(unfused.net[0].weight)
+        ours.down_bias.copy_(unfused.net[0].bias)
+        ours.up.copy_(unfused.net[2].weight)
+        ours.up_bias.copy_(unfused.net[2].bias)
+    return {"unfused (AdapterHub way)": unfused.train(), "fastpeft[torch]": ours.train()}
+
+
+def run_adapters(shapes, dtype=torch.float32, device="cpu", rounds: int = 15, log=print) -> list[Result]:
+    """Adapters, side by side like :func:`run`: forward and forward+backward (weights and h trained)."""
+    results = []
+    for shape in shapes:
+        layers = make_adapter_candidates(shape, dtype, device)
+        torch.manual_seed(1)
+        h = torch.randn(shape.M, shape.d, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(shape.M, shape.d, device=device, dtype=dtype)
+        for mode in MODES:
+            steps = {name: make_step(layer, h, dy, mode) for name, layer in layers.items()}
+            times = interleaved_times(steps, device, rounds)
+            for name, step in steps.items():
+                _clear_grads(layers[name], h)
+                result = Result(shape, 0.0, name, mode, statistics.median(times[name]), peak_memory_mb(step, device))
+                results.append(result)
+                log(f"  {shape}  {mode:8s} {name:26s} {result.ms:9.3f} ms  {result.peak_mb:9.1f} MiB")
+    return results
 
 
 def _clear_grads(layer: nn.Module, x: torch.Tensor) -> None:
@@ -151,16 +223,6 @@ def peak_memory_mb(fn, device) -> float:
     return max(e.extra_fields.total_allocated - before for e in events) / 2**20
 
 
-def flops(shape: Shape, mode: str, lora: bool) -> int:
-    """Multiply-add FLOPs (×2) of one step; backward has no dW (the base weight is frozen)."""
-    M, K, N, r = shape.M, shape.K, shape.N, shape.r
-    base = 2 * M * N * K * (1 if mode == "fwd" else 2)
-    if not lora:
-        return base
-    low = 2 * M * r * (K + N)  # x·Aᵀ and S·Bᵀ
-    return base + low * (1 if mode == "fwd" else 3)
-
-
 @dataclass
 class Result:
     shape: Shape
@@ -172,7 +234,7 @@ class Result:
 
     @property
     def tflops(self) -> float:
-        return flops(self.shape, self.mode, self.candidate != "nn.Linear") / (self.ms * 1e-3) / 1e12
+        return self.shape.flops(self.mode, self.candidate) / (self.ms * 1e-3) / 1e12
 
 
 def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int = 15, candidates=None,
@@ -205,18 +267,21 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b > 0 and math.isfinite(a / b) else "-"
 
 
-def format_table(results: list[Result], reference: str = "peft") -> str:
-    """A markdown table: times, peak memory, and ratios to ``reference`` (HF PEFT) and to the base nn.Linear."""
+def format_table(results: list[Result], reference: str = "peft", base_name: str = "nn.Linear") -> str:
+    """A markdown table: times, peak memory, and ratios to ``reference`` (HF PEFT) and to ``base_name``."""
     by_key = {(r.shape, r.dropout, r.mode, r.candidate): r for r in results}
     has_ref = any(r.candidate == reference for r in results)
-    head = ["shape", "dropout", "mode", "candidate", "median ms", "TFLOP/s", "peak MiB", "time / base"]
+    show_base = base_name != reference
+    head = ["shape", "dropout", "mode", "candidate", "median ms", "TFLOP/s", "peak MiB"]
+    head += ["time / base"] if show_base else []
     if has_ref:
         head += [f"time / {reference}", f"memory / {reference}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        base = by_key.get((r.shape, r.dropout, r.mode, "nn.Linear"))
+        base = by_key.get((r.shape, r.dropout, r.mode, base_name))
         row = [str(r.shape), f"{r.dropout:g}", r.mode, r.candidate, f"{r.ms:.3f}", f"{r.tflops:.2f}",
-               f"{r.peak_mb:.1f}", _ratio(r.ms, base.ms) if base else "-"]
+               f"{r.peak_mb:.1f}"]
+        row += [_ratio(r.ms, base.ms) if base else "-"] if show_base else []
         if has_ref:
             ref = by_key.get((r.shape, r.dropout, r.mode, reference))
             row += [_ratio(r.ms, ref.ms), _ratio(r.peak_mb, ref.peak_mb)] if ref else ["-", "-"]
