@@ -137,14 +137,7 @@ def run_adapters(shapes, dtype=torch.float32, device="cpu", rounds: int = 15, lo
         torch.manual_seed(1)
         h = torch.randn(shape.M, shape.d, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(shape.M, shape.d, device=device, dtype=dtype)
-        for mode in MODES:
-            steps = {name: make_step(layer, h, dy, mode) for name, layer in layers.items()}
-            times = interleaved_times(steps, device, rounds)
-            for name, step in steps.items():
-                _clear_grads(layers[name], h)
-                result = Result(shape, 0.0, name, mode, statistics.median(times[name]), peak_memory_mb(step, device))
-                results.append(result)
-                log(f"  {shape}  {mode:8s} {name:26s} {result.ms:9.3f} ms  {result.peak_mb:9.1f} MiB")
+        results += _measure(layers, h, dy, shape, 0.0, device, rounds, log)
     return results
 
 
@@ -237,9 +230,24 @@ class Result:
         return self.shape.flops(self.mode, self.candidate) / (self.ms * 1e-3) / 1e12
 
 
+def _measure(layers: dict, x, dy, shape, dropout: float, device, rounds: int, log) -> list[Result]:
+    """Every candidate layer in every mode on one input: interleaved medians, then each one's peak memory."""
+    results = []
+    for mode in MODES:
+        steps = {name: make_step(layer, x, dy, mode) for name, layer in layers.items()}
+        times = interleaved_times(steps, device, rounds)
+        for name, step in steps.items():
+            _clear_grads(layers[name], x)
+            result = Result(shape, dropout, name, mode, statistics.median(times[name]), peak_memory_mb(step, device))
+            results.append(result)
+            log(f"  {shape}  dropout={dropout:g}  {mode:8s} {name:26s} {result.ms:9.3f} ms  "
+                f"{result.peak_mb:9.1f} MiB")
+    return results
+
+
 def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int = 15, candidates=None,
         log=print) -> list[Result]:
-    """Measure every candidate on every shape, dropout and mode, side by side (:func:`interleaved_times`);
+    """Measure every LoRA candidate on every shape, dropout and mode, side by side (:func:`interleaved_times`);
     each reported time is the median over the rounds."""
     results = []
     for shape in shapes:
@@ -250,16 +258,7 @@ def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int 
             torch.manual_seed(1)
             x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
             dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
-            for mode in MODES:
-                steps = {name: make_step(layer, x, dy, mode) for name, layer in layers.items()}
-                times = interleaved_times(steps, device, rounds)
-                for name, step in steps.items():
-                    _clear_grads(layers[name], x)
-                    result = Result(shape, dropout, name, mode, statistics.median(times[name]),
-                                    peak_memory_mb(step, device))
-                    results.append(result)
-                    log(f"  {shape}  dropout={dropout}  {mode:8s} {name:16s} {result.ms:9.3f} ms  "
-                        f"{result.peak_mb:9.1f} MiB")
+            results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
     return results
 
 

@@ -6,12 +6,12 @@ Read top to bottom: activations with their derivatives, the reference, the torch
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from ..backends import select_backend
+from ._checks import check_finite_number, check_same_device
 
 ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
 
@@ -125,12 +125,8 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
         raise ValueError(f"b_up must have shape (d={d},), got {tuple(b_up.shape)}")
     if residual is not None and residual.shape != h.shape:
         raise ValueError(f"residual must have h's shape {tuple(h.shape)}, got {tuple(residual.shape)}")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listed}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    check_same_device(named)
+    check_finite_number("scaling", scaling)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
 

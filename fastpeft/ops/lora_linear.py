@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from ..backends import select_backend
+from ._checks import check_finite_number, check_same_device
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -167,12 +168,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}; they must match")
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A has dtype {lora_A.dtype} but lora_B has {lora_B.dtype}; they must match")
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listed}")
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
-        raise ValueError(f"scaling must be a finite real number, got {scaling!r}")
+    check_same_device(named)
+    check_finite_number("scaling", scaling)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if weight.requires_grad and torch.is_grad_enabled():
