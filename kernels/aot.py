@@ -62,6 +62,21 @@ def _launches():
         stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
     mask = dict(out_ptr="i8", M=M, K=K, seed=12345, p=0.1, constexprs=dict(BLOCK_M=64, BLOCK_K=128))
+    # Bottleneck adapter, d=4096, m=64: the up GEMM (activation on load; bias, scale, residual epilogue) and
+    # the backward dpre GEMM (×act'(pre) epilogue, fp32 out).
+    d, m = 4096, 64
+    adapter_up = dict(
+        a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr="bf16", aux_ptr="bf16", out_ptr="bf16",
+        M=M, N=d, K=m, M_BUCKET=M, stride_am=m, stride_ak=1, stride_bk=1, stride_bn=m, stride_rm=d, stride_rn=1,
+        stride_xm=0, stride_xn=0, stride_om=d, stride_on=1, scale=2.0,
+        constexprs=dict(ACT=1, ACT_ON_A=True, HAS_BIAS=True, HAS_RES=True, TIMES_ACT_GRAD=False,
+                        COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
+    adapter_dpre = dict(
+        a_ptr="bf16", b_ptr="bf16", bias_ptr="fp32", res_ptr="fp32", aux_ptr="bf16", out_ptr="fp32",
+        M=M, N=m, K=d, M_BUCKET=M, stride_am=d, stride_ak=1, stride_bk=m, stride_bn=1, stride_rm=0, stride_rn=0,
+        stride_xm=m, stride_xn=1, stride_om=m, stride_on=1, scale=2.0,
+        constexprs=dict(ACT=2, ACT_ON_A=False, HAS_BIAS=False, HAS_RES=False, TIMES_ACT_GRAD=True,
+                        COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
 
     mask_config = [dict(kwargs={}, num_warps=4, num_stages=1)]
     as_dicts = lambda configs: [dict(kwargs=c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)  # noqa: E731
@@ -73,6 +88,8 @@ def _launches():
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
         ("_dropout_mask_kernel", "mask", mask, mask_config),
+        ("_adapter_gemm_kernel", "adapter up", adapter_up, as_dicts(lora.GEMM_CONFIGS)),
+        ("_adapter_gemm_kernel", "adapter dpre", adapter_dpre, as_dicts([lora.GEMM_DEFAULT])),
     ]
 
 
@@ -104,10 +121,10 @@ def compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import lora
+    from . import adapter, lora
 
     name, profile, example, config, arch = job
-    kernel = getattr(lora, name)
+    kernel = getattr(adapter if name.startswith("_adapter") else lora, name)
     signature, constexprs, attrs = _specialize(kernel, example, config)
     start = time.perf_counter()
     compiled = triton.compile(
@@ -129,7 +146,7 @@ def compile_all(archs=(80, 90), jobs=None):
     work = [(name, profile, example, config, arch)
             for name, profile, example, configs in _launches() for config in configs for arch in archs]
     # Big tiles first, so the slowest compiles do not end up last on one worker.
-    work.sort(key=lambda job: -(job[0] == "_lora_gemm_kernel"))
+    work.sort(key=lambda job: -job[0].endswith("gemm_kernel"))
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         return list(pool.map(compile_one, work))
 

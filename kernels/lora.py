@@ -270,6 +270,7 @@ def shared_memory_estimate(kernel_name: str, blocks: dict, num_stages: int, elem
     es = element_size
     per_stage, once = {
         "_lora_gemm_kernel": ((bm * bk + bk * bn) * es, (bm + bn) * br * 4),
+        "_adapter_gemm_kernel": ((bm * bk + bk * bn) * 4, 0),  # fp32 operands possible (dpre)
         "_lora_shrink_kernel": (bm * bk * es + bk * br * 4, 0),
         "_lora_bwd_dy_kernel": (bm * bn * es + bn * br * 4, 0),
         "_lora_bwd_da_kernel": (bm * bk * es + bm * br * 4, 0),

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOLERANCE, rel_err
+from conftest import TOLERANCE, backend_params, rel_err
 from torch import nn
 
 import fastpeft
@@ -33,13 +33,18 @@ CASES = [  # (M, d, m, dtype, 3-D, biases, parallel): m ∈ {1, 7, 64, 256}, d n
 ]
 
 
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-d{c[1]}-m{c[2]}-{str(c[3])[6:]}"
                          f"{'-3d' if c[4] else ''}{'' if c[5] else '-nobias'}{'-parallel' if c[6] else ''}")
-def test_matches_float64_reference(case, activation):
+def test_matches_float64_reference(case, activation, backend, device):
+    if backend == "cuda":
+        pytest.skip("no CUDA-extension adapter kernel")
     M, d, m, dtype, lead3d, biases, parallel = case
     args, dy = make(M, d, m, dtype, lead3d, biases, parallel)
-    out = fastpeft.adapter_bottleneck(**args, scaling=1.5, activation=activation)
+    args = {k: None if v is None else v.detach().to(device).requires_grad_(True) for k, v in args.items()}
+    dy = dy.to(device)
+    out = fastpeft.adapter_bottleneck(**args, scaling=1.5, activation=activation, backend=backend)
     out.backward(dy)
     ref_args = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in args.items()}
     ref = fastpeft.adapter_bottleneck_reference(**ref_args, scaling=1.5, activation=activation)
@@ -58,12 +63,14 @@ def test_activation_derivatives(activation):
     assert torch.allclose(activation_grad(z.detach(), activation), z.grad, atol=1e-12, rtol=1e-10)
 
 
-def test_backward_saves_only_h_and_the_pre_activation():
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_backward_saves_only_h_and_the_pre_activation(backend, device):
     M, d, m = 64, 96, 8
     args, _ = make(M, d, m, torch.float32)
+    args = {k: None if v is None else v.detach().to(device).requires_grad_(True) for k, v in args.items()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        fastpeft.adapter_bottleneck(**args, activation="gelu")
+        fastpeft.adapter_bottleneck(**args, activation="gelu", backend="auto" if backend == "cuda" else backend)
     big = [tuple(t.shape) for t in saved if t.numel() >= M * m]
     assert sorted(big) == sorted([(M, d), (m, d), (d, m), (M, m)]), big
     assert sum(t.data_ptr() == args["h"].data_ptr() for t in saved) == 1  # h itself, not a copy
@@ -85,8 +92,8 @@ def test_bad_inputs():
     for overrides, error, match in cases:
         with pytest.raises(error, match=match):
             fastpeft.adapter_bottleneck(**{**args, **overrides})
-    with pytest.raises(fastpeft.BackendUnavailableError, match="torch backend only"):
-        fastpeft.adapter_bottleneck(**args, backend="triton")
+    with pytest.raises(fastpeft.BackendUnavailableError, match="no CUDA-extension kernel"):
+        fastpeft.adapter_bottleneck(**args, backend="cuda")
 
 
 def test_module_inits():

@@ -22,7 +22,8 @@ def report():
 def test_every_config_compiles_for_both_archs(report):
     from fastpeft.kernels import lora
     expected = {"_lora_gemm_kernel": lora.GEMM_CONFIGS, "_lora_shrink_kernel": lora.SHRINK_CONFIGS,
-                "_lora_bwd_dy_kernel": lora.DY_CONFIGS, "_lora_bwd_da_kernel": lora.DA_CONFIGS}
+                "_lora_bwd_dy_kernel": lora.DY_CONFIGS, "_lora_bwd_da_kernel": lora.DA_CONFIGS,
+                "_adapter_gemm_kernel": lora.GEMM_CONFIGS}
     for arch in (80, 90):
         for name, configs in expected.items():
             compiled = [(r["config"], r["num_warps"], r["num_stages"]) for r in report
@@ -35,7 +36,8 @@ def test_every_config_compiles_for_both_archs(report):
 
 
 def test_gemm_uses_wgmma_on_hopper_and_mma_sync_on_ampere(report):
-    gemm = [r for r in report if r["kernel"] == "_lora_gemm_kernel"]
+    gemm = [r for r in report if r["kernel"] == "_lora_gemm_kernel"
+            or (r["kernel"] == "_adapter_gemm_kernel" and r["profile"] == "adapter dpre")]
     assert gemm and all(r["wgmma"] for r in gemm if r["arch"] == 90)
     assert all(r["mma_sync"] and not r["wgmma"] for r in gemm if r["arch"] == 80)
 

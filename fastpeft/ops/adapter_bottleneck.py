@@ -1,7 +1,8 @@
 """The bottleneck adapter op: ``residual + scaling · (act(h W_dᵀ + b_d) W_uᵀ + b_u)``.
 
-Read top to bottom: activations with their derivatives, the reference, the torch backend's autograd Function
-(it saves only the M×m pre-activation besides h), input checks, and the public ``adapter_bottleneck``.
+Read top to bottom: activations with their derivatives, the reference, the autograd Function of the torch and
+triton backends (it saves only the M×m pre-activation besides h), input checks, and the public
+``adapter_bottleneck``. The Triton kernels live in ``fastpeft.kernels.adapter``.
 """
 from __future__ import annotations
 
@@ -56,25 +57,30 @@ def adapter_bottleneck_reference(h, w_down, b_down, w_up, b_up, scaling=1.0, act
 
 
 class AdapterBottleneckFunction(torch.autograd.Function):
-    """Autograd of the bottleneck adapter on 2-D h (M, d), torch backend.
+    """Autograd of the bottleneck adapter on 2-D h (M, d); ``backend`` is "torch" or "triton".
 
-    Forward writes the output with one addmm: [act(pre), 1] · [W_uᵀ; b_u] accumulated onto the residual, so the
-    up bias and the scale cost no extra pass over M×d. Saves h and the pre-activation (M×m) only.
+    torch: forward writes the output with one addmm, [act(pre), 1] · [W_uᵀ; b_u] accumulated onto the residual,
+    so the up bias and the scale cost no extra pass over M×d. triton: two fused GEMMs (see kernels/adapter.py).
+    Both save h and the pre-activation (M×m) only; the weight gradients are torch GEMMs on either backend.
     """
 
     @staticmethod
-    def forward(ctx, h, w_down, b_down, w_up, b_up, residual, scaling, activation):
-        pre = torch.mm(h, w_down.t()) if b_down is None else torch.addmm(b_down, h, w_down.t())
-        act = activate(pre, activation)
-        base = h if residual is None else residual
-        if b_up is None:
-            out = torch.addmm(base, act, w_up.t(), alpha=scaling)
+    def forward(ctx, h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend):
+        if backend == "triton":
+            from ..kernels import adapter as triton_adapter
+            out, pre = triton_adapter.adapter_fwd(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
         else:
-            ones = torch.ones(act.shape[0], 1, dtype=act.dtype, device=act.device)
-            out = torch.addmm(base, torch.cat([act, ones], 1), torch.cat([w_up.t(), b_up[None]], 0), alpha=scaling)
+            pre = torch.mm(h, w_down.t()) if b_down is None else torch.addmm(b_down, h, w_down.t())
+            act = activate(pre, activation)
+            base = h if residual is None else residual
+            if b_up is None:
+                out = torch.addmm(base, act, w_up.t(), alpha=scaling)
+            else:
+                ones = torch.ones(act.shape[0], 1, dtype=act.dtype, device=act.device)
+                out = torch.addmm(base, torch.cat([act, ones], 1), torch.cat([w_up.t(), b_up[None]], 0),
+                                  alpha=scaling)
         ctx.save_for_backward(h, w_down, w_up, pre)
-        ctx.scaling, ctx.activation, ctx.has_residual = scaling, activation, residual is not None
-        ctx.has_b_down, ctx.has_b_up = b_down is not None, b_up is not None
+        ctx.scaling, ctx.activation, ctx.has_residual, ctx.backend = scaling, activation, residual is not None, backend
         return out
 
     @staticmethod
@@ -88,17 +94,23 @@ class AdapterBottleneckFunction(torch.autograd.Function):
         if needs[4]:
             dbu = g.sum(0).mul_(s)
         if needs[0] or needs[1] or needs[2]:
-            dpre = torch.mm(g, w_up).mul_(s).mul_(activation_grad(pre, ctx.activation))
+            if ctx.backend == "triton":
+                from ..kernels import adapter as triton_adapter
+                dpre, dh = triton_adapter.adapter_bwd_inputs(g, w_down, w_up, pre, s, ctx.activation,
+                                                             not ctx.has_residual, needs[0])
+                dpre = dpre.to(h.dtype)
+            else:
+                dpre = torch.mm(g, w_up).mul_(s).mul_(activation_grad(pre, ctx.activation))
+                if needs[0]:
+                    # The residual's gradient (g) is folded into the same GEMM when the residual is h itself.
+                    dh = torch.mm(dpre, w_down) if ctx.has_residual else torch.addmm(g, dpre, w_down)
             if needs[1]:
                 dwd = torch.mm(dpre.t(), h)
             if needs[2]:
                 dbd = dpre.sum(0)
-            if needs[0]:
-                # The residual's gradient (g) is folded into the same GEMM when the residual is h itself.
-                dh = torch.mm(dpre, w_down) if ctx.has_residual else torch.addmm(g, dpre, w_down)
         if ctx.has_residual and needs[5]:
             dres = g
-        return dh, dwd, dbd, dwu, dbu, dres, None, None
+        return dh, dwd, dbd, dwu, dbu, dres, None, None, None
 
 
 def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
@@ -131,8 +143,8 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
 
 
-def _torch_only(name):
-    return [] if name == "torch" else ["adapter_bottleneck runs on the torch backend only (no fused kernels yet)"]
+def _op_reasons(name):
+    return ["adapter_bottleneck has no CUDA-extension kernel yet (use torch or triton)"] if name == "cuda" else []
 
 
 def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="relu", residual=None, backend=None):
@@ -143,15 +155,15 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
             h's dtype and on its device.
         activation: "relu", "gelu" (erf), "silu" (swish) or "gelu_tanh".
         residual: None (sequential adapter: h itself) or a tensor of h's shape (parallel adapter).
-        backend: None/"auto"/"torch" (this op has no fused kernels yet; naming another backend raises).
+        backend: None/"auto", "torch" or "triton" (fused GEMMs; the CUDA extension has no adapter kernel yet).
 
     Returns (..., d) in h's dtype; differentiable in h, both weights, both biases and the residual.
     """
     _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
     tensors = [t for t in (h, w_down, w_up, b_down, b_up, residual) if t is not None]
-    select_backend(backend, tensors, _torch_only)
+    name = select_backend(backend, tensors, _op_reasons)
     d = h.shape[-1]
     res2d = None if residual is None else residual.reshape(-1, d)
     out = AdapterBottleneckFunction.apply(h.reshape(-1, d), w_down, b_down, w_up, b_up, res2d, float(scaling),
-                                          activation)
+                                          activation, name)
     return out.reshape(h.shape)
