@@ -43,8 +43,8 @@ log "training-shape kernel timings (autotuned)"
 timeout 180 python bench/gpu_kernels.py --part gemm --markdown "$result" > "$OUT/kernels.log" 2>&1
 echo "kernels exit code: $?" >> "$OUT/kernels.log"
 
-log "layer timings: nn.Linear vs fastpeft[torch] vs fastpeft[triton] vs HF PEFT"
-timeout 150 python -m fastpeft bench --device cuda --shape 8192,4096,4096,16 --shape 8192,4096,14336,16 \
+log "layer timings: LoRA (nn.Linear, fastpeft torch/triton, HF PEFT) and adapters (AdapterHub way, fastpeft)"
+timeout 180 python -m fastpeft bench --device cuda --shape 8192,4096,4096,16 --shape 8192,4096,14336,16 \
   --markdown "$result" > "$OUT/bench.log" 2>&1
 echo "bench exit code: $?" >> "$OUT/bench.log"
 

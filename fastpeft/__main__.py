@@ -73,7 +73,10 @@ def bench(args) -> int:
         results = benchmark.run(shapes, dtype, device, dropouts, rounds)
         sections.append(("LoRA linear", benchmark.format_table(results)))
     if args.only in (None, "adapters"):
-        adapter_shapes = benchmark.ADAPTER_QUICK_SHAPES if args.quick else benchmark.ADAPTER_SHAPES
+        if device.type == "cuda":
+            adapter_shapes = benchmark.ADAPTER_GPU_SHAPES[:1] if args.quick else benchmark.ADAPTER_GPU_SHAPES
+        else:
+            adapter_shapes = benchmark.ADAPTER_QUICK_SHAPES if args.quick else benchmark.ADAPTER_SHAPES
         results = benchmark.run_adapters(adapter_shapes, dtype, device, rounds)
         sections.append(("Bottleneck adapter", benchmark.format_table(
             results, reference="unfused (AdapterHub way)", base_name="unfused (AdapterHub way)")))

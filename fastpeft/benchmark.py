@@ -60,6 +60,7 @@ GPU_SHAPES = [Shape(8192, 4096, 4096, 16), Shape(8192, 4096, 14336, 16), Shape(8
 
 ADAPTER_QUICK_SHAPES = [AdapterShape(2048, 1024, 64)]
 ADAPTER_SHAPES = ADAPTER_QUICK_SHAPES + [AdapterShape(2048, 1024, 256), AdapterShape(512, 4096, 64)]
+ADAPTER_GPU_SHAPES = [AdapterShape(8192, 4096, 64), AdapterShape(8192, 4096, 256)]
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -70,6 +71,11 @@ def peft_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _timeable(backend: str, tensor: torch.Tensor) -> bool:
+    """Whether to time ``backend`` here: it can run, and not through Triton's CPU interpreter (a test tool)."""
+    return tensor.device.type == "cuda" and not not_supported_reasons(backend, [tensor])
 
 
 def make_candidates(shape: Shape, dtype, device, dropout: float, seed: int = 0) -> dict[str, nn.Module]:
@@ -83,7 +89,7 @@ def make_candidates(shape: Shape, dtype, device, dropout: float, seed: int = 0) 
     ours = LoraLinear(copy.deepcopy(base), shape.r, alpha, dropout, init_lora_weights=False)
     layers: dict[str, nn.Module] = {"nn.Linear": base}
     for backend in ("torch", "triton"):
-        if backend == "torch" or not not_supported_reasons(backend, [base.weight]):
+        if backend == "torch" or _timeable(backend, base.weight):
             layer = copy.deepcopy(ours)
             layer.backend = backend
             layers[f"fastpeft[{backend}]"] = layer
@@ -117,16 +123,22 @@ class UnfusedAdapter(nn.Module):
 
 
 def make_adapter_candidates(shape: AdapterShape, dtype, device, activation="relu", seed=0) -> dict[str, nn.Module]:
-    """The unfused AdapterHub-style adapter and fastpeft's, holding the same weights."""
+    """The unfused AdapterHub-style adapter and fastpeft's on each usable backend, all holding the same weights."""
     torch.manual_seed(seed)
     unfused = UnfusedAdapter(shape.d, shape.m, activation, 2.0, device=device, dtype=dtype)
-    ours = BottleneckAdapter(shape.d, shape.m, activation=activation, scaling=2.0, device=device, dtype=dtype)
-    with torch.no_grad():
-        ours.down.copy_(unfused.net[0].weight)
-        ours.down_bias.copy_(unfused.net[0].bias)
-        ours.up.copy_(unfused.net[2].weight)
-        ours.up_bias.copy_(unfused.net[2].bias)
-    return {"unfused (AdapterHub way)": unfused.train(), "fastpeft[torch]": ours.train()}
+    layers: dict[str, nn.Module] = {"unfused (AdapterHub way)": unfused.train()}
+    for backend in ("torch", "triton"):
+        if backend != "torch" and not _timeable(backend, unfused.net[0].weight):
+            continue
+        ours = BottleneckAdapter(shape.d, shape.m, activation=activation, scaling=2.0, device=device, dtype=dtype,
+                                 backend=backend)
+        with torch.no_grad():
+            ours.down.copy_(unfused.net[0].weight)
+            ours.down_bias.copy_(unfused.net[0].bias)
+            ours.up.copy_(unfused.net[2].weight)
+            ours.up_bias.copy_(unfused.net[2].bias)
+        layers[f"fastpeft[{backend}]"] = ours.train()
+    return layers
 
 
 def run_adapters(shapes, dtype=torch.float32, device="cpu", rounds: int = 15, log=print) -> list[Result]:
