@@ -85,7 +85,7 @@ def decode_section(dtype, markdown):
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLinear
 
-    from fastpeft import cuda_ext
+    from fastpeft import BottleneckAdapter, cuda_ext
 
     copy_gbs = copy_bandwidth_gbs()
     lines = [f"Device copy bandwidth measured in this run: {copy_gbs:.0f} GB/s.", "",
@@ -115,6 +115,25 @@ def decode_section(dtype, markdown):
                             f"{100 * gbs / copy_gbs:.0f}% |")
                     lines.append(line)
                     print(line, flush=True)
+    lines += ["", "Bottleneck adapter, whole adapter per call (GB/s over the bytes of W_d and W_u):", "",
+              "| M | d | m | path | median µs | × unfused torch | GB/s over weights |", "|---|---|---|---|---|---|---|"]
+    for m in (64, 256):
+        d = 4096
+        torch.manual_seed(0)
+        ours = {backend: BottleneckAdapter(d, bottleneck=m, activation="gelu", device="cuda", dtype=dtype,
+                                           backend=backend) for backend in ("torch", "triton", "cuda")}
+        for layer in list(ours.values())[1:]:
+            layer.load_state_dict(ours["torch"].state_dict())
+        for M in (1, 4, 16):
+            h = torch.randn(M, d, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                times = {f"fastpeft {name}": median_ms(lambda layer=layer, h=h: layer(h)) for name, layer in ours.items()}
+            base = times["fastpeft torch"]
+            for path, ms in times.items():
+                gbs = 2 * d * m * h.element_size() / (ms * 1e-3) / 1e9
+                line = f"| {M} | {d} | {m} | {path} | {ms * 1e3:.1f} | {ms / base:.3f} | {gbs:.0f} |"
+                lines.append(line)
+                print(line, flush=True)
     if markdown:
         with open(markdown, "a") as f:
             f.write(f"\n## Decode (M <= 16), {dtype}, {torch.cuda.get_device_name(0)}\n\n"

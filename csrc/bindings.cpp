@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "adapter_decode.h"
 #include "lora_decode.h"
 
 namespace py = pybind11;
@@ -38,7 +39,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stride_ym"), py::arg("scaling"), py::arg("dtype"), py::arg("adapter_dtype"), py::arg("vector"),
       py::arg("device"), py::arg("stream"),
       "Fused LoRA linear for M <= 16 rows (see csrc/lora_decode.h); launches asynchronously on `stream`.");
+  m.def(
+      "adapter_decode",
+      [](uintptr_t h, uintptr_t w_down, uintptr_t b_down, uintptr_t w_up, uintptr_t b_up, uintptr_t res,
+         uintptr_t act, uintptr_t counters, uintptr_t out, int64_t M, int64_t d, int64_t bottleneck,
+         int64_t stride_hm, int64_t stride_rm, int64_t stride_om, float scaling, int activation, int dtype,
+         bool vector, int device, uintptr_t stream) {
+        fastpeft::AdapterDecodeArgs args{h, w_down, b_down, w_up, b_up, res, act, counters, out, M, d, bottleneck,
+                                         stride_hm, stride_rm, stride_om, scaling, activation, dtype, vector,
+                                         device, stream};
+        py::gil_scoped_release release;
+        fastpeft::adapter_decode(args);
+      },
+      py::arg("h"), py::arg("w_down"), py::arg("b_down"), py::arg("w_up"), py::arg("b_up"), py::arg("res"),
+      py::arg("act"), py::arg("counters"), py::arg("out"), py::arg("M"), py::arg("d"), py::arg("m"),
+      py::arg("stride_hm"), py::arg("stride_rm"), py::arg("stride_om"), py::arg("scaling"), py::arg("activation"),
+      py::arg("dtype"), py::arg("vector"), py::arg("device"), py::arg("stream"),
+      "The whole bottleneck adapter for M <= 16 rows (see csrc/adapter_decode.h); asynchronous on `stream`.");
   m.attr("cuda_archs") = std::string(FASTPEFT_CUDA_ARCHS);
+  m.attr("max_decode_bottleneck") = fastpeft::kMaxDecodeBottleneck;
   m.attr("max_decode_rows") = fastpeft::kMaxDecodeRows;
   m.attr("max_decode_rank") = fastpeft::kMaxDecodeRank;
 }

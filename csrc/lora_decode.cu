@@ -7,99 +7,14 @@
 // finish; rather than a second launch, the first blocks compute S (rows of A, the same GEMV) and publish it,
 // and the W blocks only wait for it after their own, much longer, pass over W.
 //
-// Waiting on other blocks is safe because blocks take their tile from an atomic ticket when they start
-// running: a block holding a W tile started after every S tile was handed out, so those blocks are resident
-// and make progress (the ordering argument of single-pass "decoupled look-back" scans). The three counters
-// live in a per-stream workspace that the last block to finish resets, so no memset launch is needed.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-#include <stdexcept>
-#include <string>
-
+// The hand-off uses the ticket/counter protocol of decode_common.cuh, which is what makes the wait safe.
+#include "decode_common.cuh"
 #include "lora_decode.h"
 
 namespace fastpeft {
 namespace {
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kRowsPerWarp = 2;
-constexpr int kRowsPerBlock = kWarps * kRowsPerWarp;
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// VEC consecutive elements in one load (16 bytes for the weights, VEC * sizeof(T) for x).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load_floats(const T* p, float (&out)[VEC]) {
-  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(p);
-#pragma unroll
-  for (int i = 0; i < VEC; ++i) out[i] = to_float(pack.v[i]);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// acc[i][m] = sum_k x[m, k] * w[row0 + i, k] for this warp's rows, every lane holding the full sums.
-// VECTOR: 16-byte loads of w (needs K % VEC == 0 and aligned rows); otherwise one element per load.
-template <typename TX, typename TW, int MAXM, bool VECTOR>
-__device__ __forceinline__ void warp_rows_dot(const TX* __restrict__ x, int64_t stride_xm, int M,
-                                              const TW* __restrict__ w, int64_t K, int64_t row0, int64_t rows,
-                                              float (&acc)[kRowsPerWarp][MAXM]) {
-  constexpr int VEC = VECTOR ? 16 / sizeof(TW) : 1;
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i)
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[i][m] = 0.f;
-
-#pragma unroll 2
-  for (int64_t k = int64_t(lane) * VEC; k < K; k += 32 * VEC) {
-    float wv[kRowsPerWarp][VEC];
-#pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      if (row0 + i < rows) {
-        load_floats<TW, VEC>(w + (row0 + i) * K + k, wv[i]);
-      } else {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) wv[i][v] = 0.f;
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-      if (m < M) {
-        float xv[VEC];
-        load_floats<TX, VEC>(x + m * stride_xm + k, xv);
-#pragma unroll
-        for (int i = 0; i < kRowsPerWarp; ++i)
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) acc[i][m] = fmaf(xv[v], wv[i][v], acc[i][m]);
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i)
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) acc[i][m] = warp_sum(acc[i][m]);
-}
+using namespace decode;
 
 struct Params {
   const void* x;
@@ -117,10 +32,7 @@ struct Params {
 
 template <typename T, typename TA, int MAXM, bool VECTOR>
 __global__ void __launch_bounds__(kThreads, 1) lora_decode_kernel(Params p) {
-  __shared__ int tile_shared;
-  if (threadIdx.x == 0) tile_shared = atomicAdd(&p.counters[0], 1);
-  __syncthreads();
-  const int tile = tile_shared;
+  const int tile = take_tile(p.counters);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int M = static_cast<int>(p.M);
@@ -136,17 +48,11 @@ __global__ void __launch_bounds__(kThreads, 1) lora_decode_kernel(Params p) {
 #pragma unroll
       for (int m = 0; m < MAXM; ++m)
         if (lane == m && m < M && row0 + i < p.R) p.s[m * p.R + row0 + i] = acc[i][m];
-    __threadfence();  // S visible GPU-wide before it is announced
-    __syncthreads();
-    if (threadIdx.x == 0) atomicAdd(&p.counters[1], 1);
+    publish(p.counters);
   } else {
     const int64_t row0 = int64_t(tile - p.s_tiles) * kRowsPerBlock + warp * kRowsPerWarp;
     warp_rows_dot<T, T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const T*>(p.w), p.K, row0, p.N, acc);
-    if (threadIdx.x == 0) {
-      while (atomicAdd(&p.counters[1], 0) < p.s_tiles) __nanosleep(64);
-      __threadfence();
-    }
-    __syncthreads();
+    wait_published(p.counters, p.s_tiles);
     const TA* b = static_cast<const TA*>(p.b);
     const T* bias = static_cast<const T*>(p.bias);
     T* y = static_cast<T*>(p.y);
@@ -172,24 +78,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_decode_kernel(Params p) {
     }
   }
 
-  // The last block out resets the counters for the next launch on this stream.
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    if (atomicAdd(&p.counters[2], 1) == static_cast<int>(gridDim.x) - 1) {
-      p.counters[0] = 0;
-      p.counters[1] = 0;
-      p.counters[2] = 0;
-      __threadfence();
-    }
-  }
-}
-
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("fastpeft._C: ") + what + " failed: " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-  }
+  retire(p.counters);
 }
 
 template <typename T, typename TA, int MAXM>
@@ -232,9 +121,7 @@ void lora_decode(const DecodeArgs& args) {
     throw std::invalid_argument("fastpeft._C.lora_decode: device " + std::to_string(args.device) + " out of range (" +
                                 std::to_string(count) + " CUDA devices)");
   }
-  int previous = 0;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  check(cudaSetDevice(args.device), "cudaSetDevice");
+  DeviceGuard guard(args.device);
 
   Params p{};
   p.x = reinterpret_cast<const void*>(args.x);
@@ -261,12 +148,9 @@ void lora_decode(const DecodeArgs& args) {
     case kBFloat16 * 3 + kFloat: launch_types<bf16, float>(p, args.vector, grid, stream); break;
     case kFloat * 3 + kFloat: launch_types<float, float>(p, args.vector, grid, stream); break;
     default:
-      cudaSetDevice(previous);
       throw std::invalid_argument("fastpeft._C.lora_decode: unsupported (dtype, adapter dtype) pair");
   }
-  const cudaError_t launched = cudaGetLastError();
-  cudaSetDevice(previous);
-  check(launched, "lora_decode kernel launch");
+  check(cudaGetLastError(), "lora_decode kernel launch");
 }
 
 }  // namespace fastpeft

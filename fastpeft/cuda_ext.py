@@ -109,3 +109,66 @@ def lora_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor
         dtype=_DTYPE_CODES[x.dtype], adapter_dtype=_DTYPE_CODES[lora_A.dtype], vector=vector,
         device=x.device.index, stream=stream)
     return y
+
+
+MAX_DECODE_BOTTLENECK = 256
+_ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2, "gelu_tanh": 3}
+
+
+def adapter_decode_reasons(h, w_down, b_down, w_up, b_up, residual) -> list[str]:
+    """Why the adapter decode kernel cannot run these (2-D h) inputs; empty when it can."""
+    reasons = []
+    if h.device.type != "cuda":
+        reasons.append(f"the cuda backend needs CUDA tensors, got {h.device}")
+    if h.dtype not in _DTYPE_CODES:
+        reasons.append(f"dtype {h.dtype} is not one of float16, bfloat16, float32")
+    if h.shape[0] > MAX_DECODE_ROWS:
+        reasons.append(f"the cuda decode kernel serves M <= {MAX_DECODE_ROWS} rows, got M={h.shape[0]}")
+    if w_down.shape[0] > MAX_DECODE_BOTTLENECK:
+        reasons.append(f"the cuda decode kernel serves bottlenecks m <= {MAX_DECODE_BOTTLENECK}, "
+                       f"got m={w_down.shape[0]}")
+    for name, t in (("h", h), ("residual", residual)):
+        if t is not None and t.shape[1] > 1 and t.stride(1) != 1:
+            reasons.append(f"{name} needs unit stride along its last dim")
+    for name, t in (("w_down", w_down), ("w_up", w_up), ("b_down", b_down), ("b_up", b_up)):
+        if t is not None and not t.is_contiguous():
+            reasons.append(f"{name} must be contiguous")
+    return reasons
+
+
+def adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, activation: str) -> torch.Tensor:
+    """The whole bottleneck adapter for 2-D h with M <= 16 rows, by the fused CUDA kernel (forward only).
+
+    h (M, d) and residual (M, d) or None (h) with unit inner stride; weights and biases contiguous, h's dtype.
+    """
+    module, reason = load()
+    if module is None:
+        raise RuntimeError(reason)
+    reasons = adapter_decode_reasons(h, w_down, b_down, w_up, b_up, residual)
+    tensors = [t for t in (h, w_down, b_down, w_up, b_up, residual) if t is not None]
+    if len({t.device for t in tensors}) > 1:
+        reasons.append(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    if len({t.dtype for t in tensors}) > 1:
+        reasons.append(f"all tensors must share h's dtype {h.dtype}")
+    if activation not in _ACTIVATION_CODES:
+        reasons.append(f"activation must be one of {', '.join(_ACTIVATION_CODES)}, got {activation!r}")
+    if reasons:
+        raise ValueError("fastpeft cuda adapter decode kernel: " + "; ".join(reasons))
+    M, d = h.shape
+    m = w_down.shape[0]
+    out = torch.empty((M, d), dtype=h.dtype, device=h.device)
+    if M == 0:
+        return out
+    res = h if residual is None else residual
+    act = torch.empty((M, m), dtype=torch.float32, device=h.device)
+    stream = torch.cuda.current_stream(h.device).cuda_stream
+    vec = 16 // h.element_size()
+    vector = m % vec == 0 and _vector_ok(h.dtype, d, (h, h.stride(0)), (w_down, d), (w_up, m))
+    module.adapter_decode(
+        h=h.data_ptr(), w_down=w_down.data_ptr(), b_down=b_down.data_ptr() if b_down is not None else 0,
+        w_up=w_up.data_ptr(), b_up=b_up.data_ptr() if b_up is not None else 0, res=res.data_ptr(),
+        act=act.data_ptr(), counters=_counters(h.device, stream).data_ptr(), out=out.data_ptr(),
+        M=M, d=d, m=m, stride_hm=h.stride(0), stride_rm=res.stride(0), stride_om=out.stride(0),
+        scaling=float(scaling), activation=_ACTIVATION_CODES[activation], dtype=_DTYPE_CODES[h.dtype],
+        vector=vector, device=h.device.index, stream=stream)
+    return out

@@ -70,3 +70,22 @@ def test_info_reports_the_extension():
     out = subprocess.run([sys.executable, "-m", "fastpeft", "info"], capture_output=True, text=True, check=True)
     assert "extension fastpeft._C:" in out.stdout
     assert "cuda " in out.stdout
+
+
+def test_adapter_decode_validates_and_explains():
+    h, wd, wu = torch.randn(20, 8), torch.randn(300, 8), torch.randn(8, 300).t().contiguous().t()
+    module, _ = cuda_ext.load()
+    if module is None:
+        with pytest.raises(RuntimeError, match="not built"):
+            cuda_ext.adapter_decode(h, wd, None, wu, None, None, 1.0, "relu")
+        return
+    with pytest.raises(ValueError) as err:
+        cuda_ext.adapter_decode(h, wd, None, wu, None, None, 1.0, "tanh")
+    message = str(err.value)
+    for expected in ("CUDA tensors", "M <= 16", "m <= 256", "w_up must be contiguous", "activation must be"):
+        assert expected in message
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU or driver"):
+            module.adapter_decode(h=0, w_down=0, b_down=0, w_up=0, b_up=0, res=0, act=0, counters=0, out=0, M=1,
+                                  d=8, m=4, stride_hm=8, stride_rm=8, stride_om=8, scaling=1.0, activation=0,
+                                  dtype=1, vector=True, device=0, stream=0)

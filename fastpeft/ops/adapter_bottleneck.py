@@ -143,8 +143,6 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
 
 
-def _op_reasons(name):
-    return ["adapter_bottleneck has no CUDA-extension kernel yet (use torch or triton)"] if name == "cuda" else []
 
 
 def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="relu", residual=None, backend=None):
@@ -155,15 +153,33 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
             h's dtype and on its device.
         activation: "relu", "gelu" (erf), "silu" (swish) or "gelu_tanh".
         residual: None (sequential adapter: h itself) or a tensor of h's shape (parallel adapter).
-        backend: None/"auto", "torch" or "triton" (fused GEMMs; the CUDA extension has no adapter kernel yet).
+        backend: None/"auto", "torch", "triton" (fused GEMMs) or "cuda" (the whole adapter in one launch for
+            M <= 16 rows, m <= 256, inference only).
 
     Returns (..., d) in h's dtype; differentiable in h, both weights, both biases and the residual.
     """
     _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
     tensors = [t for t in (h, w_down, w_up, b_down, b_up, residual) if t is not None]
-    name = select_backend(backend, tensors, _op_reasons)
     d = h.shape[-1]
+    h2d = h.reshape(-1, d)
     res2d = None if residual is None else residual.reshape(-1, d)
-    out = AdapterBottleneckFunction.apply(h.reshape(-1, d), w_down, b_down, w_up, b_up, res2d, float(scaling),
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    def op_reasons(name):
+        if name != "cuda":
+            return []
+        from .. import cuda_ext
+        reasons = cuda_ext.adapter_decode_reasons(h2d, w_down, b_down, w_up, b_up, res2d)
+        if needs_grad:
+            reasons.append("the cuda backend is forward-only (inference): inputs require grad "
+                           "(use torch.no_grad() or torch.inference_mode())")
+        return reasons
+
+    name = select_backend(backend, tensors, op_reasons)
+    if name == "cuda":
+        from .. import cuda_ext
+        out = cuda_ext.adapter_decode(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation)
+        return out.reshape(h.shape)
+    out = AdapterBottleneckFunction.apply(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling),
                                           activation, name)
     return out.reshape(h.shape)
