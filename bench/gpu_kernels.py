@@ -127,7 +127,8 @@ def decode_section(dtype, markdown):
         for M in (1, 4, 16):
             h = torch.randn(M, d, device="cuda", dtype=dtype)
             with torch.no_grad():
-                times = {f"fastpeft {name}": median_ms(lambda layer=layer, h=h: layer(h)) for name, layer in ours.items()}
+                times = {f"fastpeft {name}": median_ms(lambda layer=layer, h=h: layer(h))
+                         for name, layer in ours.items()}
             base = times["fastpeft torch"]
             for path, ms in times.items():
                 gbs = 2 * d * m * h.element_size() / (ms * 1e-3) / 1e9
