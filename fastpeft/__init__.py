@@ -26,13 +26,14 @@ from .ops import (
     lora_linear,
     lora_linear_reference,
 )
+from .peft_io import AdapterFileError, load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTER_CONFIGS", "AdaptedModule", "AdapterBottleneckFunction", "AdapterConfig", "BackendUnavailableError",
-    "BottleneckAdapter", "LoraAdapter", "LoraLinear", "LoraLinearFunction", "adapter_bottleneck",
-    "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends", "backend_status",
-    "dropout_mask", "find_targets", "lora_layers", "lora_linear", "lora_linear_reference", "merge_and_unload",
-    "remove_adapters",
+    "ADAPTER_CONFIGS", "AdaptedModule", "AdapterBottleneckFunction", "AdapterConfig", "AdapterFileError",
+    "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear", "LoraLinearFunction",
+    "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
+    "backend_status", "dropout_mask", "find_targets", "load_adapter", "lora_layers", "lora_linear",
+    "lora_linear_reference", "merge_and_unload", "remove_adapters", "save_adapter",
 ]
