@@ -12,10 +12,12 @@ from .model import (
     AdapterConfig,
     apply_adapters,
     apply_lora,
+    delete_adapter,
     find_targets,
     lora_layers,
     merge_and_unload,
     remove_adapters,
+    set_adapter,
 )
 from .ops import (
     AdapterBottleneckFunction,
@@ -34,6 +36,6 @@ __all__ = [
     "ADAPTER_CONFIGS", "AdaptedModule", "AdapterBottleneckFunction", "AdapterConfig", "AdapterFileError",
     "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear", "LoraLinearFunction",
     "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
-    "backend_status", "dropout_mask", "find_targets", "load_adapter", "lora_layers", "lora_linear",
-    "lora_linear_reference", "merge_and_unload", "remove_adapters", "save_adapter",
+    "backend_status", "delete_adapter", "dropout_mask", "find_targets", "load_adapter", "lora_layers",
+    "lora_linear", "lora_linear_reference", "merge_and_unload", "remove_adapters", "save_adapter", "set_adapter",
 ]

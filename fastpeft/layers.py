@@ -16,6 +16,20 @@ def _check_positive_int(name, value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+
+
+def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, autocast_adapter_dtype):
+    """An adapter for ``base``: fp32 on a half-precision base when ``autocast_adapter_dtype`` (HF PEFT's default)."""
+    dtype = base.weight.dtype
+    if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return LoraAdapter(base.in_features, base.out_features, r, lora_alpha, lora_dropout, use_rslora,
+                       init_lora_weights, device=base.weight.device, dtype=dtype)
+
+
 class LoraAdapter(nn.Module):
     """One named LoRA adapter of a layer: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r) and its scale."""
 
@@ -78,20 +92,20 @@ class LoraLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear) or isinstance(base, LoraLinear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
-        weight = base.weight
-        dtype = weight.dtype
-        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
-            dtype = torch.float32
-        adapter = LoraAdapter(base.in_features, base.out_features, r, lora_alpha, lora_dropout, use_rslora,
-                              init_lora_weights, device=weight.device, dtype=dtype)
+        _check_adapter_name(adapter_name)
+        adapter = _new_adapter(base, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                               autocast_adapter_dtype)
         self.base_layer = base
         self.adapters = nn.ModuleDict({adapter_name: adapter})
         self.active_adapter = adapter_name
-        self.merged = False
+        self.merged_adapter: str | None = None  # the adapter folded into the base weight, if any
+        self.adapters_enabled = True
         self.backend = backend
         base.requires_grad_(False)
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_adapter is not None
 
     # The base layer's attributes, so code written for nn.Linear keeps working.
     in_features = property(lambda self: self.base_layer.in_features)
@@ -113,15 +127,55 @@ class LoraLinear(nn.Module):
     scaling = property(lambda self: self.adapter.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or not self.adapters_enabled:
             return self.base_layer(x)
         a = self.adapter
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a.lora_A, a.lora_B, a.scaling,
                            a.lora_dropout, self.training, backend=self.backend)
 
+    def add_adapter(self, adapter_name: str, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                    init_lora_weights=True, *, autocast_adapter_dtype=True) -> LoraAdapter:
+        """Add another named adapter (same rules as the constructor); the active adapter does not change."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise ValueError(f"adapter {adapter_name!r} exists already (adapters: {list(self.adapters)})")
+        adapter = _new_adapter(self.base_layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                               autocast_adapter_dtype)
+        self.adapters[adapter_name] = adapter
+        return adapter
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter (refused while another adapter is merged)."""
+        if adapter_name not in self.adapters:
+            raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.adapters)}")
+        if self.merged and adapter_name != self.merged_adapter:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before activating another")
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove a named adapter (unmerging it first if merged); the last adapter cannot be deleted."""
+        if adapter_name not in self.adapters:
+            raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.adapters)}")
+        if len(self.adapters) == 1:
+            raise ValueError("cannot delete the only adapter; use merge_and_unload or keep the layer")
+        if self.merged_adapter == adapter_name:
+            self.unmerge()
+        del self.adapters[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.adapters))
+
+    def disable_adapters(self) -> None:
+        """Run the base layer alone (unmerging first if an adapter is merged) until :meth:`enable_adapters`."""
+        if self.merged:
+            self.unmerge()
+        self.adapters_enabled = False
+
+    def enable_adapters(self) -> None:
+        self.adapters_enabled = True
+
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
-        """Add ``scaling · B A`` into the base weight; forward then runs the base layer alone.
+        """Add the active adapter's ``scaling · B A`` into the base weight; forward then runs the base layer alone.
 
         The sum is formed in fp32 and rounded once to the weight's dtype. With ``safe=True`` it is checked
         first, and a result with NaN/Inf raises ``ValueError`` leaving the weight untouched.
@@ -136,7 +190,7 @@ class LoraLinear(nn.Module):
             raise ValueError("LoraLinear.merge(safe=True): the merged weight would contain NaN/Inf; "
                              "the weight was left unchanged")
         weight.copy_(merged)
-        self.merged = True
+        self.merged_adapter = self.active_adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -145,12 +199,13 @@ class LoraLinear(nn.Module):
             warnings.warn("LoraLinear.unmerge: the adapter is not merged; nothing done", stacklevel=2)
             return
         weight = self.base_layer.weight
-        delta = self.adapter.delta_weight()
+        delta = self.adapters[self.merged_adapter].delta_weight()
         weight.copy_(weight.to(delta.dtype) - delta)
-        self.merged = False
+        self.merged_adapter = None
 
     def extra_repr(self) -> str:
-        return f"active_adapter={self.active_adapter!r}, merged={self.merged}, backend={self.backend!r}"
+        return (f"active_adapter={self.active_adapter!r}, merged_adapter={self.merged_adapter!r}, "
+                f"adapters_enabled={self.adapters_enabled}, backend={self.backend!r}")
 
 
 class BottleneckAdapter(nn.Module):

@@ -57,7 +57,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True,
                backend=None) -> nn.Module:
-    """Replace every selected ``nn.Linear`` of ``model`` with a :class:`LoraLinear`, in place.
+    """Replace every selected ``nn.Linear`` of ``model`` with a :class:`LoraLinear`, in place; a selected layer that
+    is a LoraLinear already gets ``adapter_name`` as one more named adapter (its active adapter stays).
 
     ``target_modules`` as in :func:`find_targets`. Every other parameter of the model is frozen, so only the
     LoRA parameters train. All layers are checked and built before the model is touched: a bad argument or
@@ -68,7 +69,8 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoraLinear):
-            bad[name] = "already a LoraLinear"
+            if adapter_name in module.adapters:
+                bad[name] = f"already has an adapter named {adapter_name!r}"
         elif not isinstance(module, nn.Linear):
             bad[name] = f"a {type(module).__name__}, not an nn.Linear"
         elif isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
@@ -77,14 +79,40 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     if bad:
         listed = "; ".join(f"{n}: {why}" for n, why in bad.items())
         raise TypeError(f"apply_lora: target_modules selected modules it cannot wrap ({listed})")
-    layers = {name: LoraLinear(model.get_submodule(name), r, lora_alpha, lora_dropout, use_rslora,
-                               init_lora_weights, adapter_name=adapter_name,
-                               autocast_adapter_dtype=autocast_adapter_dtype, backend=backend)
-              for name in names}
+    new_layers = {name: LoraLinear(model.get_submodule(name), r, lora_alpha, lora_dropout, use_rslora,
+                                   init_lora_weights, adapter_name=adapter_name,
+                                   autocast_adapter_dtype=autocast_adapter_dtype, backend=backend)
+                  for name in names if not isinstance(model.get_submodule(name), LoraLinear)}
     model.requires_grad_(False)
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer)
+    for name in names:
+        if name in new_layers:
+            _set_submodule(model, name, new_layers[name])
+            new_layers[name].adapters.requires_grad_(True)
+        else:  # an existing LoRA layer gets one more named adapter; the active one stays
+            model.get_submodule(name).add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
+                                                  init_lora_weights, autocast_adapter_dtype=autocast_adapter_dtype)
+    for layer in lora_layers(model).values():
         layer.adapters.requires_grad_(True)
+    return model
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Activate ``adapter_name`` in every LoRA layer that has it; raises if none does."""
+    layers = [m for m in lora_layers(model).values() if adapter_name in m.adapters]
+    if not layers:
+        raise KeyError(f"no LoRA layer has an adapter named {adapter_name!r}")
+    for layer in layers:
+        layer.set_adapter(adapter_name)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Delete ``adapter_name`` from every LoRA layer that has it; raises if none does."""
+    layers = [m for m in lora_layers(model).values() if adapter_name in m.adapters]
+    if not layers:
+        raise KeyError(f"no LoRA layer has an adapter named {adapter_name!r}")
+    for layer in layers:
+        layer.delete_adapter(adapter_name)
     return model
 
 

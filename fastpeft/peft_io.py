@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layers import LoraAdapter, LoraLinear
+from .layers import LoraLinear, _new_adapter
 from .model import _set_submodule
 
 CONFIG_NAME = "adapter_config.json"
@@ -154,10 +154,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
         base = module.base_layer if isinstance(module, LoraLinear) else module
         r = pair["lora_A"].shape[0]
         alpha = pattern(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
-        half = base.weight.dtype in (torch.float16, torch.bfloat16)
-        adapter = LoraAdapter(base.in_features, base.out_features, r, alpha, config.get("lora_dropout", 0.0),
-                              config.get("use_rslora", False), device=base.weight.device,
-                              dtype=torch.float32 if half else base.weight.dtype)
+        adapter = _new_adapter(base, r, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False),
+                               True, True)
         with torch.no_grad():
             adapter.lora_A.copy_(pair["lora_A"])
             adapter.lora_B.copy_(pair["lora_B"])

@@ -161,3 +161,35 @@ def test_autocast_runs_the_base_in_the_autocast_dtype(backend, device):
                                          ours.bias.bfloat16().double(), ours.lora_A.double(), ours.lora_B.double(),
                                          ours.scaling)
     assert rel_err(y, ref) <= TOLERANCE[torch.bfloat16]
+
+
+def test_named_adapters_on_one_layer():
+    torch.manual_seed(0)
+    layer = fastpeft.LoraLinear(nn.Linear(16, 8), r=2, init_lora_weights=False)
+    layer.add_adapter("other", r=3, lora_alpha=6, init_lora_weights=False)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        y_default = layer(x)
+        layer.set_adapter("other")
+        y_other = layer(x)
+        ref = fastpeft.lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 2.0)
+        assert layer.r == 3 and torch.allclose(y_other, ref, atol=1e-6)
+        assert not torch.allclose(y_default, y_other)
+        layer.merge()
+        assert layer.merged_adapter == "other"
+        with pytest.raises(RuntimeError, match="unmerge"):
+            layer.set_adapter("default")
+        assert torch.allclose(layer(x), y_other, atol=1e-5)
+        layer.disable_adapters()  # unmerges first, then runs the base alone
+        assert not layer.merged and torch.allclose(layer(x), layer.base_layer(x))
+        layer.enable_adapters()
+        layer.set_adapter("default")
+        assert torch.allclose(layer(x), y_default, atol=1e-6)
+    with pytest.raises(ValueError, match="exists already"):
+        layer.add_adapter("other")
+    with pytest.raises(KeyError, match="no adapter 'x'"):
+        layer.set_adapter("x")
+    layer.delete_adapter("default")
+    assert layer.active_adapter == "other" and list(layer.adapters) == ["other"]
+    with pytest.raises(ValueError, match="only adapter"):
+        layer.delete_adapter("other")

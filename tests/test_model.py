@@ -106,13 +106,13 @@ def test_bad_targets_leave_model_unchanged():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_applying_twice_is_refused():
+def test_applying_the_same_adapter_twice_is_refused():
     model = TinyModel()
     fastpeft.apply_lora(model, ["q_proj"])
     # Names inside an existing LoraLinear (its base_layer) are not candidates, so nothing new matches.
     with pytest.raises(ValueError, match="match no module"):
         fastpeft.apply_lora(model, ["base_layer"])
-    with pytest.raises(TypeError, match="already a LoraLinear"):
+    with pytest.raises(TypeError, match="already has an adapter named 'default'"):
         fastpeft.apply_lora(model, ["q_proj"])
 
 
@@ -120,3 +120,33 @@ def test_multihead_attention_out_proj_is_refused():
     model = nn.Sequential(nn.MultiheadAttention(16, 2))
     with pytest.raises(TypeError, match="MultiheadAttention"):
         fastpeft.apply_lora(model, ["out_proj"])
+
+
+def test_named_adapters_over_a_model():
+    torch.manual_seed(0)
+    model = TinyModel()
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        base = model(x)
+    fastpeft.apply_lora(model, ["q_proj"], r=2, init_lora_weights=False)
+    fastpeft.apply_lora(model, ["q_proj", "v_proj"], r=4, init_lora_weights=False, adapter_name="task_b")
+    layer = model.layers[0].q_proj
+    assert list(layer.adapters) == ["default", "task_b"] and layer.active_adapter == "default"
+    assert list(model.layers[0].v_proj.adapters) == ["task_b"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".adapters.default." in n for n in trainable) and any(".adapters.task_b." in n for n in trainable)
+    with torch.no_grad():
+        out_default = model(x)
+        fastpeft.set_adapter(model, "task_b")
+        out_b = model(x)
+        assert layer.r == 4 and not torch.allclose(out_default, out_b)
+        for lora in fastpeft.lora_layers(model).values():
+            lora.disable_adapters()
+        assert torch.equal(model(x), base)
+        for lora in fastpeft.lora_layers(model).values():
+            lora.enable_adapters()
+        assert torch.equal(model(x), out_b)
+    fastpeft.delete_adapter(model, "default")
+    assert list(layer.adapters) == ["task_b"]
+    with pytest.raises(KeyError, match="no LoRA layer has an adapter named 'nope'"):
+        fastpeft.set_adapter(model, "nope")
