@@ -66,7 +66,8 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": max(dropouts),
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+        # Full names: PEFT matches them exactly, so it wraps exactly the layers this file holds.
+        "target_modules": sorted(layers),
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
         "use_rslora": rslora.pop(), "init_lora_weights": True, **_UNSUPPORTED,

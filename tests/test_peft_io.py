@@ -40,6 +40,8 @@ def test_fastpeft_to_peft_to_fastpeft(tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_rslora"] is True
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     theirs.eval()
+    wrapped = sorted(n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert [n.removeprefix("base_model.model.") for n in wrapped] == ["mlp.2", "q_proj", "v_proj"]
     with torch.no_grad():
         assert torch.allclose(theirs(x), want, atol=1e-6, rtol=1e-6)
     back = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
