@@ -117,13 +117,7 @@ void adapter_decode(const AdapterDecodeArgs& args) {
   if (args.activation < kRelu || args.activation > kGeluTanh) {
     throw std::invalid_argument("fastpeft._C.adapter_decode: unknown activation code");
   }
-  const int count = device_count();
-  if (count == 0) throw std::runtime_error("fastpeft._C: no CUDA GPU (cudaGetDeviceCount found none)");
-  if (args.device < 0 || args.device >= count) {
-    throw std::invalid_argument("fastpeft._C.adapter_decode: device " + std::to_string(args.device) +
-                                " out of range (" + std::to_string(count) + " CUDA devices)");
-  }
-  DeviceGuard guard(args.device);
+  DeviceGuard guard(args.device, "adapter_decode");
   Params p{};
   p.h = reinterpret_cast<const void*>(args.h);
   p.w_down = reinterpret_cast<const void*>(args.w_down);

@@ -16,6 +16,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "lora_decode.h"
+
 namespace fastpeft {
 namespace decode {
 
@@ -140,10 +142,17 @@ inline void check(cudaError_t err, const char* what) {
   }
 }
 
-// Select the device for the launch and restore the caller's afterwards (torch shares the CUDA context).
+// Check that `device` exists, select it for the launch, and restore the caller's device afterwards (torch shares
+// the CUDA context). `op` names the caller in errors.
 class DeviceGuard {
  public:
-  explicit DeviceGuard(int device) {
+  DeviceGuard(int device, const char* op) {
+    const int count = device_count();
+    if (count == 0) throw std::runtime_error("fastpeft._C: no CUDA GPU (cudaGetDeviceCount found none)");
+    if (device < 0 || device >= count) {
+      throw std::invalid_argument(std::string("fastpeft._C.") + op + ": device " + std::to_string(device) +
+                                  " out of range (" + std::to_string(count) + " CUDA devices)");
+    }
     check(cudaGetDevice(&previous_), "cudaGetDevice");
     check(cudaSetDevice(device), "cudaSetDevice");
   }

@@ -115,13 +115,7 @@ void lora_decode(const DecodeArgs& args) {
   if (args.M < 1 || args.M > kMaxDecodeRows) throw std::invalid_argument("fastpeft._C.lora_decode: M must be in [1, 16]");
   if (args.R < 1 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_decode: r must be in [1, 256]");
   if (args.K < 1 || args.N < 1) throw std::invalid_argument("fastpeft._C.lora_decode: K and N must be positive");
-  const int count = device_count();
-  if (count == 0) throw std::runtime_error("fastpeft._C: no CUDA GPU (cudaGetDeviceCount found none)");
-  if (args.device < 0 || args.device >= count) {
-    throw std::invalid_argument("fastpeft._C.lora_decode: device " + std::to_string(args.device) + " out of range (" +
-                                std::to_string(count) + " CUDA devices)");
-  }
-  DeviceGuard guard(args.device);
+  DeviceGuard guard(args.device, "lora_decode");
 
   Params p{};
   p.x = reinterpret_cast<const void*>(args.x);

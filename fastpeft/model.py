@@ -96,22 +96,23 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     return model
 
 
-def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Activate ``adapter_name`` in every LoRA layer that has it; raises if none does."""
+def _layers_with(model: nn.Module, adapter_name: str) -> list[LoraLinear]:
     layers = [m for m in lora_layers(model).values() if adapter_name in m.adapters]
     if not layers:
         raise KeyError(f"no LoRA layer has an adapter named {adapter_name!r}")
-    for layer in layers:
+    return layers
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Activate ``adapter_name`` in every LoRA layer that has it; raises if none does."""
+    for layer in _layers_with(model, adapter_name):
         layer.set_adapter(adapter_name)
     return model
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Delete ``adapter_name`` from every LoRA layer that has it; raises if none does."""
-    layers = [m for m in lora_layers(model).values() if adapter_name in m.adapters]
-    if not layers:
-        raise KeyError(f"no LoRA layer has an adapter named {adapter_name!r}")
-    for layer in layers:
+    for layer in _layers_with(model, adapter_name):
         layer.delete_adapter(adapter_name)
     return model
 

@@ -21,6 +21,7 @@ from .lora import (
     INTERPRET_GEMM,
     _compute_dtype,
     _dot_precision,
+    _grouped_tile,
     _new,
     _shared_memory_pruner,
 )
@@ -72,15 +73,7 @@ def _adapter_gemm_kernel(
 
     ``M_BUCKET`` is only an autotune key. aux (M, N) is the pre-activation when TIMES_ACT_GRAD.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm_load = (rm % M).to(tl.int64)
