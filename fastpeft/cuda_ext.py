@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from .ops.adapter_bottleneck import ACTIVATION_CODES
+
 MAX_DECODE_ROWS = 16
 MAX_DECODE_RANK = 256
 
@@ -112,7 +114,6 @@ def lora_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor
 
 
 MAX_DECODE_BOTTLENECK = 256
-_ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2, "gelu_tanh": 3}
 
 
 def adapter_decode_reasons(h, w_down, b_down, w_up, b_up, residual) -> list[str]:
@@ -150,8 +151,8 @@ def adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, acti
         reasons.append(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
     if len({t.dtype for t in tensors}) > 1:
         reasons.append(f"all tensors must share h's dtype {h.dtype}")
-    if activation not in _ACTIVATION_CODES:
-        reasons.append(f"activation must be one of {', '.join(_ACTIVATION_CODES)}, got {activation!r}")
+    if activation not in ACTIVATION_CODES:
+        reasons.append(f"activation must be one of {', '.join(ACTIVATION_CODES)}, got {activation!r}")
     if reasons:
         raise ValueError("fastpeft cuda adapter decode kernel: " + "; ".join(reasons))
     M, d = h.shape
@@ -169,6 +170,6 @@ def adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, acti
         w_up=w_up.data_ptr(), b_up=b_up.data_ptr() if b_up is not None else 0, res=res.data_ptr(),
         act=act.data_ptr(), counters=_counters(h.device, stream).data_ptr(), out=out.data_ptr(),
         M=M, d=d, m=m, stride_hm=h.stride(0), stride_rm=res.stride(0), stride_om=out.stride(0),
-        scaling=float(scaling), activation=_ACTIVATION_CODES[activation], dtype=_DTYPE_CODES[h.dtype],
+        scaling=float(scaling), activation=ACTIVATION_CODES[activation], dtype=_DTYPE_CODES[h.dtype],
         vector=vector, device=h.device.index, stream=stream)
     return out

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpeft.ops.adapter_bottleneck import ACTIVATION_CODES
+
 from .lora import (
     AUTOTUNE,
     GEMM_CONFIGS,
@@ -25,8 +27,6 @@ from .lora import (
     _new,
     _shared_memory_pruner,
 )
-
-ACTIVATION_CODES = {"relu": 0, "gelu": 1, "silu": 2, "gelu_tanh": 3}
 
 
 @triton.jit

@@ -15,6 +15,8 @@ from ..backends import select_backend
 from ._checks import check_finite_number, check_same_device
 
 ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
+# The integer each kernel (Triton and CUDA) uses for an activation: its position above.
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
 def activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
