@@ -20,8 +20,6 @@ from .model import (
     set_adapter,
 )
 from .ops import (
-    AdapterBottleneckFunction,
-    LoraLinearFunction,
     adapter_bottleneck,
     adapter_bottleneck_reference,
     dropout_mask,
@@ -33,8 +31,8 @@ from .peft_io import AdapterFileError, load_adapter, save_adapter
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTER_CONFIGS", "AdaptedModule", "AdapterBottleneckFunction", "AdapterConfig", "AdapterFileError",
-    "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear", "LoraLinearFunction",
+    "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError",
+    "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear",
     "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
     "backend_status", "delete_adapter", "dropout_mask", "find_targets", "load_adapter", "lora_layers",
     "lora_linear", "lora_linear_reference", "merge_and_unload", "remove_adapters", "save_adapter", "set_adapter",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 
 from .ops.adapter_bottleneck import ACTIVATION_CODES
 
@@ -113,6 +114,18 @@ def lora_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor
     return y
 
 
+@torch.library.custom_op("fastpeft::lora_decode", mutates_args=())
+def lora_decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                   scaling: float) -> Tensor:
+    """:func:`lora_decode` as a torch.library op, for compiled graphs (forward only)."""
+    return lora_decode(x, weight, bias, lora_A, lora_B, scaling)
+
+
+@lora_decode_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 MAX_DECODE_BOTTLENECK = 256
 
 
@@ -173,3 +186,15 @@ def adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, acti
         scaling=float(scaling), activation=ACTIVATION_CODES[activation], dtype=_DTYPE_CODES[h.dtype],
         vector=vector, device=h.device.index, stream=stream)
     return out
+
+
+@torch.library.custom_op("fastpeft::adapter_decode", mutates_args=())
+def adapter_decode_op(h: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
+                      residual: Tensor | None, scaling: float, activation: str) -> Tensor:
+    """:func:`adapter_decode` as a torch.library op, for compiled graphs (forward only)."""
+    return adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
+
+
+@adapter_decode_op.register_fake
+def _(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
+    return h.new_empty(h.shape)

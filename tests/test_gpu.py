@@ -148,3 +148,29 @@ def test_auto_picks_cuda_for_adapter_decode_inference_only():
     assert rel_err(out, ref) <= TOLERANCE[torch.bfloat16]
     adapter(h).float().sum().backward()  # with grad, auto takes triton
     assert adapter.up.grad is not None
+
+
+@decode
+def test_opcheck_decode_ops():
+    x, w, b, a, bb, _ = _inputs(5, 256, 128, 8, torch.bfloat16)
+    torch.library.opcheck(fastpeft.cuda_ext.lora_decode_op, (x.detach(), w, b, a.detach(), bb.detach(), 0.5))
+    h = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    wd, wu = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16), torch.randn(256, 32, device="cuda",
+                                                                                      dtype=torch.bfloat16)
+    torch.library.opcheck(fastpeft.cuda_ext.adapter_decode_op, (h, wd, None, wu, None, None, 0.5, "gelu"))
+
+
+def test_compiled_model_on_gpu_has_no_graph_breaks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).cuda().bfloat16()
+    fastpeft.apply_lora(model, target_modules=["0", "2"], r=8, lora_dropout=0.1, init_lora_weights=False)
+    fastpeft.apply_adapters(model, ["2"], {"reduction_factor": 8})
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    for grad in (True, False):  # training (triton) and inference (the cuda decode kernel where built)
+        with torch.set_grad_enabled(grad):
+            explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    model.eval()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= TOLERANCE[torch.bfloat16]

@@ -1,6 +1,12 @@
-"""Functional ops: one file per op, each with its reference, autograd Function and dispatch."""
-from .adapter_bottleneck import AdapterBottleneckFunction, adapter_bottleneck, adapter_bottleneck_reference
-from .lora_linear import LoraLinearFunction, dropout_mask, lora_linear, lora_linear_reference
+"""Functional ops: one file per op, each with its reference, torch.library registration and dispatch."""
+from .adapter_bottleneck import (
+    adapter_bottleneck,
+    adapter_bottleneck_backward,
+    adapter_bottleneck_forward,
+    adapter_bottleneck_reference,
+)
+from .lora_linear import dropout_mask, lora_linear, lora_linear_backward, lora_linear_forward, lora_linear_reference
 
-__all__ = ["AdapterBottleneckFunction", "LoraLinearFunction", "adapter_bottleneck", "adapter_bottleneck_reference",
-           "dropout_mask", "lora_linear", "lora_linear_reference"]
+__all__ = ["adapter_bottleneck", "adapter_bottleneck_backward", "adapter_bottleneck_forward",
+           "adapter_bottleneck_reference", "dropout_mask", "lora_linear", "lora_linear_backward",
+           "lora_linear_forward", "lora_linear_reference"]

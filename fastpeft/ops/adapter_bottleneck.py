@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..backends import select_backend
 from ._checks import check_finite_number, check_same_device
@@ -58,61 +59,105 @@ def adapter_bottleneck_reference(h, w_down, b_down, w_up, b_up, scaling=1.0, act
     return (h if residual is None else residual) + scaling * up
 
 
-class AdapterBottleneckFunction(torch.autograd.Function):
-    """Autograd of the bottleneck adapter on 2-D h (M, d); ``backend`` is "torch" or "triton".
+# torch.library ops (see lora_linear.py): opaque to torch.compile, with fake implementations and registered
+# autograd. torch: forward writes the output with one addmm, [act(pre), 1] · [W_uᵀ; b_u] accumulated onto the
+# residual, so the up bias and the scale cost no extra pass over M×d. triton: two fused GEMMs (kernels/adapter.py).
+# Both save h and the pre-activation (M×m) only; the weight gradients are torch GEMMs on either backend.
 
-    torch: forward writes the output with one addmm, [act(pre), 1] · [W_uᵀ; b_u] accumulated onto the residual,
-    so the up bias and the scale cost no extra pass over M×d. triton: two fused GEMMs (see kernels/adapter.py).
-    Both save h and the pre-activation (M×m) only; the weight gradients are torch GEMMs on either backend.
+def _check_backend(backend: str) -> None:
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton' for the autograd op, got {backend!r}")
+
+
+@torch.library.custom_op("fastpeft::adapter_bottleneck_forward", mutates_args=())
+def adapter_bottleneck_forward(h: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
+                               residual: Tensor | None, scaling: float, activation: str, backend: str
+                               ) -> tuple[Tensor, Tensor]:
+    """Forward on 2-D h (M, d): ``(out, pre)``, pre = h W_dᵀ + b_d (M, m) being what backward needs."""
+    _check_backend(backend)
+    if backend == "triton":
+        from ..kernels import adapter as triton_adapter
+        return triton_adapter.adapter_fwd(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
+    pre = torch.mm(h, w_down.t()) if b_down is None else torch.addmm(b_down, h, w_down.t())
+    act = activate(pre, activation)
+    base = h if residual is None else residual
+    if b_up is None:
+        return torch.addmm(base, act, w_up.t(), alpha=scaling), pre
+    ones = torch.ones(act.shape[0], 1, dtype=act.dtype, device=act.device)
+    return torch.addmm(base, torch.cat([act, ones], 1), torch.cat([w_up.t(), b_up[None]], 0), alpha=scaling), pre
+
+
+@adapter_bottleneck_forward.register_fake
+def _(h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend):
+    _check_backend(backend)
+    return h.new_empty(h.shape), h.new_empty((h.shape[0], w_down.shape[0]))
+
+
+@torch.library.custom_op("fastpeft::adapter_bottleneck_backward", mutates_args=())
+def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tensor, pre: Tensor, scaling: float,
+                                activation: str, has_residual: bool, backend: str, needs_dh: bool,
+                                needs_dw_down: bool, needs_db_down: bool, needs_dw_up: bool, needs_db_up: bool
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dh, dW_d, db_d, dW_u, db_u)`` for 2-D g (M, d); a gradient not asked for comes back empty.
+
+    dh excludes the residual's own gradient (g) when a separate residual was given.
     """
-
-    @staticmethod
-    def forward(ctx, h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend):
+    _check_backend(backend)
+    dh, dwd, dbd, dwu, dbu = (g.new_empty(0) for _ in range(5))  # distinct: an op's outputs may not alias
+    if needs_dw_up:
+        dwu = torch.mm(g.t(), activate(pre, activation)).mul_(scaling)
+    if needs_db_up:
+        dbu = g.sum(0).mul_(scaling)
+    if needs_dh or needs_dw_down or needs_db_down:
         if backend == "triton":
             from ..kernels import adapter as triton_adapter
-            out, pre = triton_adapter.adapter_fwd(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
+            dpre, dh = triton_adapter.adapter_bwd_inputs(g, w_down, w_up, pre, scaling, activation,
+                                                         not has_residual, needs_dh)
+            dpre, dh = dpre.to(h.dtype), dh if dh is not None else g.new_empty(0)
         else:
-            pre = torch.mm(h, w_down.t()) if b_down is None else torch.addmm(b_down, h, w_down.t())
-            act = activate(pre, activation)
-            base = h if residual is None else residual
-            if b_up is None:
-                out = torch.addmm(base, act, w_up.t(), alpha=scaling)
-            else:
-                ones = torch.ones(act.shape[0], 1, dtype=act.dtype, device=act.device)
-                out = torch.addmm(base, torch.cat([act, ones], 1), torch.cat([w_up.t(), b_up[None]], 0),
-                                  alpha=scaling)
-        ctx.save_for_backward(h, w_down, w_up, pre)
-        ctx.scaling, ctx.activation, ctx.has_residual, ctx.backend = scaling, activation, residual is not None, backend
-        return out
+            dpre = torch.mm(g, w_up).mul_(scaling).mul_(activation_grad(pre, activation))
+            if needs_dh:
+                # The residual's gradient (g) is folded into the same GEMM when the residual is h itself.
+                dh = torch.mm(dpre, w_down) if has_residual else torch.addmm(g, dpre, w_down)
+        if needs_dw_down:
+            dwd = torch.mm(dpre.t(), h)
+        if needs_db_down:
+            dbd = dpre.sum(0)
+    return dh, dwd, dbd, dwu, dbu
 
-    @staticmethod
-    def backward(ctx, g):
-        h, w_down, w_up, pre = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        s = ctx.scaling
-        dh = dwd = dbd = dwu = dbu = dres = None
-        if needs[3]:
-            dwu = torch.mm(g.t(), activate(pre, ctx.activation)).mul_(s)
-        if needs[4]:
-            dbu = g.sum(0).mul_(s)
-        if needs[0] or needs[1] or needs[2]:
-            if ctx.backend == "triton":
-                from ..kernels import adapter as triton_adapter
-                dpre, dh = triton_adapter.adapter_bwd_inputs(g, w_down, w_up, pre, s, ctx.activation,
-                                                             not ctx.has_residual, needs[0])
-                dpre = dpre.to(h.dtype)
-            else:
-                dpre = torch.mm(g, w_up).mul_(s).mul_(activation_grad(pre, ctx.activation))
-                if needs[0]:
-                    # The residual's gradient (g) is folded into the same GEMM when the residual is h itself.
-                    dh = torch.mm(dpre, w_down) if ctx.has_residual else torch.addmm(g, dpre, w_down)
-            if needs[1]:
-                dwd = torch.mm(dpre.t(), h)
-            if needs[2]:
-                dbd = dpre.sum(0)
-        if ctx.has_residual and needs[5]:
-            dres = g
-        return dh, dwd, dbd, dwu, dbu, dres, None, None, None
+
+@adapter_bottleneck_backward.register_fake
+def _(g, h, w_down, w_up, pre, scaling, activation, has_residual, backend, needs_dh, needs_dw_down, needs_db_down,
+      needs_dw_up, needs_db_up):
+    _check_backend(backend)
+    m, d = w_down.shape
+
+    def grad(needed, shape):
+        return g.new_empty(shape if needed else (0,))
+
+    return (grad(needs_dh, h.shape), grad(needs_dw_down, (m, d)), grad(needs_db_down, (m,)),
+            grad(needs_dw_up, (d, m)), grad(needs_db_up, (d,)))
+
+
+def _setup_context(ctx, inputs, output):
+    h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(h, w_down, w_up, output[1])
+    ctx.scaling, ctx.activation, ctx.has_residual, ctx.backend = scaling, activation, residual is not None, backend
+
+
+def _backward(ctx, g, unused):
+    if g is None:
+        return (None,) * 9
+    needs = ctx.needs_input_grad
+    grads = adapter_bottleneck_backward(g, *ctx.saved_tensors, ctx.scaling, ctx.activation, ctx.has_residual,
+                                        ctx.backend, *needs[:5])
+    dres = g if ctx.has_residual and needs[5] else None
+    return (*(grad if need else None for grad, need in zip(grads, needs[:5], strict=True)), dres, None, None, None)
+
+
+adapter_bottleneck_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
@@ -143,8 +188,6 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
     check_finite_number("scaling", scaling)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-
-
 
 
 def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="relu", residual=None, backend=None):
@@ -180,8 +223,9 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
     name = select_backend(backend, tensors, op_reasons)
     if name == "cuda":
         from .. import cuda_ext
-        out = cuda_ext.adapter_decode(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation)
+        # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
+        decode = cuda_ext.adapter_decode_op if torch.compiler.is_compiling() else cuda_ext.adapter_decode
+        out = decode(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation)
         return out.reshape(h.shape)
-    out = AdapterBottleneckFunction.apply(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling),
-                                          activation, name)
+    out = adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, name)[0]
     return out.reshape(h.shape)

@@ -10,6 +10,7 @@ import math
 import numbers
 
 import torch
+from torch import Tensor
 
 from ..backends import select_backend
 from ._checks import check_finite_number, check_same_device
@@ -97,39 +98,106 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd: one Function for both backends; W is frozen, so it never gets a gradient.
+# torch.library ops: what autograd and torch.compile see. Each op is opaque to the compiler (the kernels inside
+# are ours), has a fake implementation giving its outputs' shapes and dtypes, and forward's autograd is
+# registered, so a compiled model keeps fastpeft's kernels with no graph break. Both backends share them.
 # ----------------------------------------------------------------------------------------------------------
 
-class LoraLinearFunction(torch.autograd.Function):
-    """Autograd of the LoRA linear on 2-D ``x`` (M, K); ``backend`` is "torch" or "triton"."""
+_SEED_BOUND = 2**31 - 1
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        if backend == "triton":
-            from ..kernels import lora as triton_lora
-            y, s = triton_lora.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-            drop = None
-        else:
-            y, s, drop = _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        needs_x = ctx.needs_input_grad[3]
-        ctx.save_for_backward(x if needs_x else None, weight, lora_A, lora_B, s, drop)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
-        return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, s, drop = ctx.saved_tensors
-        needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
-        if ctx.backend == "triton":
-            from ..kernels import lora as triton_lora
-            dx, da, db, dbias = triton_lora.lora_bwd(
-                dy, x, weight, lora_A, lora_B, s, ctx.scaling, ctx.dropout_p, ctx.seed,
-                needs_dx, needs_da, needs_db, needs_dbias)
-        else:
-            dx, da, db, dbias = _torch_lora_bwd(
-                dy, x, weight, lora_A, lora_B, s, drop, ctx.scaling, ctx.dropout_p,
-                needs_dx, needs_da, needs_db, needs_dbias)
-        return dx, None, dbias, da, db, None, None, None, None
+def _check_backend(backend: str) -> None:
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton' for the autograd op, got {backend!r}")
+
+
+@torch.library.custom_op("fastpeft::lora_linear_forward", mutates_args=())
+def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                        scaling: float, dropout_p: float, seed: int, backend: str
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward on 2-D x (M, K): ``(y, S, drop, seed)``.
+
+    S = drop(x) Aᵀ (M, r; fp32 on triton, x's dtype on torch) and drop (the torch backend's (M, K) bool mask,
+    else empty) are what backward needs; seed (0-d int64) is the dropout seed used. A negative ``seed`` draws
+    one from torch's global generator here, inside the op, so a compiled graph draws it exactly like eager.
+    """
+    _check_backend(backend)
+    if dropout_p > 0.0 and seed < 0:
+        seed = int(torch.randint(0, _SEED_BOUND, ()).item())
+    seed = max(seed, 0)
+    if backend == "triton":
+        from ..kernels import lora as triton_lora
+        y, s = triton_lora.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        drop = None
+    else:
+        y, s, drop = _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    if drop is None:
+        drop = torch.empty(0, dtype=torch.bool, device=x.device)
+    return y, s, drop, torch.tensor(seed, dtype=torch.int64)
+
+
+@lora_linear_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    _check_backend(backend)
+    M, K = x.shape
+    s_dtype = torch.float32 if backend == "triton" else x.dtype
+    drop_shape = (M, K) if backend == "torch" and dropout_p > 0.0 else (0,)
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=s_dtype),
+            x.new_empty(drop_shape, dtype=torch.bool), torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
+def lora_linear_backward(dy: Tensor, x: Tensor | None, weight: Tensor, lora_A: Tensor, lora_B: Tensor, s: Tensor,
+                         drop: Tensor, seed: Tensor, scaling: float, dropout_p: float, backend: str,
+                         needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB, dbias)`` for 2-D dy (M, N); a gradient not asked for comes back as an empty tensor.
+
+    x is only read (and only needed) for dA. dA, dB are in the adapters' dtype, dx and dbias in dy's.
+    """
+    _check_backend(backend)
+    if backend == "triton":
+        from ..kernels import lora as triton_lora
+        grads = triton_lora.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed),
+                                     needs_dx, needs_da, needs_db, needs_dbias)
+    else:
+        grads = _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop if dropout_p > 0.0 else None, scaling,
+                                dropout_p, needs_dx, needs_da, needs_db, needs_dbias)
+    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+
+
+@lora_linear_backward.register_fake
+def _(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, backend,
+      needs_dx, needs_da, needs_db, needs_dbias):
+    _check_backend(backend)
+    M, N = dy.shape
+    return (dy.new_empty((M, lora_A.shape[1]) if needs_dx else (0,)),
+            lora_A.new_empty(lora_A.shape) if needs_da else dy.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if needs_db else dy.new_empty(0),
+            dy.new_empty((N,) if needs_dbias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    _, s, drop, seed_used = output
+    ctx.mark_non_differentiable(s, drop, seed_used)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for S and the mask
+    # x is kept only for dA; W is frozen, so it never gets a gradient.
+    ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, s, drop, seed_used)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
+
+
+def _backward(ctx, dy, *unused):
+    if dy is None:
+        return (None,) * 9
+    needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
+    dx, da, db, dbias = lora_linear_backward(dy, *ctx.saved_tensors, ctx.scaling, ctx.dropout_p, ctx.backend,
+                                             needs_dx, needs_da, needs_db, needs_dbias)
+    return (dx if needs_dx else None, None, dbias if needs_dbias else None, da if needs_da else None,
+            db if needs_db else None, None, None, None, None)
+
+
+lora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,6 +273,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
+                                     or not 0 <= dropout_seed < 2**63):
+        raise ValueError(f"dropout_seed must be None or an integer in [0, 2**63), got {dropout_seed!r}")
     tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
     p = float(dropout_p) if training else 0.0
     lead = x.shape[:-1]
@@ -226,12 +297,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     name = select_backend(backend, tensors, op_reasons)
     if name == "cuda":
         from .. import cuda_ext
-        y = cuda_ext.lora_decode(x2d, weight, bias, lora_A, lora_B, float(scaling))
+        # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
+        decode = cuda_ext.lora_decode_op if torch.compiler.is_compiling() else cuda_ext.lora_decode
+        y = decode(x2d, weight, bias, lora_A, lora_B, float(scaling))
         return y.reshape(*lead, weight.shape[0])
-    seed = 0
-    if p > 0.0:
-        seed = int(dropout_seed) if dropout_seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    y = LoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)
+    seed = -1 if dropout_seed is None else int(dropout_seed)
+    y = lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)[0]
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -1,0 +1,132 @@
+"""torch.library registration: opcheck on every op, and torch.compile(fullgraph=True) without graph breaks."""
+import pytest
+import torch
+from conftest import backend_params, rel_err
+from torch import nn
+
+import fastpeft
+from fastpeft.ops import (
+    adapter_bottleneck_backward,
+    adapter_bottleneck_forward,
+    lora_linear_backward,
+    lora_linear_forward,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def lora_inputs(M=12, K=24, N=20, r=4, dtype=torch.float32, device="cpu", bias=True, grad=True):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+
+    def rand(*shape, requires_grad=False):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(requires_grad)
+
+    return (rand(M, K, requires_grad=grad), rand(N, K), rand(N, requires_grad=grad) if bias else None,
+            rand(r, K, requires_grad=grad), rand(N, r, requires_grad=grad))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_lora_ops(backend, device, dropout_p, bias):
+    x, w, b, a, bb = lora_inputs(device=device, bias=bias)
+    torch.library.opcheck(lora_linear_forward, (x, w, b, a, bb, 0.5, dropout_p, 7, backend))
+    y, s, drop, seed = lora_linear_forward(x, w, b, a, bb, 0.5, dropout_p, 7, backend)
+    dy = torch.randn_like(y)
+    for needs in [(True, True, True, bias), (False, True, False, False), (True, False, True, False)]:
+        torch.library.opcheck(lora_linear_backward,
+                              (dy, x.detach(), w, a.detach(), bb.detach(), s, drop, seed, 0.5, dropout_p, backend,
+                               *needs))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_opcheck_adapter_ops(backend, device, residual, activation):
+    g = torch.Generator().manual_seed(3)
+    M, d, m = 10, 24, 8
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g)).to(device).requires_grad_(True)
+
+    h, wd, bd, wu, bu = rand(M, d), rand(m, d, scale=0.2), rand(m), rand(d, m, scale=0.2), rand(d)
+    res = rand(M, d) if residual else None
+    torch.library.opcheck(adapter_bottleneck_forward, (h, wd, bd, wu, bu, res, 0.7, activation, backend))
+    out, pre = adapter_bottleneck_forward(h, wd, bd, wu, bu, res, 0.7, activation, backend)
+    dy = torch.randn_like(out)
+    detached = [t.detach() for t in (h, wd, wu)]
+    for needs in [(True,) * 5, (False, True, False, True, False), (True, False, True, False, True)]:
+        torch.library.opcheck(adapter_bottleneck_backward,
+                              (dy, detached[0], detached[1], detached[2], pre, 0.7, activation, residual, backend,
+                               *needs))
+
+
+def test_ops_refuse_backends_they_do_not_serve():
+    x, w, b, a, bb = lora_inputs(grad=False)
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'triton'"):
+        lora_linear_forward(x, w, b, a, bb, 1.0, 0.0, 0, "cuda")
+
+
+class TinyBlock(nn.Module):
+    """Two projections with a nonlinearity between, LoRA'd, then a bottleneck adapter."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def lora_model(dropout=0.0, backend=None):
+    torch.manual_seed(0)
+    model = fastpeft.apply_lora(TinyBlock(), target_modules=["up", "down"], r=4, lora_alpha=8,
+                                lora_dropout=dropout, init_lora_weights=False, backend=backend)
+    fastpeft.apply_adapters(model, ["down"], {"reduction_factor": 4, "activation": "gelu"}, backend=backend)
+    for layer in fastpeft.lora_layers(model).values():  # apply_adapters froze everything but the adapter
+        layer.adapters.requires_grad_(True)
+    return model
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_explain_reports_no_graph_breaks(backend, device):
+    model = lora_model(dropout=0.1, backend=backend).to(device)
+    x = torch.randn(3, 5, 16, device=device)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_fullgraph_compile_matches_eager_with_dropout(compiler):
+    torch._dynamo.reset()
+    eager, compiled_model = lora_model(dropout=0.2), lora_model(dropout=0.2)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compiler)
+    x = torch.randn(4, 6, 16)
+    for step in range(2):  # the second step runs the cached graph
+        # The dropout seed is drawn inside the op from torch's generator, so compiled runs draw eager's masks.
+        torch.manual_seed(step)
+        y_eager = eager(x)
+        y_eager.square().mean().backward()
+        torch.manual_seed(step)
+        y_compiled = compiled(x)
+        y_compiled.square().mean().backward()
+        assert rel_err(y_compiled, y_eager) < 1e-5
+        eager_grads, compiled_grads = grads(eager), grads(compiled_model)
+        assert eager_grads.keys() == compiled_grads.keys() and len(eager_grads) == 8
+        for name, g in eager_grads.items():
+            assert rel_err(compiled_grads[name], g) < 1e-5, name
+
+
+def test_compile_with_the_triton_backend_under_the_interpreter():
+    if fastpeft.backends.not_supported_reasons("triton", [torch.empty(1)]):
+        pytest.skip("Triton cannot run CPU tensors here")
+    torch._dynamo.reset()
+    eager = lora_model(backend="triton")
+    compiled = torch.compile(lora_model(backend="triton"), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16)
+    assert rel_err(compiled(x), eager(x)) < 1e-5
