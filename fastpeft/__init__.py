@@ -26,6 +26,7 @@ from .ops import (
     lora_linear,
     lora_linear_reference,
 )
+from .peft_convert import from_peft, to_peft
 from .peft_io import AdapterFileError, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError",
     "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear",
     "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
-    "backend_status", "delete_adapter", "dropout_mask", "find_targets", "load_adapter", "lora_layers",
+    "backend_status", "delete_adapter", "dropout_mask", "find_targets", "from_peft", "load_adapter", "lora_layers",
     "lora_linear", "lora_linear_reference", "merge_and_unload", "remove_adapters", "save_adapter", "set_adapter",
+    "to_peft",
 ]

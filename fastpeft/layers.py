@@ -21,6 +21,11 @@ def _check_adapter_name(name) -> None:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
 
 
+def _check_base(base) -> None:
+    if not isinstance(base, nn.Linear) or isinstance(base, LoraLinear):
+        raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+
+
 def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, autocast_adapter_dtype):
     """An adapter for ``base``: fp32 on a half-precision base when ``autocast_adapter_dtype`` (HF PEFT's default)."""
     dtype = base.weight.dtype
@@ -36,19 +41,37 @@ class LoraAdapter(nn.Module):
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                  init_lora_weights=True, device=None, dtype=None):
         super().__init__()
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        self._set_hyperparameters(r, lora_alpha, lora_dropout, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.reset_parameters(init_lora_weights)
+
+    @classmethod
+    def from_parameters(cls, lora_A: nn.Parameter, lora_B: nn.Parameter, lora_alpha, lora_dropout=0.0,
+                        use_rslora=False) -> LoraAdapter:
+        """An adapter holding the given parameters themselves (not copies): lora_A (r, in), lora_B (out, r)."""
+        for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, nn.Parameter) or t.dim() != 2:
+                raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__}")
+        if lora_B.shape[1] != lora_A.shape[0]:
+            raise ValueError(f"lora_B {tuple(lora_B.shape)} does not fit lora_A {tuple(lora_A.shape)}")
+        adapter = cls.__new__(cls)
+        nn.Module.__init__(adapter)
+        adapter._set_hyperparameters(lora_A.shape[0], lora_alpha, lora_dropout, use_rslora)
+        adapter.lora_A, adapter.lora_B = lora_A, lora_B
+        return adapter
+
+    def _set_hyperparameters(self, r, lora_alpha, lora_dropout, use_rslora):
         _check_positive_int("r", r)
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
                 or not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
         self.r, self.lora_alpha = int(r), lora_alpha
         self.lora_dropout, self.use_rslora = float(lora_dropout), bool(use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
-        self.reset_parameters(init_lora_weights)
 
     @property
     def scaling(self) -> float:
@@ -90,18 +113,48 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                  init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True, backend=None):
         super().__init__()
-        if not isinstance(base, nn.Linear) or isinstance(base, LoraLinear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        _check_base(base)
         _check_adapter_name(adapter_name)
         adapter = _new_adapter(base, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                                autocast_adapter_dtype)
+        self._init_state(base, {adapter_name: adapter}, adapter_name, backend)
+        base.requires_grad_(False)
+        self.train(base.training)  # wrapping a layer of an eval-mode model must not switch dropout on
+
+    @classmethod
+    def from_adapters(cls, base: nn.Linear, adapters: dict[str, LoraAdapter], active_adapter: str, *,
+                      backend=None) -> LoraLinear:
+        """A layer around ``base`` holding the given adapters themselves (their parameters are not copied).
+
+        ``base.weight`` must be frozen already (its bias may train); nothing is changed on ``base``.
+        """
+        _check_base(base)
+        if base.weight.requires_grad:
+            raise ValueError("base.weight must be frozen (requires_grad=False)")
+        if not adapters:
+            raise ValueError("adapters must hold at least one adapter")
+        for name, adapter in adapters.items():
+            _check_adapter_name(name)
+            if not isinstance(adapter, LoraAdapter):
+                raise TypeError(f"adapters[{name!r}] must be a LoraAdapter, got {type(adapter).__name__}")
+            a, b = adapter.lora_A, adapter.lora_B
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise ValueError(f"adapter {name!r} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}) does not "
+                                 f"fit {base.in_features} -> {base.out_features}")
+        if active_adapter not in adapters:
+            raise KeyError(f"active_adapter {active_adapter!r} is not one of {list(adapters)}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_state(base, adapters, active_adapter, backend)
+        return layer
+
+    def _init_state(self, base, adapters, active_adapter, backend):
         self.base_layer = base
-        self.adapters = nn.ModuleDict({adapter_name: adapter})
-        self.active_adapter = adapter_name
+        self.adapters = nn.ModuleDict(adapters)
+        self.active_adapter = active_adapter
         self.merged_adapter: str | None = None  # the adapter folded into the base weight, if any
         self.adapters_enabled = True
         self.backend = backend
-        base.requires_grad_(False)
 
     @property
     def merged(self) -> bool:
@@ -278,6 +331,7 @@ class AdaptedModule(nn.Module):
         if mode not in ("sequential", "parallel"):
             raise ValueError(f"mode must be 'sequential' or 'parallel', got {mode!r}")
         self.module, self.adapter, self.mode = module, adapter, mode
+        self.train(module.training)
 
     def forward(self, *args, **kwargs):
         out = self.module(*args, **kwargs)

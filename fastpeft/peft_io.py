@@ -45,33 +45,51 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
-    """Write the LoRA adapter ``adapter_name`` of every LoraLinear in ``model`` to the folder ``path``, so that
-    ``peft.PeftModel.from_pretrained(base_model, path)`` loads it."""
+def peft_lora_config(layers: dict[str, LoraLinear], adapter_name: str) -> dict:
+    """PEFT's LoraConfig fields for adapter ``adapter_name`` of the LoRA ``layers`` (by qualified name).
+
+    The most common rank and alpha become ``r`` / ``lora_alpha``, the others per-layer patterns keyed by full name
+    (PEFT matches those exactly, so it wraps exactly these layers). PEFT has one dropout and one ``use_rslora`` per
+    adapter: layers that disagree on them raise ``ValueError`` rather than be saved as something else.
+    """
+    adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
+    for field in ("lora_dropout", "use_rslora"):
+        values = {name: getattr(adapter, field) for name, adapter in adapters.items()}
+        if len(set(values.values())) > 1:
+            raise ValueError(f"PEFT's format has one {field} per adapter; the layers of adapter {adapter_name!r} "
+                             f"disagree: {values}")
+    ranks = {name: adapter.r for name, adapter in adapters.items()}
+    alphas = {name: adapter.lora_alpha for name, adapter in adapters.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    first = next(iter(adapters.values()))
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "lora_dropout": first.lora_dropout,
+        "target_modules": sorted(adapters),
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "use_rslora": first.use_rslora, "init_lora_weights": True, **_UNSUPPORTED,
+    }
+
+
+def _layers_with_adapter(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and adapter_name in m.adapters}
     if not layers:
         raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r}")
-    tensors, ranks, alphas, dropouts, rslora = {}, {}, {}, set(), set()
+    return layers
+
+
+def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
+    """Write the LoRA adapter ``adapter_name`` of every LoraLinear in ``model`` to the folder ``path``, so that
+    ``peft.PeftModel.from_pretrained(base_model, path)`` loads it."""
+    layers = _layers_with_adapter(model, adapter_name)
+    config = peft_lora_config(layers, adapter_name)
+    tensors = {}
     for name, layer in layers.items():
         adapter = layer.adapters[adapter_name]
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach().contiguous().cpu()
-        ranks[name], alphas[name] = adapter.r, adapter.lora_alpha
-        dropouts.add(adapter.lora_dropout)
-        rslora.add(adapter.use_rslora)
-    if len(rslora) > 1:
-        raise ValueError("PEFT's format has one use_rslora per adapter; the layers disagree")
-    r = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": r, "lora_alpha": alpha, "lora_dropout": max(dropouts),
-        # Full names: PEFT matches them exactly, so it wraps exactly the layers this file holds.
-        "target_modules": sorted(layers),
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "use_rslora": rslora.pop(), "init_lora_weights": True, **_UNSUPPORTED,
-    }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

@@ -101,6 +101,27 @@ def test_wraps_and_freezes_base():
     assert (layer.in_features, layer.out_features) == (20, 10)
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert trainable == {"adapters.default.lora_A", "adapters.default.lora_B"}
+    assert fastpeft.LoraLinear(nn.Linear(4, 4).eval()).training is False  # an eval model stays in eval
+
+
+def test_layer_from_existing_parameters_shares_them():
+    base = nn.Linear(6, 5).requires_grad_(False)
+    a, b = nn.Parameter(torch.randn(2, 6)), nn.Parameter(torch.randn(5, 2))
+    adapter = fastpeft.LoraAdapter.from_parameters(a, b, lora_alpha=4, use_rslora=True)
+    layer = fastpeft.LoraLinear.from_adapters(base, {"x": adapter}, "x")
+    assert layer.lora_A is a and layer.lora_B is b and layer.scaling == 4 / 2 ** 0.5
+    x = torch.randn(3, 6)
+    assert torch.allclose(layer(x), base(x) + layer.scaling * x @ a.t() @ b.t(), atol=1e-6)
+    with pytest.raises(TypeError, match="lora_A must be a 2-D nn.Parameter"):
+        fastpeft.LoraAdapter.from_parameters(torch.randn(2, 6), b, 4)
+    with pytest.raises(ValueError, match="does not fit lora_A"):
+        fastpeft.LoraAdapter.from_parameters(a, nn.Parameter(torch.randn(5, 3)), 4)
+    with pytest.raises(ValueError, match="does not fit 7 -> 5"):
+        fastpeft.LoraLinear.from_adapters(nn.Linear(7, 5).requires_grad_(False), {"x": adapter}, "x")
+    with pytest.raises(ValueError, match="must be frozen"):
+        fastpeft.LoraLinear.from_adapters(nn.Linear(6, 5), {"x": adapter}, "x")
+    with pytest.raises(KeyError, match="active_adapter 'y'"):
+        fastpeft.LoraLinear.from_adapters(base, {"x": adapter}, "y")
 
 
 def test_init_rules_follow_peft():

@@ -1,0 +1,200 @@
+"""Hugging Face PEFT models in memory: ``from_peft`` swaps PEFT's LoRA layers for :class:`LoraLinear` holding the very
+same parameters; ``to_peft`` builds a ``PeftModel`` around fastpeft's parameters. Neither copies a weight, so an
+optimizer made before a conversion keeps training the converted model.
+
+Everything is checked before the model changes: a PEFT feature fastpeft lacks is named in the error, never dropped.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from .layers import LoraAdapter, LoraLinear
+from .model import _set_submodule, lora_layers
+from .peft_io import _layers_with_adapter, peft_lora_config
+
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("converting to or from HF PEFT needs the peft package (pip install peft)") from None
+    return peft
+
+
+def _dropout_p(module: nn.Module) -> float | None:
+    if isinstance(module, nn.Identity):
+        return 0.0
+    if type(module) is nn.Dropout:
+        return float(module.p)
+    return None
+
+
+def _active_adapters(layer) -> list[str]:
+    """The adapters a PEFT layer runs: the model-wide active names that this layer has."""
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def _layer_problems(layer) -> list[str]:
+    """Why a PEFT tuner layer cannot become a LoraLinear with identical behaviour; empty when it can."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    if type(layer) is not PeftLoraLinear:
+        return [f"{type(layer).__module__}.{type(layer).__qualname__} (fastpeft converts LoRA on nn.Linear only)"]
+    problems = []
+    base = layer.base_layer
+    if not isinstance(base, nn.Linear) or isinstance(base, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        problems.append(f"base layer is a {type(base).__name__}, not a plain nn.Linear")
+    elif not base.weight.dtype.is_floating_point:
+        problems.append(f"base weight has dtype {base.weight.dtype} (quantized bases are not supported)")
+    elif base.weight.requires_grad:
+        problems.append("base weight is trainable (fastpeft keeps it frozen)")
+    if layer.fan_in_fan_out:
+        problems.append("fan_in_fan_out=True (transposed Conv1D weights)")
+    if len(layer.lora_embedding_A):
+        problems.append("LoRA on embeddings")
+    for variant_name, variant in getattr(layer, "lora_variant", {}).items():
+        problems.append(f"adapter {variant_name!r} uses the LoRA variant {type(variant).__name__}")
+    for name in layer.lora_A:
+        if layer.use_dora.get(name):
+            problems.append(f"adapter {name!r} uses DoRA (use_dora=True)")
+        if layer.lora_bias.get(name) or layer.lora_B[name].bias is not None or layer.lora_A[name].bias is not None:
+            problems.append(f"adapter {name!r} has a LoRA bias (lora_bias=True)")
+        if _dropout_p(layer.lora_dropout[name]) is None:
+            problems.append(f"adapter {name!r} has dropout module {type(layer.lora_dropout[name]).__name__}")
+        r, alpha, rslora = layer.r[name], layer.lora_alpha[name], layer.use_rslora.get(name, False)
+        expected = alpha / (math.sqrt(r) if rslora else r)
+        if not math.isclose(layer.scaling[name], expected, rel_tol=1e-12, abs_tol=0.0):
+            problems.append(f"adapter {name!r} has scaling {layer.scaling[name]} instead of lora_alpha/r = {expected} "
+                            "(changed by set_scale or scale_layer)")
+    active = _active_adapters(layer)
+    if len(active) > 1:
+        problems.append(f"{len(active)} active adapters {active} (fastpeft runs one at a time)")
+    elif not active:
+        problems.append(f"none of the active adapters {list(layer.active_adapters)} is on the layer")
+    merged = list(layer.merged_adapters)
+    if len(merged) > 1 or (merged and merged != active):
+        problems.append(f"merged adapters {merged} with active {active} (fastpeft merges the active adapter only)")
+    return problems
+
+
+def _model_problems(peft_model, model) -> list[str]:
+    from peft.utils.other import AuxiliaryTrainingWrapper
+    problems = []
+    for name, config in (getattr(peft_model, "peft_config", None) or {}).items():
+        peft_type = getattr(getattr(config, "peft_type", None), "value", None)
+        if peft_type != "LORA":
+            problems.append(f"adapter {name!r} has tuner type {peft_type or type(config).__name__} "
+                            "(fastpeft converts LoRA only)")
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            problems.append(f"{name}: {type(module).__name__} (modules_to_save / trainable_token_indices)")
+    return problems
+
+
+def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
+    """Swap every PEFT LoRA ``Linear`` in ``peft_model`` for a :class:`LoraLinear`, in place, and return the model.
+
+    ``peft_model`` is a ``peft.PeftModel`` (the underlying model, ``peft_model.get_base_model()``, is converted and
+    returned) or any module holding PEFT LoRA layers. Each new layer holds PEFT's own ``lora_A``/``lora_B``
+    parameters and base layer: same tensors, same outputs, with every adapter of the layer, its active adapter,
+    merge and enable state and training mode. Anything fastpeft would run differently (DoRA, LoRA biases,
+    embeddings, quantized bases, other tuner types, modules_to_save, several active adapters, ...) is listed in a
+    ``ValueError`` and nothing is changed. ``backend`` is set on the new layers.
+    """
+    peft = _require_peft()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"peft_model must be a peft.PeftModel or an nn.Module, got {type(peft_model).__name__}")
+    model = peft_model.get_base_model() if isinstance(peft_model, peft.PeftModel) else peft_model
+    if isinstance(model, BaseTunerLayer):
+        raise TypeError("peft_model is itself a PEFT layer; pass the model that contains it")
+    problems = _model_problems(peft_model, model)
+    tuner_layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    if not tuner_layers:
+        problems.append("the model has no PEFT LoRA layers")
+    where: dict[str, list[str]] = {}  # each problem once, with the layers that have it
+    for name, layer in tuner_layers.items():
+        for problem in _layer_problems(layer):
+            where.setdefault(problem, []).append(name)
+    for problem, names in where.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        problems.append(f"{problem}: {shown}")
+    if problems:
+        raise ValueError("from_peft: the model uses PEFT features fastpeft does not support (nothing was "
+                         "changed):\n  - " + "\n  - ".join(problems))
+    built = {name: _convert_layer(layer, backend) for name, layer in tuner_layers.items()}
+    for name, layer in built.items():
+        _set_submodule(model, name, layer)
+    # PEFT's bookkeeping on the model it wrapped; stale now, and get_peft_model would read it as existing adapters.
+    vars(model).pop("peft_config", None)
+    return model
+
+
+def _convert_layer(layer, backend) -> LoraLinear:
+    adapters = {name: LoraAdapter.from_parameters(layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                                  layer.lora_alpha[name], _dropout_p(layer.lora_dropout[name]),
+                                                  layer.use_rslora.get(name, False))
+                for name in layer.lora_A}
+    new = LoraLinear.from_adapters(layer.base_layer, adapters, _active_adapters(layer)[0], backend=backend)
+    new.merged_adapter = layer.merged_adapters[0] if layer.merged_adapters else None
+    new.adapters_enabled = not layer.disable_adapters
+    new.train(layer.training)
+    return new
+
+
+def to_peft(model: nn.Module):
+    """Wrap ``model``'s fastpeft LoRA layers as a ``peft.PeftModel`` holding the same parameters; returns it.
+
+    Every named adapter becomes a PEFT adapter (``LoraConfig`` with per-layer rank/alpha patterns); active adapter,
+    merge and enable state and ``requires_grad`` carry over. PEFT activates one adapter for the whole model, and
+    has one dropout and one ``use_rslora`` per adapter: layers that disagree raise ``ValueError`` with the model
+    unchanged (:func:`fastpeft.set_adapter` aligns the active adapters). ``model`` is changed in place: it becomes
+    the PeftModel's base model. :func:`from_peft` converts back.
+    """
+    peft = _require_peft()
+    if isinstance(model, LoraLinear) or not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a module containing LoraLinear layers, got {type(model).__name__}")
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no fastpeft LoRA layers")
+    active = {name: layer.active_adapter for name, layer in layers.items()}
+    if len(set(active.values())) > 1:
+        raise ValueError(f"PEFT activates one adapter for the whole model; the layers' active adapters differ: "
+                         f"{active} (fastpeft.set_adapter(model, name) aligns them)")
+    adapter_names = list(dict.fromkeys(name for layer in layers.values() for name in layer.adapters))
+    configs = {}
+    for adapter_name in adapter_names:
+        fields = peft_lora_config(_layers_with_adapter(model, adapter_name), adapter_name)
+        fields = {k: v for k, v in fields.items() if k != "peft_type"}
+        configs[adapter_name] = peft.LoraConfig(**{**fields, "inference_mode": False})
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.base_layer)
+    try:
+        first, *others = adapter_names
+        peft_model = peft.get_peft_model(model, configs[first], adapter_name=first)
+        for adapter_name in others:
+            peft_model.add_adapter(adapter_name, configs[adapter_name])
+        peft_model.set_adapter(next(iter(active.values())))
+        for name, layer in layers.items():
+            target = model.get_submodule(name)
+            for adapter_name, adapter in layer.adapters.items():
+                target.lora_A[adapter_name].weight = adapter.lora_A
+                target.lora_B[adapter_name].weight = adapter.lora_B
+                if not math.isclose(target.scaling[adapter_name], adapter.scaling, rel_tol=1e-12):
+                    raise RuntimeError(f"{name}: PEFT built scaling {target.scaling[adapter_name]} for adapter "
+                                       f"{adapter_name!r}, fastpeft has {adapter.scaling}")
+            if layer.merged:
+                target.merged_adapters = [layer.merged_adapter]
+            if not layer.adapters_enabled:
+                target.enable_adapters(False)
+            target.train(layer.training)
+    except BaseException:
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer)
+        raise
+    finally:
+        for param, flag in requires_grad:  # PEFT's set_adapter / enable_adapters retoggle them
+            param.requires_grad_(flag)
+    return peft_model

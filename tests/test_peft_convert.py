@@ -1,0 +1,214 @@
+"""HF PEFT both ways on a tiny Llama: from_peft / to_peft keep the very same parameters and outputs, save/load round
+trips through PEFT's files, and every PEFT feature fastpeft lacks is refused with the model unchanged."""
+import copy
+
+import pytest
+import torch
+
+import fastpeft
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0):
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tokens(seed=1):
+    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def close(a, b):
+    return torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def peft_llama(dropout=0.0, **extra):
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, use_rslora=True,
+                             init_lora_weights=False, rank_pattern={"down_proj": 2}, **extra)
+    model = peft.get_peft_model(tiny_llama(), config, adapter_name="task")
+    model.add_adapter("other", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+    return model
+
+
+def peft_layer_names(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+
+
+def test_from_peft_keeps_parameters_outputs_and_gradients():
+    theirs = peft_llama()
+    ids = tokens()
+    want = logits(theirs, ids)
+    theirs.train()
+    theirs(input_ids=ids, labels=ids).loss.backward()
+    trainable = [p for p in theirs.parameters() if p.requires_grad]
+    peft_grads = [p.grad.clone() for p in trainable]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    peft_a = {n: m.lora_A["task"].weight for n, m in theirs.base_model.model.named_modules()
+              if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+    ours = fastpeft.from_peft(theirs)
+    assert ours is theirs.get_base_model() and not peft_layer_names(ours)
+    layers = fastpeft.lora_layers(ours)
+    assert sorted(layers) == sorted(peft_a) and len(layers) == 14
+    for name, layer in layers.items():
+        assert layer.adapters["task"].lora_A is peft_a[name]  # the same Parameter, not a copy
+        assert layer.active_adapter == "task" and layer.training
+        assert layer.adapters["task"].use_rslora and layer.r == (2 if name.endswith("down_proj") else 4)
+    assert sorted(n for n, m in layers.items() if "other" in m.adapters) == sorted(
+        n for n in layers if n.endswith(("q_proj", "v_proj")))
+    ours.eval()
+    assert close(logits(ours, ids), want)
+
+    ours.train()
+    ours.zero_grad()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    assert [p for p in ours.parameters() if p.requires_grad] == trainable
+    for param, grad in zip(trainable, peft_grads, strict=True):
+        assert torch.allclose(param.grad, grad, rtol=1e-5, atol=1e-7)
+    optimizer.step()  # an optimizer made before the conversion trains the converted model
+    ours.eval()
+    assert not close(logits(ours, ids), want)
+
+
+def test_to_peft_and_back_keeps_the_same_tensors(tmp_path):
+    model = fastpeft.apply_lora(tiny_llama(), TARGETS, r=4, lora_alpha=8, lora_dropout=0.05,
+                                init_lora_weights=False)
+    fastpeft.apply_lora(model, ["v_proj"], r=2, lora_alpha=2, adapter_name="second", init_lora_weights=False)
+    ids = tokens()
+    want = logits(model, ids)
+    params = {n: (layer.adapters["default"].lora_A, layer.adapters["default"].lora_B)
+              for n, layer in fastpeft.lora_layers(model).items()}
+
+    theirs = fastpeft.to_peft(model)
+    assert isinstance(theirs, peft.PeftModel) and theirs.get_base_model() is model
+    assert sorted(theirs.peft_config) == ["default", "second"] and theirs.active_adapter == "default"
+    for name, (a, b) in params.items():
+        layer = model.get_submodule(name)
+        assert layer.lora_A["default"].weight is a and layer.lora_B["default"].weight is b
+        assert layer.lora_dropout["default"].p == 0.05 and a.requires_grad
+    assert close(logits(theirs, ids), want)
+
+    theirs.save_pretrained(str(tmp_path))  # PEFT's own files load into a fresh model, by PEFT and by fastpeft
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    assert close(logits(reloaded, ids), want)
+    assert close(logits(fastpeft.load_adapter(tiny_llama(), tmp_path).eval(), ids), want)
+
+    back = fastpeft.from_peft(theirs)
+    for name, (a, b) in params.items():
+        adapter = back.get_submodule(name).adapters["default"]
+        assert adapter.lora_A is a and adapter.lora_B is b
+    assert sorted(fastpeft.lora_layers(back)["model.layers.0.self_attn.v_proj"].adapters) == ["default", "second"]
+    assert close(logits(back, ids), want)
+
+
+def test_merge_and_disable_state_carry_over_both_ways():
+    theirs = peft_llama()
+    ids = tokens()
+    base_out = logits(tiny_llama(), ids)
+    want = logits(theirs, ids)
+    q = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    q.merge()
+    theirs.base_model.model.model.layers[1].mlp.down_proj.enable_adapters(False)
+    expected = logits(theirs, ids)
+    ours = fastpeft.from_peft(theirs)
+    layers = fastpeft.lora_layers(ours)
+    assert layers["model.layers.0.self_attn.q_proj"].merged_adapter == "task"
+    assert not layers["model.layers.1.mlp.down_proj"].adapters_enabled
+    assert close(logits(ours, ids), expected)
+    back = fastpeft.to_peft(ours)
+    assert close(logits(back, ids), expected)
+    q = back.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.merged_adapters == ["task"]
+    q.unmerge()
+    back.base_model.model.model.layers[1].mlp.down_proj.enable_adapters(True)
+    # merge + unmerge round the weight once each way, so this is as close as PEFT alone gets
+    assert torch.allclose(logits(back, ids), want, rtol=1e-5, atol=1e-5) and not close(want, base_out)
+
+
+def test_fastpeft_peft_fastpeft_files_round_trip(tmp_path):
+    model = fastpeft.apply_lora(tiny_llama(), TARGETS, r=4, lora_alpha=16, use_rslora=True, init_lora_weights=False,
+                                adapter_name="task")
+    ids = tokens()
+    want = logits(model, ids)
+    fastpeft.save_adapter(model, tmp_path / "ours", adapter_name="task")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"), adapter_name="task").eval()
+    assert close(logits(theirs, ids), want)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = fastpeft.load_adapter(tiny_llama(), tmp_path / "theirs" / "task", adapter_name="task").eval()
+    assert close(logits(back, ids), want)
+
+
+def _dora():
+    return peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+
+
+def _several_active():
+    model = peft_llama()
+    model.base_model.set_adapter(["task", "other"])
+    return model
+
+
+def _scaled():
+    model = peft_llama()
+    model.base_model.model.model.layers[0].self_attn.q_proj.set_scale("task", 0.5)
+    return model
+
+
+UNSUPPORTED = {
+    "dora": (_dora, "DoRA"),
+    "lora_bias": (lambda: peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                            lora_bias=True)), "LoRA bias"),
+    "embedding": (lambda: peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens",
+                                                                                                 "q_proj"])),
+                  "peft.tuners.lora.layer.Embedding"),
+    "modules_to_save": (lambda: peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])), "ModulesToSaveWrapper"),
+    "ia3": (lambda: peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                                      feedforward_modules=["down_proj"])),
+            "tuner type IA3"),
+    "several_active": (_several_active, "2 active adapters"),
+    "scaled": (_scaled, "set_scale"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSUPPORTED))
+def test_from_peft_refuses_what_it_cannot_run_the_same(case):
+    build, message = UNSUPPORTED[case]
+    theirs = build()
+    before = {n: type(m) for n, m in theirs.named_modules()}
+    with pytest.raises(ValueError, match="does not support") as err:
+        fastpeft.from_peft(theirs)
+    assert message in str(err.value)
+    assert {n: type(m) for n, m in theirs.named_modules()} == before
+
+
+def test_to_peft_refuses_what_peft_cannot_express():
+    model = fastpeft.apply_lora(tiny_llama(), ["q_proj"], r=2)
+    fastpeft.apply_lora(model, ["v_proj"], r=2, adapter_name="b")  # q: active default, v: active b
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="active adapters differ"):
+        fastpeft.to_peft(model)
+    for name, layer in fastpeft.lora_layers(model).items():
+        if name.endswith("v_proj"):
+            layer.add_adapter("default", lora_dropout=0.1)
+    fastpeft.set_adapter(model, "default")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="one lora_dropout per adapter"):
+        fastpeft.to_peft(model)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    with pytest.raises(ValueError, match="no fastpeft LoRA layers"):
+        fastpeft.to_peft(tiny_llama())
+    with pytest.raises(TypeError, match="peft_model must be"):
+        fastpeft.from_peft(copy)
