@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import AdaptedModule, BottleneckAdapter, LoraLinear
+from .layers import AdaptedModule, BottleneckAdapter, LoraAdapter, LoraLinear
 
 
 def _inside_lora_layer(name: str, lora_prefixes: list[str]) -> bool:
@@ -49,6 +49,15 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
     return matched
 
 
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    """Freeze the model's own parameters; the adapters already in it (LoRA or bottleneck) keep their flags."""
+    keep = [(p, p.requires_grad) for m in model.modules() if isinstance(m, (LoraAdapter, BottleneckAdapter))
+            for p in m.parameters()]
+    model.requires_grad_(False)
+    for param, flag in keep:
+        param.requires_grad_(flag)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -60,9 +69,10 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     """Replace every selected ``nn.Linear`` of ``model`` with a :class:`LoraLinear`, in place; a selected layer that
     is a LoraLinear already gets ``adapter_name`` as one more named adapter (its active adapter stays).
 
-    ``target_modules`` as in :func:`find_targets`. Every other parameter of the model is frozen, so only the
-    LoRA parameters train. All layers are checked and built before the model is touched: a bad argument or
-    a selected module that is not a plain ``nn.Linear`` raises with the model unchanged. Returns ``model``.
+    ``target_modules`` as in :func:`find_targets`. The model's own parameters are frozen, so only adapters train
+    (adapters already in the model, LoRA or bottleneck, keep their ``requires_grad``). All layers are checked and
+    built before the model is touched: a bad argument or a selected module that is not a plain ``nn.Linear``
+    raises with the model unchanged. Returns ``model``.
     """
     names = find_targets(model, target_modules)
     bad = {}
@@ -83,7 +93,7 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
                                    init_lora_weights, adapter_name=adapter_name,
                                    autocast_adapter_dtype=autocast_adapter_dtype, backend=backend)
                   for name in names if not isinstance(model.get_submodule(name), LoraLinear)}
-    model.requires_grad_(False)
+    _freeze_all_but_adapters(model)
     for name in names:
         if name in new_layers:
             _set_submodule(model, name, new_layers[name])
@@ -91,8 +101,6 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
         else:  # an existing LoRA layer gets one more named adapter; the active one stays
             model.get_submodule(name).add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
                                                   init_lora_weights, autocast_adapter_dtype=autocast_adapter_dtype)
-    for layer in lora_layers(model).values():
-        layer.adapters.requires_grad_(True)
     return model
 
 
@@ -196,7 +204,8 @@ def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden
 
     ``after_modules`` selects modules like ``target_modules`` of :func:`apply_lora` (suffix names or a regex).
     ``config``: "pfeiffer", "houlsby", "parallel", an :class:`AdapterConfig` or a dict of its fields. The hidden
-    size comes from the module's ``out_features`` unless ``hidden_size`` is given. Every other parameter is frozen.
+    size comes from the module's ``out_features`` unless ``hidden_size`` is given. The model's own parameters are
+    frozen; adapters already in it (LoRA or bottleneck) keep their ``requires_grad``.
     Everything is checked and built before the model changes. Undo with :func:`remove_adapters`.
     """
     cfg = _adapter_config(config)
@@ -213,7 +222,7 @@ def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden
                                     device=param.device if param is not None else None,
                                     dtype=param.dtype if param is not None else None, backend=backend)
         wrapped[name] = AdaptedModule(module, adapter, cfg.mode)
-    model.requires_grad_(False)
+    _freeze_all_but_adapters(model)
     for name, module in wrapped.items():
         _set_submodule(model, name, module)
         module.adapter.requires_grad_(True)

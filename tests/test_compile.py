@@ -82,10 +82,7 @@ def lora_model(dropout=0.0, backend=None):
     torch.manual_seed(0)
     model = fastpeft.apply_lora(TinyBlock(), target_modules=["up", "down"], r=4, lora_alpha=8,
                                 lora_dropout=dropout, init_lora_weights=False, backend=backend)
-    fastpeft.apply_adapters(model, ["down"], {"reduction_factor": 4, "activation": "gelu"}, backend=backend)
-    for layer in fastpeft.lora_layers(model).values():  # apply_adapters froze everything but the adapter
-        layer.adapters.requires_grad_(True)
-    return model
+    return fastpeft.apply_adapters(model, ["down"], {"reduction_factor": 4, "activation": "gelu"}, backend=backend)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

@@ -116,6 +116,20 @@ def test_applying_the_same_adapter_twice_is_refused():
         fastpeft.apply_lora(model, ["q_proj"])
 
 
+def test_lora_and_bottleneck_adapters_train_together():
+    model = TinyModel()
+    fastpeft.apply_lora(model, ["q_proj"], r=2)
+    model.layers[0].q_proj.adapters["default"].requires_grad_(False)  # a choice the next calls must keep
+    fastpeft.apply_adapters(model, ["v_proj"], "pfeiffer")
+    fastpeft.apply_lora(model, ["v_proj.module"], r=2, adapter_name="b")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    kinds = {n.split(".adapter")[0].rsplit(".", 1)[-1] + (".lora" if ".adapters." in n else ".bottleneck")
+             for n in trainable}
+    assert kinds == {"q_proj.lora", "v_proj.bottleneck", "module.lora"}
+    assert not any(n.startswith("layers.0.q_proj.") for n in trainable)
+    assert all(".adapter" in n for n in trainable)
+
+
 def test_multihead_attention_out_proj_is_refused():
     model = nn.Sequential(nn.MultiheadAttention(16, 2))
     with pytest.raises(TypeError, match="MultiheadAttention"):

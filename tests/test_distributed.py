@@ -1,0 +1,99 @@
+"""torch.distributed on the CPU: a LoRA model trains under DDP and under FSDP2 (``fully_shard``) with gloo, two
+processes on loopback, and its gradients and updated weights equal a single-process run on the whole batch."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastpeft
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+WORLD = 2
+STEPS = 3
+
+
+class Block(nn.Module):
+    def __init__(self, d=24):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def build_model():
+    torch.manual_seed(0)  # identical on every rank and in the single-process run
+    model = nn.Sequential(Block(), Block(), nn.Linear(24, 5))
+    fastpeft.apply_lora(model, ["up", "down"], r=4, lora_alpha=8, init_lora_weights=False, backend="torch")
+    return fastpeft.apply_adapters(model, ["1"], {"bottleneck": 6}, hidden_size=24, backend="torch")
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 24, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+
+def train(model, x, y):
+    """STEPS SGD steps; returns the first step's gradients and the trained parameters, by name."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(trainable.values(), lr=0.5)
+    first_grads = None
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if first_grads is None:
+            first_grads = {n: _full(p.grad) for n, p in trainable.items()}
+        optimizer.step()
+    return first_grads, {n: _full(p.detach()) for n, p in trainable.items()}
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.clone()  # FSDP2 keeps shards (DTensors)
+
+
+def _worker(rank, mode, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = build_model()
+        if mode == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+            for block in list(model)[:2]:
+                fully_shard(block)
+            wrapped = fully_shard(model)
+            assert all(hasattr(p, "full_tensor") for p in wrapped.parameters())  # every parameter is sharded
+        x, y = batch()
+        grads, params = train(wrapped, x.chunk(WORLD)[rank], y.chunk(WORLD)[rank])
+        if mode == "ddp":  # DDP names parameters under "module."
+            grads = {n.removeprefix("module."): g for n, g in grads.items()}
+            params = {n.removeprefix("module."): p for n, p in params.items()}
+        if rank == 0:
+            torch.save({"grads": grads, "params": params}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_processes_match_one(mode, tmp_path):
+    if mode == "fsdp2":
+        pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    out_file = tmp_path / "rank0.pt"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # two ranks on a small machine
+    mp.spawn(_worker, args=(mode, str(tmp_path / "store"), str(out_file)), nprocs=WORLD, join=True)
+    result = torch.load(out_file, weights_only=True)
+
+    model = build_model()
+    want_grads, want_params = train(model, *batch())
+    assert sorted(result["grads"]) == sorted(want_grads) and len(want_grads) == 12
+    for name, grad in want_grads.items():
+        assert torch.allclose(result["grads"][name], grad, rtol=1e-5, atol=1e-6), name
+    for name, param in want_params.items():
+        assert torch.allclose(result["params"][name], param, rtol=1e-5, atol=1e-6), name
+    initial = {n: p for n, p in build_model().named_parameters() if p.requires_grad}
+    assert all(not torch.equal(want_params[n], initial[n]) for n in initial)  # training moved every parameter
