@@ -127,3 +127,21 @@ def test_compile_with_the_triton_backend_under_the_interpreter():
     compiled = torch.compile(lora_model(backend="triton"), fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 16)
     assert rel_err(compiled(x), eager(x)) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_activation_checkpointing_recomputes_the_same_dropout(backend, device):
+    """Recomputation under torch.utils.checkpoint replays the RNG state, so the op redraws the same seed."""
+    layer = fastpeft.LoraLinear(nn.Linear(24, 16), r=4, lora_dropout=0.3, init_lora_weights=False,
+                                backend=backend).to(device)
+    x = torch.randn(6, 24, device=device, requires_grad=True)
+    results = []
+    for checkpointed in (False, True):
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(5)
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for plain, recomputed in zip(*results, strict=True):
+        assert torch.equal(plain, recomputed)
