@@ -10,7 +10,7 @@ import math
 
 from torch import nn
 
-from .layers import LoraAdapter, LoraLinear
+from .layers import AdaptedModule, LoraAdapter, LoraLinear
 from .model import _set_submodule, lora_layers
 from .peft_io import _layers_with_adapter, peft_lora_config
 
@@ -149,8 +149,9 @@ def to_peft(model: nn.Module):
     Every named adapter becomes a PEFT adapter (``LoraConfig`` with per-layer rank/alpha patterns); active adapter,
     merge and enable state and ``requires_grad`` carry over. PEFT activates one adapter for the whole model, and
     has one dropout and one ``use_rslora`` per adapter: layers that disagree raise ``ValueError`` with the model
-    unchanged (:func:`fastpeft.set_adapter` aligns the active adapters). ``model`` is changed in place: it becomes
-    the PeftModel's base model. :func:`from_peft` converts back.
+    unchanged (:func:`fastpeft.set_adapter` aligns the active adapters), and so do bottleneck adapters, which PEFT
+    lacks. ``model`` is changed in place: it becomes the PeftModel's base model, whose layers run PEFT's code (a
+    layer's fastpeft ``backend`` has no PEFT counterpart). :func:`from_peft` converts back.
     """
     peft = _require_peft()
     if isinstance(model, LoraLinear) or not isinstance(model, nn.Module):
@@ -158,6 +159,10 @@ def to_peft(model: nn.Module):
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no fastpeft LoRA layers")
+    bottlenecks = [name for name, m in model.named_modules() if isinstance(m, AdaptedModule)]
+    if bottlenecks:
+        raise ValueError(f"PEFT has no bottleneck adapters, so those at {bottlenecks} would be lost when PEFT saves "
+                         "the model; take them out first (fastpeft.remove_adapters)")
     active = {name: layer.active_adapter for name, layer in layers.items()}
     if len(set(active.values())) > 1:
         raise ValueError(f"PEFT activates one adapter for the whole model; the layers' active adapters differ: "

@@ -210,5 +210,8 @@ def test_to_peft_refuses_what_peft_cannot_express():
     assert {n: type(m) for n, m in model.named_modules()} == before
     with pytest.raises(ValueError, match="no fastpeft LoRA layers"):
         fastpeft.to_peft(tiny_llama())
+    fastpeft.apply_adapters(model, ["model.layers.0.mlp"], "pfeiffer", hidden_size=32)
+    with pytest.raises(ValueError, match="PEFT has no bottleneck adapters"):
+        fastpeft.to_peft(model)
     with pytest.raises(TypeError, match="peft_model must be"):
         fastpeft.from_peft(copy)
