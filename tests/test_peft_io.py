@@ -126,3 +126,15 @@ def test_save_writes_atomically_and_needs_lora(tmp_path):
     fastpeft.save_adapter(model, tmp_path)
     fastpeft.save_adapter(model, tmp_path)  # overwriting leaves no temp files behind
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_save_refuses_what_peft_cannot_hold(tmp_path):
+    model = fastpeft.apply_lora(Net(), ["q_proj"], r=2, lora_dropout=0.1)
+    fastpeft.apply_lora(model, ["v_proj"], r=2, lora_dropout=0.2)
+    with pytest.raises(ValueError, match="one lora_dropout per adapter"):
+        fastpeft.save_adapter(model, tmp_path / "a")
+    model = fastpeft.apply_lora(Net(), ["q_proj"], r=2, use_rslora=True)
+    fastpeft.apply_lora(model, ["v_proj"], r=2)
+    with pytest.raises(ValueError, match="one use_rslora per adapter"):
+        fastpeft.save_adapter(model, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
