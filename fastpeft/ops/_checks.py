@@ -16,3 +16,9 @@ def check_same_device(named: dict) -> None:
 def check_finite_number(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
+
+
+def check_op_backend(backend: str) -> None:
+    """The torch.library ops run the torch and triton backends; the cuda kernels have ops of their own."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton' for the autograd op, got {backend!r}")

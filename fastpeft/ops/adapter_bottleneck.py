@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import select_backend
-from ._checks import check_finite_number, check_same_device
+from ._checks import check_finite_number, check_op_backend, check_same_device
 
 ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
 # The integer each kernel (Triton and CUDA) uses for an activation: its position above.
@@ -64,17 +64,12 @@ def adapter_bottleneck_reference(h, w_down, b_down, w_up, b_up, scaling=1.0, act
 # residual, so the up bias and the scale cost no extra pass over M×d. triton: two fused GEMMs (kernels/adapter.py).
 # Both save h and the pre-activation (M×m) only; the weight gradients are torch GEMMs on either backend.
 
-def _check_backend(backend: str) -> None:
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'torch' or 'triton' for the autograd op, got {backend!r}")
-
-
 @torch.library.custom_op("fastpeft::adapter_bottleneck_forward", mutates_args=())
 def adapter_bottleneck_forward(h: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
                                residual: Tensor | None, scaling: float, activation: str, backend: str
                                ) -> tuple[Tensor, Tensor]:
     """Forward on 2-D h (M, d): ``(out, pre)``, pre = h W_dᵀ + b_d (M, m) being what backward needs."""
-    _check_backend(backend)
+    check_op_backend(backend)
     if backend == "triton":
         from ..kernels import adapter as triton_adapter
         return triton_adapter.adapter_fwd(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
@@ -89,7 +84,7 @@ def adapter_bottleneck_forward(h: Tensor, w_down: Tensor, b_down: Tensor | None,
 
 @adapter_bottleneck_forward.register_fake
 def _(h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend):
-    _check_backend(backend)
+    check_op_backend(backend)
     return h.new_empty(h.shape), h.new_empty((h.shape[0], w_down.shape[0]))
 
 
@@ -102,7 +97,7 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
 
     dh excludes the residual's own gradient (g) when a separate residual was given.
     """
-    _check_backend(backend)
+    check_op_backend(backend)
     dh, dwd, dbd, dwu, dbu = (g.new_empty(0) for _ in range(5))  # distinct: an op's outputs may not alias
     if needs_dw_up:
         dwu = torch.mm(g.t(), activate(pre, activation)).mul_(scaling)
@@ -129,7 +124,7 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
 @adapter_bottleneck_backward.register_fake
 def _(g, h, w_down, w_up, pre, scaling, activation, has_residual, backend, needs_dh, needs_dw_down, needs_db_down,
       needs_dw_up, needs_db_up):
-    _check_backend(backend)
+    check_op_backend(backend)
     m, d = w_down.shape
 
     def grad(needed, shape):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends import select_backend
-from ._checks import check_finite_number, check_same_device
+from ._checks import check_finite_number, check_op_backend, check_same_device
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -106,11 +106,6 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
 _SEED_BOUND = 2**31 - 1
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'torch' or 'triton' for the autograd op, got {backend!r}")
-
-
 @torch.library.custom_op("fastpeft::lora_linear_forward", mutates_args=())
 def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                         scaling: float, dropout_p: float, seed: int, backend: str
@@ -121,7 +116,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
     else empty) are what backward needs; seed (0-d int64) is the dropout seed used. A negative ``seed`` draws
     one from torch's global generator here, inside the op, so a compiled graph draws it exactly like eager.
     """
-    _check_backend(backend)
+    check_op_backend(backend)
     if dropout_p > 0.0 and seed < 0:
         seed = int(torch.randint(0, _SEED_BOUND, ()).item())
     seed = max(seed, 0)
@@ -138,7 +133,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
 
 @lora_linear_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    _check_backend(backend)
+    check_op_backend(backend)
     M, K = x.shape
     s_dtype = torch.float32 if backend == "triton" else x.dtype
     drop_shape = (M, K) if backend == "torch" and dropout_p > 0.0 else (0,)
@@ -155,7 +150,7 @@ def lora_linear_backward(dy: Tensor, x: Tensor | None, weight: Tensor, lora_A: T
 
     x is only read (and only needed) for dA. dA, dB are in the adapters' dtype, dx and dbias in dy's.
     """
-    _check_backend(backend)
+    check_op_backend(backend)
     if backend == "triton":
         from ..kernels import lora as triton_lora
         grads = triton_lora.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed),
@@ -169,7 +164,7 @@ def lora_linear_backward(dy: Tensor, x: Tensor | None, weight: Tensor, lora_A: T
 @lora_linear_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, backend,
       needs_dx, needs_da, needs_db, needs_dbias):
-    _check_backend(backend)
+    check_op_backend(backend)
     M, N = dy.shape
     return (dy.new_empty((M, lora_A.shape[1]) if needs_dx else (0,)),
             lora_A.new_empty(lora_A.shape) if needs_da else dy.new_empty(0),
