@@ -145,3 +145,22 @@ def test_activation_checkpointing_recomputes_the_same_dropout(backend, device):
         results.append((y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
     for plain, recomputed in zip(*results, strict=True):
         assert torch.equal(plain, recomputed)
+
+
+def test_a_transformers_llama_with_lora_compiles_as_one_graph():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = fastpeft.apply_lora(transformers.LlamaForCausalLM(config), ["q_proj", "v_proj", "down_proj"], r=4,
+                                lora_dropout=0.1, init_lora_weights=False)
+    ids = torch.randint(0, 97, (2, 12))
+    explanation = torch._dynamo.explain(model)(input_ids=ids)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    compiled_loss = compiled(input_ids=ids, labels=ids).loss
+    torch.manual_seed(3)
+    eager_loss = model(input_ids=ids, labels=ids).loss
+    assert rel_err(compiled_loss, eager_loss) < 1e-6
