@@ -189,3 +189,24 @@ def test_bad_configs_leave_model_unchanged():
     fastpeft.apply_adapters(model, ["ffn.2"])
     with pytest.raises(TypeError, match="already carry an adapter"):
         fastpeft.apply_adapters(model, ["ffn.2"])
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_autocast_runs_the_gemms_in_the_autocast_dtype_and_keeps_the_residual(backend, device):
+    adapter = fastpeft.BottleneckAdapter(48, bottleneck=12, activation="gelu", backend=backend).to(device)
+    h = torch.randn(5, 48, device=device, requires_grad=True)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = adapter(h)
+        # The same adapter written with nn.Linear, AdapterHub's way: bf16 GEMMs, the fp32 residual kept.
+        unfused = h + adapter.scaling * nn.functional.linear(
+            nn.functional.gelu(nn.functional.linear(h, adapter.down, adapter.down_bias)), adapter.up, adapter.up_bias)
+        half_residual = adapter(h.bfloat16())
+    assert out.dtype == unfused.dtype == torch.float32 and half_residual.dtype == torch.bfloat16
+    out.sum().backward()
+    assert h.grad.dtype == torch.float32 and adapter.down.grad.dtype == torch.float32
+    params = [t.detach().bfloat16().double() for t in (h, adapter.down, adapter.down_bias, adapter.up, adapter.up_bias)]
+    ref = fastpeft.adapter_bottleneck_reference(*params, adapter.scaling, "gelu", residual=h.detach().double())
+    assert rel_err(out, ref) <= TOLERANCE[torch.bfloat16] and rel_err(out, unfused) <= TOLERANCE[torch.bfloat16]
+    # the residual is not rounded: subtracting it leaves the bf16 update alone
+    update = (out - h).detach()
+    assert rel_err(update, ref - h.detach().double()) <= TOLERANCE[torch.bfloat16]

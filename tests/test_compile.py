@@ -164,3 +164,26 @@ def test_a_transformers_llama_with_lora_compiles_as_one_graph():
     torch.manual_seed(3)
     eager_loss = model(input_ids=ids, labels=ids).loss
     assert rel_err(compiled_loss, eager_loss) < 1e-6
+
+
+def test_compile_under_autocast_matches_eager():
+    torch._dynamo.reset()
+    model = lora_model(dropout=0.1)
+    x = torch.randn(8, 16)
+
+    def step(m):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    outputs, gradients = [], []
+    for run in (compiled, step):
+        model.zero_grad()
+        torch.manual_seed(1)
+        y = run(model)
+        y.float().square().sum().backward()
+        outputs.append(y)
+        gradients.append(grads(model))
+    assert outputs[0].dtype == torch.bfloat16 and torch.equal(outputs[0], outputs[1])
+    for name, g in gradients[1].items():
+        assert torch.equal(gradients[0][name], g), name

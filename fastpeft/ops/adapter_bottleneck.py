@@ -197,7 +197,24 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
             M <= 16 rows, m <= 256, inference only).
 
     Returns (..., d) in h's dtype; differentiable in h, both weights, both biases and the residual.
+
+    Under ``torch.autocast`` the GEMMs run in the autocast dtype, as the two ``nn.Linear`` of an unfused adapter
+    would, and a residual wider than that dtype (an fp32 residual stream) keeps its precision: the update is added
+    to it after the fused op, so the result has the residual's dtype, like ``h + adapter(h)`` written with nn.Linear.
     """
+    if isinstance(h, torch.Tensor) and torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+        base = h if residual is None else residual
+        cast = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (h, w_down, b_down, w_up, b_up)]
+        if isinstance(base, torch.Tensor) and base.dtype.is_floating_point and base.dtype.itemsize > dtype.itemsize:
+            update = _adapter_bottleneck(*cast, scaling, activation, torch.zeros_like(cast[0]), backend)
+            return base + update
+        residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
+        return _adapter_bottleneck(*cast, scaling, activation, residual, backend)
+    return _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, residual, backend)
+
+
+def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, residual, backend):
     _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
     tensors = [t for t in (h, w_down, w_up, b_down, b_up, residual) if t is not None]
     d = h.shape[-1]
