@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import rel_err
 
 import fastpeft
 
@@ -215,3 +216,18 @@ def test_to_peft_refuses_what_peft_cannot_express():
         fastpeft.to_peft(model)
     with pytest.raises(TypeError, match="peft_model must be"):
         fastpeft.from_peft(copy)
+
+
+def test_bf16_base_with_fp32_adapters_stays_within_bf16_accuracy():
+    """On half bases fastpeft runs the low-rank branch in the base dtype (fp32 accumulation) where PEFT upcasts x to
+    fp32: both stay within bf16 accuracy of float64, PEFT somewhat closer (README, "Coming from PEFT")."""
+    theirs = peft.get_peft_model(tiny_llama().to(torch.bfloat16),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+    ids = tokens()
+    peft_logits = logits(theirs, ids)
+    ours = fastpeft.from_peft(theirs)
+    assert ours.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32
+    our_logits = logits(ours, ids)
+    exact = logits(copy.deepcopy(ours).double(), ids)  # bf16 weights are exact in float64
+    assert our_logits.dtype == torch.bfloat16
+    assert rel_err(our_logits, exact) < 2e-2 and rel_err(peft_logits, exact) < 2e-2
