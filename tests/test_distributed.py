@@ -1,6 +1,7 @@
 """torch.distributed on the CPU: a LoRA model trains under DDP and under FSDP2 (``fully_shard``) with gloo, two
 processes on loopback, and its gradients and updated weights equal a single-process run on the whole batch."""
 import os
+import sys
 
 import pytest
 import torch
@@ -80,11 +81,13 @@ def _worker(rank, mode, init_file, out_file):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_match_one(mode, tmp_path):
+def test_two_processes_match_one(mode, tmp_path, monkeypatch):
     if mode == "fsdp2":
         pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
     out_file = tmp_path / "rank0.pt"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # two ranks on a small machine
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # two ranks, a small machine
+    if sys.platform == "linux":  # loopback, whatever the host name resolves to
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     mp.spawn(_worker, args=(mode, str(tmp_path / "store"), str(out_file)), nprocs=WORLD, join=True)
     result = torch.load(out_file, weights_only=True)
 
