@@ -1,7 +1,7 @@
 """The bottleneck adapter op: ``residual + scaling · (act(h W_dᵀ + b_d) W_uᵀ + b_u)``.
 
-Read top to bottom: activations with their derivatives, the reference, the autograd Function of the torch and
-triton backends (it saves only the M×m pre-activation besides h), input checks, and the public
+Read top to bottom: activations with their derivatives, the reference, the torch.library ops of the torch and
+triton backends (autograd saves only the M×m pre-activation besides h), input checks, and the public
 ``adapter_bottleneck``. The Triton kernels live in ``fastpeft.kernels.adapter``.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The fused LoRA linear op: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
 
-Read top to bottom: the float64-friendly reference, the torch backend, the autograd Function shared by
-both backends, input checks, and the public ``lora_linear``. The Triton backend's kernels and launchers
-live in ``fastpeft.kernels.lora``.
+Read top to bottom: the float64-friendly reference, the torch backend, the torch.library ops (forward,
+backward, registered autograd) shared by both backends, input checks, and the public ``lora_linear``.
+The Triton backend's kernels and launchers live in ``fastpeft.kernels.lora``.
 """
 from __future__ import annotations
 
