@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 
+from .backends import requested_backend
 from .ops.lora_linear import lora_linear
 
 
@@ -19,6 +20,13 @@ def _check_positive_int(name, value):
 def _check_adapter_name(name) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+
+
+def _checked_backend(backend):
+    """A module's backend: None (decided per call) or a valid name, refused at construction rather than first use."""
+    if backend is not None:
+        requested_backend(backend)
+    return backend
 
 
 def _check_base(base) -> None:
@@ -154,7 +162,7 @@ class LoraLinear(nn.Module):
         self.active_adapter = active_adapter
         self.merged_adapter: str | None = None  # the adapter folded into the base weight, if any
         self.adapters_enabled = True
-        self.backend = backend
+        self.backend = _checked_backend(backend)
 
     @property
     def merged(self) -> bool:
@@ -291,7 +299,7 @@ class BottleneckAdapter(nn.Module):
         if init not in self.INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, self.INITS))}, got {init!r}")
         self.d, self.bottleneck, self.activation, self.scaling = d, bottleneck, activation, float(scaling)
-        self.backend = backend
+        self.backend = _checked_backend(backend)
         self.down = nn.Parameter(torch.empty(bottleneck, d, device=device, dtype=dtype))
         self.down_bias = nn.Parameter(torch.zeros(bottleneck, device=device, dtype=dtype))
         self.up = nn.Parameter(torch.empty(d, bottleneck, device=device, dtype=dtype))

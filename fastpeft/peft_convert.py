@@ -109,10 +109,10 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     model = peft_model.get_base_model() if isinstance(peft_model, peft.PeftModel) else peft_model
     if isinstance(model, BaseTunerLayer):
         raise TypeError("peft_model is itself a PEFT layer; pass the model that contains it")
-    problems = _model_problems(peft_model, model)
     tuner_layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
     if not tuner_layers:
-        problems.append("the model has no PEFT LoRA layers")
+        raise ValueError("from_peft: the model has no PEFT layers")
+    problems = _model_problems(peft_model, model)
     where: dict[str, list[str]] = {}  # each problem once, with the layers that have it
     for name, layer in tuner_layers.items():
         for problem in _layer_problems(layer):

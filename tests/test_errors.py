@@ -48,6 +48,15 @@ def test_bad_inputs(overrides, error, match):
 def test_unknown_backend_names():
     with pytest.raises(ValueError, match="backend must be one of auto, torch, triton, cuda; got 'cudnn'"):
         fastpeft.lora_linear(**inputs(), backend="cudnn")
+    # modules refuse a bad name when built, not at their first forward
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpeft.LoraLinear(torch.nn.Linear(4, 4), backend="cudnn")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpeft.BottleneckAdapter(8, bottleneck=2, backend="cudnn")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpeft.apply_lora(model, ["0"], backend="cudnn")
+    assert type(model[0]) is torch.nn.Linear
 
 
 def test_bad_environment_backend(monkeypatch):

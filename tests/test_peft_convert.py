@@ -216,6 +216,10 @@ def test_to_peft_refuses_what_peft_cannot_express():
         fastpeft.to_peft(model)
     with pytest.raises(TypeError, match="peft_model must be"):
         fastpeft.from_peft(copy)
+    with pytest.raises(ValueError, match="has no PEFT layers"):
+        fastpeft.from_peft(tiny_llama())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpeft.from_peft(peft_llama(), backend="tritn")
 
 
 def test_bf16_base_with_fp32_adapters_stays_within_bf16_accuracy():
