@@ -113,6 +113,10 @@ def test_to_peft_and_back_keeps_the_same_tensors(tmp_path):
     assert sorted(fastpeft.lora_layers(back)["model.layers.0.self_attn.v_proj"].adapters) == ["default", "second"]
     assert close(logits(back, ids), want)
 
+    plain = fastpeft.to_peft(back).merge_and_unload()  # PEFT's own tools work on the result
+    assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert torch.allclose(logits(plain, ids), want, rtol=1e-5, atol=1e-5)
+
 
 def test_merge_and_disable_state_carry_over_both_ways():
     theirs = peft_llama()
