@@ -30,7 +30,7 @@ def _checked_backend(backend):
 
 
 def _check_base(base) -> None:
-    if not isinstance(base, nn.Linear) or isinstance(base, LoraLinear):
+    if not isinstance(base, nn.Linear):
         raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
 
 

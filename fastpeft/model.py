@@ -104,8 +104,13 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     return model
 
 
+def layers_with_adapter(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:
+    """The LoRA layers of ``model`` that have an adapter named ``adapter_name``, by qualified name."""
+    return {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapters}
+
+
 def _layers_with(model: nn.Module, adapter_name: str) -> list[LoraLinear]:
-    layers = [m for m in lora_layers(model).values() if adapter_name in m.adapters]
+    layers = list(layers_with_adapter(model, adapter_name).values())
     if not layers:
         raise KeyError(f"no LoRA layer has an adapter named {adapter_name!r}")
     return layers

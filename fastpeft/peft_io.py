@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .layers import LoraLinear, _new_adapter
-from .model import _set_submodule
+from .model import _set_submodule, layers_with_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -73,17 +73,12 @@ def peft_lora_config(layers: dict[str, LoraLinear], adapter_name: str) -> dict:
     }
 
 
-def _layers_with_adapter(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear) and adapter_name in m.adapters}
-    if not layers:
-        raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r}")
-    return layers
-
-
 def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     """Write the LoRA adapter ``adapter_name`` of every LoraLinear in ``model`` to the folder ``path``, so that
     ``peft.PeftModel.from_pretrained(base_model, path)`` loads it."""
-    layers = _layers_with_adapter(model, adapter_name)
+    layers = layers_with_adapter(model, adapter_name)
+    if not layers:
+        raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r}")
     config = peft_lora_config(layers, adapter_name)
     tensors = {}
     for name, layer in layers.items():

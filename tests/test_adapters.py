@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOLERANCE, backend_params, rel_err
+from conftest import TOLERANCE, backend_params, fit, rel_err
 from torch import nn
 
 import fastpeft
@@ -153,14 +153,7 @@ def test_insert_train_remove(config, targets, kwargs):
     assert len(adapted) == 2 * (len(targets) if isinstance(targets, list) else 1)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".adapter." in n for n in trainable)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(25):
-        loss = nn.functional.mse_loss(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit(model, x, target, 25)
     assert losses[-1] < 0.9 * losses[0]
     fastpeft.remove_adapters(model)
     assert not any(isinstance(m, fastpeft.AdaptedModule) for m in model.modules())

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from conftest import fit
 from torch import nn
 
 import fastpeft
@@ -46,14 +47,7 @@ def test_only_lora_parameters_train_and_loss_falls():
 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     x, target = torch.randn(64, 24), torch.randn(64, 3)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = nn.functional.mse_loss(model(x), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit(model, x, target, 30)
     assert losses[-1] < 0.9 * losses[0]
     for n, p in model.named_parameters():
         if n in frozen:

@@ -98,7 +98,7 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
     dh excludes the residual's own gradient (g) when a separate residual was given.
     """
     check_op_backend(backend)
-    dh, dwd, dbd, dwu, dbu = (g.new_empty(0) for _ in range(5))  # distinct: an op's outputs may not alias
+    dh = dwd = dbd = dwu = dbu = None
     if needs_dw_up:
         dwu = torch.mm(g.t(), activate(pre, activation)).mul_(scaling)
     if needs_db_up:
@@ -108,7 +108,7 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
             from ..kernels import adapter as triton_adapter
             dpre, dh = triton_adapter.adapter_bwd_inputs(g, w_down, w_up, pre, scaling, activation,
                                                          not has_residual, needs_dh)
-            dpre, dh = dpre.to(h.dtype), dh if dh is not None else g.new_empty(0)
+            dpre = dpre.to(h.dtype)
         else:
             dpre = torch.mm(g, w_up).mul_(scaling).mul_(activation_grad(pre, activation))
             if needs_dh:
@@ -118,7 +118,7 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
             dwd = torch.mm(dpre.t(), h)
         if needs_db_down:
             dbd = dpre.sum(0)
-    return dh, dwd, dbd, dwu, dbu
+    return tuple(t if t is not None else g.new_empty(0) for t in (dh, dwd, dbd, dwu, dbu))
 
 
 @adapter_bottleneck_backward.register_fake
