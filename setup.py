@@ -3,7 +3,8 @@
 - The Triton kernels live in the top-level folder ``kernels/`` and are installed as the subpackage
   ``fastpeft.kernels`` (never as a top-level ``kernels`` module: that name belongs to another PyPI package).
 - The CUDA extension ``fastpeft._C`` (``csrc/``, ``CMakeLists.txt``) is built with CMake + ninja according to
-  ``FASTPEFT_CUDA``: ``auto`` (default) builds it when nvcc is found, ``1`` requires it, ``0`` skips it.
+  ``FASTPEFT_CUDA``: ``auto`` (default) builds it when nvcc is found and an NVIDIA driver is present (so it will
+  be used: a machine with nvcc but no GPU skips the ~2 minute build), ``1`` requires it, ``0`` skips it.
   ``FASTPEFT_CUDA_ARCHS`` (default ``80;90a``) picks the GPU architectures. A CPU-only install always works.
   The build fails if ptxas reports a register spill in any kernel.
 """
@@ -40,6 +41,11 @@ def ptxas_spills(log: str) -> list[str]:
         if found and function and (int(found.group(1)) or int(found.group(2))):
             spills.append(f"{arch} {function}: {found.group(1)} bytes spill stores, {found.group(2)} bytes spill loads")
     return spills
+
+
+def nvidia_driver_present() -> bool:
+    """True when this machine has an NVIDIA driver: the kernel module's device nodes or its version file."""
+    return os.path.exists("/proc/driver/nvidia/version") or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 class CMakeExtension(Extension):
@@ -90,6 +96,9 @@ def extensions():
     if find_nvcc() is None:
         if mode == "1":
             raise SystemExit("FASTPEFT_CUDA=1 but nvcc was not found (PATH, CUDACXX, CUDA_HOME)")
+        return []
+    if mode == "auto" and not nvidia_driver_present():
+        print("fastpeft: nvcc found but no NVIDIA driver: not building fastpeft._C (FASTPEFT_CUDA=1 builds it)")
         return []
     return [CMakeExtension("fastpeft._C")]
 

@@ -7,9 +7,12 @@ installed). Times are medians; peak memory is what a call allocates above what w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -211,7 +214,7 @@ def peak_memory_mb(fn, device) -> float:
     # CPU: the profiler's allocation events carry the running total of memory allocated while profiling.
     from torch._C._profiler import _ExtraFields_Allocation
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_hidden(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -226,6 +229,21 @@ def peak_memory_mb(fn, device) -> float:
     first = events[0].extra_fields
     before = first.total_allocated - first.alloc_size
     return max(e.extra_fields.total_allocated - before for e in events) / 2**20
+
+
+@contextlib.contextmanager
+def _native_stderr_hidden():
+    """Send file descriptor 2 to /dev/null for the block: the profiler's native layer (kineto) prints a
+    ``USDT ... profiler_start/stop`` line there on every start and stop, which no setting turns off."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @dataclass
@@ -252,9 +270,19 @@ def _measure(layers: dict, x, dy, shape, dropout: float, device, rounds: int, lo
             _clear_grads(layers[name], x)
             result = Result(shape, dropout, name, mode, statistics.median(times[name]), peak_memory_mb(step, device))
             results.append(result)
-            log(f"  {shape}  dropout={dropout:g}  {mode:8s} {name:26s} {result.ms:9.3f} ms  "
+            log(f"  {shape}  {_dropout_label(result):12s} {mode:8s} {name:26s} {result.ms:9.3f} ms  "
                 f"{result.peak_mb:9.1f} MiB")
     return results
+
+
+# Candidates with no dropout of their own: timed beside each dropout setting only so that ratios come from one run.
+NO_DROPOUT = ("nn.Linear",)
+
+
+def _dropout_label(result: Result) -> str:
+    if isinstance(result.shape, AdapterShape):
+        return ""
+    return "no dropout" if result.candidate in NO_DROPOUT else f"dropout={result.dropout:g}"
 
 
 def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int = 15, candidates=None,
@@ -279,24 +307,48 @@ def _ratio(a: float, b: float) -> str:
 
 
 def format_table(results: list[Result], reference: str = "peft", base_name: str = "nn.Linear") -> str:
-    """A markdown table: times, peak memory, and ratios to ``reference`` (HF PEFT) and to ``base_name``."""
+    """A markdown table: times, peak memory, and ratios to ``reference`` (HF PEFT) and to ``base_name``, then a
+    legend saying what each column means. LoRA tables have a dropout column ("-" for the base layer, which has
+    none); adapter tables have none."""
     by_key = {(r.shape, r.dropout, r.mode, r.candidate): r for r in results}
     has_ref = any(r.candidate == reference for r in results)
     show_base = base_name != reference
-    head = ["shape", "dropout", "mode", "candidate", "median ms", "TFLOP/s", "peak MiB"]
+    show_dropout = any(isinstance(r.shape, Shape) for r in results)
+    head = ["shape"] + (["dropout"] if show_dropout else []) + ["mode", "candidate", "median ms", "TFLOP/s",
+                                                                 "peak MiB"]
     head += ["time / base"] if show_base else []
     if has_ref:
         head += [f"time / {reference}", f"memory / {reference}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         base = by_key.get((r.shape, r.dropout, r.mode, base_name))
-        row = [str(r.shape), f"{r.dropout:g}", r.mode, r.candidate, f"{r.ms:.3f}", f"{r.tflops:.2f}",
-               f"{r.peak_mb:.1f}"]
+        row = [str(r.shape)]
+        row += ["-" if r.candidate in NO_DROPOUT else f"{r.dropout:g}"] if show_dropout else []
+        row += [r.mode, r.candidate, f"{r.ms:.3f}", f"{r.tflops:.2f}", f"{r.peak_mb:.1f}"]
         row += [_ratio(r.ms, base.ms) if base else "-"] if show_base else []
         if has_ref:
             ref = by_key.get((r.shape, r.dropout, r.mode, reference))
             row += [_ratio(r.ms, ref.ms), _ratio(r.peak_mb, ref.peak_mb)] if ref else ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n\n" + _legend(reference if has_ref else None, base_name if show_base else None,
+                                                show_dropout)
+
+
+def _legend(reference: str | None, base_name: str | None, show_dropout: bool) -> str:
+    lines = ["Lower is better in every column but TFLOP/s. fwd: forward; fwd+bwd: forward and backward "
+             "(gradients of the input and of the trainable weights; the base weight is frozen). median ms: median "
+             "time of one call over rounds that interleave the candidates; peak MiB: memory one call allocates "
+             "above what was live before it; TFLOP/s: useful FLOPs per second."]
+    if base_name is not None:
+        lines.append(f"time / base: time relative to {base_name}, the frozen base layer without LoRA "
+                     "(1.00 would be LoRA at no cost).")
+    if reference is not None:
+        what = "HF PEFT's LoRA Linear" if reference == "peft" else reference
+        lines.append(f"time / {reference}, memory / {reference}: relative to {what} on the same shape"
+                     + (" and dropout" if show_dropout else "") + " (below 1.00: smaller than it).")
+    if show_dropout:
+        lines.append("dropout: the LoRA dropout; the base layer has none (\"-\"), and is timed beside each "
+                     "setting so that every ratio comes from one run.")
     return "\n".join(lines)
 
 

@@ -25,8 +25,8 @@ def load():
     try:
         from . import _C
     except ImportError as err:
-        return None, (f"fastpeft._C is not built ({err}); reinstall with nvcc on PATH (FASTPEFT_CUDA=auto) "
-                      "or FASTPEFT_CUDA=1")
+        return None, (f"fastpeft._C is not built ({err}); reinstall on a machine with nvcc and an NVIDIA "
+                      "driver (FASTPEFT_CUDA=auto), or with FASTPEFT_CUDA=1 to build it wherever nvcc is")
     return _C, None
 
 
