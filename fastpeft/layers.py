@@ -29,9 +29,21 @@ def _checked_backend(backend):
     return backend
 
 
+def linear_wrap_problem(module) -> str | None:
+    """Why a LoraLinear cannot stand in for ``module`` (None when it can): it computes ``x Wᵀ + b`` from the
+    weight itself, so the module must be an nn.Linear whose own forward is exactly that."""
+    if not isinstance(module, nn.Linear):
+        return f"a {type(module).__name__}, not an nn.Linear"
+    if type(module).forward is not nn.Linear.forward:
+        return (f"a {type(module).__name__}, an nn.Linear subclass with its own forward (which LoRA would "
+                "bypass)")
+    return None
+
+
 def _check_base(base) -> None:
-    if not isinstance(base, nn.Linear):
-        raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+    problem = linear_wrap_problem(base)
+    if problem is not None:
+        raise TypeError(f"base must be a plain nn.Linear, got {problem}")
 
 
 def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, autocast_adapter_dtype):
@@ -188,7 +200,11 @@ class LoraLinear(nn.Module):
     scaling = property(lambda self: self.adapter.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.adapters_enabled:
+        if not self.adapters_enabled:
+            if self.merged:  # merged while disabled: disabled means the base alone (as HF PEFT does)
+                self.unmerge()
+            return self.base_layer(x)
+        if self.merged:
             return self.base_layer(x)
         a = self.adapter
         return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a.lora_A, a.lora_B, a.scaling,
@@ -205,20 +221,34 @@ class LoraLinear(nn.Module):
         self.adapters[adapter_name] = adapter
         return adapter
 
+    def set_adapter_problem(self, adapter_name: str) -> str | None:
+        """Why :meth:`set_adapter` would refuse ``adapter_name`` (None when it would not)."""
+        if adapter_name not in self.adapters:
+            return f"no adapter {adapter_name!r}; adapters: {list(self.adapters)}"
+        if self.merged and adapter_name != self.merged_adapter:
+            return f"adapter {self.merged_adapter!r} is merged; unmerge() before activating another"
+        return None
+
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active adapter (refused while another adapter is merged)."""
-        if adapter_name not in self.adapters:
-            raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.adapters)}")
-        if self.merged and adapter_name != self.merged_adapter:
-            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before activating another")
+        problem = self.set_adapter_problem(adapter_name)
+        if problem is not None:
+            raise (KeyError if adapter_name not in self.adapters else RuntimeError)(problem)
         self.active_adapter = adapter_name
+
+    def delete_adapter_problem(self, adapter_name: str) -> str | None:
+        """Why :meth:`delete_adapter` would refuse ``adapter_name`` (None when it would not)."""
+        if adapter_name not in self.adapters:
+            return f"no adapter {adapter_name!r}; adapters: {list(self.adapters)}"
+        if len(self.adapters) == 1:
+            return f"{adapter_name!r} is the only adapter; use merge_and_unload or keep the layer"
+        return None
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove a named adapter (unmerging it first if merged); the last adapter cannot be deleted."""
-        if adapter_name not in self.adapters:
-            raise KeyError(f"no adapter {adapter_name!r}; adapters: {list(self.adapters)}")
-        if len(self.adapters) == 1:
-            raise ValueError("cannot delete the only adapter; use merge_and_unload or keep the layer")
+        problem = self.delete_adapter_problem(adapter_name)
+        if problem is not None:
+            raise (KeyError if adapter_name not in self.adapters else ValueError)(problem)
         if self.merged_adapter == adapter_name:
             self.unmerge()
         del self.adapters[adapter_name]
@@ -238,18 +268,20 @@ class LoraLinear(nn.Module):
     def merge(self, safe: bool = False) -> None:
         """Add the active adapter's ``scaling · B A`` into the base weight; forward then runs the base layer alone.
 
-        The sum is formed in fp32 and rounded once to the weight's dtype. With ``safe=True`` it is checked
-        first, and a result with NaN/Inf raises ``ValueError`` leaving the weight untouched.
+        The sum is formed in fp32 and rounded once to the weight's dtype. With ``safe=True`` the rounded result
+        is checked first (an fp16 weight near 65504 plus a delta overflows only when rounded), and NaN/Inf
+        raises ``ValueError`` leaving the weight untouched. Merging while adapters are disabled is allowed (as in
+        HF PEFT); the disabled layer still runs the base alone, unmerging at its next forward.
         """
         if self.merged:
             warnings.warn("LoraLinear.merge: the adapter is already merged; nothing done", stacklevel=2)
             return
         weight = self.base_layer.weight
         delta = self.adapter.delta_weight()
-        merged = weight.to(delta.dtype) + delta
+        merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
         if safe and not torch.isfinite(merged).all():
-            raise ValueError("LoraLinear.merge(safe=True): the merged weight would contain NaN/Inf; "
-                             "the weight was left unchanged")
+            raise ValueError("LoraLinear.merge(safe=True): the merged weight would contain NaN/Inf in "
+                             f"{weight.dtype}; the weight was left unchanged")
         weight.copy_(merged)
         self.merged_adapter = self.active_adapter
 

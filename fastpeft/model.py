@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import AdaptedModule, BottleneckAdapter, LoraAdapter, LoraLinear
+from .layers import AdaptedModule, BottleneckAdapter, LoraAdapter, LoraLinear, linear_wrap_problem
 
 
 def _inside_lora_layer(name: str, lora_prefixes: list[str]) -> bool:
@@ -58,6 +58,14 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
         param.requires_grad_(flag)
 
 
+def lora_wrap_problem(module: nn.Module) -> str | None:
+    """Why a module of a model cannot be replaced by a LoraLinear (None when it can)."""
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        # nn.MultiheadAttention reads out_proj.weight directly, so a wrapper would be silently bypassed.
+        return "the out_proj of an nn.MultiheadAttention, which bypasses its forward"
+    return linear_wrap_problem(module)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -81,11 +89,8 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
         if isinstance(module, LoraLinear):
             if adapter_name in module.adapters:
                 bad[name] = f"already has an adapter named {adapter_name!r}"
-        elif not isinstance(module, nn.Linear):
-            bad[name] = f"a {type(module).__name__}, not an nn.Linear"
-        elif isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-            # nn.MultiheadAttention reads out_proj.weight directly, so a wrapper would be silently bypassed.
-            bad[name] = "the out_proj of an nn.MultiheadAttention, which bypasses its forward"
+        elif (problem := lora_wrap_problem(module)) is not None:
+            bad[name] = problem
     if bad:
         listed = "; ".join(f"{n}: {why}" for n, why in bad.items())
         raise TypeError(f"apply_lora: target_modules selected modules it cannot wrap ({listed})")
@@ -109,23 +114,32 @@ def layers_with_adapter(model: nn.Module, adapter_name: str) -> dict[str, LoraLi
     return {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapters}
 
 
-def _layers_with(model: nn.Module, adapter_name: str) -> list[LoraLinear]:
-    layers = list(layers_with_adapter(model, adapter_name).values())
+def _layers_checked(model: nn.Module, adapter_name: str, action: str, error) -> list[LoraLinear]:
+    """The layers having ``adapter_name``, after asking each whether ``action`` would succeed there: one refusing
+    layer raises ``error`` listing them all, before any layer changes."""
+    layers = layers_with_adapter(model, adapter_name)
     if not layers:
         raise KeyError(f"no LoRA layer has an adapter named {adapter_name!r}")
-    return layers
+    problems = {name: getattr(layer, f"{action}_problem")(adapter_name) for name, layer in layers.items()}
+    problems = {name: why for name, why in problems.items() if why is not None}
+    if problems:
+        listed = "; ".join(f"{name}: {why}" for name, why in problems.items())
+        raise error(f"{action}({adapter_name!r}) refused, model unchanged ({listed})")
+    return list(layers.values())
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Activate ``adapter_name`` in every LoRA layer that has it; raises if none does."""
-    for layer in _layers_with(model, adapter_name):
+    """Activate ``adapter_name`` in every LoRA layer that has it; raises if none does, or (changing nothing) if
+    any of them has another adapter merged."""
+    for layer in _layers_checked(model, adapter_name, "set_adapter", RuntimeError):
         layer.set_adapter(adapter_name)
     return model
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Delete ``adapter_name`` from every LoRA layer that has it; raises if none does."""
-    for layer in _layers_with(model, adapter_name):
+    """Delete ``adapter_name`` from every LoRA layer that has it; raises if none does, or (changing nothing) if
+    it is the only adapter of any of them."""
+    for layer in _layers_checked(model, adapter_name, "delete_adapter", ValueError):
         layer.delete_adapter(adapter_name)
     return model
 
@@ -192,16 +206,23 @@ def _adapter_config(config) -> AdapterConfig:
     raise TypeError(f"config must be a name, an AdapterConfig or a dict, got {type(config).__name__}")
 
 
-def _hidden_size(name: str, module: nn.Module, mode: str, hidden_size):
-    if hidden_size is not None:
-        return hidden_size
+def _hidden_size(name: str, module: nn.Module, mode: str, hidden_size) -> int:
+    """The adapter's size for ``module``: its output size, which ``hidden_size`` (when given) must equal; a parallel
+    adapter also reads the module's input, so that must have the same size."""
     out_features = getattr(module, "out_features", None)
-    if out_features is None:
-        raise ValueError(f"cannot tell the hidden size after {name!r} ({type(module).__name__}); pass hidden_size=")
-    if mode == "parallel" and getattr(module, "in_features", out_features) != out_features:
+    if hidden_size is None:
+        if out_features is None:
+            raise ValueError(f"cannot tell the hidden size after {name!r} ({type(module).__name__}); "
+                             "pass hidden_size=")
+        hidden_size = out_features
+    elif out_features is not None and hidden_size != out_features:
+        raise ValueError(f"hidden_size={hidden_size} does not match {name!r}, whose output has {out_features} "
+                         "features")
+    in_features = getattr(module, "in_features", None)
+    if mode == "parallel" and in_features is not None and in_features != hidden_size:
         raise ValueError(f"a parallel adapter beside {name!r} needs equal input and output sizes, got "
-                         f"{module.in_features} -> {out_features}")
-    return out_features
+                         f"{in_features} -> {hidden_size}")
+    return hidden_size
 
 
 def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden_size=None, backend=None) -> nn.Module:
@@ -218,6 +239,12 @@ def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden
     already = [n for n in names if isinstance(model.get_submodule(n), AdaptedModule)]
     if already:
         raise TypeError(f"apply_adapters: {already} already carry an adapter (remove_adapters first)")
+    nested = [(outer, inner) for outer in names for inner in names if inner.startswith(outer + ".")]
+    if nested:
+        # Wrapping both would leave the inner adapter on the moved-away original, never run.
+        listed = ", ".join(f"{inner!r} inside {outer!r}" for outer, inner in nested)
+        raise ValueError(f"apply_adapters: after_modules selects modules nested in one another ({listed}); "
+                         "select one of each pair")
     wrapped = {}
     for name in names:
         module = model.get_submodule(name)

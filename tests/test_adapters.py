@@ -172,6 +172,11 @@ def test_bad_configs_leave_model_unchanged():
         ("parallel", ["ffn.0"], {}, ValueError, "equal input and output sizes"),
         ("pfeiffer", ["nothing"], {}, ValueError, "match no module"),
         (dict(bottleneck=4, activation="tanh"), ["ffn.2"], {}, ValueError, "activation"),
+        # A module and its own child: the child's adapter would sit inside the moved original, never run.
+        ("pfeiffer", r"blocks\.0\.ffn(\.2)?", {"hidden_size": 32}, ValueError, "nested in one another"),
+        # A hidden size the module's output does not have is refused now, not at the first forward.
+        ("pfeiffer", ["ffn.2"], {"hidden_size": 16}, ValueError, "hidden_size=16 does not match"),
+        ("parallel", ["ffn.0"], {"hidden_size": 64}, ValueError, "equal input and output sizes"),
     ]:
         with pytest.raises(error, match=match):
             fastpeft.apply_adapters(model, targets, config, **kwargs)

@@ -214,3 +214,51 @@ def test_named_adapters_on_one_layer():
     assert layer.active_adapter == "other" and list(layer.adapters) == ["other"]
     with pytest.raises(ValueError, match="only adapter"):
         layer.delete_adapter("other")
+
+
+def test_safe_merge_checks_the_rounded_weight():
+    """fp16 holds at most 65504: 65000 + 1000 is finite in fp32 and inf once rounded to the weight's dtype."""
+    base = nn.Linear(4, 2, bias=False).half()
+    with torch.no_grad():
+        base.weight.fill_(65000.0)
+    layer = fastpeft.LoraLinear(base, r=1, lora_alpha=1)
+    with torch.no_grad():
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.copy_(torch.tensor([[1000.0], [250.0]]))  # row 0 merges to 66000: inf in fp16
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="NaN/Inf in torch.float16; the weight was left unchanged"):
+        layer.merge(safe=True)
+    assert torch.equal(layer.weight, before) and not layer.merged
+    layer.lora_B.data.fill_(100.0)  # 65100 rounds to a finite fp16 value: merges
+    layer.merge(safe=True)
+    assert layer.merged and torch.isfinite(layer.weight).all()
+
+
+def test_merge_while_disabled_keeps_the_base_output_like_peft():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 6)
+    x = torch.randn(3, 12)
+    ours = fastpeft.LoraLinear(copy.deepcopy(base), r=2, init_lora_weights=False)
+    theirs = PeftLinear(copy.deepcopy(base), "default", config=LoraConfig(r=2, lora_alpha=8), r=2, lora_alpha=8)
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+        ours.disable_adapters()
+        theirs.enable_adapters(False)
+        ours.merge()
+        theirs.merge()
+        want = theirs(x)
+        assert torch.allclose(want, base(x), atol=1e-6)
+        assert torch.allclose(ours(x), want, atol=1e-6)
+        ours.enable_adapters()
+        theirs.enable_adapters(True)
+        assert torch.allclose(ours(x), theirs(x), atol=1e-6) and not torch.allclose(ours(x), base(x))
+
+
+def test_layers_refuse_linear_subclasses_with_their_own_forward():
+    class Clamped(nn.Linear):
+        def forward(self, x):
+            return super().forward(x).clamp(min=0)
+
+    with pytest.raises(TypeError, match="Clamped, an nn.Linear subclass with its own forward"):
+        fastpeft.LoraLinear(Clamped(4, 4))

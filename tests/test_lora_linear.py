@@ -156,6 +156,20 @@ def test_dropout_mask_reproducible_from_seed(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
+def test_every_accepted_seed_bit_changes_the_mask(backend, device):
+    """Seeds are honoured in full over [0, 2**32) on both backends; larger ones are refused, not folded."""
+    masks = [fastpeft.dropout_mask(seed, (9, 40), 0.5, backend, device) for seed in (7, 7 + 2**31, 2**32 - 1)]
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    case = Case(9, 40, 12, 2, fp32, fp32, False, 0.5, "2d")
+    x, w, _, a, bb, _ = make_inputs(case, device)
+    for bad in (2**32, 2**32 + 7, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"dropout_seed must be None or an integer in \[0, 2\*\*32\)"):
+            fastpeft.lora_linear(x, w, None, a, bb, 1.0, dropout_p=0.5, backend=backend, dropout_seed=bad)
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+            fastpeft.dropout_mask(bad, (9, 40), 0.5, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_keep_rate(backend, device, p):
     keep = fastpeft.dropout_mask(7, (512, 1000), p, backend, device)

@@ -158,3 +158,49 @@ def test_named_adapters_over_a_model():
     assert list(layer.adapters) == ["task_b"]
     with pytest.raises(KeyError, match="no LoRA layer has an adapter named 'nope'"):
         fastpeft.set_adapter(model, "nope")
+
+
+def _two_layer_adapters():
+    """q_proj of both blocks has adapters "a" and "b"; block 1's has "a" merged."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    fastpeft.apply_lora(model, ["q_proj"], r=2, init_lora_weights=False, adapter_name="a")
+    fastpeft.apply_lora(model, ["q_proj"], r=2, init_lora_weights=False, adapter_name="b")
+    model.layers[1].q_proj.merge()
+    return model
+
+
+def test_set_adapter_over_a_model_is_all_or_nothing():
+    model = _two_layer_adapters()
+    with pytest.raises(RuntimeError, match=r"layers\.1\.q_proj: adapter 'a' is merged"):
+        fastpeft.set_adapter(model, "b")
+    assert [m.active_adapter for m in fastpeft.lora_layers(model).values()] == ["a", "a"]
+    model.layers[1].q_proj.unmerge()
+    fastpeft.set_adapter(model, "b")
+    assert [m.active_adapter for m in fastpeft.lora_layers(model).values()] == ["b", "b"]
+
+
+def test_delete_adapter_over_a_model_is_all_or_nothing():
+    model = _two_layer_adapters()
+    model.layers[1].q_proj.delete_adapter("a")  # "b" is now the only adapter there
+    with pytest.raises(ValueError, match=r"layers\.1\.q_proj: 'b' is the only adapter"):
+        fastpeft.delete_adapter(model, "b")
+    assert list(model.layers[0].q_proj.adapters) == ["a", "b"]
+    fastpeft.delete_adapter(model, "a")
+    assert list(model.layers[0].q_proj.adapters) == ["b"]
+
+
+def test_apply_lora_refuses_linear_subclasses_with_their_own_forward():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Plain(nn.Linear):  # no forward of its own: computes exactly x Wᵀ + b, so it can be wrapped
+        pass
+
+    model = nn.Sequential(Scaled(8, 8), Plain(8, 8))
+    with pytest.raises(TypeError, match=r"0: a Scaled, an nn.Linear subclass with its own forward"):
+        fastpeft.apply_lora(model, ["0", "1"])
+    assert type(model[0]) is Scaled and type(model[1]) is Plain
+    fastpeft.apply_lora(model, ["1"])
+    assert isinstance(model[1], fastpeft.LoraLinear)

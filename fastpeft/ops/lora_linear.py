@@ -104,6 +104,9 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
 # ----------------------------------------------------------------------------------------------------------
 
 _SEED_BOUND = 2**31 - 1
+# Seeds a caller may pass: every one gives its own mask on every backend. torch's CPU generator (mt19937) keeps
+# only the low 32 bits of a seed, so seeds differing by 2**32 would draw the same mask there.
+DROPOUT_SEED_LIMIT = 2**32
 
 
 @torch.library.custom_op("fastpeft::lora_linear_forward", mutates_args=())
@@ -269,8 +272,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         bias = bias.to(dtype) if bias is not None else None
     _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
-                                     or not 0 <= dropout_seed < 2**63):
-        raise ValueError(f"dropout_seed must be None or an integer in [0, 2**63), got {dropout_seed!r}")
+                                     or not 0 <= dropout_seed < DROPOUT_SEED_LIMIT):
+        raise ValueError(f"dropout_seed must be None or an integer in [0, 2**32), got {dropout_seed!r} (the torch "
+                         "backend's generator takes 32 bits of seed, so larger seeds would repeat masks)")
     tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
     p = float(dropout_p) if training else 0.0
     lead = x.shape[:-1]
@@ -305,8 +309,10 @@ def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu
     """The bool keep-mask (True = keep) that ``backend`` applies to a 2-D (M, K) input for ``dropout_seed=seed``.
 
     Backends draw differently (torch: its Generator; triton: in-kernel Philox at offset m·K + k), so a
-    seed reproduces a mask within one backend.
+    seed reproduces a mask within one backend. ``seed`` is an integer in [0, 2**32).
     """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < DROPOUT_SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if backend == "torch":
         return ~torch_drop_mask(seed, shape, p, device)
     if backend == "triton":
