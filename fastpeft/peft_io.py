@@ -1,56 +1,369 @@
 """LoRA adapter files in Hugging Face PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Keys follow PEFT's ``save_pretrained``: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the
-adapter name is not in the key). Writes are atomic per file (temp file + rename); a load reads and validates
-every file, key, shape and config field before the model is touched.
+adapter name is not in the key). Read top to bottom: the config fields and their checks, the adapter folder (replaced
+whole, atomically), reading and checking a folder, then ``save_adapter`` and ``load_adapter``.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
+import glob
+import io
 import json
+import math
+import numbers
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import stat
+import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .layers import LoraLinear, _new_adapter
-from .model import _set_submodule, layers_with_adapter
+from .backends import requested_backend
+from .layers import LoraLinear, _check_adapter_name, _new_adapter
+from .model import _set_submodule, layers_with_adapter, lora_wrap_problem
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: saving refuses (see _publish), loading works
+    fcntl = None
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-# PEFT LoRA features fastpeft does not implement: a config using any of them is refused, never half-loaded.
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none",
-                "modules_to_save": None, "layers_to_transform": None, "use_qalora": False}
 
 
 class AdapterFileError(ValueError):
     """An adapter file is missing, unreadable, corrupted, or does not match the model."""
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+# ----------------------------------------------------------------------------------------------------------
+# Config fields. Every field PEFT's LoraConfig has is one of: checked and honoured; refused when set (it changes
+# what the adapter computes and fastpeft does not implement it); or metadata. A field fastpeft does not know
+# (from a newer PEFT) is refused when set, since it may change the computation.
+# ----------------------------------------------------------------------------------------------------------
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_names(v):
+    return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) and t for t in v))
+
+
+# field: (check, what it must be)
+_HONOURED = {
+    "peft_type": (lambda v: v == "LORA", "'LORA'"),
+    "r": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "lora_alpha": (_is_number, "a finite number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "target_modules": (_is_names, "null, a regex string or a list of module names"),
+    "exclude_modules": (_is_names, "null, a regex string or a list of module names"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(_is_int(r) and r >= 1 for r in v.values()),
+                     "an object of positive integers"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_is_number(a) for a in v.values()),
+                      "an object of finite numbers"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "task_type": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "revision": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "peft_version": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    "auto_mapping": (lambda v: v is None or isinstance(v, dict), "null or an object"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, (str, list)), "null, a string or a list"),
+}
+_HONOURED_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "target_modules": None,
+                      "exclude_modules": None, "rank_pattern": {}, "alpha_pattern": {}}
+# PEFT features that change what a loaded adapter computes, with their "off" value. Training-only and init-only
+# settings (loftq_config, eva_config, ...) and layer kinds fastpeft never wraps (megatron_core, qalora_group_size)
+# are in _IGNORED instead.
+_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none",
+                "modules_to_save": None, "layers_to_transform": None, "use_qalora": False,
+                "alora_invocation_tokens": None, "layer_replication": None, "target_parameters": None,
+                "trainable_token_indices": None, "megatron_config": None, "use_bdlora": None, "arrow_config": None,
+                "kasa_config": None, "ensure_weight_tying": False}
+_IGNORED = {"megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+            "velora_config", "monteclora_config", "runtime_config"}
+# init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter (PiSSA, OLoRA, LoftQ,
+# CorDA): the adapter then only makes sense on that rewritten base.
+_BASE_REWRITING_INITS = re.compile(r"pissa(_niter_\d+)?|olora|loftq|corda")
+
+
+def _unset(value, default) -> bool:
+    return value == default or value in (None, False, [], {}, "")
+
+
+def _config_problems(config) -> list[str]:
+    """Everything wrong with a parsed adapter_config.json, all of it (empty when fastpeft can honour it)."""
+    if not isinstance(config, dict):
+        return [f"expected a JSON object, got {type(config).__name__}"]
+    if "peft_type" not in config:
+        return ["it has no peft_type (expected 'LORA')"]
+    problems = [f"{field} must be {what}, got {config[field]!r}" for field, (check, what) in _HONOURED.items()
+                if field in config and not check(config[field])]
+    unsupported = {f: config[f] for f, off in _UNSUPPORTED.items() if f in config and not _unset(config[f], off)}
+    unknown = {f: v for f, v in config.items()
+               if f not in _HONOURED and f not in _UNSUPPORTED and f not in _IGNORED and not _unset(v, None)}
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and _BASE_REWRITING_INITS.fullmatch(init):
+        unsupported["init_lora_weights"] = init
+    if unsupported:
+        problems.append(f"it uses PEFT features fastpeft does not implement: {unsupported}")
+    if unknown:
+        problems.append(f"it sets fields fastpeft does not know (they may change the computation): {unknown}")
+    return problems
+
+
+def _field(config: dict, name: str):
+    return config.get(name, _HONOURED_DEFAULTS[name])
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rule for rank_pattern / alpha_pattern: each key is a regex that must match the whole module name or
+    a suffix of it starting after a dot; the first matching key, in the file's order, wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _selects(names, name: str) -> bool:
+    """PEFT's rule for target_modules / exclude_modules: a string is a regex matched against the whole name, a list
+    holds names matched exactly or as a suffix after a dot."""
+    if isinstance(names, str):
+        return re.fullmatch(names, name) is not None
+    return any(name == t or name.endswith("." + t) for t in names)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The adapter folder is replaced whole. A save builds the new folder beside it (a hidden sibling
+# ``.<name>.fastpeft-<token>``: both files, and links to whatever else the folder holds), then swaps the two in
+# one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``) and deletes the old one. Saves lock the parent folder
+# (released by the kernel if the writer dies), so concurrent writers take turns and the last one wins whole; each
+# save deletes the siblings that killed saves left. ``load_adapter`` opens the folder once and reads both files
+# through that handle, so it sees one version even while saves replace it.
+# ----------------------------------------------------------------------------------------------------------
+
+_READ_ATTEMPTS = 100
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _staging_prefix(folder: Path) -> str:
+    return f".{folder.name}.fastpeft-"
+
+
+@functools.cache
+def _renameat2():
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a C library without it
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step; False where the system or the filesystem cannot."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _publish(folder, files: dict[str, bytes]) -> None:
+    """Make ``files`` the adapter files of ``folder`` in one atomic step, keeping its other entries."""
+    if fcntl is None:
+        raise OSError("save_adapter needs a POSIX system (file locks)")
+    folder = Path(os.path.realpath(folder))  # a linked folder: replace the folder it points to
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} exists and is not a folder")
+    for name in files:
+        if (folder / name).is_dir():
+            raise IsADirectoryError(f"{folder / name} is a folder; the adapter file cannot replace it")
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prefix = _staging_prefix(folder)
+        for leftover in parent.glob(glob.escape(prefix) + "*"):
+            _remove(leftover)
+        staging = parent / f"{prefix}{secrets.token_hex(8)}"
+        os.mkdir(staging)
+        if folder.is_dir():
+            os.chmod(staging, stat.S_IMODE(folder.stat().st_mode))
+            for entry in os.scandir(folder):
+                if entry.name in files:
+                    continue
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry.path), staging / entry.name)
+                elif entry.is_dir():
+                    shutil.copytree(entry.path, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(entry.path, staging / entry.name)
+        for name, data in files.items():
+            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_dir(staging)
+        try:
+            os.rename(staging, folder)  # no folder yet, or an empty one
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if not _exchange(staging, folder):
+                # Without an atomic swap the folder is briefly absent; readers wait for it (see _read_version).
+                retired = parent / f"{prefix}{secrets.token_hex(8)}"
+                os.rename(folder, retired)
+                os.rename(staging, folder)
+                staging = retired
+            _remove(staging)  # now the old folder
+        _fsync_dir(parent)
+    finally:
+        os.close(lock)
+
+
+def _read_version(folder: Path) -> dict[str, bytes] | None:
+    """The bytes of the folder's adapter files (a name is absent when its file is), all from one version of the
+    folder; None when a save replaced the folder while it was being read."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        if any(folder.parent.glob(glob.escape(_staging_prefix(folder)) + "*")):
+            time.sleep(0.001)  # a save without atomic swaps is between its two renames
+            return None
+        raise AdapterFileError(f"{folder} does not exist") from None
+    except NotADirectoryError:
+        raise AdapterFileError(f"{folder} is not a folder") from None
+    try:
+        files = {}
+        for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLED_WEIGHTS_NAME):
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=handle)
+            except FileNotFoundError:
+                continue
+            with os.fdopen(fd, "rb") as f:
+                try:
+                    files[name] = f.read()
+                except IsADirectoryError:
+                    raise AdapterFileError(f"{folder / name} is a folder, not a file") from None
+        if CONFIG_NAME not in files or WEIGHTS_NAME not in files:
+            # Absent, or deleted with the old folder after a save swapped it out: then read the new one.
+            try:
+                if os.stat(folder).st_ino != os.fstat(handle).st_ino:
+                    return None
+            except FileNotFoundError:
+                return None
+        return files
+    except OSError as err:
+        raise AdapterFileError(f"cannot read the adapter in {folder}: {err}") from None
+    finally:
+        os.close(handle)
+
+
+def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The folder's config and tensors, each file read once into memory and parsed from there, and checked."""
+    for _ in range(_READ_ATTEMPTS):
+        files = _read_version(folder)
+        if files is not None:
+            break
+    else:
+        raise AdapterFileError(f"{folder}: the adapter was replaced {_READ_ATTEMPTS} times while being read")
+    config_path = folder / CONFIG_NAME
+    if CONFIG_NAME not in files:
+        raise AdapterFileError(f"{config_path} does not exist")
+    try:
+        config = json.loads(files[CONFIG_NAME])
+    except (ValueError, RecursionError) as err:  # bad JSON or bad UTF-8; nesting too deep to parse
+        raise AdapterFileError(f"{config_path} is not valid JSON: {type(err).__name__}: {err}") from None
+    problems = _config_problems(config)
+    if problems:
+        raise AdapterFileError(f"{config_path}: " + "; ".join(problems))
+    if WEIGHTS_NAME in files:
+        weights_path = folder / WEIGHTS_NAME
+        try:
+            tensors = load_safetensors(files[WEIGHTS_NAME])
+        except Exception as err:  # the parser's errors for any malformed bytes
+            raise AdapterFileError(f"{weights_path} is not a valid safetensors file: {err}") from None
+    elif PICKLED_WEIGHTS_NAME in files:
+        weights_path = folder / PICKLED_WEIGHTS_NAME
+        try:  # weights_only: tensors and plain containers, never arbitrary objects
+            tensors = torch.load(io.BytesIO(files[PICKLED_WEIGHTS_NAME]), map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors of every kind, including refused globals
+            raise AdapterFileError(f"{weights_path} cannot be read as a weights-only torch file: "
+                                   f"{type(err).__name__}: {err}") from None
+    else:
+        raise AdapterFileError(f"{folder} has neither {WEIGHTS_NAME} nor {PICKLED_WEIGHTS_NAME}")
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise AdapterFileError(f"{weights_path} must hold a mapping of names to tensors, got "
+                               f"{type(tensors).__name__}")
+    not_float = {k: str(v.dtype) for k, v in tensors.items() if not v.dtype.is_floating_point}
+    if not_float:
+        raise AdapterFileError(f"{weights_path}: LoRA weights must be floating point, got {not_float}")
+    return config, tensors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save and load
+# ----------------------------------------------------------------------------------------------------------
+
+def _json_number(value):
+    """A config number as JSON writes it: numpy scalars, Fractions and the like become int or float."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def peft_lora_config(layers: dict[str, LoraLinear], adapter_name: str) -> dict:
     """PEFT's LoraConfig fields for adapter ``adapter_name`` of the LoRA ``layers`` (by qualified name).
 
-    The most common rank and alpha become ``r`` / ``lora_alpha``, the others per-layer patterns keyed by full name
-    (PEFT matches those exactly, so it wraps exactly these layers). PEFT has one dropout and one ``use_rslora`` per
-    adapter: layers that disagree on them raise ``ValueError`` rather than be saved as something else.
+    The most common rank and alpha become ``r`` / ``lora_alpha``, the others per-layer patterns keyed by full name,
+    longest first (PEFT takes the first key matching a name or a dotted suffix of it). PEFT has one dropout and one ``use_rslora`` per adapter: layers that
+    disagree on them raise ``ValueError`` rather than be saved as something else.
     """
     adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
     for field in ("lora_dropout", "use_rslora"):
@@ -59,88 +372,86 @@ def peft_lora_config(layers: dict[str, LoraLinear], adapter_name: str) -> dict:
             raise ValueError(f"PEFT's format has one {field} per adapter; the layers of adapter {adapter_name!r} "
                              f"disagree: {values}")
     ranks = {name: adapter.r for name, adapter in adapters.items()}
-    alphas = {name: adapter.lora_alpha for name, adapter in adapters.items()}
+    alphas = {name: _json_number(adapter.lora_alpha) for name, adapter in adapters.items()}
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    names = sorted(adapters, key=lambda n: (-len(n), n))
+    # Where one name ends another ("0.q" and "layers.0.q"), PEFT would give the longer one the shorter one's
+    # pattern: both get explicit entries, the longer first.
+    collide = {x for m in names for n in names if m != n and m.endswith("." + n) for x in (m, n)}
     first = next(iter(adapters.values()))
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-        "r": r, "lora_alpha": alpha, "lora_dropout": first.lora_dropout,
+        "r": r, "lora_alpha": alpha, "lora_dropout": float(first.lora_dropout),
         "target_modules": sorted(adapters),
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "use_rslora": first.use_rslora, "init_lora_weights": True, **_UNSUPPORTED,
+        "rank_pattern": {n: ranks[n] for n in names if ranks[n] != r or n in collide},
+        "alpha_pattern": {n: alphas[n] for n in names if alphas[n] != alpha or n in collide},
+        "use_rslora": bool(first.use_rslora), "init_lora_weights": True, **_UNSUPPORTED,
     }
 
 
 def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     """Write the LoRA adapter ``adapter_name`` of every LoraLinear in ``model`` to the folder ``path``, so that
-    ``peft.PeftModel.from_pretrained(base_model, path)`` loads it."""
+    ``peft.PeftModel.from_pretrained(base_model, path)`` loads it.
+
+    Everything is built and checked in memory first; then both files replace the folder's adapter in one atomic
+    step (see the README: a reader sees the whole old or the whole new adapter, across kills and concurrent saves).
+    """
+    if isinstance(model, LoraLinear):
+        raise ValueError("save_adapter needs a model that contains LoRA layers: PEFT's files name each layer by its "
+                         "path in the model, and a bare LoraLinear has none (put it in a module, e.g. "
+                         "nn.Sequential(layer), and load into the same structure)")
     layers = layers_with_adapter(model, adapter_name)
     if not layers:
         raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r}")
     config = peft_lora_config(layers, adapter_name)
+    problems = _config_problems(config)
+    if problems:
+        raise ValueError(f"adapter {adapter_name!r} cannot be saved in PEFT's format: " + "; ".join(problems))
     tensors = {}
     for name, layer in layers.items():
         adapter = layer.adapters[adapter_name]
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach().contiguous().cpu()
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    files = {CONFIG_NAME: (json.dumps(config, indent=2, allow_nan=False) + "\n").encode(),
+             WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"})}
+    _publish(path, files)
 
 
-def _read(folder: Path):
-    config_path = folder / CONFIG_NAME
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise AdapterFileError(f"{config_path} does not exist") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{config_path} is not valid JSON: {err}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{config_path}: peft_type must be 'LORA', got {config.get('peft_type')!r}"
-                               if isinstance(config, dict) else f"{config_path}: expected a JSON object")
-    unsupported = {key: config[key] for key, default in _UNSUPPORTED.items()
-                   if config.get(key, default) not in (default, None, [], {})}
-    if unsupported:
-        raise AdapterFileError(f"{config_path} uses PEFT features fastpeft does not support: {unsupported}")
-    weights = folder / WEIGHTS_NAME
-    try:
-        if weights.exists():
-            tensors = load_file(str(weights))
-        elif (folder / PICKLED_WEIGHTS_NAME).exists():
-            tensors = torch.load(folder / PICKLED_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-        else:
-            raise AdapterFileError(f"{folder} has neither {WEIGHTS_NAME} nor {PICKLED_WEIGHTS_NAME}")
-    except (SafetensorError, OSError, RuntimeError, EOFError) as err:
-        raise AdapterFileError(f"cannot read the adapter weights in {folder}: {err}") from None
-    return config, tensors
-
-
-def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=None) -> nn.Module:
-    """Load a PEFT LoRA adapter (from ``save_pretrained`` or :func:`save_adapter`) into ``model``, in place.
-
-    Each ``nn.Linear`` named in the file becomes a :class:`LoraLinear` (an existing LoraLinear's adapter of that
-    name is replaced); other parameters are frozen. Everything is read and checked first: a missing, truncated or
-    mismatched file raises :class:`AdapterFileError` with the model unchanged. Returns ``model``.
-    """
-    config, tensors = _read(Path(path))
-    modules = dict(model.named_modules())
+def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, list[str]]:
+    """The LoRA pairs of the file by module name, and every reason the file does not fit ``model``."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    problems = []
     for key, tensor in tensors.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if not key.startswith(_PREFIX) or suffix is None:
-            raise AdapterFileError(f"unexpected key {key!r} in the adapter weights")
-        name = key[len(_PREFIX):-len(suffix)]
-        pairs.setdefault(name, {})[suffix.split(".")[1]] = tensor
-    problems = []
+            problems.append(f"unexpected key {key!r} (fastpeft reads LoRA A/B weights only)")
+            continue
+        pairs.setdefault(key[len(_PREFIX):-len(suffix)], {})[suffix.split(".")[1]] = tensor
+    if not pairs and not problems:
+        problems.append("the adapter weights hold no LoRA tensors")
+    modules = dict(model.named_modules())
+    lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
+    targets, excluded = _field(config, "target_modules"), _field(config, "exclude_modules")
     for name, pair in pairs.items():
         module = modules.get(name)
+        if name == "":
+            problems.append("a key names no module (saved from a bare layer, not a model)")
+            continue
+        if any(name.startswith(prefix + ".") for prefix in (*lora_prefixes, *pairs)):
+            problems.append(f"{name}: inside a LoRA layer (a LoRA on the base layer of a LoRA never runs)")
+            continue
+        if targets not in (None, "all-linear") and not _selects(targets, name) \
+                or excluded is not None and _selects(excluded, name):
+            problems.append(f"{name}: not selected by the config's target_modules / exclude_modules "
+                            "(PEFT would ignore these weights)")
+            continue
         base = module.base_layer if isinstance(module, LoraLinear) else module
-        if not isinstance(base, nn.Linear):
-            problems.append(f"{name}: no nn.Linear of that name in the model")
+        if module is None:
+            problems.append(f"{name}: no module of that name in the model")
+            continue
+        if not isinstance(module, LoraLinear) and (why := lora_wrap_problem(module)) is not None:
+            problems.append(f"{name}: {why}")
             continue
         if set(pair) != {"lora_A", "lora_B"}:
             problems.append(f"{name}: needs both lora_A and lora_B, got {sorted(pair)}")
@@ -151,25 +462,42 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
                 or tuple(b.shape) != (base.out_features, r):
             problems.append(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a LoRA of "
                             f"{base.in_features} -> {base.out_features}")
-    if not pairs:
-        problems.append("the adapter weights hold no LoRA tensors")
+            continue
+        want_r = _pattern_value(_field(config, "rank_pattern"), name, _field(config, "r"))
+        if r != want_r:
+            problems.append(f"{name}: the weights have rank {r}, the config gives it rank {want_r}")
+    return pairs, problems
+
+
+def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=None) -> nn.Module:
+    """Load a PEFT LoRA adapter (from ``save_pretrained`` or :func:`save_adapter`) into ``model``, in place.
+
+    Each ``nn.Linear`` named in the file becomes a :class:`LoraLinear` (an existing LoraLinear's adapter of that
+    name is replaced); other parameters are frozen. ``backend`` (when given) is set on every layer loaded into.
+    Every argument, the config, every key, dtype and shape are checked first: anything fastpeft cannot honour
+    exactly as PEFT would raises :class:`AdapterFileError` (or ``ValueError`` for a bad argument) with the model
+    unchanged. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_adapter_name(adapter_name)
+    if backend is not None:
+        requested_backend(backend)
+    if isinstance(model, nn.Linear):
+        raise ValueError("load_adapter loads into a model, in place; a bare nn.Linear cannot become a LoraLinear in "
+                         "place (put it in a module, e.g. nn.Sequential(layer))")
+    config, tensors = _read(Path(path))
+    pairs, problems = _key_problems(config, tensors, model)
     if problems:
         raise AdapterFileError(f"adapter in {path} does not match the model: " + "; ".join(problems))
 
-    def pattern(patterns: dict, name: str, default):
-        for key, value in patterns.items():
-            if name == key or name.endswith("." + key):
-                return value
-        return default
-
     built = {}
     for name, pair in pairs.items():
-        module = modules[name]
+        module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, LoraLinear) else module
-        r = pair["lora_A"].shape[0]
-        alpha = pattern(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", r))
-        adapter = _new_adapter(base, r, alpha, config.get("lora_dropout", 0.0), config.get("use_rslora", False),
-                               True, True)
+        alpha = _pattern_value(_field(config, "alpha_pattern"), name, _field(config, "lora_alpha"))
+        adapter = _new_adapter(base, pair["lora_A"].shape[0], alpha, _field(config, "lora_dropout"),
+                               _field(config, "use_rslora"), True, True)
         with torch.no_grad():
             adapter.lora_A.copy_(pair["lora_A"])
             adapter.lora_B.copy_(pair["lora_B"])
@@ -180,6 +508,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
             if module.merged:
                 module.unmerge()
             layer = module
+            if backend is not None:
+                layer.backend = backend
         else:
             layer = LoraLinear(module, adapter.r, adapter.lora_alpha, adapter_name=adapter_name, backend=backend)
             _set_submodule(model, name, layer)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import TOLERANCE, rel_err
 
 import fastpeft
 
@@ -51,6 +51,9 @@ def test_from_peft_keeps_parameters_outputs_and_gradients():
     theirs = peft_llama()
     ids = tokens()
     want = logits(theirs, ids)
+    reference = copy.deepcopy(theirs).double().train()  # gradients in float64: what both are measured against
+    reference(input_ids=ids, labels=ids).loss.backward()
+    ref_grads = [p.grad for p in reference.parameters() if p.requires_grad]
     theirs.train()
     theirs(input_ids=ids, labels=ids).loss.backward()
     trainable = [p for p in theirs.parameters() if p.requires_grad]
@@ -76,8 +79,10 @@ def test_from_peft_keeps_parameters_outputs_and_gradients():
     ours.zero_grad()
     ours(input_ids=ids, labels=ids).loss.backward()
     assert [p for p in ours.parameters() if p.requires_grad] == trainable
-    for param, grad in zip(trainable, peft_grads, strict=True):
-        assert torch.allclose(param.grad, grad, rtol=1e-5, atol=1e-7)
+    for param, peft_grad, ref in zip(trainable, peft_grads, ref_grads, strict=True):
+        # Both are fp32 roundings of the float64 gradient: fastpeft within the fp32 budget, or within twice PEFT's
+        # own error where the model's fp32 arithmetic (not the LoRA layers) dominates.
+        assert rel_err(param.grad, ref) <= max(TOLERANCE[torch.float32], 2 * rel_err(peft_grad, ref))
     optimizer.step()  # an optimizer made before the conversion trains the converted model
     ours.eval()
     assert not close(logits(ours, ids), want)

@@ -1,8 +1,12 @@
 """Adapter files in HF PEFT's format, both ways, and what happens with bad files (the model stays unchanged)."""
 import copy
+import io
 import json
+import os
+import stat
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -91,13 +95,14 @@ def test_bad_files_leave_the_model_unchanged(tmp_path):
 
     weights = "adapter_model.safetensors"
     cases = {
-        "truncated": (lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:-20]), "cannot read"),
+        "truncated": (lambda f: (f / weights).write_bytes((f / weights).read_bytes()[:-20]),
+                      "not a valid safetensors file"),
         "no weights": (lambda f: (f / weights).unlink(), "neither"),
         "bad json": (lambda f: (f / "adapter_config.json").write_text("{"), "not valid JSON"),
         "not lora": (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "IA3"}'), "LORA"),
         "dora": (lambda f: (f / "adapter_config.json").write_text(
             json.dumps({**json.loads((good / "adapter_config.json").read_text()), "use_dora": True})),
-            "does not support"),
+            "does not implement"),
     }
     for name, (edit, match) in cases.items():
         with pytest.raises(fastpeft.AdapterFileError, match=match):
@@ -138,3 +143,317 @@ def test_save_refuses_what_peft_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="one use_rslora per adapter"):
         fastpeft.save_adapter(model, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loads refuse what they cannot honour, before anything changes.
+# ----------------------------------------------------------------------------------------------------------
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A good adapter folder (q_proj and mlp.0, r=2) and a function making edited copies of it."""
+    torch.manual_seed(3)
+    model = fastpeft.apply_lora(Net(), ["q_proj", "mlp.0"], r=2, lora_alpha=4, init_lora_weights=False)
+    good = tmp_path / "good"
+    fastpeft.save_adapter(model, good)
+    config = json.loads((good / CONFIG).read_text())
+    tensors = safetensors.torch.load_file(str(good / WEIGHTS))
+
+    def copy_with(name, config_edit=None, tensors_edit=None, config_text=None, weights_bytes=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / CONFIG).write_text(config_text if config_text is not None
+                                     else json.dumps({**config, **(config_edit or {})}))
+        if weights_bytes is not None:
+            (folder / weights_bytes[0]).write_bytes(weights_bytes[1])
+        else:
+            safetensors.torch.save_file(tensors_edit(dict(tensors)) if tensors_edit else tensors,
+                                        str(folder / WEIGHTS))
+        return folder
+
+    return good, copy_with
+
+
+def assert_refused(model, folder, match, **kwargs):
+    before = state(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(fastpeft.AdapterFileError, match=match):
+        fastpeft.load_adapter(model, folder, **kwargs)
+    assert [type(m) for m in model.modules()] == modules
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(before[k], v) for k, v in state(model).items())
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"use_rslora": "false"}, r"use_rslora must be true or false, got 'false'"),
+    ({"r": "2"}, r"r must be a positive integer"),
+    ({"lora_alpha": True}, r"lora_alpha must be a finite number"),
+    ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\)"),
+    ({"alpha_pattern": ["q_proj", 8]}, r"alpha_pattern must be an object of finite numbers"),
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern must be an object of positive integers"),
+    ({"target_modules": 7}, r"target_modules must be null, a regex string or a list"),
+    ({"alora_invocation_tokens": [1, 2]}, r"does not implement: \{'alora_invocation_tokens'"),
+    ({"layer_replication": [[0, 1]], "target_parameters": ["q_proj.weight"]},
+     r"does not implement: \{'layer_replication': \[\[0, 1\]\], 'target_parameters'"),
+    ({"use_dora": True, "modules_to_save": ["head"]}, r"'use_dora': True, 'modules_to_save'"),
+    ({"init_lora_weights": "pissa_niter_4"}, r"does not implement: \{'init_lora_weights': 'pissa_niter_4'"),
+    ({"future_feature": {"on": 1}}, r"fields fastpeft does not know .*'future_feature'"),
+    ({"peft_type": "IA3"}, r"peft_type must be 'LORA'"),
+    ({"r": 3}, r"the weights have rank 2, the config gives it rank 3"),
+    ({"target_modules": ["q_proj"]}, r"mlp\.0: not selected by the config's target_modules"),
+    ({"exclude_modules": r"mlp\..*"}, r"mlp\.0: not selected"),
+])
+def test_load_refuses_configs_it_cannot_honour(saved, edit, match):
+    _, copy_with = saved
+    assert_refused(Net(), copy_with("edited", config_edit=edit), match)
+
+
+def test_every_config_problem_is_listed_together(saved):
+    _, copy_with = saved
+    folder = copy_with("many", {"use_rslora": "no", "use_dora": True, "exclude_modules": None,
+                                "layer_replication": [1]})
+    with pytest.raises(fastpeft.AdapterFileError, match=r"adapter_config.json: use_rslora must .*; it uses PEFT "
+                                                         r"features .*'use_dora'.*'layer_replication'"):
+        fastpeft.load_adapter(Net(), folder)
+
+
+def test_exclude_modules_that_leave_the_files_layers_alone_load(saved):
+    _, copy_with = saved
+    model = fastpeft.load_adapter(Net(), copy_with("excluding", {"exclude_modules": ["v_proj"]}))
+    assert sorted(fastpeft.lora_layers(model)) == ["mlp.0", "q_proj"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: {**t, "base_model.model.q_proj.lora_A.weight": torch.ones(2, 24, dtype=torch.int64)},
+     r"must be floating point, got \{'base_model.model.q_proj.lora_A.weight': 'torch.int64'\}"),
+    (lambda t: {**t, "base_model.model.q_proj.lora_B.weight": torch.ones(24, 2, dtype=torch.int32)},
+     r"must be floating point.*torch.int32"),
+    (lambda t: {**t, "base_model.model.q_proj.base_layer.lora_A.weight": torch.ones(2, 24),
+                "base_model.model.q_proj.base_layer.lora_B.weight": torch.ones(24, 2)},
+     r"q_proj.base_layer: inside a LoRA layer"),
+    (lambda t: {**t, "base_model.model.q_proj.lora_magnitude_vector": torch.ones(24)},
+     r"unexpected key 'base_model.model.q_proj.lora_magnitude_vector'"),
+])
+def test_load_refuses_tensors_it_cannot_honour(saved, edit, match):
+    _, copy_with = saved
+    assert_refused(Net(), copy_with("edited", tensors_edit=edit), match)
+
+
+def test_a_key_inside_an_existing_lora_layer_is_refused(saved):
+    good, copy_with = saved
+    model = fastpeft.load_adapter(Net(), good)
+    folder = copy_with("nested", {"target_modules": None}, tensors_edit=lambda t: {
+        "base_model.model.q_proj.base_layer.lora_A.weight": torch.ones(2, 24),
+        "base_model.model.q_proj.base_layer.lora_B.weight": torch.ones(24, 2)})
+    assert_refused(model, folder, r"q_proj.base_layer: inside a LoRA layer", adapter_name="other")
+
+
+class WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(self.attn(x, x, x)[0])
+
+
+def test_attention_out_proj_is_refused_as_apply_lora_does(tmp_path):
+    folder = tmp_path / "attn"
+    folder.mkdir()
+    (folder / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                             "target_modules": ["out_proj"]}))
+    safetensors.torch.save_file({"base_model.model.attn.out_proj.lora_A.weight": torch.ones(2, 8),
+                                 "base_model.model.attn.out_proj.lora_B.weight": torch.ones(8, 2)},
+                                str(folder / WEIGHTS))
+    assert_refused(WithAttention(), folder, r"attn.out_proj: the out_proj of an nn.MultiheadAttention")
+
+
+def test_a_bare_layer_is_refused_both_ways(tmp_path):
+    with pytest.raises(ValueError, match="a bare LoraLinear has none"):
+        fastpeft.save_adapter(fastpeft.LoraLinear(nn.Linear(4, 4)), tmp_path / "bare")
+    assert not (tmp_path / "bare").exists()
+    model = nn.Sequential(fastpeft.LoraLinear(nn.Linear(4, 4), r=2, init_lora_weights=False))
+    fastpeft.save_adapter(model, tmp_path / "wrapped")
+    with pytest.raises(ValueError, match="a bare nn.Linear cannot become a LoraLinear in place"):
+        fastpeft.load_adapter(nn.Linear(4, 4), tmp_path / "wrapped")
+    back = fastpeft.load_adapter(nn.Sequential(nn.Linear(4, 4)), tmp_path / "wrapped")
+    assert torch.equal(back[0].lora_B, model[0].lora_B)
+    back.state_dict()  # a layer never becomes its own child
+    # A file whose keys name no module (as bare layers used to be saved) is refused.
+    folder = tmp_path / "empty-name"
+    folder.mkdir()
+    (folder / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    safetensors.torch.save_file({"base_model.model..lora_A.weight": torch.ones(2, 4),
+                                 "base_model.model..lora_B.weight": torch.ones(4, 2)}, str(folder / WEIGHTS))
+    assert_refused(nn.Sequential(nn.Linear(4, 4)), folder, "a key names no module")
+
+
+class Evil:
+    def __reduce__(self):
+        return (open, ("/tmp/fastpeft-evil-was-here", "w"))
+
+
+@pytest.mark.parametrize("name,payload,match", [
+    ("list", lambda: _pickled([torch.ones(2)]), r"adapter_model.bin must hold a mapping of names to tensors"),
+    ("not tensors", lambda: _pickled({"base_model.model.q_proj.lora_A.weight": [1.0, 2.0]}),
+     r"adapter_model.bin must hold a mapping of names to tensors"),
+    ("garbage", lambda: b"\x00\x01garbage" * 50, r"adapter_model.bin cannot be read as a weights-only torch file"),
+    ("evil", lambda: __import__("pickle").dumps(Evil()), r"adapter_model.bin cannot be read as a weights-only"),
+])
+def test_bad_pickled_weights_raise_adapter_file_errors(saved, name, payload, match):
+    _, copy_with = saved
+    folder = copy_with(name.replace(" ", "_"), weights_bytes=("adapter_model.bin", payload()))
+    assert_refused(Net(), folder, match)
+    assert not os.path.exists("/tmp/fastpeft-evil-was-here")
+
+
+def _pickled(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[" * 100000 + "]" * 100000, r"adapter_config.json is not valid JSON: RecursionError"),
+    ("\xff\xfe{}", r"adapter_config.json"),
+    ('{"peft_type": "LORA", "lora_alpha": NaN}', r"lora_alpha must be a finite number"),
+    ("[]", r"expected a JSON object, got list"),
+])
+def test_bad_json_raises_adapter_file_errors(saved, text, match):
+    _, copy_with = saved
+    assert_refused(Net(), copy_with("json", config_text=text), match)
+
+
+def test_safetensors_garbage_names_the_file(saved):
+    _, copy_with = saved
+    folder = copy_with("garbage", weights_bytes=(WEIGHTS, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" * 3))
+    assert_refused(Net(), folder, r"adapter_model.safetensors is not a valid safetensors file")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"adapter_name": "x.y"}, "adapter_name must be a non-empty string without '.'"),
+    ({"adapter_name": ""}, "adapter_name must be a non-empty string"),
+    ({"backend": "bogus"}, "bogus"),
+])
+def test_bad_arguments_change_nothing(saved, kwargs, match):
+    good, _ = saved
+    for model in (Net(), fastpeft.apply_lora(Net(), ["q_proj"], r=2)):  # also layers that have LoRA already
+        before = state(model)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        adapters = {n: list(m.adapters) for n, m in fastpeft.lora_layers(model).items()}
+        with pytest.raises(ValueError, match=match):
+            fastpeft.load_adapter(model, good, **kwargs)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert {n: list(m.adapters) for n, m in fastpeft.lora_layers(model).items()} == adapters
+        assert all(torch.equal(before[k], v) for k, v in state(model).items())
+
+
+def test_backend_applies_to_layers_that_had_lora_already(saved):
+    good, _ = saved
+    model = fastpeft.apply_lora(Net(), ["q_proj"], r=2)
+    fastpeft.load_adapter(model, good, adapter_name="loaded", backend="torch")
+    assert model.q_proj.backend == "torch" and model.mlp[0].backend == "torch"
+    assert model.q_proj.active_adapter == "loaded"
+
+
+@pytest.mark.parametrize("alpha_pattern,rank_pattern", [
+    ({"q_.*": 32}, {}),
+    ({"q_proj": 32, "mlp\\.0": 3}, {"mlp.0": 5}),
+    ({"^q_proj": 32}, {"^mlp\\.0": 3}),
+    ({"q_proj": 32, "(q|v)_proj": 1}, {}),   # PEFT: the first key matching, in the file's order, wins
+])
+def test_patterns_saved_by_peft_match_peft(tmp_path, alpha_pattern, rank_pattern):
+    torch.manual_seed(4)
+    base = Net()
+    config = peft.LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj", "mlp.0"],
+                             alpha_pattern=alpha_pattern, rank_pattern=rank_pattern, init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path))
+    # PEFT writes the pattern keys sorted and takes the first match in the file's order: its own load of the file
+    # is what fastpeft must equal.
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    x = torch.randn(3, 24)
+    ours = fastpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    for name, layer in fastpeft.lora_layers(ours).items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        assert layer.scaling == peft_layer.scaling["default"], name
+        assert layer.r == peft_layer.r["default"], name
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
+
+
+def test_saved_patterns_survive_names_that_end_other_names(tmp_path):
+    """PEFT takes the first pattern key matching a name or a dotted suffix of it: "0.q" also matches "layers.0.q"."""
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleDict({"0": nn.ModuleDict({"q": nn.Linear(6, 6)})})
+            self.add_module("0", nn.ModuleDict({"q": nn.Linear(6, 6)}))
+            self.other = nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.layers["0"]["q"](x) + getattr(self, "0")["q"](x) + self.other(x)
+
+    torch.manual_seed(5)
+    base = Odd()
+    model = fastpeft.apply_lora(copy.deepcopy(base), ["layers.0.q", "other"], r=2, lora_alpha=2,
+                                init_lora_weights=False)
+    fastpeft.apply_lora(model, r"0\.q", r=3, lora_alpha=7, init_lora_weights=False)
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        want = model(x)
+    fastpeft.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ours = fastpeft.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(theirs(x), want, atol=1e-6) and torch.allclose(ours(x), want, atol=1e-6)
+
+
+def test_alpha_of_any_number_type_saves_whole(tmp_path):
+    """numpy and Fraction alphas are numbers LoraAdapter accepts: they are written as JSON numbers, and a save that
+    cannot be written changes nothing on disk."""
+    import fractions
+
+    import numpy as np
+    torch.manual_seed(6)
+    x = torch.randn(3, 24)
+    first = fastpeft.apply_lora(Net(), ["q_proj"], r=2, lora_alpha=4, init_lora_weights=False)
+    fastpeft.save_adapter(first, tmp_path)
+    for alpha in (np.float32(2.5), fractions.Fraction(5, 2), np.int64(3)):
+        model = fastpeft.apply_lora(Net(), ["q_proj"], r=2, lora_alpha=alpha, init_lora_weights=False)
+        fastpeft.save_adapter(model, tmp_path)
+        assert json.loads((tmp_path / CONFIG).read_text())["lora_alpha"] == float(alpha)
+        back = fastpeft.load_adapter(copy.deepcopy(model), tmp_path)
+        with torch.no_grad():
+            assert torch.allclose(back(x), model(x), atol=1e-6)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bad = fastpeft.apply_lora(Net(), ["q_proj"], r=2, lora_dropout=0.1)
+    fastpeft.apply_lora(bad, ["v_proj"], r=2, lora_dropout=0.2)
+    with pytest.raises(ValueError, match="one lora_dropout per adapter"):
+        fastpeft.save_adapter(bad, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_files_respect_the_umask_and_other_files_stay(tmp_path):
+    old = os.umask(0o022)
+    try:
+        folder = tmp_path / "adapter"
+        folder.mkdir()
+        (folder / "README.md").write_text("mine")
+        (folder / "tokenizer").mkdir()
+        (folder / "tokenizer" / "vocab.txt").write_text("a b c")
+        model = fastpeft.apply_lora(Net(), ["q_proj"], r=2)
+        for _ in range(2):
+            fastpeft.save_adapter(model, folder)
+        for name in (CONFIG, WEIGHTS):
+            assert stat.S_IMODE(os.stat(folder / name).st_mode) == 0o644
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755
+        assert sorted(os.listdir(folder)) == sorted([CONFIG, "README.md", WEIGHTS, "tokenizer"])
+        assert (folder / "README.md").read_text() == "mine" and (folder / "tokenizer" / "vocab.txt").exists()
+        assert sorted(os.listdir(tmp_path)) == ["adapter"]  # nothing left beside it either
+    finally:
+        os.umask(old)

@@ -1,0 +1,120 @@
+"""Adapter folders under faults, for real: writers killed with SIGKILL at random instants, and two processes saving to
+one folder while a third reads. Every read must see one whole adapter, never one's config with another's weights."""
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import fastpeft
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+
+LAYERS = 300  # enough that a save takes a while, so kills land in every phase of it
+TAGS = (3, 5)  # adapter "3": lora_alpha 3 and every weight 3.0; adapter "5" likewise
+
+
+def tagged_model(tag):
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(LAYERS)])
+    fastpeft.apply_lora(model, r"\d+", r=2, lora_alpha=tag)
+    with torch.no_grad():
+        for layer in fastpeft.lora_layers(model).values():
+            layer.lora_A.fill_(tag)
+            layer.lora_B.fill_(tag)
+    return model
+
+
+def whole_adapter(folder) -> int:
+    """The tag of the adapter ``load_adapter`` reads from ``folder``; fails on any mix of two adapters."""
+    model = fastpeft.load_adapter(nn.Sequential(*[nn.Linear(4, 4) for _ in range(LAYERS)]), folder)
+    layers = fastpeft.lora_layers(model).values()
+    tags = {layer.lora_alpha for layer in layers}
+    tags |= {float(t) for layer in layers for weight in (layer.lora_A, layer.lora_B) for t in weight.detach().unique()}
+    assert len(tags) == 1 and len(layers) == LAYERS, f"a mix of adapters: {tags}"
+    return int(tags.pop())
+
+
+def fork(work):
+    """Run ``work()`` in a child process that never returns into pytest."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            work()
+        finally:
+            os._exit(0)
+    return pid
+
+
+def leftovers(tmp_path, folder):
+    return sorted(set(os.listdir(tmp_path)) - {folder.name})
+
+
+def test_writers_killed_at_random_instants_leave_one_whole_adapter(tmp_path):
+    models = {tag: tagged_model(tag) for tag in TAGS}
+    folder = tmp_path / "adapter"
+    fastpeft.save_adapter(models[3], folder)
+    rng = random.Random(0)
+    seen = set()
+    deadline = time.monotonic() + 40
+
+    def save_forever():
+        while True:
+            for tag in (5, 3):
+                fastpeft.save_adapter(models[tag], folder)
+
+    kills = 0
+    while kills < 30 and time.monotonic() < deadline:
+        pid = fork(save_forever)
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        kills += 1
+        seen.add(whole_adapter(folder))
+        assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert kills >= 10 and seen == set(TAGS)
+    # Whatever the kills left beside the folder, a later save clears it and wins whole.
+    fastpeft.save_adapter(models[5], folder)
+    assert leftovers(tmp_path, folder) == [] and whole_adapter(folder) == 5
+
+
+def test_two_writers_and_a_reader(tmp_path):
+    models = {tag: tagged_model(tag) for tag in TAGS}
+    folder = tmp_path / "adapter"
+    fastpeft.save_adapter(models[3], folder)
+    stop = time.monotonic() + 6
+
+    def save_until_stop(tag):
+        def work():
+            while time.monotonic() < stop:
+                fastpeft.save_adapter(models[tag], folder)
+        return work
+
+    writers = [fork(save_until_stop(tag)) for tag in TAGS]
+    reads, seen = 0, set()
+    try:
+        while time.monotonic() < stop:
+            seen.add(whole_adapter(folder))
+            reads += 1
+            # Every file, read on its own, is always whole too.
+            json.loads((folder / "adapter_config.json").read_text())
+    finally:
+        for pid in writers:
+            os.waitpid(pid, 0)
+    assert reads >= 10 and seen == set(TAGS)
+    assert leftovers(tmp_path, folder) == [] and whole_adapter(folder) in TAGS
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_peft_reads_a_folder_saved_over_and_over(tmp_path):
+    peft = pytest.importorskip("peft")
+    models = {tag: tagged_model(tag) for tag in TAGS}
+    folder = tmp_path / "adapter"
+    for tag in (3, 5, 3, 5):
+        fastpeft.save_adapter(models[tag], folder)
+    theirs = peft.PeftModel.from_pretrained(nn.Sequential(*[nn.Linear(4, 4) for _ in range(LAYERS)]), str(folder))
+    layer = theirs.base_model.model[0]
+    assert layer.scaling["default"] == 5 / 2 and torch.all(layer.lora_A["default"].weight == 5)
