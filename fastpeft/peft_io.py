@@ -362,8 +362,9 @@ def peft_lora_config(layers: dict[str, LoraLinear], adapter_name: str) -> dict:
     """PEFT's LoraConfig fields for adapter ``adapter_name`` of the LoRA ``layers`` (by qualified name).
 
     The most common rank and alpha become ``r`` / ``lora_alpha``, the others per-layer patterns keyed by full name,
-    longest first (PEFT takes the first key matching a name or a dotted suffix of it). PEFT has one dropout and one ``use_rslora`` per adapter: layers that
-    disagree on them raise ``ValueError`` rather than be saved as something else.
+    longest first (PEFT takes the first key matching a name or a dotted suffix of it). PEFT has one dropout and one
+    ``use_rslora`` per adapter: layers that disagree on them raise ``ValueError`` rather than be saved as something
+    else.
     """
     adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
     for field in ("lora_dropout", "use_rslora"):
