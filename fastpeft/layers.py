@@ -43,7 +43,7 @@ def linear_wrap_problem(module) -> str | None:
 def _check_base(base) -> None:
     problem = linear_wrap_problem(base)
     if problem is not None:
-        raise TypeError(f"base must be a plain nn.Linear, got {problem}")
+        raise TypeError(f"base must be an nn.Linear (without a forward of its own), got {problem}")
 
 
 def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, autocast_adapter_dtype):

@@ -283,6 +283,8 @@ def _read_version(folder: Path) -> dict[str, bytes] | None:
     try:
         files = {}
         for name in (CONFIG_NAME, WEIGHTS_NAME, PICKLED_WEIGHTS_NAME):
+            if name == PICKLED_WEIGHTS_NAME and WEIGHTS_NAME in files:
+                break  # the safetensors file wins, as in PEFT
             try:
                 fd = os.open(name, os.O_RDONLY, dir_fd=handle)
             except FileNotFoundError:
