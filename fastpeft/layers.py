@@ -278,7 +278,8 @@ class LoraLinear(nn.Module):
             return
         weight = self.base_layer.weight
         delta = self.adapter.delta_weight()
-        merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
+        wide = torch.promote_types(weight.dtype, delta.dtype)  # fp32 at least; fp64 for an fp64 base
+        merged = (weight.to(wide) + delta).to(weight.dtype)
         if safe and not torch.isfinite(merged).all():
             raise ValueError("LoraLinear.merge(safe=True): the merged weight would contain NaN/Inf in "
                              f"{weight.dtype}; the weight was left unchanged")
@@ -293,7 +294,7 @@ class LoraLinear(nn.Module):
             return
         weight = self.base_layer.weight
         delta = self.adapters[self.merged_adapter].delta_weight()
-        weight.copy_(weight.to(delta.dtype) - delta)
+        weight.copy_(weight.to(torch.promote_types(weight.dtype, delta.dtype)) - delta)
         self.merged_adapter = None
 
     def extra_repr(self) -> str:

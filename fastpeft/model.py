@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import AdaptedModule, BottleneckAdapter, LoraAdapter, LoraLinear, linear_wrap_problem
+from .backends import requested_backend
+from .layers import (
+    AdaptedModule,
+    BottleneckAdapter,
+    LoraAdapter,
+    LoraLinear,
+    _check_adapter_name,
+    _new_adapter,
+    linear_wrap_problem,
+)
 
 
 def _inside_lora_layer(name: str, lora_prefixes: list[str]) -> bool:
@@ -82,6 +91,8 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     built before the model is touched: a bad argument or a selected module that is not a plain ``nn.Linear``
     raises with the model unchanged. Returns ``model``.
     """
+    if backend is not None:
+        requested_backend(backend)
     names = find_targets(model, target_modules)
     bad = {}
     for name in names:
@@ -94,18 +105,27 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     if bad:
         listed = "; ".join(f"{n}: {why}" for n, why in bad.items())
         raise TypeError(f"apply_lora: target_modules selected modules it cannot wrap ({listed})")
-    new_layers = {name: LoraLinear(model.get_submodule(name), r, lora_alpha, lora_dropout, use_rslora,
-                                   init_lora_weights, adapter_name=adapter_name,
-                                   autocast_adapter_dtype=autocast_adapter_dtype, backend=backend)
-                  for name in names if not isinstance(model.get_submodule(name), LoraLinear)}
-    _freeze_all_but_adapters(model)
+    # Everything is built (and so every argument checked) before the model changes.
+    new_layers, new_adapters = {}, {}
     for name in names:
-        if name in new_layers:
-            _set_submodule(model, name, new_layers[name])
-            new_layers[name].adapters.requires_grad_(True)
-        else:  # an existing LoRA layer gets one more named adapter; the active one stays
-            model.get_submodule(name).add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                                                  init_lora_weights, autocast_adapter_dtype=autocast_adapter_dtype)
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLinear):  # an existing LoRA layer gets one more named adapter
+            _check_adapter_name(adapter_name)
+            new_adapters[name] = _new_adapter(module.base_layer, r, lora_alpha, lora_dropout, use_rslora,
+                                              init_lora_weights, autocast_adapter_dtype)
+        else:
+            new_layers[name] = LoraLinear(module, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                                          adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                          backend=backend)
+    _freeze_all_but_adapters(model)
+    for name, layer in new_layers.items():
+        _set_submodule(model, name, layer)
+        layer.adapters.requires_grad_(True)
+    for name, adapter in new_adapters.items():  # the active adapter stays
+        layer = model.get_submodule(name)
+        layer.adapters[adapter_name] = adapter
+        if backend is not None:
+            layer.backend = backend
     return model
 
 
@@ -235,7 +255,13 @@ def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden
     Everything is checked and built before the model changes. Undo with :func:`remove_adapters`.
     """
     cfg = _adapter_config(config)
-    names = [n for n in find_targets(model, after_modules) if not n.endswith((".module", ".adapter"))]
+    # The parts of an AdaptedModule (its .module and .adapter) are not candidates: the module carries one already.
+    adapted = {n for n, m in model.named_modules() if isinstance(m, AdaptedModule)}
+    selected = find_targets(model, after_modules)
+    names = [n for n in selected if n.rpartition(".")[0] not in adapted]
+    if not names:
+        raise TypeError(f"apply_adapters: after_modules selects only parts of modules that carry an adapter "
+                        f"already ({selected})")
     already = [n for n in names if isinstance(model.get_submodule(n), AdaptedModule)]
     if already:
         raise TypeError(f"apply_adapters: {already} already carry an adapter (remove_adapters first)")

@@ -11,7 +11,7 @@ import math
 from torch import nn
 
 from .layers import AdaptedModule, LoraAdapter, LoraLinear
-from .model import _set_submodule, layers_with_adapter, lora_layers
+from .model import _set_submodule, lora_layers
 from .peft_io import peft_lora_config
 
 
@@ -170,7 +170,7 @@ def to_peft(model: nn.Module):
     adapter_names = list(dict.fromkeys(name for layer in layers.values() for name in layer.adapters))
     configs = {}
     for adapter_name in adapter_names:
-        fields = peft_lora_config(layers_with_adapter(model, adapter_name), adapter_name)
+        fields = peft_lora_config(model, adapter_name)
         fields = {k: v for k, v in fields.items() if k != "peft_type"}
         configs[adapter_name] = peft.LoraConfig(**{**fields, "inference_mode": False})
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]

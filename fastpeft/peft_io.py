@@ -10,6 +10,7 @@ import ctypes
 import errno
 import functools
 import glob
+import hashlib
 import io
 import json
 import math
@@ -19,6 +20,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from torch import nn
 
 from .backends import requested_backend
 from .layers import LoraLinear, _check_adapter_name, _new_adapter
-from .model import _set_submodule, layers_with_adapter, lora_wrap_problem
+from .model import _set_submodule, layers_with_adapter, lora_layers, lora_wrap_problem
 
 try:
     import fcntl
@@ -58,7 +60,10 @@ def _is_int(v):
 
 
 def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    try:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _is_names(v):
@@ -104,8 +109,12 @@ _IGNORED = {"megatron_core", "qalora_group_size", "loftq_config", "eva_config", 
 _BASE_REWRITING_INITS = re.compile(r"pissa(_niter_\d+)?|olora|loftq|corda")
 
 
-def _unset(value, default) -> bool:
-    return value == default or value in (None, False, [], {}, "")
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
 
 
 def _config_problems(config) -> list[str]:
@@ -116,11 +125,17 @@ def _config_problems(config) -> list[str]:
         return ["it has no peft_type (expected 'LORA')"]
     problems = [f"{field} must be {what}, got {config[field]!r}" for field, (check, what) in _HONOURED.items()
                 if field in config and not check(config[field])]
-    unsupported = {f: config[f] for f, off in _UNSUPPORTED.items() if f in config and not _unset(config[f], off)}
+    if not problems:  # the regular expressions, as PEFT will use them
+        regexes = [config[f] for f in ("target_modules", "exclude_modules") if isinstance(config.get(f), str)]
+        regexes += [rf"(.*\.)?({key})$" for f in ("rank_pattern", "alpha_pattern") for key in config.get(f, {})]
+        problems += [f"{regex!r} is not a valid regular expression" for regex in regexes if not _compiles(regex)]
+    # A PEFT feature is off only at exactly its default (PEFT turns KaSA on for kasa_config={}, and restricts the
+    # layers for layers_to_transform=0); a field fastpeft does not know is accepted only when null or false.
+    unsupported = {f: config[f] for f, off in _UNSUPPORTED.items() if f in config and config[f] != off}
     unknown = {f: v for f, v in config.items()
-               if f not in _HONOURED and f not in _UNSUPPORTED and f not in _IGNORED and not _unset(v, None)}
+               if f not in _HONOURED and f not in _UNSUPPORTED and f not in _IGNORED and v not in (None, False)}
     init = config.get("init_lora_weights")
-    if isinstance(init, str) and _BASE_REWRITING_INITS.fullmatch(init):
+    if isinstance(init, str) and _BASE_REWRITING_INITS.fullmatch(init.lower()):
         unsupported["init_lora_weights"] = init
     if unsupported:
         problems.append(f"it uses PEFT features fastpeft does not implement: {unsupported}")
@@ -135,11 +150,12 @@ def _field(config: dict, name: str):
 
 def _pattern_value(patterns: dict, name: str, default):
     """PEFT's rule for rank_pattern / alpha_pattern: each key is a regex that must match the whole module name or
-    a suffix of it starting after a dot; the first matching key, in the file's order, wins."""
+    a suffix of it starting after a dot; the first matching key, in the file's order, wins; with none, a key equal
+    to the name."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
-    return default
+    return patterns.get(name, default)
 
 
 def _selects(names, name: str) -> bool:
@@ -152,20 +168,24 @@ def _selects(names, name: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------
 # The adapter folder is replaced whole. A save builds the new folder beside it (a hidden sibling
-# ``.<name>.fastpeft-<token>``: both files, and links to whatever else the folder holds), then swaps the two in
-# one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``) and deletes the old one. Saves lock the parent folder
-# (released by the kernel if the writer dies), so concurrent writers take turns and the last one wins whole; each
-# save deletes the siblings that killed saves left. ``load_adapter`` opens the folder once and reads both files
-# through that handle, so it sees one version even while saves replace it.
+# ``.fastpeft-<hash of the name>-<token>``: both files, and links to whatever else the folder holds), then swaps the
+# two in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``) and deletes the old one. A save locks the parent
+# folder and the folder itself (the kernel drops the locks if the writer dies), so concurrent saves to the folder,
+# and to its subfolders (PEFT's layout for more adapters), take turns, and the last one wins whole; each save deletes
+# the siblings that killed saves left. ``load_adapter`` opens the folder once and reads both files through that
+# handle, so it sees one version even while saves replace the folder. A folder that cannot be swapped (a mount
+# point, or one whose parent is not writable) has each file replaced atomically on its own instead.
 # ----------------------------------------------------------------------------------------------------------
 
 _READ_ATTEMPTS = 100
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_HIDDEN = ".fastpeft-"
 
 
 def _staging_prefix(folder: Path) -> str:
-    return f".{folder.name}.fastpeft-"
+    # Fixed length, whatever the folder's name: a name near the filesystem's limit still has room for the token.
+    return f"{_HIDDEN}{hashlib.sha1(os.fsencode(folder.name)).hexdigest()[:12]}-"
 
 
 @functools.cache
@@ -199,6 +219,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _lock(folder: Path) -> int:
+    """An exclusive lock on ``folder`` (a file descriptor to close); retaken if a save swapped the folder meanwhile,
+    so that the lock is always on the folder the path names now."""
+    while True:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(folder)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def _link_or_copy(src, dst) -> None:
     try:
         os.link(src, dst)
@@ -207,14 +241,67 @@ def _link_or_copy(src, dst) -> None:
 
 
 def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree, read-only subfolders included."""
+    def writable_and_retry(function, target, _):
+        os.chmod(os.path.dirname(target), stat.S_IRWXU)
+        function(target)
+
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        handler = {"onexc" if sys.version_info >= (3, 12) else "onerror": writable_and_retry}
+        try:
+            shutil.rmtree(path, **handler)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _build_staging(folder: Path, staging: Path, files: dict[str, bytes]) -> None:
+    """The folder's next version in ``staging``: ``files``, and links to (or copies of) every other entry of
+    ``folder`` but the old adapter's pickled weights and the hidden folders of unfinished saves."""
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            if entry.name in files or entry.name == PICKLED_WEIGHTS_NAME or entry.name.startswith(_HIDDEN):
+                continue
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), staging / entry.name)
+            elif entry.is_dir():
+                shutil.copytree(entry.path, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry.path, staging / entry.name)
+    for name, data in files.items():
+        _write_file(staging / name, data)
+    if folder.is_dir():
+        os.chmod(staging, stat.S_IMODE(folder.stat().st_mode))
+    _fsync_dir(staging)
+
+
+def _publish_in_place(folder: Path, files: dict[str, bytes]) -> None:
+    """Replace each file atomically on its own (weights first): for folders that cannot be swapped."""
+    lock = _lock(folder)
+    try:
+        for leftover in folder.glob(glob.escape(_HIDDEN) + "*"):
+            _remove(leftover)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            tmp = folder / f"{_HIDDEN}{secrets.token_hex(8)}"
+            _write_file(tmp, files[name])
+            os.replace(tmp, folder / name)
+        _fsync_dir(folder)
+    finally:
+        os.close(lock)
+
+
 def _publish(folder, files: dict[str, bytes]) -> None:
-    """Make ``files`` the adapter files of ``folder`` in one atomic step, keeping its other entries."""
+    """Make ``files`` (the two adapter files) the adapter of ``folder`` in one atomic step, keeping its other
+    entries."""
     if fcntl is None:
         raise OSError("save_adapter needs a POSIX system (file locks)")
     folder = Path(os.path.realpath(folder))  # a linked folder: replace the folder it points to
@@ -225,47 +312,50 @@ def _publish(folder, files: dict[str, bytes]) -> None:
             raise IsADirectoryError(f"{folder / name} is a folder; the adapter file cannot replace it")
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
-    lock = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    if folder.is_dir() and (os.path.ismount(folder) or not os.access(parent, os.W_OK | os.X_OK)):
+        return _publish_in_place(folder, files)
+    parent_lock = _lock(parent)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        prefix = _staging_prefix(folder)
-        for leftover in parent.glob(glob.escape(prefix) + "*"):
-            _remove(leftover)
-        staging = parent / f"{prefix}{secrets.token_hex(8)}"
-        os.mkdir(staging)
-        if folder.is_dir():
-            os.chmod(staging, stat.S_IMODE(folder.stat().st_mode))
-            for entry in os.scandir(folder):
-                if entry.name in files:
-                    continue
-                if entry.is_symlink():
-                    os.symlink(os.readlink(entry.path), staging / entry.name)
-                elif entry.is_dir():
-                    shutil.copytree(entry.path, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(entry.path, staging / entry.name)
-        for name, data in files.items():
-            fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_dir(staging)
+        folder_lock = _lock(folder) if folder.is_dir() else None  # holds off saves into its subfolders
         try:
-            os.rename(staging, folder)  # no folder yet, or an empty one
-        except OSError as err:
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            prefix = _staging_prefix(folder)
+            for leftover in parent.glob(glob.escape(prefix) + "*"):
+                _remove(leftover)
+            staging = parent / f"{prefix}{secrets.token_hex(8)}"
+            os.mkdir(staging)
+            try:
+                _build_staging(folder, staging, files)
+            except BaseException as err:
+                _remove(staging)
+                if isinstance(err, OSError):
+                    raise OSError(err.errno, f"cannot save the adapter to {folder}: {err.strerror}",
+                                  err.filename) from err
                 raise
-            if not _exchange(staging, folder):
-                # Without an atomic swap the folder is briefly absent; readers wait for it (see _read_version).
-                retired = parent / f"{prefix}{secrets.token_hex(8)}"
-                os.rename(folder, retired)
-                os.rename(staging, folder)
-                staging = retired
-            _remove(staging)  # now the old folder
-        _fsync_dir(parent)
+            try:
+                cwd = os.getcwd()
+            except FileNotFoundError:
+                cwd = None
+            try:
+                os.rename(staging, folder)  # no folder yet, or an empty one
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    _remove(staging)
+                    raise
+                if not _exchange(staging, folder):
+                    # Without an atomic swap the folder is briefly absent; readers wait for it (_read_version).
+                    retired = parent / f"{prefix}{secrets.token_hex(8)}"
+                    os.rename(folder, retired)
+                    os.rename(staging, folder)
+                    staging = retired
+                _remove(staging)  # now the old folder
+            if cwd is not None and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)):
+                os.chdir(cwd)  # this process worked in the old folder: move it to the same place in the new one
+            _fsync_dir(parent)
+        finally:
+            if folder_lock is not None:
+                os.close(folder_lock)
     finally:
-        os.close(lock)
+        os.close(parent_lock)
 
 
 def _read_version(folder: Path) -> dict[str, bytes] | None:
@@ -274,8 +364,8 @@ def _read_version(folder: Path) -> dict[str, bytes] | None:
     try:
         handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
-        if any(folder.parent.glob(glob.escape(_staging_prefix(folder)) + "*")):
-            time.sleep(0.001)  # a save without atomic swaps is between its two renames
+        if folder.parent.is_dir() and any(folder.parent.glob(glob.escape(_staging_prefix(folder)) + "*")):
+            time.sleep(0.001)  # perhaps a save without atomic swaps, between its two renames
             return None
         raise AdapterFileError(f"{folder} does not exist") from None
     except NotADirectoryError:
@@ -289,15 +379,15 @@ def _read_version(folder: Path) -> dict[str, bytes] | None:
                 fd = os.open(name, os.O_RDONLY, dir_fd=handle)
             except FileNotFoundError:
                 continue
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise AdapterFileError(f"{folder / name} is not a regular file")
             with os.fdopen(fd, "rb") as f:
-                try:
-                    files[name] = f.read()
-                except IsADirectoryError:
-                    raise AdapterFileError(f"{folder / name} is a folder, not a file") from None
+                files[name] = f.read()
         if CONFIG_NAME not in files or WEIGHTS_NAME not in files:
             # Absent, or deleted with the old folder after a save swapped it out: then read the new one.
             try:
-                if os.stat(folder).st_ino != os.fstat(handle).st_ino:
+                if not os.path.samestat(os.stat(folder), os.fstat(handle)):
                     return None
             except FileNotFoundError:
                 return None
@@ -315,6 +405,8 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if files is not None:
             break
     else:
+        if not folder.exists():  # what a killed first save leaves is not an adapter
+            raise AdapterFileError(f"{folder} does not exist")
         raise AdapterFileError(f"{folder}: the adapter was replaced {_READ_ATTEMPTS} times while being read")
     config_path = folder / CONFIG_NAME
     if CONFIG_NAME not in files:
@@ -341,10 +433,17 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                                    f"{type(err).__name__}: {err}") from None
     else:
         raise AdapterFileError(f"{folder} has neither {WEIGHTS_NAME} nor {PICKLED_WEIGHTS_NAME}")
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in tensors.items()):
+    if not isinstance(tensors, dict):
         raise AdapterFileError(f"{weights_path} must hold a mapping of names to tensors, got "
                                f"{type(tensors).__name__}")
+    bad = {k: type(v).__name__ for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)}
+    if bad:
+        raise AdapterFileError(f"{weights_path} must hold a mapping of names to tensors; these entries are not: "
+                               f"{dict(list(bad.items())[:5])}")
+    not_dense = {k: f"{v.layout}, {v.device}" for k, v in tensors.items()
+                 if v.layout != torch.strided or v.is_nested or v.device.type != "cpu"}
+    if not_dense:
+        raise AdapterFileError(f"{weights_path}: LoRA weights must be dense tensors, got {not_dense}")
     not_float = {k: str(v.dtype) for k, v in tensors.items() if not v.dtype.is_floating_point}
     if not_float:
         raise AdapterFileError(f"{weights_path}: LoRA weights must be floating point, got {not_float}")
@@ -360,14 +459,18 @@ def _json_number(value):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
-def peft_lora_config(layers: dict[str, LoraLinear], adapter_name: str) -> dict:
-    """PEFT's LoraConfig fields for adapter ``adapter_name`` of the LoRA ``layers`` (by qualified name).
+def peft_lora_config(model: nn.Module, adapter_name: str) -> dict:
+    """PEFT's LoraConfig fields for adapter ``adapter_name`` of the LoRA layers of ``model``, such that PEFT wraps
+    exactly those layers with exactly their ranks and alphas.
 
-    The most common rank and alpha become ``r`` / ``lora_alpha``, the others per-layer patterns keyed by full name,
-    longest first (PEFT takes the first key matching a name or a dotted suffix of it). PEFT has one dropout and one
-    ``use_rslora`` per adapter: layers that disagree on them raise ``ValueError`` rather than be saved as something
-    else.
+    The most common rank and alpha become ``r`` / ``lora_alpha``, the others per-layer patterns keyed by the escaped
+    full name, longest first (PEFT takes the first key matching a name or a dotted suffix of it; where one name ends
+    another, both get entries). ``target_modules`` lists the names (PEFT also matches them as suffixes), or is one
+    regular expression naming them whole where a listed name ends the name of some other module of the model.
+    PEFT has one dropout and one ``use_rslora`` per adapter: layers that disagree on them raise ``ValueError``
+    rather than be saved as something else.
     """
+    layers = layers_with_adapter(model, adapter_name)
     adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
     for field in ("lora_dropout", "use_rslora"):
         values = {name: getattr(adapter, field) for name, adapter in adapters.items()}
@@ -379,16 +482,19 @@ def peft_lora_config(layers: dict[str, LoraLinear], adapter_name: str) -> dict:
     r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     names = sorted(adapters, key=lambda n: (-len(n), n))
-    # Where one name ends another ("0.q" and "layers.0.q"), PEFT would give the longer one the shorter one's
-    # pattern: both get explicit entries, the longer first.
     collide = {x for m in names for n in names if m != n and m.endswith("." + n) for x in (m, n)}
+    lora_prefixes = list(lora_layers(model))
+    others = [n for n, _ in model.named_modules() if n not in adapters
+              and not any(n.startswith(prefix + ".") for prefix in lora_prefixes)]
+    suffix_clash = any(other.endswith("." + name) for name in adapters for other in others)
+    targets = sorted(adapters)
     first = next(iter(adapters.values()))
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": float(first.lora_dropout),
-        "target_modules": sorted(adapters),
-        "rank_pattern": {n: ranks[n] for n in names if ranks[n] != r or n in collide},
-        "alpha_pattern": {n: alphas[n] for n in names if alphas[n] != alpha or n in collide},
+        "target_modules": "|".join(re.escape(n) for n in targets) if suffix_clash else targets,
+        "rank_pattern": {re.escape(n): ranks[n] for n in names if ranks[n] != r or n in collide},
+        "alpha_pattern": {re.escape(n): alphas[n] for n in names if alphas[n] != alpha or n in collide},
         "use_rslora": bool(first.use_rslora), "init_lora_weights": True, **_UNSUPPORTED,
     }
 
@@ -407,7 +513,13 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     layers = layers_with_adapter(model, adapter_name)
     if not layers:
         raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r}")
-    config = peft_lora_config(layers, adapter_name)
+    not_float = {f"{name}.{t}": str(getattr(layer.adapters[adapter_name], t).dtype)
+                 for name, layer in layers.items() for t in ("lora_A", "lora_B")
+                 if not getattr(layer.adapters[adapter_name], t).dtype.is_floating_point}
+    if not_float:
+        raise ValueError(f"adapter {adapter_name!r} has weights PEFT's files cannot hold (floating point only): "
+                         f"{not_float}")
+    config = peft_lora_config(model, adapter_name)
     problems = _config_problems(config)
     if problems:
         raise ValueError(f"adapter {adapter_name!r} cannot be saved in PEFT's format: " + "; ".join(problems))

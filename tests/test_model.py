@@ -204,3 +204,34 @@ def test_apply_lora_refuses_linear_subclasses_with_their_own_forward():
     assert type(model[0]) is Scaled and type(model[1]) is Plain
     fastpeft.apply_lora(model, ["1"])
     assert isinstance(model[1], fastpeft.LoraLinear)
+
+
+def test_apply_lora_on_lora_layers_checks_every_argument_first():
+    torch.manual_seed(0)
+    model = TinyModel()
+    fastpeft.apply_lora(model, ["q_proj"], r=2)
+    model.head.requires_grad_(True)  # the user trains the head too
+    for kwargs, error in [({"r": 0}, ValueError), ({"lora_dropout": 2.0}, ValueError),
+                          ({"backend": "no-such-backend"}, ValueError)]:
+        with pytest.raises(error):
+            fastpeft.apply_lora(model, ["q_proj"], adapter_name="b", **kwargs)
+        assert model.head.weight.requires_grad
+        assert all(list(m.adapters) == ["default"] for m in fastpeft.lora_layers(model).values())
+    fastpeft.apply_lora(model, ["q_proj"], adapter_name="b", r=3, backend="torch")
+    assert model.layers[0].q_proj.backend == "torch" and model.layers[0].q_proj.adapters["b"].r == 3
+
+
+def test_apply_adapters_after_a_module_named_adapter():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.adapter = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.adapter(x)
+
+    model = nn.Sequential(Block())
+    fastpeft.apply_adapters(model, ["adapter"], config=dict(bottleneck=2))
+    assert isinstance(model[0].adapter, fastpeft.AdaptedModule)
+    with pytest.raises(TypeError, match="only parts of modules that carry an adapter already"):
+        fastpeft.apply_adapters(model, r"0\.adapter\.module")

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import stat
+import time
 
 import pytest
 import safetensors.torch
@@ -457,3 +458,170 @@ def test_files_respect_the_umask_and_other_files_stay(tmp_path):
         assert sorted(os.listdir(tmp_path)) == ["adapter"]  # nothing left beside it either
     finally:
         os.umask(old)
+
+
+def test_saved_pattern_keys_are_names_not_regexes(tmp_path):
+    """"fc.1" read as a regex would also match "fc_1": the saved keys are escaped, so each names one layer."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+            self.fc_1 = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc[1](x) + self.fc_1(x)
+
+    torch.manual_seed(7)
+    base = M()
+    model = fastpeft.apply_lora(copy.deepcopy(base), "fc_1", r=2, lora_alpha=2, init_lora_weights=False)
+    fastpeft.apply_lora(model, r"fc\.1", r=2, lora_alpha=16, init_lora_weights=False)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        want = model(x)
+    fastpeft.save_adapter(model, tmp_path)
+    ours = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    assert ours.fc_1.lora_alpha == 2 and ours.fc[1].lora_alpha == 16
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), want, atol=1e-6) and torch.allclose(theirs(x), want, atol=1e-6)
+
+
+def test_a_pattern_key_equal_to_the_name_applies_as_in_peft(tmp_path):
+    """PEFT falls back to a key equal to the module's name when no key matches as a regex ("proj(1)" does not)."""
+    base = nn.Sequential()
+    for name in ("proj(1)", "o"):
+        base.add_module(name, nn.Linear(4, 4))
+    config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=["proj(1)", "o"], init_lora_weights=False,
+                             rank_pattern={"proj(1)": 4}, alpha_pattern={"proj(1)": 64})
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    ours = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+    layer = ours.get_submodule("proj(1)")
+    assert layer.r == 4 and layer.lora_alpha == 64
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"target_modules": "("}, r"'\(' is not a valid regular expression"),
+    ({"exclude_modules": "["}, r"'\[' is not a valid regular expression"),
+    ({"rank_pattern": {"(": 2}}, r"is not a valid regular expression"),
+    ({"alpha_pattern": {"*": 3}}, r"is not a valid regular expression"),
+    ({"lora_alpha": 10**400}, r"lora_alpha must be a finite number"),
+    ({"lora_dropout": 10**400}, r"lora_dropout must be a number"),
+    ({"alpha_pattern": {"q_proj": 10**400}}, r"alpha_pattern must be an object of finite numbers"),
+    ({"layers_to_transform": 0}, r"does not implement: \{'layers_to_transform': 0\}"),
+    ({"kasa_config": {}}, r"does not implement: \{'kasa_config': \{\}\}"),
+    ({"init_lora_weights": "OLoRA"}, r"does not implement: \{'init_lora_weights': 'OLoRA'\}"),
+])
+def test_load_refuses_more_configs_it_cannot_honour(saved, edit, match):
+    _, copy_with = saved
+    assert_refused(Net(), copy_with("edited", config_edit=edit), match)
+
+
+@pytest.mark.parametrize("name,tensor", [
+    ("sparse", lambda: torch.ones(2, 24).to_sparse()),
+    ("meta", lambda: torch.ones(2, 24, device="meta")),
+])
+def test_pickled_weights_must_be_dense(saved, name, tensor):
+    _, copy_with = saved
+    good = safetensors.torch.load_file(str(saved[0] / WEIGHTS))
+    payload = _pickled({**good, "base_model.model.q_proj.lora_A.weight": tensor()})
+    assert_refused(Net(), copy_with(name, weights_bytes=("adapter_model.bin", payload)), "must be dense tensors")
+
+
+def test_target_modules_saved_so_peft_wraps_exactly_the_saved_layers(tmp_path):
+    """A saved name ("proj") that ends another module's name ("blk.proj") would make PEFT wrap that one too."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.blk = nn.Module()
+            self.blk.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.blk.proj(self.proj(x))
+
+    base = M()
+    model = fastpeft.apply_lora(copy.deepcopy(base), "proj", r=2, init_lora_weights=False)
+    fastpeft.save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    assert [n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.Linear)] == [
+        "base_model.model.proj"]
+    assert sorted(fastpeft.lora_layers(fastpeft.load_adapter(copy.deepcopy(base), tmp_path))) == ["proj"]
+    back = fastpeft.to_peft(model)  # the same rule in memory
+    assert [n for n, m in back.named_modules() if isinstance(m, peft.tuners.lora.Linear)] == ["base_model.model.proj"]
+
+
+def test_saving_into_the_working_directory_keeps_it(tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    model = fastpeft.apply_lora(Net(), ["q_proj"], r=2)
+    for _ in range(2):
+        fastpeft.save_adapter(model, ".")
+    assert os.getcwd() == str(folder) and sorted(os.listdir(".")) == [CONFIG, WEIGHTS]
+    assert fastpeft.lora_layers(fastpeft.load_adapter(Net(), "."))
+
+
+def test_a_folder_that_cannot_be_swapped_has_its_files_replaced(tmp_path, monkeypatch):
+    """A mount point cannot be renamed: each file is then replaced atomically on its own."""
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    (folder / "adapter_model.bin").write_bytes(b"old")
+    real_ismount = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(folder) or real_ismount(p))
+    inode = folder.stat().st_ino
+    model = fastpeft.apply_lora(Net(), ["q_proj"], r=2, init_lora_weights=False)
+    fastpeft.save_adapter(model, folder)
+    assert folder.stat().st_ino == inode and sorted(os.listdir(folder)) == sorted([CONFIG, WEIGHTS,
+                                                                                   "adapter_model.bin"])
+    back = fastpeft.load_adapter(Net(), folder)
+    assert torch.equal(back.q_proj.lora_B, model.q_proj.lora_B)
+
+
+def test_a_killed_first_save_leaves_no_adapter(tmp_path):
+    """What a save killed before its swap leaves beside the folder is not an adapter: loading says so at once."""
+    model = fastpeft.apply_lora(Net(), ["q_proj"], r=2)
+    fastpeft.save_adapter(model, tmp_path / "other")
+    leftover = tmp_path / (fastpeft.peft_io._staging_prefix(tmp_path / "adapter") + "0123")
+    os.rename(tmp_path / "other", leftover)
+    start = time.monotonic()
+    with pytest.raises(fastpeft.AdapterFileError, match="adapter does not exist"):
+        fastpeft.load_adapter(Net(), tmp_path / "adapter")
+    assert time.monotonic() - start < 2
+    fastpeft.save_adapter(model, tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_save_drops_the_old_adapters_pickled_weights_and_refuses_non_float(tmp_path):
+    torch.manual_seed(8)
+    base = Net()
+    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path), safe_serialization=False)
+    assert (tmp_path / "adapter_model.bin").exists()
+    model = fastpeft.apply_lora(copy.deepcopy(base), ["v_proj"], r=6, init_lora_weights=False)
+    fastpeft.save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted([CONFIG, WEIGHTS, "README.md"])  # PEFT's README stays
+    complex_model = fastpeft.apply_lora(Net(), ["q_proj"], r=2).to(torch.complex64)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="floating point only"):
+        fastpeft.save_adapter(complex_model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_folder_named_like_the_adapter_file_is_reported(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / CONFIG).write_text(json.dumps({"peft_type": "LORA"}))
+    (folder / "adapter_model.bin").mkdir()
+    assert_refused(Net(), folder, r"adapter_model.bin is not a regular file")
+
+
+def test_long_folder_names_save(tmp_path):
+    folder = tmp_path / ("a" * 250)
+    model = fastpeft.apply_lora(Net(), ["q_proj"], r=2)
+    fastpeft.save_adapter(model, folder)
+    fastpeft.save_adapter(model, folder)
+    assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS]

@@ -5,6 +5,7 @@ import os
 import random
 import signal
 import time
+import traceback
 
 import pytest
 import torch
@@ -18,8 +19,8 @@ LAYERS = 300  # enough that a save takes a while, so kills land in every phase o
 TAGS = (3, 5)  # adapter "3": lora_alpha 3 and every weight 3.0; adapter "5" likewise
 
 
-def tagged_model(tag):
-    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(LAYERS)])
+def tagged_model(tag, layers=LAYERS):
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
     fastpeft.apply_lora(model, r"\d+", r=2, lora_alpha=tag)
     with torch.no_grad():
         for layer in fastpeft.lora_layers(model).values():
@@ -28,13 +29,13 @@ def tagged_model(tag):
     return model
 
 
-def whole_adapter(folder) -> int:
+def whole_adapter(folder, layers=LAYERS) -> int:
     """The tag of the adapter ``load_adapter`` reads from ``folder``; fails on any mix of two adapters."""
-    model = fastpeft.load_adapter(nn.Sequential(*[nn.Linear(4, 4) for _ in range(LAYERS)]), folder)
+    model = fastpeft.load_adapter(nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)]), folder)
     layers = fastpeft.lora_layers(model).values()
     tags = {layer.lora_alpha for layer in layers}
     tags |= {float(t) for layer in layers for weight in (layer.lora_A, layer.lora_B) for t in weight.detach().unique()}
-    assert len(tags) == 1 and len(layers) == LAYERS, f"a mix of adapters: {tags}"
+    assert len(tags) == 1, f"a mix of adapters: {tags}"
     return int(tags.pop())
 
 
@@ -42,10 +43,14 @@ def fork(work):
     """Run ``work()`` in a child process that never returns into pytest."""
     pid = os.fork()
     if pid == 0:
+        status = 1
         try:
             work()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
         finally:
-            os._exit(0)
+            os._exit(status)
     return pid
 
 
@@ -118,3 +123,29 @@ def test_peft_reads_a_folder_saved_over_and_over(tmp_path):
     theirs = peft.PeftModel.from_pretrained(nn.Sequential(*[nn.Linear(4, 4) for _ in range(LAYERS)]), str(folder))
     layer = theirs.base_model.model[0]
     assert layer.scaling["default"] == 5 / 2 and torch.all(layer.lora_A["default"].weight == 5)
+
+
+def test_saves_to_a_folder_and_its_subfolder_at_once(tmp_path):
+    """PEFT's layout keeps the default adapter in the folder and others in subfolders; saving both at once loses
+    neither: a save to the folder carries the subfolder over while holding off saves into it."""
+    models = {tag: tagged_model(tag, layers=2) for tag in TAGS}  # small: many saves, many chances to collide
+    root, sub = tmp_path / "out", tmp_path / "out" / "sub"
+    fastpeft.save_adapter(models[3], root)
+    fastpeft.save_adapter(models[5], sub)
+    stop = time.monotonic() + 4
+
+    def saves(folder, last):
+        def work():
+            while time.monotonic() < stop:
+                for tag in TAGS:
+                    fastpeft.save_adapter(models[tag], folder)
+            fastpeft.save_adapter(models[last], folder)  # the last save of each writer must stay
+        return work
+
+    writers = [fork(saves(root, 5)), fork(saves(sub, 3))]
+    statuses = [os.waitpid(pid, 0)[1] for pid in writers]
+    assert statuses == [0, 0]
+    assert whole_adapter(root, layers=2) == 5 and whole_adapter(sub, layers=2) == 3
+    assert sorted(os.listdir(root)) == ["adapter_config.json", "adapter_model.safetensors", "sub"]
+    assert sorted(os.listdir(sub)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert leftovers(tmp_path, root) == []
