@@ -76,6 +76,9 @@ def _worker(rank, mode, init_file, out_file):
             params = {n.removeprefix("module."): p for n, p in params.items()}
         if rank == 0:
             torch.save({"grads": grads, "params": params}, out_file)
+        # Both ranks are done talking before either tears gloo down: a rank leaving while its peer's connection is
+        # still in use aborts the peer ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
