@@ -6,6 +6,7 @@ import numbers
 import warnings
 
 import torch
+import torch.nn.utils.parametrize
 from torch import nn
 
 from .backends import requested_backend
@@ -31,12 +32,19 @@ def _checked_backend(backend):
 
 def linear_wrap_problem(module) -> str | None:
     """Why a LoraLinear cannot stand in for ``module`` (None when it can): it computes ``x Wᵀ + b`` from the
-    weight itself, so the module must be an nn.Linear whose own forward is exactly that."""
+    stored weight itself, so the module must be an nn.Linear whose forward is exactly that and nothing more."""
     if not isinstance(module, nn.Linear):
         return f"a {type(module).__name__}, not an nn.Linear"
     if type(module).forward is not nn.Linear.forward:
         return (f"a {type(module).__name__}, an nn.Linear subclass with its own forward (which LoRA would "
                 "bypass)")
+    if "forward" in vars(module):
+        return ("an nn.Linear whose forward was replaced on the instance (accelerate's hooks do that), which LoRA "
+                "would bypass")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "an nn.Linear with forward hooks, which LoRA would bypass"
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return "a parametrized nn.Linear (its weight is computed), which merging could not update"
     return None
 
 

@@ -271,6 +271,11 @@ def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden
         listed = ", ".join(f"{inner!r} inside {outer!r}" for outer, inner in nested)
         raise ValueError(f"apply_adapters: after_modules selects modules nested in one another ({listed}); "
                          "select one of each pair")
+    around = [(n, a) for n in names for a in adapted if a.startswith(n + ".") or n.startswith(a + ".")]
+    if around:
+        listed = ", ".join(f"{n!r} and {a!r}" for n, a in around)
+        raise ValueError(f"apply_adapters: adapters nested in adapters are not supported; these selected modules "
+                         f"contain, or are inside, a module that carries one already: {listed}")
     wrapped = {}
     for name in names:
         module = model.get_submodule(name)
@@ -291,6 +296,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     """Take every bottleneck adapter out again, restoring the original modules (and so the original outputs)."""
     if isinstance(model, AdaptedModule):
         return model.module
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedModule)]:
+    adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedModule)]
+    for name, module in sorted(adapted, key=lambda item: -item[0].count(".")):  # innermost first: paths stay valid
         _set_submodule(model, name, module.module)
     return model

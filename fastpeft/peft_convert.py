@@ -166,7 +166,7 @@ def to_peft(model: nn.Module):
     active = {name: layer.active_adapter for name, layer in layers.items()}
     if len(set(active.values())) > 1:
         raise ValueError(f"PEFT activates one adapter for the whole model; the layers' active adapters differ: "
-                         f"{active} (fastpeft.set_adapter(model, name) aligns them)")
+                         f"{active} (fastpeft.set_adapter(model, name) aligns them where every layer has that adapter)")
     adapter_names = list(dict.fromkeys(name for layer in layers.values() for name in layer.adapters))
     configs = {}
     for adapter_name in adapter_names:

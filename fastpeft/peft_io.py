@@ -31,7 +31,7 @@ from torch import nn
 
 from .backends import requested_backend
 from .layers import LoraLinear, _check_adapter_name, _new_adapter
-from .model import _set_submodule, layers_with_adapter, lora_layers, lora_wrap_problem
+from .model import _freeze_all_but_adapters, _set_submodule, layers_with_adapter, lora_layers, lora_wrap_problem
 
 try:
     import fcntl
@@ -102,6 +102,7 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, 
                 "alora_invocation_tokens": None, "layer_replication": None, "target_parameters": None,
                 "trainable_token_indices": None, "megatron_config": None, "use_bdlora": None, "arrow_config": None,
                 "kasa_config": None, "ensure_weight_tying": False}
+_OFF_WHEN_EMPTY = {"modules_to_save", "layers_to_transform"}  # PEFT treats [] as unset for these
 _IGNORED = {"megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
             "velora_config", "monteclora_config", "runtime_config"}
 # init_lora_weights values with which PEFT rewrites the base weights when it loads the adapter (PiSSA, OLoRA, LoftQ,
@@ -131,7 +132,8 @@ def _config_problems(config) -> list[str]:
         problems += [f"{regex!r} is not a valid regular expression" for regex in regexes if not _compiles(regex)]
     # A PEFT feature is off only at exactly its default (PEFT turns KaSA on for kasa_config={}, and restricts the
     # layers for layers_to_transform=0); a field fastpeft does not know is accepted only when null or false.
-    unsupported = {f: config[f] for f, off in _UNSUPPORTED.items() if f in config and config[f] != off}
+    unsupported = {f: config[f] for f, off in _UNSUPPORTED.items()
+                   if f in config and config[f] != off and not (f in _OFF_WHEN_EMPTY and config[f] == [])}
     unknown = {f: v for f, v in config.items()
                if f not in _HONOURED and f not in _UNSUPPORTED and f not in _IGNORED and v not in (None, False)}
     init = config.get("init_lora_weights")
@@ -533,6 +535,18 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     _publish(path, files)
 
 
+def _all_linear(model: nn.Module, config: dict) -> list[str]:
+    """PEFT's ``target_modules="all-linear"``: every linear layer but a transformers model's output head (its output
+    embeddings, or for sequence classification its ``score`` / ``classifier``)."""
+    head = None
+    if hasattr(model, "get_output_embeddings") and hasattr(model, "config"):  # a transformers PreTrainedModel
+        head = model.get_output_embeddings()
+        if head is None and config.get("task_type") == "SEQ_CLS":
+            head = next((getattr(model, n) for n in ("score", "classifier") if getattr(model, n, None) is not None),
+                        None)
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear)) and m is not head]
+
+
 def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, list[str]]:
     """The LoRA pairs of the file by module name, and every reason the file does not fit ``model``."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -548,6 +562,8 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
     modules = dict(model.named_modules())
     lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
     targets, excluded = _field(config, "target_modules"), _field(config, "exclude_modules")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = _all_linear(model, config)
     for name, pair in pairs.items():
         module = modules.get(name)
         if name == "":
@@ -556,7 +572,7 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         if any(name.startswith(prefix + ".") for prefix in (*lora_prefixes, *pairs)):
             problems.append(f"{name}: inside a LoRA layer (a LoRA on the base layer of a LoRA never runs)")
             continue
-        if targets not in (None, "all-linear") and not _selects(targets, name) \
+        if targets is not None and not _selects(targets, name) \
                 or excluded is not None and _selects(excluded, name):
             problems.append(f"{name}: not selected by the config's target_modules / exclude_modules "
                             "(PEFT would ignore these weights)")
@@ -606,6 +622,11 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
     if problems:
         raise AdapterFileError(f"adapter in {path} does not match the model: " + "; ".join(problems))
 
+    elsewhere = sorted(set(layers_with_adapter(model, adapter_name)) - set(pairs))
+    if elsewhere:
+        raise ValueError(f"the model has an adapter named {adapter_name!r} on layers the file does not hold "
+                         f"({', '.join(elsewhere)}); loading would leave a mix of two adapters under one name: "
+                         f"delete_adapter(model, {adapter_name!r}) first, or load under another adapter_name")
     built = {}
     for name, pair in pairs.items():
         module = model.get_submodule(name)
@@ -617,7 +638,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
             adapter.lora_A.copy_(pair["lora_A"])
             adapter.lora_B.copy_(pair["lora_B"])
         built[name] = (module, adapter)
-    model.requires_grad_(False)
+    _freeze_all_but_adapters(model)
     for name, (module, adapter) in built.items():
         if isinstance(module, LoraLinear):
             if module.merged:

@@ -217,3 +217,17 @@ def test_only_needed_gradients(backend, device):
     ref = lora_linear_reference(x.double().cpu(), w.double().cpu(), None, a64, bb.double().cpu(), 0.5, keep, 0.1)
     ref.backward(dy.double().cpu())
     assert rel_err(a.grad, a64.grad) <= TOLERANCE[fp32]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"p": 1.0}, r"p must be a number in \[0, 1\)"),
+    ({"p": -0.1}, r"p must be a number in \[0, 1\)"),
+    ({"p": float("nan")}, r"p must be a number in \[0, 1\)"),
+    ({"shape": (3, 4, 5)}, r"shape must be \(M, K\)"),
+    ({"shape": (0, 4)}, r"shape must be \(M, K\)"),
+    ({"backend": "cuda"}, r"backend must be 'torch' or 'triton'"),
+])
+def test_dropout_mask_checks_its_arguments(kwargs, match):
+    args = {"seed": 1, "shape": (3, 4), "p": 0.5, "backend": "torch", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fastpeft.dropout_mask(args["seed"], args["shape"], args["p"], args["backend"])

@@ -235,3 +235,37 @@ def test_apply_adapters_after_a_module_named_adapter():
     assert isinstance(model[0].adapter, fastpeft.AdaptedModule)
     with pytest.raises(TypeError, match="only parts of modules that carry an adapter already"):
         fastpeft.apply_adapters(model, r"0\.adapter\.module")
+
+
+def test_apply_lora_refuses_linears_whose_forward_it_would_bypass():
+    hooked, replaced, parametrized = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    hooked.register_forward_pre_hook(lambda module, args: (args[0] * 0,))
+    replaced.forward = lambda x: x
+    nn.utils.parametrizations.weight_norm(parametrized)
+    for layer, match in [(hooked, "forward hooks"), (replaced, "forward was replaced on the instance"),
+                         (parametrized, "parametrized nn.Linear")]:
+        model = nn.Sequential(layer)
+        with pytest.raises(TypeError, match=match):
+            fastpeft.apply_lora(model, ["0"])
+        assert model[0] is layer
+
+
+def test_adapters_inside_adapters_are_refused_and_removed_innermost_first():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.ffn(x)
+
+    model = nn.Sequential(Block())
+    fastpeft.apply_adapters(model, ["ffn"], config=dict(bottleneck=2))
+    with pytest.raises(ValueError, match="adapters nested in adapters are not supported"):
+        fastpeft.apply_adapters(model, r"0", config=dict(bottleneck=2), hidden_size=8)
+    assert type(model[0]) is Block
+    # Nested by hand, they still come out whole.
+    inner = model[0]
+    model[0] = fastpeft.AdaptedModule(inner, fastpeft.BottleneckAdapter(8, bottleneck=2))
+    fastpeft.remove_adapters(model)
+    assert model[0] is inner and type(inner.ffn) is nn.Linear

@@ -625,3 +625,53 @@ def test_long_folder_names_save(tmp_path):
     fastpeft.save_adapter(model, folder)
     fastpeft.save_adapter(model, folder)
     assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS]
+
+
+def test_loading_a_name_the_model_has_on_other_layers_is_refused(saved):
+    good, _ = saved
+    model = fastpeft.apply_lora(Net(), ["q_proj", "v_proj"], r=3)  # "default" on v_proj too; the file lacks it
+    before = state(model)
+    with pytest.raises(ValueError, match=r"adapter named 'default' on layers the file does not hold \(v_proj\)"):
+        fastpeft.load_adapter(model, good)
+    assert all(torch.equal(before[k], v) for k, v in state(model).items()) and not isinstance(model.mlp[0],
+                                                                                            fastpeft.LoraLinear)
+    fastpeft.load_adapter(model, good, adapter_name="loaded")  # under another name it loads beside it
+    assert model.v_proj.active_adapter == "default" and model.q_proj.active_adapter == "loaded"
+
+
+def test_loading_keeps_other_adapters_trainable(saved):
+    good, _ = saved
+    model = fastpeft.apply_adapters(Net(), ["v_proj"], config=dict(bottleneck=4))
+    fastpeft.apply_lora(model, ["mlp.2"], r=2, adapter_name="mine")
+    fastpeft.load_adapter(model, good)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".adapter." in n for n in trainable) and any(".adapters.mine." in n for n in trainable)
+    assert any(".adapters.default." in n for n in trainable)
+    assert not any(n.endswith("base_layer.weight") for n in trainable)
+
+
+def test_all_linear_selects_as_peft_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=50)
+    torch.manual_seed(9)
+    base = transformers.LlamaForCausalLM(config).eval()
+    folder = tmp_path / "adapter"
+    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear",
+                                                             init_lora_weights=False)).save_pretrained(str(folder))
+    raw = json.loads((folder / CONFIG).read_text())
+    raw["target_modules"] = "all-linear"  # as a user would write it; PEFT saves the expanded list
+    (folder / CONFIG).write_text(json.dumps(raw))
+    ours = fastpeft.load_adapter(copy.deepcopy(base), folder)
+    assert "lm_head" not in fastpeft.lora_layers(ours) and len(fastpeft.lora_layers(ours)) == 7
+    tensors = safetensors.torch.load_file(str(folder / WEIGHTS))
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.ones(2, 16)
+    tensors["base_model.model.lm_head.lora_B.weight"] = torch.ones(50, 2)
+    safetensors.torch.save_file(tensors, str(folder / WEIGHTS))
+    assert_refused(copy.deepcopy(base), folder, r"lm_head: not selected by the config's target_modules")
+
+
+def test_empty_lists_peft_reads_as_unset_load(saved):
+    _, copy_with = saved
+    model = fastpeft.load_adapter(Net(), copy_with("empty", {"modules_to_save": [], "layers_to_transform": []}))
+    assert sorted(fastpeft.lora_layers(model)) == ["mlp.0", "q_proj"]

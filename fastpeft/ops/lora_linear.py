@@ -313,9 +313,16 @@ def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu
     """
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < DROPOUT_SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2
+            and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape)):
+        raise ValueError(f"shape must be (M, K), two positive integers, got {shape!r}")
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    device = torch.device(device)
+    select_backend(backend, [torch.empty(0, device=device)])  # a backend that cannot run here says why
     if backend == "torch":
-        return ~torch_drop_mask(seed, shape, p, device)
-    if backend == "triton":
-        from ..kernels import lora as triton_lora
-        return triton_lora.dropout_keep_mask(seed, tuple(shape), p, device)
-    raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        return ~torch_drop_mask(seed, tuple(shape), float(p), device)
+    from ..kernels import lora as triton_lora
+    return triton_lora.dropout_keep_mask(seed, tuple(int(n) for n in shape), float(p), device)
