@@ -18,12 +18,13 @@ from collections.abc import Iterable
 
 import torch
 
+from .checks import KERNEL_DTYPES
+
 BACKENDS = ("torch", "triton", "cuda")
 # auto's order of preference for CUDA tensors: the first backend with no reason against the call wins.
 CUDA_PREFERENCE = ("cuda", "triton", "torch")
 ENV_VAR = "FASTPEFT_BACKEND"
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -66,7 +67,7 @@ def _input_reasons(name: str, tensors: Iterable[torch.Tensor]) -> list[str]:
         return []
     reasons = []
     for t in tensors:
-        if t.dtype not in _TRITON_DTYPES:
+        if t.dtype not in KERNEL_DTYPES:
             reasons.append(f"dtype {t.dtype} is not one of float16, bfloat16, float32")
         if name == "cuda":
             if t.device.type != "cuda":

@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .ops.adapter_bottleneck import ACTIVATION_CODES
+from .checks import ACTIVATION_CODES
 
 MAX_DECODE_ROWS = 16
 MAX_DECODE_RANK = 256

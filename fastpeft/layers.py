@@ -10,12 +10,8 @@ import torch.nn.utils.parametrize
 from torch import nn
 
 from .backends import requested_backend
+from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
 from .ops.lora_linear import lora_linear
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_adapter_name(name) -> None:
@@ -57,7 +53,7 @@ def _check_base(base) -> None:
 def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, autocast_adapter_dtype):
     """An adapter for ``base``: fp32 on a half-precision base when ``autocast_adapter_dtype`` (HF PEFT's default)."""
     dtype = base.weight.dtype
-    if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+    if autocast_adapter_dtype and dtype in HALF_DTYPES:
         dtype = torch.float32
     return LoraAdapter(base.in_features, base.out_features, r, lora_alpha, lora_dropout, use_rslora,
                        init_lora_weights, device=base.weight.device, dtype=dtype)
@@ -92,12 +88,9 @@ class LoraAdapter(nn.Module):
         return adapter
 
     def _set_hyperparameters(self, r, lora_alpha, lora_dropout, use_rslora):
-        _check_positive_int("r", r)
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real) \
-                or not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+        check_positive_int("r", r)
+        check_finite_number("lora_alpha", lora_alpha)
+        check_probability("lora_dropout", lora_dropout)
         self.r, self.lora_alpha = int(r), lora_alpha
         self.lora_dropout, self.use_rslora = float(lora_dropout), bool(use_rslora)
 
@@ -323,8 +316,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, d, bottleneck=None, reduction_factor=None, activation="relu", scaling=1.0, init="bert", *,
                  device=None, dtype=None, backend=None):
         super().__init__()
-        from .ops.adapter_bottleneck import ACTIVATIONS
-        _check_positive_int("d", d)
+        check_positive_int("d", d)
         if (bottleneck is None) == (reduction_factor is None):
             raise ValueError("give exactly one of bottleneck (m) or reduction_factor (m = d // reduction_factor)")
         if bottleneck is None:
@@ -332,11 +324,9 @@ class BottleneckAdapter(nn.Module):
                     or not 0 < reduction_factor <= d:
                 raise ValueError(f"reduction_factor must be a number in (0, d={d}], got {reduction_factor!r}")
             bottleneck = max(1, int(d // reduction_factor))
-        _check_positive_int("bottleneck", bottleneck)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-        if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real) or not math.isfinite(scaling):
-            raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+        check_positive_int("bottleneck", bottleneck)
+        check_activation(activation)
+        check_finite_number("scaling", scaling)
         if init not in self.INITS:
             raise ValueError(f"init must be one of {', '.join(map(repr, self.INITS))}, got {init!r}")
         self.d, self.bottleneck, self.activation, self.scaling = d, bottleneck, activation, float(scaling)

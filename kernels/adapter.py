@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.ops.adapter_bottleneck import ACTIVATION_CODES
+from fastpeft.checks import ACTIVATION_CODES
 
 from .lora import (
     AUTOTUNE,

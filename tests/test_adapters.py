@@ -8,7 +8,8 @@ from conftest import TOLERANCE, backend_params, fit, rel_err
 from torch import nn
 
 import fastpeft
-from fastpeft.ops.adapter_bottleneck import ACTIVATIONS, activate, activation_grad
+from fastpeft.checks import ACTIVATIONS
+from fastpeft.ops.adapter_bottleneck import activate, activation_grad
 
 
 def make(M, d, m, dtype, lead3d=False, biases=True, parallel=False, seed=0):

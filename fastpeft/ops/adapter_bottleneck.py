@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import select_backend
-from ._checks import check_finite_number, check_op_backend, check_same_device
-
-ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
-# The integer each kernel (Triton and CUDA) uses for an activation: its position above.
-ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+from ..checks import (
+    ACTIVATIONS,  # noqa: F401  (the op's activations, for ``from fastpeft.ops.adapter_bottleneck``)
+    check_activation,
+    check_finite_number,
+    check_op_backend,
+    check_same_device,
+)
 
 
 def activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
@@ -181,8 +183,7 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
         raise ValueError(f"residual must have h's shape {tuple(h.shape)}, got {tuple(residual.shape)}")
     check_same_device(named)
     check_finite_number("scaling", scaling)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    check_activation(activation)
 
 
 def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="relu", residual=None, backend=None):

@@ -13,10 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends import select_backend
-from ._checks import check_finite_number, check_op_backend, check_same_device
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
+from ..checks import FLOAT_DTYPES, check_finite_number, check_op_backend, check_probability, check_same_device
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference: plain differentiable torch ops, the definition every backend is tested against.
@@ -209,7 +206,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have shape (..., in_features), got a 0-d tensor")
@@ -236,8 +233,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         raise TypeError(f"lora_A has dtype {lora_A.dtype} but lora_B has {lora_B.dtype}; they must match")
     check_same_device(named)
     check_finite_number("scaling", scaling)
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    check_probability("dropout_p", dropout_p)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight must be frozen (requires_grad=False): lora_linear trains lora_A, lora_B "
                          "(and bias), never the base weight")
@@ -316,8 +312,7 @@ def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu
     if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2
             and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape)):
         raise ValueError(f"shape must be (M, K), two positive integers, got {shape!r}")
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+    check_probability("p", p)
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     device = torch.device(device)

@@ -1,0 +1,52 @@
+"""The bottom of the package: definitions every layer shares (dtypes, activation codes) and the argument checks used
+by the ops, the layers, the CUDA wrapper and the kernels' launchers. Each error names the argument and what was
+expected. Imports nothing from fastpeft."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the torch path (float64: references)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton and CUDA kernels
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+# Bottleneck-adapter activations; the codes are what the Triton and CUDA kernels switch on.
+ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_finite_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_probability(name: str, value) -> None:
+    """A dropout probability: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+
+
+def check_same_device(named: dict) -> None:
+    """All tensors in ``named`` (name -> tensor) on one device."""
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+def check_op_backend(backend: str) -> None:
+    """The torch.library ops run the torch and triton backends; the cuda kernels have ops of their own."""
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton' for the autograd op, got {backend!r}")
