@@ -16,7 +16,7 @@ import datetime
 import torch
 from triton.testing import do_bench
 
-from fastpeft.kernels import lora as triton_lora
+from fastpeft.kernels import lora_linear as triton_lora
 from fastpeft.ops.lora_linear import _torch_lora_bwd, _torch_lora_fwd
 
 # Nominal datasheet peaks (dense bf16 TFLOP/s, HBM TB/s): for a roofline, not a measurement.
@@ -70,11 +70,11 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / (median_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
-def decode_paths(x, w, a, b, peft_layer, lora_decode):
+def decode_paths(x, w, a, b, peft_layer, lora_linear_decode):
     """The decode-shape candidates, each a zero-argument callable (adapters fp32, scaling 2, no bias)."""
     return {
         "torch.mm (base only)": lambda: torch.mm(x, w.t()),
-        "fastpeft cuda decode": lambda: lora_decode(x, w, None, a, b, 2.0),
+        "fastpeft cuda decode": lambda: lora_linear_decode(x, w, None, a, b, 2.0),
         "fastpeft triton": lambda: triton_lora.lora_fwd(x, w, None, a, b, 2.0, 0.0, 0),
         "unfused torch": lambda: _torch_lora_fwd(x, w, None, a, b, 2.0, 0.0, 0),
         "HF PEFT layer": lambda: peft_layer(x),
@@ -105,7 +105,7 @@ def decode_section(dtype, markdown):
             peft_layer.eval()
             for M in (1, 4, 16):
                 x = torch.randn(M, K, device="cuda", dtype=dtype)
-                paths = decode_paths(x, w, a, b, peft_layer, cuda_ext.lora_decode)
+                paths = decode_paths(x, w, a, b, peft_layer, cuda_ext.lora_linear_decode)
                 with torch.no_grad():
                     times = {path: median_ms(fn) for path, fn in paths.items()}
                 base = times["torch.mm (base only)"]

@@ -4,8 +4,8 @@
 
 #include <string>
 
-#include "adapter_decode.h"
-#include "lora_decode.h"
+#include "adapter_bottleneck_decode.h"
+#include "lora_linear_decode.h"
 
 namespace py = pybind11;
 
@@ -25,22 +25,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_count", &fastpeft::device_count,
         "Number of CUDA devices; RuntimeError with the CUDA error when there is no usable GPU or driver.");
   m.def(
-      "lora_decode",
+      "lora_linear_decode",
       [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t a, uintptr_t b, uintptr_t s, uintptr_t counters,
          uintptr_t y, int64_t M, int64_t K, int64_t N, int64_t R, int64_t stride_xm, int64_t stride_ym,
          float scaling, int dtype, int adapter_dtype, bool vector, int device, uintptr_t stream) {
         fastpeft::DecodeArgs args{x, w, bias, a, b, s, counters, y, M, K, N, R, stride_xm, stride_ym,
                                   scaling, dtype, adapter_dtype, vector, device, stream};
         py::gil_scoped_release release;
-        fastpeft::lora_decode(args);
+        fastpeft::lora_linear_decode(args);
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("a"), py::arg("b"), py::arg("s"), py::arg("counters"),
       py::arg("y"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("R"), py::arg("stride_xm"),
       py::arg("stride_ym"), py::arg("scaling"), py::arg("dtype"), py::arg("adapter_dtype"), py::arg("vector"),
       py::arg("device"), py::arg("stream"),
-      "Fused LoRA linear for M <= 16 rows (see csrc/lora_decode.h); launches asynchronously on `stream`.");
+      "Fused LoRA linear for M <= 16 rows (see csrc/lora_linear_decode.h); launches asynchronously on `stream`.");
   m.def(
-      "adapter_decode",
+      "adapter_bottleneck_decode",
       [](uintptr_t h, uintptr_t w_down, uintptr_t b_down, uintptr_t w_up, uintptr_t b_up, uintptr_t res,
          uintptr_t act, uintptr_t counters, uintptr_t out, int64_t M, int64_t d, int64_t bottleneck,
          int64_t stride_hm, int64_t stride_rm, int64_t stride_om, float scaling, int activation, int dtype,
@@ -49,13 +49,13 @@ PYBIND11_MODULE(_C, m) {
                                          stride_hm, stride_rm, stride_om, scaling, activation, dtype, vector,
                                          device, stream};
         py::gil_scoped_release release;
-        fastpeft::adapter_decode(args);
+        fastpeft::adapter_bottleneck_decode(args);
       },
       py::arg("h"), py::arg("w_down"), py::arg("b_down"), py::arg("w_up"), py::arg("b_up"), py::arg("res"),
       py::arg("act"), py::arg("counters"), py::arg("out"), py::arg("M"), py::arg("d"), py::arg("m"),
       py::arg("stride_hm"), py::arg("stride_rm"), py::arg("stride_om"), py::arg("scaling"), py::arg("activation"),
       py::arg("dtype"), py::arg("vector"), py::arg("device"), py::arg("stream"),
-      "The whole bottleneck adapter for M <= 16 rows (see csrc/adapter_decode.h); asynchronous on `stream`.");
+      "The whole bottleneck adapter for M <= 16 rows (see csrc/adapter_bottleneck_decode.h); asynchronous on `stream`.");
   m.attr("cuda_archs") = std::string(FASTPEFT_CUDA_ARCHS);
   m.attr("max_decode_bottleneck") = fastpeft::kMaxDecodeBottleneck;
   m.attr("max_decode_rows") = fastpeft::kMaxDecodeRows;

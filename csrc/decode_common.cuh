@@ -16,7 +16,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "lora_decode.h"
+#include "lora_linear_decode.h"
 
 namespace fastpeft {
 namespace decode {

@@ -81,7 +81,7 @@ def _vector_ok(dtype: torch.dtype, K: int, *tensors_and_strides) -> bool:
         (t.data_ptr() % 16 == 0) and (stride % vec == 0) for t, stride in tensors_and_strides)
 
 
-def lora_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
+def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
     """``x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`` for 2-D x with M <= 16 rows, by the fused CUDA kernel (forward only).
 
     x (M, K) with unit inner stride; weight (N, K), bias (N,), lora_A (R, K), lora_B (N, R) contiguous;
@@ -104,7 +104,7 @@ def lora_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor
     s = torch.empty((M, R), dtype=torch.float32, device=x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K), (lora_A, K))
-    module.lora_decode(
+    module.lora_linear_decode(
         x=x.data_ptr(), w=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0,
         a=lora_A.data_ptr(), b=lora_B.data_ptr(), s=s.data_ptr(),
         counters=_counters(x.device, stream).data_ptr(), y=y.data_ptr(),
@@ -114,14 +114,14 @@ def lora_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor
     return y
 
 
-@torch.library.custom_op("fastpeft::lora_decode", mutates_args=())
-def lora_decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+@torch.library.custom_op("fastpeft::lora_linear_decode", mutates_args=())
+def lora_linear_decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scaling: float) -> Tensor:
-    """:func:`lora_decode` as a torch.library op, for compiled graphs (forward only)."""
-    return lora_decode(x, weight, bias, lora_A, lora_B, scaling)
+    """:func:`lora_linear_decode` as a torch.library op, for compiled graphs (forward only)."""
+    return lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling)
 
 
-@lora_decode_op.register_fake
+@lora_linear_decode_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
@@ -129,7 +129,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling):
 MAX_DECODE_BOTTLENECK = 256
 
 
-def adapter_decode_reasons(h, w_down, b_down, w_up, b_up, residual) -> list[str]:
+def adapter_bottleneck_decode_reasons(h, w_down, b_down, w_up, b_up, residual) -> list[str]:
     """Why the adapter decode kernel cannot run these (2-D h) inputs; empty when it can."""
     reasons = []
     if h.device.type != "cuda":
@@ -150,7 +150,7 @@ def adapter_decode_reasons(h, w_down, b_down, w_up, b_up, residual) -> list[str]
     return reasons
 
 
-def adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, activation: str) -> torch.Tensor:
+def adapter_bottleneck_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, activation: str) -> torch.Tensor:
     """The whole bottleneck adapter for 2-D h with M <= 16 rows, by the fused CUDA kernel (forward only).
 
     h (M, d) and residual (M, d) or None (h) with unit inner stride; weights and biases contiguous, h's dtype.
@@ -158,7 +158,7 @@ def adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, acti
     module, reason = load()
     if module is None:
         raise RuntimeError(reason)
-    reasons = adapter_decode_reasons(h, w_down, b_down, w_up, b_up, residual)
+    reasons = adapter_bottleneck_decode_reasons(h, w_down, b_down, w_up, b_up, residual)
     tensors = [t for t in (h, w_down, b_down, w_up, b_up, residual) if t is not None]
     if len({t.device for t in tensors}) > 1:
         reasons.append(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
@@ -178,7 +178,7 @@ def adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, acti
     stream = torch.cuda.current_stream(h.device).cuda_stream
     vec = 16 // h.element_size()
     vector = m % vec == 0 and _vector_ok(h.dtype, d, (h, h.stride(0)), (w_down, d), (w_up, m))
-    module.adapter_decode(
+    module.adapter_bottleneck_decode(
         h=h.data_ptr(), w_down=w_down.data_ptr(), b_down=b_down.data_ptr() if b_down is not None else 0,
         w_up=w_up.data_ptr(), b_up=b_up.data_ptr() if b_up is not None else 0, res=res.data_ptr(),
         act=act.data_ptr(), counters=_counters(h.device, stream).data_ptr(), out=out.data_ptr(),
@@ -188,13 +188,13 @@ def adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling: float, acti
     return out
 
 
-@torch.library.custom_op("fastpeft::adapter_decode", mutates_args=())
-def adapter_decode_op(h: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
+@torch.library.custom_op("fastpeft::adapter_bottleneck_decode", mutates_args=())
+def adapter_bottleneck_decode_op(h: Tensor, w_down: Tensor, b_down: Tensor | None, w_up: Tensor, b_up: Tensor | None,
                       residual: Tensor | None, scaling: float, activation: str) -> Tensor:
-    """:func:`adapter_decode` as a torch.library op, for compiled graphs (forward only)."""
-    return adapter_decode(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
+    """:func:`adapter_bottleneck_decode` as a torch.library op, for compiled graphs (forward only)."""
+    return adapter_bottleneck_decode(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
 
 
-@adapter_decode_op.register_fake
+@adapter_bottleneck_decode_op.register_fake
 def _(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
     return h.new_empty(h.shape)

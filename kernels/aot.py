@@ -32,7 +32,7 @@ def _launches():
     """
     import triton.language as tl
 
-    from . import lora
+    from . import lora_linear as lora
 
     bf16_gemm_fwd = dict(
         a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16",
@@ -121,7 +121,8 @@ def compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import adapter, lora
+    from . import adapter_bottleneck as adapter
+    from . import lora_linear as lora
 
     name, profile, example, config, arch = job
     kernel = getattr(adapter if name.startswith("_adapter") else lora, name)

@@ -35,10 +35,10 @@ def test_kernel_call_without_gpu_raises_clear_error():
     with pytest.raises(RuntimeError, match="no CUDA GPU or driver usable .cudaGetDeviceCount: cuda"):
         module.device_count()
     with pytest.raises(RuntimeError, match="no CUDA GPU or driver"):
-        module.lora_decode(x=0, w=0, bias=0, a=0, b=0, s=0, counters=0, y=0, M=1, K=8, N=8, R=4, stride_xm=8,
+        module.lora_linear_decode(x=0, w=0, bias=0, a=0, b=0, s=0, counters=0, y=0, M=1, K=8, N=8, R=4, stride_xm=8,
                            stride_ym=8, scaling=1.0, dtype=1, adapter_dtype=2, vector=True, device=0, stream=0)
     with pytest.raises(ValueError, match="M must be in"):
-        module.lora_decode(x=0, w=0, bias=0, a=0, b=0, s=0, counters=0, y=0, M=17, K=8, N=8, R=4, stride_xm=8,
+        module.lora_linear_decode(x=0, w=0, bias=0, a=0, b=0, s=0, counters=0, y=0, M=17, K=8, N=8, R=4, stride_xm=8,
                            stride_ym=8, scaling=1.0, dtype=1, adapter_dtype=2, vector=True, device=0, stream=0)
     assert "no CUDA GPU or driver" in cuda_ext.status()
 
@@ -49,10 +49,10 @@ def test_python_side_validates_before_any_pointer_crosses():
     module, _ = cuda_ext.load()
     if module is None:
         with pytest.raises(RuntimeError, match="not built"):
-            cuda_ext.lora_decode(x, w, None, a, b, 1.0)
+            cuda_ext.lora_linear_decode(x, w, None, a, b, 1.0)
         return
     with pytest.raises(ValueError) as err:
-        cuda_ext.lora_decode(x, w.t().contiguous().t(), None, a, b, 1.0)
+        cuda_ext.lora_linear_decode(x, w.t().contiguous().t(), None, a, b, 1.0)
     message = str(err.value)
     for expected in ("CUDA tensors", "M <= 16", "r <= 256", "weight must be contiguous"):
         assert expected in message
@@ -76,20 +76,20 @@ def test_info_reports_the_extension():
     assert "cuda " in out.stdout
 
 
-def test_adapter_decode_validates_and_explains():
+def test_adapter_bottleneck_decode_validates_and_explains():
     h, wd, wu = torch.randn(20, 8), torch.randn(300, 8), torch.randn(8, 300).t().contiguous().t()
     module, _ = cuda_ext.load()
     if module is None:
         with pytest.raises(RuntimeError, match="not built"):
-            cuda_ext.adapter_decode(h, wd, None, wu, None, None, 1.0, "relu")
+            cuda_ext.adapter_bottleneck_decode(h, wd, None, wu, None, None, 1.0, "relu")
         return
     with pytest.raises(ValueError) as err:
-        cuda_ext.adapter_decode(h, wd, None, wu, None, None, 1.0, "tanh")
+        cuda_ext.adapter_bottleneck_decode(h, wd, None, wu, None, None, 1.0, "tanh")
     message = str(err.value)
     for expected in ("CUDA tensors", "M <= 16", "m <= 256", "w_up must be contiguous", "activation must be"):
         assert expected in message
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU or driver"):
-            module.adapter_decode(h=0, w_down=0, b_down=0, w_up=0, b_up=0, res=0, act=0, counters=0, out=0, M=1,
-                                  d=8, m=4, stride_hm=8, stride_rm=8, stride_om=8, scaling=1.0, activation=0,
-                                  dtype=1, vector=True, device=0, stream=0)
+            module.adapter_bottleneck_decode(h=0, w_down=0, b_down=0, w_up=0, b_up=0, res=0, act=0, counters=0,
+                                             out=0, M=1, d=8, m=4, stride_hm=8, stride_rm=8, stride_om=8,
+                                             scaling=1.0, activation=0, dtype=1, vector=True, device=0, stream=0)

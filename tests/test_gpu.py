@@ -76,7 +76,7 @@ def test_decode_kernel_matches_reference(M, K, N, r, dtype, adapter, bias):
     b = rand(N, dt=dtype) if bias else None
     a = rand(r, K, dt=adapter, scale=K ** -0.5)
     bb = rand(N, r, dt=adapter, scale=r ** -0.5)
-    y = fastpeft.cuda_ext.lora_decode(x, w, b, a, bb, 1.5)
+    y = fastpeft.cuda_ext.lora_linear_decode(x, w, b, a, bb, 1.5)
     ref = fastpeft.lora_linear_reference(x.double(), w.double(), None if b is None else b.double(), a.double(),
                                          bb.double(), 1.5)
     assert y.dtype == dtype and y.shape == (M, N)
@@ -93,7 +93,7 @@ def test_decode_strided_rows_and_repeated_launches():
     a = torch.randn(16, 512, device="cuda") / 23
     bb = torch.randn(256, 16, device="cuda") / 4
     ref = fastpeft.lora_linear_reference(x.double(), w.double(), None, a.double(), bb.double(), 2.0)
-    outs = [fastpeft.cuda_ext.lora_decode(x, w, None, a, bb, 2.0) for _ in range(50)]
+    outs = [fastpeft.cuda_ext.lora_linear_decode(x, w, None, a, bb, 2.0) for _ in range(50)]
     torch.cuda.synchronize()
     for y in outs:
         assert rel_err(y, ref) <= TOLERANCE[torch.bfloat16]
@@ -123,7 +123,7 @@ def test_auto_picks_cuda_for_decode_inference_only():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "gelu_tanh"])
 @pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
-def test_adapter_decode_kernel_matches_reference(M, d, m, dtype, activation, parallel):
+def test_adapter_bottleneck_decode_kernel_matches_reference(M, d, m, dtype, activation, parallel):
     g = torch.Generator(device="cuda").manual_seed(M * 100 + m)
 
     def rand(*shape, scale=1.0):
@@ -131,14 +131,14 @@ def test_adapter_decode_kernel_matches_reference(M, d, m, dtype, activation, par
     h, wd, bd = rand(M, d), rand(m, d, scale=d ** -0.5), rand(m)
     wu, bu = rand(d, m, scale=m ** -0.5), rand(d)
     res = rand(M, d) if parallel else None
-    out = fastpeft.cuda_ext.adapter_decode(h, wd, bd, wu, bu, res, 2.0, activation)
+    out = fastpeft.cuda_ext.adapter_bottleneck_decode(h, wd, bd, wu, bu, res, 2.0, activation)
     ref = fastpeft.adapter_bottleneck_reference(h.double(), wd.double(), bd.double(), wu.double(), bu.double(), 2.0,
                                                 activation, None if res is None else res.double())
     assert out.dtype == dtype and rel_err(out, ref) <= TOLERANCE[dtype]
 
 
 @decode
-def test_auto_picks_cuda_for_adapter_decode_inference_only():
+def test_auto_picks_cuda_for_adapter_bottleneck_decode_inference_only():
     adapter = fastpeft.BottleneckAdapter(512, bottleneck=32, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
     ref = fastpeft.adapter_bottleneck_reference(h.double(), adapter.down.double(), adapter.down_bias.double(),
@@ -153,11 +153,11 @@ def test_auto_picks_cuda_for_adapter_decode_inference_only():
 @decode
 def test_opcheck_decode_ops():
     x, w, b, a, bb, _ = _inputs(5, 256, 128, 8, torch.bfloat16)
-    torch.library.opcheck(fastpeft.cuda_ext.lora_decode_op, (x.detach(), w, b, a.detach(), bb.detach(), 0.5))
+    torch.library.opcheck(fastpeft.cuda_ext.lora_linear_decode_op, (x.detach(), w, b, a.detach(), bb.detach(), 0.5))
     h = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
     wd, wu = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16), torch.randn(256, 32, device="cuda",
                                                                                       dtype=torch.bfloat16)
-    torch.library.opcheck(fastpeft.cuda_ext.adapter_decode_op, (h, wd, None, wu, None, None, 0.5, "gelu"))
+    torch.library.opcheck(fastpeft.cuda_ext.adapter_bottleneck_decode_op, (h, wd, None, wu, None, None, 0.5, "gelu"))
 
 
 def test_compiled_model_on_gpu_has_no_graph_breaks():

@@ -2,7 +2,7 @@
 
 Read top to bottom: activations with their derivatives, the reference, the torch.library ops of the torch and
 triton backends (autograd saves only the M×m pre-activation besides h), input checks, and the public
-``adapter_bottleneck``. The Triton kernels live in ``fastpeft.kernels.adapter``.
+``adapter_bottleneck``. The Triton kernels live in ``fastpeft.kernels.adapter_bottleneck``.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def adapter_bottleneck_reference(h, w_down, b_down, w_up, b_up, scaling=1.0, act
 
 # torch.library ops (see lora_linear.py): opaque to torch.compile, with fake implementations and registered
 # autograd. torch: forward writes the output with one addmm, [act(pre), 1] · [W_uᵀ; b_u] accumulated onto the
-# residual, so the up bias and the scale cost no extra pass over M×d. triton: two fused GEMMs (kernels/adapter.py).
+# residual, so the up bias and the scale cost no extra pass over M×d. triton: two fused GEMMs
+# (kernels/adapter_bottleneck.py).
 # Both save h and the pre-activation (M×m) only; the weight gradients are torch GEMMs on either backend.
 
 @torch.library.custom_op("fastpeft::adapter_bottleneck_forward", mutates_args=())
@@ -73,7 +74,7 @@ def adapter_bottleneck_forward(h: Tensor, w_down: Tensor, b_down: Tensor | None,
     """Forward on 2-D h (M, d): ``(out, pre)``, pre = h W_dᵀ + b_d (M, m) being what backward needs."""
     check_op_backend(backend)
     if backend == "triton":
-        from ..kernels import adapter as triton_adapter
+        from ..kernels import adapter_bottleneck as triton_adapter
         return triton_adapter.adapter_fwd(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
     pre = torch.mm(h, w_down.t()) if b_down is None else torch.addmm(b_down, h, w_down.t())
     act = activate(pre, activation)
@@ -107,7 +108,7 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
         dbu = g.sum(0).mul_(scaling)
     if needs_dh or needs_dw_down or needs_db_down:
         if backend == "triton":
-            from ..kernels import adapter as triton_adapter
+            from ..kernels import adapter_bottleneck as triton_adapter
             dpre, dh = triton_adapter.adapter_bwd_inputs(g, w_down, w_up, pre, scaling, activation,
                                                          not has_residual, needs_dh)
             dpre = dpre.to(h.dtype)
@@ -227,7 +228,7 @@ def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, resi
         if name != "cuda":
             return []
         from .. import cuda_ext
-        reasons = cuda_ext.adapter_decode_reasons(h2d, w_down, b_down, w_up, b_up, res2d)
+        reasons = cuda_ext.adapter_bottleneck_decode_reasons(h2d, w_down, b_down, w_up, b_up, res2d)
         if needs_grad:
             reasons.append("the cuda backend is forward-only (inference): inputs require grad "
                            "(use torch.no_grad() or torch.inference_mode())")
@@ -237,7 +238,8 @@ def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, resi
     if name == "cuda":
         from .. import cuda_ext
         # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
-        decode = cuda_ext.adapter_decode_op if torch.compiler.is_compiling() else cuda_ext.adapter_decode
+        compiling = torch.compiler.is_compiling()
+        decode = cuda_ext.adapter_bottleneck_decode_op if compiling else cuda_ext.adapter_bottleneck_decode
         out = decode(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation)
         return out.reshape(h.shape)
     out = adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, name)[0]

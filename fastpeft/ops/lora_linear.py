@@ -2,7 +2,7 @@
 
 Read top to bottom: the float64-friendly reference, the torch backend, the torch.library ops (forward,
 backward, registered autograd) shared by both backends, input checks, and the public ``lora_linear``.
-The Triton backend's kernels and launchers live in ``fastpeft.kernels.lora``.
+The Triton backend's kernels and launchers live in ``fastpeft.kernels.lora_linear``.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
         seed = int(torch.randint(0, _SEED_BOUND, ()).item())
     seed = max(seed, 0)
     if backend == "triton":
-        from ..kernels import lora as triton_lora
+        from ..kernels import lora_linear as triton_lora
         y, s = triton_lora.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
         drop = None
     else:
@@ -152,7 +152,7 @@ def lora_linear_backward(dy: Tensor, x: Tensor | None, weight: Tensor, lora_A: T
     """
     check_op_backend(backend)
     if backend == "triton":
-        from ..kernels import lora as triton_lora
+        from ..kernels import lora_linear as triton_lora
         grads = triton_lora.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed),
                                      needs_dx, needs_da, needs_db, needs_dbias)
     else:
@@ -293,7 +293,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     if name == "cuda":
         from .. import cuda_ext
         # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
-        decode = cuda_ext.lora_decode_op if torch.compiler.is_compiling() else cuda_ext.lora_decode
+        decode = cuda_ext.lora_linear_decode_op if torch.compiler.is_compiling() else cuda_ext.lora_linear_decode
         y = decode(x2d, weight, bias, lora_A, lora_B, float(scaling))
         return y.reshape(*lead, weight.shape[0])
     seed = -1 if dropout_seed is None else int(dropout_seed)
@@ -319,5 +319,5 @@ def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu
     select_backend(backend, [torch.empty(0, device=device)])  # a backend that cannot run here says why
     if backend == "torch":
         return ~torch_drop_mask(seed, tuple(shape), float(p), device)
-    from ..kernels import lora as triton_lora
+    from ..kernels import lora_linear as triton_lora
     return triton_lora.dropout_keep_mask(seed, tuple(int(n) for n in shape), float(p), device)

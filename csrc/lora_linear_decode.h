@@ -29,6 +29,6 @@ struct DecodeArgs {
 int device_count();
 
 // y = x w^T + bias + scaling * (x a^T) b^T for M <= 16 rows, one kernel launch on `stream`.
-void lora_decode(const DecodeArgs& args);
+void lora_linear_decode(const DecodeArgs& args);
 
 }  // namespace fastpeft

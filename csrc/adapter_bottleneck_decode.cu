@@ -4,7 +4,7 @@
 // Two bandwidth-bound GEMVs with a dependency between them. The first tiles stream the rows of W_d and publish
 // act(pre) (M x m, fp32); the other tiles wait for it (the protocol of decode_common.cuh), stage it in shared
 // memory, and stream the rows of W_u, adding bias, scale and residual as they write the output.
-#include "adapter_decode.h"
+#include "adapter_bottleneck_decode.h"
 #include "decode_common.cuh"
 
 namespace fastpeft {
@@ -38,7 +38,7 @@ __device__ __forceinline__ float activate(float z, int activation) {
 }
 
 template <typename T, int MAXM, bool VECTOR>
-__global__ void __launch_bounds__(kThreads, 1) adapter_decode_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) adapter_bottleneck_decode_kernel(Params p) {
   __shared__ __align__(32) float act_s[kMaxDecodeRows * kMaxDecodeBottleneck];
   const int tile = take_tile(p.counters);
   const int warp = threadIdx.x / 32;
@@ -89,9 +89,9 @@ __global__ void __launch_bounds__(kThreads, 1) adapter_decode_kernel(Params p) {
 template <typename T, int MAXM>
 void launch_m(const Params& p, bool vector, dim3 grid, cudaStream_t stream) {
   if (vector) {
-    adapter_decode_kernel<T, MAXM, true><<<grid, kThreads, 0, stream>>>(p);
+    adapter_bottleneck_decode_kernel<T, MAXM, true><<<grid, kThreads, 0, stream>>>(p);
   } else {
-    adapter_decode_kernel<T, MAXM, false><<<grid, kThreads, 0, stream>>>(p);
+    adapter_bottleneck_decode_kernel<T, MAXM, false><<<grid, kThreads, 0, stream>>>(p);
   }
 }
 
@@ -106,18 +106,18 @@ void launch_type(const Params& p, bool vector, dim3 grid, cudaStream_t stream) {
 
 }  // namespace
 
-void adapter_decode(const AdapterDecodeArgs& args) {
+void adapter_bottleneck_decode(const AdapterDecodeArgs& args) {
   if (args.M < 1 || args.M > kMaxDecodeRows) {
-    throw std::invalid_argument("fastpeft._C.adapter_decode: M must be in [1, 16]");
+    throw std::invalid_argument("fastpeft._C.adapter_bottleneck_decode: M must be in [1, 16]");
   }
   if (args.m < 1 || args.m > kMaxDecodeBottleneck) {
-    throw std::invalid_argument("fastpeft._C.adapter_decode: the bottleneck m must be in [1, 256]");
+    throw std::invalid_argument("fastpeft._C.adapter_bottleneck_decode: the bottleneck m must be in [1, 256]");
   }
-  if (args.d < 1) throw std::invalid_argument("fastpeft._C.adapter_decode: d must be positive");
+  if (args.d < 1) throw std::invalid_argument("fastpeft._C.adapter_bottleneck_decode: d must be positive");
   if (args.activation < kRelu || args.activation > kGeluTanh) {
-    throw std::invalid_argument("fastpeft._C.adapter_decode: unknown activation code");
+    throw std::invalid_argument("fastpeft._C.adapter_bottleneck_decode: unknown activation code");
   }
-  DeviceGuard guard(args.device, "adapter_decode");
+  DeviceGuard guard(args.device, "adapter_bottleneck_decode");
   Params p{};
   p.h = reinterpret_cast<const void*>(args.h);
   p.w_down = reinterpret_cast<const void*>(args.w_down);
@@ -139,9 +139,9 @@ void adapter_decode(const AdapterDecodeArgs& args) {
     case kHalf: launch_type<__half>(p, args.vector, grid, stream); break;
     case kBFloat16: launch_type<__nv_bfloat16>(p, args.vector, grid, stream); break;
     case kFloat: launch_type<float>(p, args.vector, grid, stream); break;
-    default: throw std::invalid_argument("fastpeft._C.adapter_decode: unsupported dtype");
+    default: throw std::invalid_argument("fastpeft._C.adapter_bottleneck_decode: unsupported dtype");
   }
-  check(cudaGetLastError(), "adapter_decode kernel launch");
+  check(cudaGetLastError(), "adapter_bottleneck_decode kernel launch");
 }
 
 }  // namespace fastpeft

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fastpeft.checks import ACTIVATION_CODES
 
-from .lora import (
+from .lora_linear import (
     AUTOTUNE,
     GEMM_CONFIGS,
     GEMM_DEFAULT,

@@ -9,7 +9,7 @@
 //
 // The hand-off uses the ticket/counter protocol of decode_common.cuh, which is what makes the wait safe.
 #include "decode_common.cuh"
-#include "lora_decode.h"
+#include "lora_linear_decode.h"
 
 namespace fastpeft {
 namespace {
@@ -31,7 +31,7 @@ struct Params {
 };
 
 template <typename T, typename TA, int MAXM, bool VECTOR>
-__global__ void __launch_bounds__(kThreads, 1) lora_decode_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params p) {
   const int tile = take_tile(p.counters);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -84,9 +84,9 @@ __global__ void __launch_bounds__(kThreads, 1) lora_decode_kernel(Params p) {
 template <typename T, typename TA, int MAXM>
 void launch_m(const Params& p, bool vector, dim3 grid, cudaStream_t stream) {
   if (vector) {
-    lora_decode_kernel<T, TA, MAXM, true><<<grid, kThreads, 0, stream>>>(p);
+    lora_linear_decode_kernel<T, TA, MAXM, true><<<grid, kThreads, 0, stream>>>(p);
   } else {
-    lora_decode_kernel<T, TA, MAXM, false><<<grid, kThreads, 0, stream>>>(p);
+    lora_linear_decode_kernel<T, TA, MAXM, false><<<grid, kThreads, 0, stream>>>(p);
   }
 }
 
@@ -111,11 +111,11 @@ int device_count() {
   return count;
 }
 
-void lora_decode(const DecodeArgs& args) {
-  if (args.M < 1 || args.M > kMaxDecodeRows) throw std::invalid_argument("fastpeft._C.lora_decode: M must be in [1, 16]");
-  if (args.R < 1 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_decode: r must be in [1, 256]");
-  if (args.K < 1 || args.N < 1) throw std::invalid_argument("fastpeft._C.lora_decode: K and N must be positive");
-  DeviceGuard guard(args.device, "lora_decode");
+void lora_linear_decode(const DecodeArgs& args) {
+  if (args.M < 1 || args.M > kMaxDecodeRows) throw std::invalid_argument("fastpeft._C.lora_linear_decode: M must be in [1, 16]");
+  if (args.R < 1 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_linear_decode: r must be in [1, 256]");
+  if (args.K < 1 || args.N < 1) throw std::invalid_argument("fastpeft._C.lora_linear_decode: K and N must be positive");
+  DeviceGuard guard(args.device, "lora_linear_decode");
 
   Params p{};
   p.x = reinterpret_cast<const void*>(args.x);
@@ -142,9 +142,9 @@ void lora_decode(const DecodeArgs& args) {
     case kBFloat16 * 3 + kFloat: launch_types<bf16, float>(p, args.vector, grid, stream); break;
     case kFloat * 3 + kFloat: launch_types<float, float>(p, args.vector, grid, stream); break;
     default:
-      throw std::invalid_argument("fastpeft._C.lora_decode: unsupported (dtype, adapter dtype) pair");
+      throw std::invalid_argument("fastpeft._C.lora_linear_decode: unsupported (dtype, adapter dtype) pair");
   }
-  check(cudaGetLastError(), "lora_decode kernel launch");
+  check(cudaGetLastError(), "lora_linear_decode kernel launch");
 }
 
 }  // namespace fastpeft

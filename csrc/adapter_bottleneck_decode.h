@@ -1,9 +1,9 @@
-// Host interface of the bottleneck-adapter decode kernel (see lora_decode.h for the conventions).
+// Host interface of the bottleneck-adapter decode kernel (see lora_linear_decode.h for the conventions).
 #pragma once
 
 #include <cstdint>
 
-#include "lora_decode.h"
+#include "lora_linear_decode.h"
 
 namespace fastpeft {
 
@@ -26,6 +26,6 @@ struct AdapterDecodeArgs {
 };
 
 // out = res + scaling * (act(h w_down^T + b_down) w_up^T + b_up) for M <= 16 rows, one launch on `stream`.
-void adapter_decode(const AdapterDecodeArgs& args);
+void adapter_bottleneck_decode(const AdapterDecodeArgs& args);
 
 }  // namespace fastpeft
