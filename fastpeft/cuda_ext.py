@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .checks import ACTIVATION_CODES
+from .checks import ACTIVATION_CODES, new_output
 
 MAX_DECODE_ROWS = 16
 MAX_DECODE_RANK = 256
@@ -98,10 +98,10 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch
         raise ValueError("fastpeft cuda decode kernel: " + "; ".join(reasons))
     M, K = x.shape
     N, R = lora_B.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = new_output((M, N), x.dtype, x.device)
     if M == 0:
         return y
-    s = torch.empty((M, R), dtype=torch.float32, device=x.device)
+    s = new_output((M, R), torch.float32, x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K), (lora_A, K))
     module.lora_linear_decode(
@@ -170,11 +170,11 @@ def adapter_bottleneck_decode(h, w_down, b_down, w_up, b_up, residual, scaling: 
         raise ValueError("fastpeft cuda adapter decode kernel: " + "; ".join(reasons))
     M, d = h.shape
     m = w_down.shape[0]
-    out = torch.empty((M, d), dtype=h.dtype, device=h.device)
+    out = new_output((M, d), h.dtype, h.device)
     if M == 0:
         return out
     res = h if residual is None else residual
-    act = torch.empty((M, m), dtype=torch.float32, device=h.device)
+    act = new_output((M, m), torch.float32, h.device)
     stream = torch.cuda.current_stream(h.device).cuda_stream
     vec = 16 // h.element_size()
     vector = m % vec == 0 and _vector_ok(h.dtype, d, (h, h.stride(0)), (w_down, d), (w_up, m))

@@ -16,16 +16,19 @@ import triton.language as tl
 
 from fastpeft.checks import ACTIVATION_CODES
 
-from .lora_linear import (
-    AUTOTUNE,
+from .common import (
     GEMM_CONFIGS,
     GEMM_DEFAULT,
+    GEMM_KEY,
     INTERPRET_GEMM,
-    _compute_dtype,
-    _dot_precision,
-    _grouped_tile,
-    _new,
-    _shared_memory_pruner,
+    autotuned,
+    compute_dtype,
+    dot_precision,
+    even_k,
+    grouped_tile,
+    launch,
+    new_output,
+    register_shared_memory,
 )
 
 
@@ -73,7 +76,7 @@ def _adapter_gemm_kernel(
 
     ``M_BUCKET`` is only an autotune key. aux (M, N) is the pre-activation when TIMES_ACT_GRAD.
     """
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm_load = (rm % M).to(tl.int64)
@@ -108,10 +111,11 @@ def _adapter_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-_gemm = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_adapter_gemm_kernel)
-_gemm_tuned = triton.autotune(configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K"],
-                              prune_configs_by={"early_config_prune": _shared_memory_pruner("_adapter_gemm_kernel")}
-                              )(_gemm)
+# Both operands' tiles per stage, counted at 4 bytes an element: an operand may be fp32 (dpre) on any base.
+register_shared_memory("_adapter_gemm_kernel",
+                       lambda b, es: ((b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_K"] * b["BLOCK_N"]) * 4, 0))
+_gemm = even_k(_adapter_gemm_kernel)
+_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY, "_adapter_gemm_kernel")
 
 
 def adapter_gemm(a, b, out, *, bias=None, res=None, aux=None, scale=1.0, activation="relu", act_on_a=False):
@@ -129,19 +133,10 @@ def adapter_gemm(a, b, out, *, bias=None, res=None, aux=None, scale=1.0, activat
             *(res.stride() if res is not None else (0, 0)), *(aux.stride() if aux is not None else (0, 0)),
             out.stride(0), out.stride(1), float(scale))
     meta = dict(ACT=ACTIVATION_CODES[activation], ACT_ON_A=act_on_a, HAS_BIAS=bias is not None,
-                HAS_RES=res is not None, TIMES_ACT_GRAD=aux is not None, COMPUTE=_compute_dtype(dtype, on_cpu),
-                DOT_PRECISION=_dot_precision(dtype))
-
-    def grid(c):
-        return (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-
-    if on_cpu:
-        _gemm[grid(INTERPRET_GEMM)](*args, **meta, **INTERPRET_GEMM)
-    elif AUTOTUNE:
-        _gemm_tuned[grid](*args, **meta)
-    else:
-        c = GEMM_DEFAULT
-        _gemm[grid(c.kwargs)](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                HAS_RES=res is not None, TIMES_ACT_GRAD=aux is not None, COMPUTE=compute_dtype(dtype, on_cpu),
+                DOT_PRECISION=dot_precision(dtype))
+    launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
+           lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu, *args, **meta)
     return out
 
 
@@ -149,8 +144,8 @@ def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
     """Forward on 2-D h (M, d): returns (out (M, d) in h's dtype, pre (M, m) in h's dtype)."""
     M, d = h.shape
     m = w_down.shape[0]
-    pre = adapter_gemm(h, w_down.t(), _new((M, m), h.dtype, h.device), bias=b_down)
-    out = adapter_gemm(pre, w_up.t(), _new((M, d), h.dtype, h.device), bias=b_up,
+    pre = adapter_gemm(h, w_down.t(), new_output((M, m), h.dtype, h.device), bias=b_down)
+    out = adapter_gemm(pre, w_up.t(), new_output((M, d), h.dtype, h.device), bias=b_up,
                        res=h if residual is None else residual, scale=scaling, activation=activation, act_on_a=True)
     return out, pre
 
@@ -159,11 +154,11 @@ def adapter_bwd_inputs(g, w_down, w_up, pre, scaling, activation, residual_is_h,
     """dpre (M, m) fp32 = s·(g W_u) ⊙ act'(pre), and dh (M, d) = dpre W_d [+ g] when needed."""
     M = g.shape[0]
     m = w_down.shape[0]
-    dpre = adapter_gemm(g, w_up, _new((M, m), torch.float32, g.device), aux=pre, scale=scaling,
+    dpre = adapter_gemm(g, w_up, new_output((M, m), torch.float32, g.device), aux=pre, scale=scaling,
                         activation=activation)
     dh = None
     if needs_dh:
-        dh = adapter_gemm(dpre, w_down, _new((M, w_down.shape[1]), g.dtype, g.device),
+        dh = adapter_gemm(dpre, w_down, new_output((M, w_down.shape[1]), g.dtype, g.device),
                           res=g if residual_is_h else None)
     return dpre, dh
 

@@ -32,6 +32,7 @@ def _launches():
     """
     import triton.language as tl
 
+    from . import common
     from . import lora_linear as lora
 
     bf16_gemm_fwd = dict(
@@ -88,8 +89,8 @@ def _launches():
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
         ("_dropout_mask_kernel", "mask", mask, mask_config),
-        ("_adapter_gemm_kernel", "adapter up", adapter_up, as_dicts(lora.GEMM_CONFIGS)),
-        ("_adapter_gemm_kernel", "adapter dpre", adapter_dpre, as_dicts([lora.GEMM_DEFAULT])),
+        ("_adapter_gemm_kernel", "adapter up", adapter_up, as_dicts(common.GEMM_CONFIGS)),
+        ("_adapter_gemm_kernel", "adapter dpre", adapter_dpre, as_dicts([common.GEMM_DEFAULT])),
     ]
 
 

@@ -19,16 +19,25 @@ for Ampere and Hopper, pruned to what fits the device's shared memory.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Fill kernel outputs with NaN before launching, so an element a kernel fails to write fails the tests.
-POISON_OUTPUTS = os.environ.get("FASTPEFT_POISON_OUTPUTS", "0") == "1"
-# FASTPEFT_AUTOTUNE=0 launches each kernel's default config instead of autotuning (tests: fewer compiles).
-AUTOTUNE = os.environ.get("FASTPEFT_AUTOTUNE", "1") != "0"
+from .common import (
+    GEMM_CONFIGS,
+    GEMM_DEFAULT,
+    GEMM_KEY,
+    INTERPRET_GEMM,
+    autotuned,
+    compute_dtype,
+    config,
+    dot_precision,
+    even_k,
+    grouped_tile,
+    launch,
+    new_output,
+    register_shared_memory,
+)
 
 
 @triton.jit
@@ -36,19 +45,6 @@ def _dropout_keep(seed, p, rows, cols, n_cols):
     """Keep-decisions (True = keep) of elements (rows × cols) of a matrix with ``n_cols`` columns."""
     offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
     return tl.rand(seed, offsets) >= p
-
-
-@triton.jit
-def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of this program in grouped order: GROUP_M row tiles share each column tile of
-    the right-hand operand while it is hot in L2."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    return first_pid_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows
 
 
 @triton.jit
@@ -110,23 +106,18 @@ def _lora_gemm_kernel(
     Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lr_scale = s. Backward: a = dY, b = W, l = dS, u = A,
     lr_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
     """
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Loads use wrapped indices so they need no row/column masks; the store masks the extra lanes.
     rm_load = (rm % M).to(tl.int64)
     rn_load = (rn % N).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
-    r_ok = rr < R
 
-    # The low-rank term seeds the accumulator: one (BLOCK_M×R)·(R×BLOCK_N) dot, then the base K loop.
-    lo = tl.load(l_ptr + rm_load[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
-    up = tl.load(u_ptr + rr[:, None] * stride_ur + rn_load[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
-    acc = tl.dot((lo * lr_scale).to(COMPUTE), up.to(COMPUTE), input_precision=DOT_PRECISION)
-    if DROPOUT:
-        acc = tl.where(_dropout_keep(seed, p, rm, rn, N), acc, 0.0)
+    acc = _lowrank_prologue(l_ptr, u_ptr, rm, rn, rm_load, rn_load, N, R, stride_lm, stride_lr, stride_ur,
+                            stride_un, lr_scale, seed, p, DROPOUT, COMPUTE, DOT_PRECISION, BLOCK_R)
 
+    # The base K loop. Seam: a quantised base would dequantise its b tile here, as it loads.
     a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -141,6 +132,29 @@ def _lora_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS)
+
+
+@triton.jit
+def _lowrank_prologue(l_ptr, u_ptr, rm, rn, rm_load, rn_load, N, R, stride_lm, stride_lr, stride_ur, stride_un,
+                      lr_scale, seed, p, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+    """The accumulator of an output tile, seeded with the low-rank term lr_scale · [mask ⊙] (l · u): one
+    (BLOCK_M×R)·(R×BLOCK_N) dot before the base K loop. Seam: mixed-adapter batches would pick this row tile's
+    adapter pointers (l, u, scale, rank) from a per-tile table here."""
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    lo = tl.load(l_ptr + rm_load[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
+    up = tl.load(u_ptr + rr[:, None] * stride_ur + rn_load[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
+    acc = tl.dot((lo * lr_scale).to(COMPUTE), up.to(COMPUTE), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        acc = tl.where(_dropout_keep(seed, p, rm, rn, N), acc, 0.0)
+    return acc
+
+
+@triton.jit
+def _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr):
+    """Bias, then the store of the tile. Seam: DoRA's per-column output scale would multiply acc here."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
@@ -227,125 +241,64 @@ def _lora_bwd_da_kernel(
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------
 
-def _config(num_warps, num_stages, **blocks):
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
-
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_K=64 suits Hopper's wgmma, BLOCK_K=32 Ampere's mma.sync;
-# the 64-wide tiles serve small or odd shapes.
-GEMM_CONFIGS = [
-    _config(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
-    for bm, bn, bk, w, s in [
-        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-        (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4), (64, 64, 32, 4, 5),
-    ]
-]
 SHRINK_CONFIGS = [
-    _config(w, s, BLOCK_M=bm, BLOCK_K=bk)
+    config(w, s, BLOCK_M=bm, BLOCK_K=bk)
     for bm, bk, w, s in [(32, 128, 4, 4), (64, 128, 4, 4), (64, 64, 4, 5), (128, 64, 8, 4), (64, 256, 8, 3)]
 ]
 DY_BLOCK_M = 128  # fixed: it sets the number of dB partials, allocated before the launch
-DY_CONFIGS = [_config(w, s, BLOCK_N=bn) for bn, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]]
+DY_CONFIGS = [config(w, s, BLOCK_N=bn) for bn, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]]
 DA_CONFIGS = [
-    _config(w, s, BLOCK_M=bm, BLOCK_K=bk)
+    config(w, s, BLOCK_M=bm, BLOCK_K=bk)
     for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3)]
 ]
 
 # Without autotuning: configs that fit every supported GPU's shared memory, fp32 included.
-GEMM_DEFAULT = GEMM_CONFIGS[6]  # 128×128×32, 4 warps, 4 stages
 SHRINK_DEFAULT = SHRINK_CONFIGS[2]
 DY_DEFAULT = DY_CONFIGS[0]
 DA_DEFAULT = DA_CONFIGS[0]
 
 # The interpreter runs one small configuration: blocks ≥ 16 for tl.dot, few programs for speed.
-INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 INTERPRET_SHRINK = dict(BLOCK_M=32, BLOCK_K=32)
 INTERPRET_DY = dict(BLOCK_N=32)
 INTERPRET_DY_BLOCK_M = 32
 INTERPRET_DA = dict(BLOCK_M=32, BLOCK_K=32)
 
 
-def shared_memory_estimate(kernel_name: str, blocks: dict, num_stages: int, element_size: int) -> int:
-    """Bytes of shared memory a config needs: its pipelined tiles (×stages) plus, for the GEMM, the low-rank
-    tiles staged once. Base-operand tiles count ``element_size`` bytes an element, rank-sized tiles 4 (the
-    adapters and S may be fp32). An upper bound on what Triton allocates (checked by the AOT tests)."""
-    bm, bn, bk, br = (blocks.get(k, 0) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
-    es = element_size
-    per_stage, once = {
-        "_lora_gemm_kernel": ((bm * bk + bk * bn) * es, (bm + bn) * br * 4),
-        "_adapter_gemm_kernel": ((bm * bk + bk * bn) * 4, 0),  # fp32 operands possible (dpre)
-        "_lora_shrink_kernel": (bm * bk * es + bk * br * 4, 0),
-        "_lora_bwd_dy_kernel": (bm * bn * es + bn * br * 4, 0),
-        "_lora_bwd_da_kernel": (bm * bk * es + bm * br * 4, 0),
-    }[kernel_name]
-    return num_stages * per_stage + once
+# Shared memory of one config, (bytes per pipeline stage, bytes staged once): base-operand tiles count the element
+# size ``es``, rank-sized tiles 4 bytes (the adapters and S may be fp32); the GEMM stages its low-rank tiles once.
+def _tiles(b):
+    return (b.get(k, 0) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
 
 
-def _shared_memory_pruner(kernel_name):
-    """An ``early_config_prune`` dropping configs that do not fit the device's shared memory."""
-    def prune(configs, named_args, **kwargs):
-        tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
-        limit = torch.cuda.get_device_properties(tensor.device).shared_memory_per_block_optin
-        def need(cfg):
-            return shared_memory_estimate(kernel_name, {**kwargs, **cfg.kwargs}, cfg.num_stages,
-                                          tensor.element_size())
-        fitting = [c for c in configs if need(c) <= limit]
-        return fitting or [min(configs, key=need)]
-    return prune
+def _gemm_shared(b, es):
+    bm, bn, bk, br = _tiles(b)
+    return (bm * bk + bk * bn) * es, (bm + bn) * br * 4
 
 
-def _autotuned(kernel, configs, key, kernel_name):
-    return triton.autotune(configs=configs, key=key,
-                           prune_configs_by={"early_config_prune": _shared_memory_pruner(kernel_name)})(kernel)
+def _shrink_shared(b, es):
+    bm, _, bk, br = _tiles(b)
+    return bm * bk * es + bk * br * 4, 0
 
 
-_gemm_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-_gemm = _gemm_even_k(_lora_gemm_kernel)
-_gemm_tuned = _autotuned(_gemm, GEMM_CONFIGS, ["M_BUCKET", "N", "K"], "_lora_gemm_kernel")
-_shrink_tuned = _autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M", "K"], "_lora_shrink_kernel")
-_dy_tuned = _autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M", "N"], "_lora_bwd_dy_kernel")
-_da_tuned = _autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M", "K"], "_lora_bwd_da_kernel")
+def _dy_shared(b, es):
+    bm, bn, _, br = _tiles(b)
+    return bm * bn * es + bn * br * 4, 0
 
 
-def _launch(tuned, plain, default, interpret_config, grid, on_cpu, *args, **kwargs):
-    """Run the kernel: the interpreter's config for CPU tensors; on a GPU the autotuned kernel, or its
-    ``default`` config when autotuning is off."""
-    if on_cpu:
-        plain[grid(interpret_config)](*args, **kwargs, **interpret_config)
-    elif AUTOTUNE:
-        tuned[grid](*args, **kwargs)
-    else:
-        plain[grid(default.kwargs)](*args, **kwargs, **default.kwargs, num_warps=default.num_warps,
-                                    num_stages=default.num_stages)
+def _da_shared(b, es):
+    bm, _, bk, br = _tiles(b)
+    return bm * bk * es + bm * br * 4, 0
 
 
-def _new(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+for _name, _need in [("_lora_gemm_kernel", _gemm_shared), ("_lora_shrink_kernel", _shrink_shared),
+                     ("_lora_bwd_dy_kernel", _dy_shared), ("_lora_bwd_da_kernel", _da_shared)]:
+    register_shared_memory(_name, _need)
 
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _compute_dtype(dtype: torch.dtype, on_cpu: bool):
-    """The dtype tiles are multiplied in (accumulation is always fp32).
-
-    On a GPU that is the base dtype, so bf16/fp16 run on tensor cores. Triton's interpreter cannot compute
-    in bfloat16 (it keeps bf16 as raw uint16 bits), so there bf16 tiles are widened to fp32 after loading;
-    loads, stores and every index are exercised the same.
-    """
-    if on_cpu and dtype == torch.bfloat16:
-        return tl.float32
-    return _TL_DTYPES[dtype]
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep full fp32 precision unless the user allowed TF32 for matmuls.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+_gemm = even_k(_lora_gemm_kernel)
+_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY, "_lora_gemm_kernel")
+_shrink_tuned = autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M", "K"], "_lora_shrink_kernel")
+_dy_tuned = autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M", "N"], "_lora_bwd_dy_kernel")
+_da_tuned = autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M", "K"], "_lora_bwd_da_kernel")
 
 
 def _rank_block(r: int) -> int:
@@ -368,21 +321,21 @@ def _lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
     on_cpu = a.device.type == "cpu"
-    _launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
+    launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
             a, b, lo, up, bias.contiguous() if bias is not None else out, out,
             M, N, K, R, triton.next_power_of_2(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), lo.stride(0), lo.stride(1),
             up.stride(0), up.stride(1), out.stride(0), out.stride(1),
             lr_scale, seed, dropout_p,
-            HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=_compute_dtype(a.dtype, on_cpu),
-            DOT_PRECISION=_dot_precision(a.dtype), BLOCK_R=_rank_block(R))
+            HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
+            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R))
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> torch.Tensor:
     """The (M, K) bool keep-mask the kernels draw for ``seed`` and drop probability ``p``."""
     M, K = shape
-    out = _new((M, K), torch.int8, device)
+    out = new_output((M, K), torch.int8, device)
     if M and K:
         cfg = dict(BLOCK_M=64, BLOCK_K=256) if torch.device(device).type == "cpu" else dict(BLOCK_M=64, BLOCK_K=128)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
@@ -400,15 +353,15 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
     M, K = x.shape
     N, R = lora_B.shape
     device, on_cpu = x.device, x.device.type == "cpu"
-    s = _new((M, R), torch.float32, device)
-    y = _new((M, N), x.dtype, device)
+    s = new_output((M, R), torch.float32, device)
+    y = new_output((M, N), x.dtype, device)
     if M == 0:
         return y, s
-    _launch(_shrink_tuned, _lora_shrink_kernel, SHRINK_DEFAULT, INTERPRET_SHRINK,
+    launch(_shrink_tuned, _lora_shrink_kernel, SHRINK_DEFAULT, INTERPRET_SHRINK,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
             x, lora_A, s, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
-            DROPOUT=dropout_p > 0.0, COMPUTE=_compute_dtype(x.dtype, on_cpu), DOT_PRECISION=_dot_precision(x.dtype),
+            DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(x.dtype, on_cpu), DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=_rank_block(R))
     _lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling)
     return y, s
@@ -426,8 +379,8 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     device, on_cpu = dy.device, dy.device.type == "cpu"
     dropout = dropout_p > 0.0
     keep_scale = 1.0 / (1.0 - dropout_p)
-    precision = _dot_precision(dy.dtype)
-    compute = _compute_dtype(dy.dtype, on_cpu)
+    precision = dot_precision(dy.dtype)
+    compute = compute_dtype(dy.dtype, on_cpu)
     block_r = _rank_block(R)
     dx = da = db = dbias = None
     if M == 0:
@@ -445,10 +398,10 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     col_splits = max(1, min(triton.cdiv(N, quantum), (2 * _num_sms(device)) // row_blocks))
     cols_per_split = triton.cdiv(triton.cdiv(N, col_splits), quantum) * quantum
     col_splits = triton.cdiv(N, cols_per_split)
-    ds_part = _new((col_splits, M, R), torch.float32, device)
-    db_part = _new((row_blocks, N, R), torch.float32, device)
-    dbias_part = _new((row_blocks, N), torch.float32, device) if needs_dbias else db_part
-    _launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks, col_splits), on_cpu,
+    ds_part = new_output((col_splits, M, R), torch.float32, device)
+    db_part = new_output((row_blocks, N, R), torch.float32, device)
+    dbias_part = new_output((row_blocks, N), torch.float32, device) if needs_dbias else db_part
+    launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks, col_splits), on_cpu,
             dy, lora_B, s, ds_part, db_part, dbias_part, M, N, R, cols_per_split,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), scaling,
             HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r)
@@ -463,8 +416,8 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
         col_blocks = triton.cdiv(K, 128)
         splits = max(1, min(triton.cdiv(M, 256), (2 * _num_sms(device)) // col_blocks))
         rows_per_split = triton.cdiv(M, splits)
-        da_part = _new((splits, R, K), torch.float32, device)
-        _launch(_da_tuned, _lora_bwd_da_kernel, DA_DEFAULT, INTERPRET_DA,
+        da_part = new_output((splits, R, K), torch.float32, device)
+        launch(_da_tuned, _lora_bwd_da_kernel, DA_DEFAULT, INTERPRET_DA,
                 lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits), on_cpu,
                 x, ds, da_part, M, K, R, rows_per_split, x.stride(0), x.stride(1),
                 seed, dropout_p, keep_scale,
@@ -472,6 +425,6 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
         da = da_part.sum(0).to(lora_A.dtype)
 
     if needs_dx:
-        dx = _new((M, K), dy.dtype, device)
+        dx = new_output((M, K), dy.dtype, device)
         _lora_gemm(dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p)
     return dx, da, db, dbias

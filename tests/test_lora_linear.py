@@ -231,3 +231,11 @@ def test_dropout_mask_checks_its_arguments(kwargs, match):
     args = {"seed": 1, "shape": (3, 4), "p": 0.5, "backend": "torch", **kwargs}
     with pytest.raises(ValueError, match=match):
         fastpeft.dropout_mask(args["seed"], args["shape"], args["p"], args["backend"])
+
+
+def test_kernel_outputs_start_poisoned_in_the_tests():
+    """The conftest fixture is live: every buffer a launcher allocates starts as NaN, so a kernel that skips an
+    element cannot pass by the luck of fresh memory."""
+    from fastpeft.checks import new_output
+    assert torch.isnan(new_output((3, 5), torch.float32, "cpu")).all()
+    assert (new_output((4,), torch.int8, "cpu") == -1).all()

@@ -1,0 +1,129 @@
+"""What the Triton kernels of every op share: the GEMM tile configurations, autotuning and its shared-memory pruner,
+the launch switch (interpreter / autotuned / default config), the grouped tile order, and the dtype an op computes
+in. An op's module (``lora_linear.py``, ``adapter_bottleneck.py``) holds its kernels and launchers and registers the
+shared-memory need of each kernel here.
+
+How a LoRA-family variant plugs in (DoRA, mixed-adapter batches, a 4-bit base): as constexpr switches of the same
+kernels, not copies. ``_lora_gemm_kernel`` is split into seams for that: a prologue that seeds the accumulator with
+the low-rank product (where per-row-tile adapter pointers would be looked up), the K loop whose W tile load is the
+place a dequantising load goes, and an epilogue that scales, adds the bias and stores (where a per-column scale goes).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpeft.checks import new_output  # noqa: F401  (the kernels' launchers allocate through it)
+
+# FASTPEFT_AUTOTUNE=0 launches each kernel's default config instead of autotuning (tests: fewer compiles).
+AUTOTUNE = os.environ.get("FASTPEFT_AUTOTUNE", "1") != "0"
+
+
+def config(num_warps, num_stages, **blocks) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+# The GEMM tiles, (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): BLOCK_K=64 suits Hopper's wgmma, BLOCK_K=32 Ampere's
+# mma.sync; the 64-wide tiles serve small or odd shapes.
+GEMM_CONFIGS = [
+    config(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    for bm, bn, bk, w, s in [
+        (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+        (128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4), (64, 64, 32, 4, 5),
+    ]
+]
+# Without autotuning: a config that fits every supported GPU's shared memory, fp32 included.
+GEMM_DEFAULT = GEMM_CONFIGS[6]  # 128×128×32, 4 warps, 4 stages
+# The interpreter runs one small configuration: blocks ≥ 16 for tl.dot, few programs for speed.
+INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+GEMM_KEY = ["M_BUCKET", "N", "K"]  # M_BUCKET = next power of two of M: one tuning per size class
+
+# Kernels whose K may not be a multiple of BLOCK_K get EVEN_K, so the common case loads without masks.
+even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped order: GROUP_M row tiles share each column tile of
+    the right-hand operand while it is hot in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows
+
+
+# kernel name -> (blocks, element_size) -> (bytes per pipeline stage, bytes staged once); each op registers its own.
+_SHARED_MEMORY = {}
+
+
+def register_shared_memory(kernel_name: str, need) -> None:
+    """Declare what a kernel's config needs in shared memory: ``need(blocks, element_size)`` returns the bytes of
+    one pipeline stage's tiles and of the tiles staged once."""
+    _SHARED_MEMORY[kernel_name] = need
+
+
+def shared_memory_estimate(kernel_name: str, blocks: dict, num_stages: int, element_size: int) -> int:
+    """Bytes of shared memory a config needs: its pipelined tiles (×stages) plus what is staged once. An upper
+    bound on what Triton allocates (checked by the AOT tests)."""
+    per_stage, once = _SHARED_MEMORY[kernel_name](blocks, element_size)
+    return num_stages * per_stage + once
+
+
+def _shared_memory_pruner(kernel_name):
+    """An ``early_config_prune`` dropping configs that do not fit the device's shared memory."""
+    def prune(configs, named_args, **kwargs):
+        tensor = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+        limit = torch.cuda.get_device_properties(tensor.device).shared_memory_per_block_optin
+
+        def need(cfg):
+            return shared_memory_estimate(kernel_name, {**kwargs, **cfg.kwargs}, cfg.num_stages,
+                                          tensor.element_size())
+        fitting = [c for c in configs if need(c) <= limit]
+        return fitting or [min(configs, key=need)]
+    return prune
+
+
+def autotuned(kernel, configs, key, kernel_name):
+    return triton.autotune(configs=configs, key=key,
+                           prune_configs_by={"early_config_prune": _shared_memory_pruner(kernel_name)})(kernel)
+
+
+def launch(tuned, plain, default, interpret_config, grid, on_cpu, *args, **kwargs):
+    """Run a kernel: the interpreter's config for CPU tensors; on a GPU the autotuned kernel, or its ``default``
+    config when autotuning is off. ``grid`` maps a config's blocks to the launch grid."""
+    if on_cpu:
+        plain[grid(interpret_config)](*args, **kwargs, **interpret_config)
+    elif AUTOTUNE:
+        tuned[grid](*args, **kwargs)
+    else:
+        plain[grid(default.kwargs)](*args, **kwargs, **default.kwargs, num_warps=default.num_warps,
+                                    num_stages=default.num_stages)
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def compute_dtype(dtype: torch.dtype, on_cpu: bool):
+    """The dtype tiles are multiplied in (accumulation is always fp32).
+
+    On a GPU that is the base dtype, so bf16/fp16 run on tensor cores. Triton's interpreter cannot compute
+    in bfloat16 (it keeps bf16 as raw uint16 bits), so there bf16 tiles are widened to fp32 after loading;
+    loads, stores and every index are exercised the same.
+    """
+    if on_cpu and dtype == torch.bfloat16:
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep full fp32 precision unless the user allowed TF32 for matmuls.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
