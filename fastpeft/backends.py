@@ -14,7 +14,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,34 @@ ENV_VAR = "FASTPEFT_BACKEND"
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run the given inputs on this machine."""
+
+
+def _no_reasons(*call) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of one op, as an entry of the op's backend table (name -> Backend).
+
+    ``forward`` and ``backward`` run the op on this backend (``backward`` None: forward-only, so a call that needs
+    gradients is refused). ``reasons(*call)`` says why this backend cannot run a given call, beyond what all ops
+    share (the machine, the build, the devices and dtypes: :func:`not_supported_reasons`). ``forward_fake`` gives
+    the shapes and dtypes ``forward`` returns, for torch.compile.
+    """
+    forward: Callable
+    backward: Callable | None = None
+    reasons: Callable[..., list[str]] = _no_reasons
+    forward_fake: Callable | None = None
+
+
+def autograd_backend(table: dict[str, Backend], name: str) -> Backend:
+    """The entry of a backend that a torch.library op with registered autograd can run (it has a backward)."""
+    entry = table.get(name)
+    if entry is None or entry.backward is None:
+        usable = [n for n, e in table.items() if e.backward is not None]
+        raise ValueError(f"backend must be {' or '.join(map(repr, usable))} for the autograd op, got {name!r}")
+    return entry
 
 
 def triton_interpreting() -> bool:
@@ -112,13 +141,30 @@ def requested_backend(backend: str | None) -> str:
     return backend.strip().lower()
 
 
-def select_backend(backend: str | None, tensors: list[torch.Tensor], op_reasons=None) -> str:
+def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict[str, Backend] | None = None,
+                   call: tuple = (), needs_grad: bool = False) -> str:
     """Resolve ``backend`` (None → ``$FASTPEFT_BACKEND`` → ``auto``) for a call on ``tensors``.
 
-    ``op_reasons(name)`` adds the op's own reasons against a backend for this call (shapes, gradients, ...).
+    With an op's backend ``table``, each entry adds its own reasons against the ``call`` (its arguments), and a
+    forward-only entry refuses calls with ``needs_grad``; a backend the table lacks cannot run the op. Every
+    backend's reasons are computed once per call.
     """
+    computed: dict[str, list[str]] = {}
+
     def reasons_against(name):
-        return not_supported_reasons(name, tensors) + (op_reasons(name) if op_reasons else [])
+        if name not in computed:
+            reasons = not_supported_reasons(name, tensors)
+            if table is not None:
+                entry = table.get(name)
+                if entry is None:
+                    reasons.append(f"this op has no {name} backend")
+                else:
+                    reasons += entry.reasons(*call)
+                    if entry.backward is None and needs_grad:
+                        reasons.append(f"the {name} backend is forward-only (inference): inputs require grad "
+                                       "(use torch.no_grad() or torch.inference_mode())")
+            computed[name] = list(dict.fromkeys(reasons))  # one line per distinct reason
+        return computed[name]
 
     name = requested_backend(backend)
     if name == "auto":

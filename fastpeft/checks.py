@@ -46,11 +46,6 @@ def check_same_device(named: dict) -> None:
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
 
-def check_op_backend(backend: str) -> None:
-    """The torch.library ops run the torch and triton backends; the cuda kernels have ops of their own."""
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'torch' or 'triton' for the autograd op, got {backend!r}")
-
 
 # Every output buffer a kernel (Triton or CUDA) writes is made here. The tests install a hook that fills each fresh
 # buffer with NaN, so an element a kernel fails to write fails them; the library never sets it.

@@ -108,3 +108,23 @@ def test_available_backends_and_info_command():
     out = subprocess.run([sys.executable, "-m", "fastpeft", "info"], capture_output=True, text=True, check=True)
     assert "torch   available" in out.stdout
     assert "triton " in out.stdout
+
+
+def test_each_backends_reasons_come_once_per_call_and_once_each(monkeypatch):
+    """The op's backend table decides: the cuda entry's reasons are computed once for a call, and a reason shared
+    by several tensors is listed once."""
+    from fastpeft import cuda_ext
+    calls = []
+    real = cuda_ext.decode_reasons
+    monkeypatch.setattr(cuda_ext, "decode_reasons", lambda *a: calls.append(1) or real(*a))
+    args = inputs(dtype=torch.float64)
+    args["lora_A"], args["lora_B"] = args["lora_A"].double(), args["lora_B"].double()
+    args["x"].requires_grad_(True)
+    with pytest.raises(fastpeft.BackendUnavailableError) as err:
+        fastpeft.lora_linear(**args, dropout_p=0.1, backend="cuda")
+    assert len(calls) == 1
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == len(set(lines)) and any("float64" in line for line in lines)
+    assert any("no dropout" in line for line in lines) and any("forward-only" in line for line in lines)
+    fastpeft.lora_linear(**args, backend="auto")  # on CPU tensors auto never asks the cuda entry
+    assert len(calls) == 1

@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import select_backend
+from ..backends import Backend, autograd_backend, select_backend
 from ..checks import (
     ACTIVATIONS,  # noqa: F401  (the op's activations, for ``from fastpeft.ops.adapter_bottleneck``)
     check_activation,
     check_finite_number,
-    check_op_backend,
     check_same_device,
 )
 
@@ -61,6 +60,58 @@ def adapter_bottleneck_reference(h, w_down, b_down, w_up, b_up, scaling=1.0, act
     return (h if residual is None else residual) + scaling * up
 
 
+# The backend table (see lora_linear.py). A backward here returns what differs by backend: dpre (M, m) in h's dtype
+# and dh; the weight and bias gradients are torch GEMMs on every backend.
+
+def _torch_forward(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
+    pre = torch.mm(h, w_down.t()) if b_down is None else torch.addmm(b_down, h, w_down.t())
+    act = activate(pre, activation)
+    base = h if residual is None else residual
+    if b_up is None:
+        return torch.addmm(base, act, w_up.t(), alpha=scaling), pre
+    ones = torch.ones(act.shape[0], 1, dtype=act.dtype, device=act.device)
+    return torch.addmm(base, torch.cat([act, ones], 1), torch.cat([w_up.t(), b_up[None]], 0), alpha=scaling), pre
+
+
+def _torch_backward(g, w_down, w_up, pre, scaling, activation, has_residual, needs_dh):
+    dpre = torch.mm(g, w_up).mul_(scaling).mul_(activation_grad(pre, activation))
+    # The residual's gradient (g) is folded into the same GEMM when the residual is h itself.
+    dh = (torch.mm(dpre, w_down) if has_residual else torch.addmm(g, dpre, w_down)) if needs_dh else None
+    return dpre, dh
+
+
+def _triton_forward(*args):
+    from ..kernels import adapter_bottleneck as kernels
+    return kernels.adapter_fwd(*args)
+
+
+def _triton_backward(g, w_down, w_up, pre, scaling, activation, has_residual, needs_dh):
+    from ..kernels import adapter_bottleneck as kernels
+    dpre, dh = kernels.adapter_bwd_inputs(g, w_down, w_up, pre, scaling, activation, not has_residual, needs_dh)
+    return dpre.to(g.dtype), dh
+
+
+def _cuda_reasons(h, w_down, b_down, w_up, b_up, residual):
+    from .. import cuda_ext
+    return cuda_ext.adapter_bottleneck_decode_reasons(h, w_down, b_down, w_up, b_up, residual)
+
+
+def _cuda_forward(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
+    from .. import cuda_ext
+    # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
+    compiling = torch.compiler.is_compiling()
+    decode = cuda_ext.adapter_bottleneck_decode_op if compiling else cuda_ext.adapter_bottleneck_decode
+    return decode(h, w_down, b_down, w_up, b_up, residual, float(scaling), activation)
+
+
+ADAPTER_BOTTLENECK_BACKENDS = {
+    "torch": Backend(forward=_torch_forward, backward=_torch_backward),
+    "triton": Backend(forward=_triton_forward, backward=_triton_backward),
+    # Decode (M <= 16 rows, m <= 256), inference only: the whole adapter in one launch, its own op, no autograd.
+    "cuda": Backend(forward=_cuda_forward, reasons=_cuda_reasons),
+}
+
+
 # torch.library ops (see lora_linear.py): opaque to torch.compile, with fake implementations and registered
 # autograd. torch: forward writes the output with one addmm, [act(pre), 1] · [W_uᵀ; b_u] accumulated onto the
 # residual, so the up bias and the scale cost no extra pass over M×d. triton: two fused GEMMs
@@ -72,22 +123,13 @@ def adapter_bottleneck_forward(h: Tensor, w_down: Tensor, b_down: Tensor | None,
                                residual: Tensor | None, scaling: float, activation: str, backend: str
                                ) -> tuple[Tensor, Tensor]:
     """Forward on 2-D h (M, d): ``(out, pre)``, pre = h W_dᵀ + b_d (M, m) being what backward needs."""
-    check_op_backend(backend)
-    if backend == "triton":
-        from ..kernels import adapter_bottleneck as triton_adapter
-        return triton_adapter.adapter_fwd(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
-    pre = torch.mm(h, w_down.t()) if b_down is None else torch.addmm(b_down, h, w_down.t())
-    act = activate(pre, activation)
-    base = h if residual is None else residual
-    if b_up is None:
-        return torch.addmm(base, act, w_up.t(), alpha=scaling), pre
-    ones = torch.ones(act.shape[0], 1, dtype=act.dtype, device=act.device)
-    return torch.addmm(base, torch.cat([act, ones], 1), torch.cat([w_up.t(), b_up[None]], 0), alpha=scaling), pre
+    entry = autograd_backend(ADAPTER_BOTTLENECK_BACKENDS, backend)
+    return entry.forward(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
 
 
 @adapter_bottleneck_forward.register_fake
 def _(h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend):
-    check_op_backend(backend)
+    autograd_backend(ADAPTER_BOTTLENECK_BACKENDS, backend)
     return h.new_empty(h.shape), h.new_empty((h.shape[0], w_down.shape[0]))
 
 
@@ -100,23 +142,14 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
 
     dh excludes the residual's own gradient (g) when a separate residual was given.
     """
-    check_op_backend(backend)
+    entry = autograd_backend(ADAPTER_BOTTLENECK_BACKENDS, backend)
     dh = dwd = dbd = dwu = dbu = None
     if needs_dw_up:
         dwu = torch.mm(g.t(), activate(pre, activation)).mul_(scaling)
     if needs_db_up:
         dbu = g.sum(0).mul_(scaling)
     if needs_dh or needs_dw_down or needs_db_down:
-        if backend == "triton":
-            from ..kernels import adapter_bottleneck as triton_adapter
-            dpre, dh = triton_adapter.adapter_bwd_inputs(g, w_down, w_up, pre, scaling, activation,
-                                                         not has_residual, needs_dh)
-            dpre = dpre.to(h.dtype)
-        else:
-            dpre = torch.mm(g, w_up).mul_(scaling).mul_(activation_grad(pre, activation))
-            if needs_dh:
-                # The residual's gradient (g) is folded into the same GEMM when the residual is h itself.
-                dh = torch.mm(dpre, w_down) if has_residual else torch.addmm(g, dpre, w_down)
+        dpre, dh = entry.backward(g, w_down, w_up, pre, scaling, activation, has_residual, needs_dh)
         if needs_dw_down:
             dwd = torch.mm(dpre.t(), h)
         if needs_db_down:
@@ -127,7 +160,7 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
 @adapter_bottleneck_backward.register_fake
 def _(g, h, w_down, w_up, pre, scaling, activation, has_residual, backend, needs_dh, needs_dw_down, needs_db_down,
       needs_dw_up, needs_db_up):
-    check_op_backend(backend)
+    autograd_backend(ADAPTER_BOTTLENECK_BACKENDS, backend)
     m, d = w_down.shape
 
     def grad(needed, shape):
@@ -223,24 +256,10 @@ def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, resi
     h2d = h.reshape(-1, d)
     res2d = None if residual is None else residual.reshape(-1, d)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-    def op_reasons(name):
-        if name != "cuda":
-            return []
-        from .. import cuda_ext
-        reasons = cuda_ext.adapter_bottleneck_decode_reasons(h2d, w_down, b_down, w_up, b_up, res2d)
-        if needs_grad:
-            reasons.append("the cuda backend is forward-only (inference): inputs require grad "
-                           "(use torch.no_grad() or torch.inference_mode())")
-        return reasons
-
-    name = select_backend(backend, tensors, op_reasons)
-    if name == "cuda":
-        from .. import cuda_ext
-        # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
-        compiling = torch.compiler.is_compiling()
-        decode = cuda_ext.adapter_bottleneck_decode_op if compiling else cuda_ext.adapter_bottleneck_decode
-        out = decode(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation)
-        return out.reshape(h.shape)
+    name = select_backend(backend, tensors, ADAPTER_BOTTLENECK_BACKENDS, (h2d, w_down, b_down, w_up, b_up, res2d),
+                          needs_grad)
+    entry = ADAPTER_BOTTLENECK_BACKENDS[name]
+    if entry.backward is None:  # a forward-only kernel: no autograd op around it
+        return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation).reshape(h.shape)
     out = adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, name)[0]
     return out.reshape(h.shape)

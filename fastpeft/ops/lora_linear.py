@@ -12,8 +12,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from ..backends import select_backend
-from ..checks import FLOAT_DTYPES, check_finite_number, check_op_backend, check_probability, check_same_device
+from ..backends import Backend, autograd_backend, select_backend
+from ..checks import FLOAT_DTYPES, check_finite_number, check_probability, check_same_device
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference: plain differentiable torch ops, the definition every backend is tested against.
@@ -95,6 +95,62 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The backend table: per backend, why it cannot run a call, its forward and its backward. The ops below, the public
+# function and dropout_mask read it; nothing else decides by backend name.
+# ----------------------------------------------------------------------------------------------------------
+
+def _torch_forward_fake(x, weight, lora_A, dropout_p):
+    M, K = x.shape
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0])),
+            x.new_empty((M, K) if dropout_p > 0.0 else (0,), dtype=torch.bool))
+
+
+def _torch_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs):
+    return _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop if dropout_p > 0.0 else None, scaling, dropout_p,
+                           *needs)
+
+
+def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    from ..kernels import lora_linear as kernels
+    y, s = kernels.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return y, s, None  # the mask is regenerated from the seed in backward, never stored
+
+
+def _triton_forward_fake(x, weight, lora_A, dropout_p):
+    M = x.shape[0]
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
+            x.new_empty((0,), dtype=torch.bool))
+
+
+def _triton_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs):
+    from ..kernels import lora_linear as kernels
+    return kernels.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed), *needs)
+
+
+def _cuda_reasons(x, weight, bias, lora_A, lora_B, dropout_p):
+    from .. import cuda_ext
+    reasons = cuda_ext.decode_reasons(x, weight, bias, lora_A, lora_B)
+    if dropout_p > 0.0:
+        reasons.append("the cuda backend has no dropout (inference): use training=False or dropout_p=0")
+    return reasons
+
+
+def _cuda_forward(x, weight, bias, lora_A, lora_B, scaling):
+    from .. import cuda_ext
+    # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
+    decode = cuda_ext.lora_linear_decode_op if torch.compiler.is_compiling() else cuda_ext.lora_linear_decode
+    return decode(x, weight, bias, lora_A, lora_B, float(scaling))
+
+
+LORA_LINEAR_BACKENDS = {
+    "torch": Backend(forward=_torch_lora_fwd, backward=_torch_backward, forward_fake=_torch_forward_fake),
+    "triton": Backend(forward=_triton_forward, backward=_triton_backward, forward_fake=_triton_forward_fake),
+    # Decode (M <= 16 rows), inference only: the compiled kernel has a forward op of its own, no autograd.
+    "cuda": Backend(forward=_cuda_forward, reasons=_cuda_reasons),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # torch.library ops: what autograd and torch.compile see. Each op is opaque to the compiler (the kernels inside
 # are ours), has a fake implementation giving its outputs' shapes and dtypes, and forward's autograd is
 # registered, so a compiled model keeps fastpeft's kernels with no graph break. Both backends share them.
@@ -116,16 +172,11 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
     else empty) are what backward needs; seed (0-d int64) is the dropout seed used. A negative ``seed`` draws
     one from torch's global generator here, inside the op, so a compiled graph draws it exactly like eager.
     """
-    check_op_backend(backend)
+    entry = autograd_backend(LORA_LINEAR_BACKENDS, backend)
     if dropout_p > 0.0 and seed < 0:
         seed = int(torch.randint(0, _SEED_BOUND, ()).item())
     seed = max(seed, 0)
-    if backend == "triton":
-        from ..kernels import lora_linear as triton_lora
-        y, s = triton_lora.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        drop = None
-    else:
-        y, s, drop = _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    y, s, drop = entry.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if drop is None:
         drop = torch.empty(0, dtype=torch.bool, device=x.device)
     return y, s, drop, torch.tensor(seed, dtype=torch.int64)
@@ -133,12 +184,8 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
 
 @lora_linear_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    check_op_backend(backend)
-    M, K = x.shape
-    s_dtype = torch.float32 if backend == "triton" else x.dtype
-    drop_shape = (M, K) if backend == "torch" and dropout_p > 0.0 else (0,)
-    return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=s_dtype),
-            x.new_empty(drop_shape, dtype=torch.bool), torch.empty((), dtype=torch.int64))
+    y, s, drop = autograd_backend(LORA_LINEAR_BACKENDS, backend).forward_fake(x, weight, lora_A, dropout_p)
+    return y, s, drop, torch.empty((), dtype=torch.int64)
 
 
 @torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
@@ -150,21 +197,15 @@ def lora_linear_backward(dy: Tensor, x: Tensor | None, weight: Tensor, lora_A: T
 
     x is only read (and only needed) for dA. dA, dB are in the adapters' dtype, dx and dbias in dy's.
     """
-    check_op_backend(backend)
-    if backend == "triton":
-        from ..kernels import lora_linear as triton_lora
-        grads = triton_lora.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed),
-                                     needs_dx, needs_da, needs_db, needs_dbias)
-    else:
-        grads = _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop if dropout_p > 0.0 else None, scaling,
-                                dropout_p, needs_dx, needs_da, needs_db, needs_dbias)
+    grads = autograd_backend(LORA_LINEAR_BACKENDS, backend).backward(
+        dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, needs_dx, needs_da, needs_db, needs_dbias)
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
 
 
 @lora_linear_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, backend,
       needs_dx, needs_da, needs_db, needs_dbias):
-    check_op_backend(backend)
+    autograd_backend(LORA_LINEAR_BACKENDS, backend)
     M, N = dy.shape
     return (dy.new_empty((M, lora_A.shape[1]) if needs_dx else (0,)),
             lora_A.new_empty(lora_A.shape) if needs_da else dy.new_empty(0),
@@ -276,26 +317,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-    def op_reasons(name):
-        if name != "cuda":
-            return []
-        from .. import cuda_ext
-        reasons = cuda_ext.decode_reasons(x2d, weight, bias, lora_A, lora_B)
-        if needs_grad:
-            reasons.append("the cuda backend is forward-only (inference): inputs require grad "
-                           "(use torch.no_grad() or torch.inference_mode())")
-        if p > 0.0:
-            reasons.append("the cuda backend has no dropout (inference): use training=False or dropout_p=0")
-        return reasons
-
-    name = select_backend(backend, tensors, op_reasons)
-    if name == "cuda":
-        from .. import cuda_ext
-        # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
-        decode = cuda_ext.lora_linear_decode_op if torch.compiler.is_compiling() else cuda_ext.lora_linear_decode
-        y = decode(x2d, weight, bias, lora_A, lora_B, float(scaling))
-        return y.reshape(*lead, weight.shape[0])
+    name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, p), needs_grad)
+    entry = LORA_LINEAR_BACKENDS[name]
+    if entry.backward is None:  # a forward-only kernel: no autograd op around it
+        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling).reshape(*lead, weight.shape[0])
     seed = -1 if dropout_seed is None else int(dropout_seed)
     y = lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)[0]
     return y.reshape(*lead, weight.shape[0])
@@ -313,11 +338,18 @@ def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu
             and all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1 for n in shape)):
         raise ValueError(f"shape must be (M, K), two positive integers, got {shape!r}")
     check_probability("p", p)
-    if backend not in ("torch", "triton"):
+    if backend not in _KEEP_MASKS:
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     device = torch.device(device)
-    select_backend(backend, [torch.empty(0, device=device)])  # a backend that cannot run here says why
-    if backend == "torch":
-        return ~torch_drop_mask(seed, tuple(shape), float(p), device)
-    from ..kernels import lora_linear as triton_lora
-    return triton_lora.dropout_keep_mask(seed, tuple(int(n) for n in shape), float(p), device)
+    select_backend(backend, [torch.empty(0, device=device)], LORA_LINEAR_BACKENDS)  # one that cannot run says why
+    return _KEEP_MASKS[backend](seed, tuple(int(n) for n in shape), float(p), device)
+
+
+def _triton_keep_mask(seed, shape, p, device):
+    from ..kernels import lora_linear as kernels
+    return kernels.dropout_keep_mask(seed, shape, p, device)
+
+
+# The dropout masks of the backends that draw them (in forward, and again in backward on triton).
+_KEEP_MASKS = {"torch": lambda seed, shape, p, device: ~torch_drop_mask(seed, shape, p, device),
+               "triton": _triton_keep_mask}
