@@ -16,8 +16,7 @@ import datetime
 import torch
 from triton.testing import do_bench
 
-from fastpeft.kernels import lora_linear as triton_lora
-from fastpeft.ops.lora_linear import _torch_lora_bwd, _torch_lora_fwd
+from fastpeft.ops.lora_linear import LORA_LINEAR_BACKENDS
 
 # Nominal datasheet peaks (dense bf16 TFLOP/s, HBM TB/s): for a roofline, not a measurement.
 NOMINAL_PEAKS = {"H100 PCIe": (756.0, 2.0), "H100": (989.4, 3.35), "H200": (989.4, 4.8), "A100": (312.0, 2.0)}
@@ -43,21 +42,22 @@ def measure(M, K, N, r, dtype, dropout):
     b = torch.randn(N, r, device=dev) * r ** -0.5
     dy = torch.randn(M, N, device=dev, dtype=dtype)
     seed, s = 1234, 2.0
-    _, S = triton_lora.lora_fwd(x, w, None, a, b, s, dropout, seed)
-    _, s_torch, drop = _torch_lora_fwd(x, w, None, a, b, s, dropout, seed)
+    fused, unfused = LORA_LINEAR_BACKENDS["triton"], LORA_LINEAR_BACKENDS["torch"]
+    _, S, _ = fused.forward(x, w, None, a, b, s, dropout, seed)
+    _, s_torch, drop = unfused.forward(x, w, None, a, b, s, dropout, seed)
     es = x.element_size()
     rows = {
         "fwd torch.mm (base)": (lambda: torch.mm(x, w.t()), 2 * M * N * K, (M * K + N * K + M * N) * es),
-        "fwd fused triton": (lambda: triton_lora.lora_fwd(x, w, None, a, b, s, dropout, seed),
+        "fwd fused triton": (lambda: fused.forward(x, w, None, a, b, s, dropout, seed),
                              2 * M * N * K + 2 * M * r * (K + N), (2 * M * K + N * K + M * N) * es),
-        "fwd unfused torch": (lambda: _torch_lora_fwd(x, w, None, a, b, s, dropout, seed),
+        "fwd unfused torch": (lambda: unfused.forward(x, w, None, a, b, s, dropout, seed),
                               2 * M * N * K + 2 * M * r * (K + N), (2 * M * K + N * K + 2 * M * N) * es),
         "bwd torch.mm (dX base)": (lambda: torch.mm(dy, w), 2 * M * N * K, (M * N + N * K + M * K) * es),
-        "bwd fused triton": (lambda: triton_lora.lora_bwd(dy, x, w, a, b, S, s, dropout, seed,
-                                                          True, True, True, False),
+        "bwd fused triton": (lambda: fused.backward(dy, x, w, a, b, S, None, seed, s, dropout,
+                                                    True, True, True, False),
                              2 * M * N * K + 6 * M * r * (K + N), (2 * M * N + N * K + 2 * M * K) * es),
-        "bwd unfused torch": (lambda: _torch_lora_bwd(dy, x, w, a, b, s_torch, drop, s, dropout,
-                                                      True, True, True, False),
+        "bwd unfused torch": (lambda: unfused.backward(dy, x, w, a, b, s_torch, drop, seed, s, dropout,
+                                                       True, True, True, False),
                               2 * M * N * K + 6 * M * r * (K + N), (3 * M * N + N * K + 3 * M * K) * es),
     }
     return {name: (median_ms(fn), flops, bytes_) for name, (fn, flops, bytes_) in rows.items()}
@@ -75,8 +75,8 @@ def decode_paths(x, w, a, b, peft_layer, lora_linear_decode):
     return {
         "torch.mm (base only)": lambda: torch.mm(x, w.t()),
         "fastpeft cuda decode": lambda: lora_linear_decode(x, w, None, a, b, 2.0),
-        "fastpeft triton": lambda: triton_lora.lora_fwd(x, w, None, a, b, 2.0, 0.0, 0),
-        "unfused torch": lambda: _torch_lora_fwd(x, w, None, a, b, 2.0, 0.0, 0),
+        "fastpeft triton": lambda: LORA_LINEAR_BACKENDS["triton"].forward(x, w, None, a, b, 2.0, 0.0, 0),
+        "unfused torch": lambda: LORA_LINEAR_BACKENDS["torch"].forward(x, w, None, a, b, 2.0, 0.0, 0),
         "HF PEFT layer": lambda: peft_layer(x),
     }
 

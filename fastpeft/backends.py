@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import KERNEL_DTYPES
+from .checks import cuda_device_reason, kernel_dtype_reason
 
 BACKENDS = ("torch", "triton", "cuda")
 # auto's order of preference for CUDA tensors: the first backend with no reason against the call wins.
@@ -96,11 +96,9 @@ def _input_reasons(name: str, tensors: Iterable[torch.Tensor]) -> list[str]:
         return []
     reasons = []
     for t in tensors:
-        if t.dtype not in KERNEL_DTYPES:
-            reasons.append(f"dtype {t.dtype} is not one of float16, bfloat16, float32")
+        reasons += filter(None, [kernel_dtype_reason(t.dtype)])
         if name == "cuda":
-            if t.device.type != "cuda":
-                reasons.append(f"the cuda backend needs CUDA tensors, got {t.device}")
+            reasons += filter(None, [cuda_device_reason(t.device)])
         elif t.device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(t.device)
             if major < 8:

@@ -17,6 +17,20 @@ ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
+def kernel_dtype_reason(dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot take a tensor of ``dtype`` (None when they can)."""
+    if dtype not in KERNEL_DTYPES:
+        return f"dtype {dtype} is not one of float16, bfloat16, float32"
+    return None
+
+
+def cuda_device_reason(device: torch.device) -> str | None:
+    """Why the compiled CUDA kernels cannot take a tensor on ``device`` (None when they can)."""
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got {device}"
+    return None
+
+
 def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .checks import ACTIVATION_CODES, new_output
+from .checks import ACTIVATION_CODES, cuda_device_reason, kernel_dtype_reason, new_output
 
 MAX_DECODE_ROWS = 16
 MAX_DECODE_RANK = 256
@@ -44,12 +44,8 @@ def status() -> str:
 
 def decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
     """Why the decode kernel cannot run these (2-D x) inputs; empty when it can."""
-    reasons = []
-    if x.device.type != "cuda":
-        reasons.append(f"the cuda backend needs CUDA tensors, got {x.device}")
-    if x.dtype not in _DTYPE_CODES:
-        reasons.append(f"dtype {x.dtype} is not one of float16, bfloat16, float32")
-    elif lora_A.dtype not in (x.dtype, torch.float32):
+    reasons = list(filter(None, [cuda_device_reason(x.device), kernel_dtype_reason(x.dtype)]))
+    if x.dtype in _DTYPE_CODES and lora_A.dtype not in (x.dtype, torch.float32):
         reasons.append(f"adapter dtype {lora_A.dtype} must be {x.dtype} or float32")
     if x.shape[0] > MAX_DECODE_ROWS:
         reasons.append(f"the cuda decode kernel serves M <= {MAX_DECODE_ROWS} rows, got M={x.shape[0]}")
@@ -131,11 +127,7 @@ MAX_DECODE_BOTTLENECK = 256
 
 def adapter_bottleneck_decode_reasons(h, w_down, b_down, w_up, b_up, residual) -> list[str]:
     """Why the adapter decode kernel cannot run these (2-D h) inputs; empty when it can."""
-    reasons = []
-    if h.device.type != "cuda":
-        reasons.append(f"the cuda backend needs CUDA tensors, got {h.device}")
-    if h.dtype not in _DTYPE_CODES:
-        reasons.append(f"dtype {h.dtype} is not one of float16, bfloat16, float32")
+    reasons = list(filter(None, [cuda_device_reason(h.device), kernel_dtype_reason(h.dtype)]))
     if h.shape[0] > MAX_DECODE_ROWS:
         reasons.append(f"the cuda decode kernel serves M <= {MAX_DECODE_ROWS} rows, got M={h.shape[0]}")
     if w_down.shape[0] > MAX_DECODE_BOTTLENECK:

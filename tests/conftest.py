@@ -61,3 +61,51 @@ def fit(model, x, target, steps):
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One input factory per op: fresh random data (never zeros), weights at the scale a trained layer has.
+# ----------------------------------------------------------------------------------------------------------
+
+def lora_linear_inputs(M, K, N, r, dtype=torch.float32, adapter_dtype=None, *, bias=True, layout="2d",
+                       device="cpu", grad=True, seed=0):
+    """``(x, weight, bias, lora_A, lora_B, dy)`` for one LoRA linear call. ``layout``: "2d" (M, K); "3d"
+    (2, M, K); "strided" (a column-major (M, K) view). x, the adapters and the bias require grad when ``grad``;
+    the adapters have ``adapter_dtype`` (default: ``dtype``)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dt, device=device)
+
+    if layout == "3d":
+        x = rand(2, M, K)
+    elif layout == "strided":
+        x = rand(K, M).t()  # column-major: stride (1, M)
+    else:
+        x = rand(M, K)
+    adapter_dtype = adapter_dtype or dtype
+    w = rand(N, K, scale=K ** -0.5)
+    b = rand(N) if bias else None
+    a = rand(r, K, dt=adapter_dtype, scale=K ** -0.5)
+    bb = rand(N, r, dt=adapter_dtype, scale=r ** -0.5)
+    dy = rand(*x.shape[:-1], N)
+    for t in (x, a, bb, b):
+        if t is not None:
+            t.requires_grad_(grad)
+    return x, w, b, a, bb, dy
+
+
+def adapter_bottleneck_inputs(M, d, m, dtype=torch.float32, *, lead3d=False, biases=True, parallel=False,
+                              device="cpu", seed=0):
+    """``(args, dy)`` for one bottleneck-adapter call: args holds h, w_down, b_down, w_up, b_up and residual (None
+    unless ``parallel``), all requiring grad; dy has h's shape."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device).requires_grad_(True)
+
+    h = rand(2, M, d) if lead3d else rand(M, d)
+    args = dict(h=h, w_down=rand(m, d, scale=d ** -0.5), b_down=rand(m) if biases else None,
+                w_up=rand(d, m, scale=m ** -0.5), b_up=rand(d) if biases else None,
+                residual=rand(*h.shape) if parallel else None)
+    return args, rand(*h.shape).detach()

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOLERANCE, backend_params, fit, rel_err
+from conftest import TOLERANCE, adapter_bottleneck_inputs, backend_params, fit, rel_err
 from torch import nn
 
 import fastpeft
@@ -13,15 +13,7 @@ from fastpeft.ops.adapter_bottleneck import activate, activation_grad
 
 
 def make(M, d, m, dtype, lead3d=False, biases=True, parallel=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype).requires_grad_(True)
-    h = rand(2, M, d) if lead3d else rand(M, d)
-    args = dict(h=h, w_down=rand(m, d, scale=d ** -0.5), b_down=rand(m) if biases else None,
-                w_up=rand(d, m, scale=m ** -0.5), b_up=rand(d) if biases else None,
-                residual=rand(*h.shape) if parallel else None)
-    return args, rand(*h.shape).detach()
+    return adapter_bottleneck_inputs(M, d, m, dtype, lead3d=lead3d, biases=biases, parallel=parallel, seed=seed)
 
 
 CASES = [  # (M, d, m, dtype, 3-D, biases, parallel): m ∈ {1, 7, 64, 256}, d not a multiple of 16

@@ -1,7 +1,7 @@
 """torch.library registration: opcheck on every op, and torch.compile(fullgraph=True) without graph breaks."""
 import pytest
 import torch
-from conftest import backend_params, rel_err
+from conftest import adapter_bottleneck_inputs, backend_params, lora_linear_inputs, rel_err
 from torch import nn
 
 import fastpeft
@@ -16,13 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def lora_inputs(M=12, K=24, N=20, r=4, dtype=torch.float32, device="cpu", bias=True, grad=True):
-    g = torch.Generator().manual_seed(M * 1000 + K)
-
-    def rand(*shape, requires_grad=False):
-        return torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(requires_grad)
-
-    return (rand(M, K, requires_grad=grad), rand(N, K), rand(N, requires_grad=grad) if bias else None,
-            rand(r, K, requires_grad=grad), rand(N, r, requires_grad=grad))
+    return lora_linear_inputs(M, K, N, r, dtype, bias=bias, device=device, grad=grad, seed=M * 1000 + K)[:5]
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
@@ -43,14 +37,8 @@ def test_opcheck_lora_ops(backend, device, dropout_p, bias):
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
 def test_opcheck_adapter_ops(backend, device, residual, activation):
-    g = torch.Generator().manual_seed(3)
-    M, d, m = 10, 24, 8
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(device).requires_grad_(True)
-
-    h, wd, bd, wu, bu = rand(M, d), rand(m, d, scale=0.2), rand(m), rand(d, m, scale=0.2), rand(d)
-    res = rand(M, d) if residual else None
+    args, _ = adapter_bottleneck_inputs(10, 24, 8, parallel=residual, device=device, seed=3)
+    h, wd, bd, wu, bu, res = args.values()
     torch.library.opcheck(adapter_bottleneck_forward, (h, wd, bd, wu, bu, res, 0.7, activation, backend))
     out, pre = adapter_bottleneck_forward(h, wd, bd, wu, bu, res, 0.7, activation, backend)
     dy = torch.randn_like(out)

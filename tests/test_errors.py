@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from conftest import lora_linear_inputs
 from torch import nn
 
 import fastpeft
@@ -11,8 +12,8 @@ from fastpeft import backends
 
 
 def inputs(K=12, N=7, r=3, dtype=torch.float32):
-    return dict(x=torch.randn(5, K, dtype=dtype), weight=torch.randn(N, K, dtype=dtype),
-                bias=torch.randn(N, dtype=dtype), lora_A=torch.randn(r, K), lora_B=torch.randn(N, r), scaling=2.0)
+    x, w, b, a, bb, _ = lora_linear_inputs(5, K, N, r, dtype, torch.float32, grad=False)
+    return dict(x=x, weight=w, bias=b, lora_A=a, lora_B=bb, scaling=2.0)
 
 
 def call(**overrides):

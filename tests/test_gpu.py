@@ -1,7 +1,7 @@
 """GPU-only checks (skipped without a CUDA GPU): training-sized shapes, auto dispatch, determinism."""
 import pytest
 import torch
-from conftest import TOLERANCE, gpu, rel_err
+from conftest import TOLERANCE, gpu, lora_linear_inputs, rel_err
 
 import fastpeft
 from fastpeft import backends
@@ -10,16 +10,9 @@ pytestmark = [gpu, pytest.mark.gpu]
 
 
 def _inputs(M, K, N, r, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def rand(*shape, dt=dtype, scale=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dt)
-    x = rand(M, K).requires_grad_(True)
-    w = rand(N, K, scale=K ** -0.5)
-    b = rand(N)
-    a = rand(r, K, dt=torch.float32, scale=K ** -0.5).requires_grad_(True)
-    bb = rand(N, r, dt=torch.float32, scale=r ** -0.5).requires_grad_(True)
-    return x, w, b, a, bb, rand(M, N)
+    """fp32 adapters on the base dtype, as LoraLinear holds them; the bias is frozen."""
+    x, w, b, a, bb, dy = lora_linear_inputs(M, K, N, r, dtype, torch.float32, device="cuda", seed=seed)
+    return x, w, b.detach(), a, bb, dy
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])

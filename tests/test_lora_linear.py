@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DTYPE_NAMES, TOLERANCE, backend_params, rel_err
+from conftest import DTYPE_NAMES, TOLERANCE, backend_params, lora_linear_inputs, rel_err
 
 import fastpeft
 from fastpeft.ops.lora_linear import lora_linear_reference
@@ -49,30 +49,9 @@ CASES = [
 
 
 def make_inputs(case, device, seed=0):
-    """Fresh random inputs (never zeros) for ``case``; bias trains so its gradient is checked too."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, dtype, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
-
-    M, K, N, r = case.M, case.K, case.N, case.r
-    if case.layout == "3d":
-        x = rand(2, M, K, dtype=case.dtype)
-    elif case.layout == "strided":
-        x = rand(K, M, dtype=case.dtype).t()  # column-major: stride (1, M)
-    else:
-        x = rand(M, K, dtype=case.dtype)
-    w = rand(N, K, dtype=case.dtype, scale=K ** -0.5)
-    b = rand(N, dtype=case.dtype) if case.bias else None
-    a = rand(r, K, dtype=case.adapter_dtype, scale=K ** -0.5)
-    bb = rand(N, r, dtype=case.adapter_dtype, scale=r ** -0.5)
-    dy = rand(*x.shape[:-1], N, dtype=case.dtype)
-    x.requires_grad_(True)
-    a.requires_grad_(True)
-    bb.requires_grad_(True)
-    if b is not None:
-        b.requires_grad_(True)
-    return x, w, b, a, bb, dy
+    """Fresh random inputs for ``case``; bias trains so its gradient is checked too."""
+    return lora_linear_inputs(case.M, case.K, case.N, case.r, case.dtype, case.adapter_dtype, bias=case.bias,
+                              layout=case.layout, device=device, seed=seed)
 
 
 def run(backend, x, w, b, a, bb, dy, scaling, p, seed):
