@@ -8,6 +8,9 @@ every reason, never a silent fallback.
 - ``torch``: always available; the CPU default.
 - ``triton``: fused Triton kernels; the default for CUDA tensors (on the CPU only under ``TRITON_INTERPRET=1``).
 - ``cuda``: the compiled extension ``fastpeft._C``, for the shapes it serves (decode: forward only, M <= 16).
+
+Each op keeps a backend table (name -> :class:`Backend`: forward, backward, the op's own reasons against a call);
+:func:`select_backend` combines it with what all ops share (the machine, the build, the devices and dtypes).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The bottleneck adapter op: ``residual + scaling · (act(h W_dᵀ + b_d) W_uᵀ + b_u)``.
 
-Read top to bottom: activations with their derivatives, the reference, the torch.library ops of the torch and
-triton backends (autograd saves only the M×m pre-activation besides h), input checks, and the public
-``adapter_bottleneck``. The Triton kernels live in ``fastpeft.kernels.adapter_bottleneck``.
+Read top to bottom: activations with their derivatives, the reference, the backend table (torch, triton, and the
+forward-only cuda decode kernel), the torch.library ops running its autograd backends (autograd saves only the M×m
+pre-activation besides h), input checks, and the public ``adapter_bottleneck``. The Triton kernels live in
+``fastpeft.kernels.adapter_bottleneck``, the CUDA decode kernel in ``csrc/adapter_bottleneck_decode.cu``.
 """
 from __future__ import annotations
 

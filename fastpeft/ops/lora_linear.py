@@ -1,8 +1,9 @@
 """The fused LoRA linear op: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``.
 
-Read top to bottom: the float64-friendly reference, the torch backend, the torch.library ops (forward,
-backward, registered autograd) shared by both backends, input checks, and the public ``lora_linear``.
-The Triton backend's kernels and launchers live in ``fastpeft.kernels.lora_linear``.
+Read top to bottom: the float64-friendly reference, the torch backend, the backend table (torch, triton, and the
+forward-only cuda decode kernel), the torch.library ops (forward, backward, registered autograd) that run the table's
+autograd backends, input checks, and the public ``lora_linear``. The Triton kernels and launchers live in
+``fastpeft.kernels.lora_linear``, the CUDA decode kernel in ``csrc/lora_linear_decode.cu``.
 """
 from __future__ import annotations
 
