@@ -13,9 +13,14 @@ Backward (W is frozen, so there is no dW):
 Partial sums are reduced with ``torch.sum`` (no float atomics), so results are deterministic.
 
 The dropout keep-decision of element (m, k) of x is ``rand(seed, m·K + k) >= p`` in every kernel, which is
-what lets the mask be regenerated instead of saved. Tensors on the CPU run through Triton's interpreter
-(``TRITON_INTERPRET=1``, for tests) with one small fixed configuration; CUDA tensors use autotuned configs
-for Ampere and Hopper, pruned to what fits the device's shared memory.
+what lets the mask be regenerated instead of saved. The GEMM kernel is written as a low-rank prologue, the base
+K loop and an epilogue, the seams where the LoRA-family variants plug in as constexpr switches (see
+``kernels/common.py``): DoRA scales columns in the epilogue, mixed-adapter batches pick each row tile's adapter in
+the prologue, a 4-bit base dequantises W tiles as the K loop loads them.
+
+Tensors on the CPU run through Triton's interpreter (``TRITON_INTERPRET=1``, for tests) with one small fixed
+configuration; CUDA tensors use autotuned configs for Ampere and Hopper, pruned to what fits the device's shared
+memory.
 """
 from __future__ import annotations
 
