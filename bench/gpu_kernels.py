@@ -42,25 +42,35 @@ def measure(M, K, N, r, dtype, dropout):
     b = torch.randn(N, r, device=dev) * r ** -0.5
     dy = torch.randn(M, N, device=dev, dtype=dtype)
     seed, s = 1234, 2.0
+    from fastpeft.kernels import lora_linear as kernels
+
     fused, unfused = LORA_LINEAR_BACKENDS["triton"], LORA_LINEAR_BACKENDS["torch"]
     _, S, _ = fused.forward(x, w, None, a, b, s, dropout, seed)
     _, s_torch, drop = unfused.forward(x, w, None, a, b, s, dropout, seed)
+    y, dx = torch.empty(M, N, device=dev, dtype=dtype), torch.empty(M, K, device=dev, dtype=dtype)
+    dS = torch.randn(M, r, device=dev)
     es = x.element_size()
     rows = {
         "fwd torch.mm (base)": (lambda: torch.mm(x, w.t()), 2 * M * N * K, (M * K + N * K + M * N) * es),
         "fwd fused triton": (lambda: fused.forward(x, w, None, a, b, s, dropout, seed),
                              2 * M * N * K + 2 * M * r * (K + N), (2 * M * K + N * K + M * N) * es),
+        "fwd fused GEMM alone": (lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s),
+                                 2 * M * N * K + 2 * M * r * N, (M * K + N * K + M * N) * es),
         "fwd unfused torch": (lambda: unfused.forward(x, w, None, a, b, s, dropout, seed),
                               2 * M * N * K + 2 * M * r * (K + N), (2 * M * K + N * K + 2 * M * N) * es),
         "bwd torch.mm (dX base)": (lambda: torch.mm(dy, w), 2 * M * N * K, (M * N + N * K + M * K) * es),
         "bwd fused triton": (lambda: fused.backward(dy, x, w, a, b, S, None, seed, s, dropout,
                                                     True, True, True, False),
                              2 * M * N * K + 6 * M * r * (K + N), (2 * M * N + N * K + 2 * M * K) * es),
+        "bwd dX GEMM alone": (lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout),
+                              2 * M * N * K + 2 * M * r * K, (M * N + N * K + M * K) * es),
         "bwd unfused torch": (lambda: unfused.backward(dy, x, w, a, b, s_torch, drop, seed, s, dropout,
                                                        True, True, True, False),
                               2 * M * N * K + 6 * M * r * (K + N), (3 * M * N + N * K + 3 * M * K) * es),
     }
-    return {name: (median_ms(fn), flops, bytes_) for name, (fn, flops, bytes_) in rows.items()}
+    timed = {name: (median_ms(fn), flops, bytes_) for name, (fn, flops, bytes_) in rows.items()}
+    print(f"autotune winners (M={M} K={K} N={N} r={r} dropout={dropout:g}): {kernels.autotune_winners()}", flush=True)
+    return timed
 
 
 def copy_bandwidth_gbs() -> float:

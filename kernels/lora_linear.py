@@ -320,7 +320,7 @@ def _num_sms(device: torch.device) -> int:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def _lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0):
+def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0):
     """out (M, N) = a (M, K) · b (K, N) + lr_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
     transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0."""
     M, K = a.shape
@@ -368,7 +368,7 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
             DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(x.dtype, on_cpu), DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=_rank_block(R))
-    _lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling)
+    lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling)
     return y, s
 
 
@@ -431,5 +431,12 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
 
     if needs_dx:
         dx = new_output((M, K), dy.dtype, device)
-        _lora_gemm(dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p)
+        lora_gemm(dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p)
     return dx, da, db, dbias
+
+
+def autotune_winners() -> dict[str, str]:
+    """The config autotuning chose last for each tuned kernel (for the GPU check's report)."""
+    tuned = {"_lora_gemm_kernel": _gemm_tuned, "_lora_shrink_kernel": _shrink_tuned, "_lora_bwd_dy_kernel": _dy_tuned,
+             "_lora_bwd_da_kernel": _da_tuned}
+    return {name: str(getattr(kernel, "best_config", None)) for name, kernel in tuned.items()}
