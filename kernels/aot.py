@@ -50,16 +50,17 @@ def _launches():
         constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
                         EVEN_K=True))
     shrink = dict(
-        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", M=M, K=K, R=R, stride_xm=K, stride_xk=1, stride_ar=K,
+        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", M=M, K=K, R=R, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K,
         stride_ak=1, seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
     bwd_dy = dict(
         dy_ptr="bf16", b_ptr="fp32", s_ptr="fp32", ds_part_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
-        M=M, N=N, R=R, cols_per_split=2048, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1, scaling=2.0,
+        M=M, N=N, R=R, M_BUCKET=M, cols_per_split=2048, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1,
+        scaling=2.0,
         constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=lora.DY_BLOCK_M,
                         BLOCK_R=16))
     bwd_da = dict(
-        x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", M=M, K=K, R=R, rows_per_split=1024,
+        x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", M=M, K=K, R=R, M_BUCKET=M, rows_per_split=1024,
         stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
     mask = dict(out_ptr="i8", M=M, K=K, seed=12345, p=0.1, constexprs=dict(BLOCK_M=64, BLOCK_K=128))
@@ -98,11 +99,16 @@ def _specialize(kernel, example: dict, config: dict):
     """signature, constexprs and attrs for ``kernel`` as Triton's launcher would build them for ``example``."""
     signature, constexprs, attrs = {}, {}, {}
     fixed = {**example["constexprs"], **config["kwargs"]}
+    unspecialized = {kernel.arg_names[i] if isinstance(i, int) else i
+                     for i in getattr(kernel, "do_not_specialize", ())}
     for index, name in enumerate(kernel.arg_names):
         if name in fixed:
             signature[name], constexprs[name] = "constexpr", fixed[name]
             continue
         value = example[name]
+        if name in unspecialized:  # do_not_specialize: neither a constant nor a divisibility hint, any value
+            signature[name] = "fp32" if isinstance(value, float) else "i32"
+            continue
         if isinstance(value, str):  # a pointer: torch's allocations are 16-byte aligned
             signature[name] = "*" + value
             attrs[(index,)] = [["tt.divisibility", 16]]

@@ -52,7 +52,7 @@ def _dropout_keep(seed, p, rows, cols, n_cols):
     return tl.rand(seed, offsets) >= p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """Materialize the keep-mask (1 = keep) the other kernels use for ``seed`` — for tests and references."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,10 +62,10 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K:
     tl.store(ptrs, tl.where(keep, 1, 0).to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _lora_shrink_kernel(
     x_ptr, a_ptr, s_ptr,
-    M, K, R,
+    M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak,
     seed, p, keep_scale,
     DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -94,7 +94,7 @@ def _lora_shrink_kernel(
     tl.store(s_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_kernel(
     a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr,
     M, N, K, R, M_BUCKET,
@@ -169,7 +169,7 @@ def _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, str
 @triton.jit
 def _lora_bwd_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr,
-    M, N, R, cols_per_split,
+    M, N, R, M_BUCKET, cols_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br,
     scaling,
     HAS_DBIAS: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -208,10 +208,10 @@ def _lora_bwd_dy_kernel(
     tl.store(ds_ptrs, ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _lora_bwd_da_kernel(
     x_ptr, ds_ptr, da_part_ptr,
-    M, K, R, rows_per_split,
+    M, K, R, M_BUCKET, rows_per_split,
     stride_xm, stride_xk,
     seed, p, keep_scale,
     DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -300,10 +300,12 @@ for _name, _need in [("_lora_gemm_kernel", _gemm_shared), ("_lora_shrink_kernel"
     register_shared_memory(_name, _need)
 
 _gemm = even_k(_lora_gemm_kernel)
-_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY, "_lora_gemm_kernel")
-_shrink_tuned = autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M", "K"], "_lora_shrink_kernel")
-_dy_tuned = autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M", "N"], "_lora_bwd_dy_kernel")
-_da_tuned = autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M", "K"], "_lora_bwd_da_kernel")
+# Tuned once per size class (M_BUCKET: M's next power of two), never per sequence length. The GEMM also keys on
+# dropout and on the operands' layout, so backward's dX (W untransposed, masked) never inherits forward's winner.
+_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "stride_ak", "stride_bk"], "_lora_gemm_kernel")
+_shrink_tuned = autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_shrink_kernel")
+_dy_tuned = autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M_BUCKET", "N"], "_lora_bwd_dy_kernel")
+_da_tuned = autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_bwd_da_kernel")
 
 
 def _rank_block(r: int) -> int:
@@ -364,7 +366,8 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
         return y, s
     launch(_shrink_tuned, _lora_shrink_kernel, SHRINK_DEFAULT, INTERPRET_SHRINK,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
-            x, lora_A, s, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+            x, lora_A, s, M, K, R, triton.next_power_of_2(M), x.stride(0), x.stride(1), lora_A.stride(0),
+            lora_A.stride(1),
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
             DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(x.dtype, on_cpu), DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=_rank_block(R))
@@ -407,7 +410,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     db_part = new_output((row_blocks, N, R), torch.float32, device)
     dbias_part = new_output((row_blocks, N), torch.float32, device) if needs_dbias else db_part
     launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks, col_splits), on_cpu,
-            dy, lora_B, s, ds_part, db_part, dbias_part, M, N, R, cols_per_split,
+            dy, lora_B, s, ds_part, db_part, dbias_part, M, N, R, triton.next_power_of_2(M), cols_per_split,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), scaling,
             HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r)
     ds = ds_part.sum(0) if col_splits > 1 else ds_part[0]
@@ -424,7 +427,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
         da_part = new_output((splits, R, K), torch.float32, device)
         launch(_da_tuned, _lora_bwd_da_kernel, DA_DEFAULT, INTERPRET_DA,
                 lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits), on_cpu,
-                x, ds, da_part, M, K, R, rows_per_split, x.stride(0), x.stride(1),
+                x, ds, da_part, M, K, R, triton.next_power_of_2(M), rows_per_split, x.stride(0), x.stride(1),
                 seed, dropout_p, keep_scale,
                 DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
         da = da_part.sum(0).to(lora_A.dtype)

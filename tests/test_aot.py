@@ -51,3 +51,24 @@ def test_shared_memory_fits_and_the_pruner_estimate_bounds_it(report):
         if r["kernel"] != "_dropout_mask_kernel":
             blocks = {**r["config"], "BLOCK_R": 16, "BLOCK_M": r["config"].get("BLOCK_M", 128)}
             assert shared_memory_estimate(r["kernel"], blocks, r["num_stages"], 2) >= r["shared"], r
+
+
+def test_seeds_never_specialize_and_tuning_keys_on_size_classes():
+    """A seed divisible by 16 (or equal to 1) must not compile a kernel of its own, and a new sequence length must
+    not re-tune: the autotuners key on M's size class, and the GEMM on dropout and layout (dX is not forward)."""
+    import ast
+    import inspect
+
+    from fastpeft.kernels import lora_linear as lora
+    # Read from the source: under the interpreter triton.jit keeps no specialization settings.
+    seeded = 0
+    for node in ast.walk(ast.parse(inspect.getsource(lora))):
+        if isinstance(node, ast.FunctionDef) and "seed" in [a.arg for a in node.args.args] and node.decorator_list:
+            decorator = ast.unparse(node.decorator_list[0])
+            if decorator.startswith("triton.jit") and node.name.endswith("_kernel"):
+                seeded += 1
+                assert "do_not_specialize=['seed']" in decorator, (node.name, decorator)
+    assert seeded == 4
+    for tuned in (lora._gemm_tuned, lora._shrink_tuned, lora._dy_tuned, lora._da_tuned):
+        assert "M_BUCKET" in tuned.keys and "M" not in tuned.keys
+    assert {"DROPOUT", "stride_ak", "stride_bk"} <= set(lora._gemm_tuned.keys)
