@@ -6,15 +6,20 @@ Each kernel is compiled for a typical training launch (bf16 base, fp32 adapters,
 with the argument specializations Triton's launcher would make for it (16-byte aligned pointers, sizes and
 strides divisible by 16, unit strides as constants), so the software pipelining and the tensor-core
 instructions are those a real launch gets. The report gives, per kernel, config and arch: shared memory,
-whether the PTX uses ``wgmma`` (Hopper) or ``mma.sync`` (Ampere), and compile seconds. Must run without
-``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+whether the PTX uses ``wgmma`` (Hopper) or ``mma.sync`` (Ampere), registers and spill bytes (``ptxas -v`` on the
+PTX, with the first ptxas found that reads its PTX version: Triton's own, then CUDA's; None when none does), and
+compile seconds. Must run without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -85,7 +90,7 @@ def _launches():
                                 for c in configs]
     return [
         ("_lora_gemm_kernel", "forward", bf16_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
-        ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS[:1])),
+        ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS)),  # with dropout
         ("_lora_shrink_kernel", "forward", shrink, as_dicts(lora.SHRINK_CONFIGS)),
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
@@ -123,6 +128,34 @@ def _specialize(kernel, example: dict, config: dict):
     return signature, constexprs, attrs
 
 
+def _ptxas_candidates() -> list[str]:
+    import triton
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    found = [os.path.join(bundled, name) for name in ("ptxas-blackwell", "ptxas")]
+    found += [shutil.which("ptxas") or "", os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "ptxas")]
+    return [p for p in dict.fromkeys(found) if p and os.access(p, os.X_OK)]
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
+    """(registers, spill bytes: stores + loads) that ``ptxas -v`` reports for the PTX; (None, None) when no ptxas here
+    accepts it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        for ptxas in _ptxas_candidates():
+            target = f"-arch=sm_{arch}{'a' if arch == 90 else ''}"
+            done = subprocess.run([ptxas, "-v", target, f.name, "-o", os.devnull], capture_output=True, text=True)
+            if done.returncode == 0:
+                log = done.stdout + done.stderr
+                registers = re.search(r"Used (\d+) registers", log)
+                spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+                return (int(registers.group(1)) if registers else None,
+                        int(spills.group(1)) + int(spills.group(2)) if spills else 0)
+        return None, None
+    finally:
+        os.unlink(f.name)
+
+
 def compile_one(job):
     """Compile one (kernel, profile, example, config, arch) job; returns its report row."""
     import triton
@@ -140,10 +173,12 @@ def compile_one(job):
         target=GPUTarget("cuda", arch, 32),
         options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
     ptx = compiled.asm["ptx"]
+    registers, spills = ptxas_usage(ptx, arch)
     return dict(kernel=name, profile=profile, arch=arch, config=config["kwargs"],
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
                 shared=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[arch],
-                wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, seconds=round(time.perf_counter() - start, 2))
+                wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, registers=registers, spills=spills,
+                seconds=round(time.perf_counter() - start, 2))
 
 
 def compile_all(archs=(80, 90), jobs=None):
@@ -173,7 +208,8 @@ def main(argv=None) -> int:
         blocks = " ".join(f"{k}={v}" for k, v in r["config"].items())
         isa = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "no-mma")
         print(f"sm_{r['arch']} {r['kernel']:22s} {r['profile']:12s} {blocks:45s} w{r['num_warps']} s{r['num_stages']} "
-              f"{isa:8s} shared {r['shared']:6d}/{r['shared_limit']} B  {r['seconds']:5.1f}s")
+              f"{isa:8s} shared {r['shared']:6d}/{r['shared_limit']} B  regs {r['registers']} spills {r['spills']}  "
+              f"{r['seconds']:5.1f}s")
     return 0
 
 

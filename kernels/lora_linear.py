@@ -12,7 +12,8 @@ Backward (W is frozen, so there is no dW):
   5. ``_lora_gemm_kernel``    dX = dY W + (dS A) ⊙ mask/(1-p) — the forward GEMM kernel again, roles swapped.
 Partial sums are reduced with ``torch.sum`` (no float atomics), so results are deterministic.
 
-The dropout keep-decision of element (m, k) of x is ``rand(seed, m·K + k) >= p`` in every kernel, which is
+The dropout keep-decision of element (m, k) of x is ``uniform_i(seed, m·⌈K/4⌉ + k//4) >= p`` in every kernel,
+where ``uniform_i`` is the (k mod 4)-th of the four numbers one Philox call draws; this is
 what lets the mask be regenerated instead of saved. The GEMM kernel is written as a low-rank prologue, the base
 K loop and an epilogue, the seams where the LoRA-family variants plug in as constexpr switches (see
 ``kernels/common.py``): DoRA scales columns in the epilogue, mixed-adapter batches pick each row tile's adapter in
@@ -46,10 +47,15 @@ from .common import (
 
 
 @triton.jit
-def _dropout_keep(seed, p, rows, cols, n_cols):
-    """Keep-decisions (True = keep) of elements (rows × cols) of a matrix with ``n_cols`` columns."""
-    offsets = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+def _dropout_keep(seed, p, rows, col0, n_cols, BLOCK_COLS: tl.constexpr):
+    """Keep-decisions (True = keep) of elements (rows × [col0, col0 + BLOCK_COLS)) of a matrix with ``n_cols``
+    columns; ``col0`` is a multiple of 4. One Philox call draws the four decisions of a group of 4 neighbouring
+    columns (a call costs ~60 instructions: one per element made the dropout kernels spill)."""
+    groups = col0 // 4 + tl.arange(0, BLOCK_COLS // 4)
+    offsets = rows[:, None].to(tl.int64) * tl.cdiv(n_cols, 4) + groups[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, offsets)
+    bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4g + i takes r_i of group g
+    return tl.uint_to_uniform_float(bits) >= p
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -57,7 +63,7 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K:
     """Materialize the keep-mask (1 = keep) the other kernels use for ``seed`` — for tests and references."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _dropout_keep(seed, p, rm, rk, K)
+    keep = _dropout_keep(seed, p, rm, tl.program_id(1) * BLOCK_K, K, BLOCK_K)
     ptrs = out_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
     tl.store(ptrs, tl.where(keep, 1, 0).to(tl.int8), mask=(rm < M)[:, None] & (rk < K)[None, :])
 
@@ -85,7 +91,7 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
         a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
         if DROPOUT:
-            x = tl.where(_dropout_keep(seed, p, rm, k0 + rk, K), x, 0.0)
+            x = tl.where(_dropout_keep(seed, p, rm, k0, K, BLOCK_K), x, 0.0)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
@@ -119,8 +125,9 @@ def _lora_gemm_kernel(
     rn_load = (rn % N).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
 
-    acc = _lowrank_prologue(l_ptr, u_ptr, rm, rn, rm_load, rn_load, N, R, stride_lm, stride_lr, stride_ur,
-                            stride_un, lr_scale, seed, p, DROPOUT, COMPUTE, DOT_PRECISION, BLOCK_R)
+    acc = _lowrank_prologue(l_ptr, u_ptr, rm, pid_n * BLOCK_N, rm_load, rn_load, N, R, stride_lm, stride_lr,
+                            stride_ur, stride_un, lr_scale, seed, p, DROPOUT, COMPUTE, DOT_PRECISION, BLOCK_N,
+                            BLOCK_R)
 
     # The base K loop. Seam: a quantised base would dequantise its b tile here, as it loads.
     a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
@@ -141,9 +148,9 @@ def _lora_gemm_kernel(
 
 
 @triton.jit
-def _lowrank_prologue(l_ptr, u_ptr, rm, rn, rm_load, rn_load, N, R, stride_lm, stride_lr, stride_ur, stride_un,
+def _lowrank_prologue(l_ptr, u_ptr, rm, n0, rm_load, rn_load, N, R, stride_lm, stride_lr, stride_ur, stride_un,
                       lr_scale, seed, p, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_R: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """The accumulator of an output tile, seeded with the low-rank term lr_scale · [mask ⊙] (l · u): one
     (BLOCK_M×R)·(R×BLOCK_N) dot before the base K loop. Seam: mixed-adapter batches would pick this row tile's
     adapter pointers (l, u, scale, rank) from a per-tile table here."""
@@ -153,7 +160,7 @@ def _lowrank_prologue(l_ptr, u_ptr, rm, rn, rm_load, rn_load, N, R, stride_lm, s
     up = tl.load(u_ptr + rr[:, None] * stride_ur + rn_load[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
     acc = tl.dot((lo * lr_scale).to(COMPUTE), up.to(COMPUTE), input_precision=DOT_PRECISION)
     if DROPOUT:
-        acc = tl.where(_dropout_keep(seed, p, rm, rn, N), acc, 0.0)
+        acc = tl.where(_dropout_keep(seed, p, rm, n0, N, BLOCK_N), acc, 0.0)
     return acc
 
 
@@ -233,7 +240,7 @@ def _lora_bwd_da_kernel(
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
         if DROPOUT:
-            x = tl.where(_dropout_keep(seed, p, rm, rk, K), x, 0.0)
+            x = tl.where(_dropout_keep(seed, p, rm, pid_k * BLOCK_K, K, BLOCK_K), x, 0.0)
         ds = tl.load(ds_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(ds.to(COMPUTE)), x, acc, input_precision=DOT_PRECISION)
     if DROPOUT:
