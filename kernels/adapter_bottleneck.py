@@ -113,7 +113,7 @@ def _adapter_gemm_kernel(
 
 # Both operands' tiles per stage, counted at 4 bytes an element: an operand may be fp32 (dpre) on any base.
 register_shared_memory("_adapter_gemm_kernel",
-                       lambda b, es: ((b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_K"] * b["BLOCK_N"]) * 4, 0))
+                       lambda b, es, arch: ((b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_K"] * b["BLOCK_N"]) * 4, 0))
 _gemm = even_k(_adapter_gemm_kernel)
 _gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY, "_adapter_gemm_kernel")
 

@@ -47,6 +47,8 @@ def _launches():
         stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
                         EVEN_K=True))
+    rank64_gemm_fwd = dict(bf16_gemm_fwd, R=64, stride_lm=64, stride_un=64,
+                           constexprs=dict(bf16_gemm_fwd["constexprs"], BLOCK_R=64))
     bf16_gemm_dx = dict(
         a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16",
         M=M, N=K, K=N, R=R, M_BUCKET=M,
@@ -90,6 +92,7 @@ def _launches():
                                 for c in configs]
     return [
         ("_lora_gemm_kernel", "forward", bf16_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
+        ("_lora_gemm_kernel", "forward r=64", rank64_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS)),  # with dropout
         ("_lora_shrink_kernel", "forward", shrink, as_dicts(lora.SHRINK_CONFIGS)),
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
@@ -178,6 +181,7 @@ def compile_one(job):
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
                 shared=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[arch],
                 wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, registers=registers, spills=spills,
+                block_r=example["constexprs"].get("BLOCK_R"),
                 seconds=round(time.perf_counter() - start, 2))
 
 

@@ -277,27 +277,29 @@ INTERPRET_DA = dict(BLOCK_M=32, BLOCK_K=32)
 
 
 # Shared memory of one config, (bytes per pipeline stage, bytes staged once): base-operand tiles count the element
-# size ``es``, rank-sized tiles 4 bytes (the adapters and S may be fp32); the GEMM stages its low-rank tiles once.
+# size ``es``, rank-sized tiles 4 bytes (the adapters and S may be fp32). The GEMM stages its low-rank operands once:
+# on Hopper only the (R × BLOCK_N) tile of u, in the compute dtype (wgmma takes the S tile from registers), which
+# matches the compiled kernels to the byte; Ampere's build keeps a bound of both tiles at 4 bytes an element.
 def _tiles(b):
     return (b.get(k, 0) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"))
 
 
-def _gemm_shared(b, es):
+def _gemm_shared(b, es, arch):
     bm, bn, bk, br = _tiles(b)
-    return (bm * bk + bk * bn) * es, (bm + bn) * br * 4
+    return (bm * bk + bk * bn) * es, (bn * br * es if arch >= 90 else (bm + bn) * br * 4)
 
 
-def _shrink_shared(b, es):
+def _shrink_shared(b, es, arch):
     bm, _, bk, br = _tiles(b)
     return bm * bk * es + bk * br * 4, 0
 
 
-def _dy_shared(b, es):
+def _dy_shared(b, es, arch):
     bm, bn, _, br = _tiles(b)
     return bm * bn * es + bn * br * 4, 0
 
 
-def _da_shared(b, es):
+def _da_shared(b, es, arch):
     bm, _, bk, br = _tiles(b)
     return bm * bk * es + bm * br * 4, 0
 

@@ -49,8 +49,11 @@ def test_shared_memory_fits_and_the_pruner_estimate_bounds_it(report):
     for r in report:
         assert r["shared"] <= r["shared_limit"], r
         if r["kernel"] != "_dropout_mask_kernel":
-            blocks = {**r["config"], "BLOCK_R": 16, "BLOCK_M": r["config"].get("BLOCK_M", 128)}
-            assert shared_memory_estimate(r["kernel"], blocks, r["num_stages"], 2) >= r["shared"], r
+            blocks = {**r["config"], "BLOCK_R": r["block_r"] or 16, "BLOCK_M": r["config"].get("BLOCK_M", 128)}
+            estimate = shared_memory_estimate(r["kernel"], blocks, r["num_stages"], 2, r["arch"])
+            assert estimate >= r["shared"], r
+            if r["kernel"] == "_lora_gemm_kernel" and r["arch"] == 90:  # tight where it decides Hopper's tiles
+                assert estimate <= 1.1 * r["shared"], (estimate, r)
 
 
 def test_seeds_never_specialize_and_tuning_keys_on_size_classes():
@@ -81,7 +84,7 @@ def test_the_lora_gemm_never_spills(report):
     gemm = [r for r in report if r["kernel"] == "_lora_gemm_kernel"]
     if all(r["spills"] is None for r in gemm):
         pytest.skip("no ptxas here reads Triton's PTX version")
-    assert len(gemm) == 2 * 2 * 10 and all(r["spills"] is not None for r in gemm)
+    assert len(gemm) == 3 * 2 * 10 and all(r["spills"] is not None for r in gemm)
     spilling = [(r["profile"], r["arch"], r["config"], r["num_warps"], r["registers"], r["spills"]) for r in gemm
                 if r["spills"]]
     assert not spilling, spilling
