@@ -25,6 +25,8 @@ memory.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -110,12 +112,15 @@ def _lora_gemm_kernel(
     lr_scale, seed, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr,
 ):
     """out (M, N) = a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) + bias (N).
 
     Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lr_scale = s. Backward: a = dY, b = W, l = dS, u = A,
     lr_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
+    LOWRANK_LAST picks the variant: False seeds the accumulator with the low-rank dot before the K loop; True loads
+    the low-rank operands before the loop but adds their dot after it, so the pipeline's first loads wait on
+    nothing (which one is faster is for a GPU to measure: see ``GEMM_VARIANTS``).
     """
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,9 +130,12 @@ def _lora_gemm_kernel(
     rn_load = (rn % N).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
 
-    acc = _lowrank_prologue(l_ptr, u_ptr, rm, pid_n * BLOCK_N, rm_load, rn_load, N, R, stride_lm, stride_lr,
-                            stride_ur, stride_un, lr_scale, seed, p, DROPOUT, COMPUTE, DOT_PRECISION, BLOCK_N,
-                            BLOCK_R)
+    lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
+                               lr_scale, COMPUTE, BLOCK_R)
+    if LOWRANK_LAST:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
     # The base K loop. Seam: a quantised base would dequantise its b tile here, as it loads.
     a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
@@ -143,25 +151,32 @@ def _lora_gemm_kernel(
         acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if LOWRANK_LAST:
+        acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
     _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS)
 
 
 @triton.jit
-def _lowrank_prologue(l_ptr, u_ptr, rm, n0, rm_load, rn_load, N, R, stride_lm, stride_lr, stride_ur, stride_un,
-                      lr_scale, seed, p, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The accumulator of an output tile, seeded with the low-rank term lr_scale · [mask ⊙] (l · u): one
-    (BLOCK_M×R)·(R×BLOCK_N) dot before the base K loop. Seam: mixed-adapter batches would pick this row tile's
-    adapter pointers (l, u, scale, rank) from a per-tile table here."""
+def _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un, lr_scale,
+                      COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This output tile's low-rank operands, lr_scale · l (BLOCK_M × R) and u (R × BLOCK_N), in the compute dtype.
+    Seam: mixed-adapter batches would pick this row tile's adapter (l, u, scale, rank) from a per-tile table here."""
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
     lo = tl.load(l_ptr + rm_load[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
     up = tl.load(u_ptr + rr[:, None] * stride_ur + rn_load[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
-    acc = tl.dot((lo * lr_scale).to(COMPUTE), up.to(COMPUTE), input_precision=DOT_PRECISION)
+    return (lo * lr_scale).to(COMPUTE), up.to(COMPUTE)
+
+
+@triton.jit
+def _lowrank_term(lo, up, rm, n0, N, seed, p, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """[mask ⊙] (lo · up) for the tile: one (BLOCK_M×R)·(R×BLOCK_N) dot, fp32."""
+    term = tl.dot(lo, up, input_precision=DOT_PRECISION)
     if DROPOUT:
-        acc = tl.where(_dropout_keep(seed, p, rm, n0, N, BLOCK_N), acc, 0.0)
-    return acc
+        term = tl.where(_dropout_keep(seed, p, rm, n0, N, BLOCK_N), term, 0.0)
+    return term
 
 
 @triton.jit
@@ -309,9 +324,26 @@ for _name, _need in [("_lora_gemm_kernel", _gemm_shared), ("_lora_shrink_kernel"
     register_shared_memory(_name, _need)
 
 _gemm = even_k(_lora_gemm_kernel)
+# Where the fused GEMM adds the low-rank term: "prologue" seeds the accumulator with it before the K loop, "epilogue"
+# adds it after (its operands loaded before the loop). Both are exact; the first GPU run compares their speed.
+GEMM_VARIANTS = ("prologue", "epilogue")
+GEMM_VARIANT_ENV = "FASTPEFT_GEMM_VARIANT"
+
+
+def gemm_variant(variant=None) -> str:
+    """The fused GEMM's variant: the argument, else ``$FASTPEFT_GEMM_VARIANT``, else "prologue"."""
+    source = "variant"
+    if variant is None:
+        variant, source = os.environ.get(GEMM_VARIANT_ENV) or "prologue", GEMM_VARIANT_ENV
+    if variant not in GEMM_VARIANTS:
+        raise ValueError(f"{source} must be one of {', '.join(GEMM_VARIANTS)}, got {variant!r}")
+    return variant
+
+
 # Tuned once per size class (M_BUCKET: M's next power of two), never per sequence length. The GEMM also keys on
 # dropout and on the operands' layout, so backward's dX (W untransposed, masked) never inherits forward's winner.
-_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "stride_ak", "stride_bk"], "_lora_gemm_kernel")
+_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAST", "stride_ak", "stride_bk"],
+                        "_lora_gemm_kernel")
 _shrink_tuned = autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_shrink_kernel")
 _dy_tuned = autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M_BUCKET", "N"], "_lora_bwd_dy_kernel")
 _da_tuned = autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_bwd_da_kernel")
@@ -331,9 +363,11 @@ def _num_sms(device: torch.device) -> int:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0):
+def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0, variant=None):
     """out (M, N) = a (M, K) · b (K, N) + lr_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
-    transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0."""
+    transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0.
+    ``variant``: one of ``GEMM_VARIANTS``; None takes ``$FASTPEFT_GEMM_VARIANT`` (default "prologue")."""
+    variant = gemm_variant(variant)
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
     on_cpu = a.device.type == "cpu"
@@ -345,7 +379,7 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             up.stride(0), up.stride(1), out.stride(0), out.stride(1),
             lr_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
-            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R))
+            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue")
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> torch.Tensor:

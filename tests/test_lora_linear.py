@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DTYPE_NAMES, TOLERANCE, backend_params, lora_linear_inputs, rel_err
+from conftest import DTYPE_NAMES, TOLERANCE, TRITON_DEVICE, backend_params, lora_linear_inputs, rel_err
 
 import fastpeft
 from fastpeft.ops.lora_linear import lora_linear_reference
@@ -218,3 +218,22 @@ def test_kernel_outputs_start_poisoned_in_the_tests():
     from fastpeft.checks import new_output
     assert torch.isnan(new_output((3, 5), torch.float32, "cpu")).all()
     assert (new_output((4,), torch.int8, "cpu") == -1).all()
+
+
+@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@pytest.mark.parametrize("case", [Case(17, 70, 97, 8, fp32, fp32, True, 0.2, "2d"),
+                                  Case(130, 100, 33, 16, bf16, fp32, False, 0.1, "3d")], ids=lambda c: c.id)
+def test_both_gemm_variants_match_the_reference(monkeypatch, case):
+    """The fused GEMM adds the low-rank term before the K loop ("prologue") or after it ("epilogue"): both exact, in
+    forward and in the dX GEMM with dropout, so a GPU run may pick either by speed."""
+    from fastpeft.kernels import lora_linear as kernels
+    for variant in kernels.GEMM_VARIANTS:
+        monkeypatch.setenv(kernels.GEMM_VARIANT_ENV, variant)
+        x, w, b, a, bb, dy = make_inputs(case, TRITON_DEVICE)
+        got = run("triton", x, w, b, a, bb, dy, 2.0, case.p, 5)
+        want = reference("triton", case, x, w, b, a, bb, dy, 2.0, 5, TRITON_DEVICE)
+        errors = {name: rel_err(g, r) for name, g, r in zip(NAMES, got, want, strict=False)}
+        assert all(e <= TOLERANCE[case.dtype] for e in errors.values()), (variant, errors)
+    monkeypatch.setenv(kernels.GEMM_VARIANT_ENV, "sideways")
+    with pytest.raises(ValueError, match="FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue"):
+        kernels.gemm_variant()
