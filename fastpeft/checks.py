@@ -31,19 +31,37 @@ def cuda_device_reason(device: torch.device) -> str | None:
     return None
 
 
+def is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def is_finite_number(value) -> bool:
+    """A real number (not a bool) that is finite; an integer too large for a float is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def is_probability(value) -> bool:
+    """A dropout probability: a number in [0, 1)."""
+    return is_finite_number(value) and 0.0 <= value < 1.0
+
+
 def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_finite_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def check_probability(name: str, value) -> None:
-    """A dropout probability: a number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    if not is_probability(value):
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
@@ -58,7 +76,6 @@ def check_same_device(named: dict) -> None:
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listed}")
-
 
 
 # Every output buffer a kernel (Triton or CUDA) writes is made here. The tests install a hook that fills each fresh

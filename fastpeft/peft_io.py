@@ -13,7 +13,6 @@ import glob
 import hashlib
 import io
 import json
-import math
 import numbers
 import os
 import re
@@ -30,6 +29,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .backends import requested_backend
+from .checks import is_finite_number, is_positive_int, is_probability
 from .layers import LoraLinear, _check_adapter_name, _new_adapter
 from .model import _freeze_all_but_adapters, _set_submodule, layers_with_adapter, lora_layers, lora_wrap_problem
 
@@ -55,17 +55,6 @@ class AdapterFileError(ValueError):
 # (from a newer PEFT) is refused when set, since it may change the computation.
 # ----------------------------------------------------------------------------------------------------------
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v):
-    try:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
 def _is_names(v):
     return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) and t for t in v))
 
@@ -73,15 +62,15 @@ def _is_names(v):
 # field: (check, what it must be)
 _HONOURED = {
     "peft_type": (lambda v: v == "LORA", "'LORA'"),
-    "r": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "lora_alpha": (_is_number, "a finite number"),
-    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "r": (is_positive_int, "a positive integer"),
+    "lora_alpha": (is_finite_number, "a finite number"),
+    "lora_dropout": (is_probability, "a number in [0, 1)"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "target_modules": (_is_names, "null, a regex string or a list of module names"),
     "exclude_modules": (_is_names, "null, a regex string or a list of module names"),
-    "rank_pattern": (lambda v: isinstance(v, dict) and all(_is_int(r) and r >= 1 for r in v.values()),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(map(is_positive_int, v.values())),
                      "an object of positive integers"),
-    "alpha_pattern": (lambda v: isinstance(v, dict) and all(_is_number(a) for a in v.values()),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(map(is_finite_number, v.values())),
                       "an object of finite numbers"),
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
     "inference_mode": (lambda v: isinstance(v, bool), "true or false"),

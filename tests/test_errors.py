@@ -96,6 +96,8 @@ def test_layer_arguments():
         fastpeft.LoraLinear(nn.Linear(4, 4), r=0)
     with pytest.raises(ValueError, match="lora_dropout"):
         fastpeft.LoraLinear(nn.Linear(4, 4), lora_dropout=1.5)
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number"):  # too large for a float
+        fastpeft.LoraLinear(nn.Linear(4, 4), lora_alpha=10**400)
     with pytest.raises(ValueError, match="init_lora_weights"):
         fastpeft.LoraLinear(nn.Linear(4, 4), init_lora_weights="pissa")
     with pytest.raises(ValueError, match="adapter_name"):
