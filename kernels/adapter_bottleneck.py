@@ -1,8 +1,8 @@
 """Triton kernels of the bottleneck adapter ``out = residual + s · (act(h W_dᵀ + b_d) W_uᵀ + b_u)``.
 
-One GEMM kernel with fused prologue/epilogue options serves all four big products:
-  forward   pre  = h · W_dᵀ + b_d                          (saved for backward, M×m)
-            out  = res + s · (act(pre) · W_uᵀ + b_u)        (activation applied to pre as it is loaded)
+One GEMM kernel with fused epilogue options serves all four big products:
+  forward   pre  = h · W_dᵀ + b_d, and act(pre)             (pre saved for backward; both M×m, written together)
+            out  = res + s · (act(pre) · W_uᵀ + b_u)
   backward  dpre = s · (g · W_u) ⊙ act'(pre)                (fp32, M×m)
             dh   = dpre · W_d [+ g when the residual is h]
 The weight and bias gradients (gᵀ·act(pre), dpreᵀ·h and the column sums) are left to torch's GEMMs. CPU tensors
@@ -17,12 +17,11 @@ import triton.language as tl
 from fastpeft.checks import ACTIVATION_CODES
 
 from .common import (
-    GEMM_CONFIGS,
-    GEMM_DEFAULT,
     GEMM_KEY,
     INTERPRET_GEMM,
     autotuned,
     compute_dtype,
+    config,
     dot_precision,
     even_k,
     grouped_tile,
@@ -67,14 +66,16 @@ def _adapter_gemm_kernel(
     M, N, K, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rn, stride_xm, stride_xn, stride_om, stride_on,
     scale,
-    ACT: tl.constexpr, ACT_ON_A: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr, STORE_ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     TIMES_ACT_GRAD: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """out (M, N) = [res +] scale · (f(a) (M, K) · b (K, N) [+ bias]) [⊙ act'(aux)], with f = act when ACT_ON_A.
+    """out (M, N) = [res +] scale · (a (M, K) · b (K, N) [+ bias]) [⊙ act'(aux)].
 
-    ``M_BUCKET`` is only an autotune key. aux (M, N) is the pre-activation when TIMES_ACT_GRAD.
+    aux (M, N): with TIMES_ACT_GRAD the pre-activation, read; with STORE_ACT it receives act(out), written with out
+    (the activation is applied once per element here, not once per column tile by the GEMM that reads it).
+    ``M_BUCKET`` is only an autotune key.
     """
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,8 +94,6 @@ def _adapter_gemm_kernel(
             k_ok = rk < K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if ACT_ON_A:
-            a = _act(a.to(tl.float32), ACT)  # act(0) = 0 for every activation, so K padding stays zero
         acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -107,35 +106,62 @@ def _adapter_gemm_kernel(
         acc = acc * _act_grad(pre, ACT)
     if HAS_RES:
         acc += tl.load(res_ptr + rm_load[:, None] * stride_rm + rn_load[None, :] * stride_rn).to(tl.float32)
+    in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    if STORE_ACT:
+        act_ptrs = aux_ptr + rm[:, None].to(tl.int64) * stride_xm + rn[None, :] * stride_xn
+        tl.store(act_ptrs, _act(acc, ACT).to(aux_ptr.dtype.element_ty), mask=in_bounds)
 
 
-# Both operands' tiles per stage, counted at 4 bytes an element: an operand may be fp32 (dpre) on any base.
-register_shared_memory("_adapter_gemm_kernel",
-                       lambda b, es, arch: ((b["BLOCK_M"] * b["BLOCK_K"] + b["BLOCK_K"] * b["BLOCK_N"]) * 4, 0))
+def _gemm_shared(b, sizes, stages, arch):
+    """Shared memory of one config in bytes (see ``register_shared_memory``), fitted to the compiled kernels. The a
+    tile passes through registers when it is converted (fp32 dpre times a bf16 weight)."""
+    a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
+    b_tile = b["BLOCK_K"] * b["BLOCK_N"] * sizes["b_ptr"]
+    epilogue = b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"]
+    if arch < 90:
+        return max((stages - 1) * (a_tile + b_tile), epilogue)
+    return stages * b_tile + (stages - 1 if sizes["a_ptr"] != sizes["b_ptr"] else stages) * a_tile
+
+
+register_shared_memory("_adapter_gemm_kernel", _gemm_shared)
+# The adapter's own tiles: its epilogues (activation, its derivative, the residual) need registers beside the
+# accumulator, so at most 64 accumulator values a thread; the 128×256 tiles of the LoRA GEMM spilled here, and 16
+# warps cap a thread at 128 registers, which spills too. None of these spills on sm_80 or sm_90 (the AOT tests).
+ADAPTER_GEMM_CONFIGS = [
+    config(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+        (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 5),
+    ]
+]
+ADAPTER_GEMM_DEFAULT = ADAPTER_GEMM_CONFIGS[1]  # fits every supported GPU's shared memory, fp32 included
 _gemm = even_k(_adapter_gemm_kernel)
-_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY, "_adapter_gemm_kernel")
+_gemm_tuned = autotuned(_gemm, ADAPTER_GEMM_CONFIGS, GEMM_KEY, "_adapter_gemm_kernel")
 
 
-def adapter_gemm(a, b, out, *, bias=None, res=None, aux=None, scale=1.0, activation="relu", act_on_a=False):
-    """``out = [res +] scale · (f(a) · b [+ bias]) [⊙ act'(aux)]`` for a (M, K), b (K, N), out/res/aux (M, N),
-    any strides (transposed views are free). Returns ``out``."""
+def adapter_gemm(a, b, out, *, bias=None, res=None, aux=None, act_out=None, scale=1.0, activation="relu"):
+    """``out = [res +] scale · (a · b [+ bias]) [⊙ act'(aux)]`` for a (M, K), b (K, N), out/res/aux (M, N), any
+    strides (transposed views are free), and ``act_out = act(out)`` when given. Returns ``out``."""
+    if aux is not None and act_out is not None:
+        raise ValueError("adapter_gemm: aux (read) and act_out (written) share the kernel's aux argument")
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return out
     on_cpu = a.device.type == "cpu"
     dtype = b.dtype
+    side = aux if aux is not None else act_out  # the kernel's aux argument: read (aux) or written (act_out)
     args = (a, b, bias if bias is not None else out, res if res is not None else out,
-            aux if aux is not None else out, out, M, N, K, triton.next_power_of_2(M),
+            side if side is not None else out, out, M, N, K, triton.next_power_of_2(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            *(res.stride() if res is not None else (0, 0)), *(aux.stride() if aux is not None else (0, 0)),
+            *(res.stride() if res is not None else (0, 0)), *(side.stride() if side is not None else (0, 0)),
             out.stride(0), out.stride(1), float(scale))
-    meta = dict(ACT=ACTIVATION_CODES[activation], ACT_ON_A=act_on_a, HAS_BIAS=bias is not None,
+    meta = dict(ACT=ACTIVATION_CODES[activation], STORE_ACT=act_out is not None, HAS_BIAS=bias is not None,
                 HAS_RES=res is not None, TIMES_ACT_GRAD=aux is not None, COMPUTE=compute_dtype(dtype, on_cpu),
                 DOT_PRECISION=dot_precision(dtype))
-    launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
+    launch(_gemm_tuned, _gemm, ADAPTER_GEMM_DEFAULT, INTERPRET_GEMM,
            lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu, *args, **meta)
     return out
 
@@ -144,9 +170,11 @@ def adapter_fwd(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
     """Forward on 2-D h (M, d): returns (out (M, d) in h's dtype, pre (M, m) in h's dtype)."""
     M, d = h.shape
     m = w_down.shape[0]
-    pre = adapter_gemm(h, w_down.t(), new_output((M, m), h.dtype, h.device), bias=b_down)
-    out = adapter_gemm(pre, w_up.t(), new_output((M, d), h.dtype, h.device), bias=b_up,
-                       res=h if residual is None else residual, scale=scaling, activation=activation, act_on_a=True)
+    act = new_output((M, m), h.dtype, h.device)
+    pre = adapter_gemm(h, w_down.t(), new_output((M, m), h.dtype, h.device), bias=b_down, act_out=act,
+                       activation=activation)
+    out = adapter_gemm(act, w_up.t(), new_output((M, d), h.dtype, h.device), bias=b_up,
+                       res=h if residual is None else residual, scale=scaling)
     return out, pre
 
 

@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
 M, K, N, R = 8192, 4096, 4096, 16
+ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i8": 1}
 
 
 def _launches():
@@ -37,7 +38,7 @@ def _launches():
     """
     import triton.language as tl
 
-    from . import common
+    from . import adapter_bottleneck as adapter
     from . import lora_linear as lora
 
     bf16_gemm_fwd = dict(
@@ -72,21 +73,30 @@ def _launches():
         stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
     mask = dict(out_ptr="i8", M=M, K=K, seed=12345, p=0.1, constexprs=dict(BLOCK_M=64, BLOCK_K=128))
-    # Bottleneck adapter, d=4096, m=64: the up GEMM (activation on load; bias, scale, residual epilogue) and
-    # the backward dpre GEMM (×act'(pre) epilogue, fp32 out).
+    # Bottleneck adapter, d=4096, m=64: forward's down GEMM (bias; pre and GELU(pre) written), up GEMM (bias, scale,
+    # residual epilogue), backward's dpre GEMM (×act'(pre) epilogue, fp32 out) and dh GEMM (fp32 dpre · bf16 W_d).
     d, m = 4096, 64
+    adapter_down = dict(
+        a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr="bf16", aux_ptr="bf16", out_ptr="bf16",
+        M=M, N=m, K=d, M_BUCKET=M, stride_am=d, stride_ak=1, stride_bk=1, stride_bn=d, stride_rm=0, stride_rn=0,
+        stride_xm=m, stride_xn=1, stride_om=m, stride_on=1, scale=1.0,
+        constexprs=dict(ACT=1, STORE_ACT=True, HAS_BIAS=True, HAS_RES=False, TIMES_ACT_GRAD=False,
+                        COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
     adapter_up = dict(
         a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr="bf16", aux_ptr="bf16", out_ptr="bf16",
         M=M, N=d, K=m, M_BUCKET=M, stride_am=m, stride_ak=1, stride_bk=1, stride_bn=m, stride_rm=d, stride_rn=1,
         stride_xm=0, stride_xn=0, stride_om=d, stride_on=1, scale=2.0,
-        constexprs=dict(ACT=1, ACT_ON_A=True, HAS_BIAS=True, HAS_RES=True, TIMES_ACT_GRAD=False,
+        constexprs=dict(ACT=1, STORE_ACT=False, HAS_BIAS=True, HAS_RES=True, TIMES_ACT_GRAD=False,
                         COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
     adapter_dpre = dict(
         a_ptr="bf16", b_ptr="bf16", bias_ptr="fp32", res_ptr="fp32", aux_ptr="bf16", out_ptr="fp32",
         M=M, N=m, K=d, M_BUCKET=M, stride_am=d, stride_ak=1, stride_bk=m, stride_bn=1, stride_rm=0, stride_rn=0,
         stride_xm=m, stride_xn=1, stride_om=m, stride_on=1, scale=2.0,
-        constexprs=dict(ACT=2, ACT_ON_A=False, HAS_BIAS=False, HAS_RES=False, TIMES_ACT_GRAD=True,
+        constexprs=dict(ACT=2, STORE_ACT=False, HAS_BIAS=False, HAS_RES=False, TIMES_ACT_GRAD=True,
                         COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
+    adapter_dh = dict(adapter_dpre, a_ptr="fp32", b_ptr="bf16", out_ptr="bf16", N=d, K=m, stride_am=m, stride_bk=d,
+                      stride_xm=0, stride_xn=0, stride_om=d,
+                      constexprs=dict(adapter_dpre["constexprs"], ACT=0, TIMES_ACT_GRAD=False))
 
     mask_config = [dict(kwargs={}, num_warps=4, num_stages=1)]
     as_dicts = lambda configs: [dict(kwargs=c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)  # noqa: E731
@@ -100,8 +110,10 @@ def _launches():
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
         ("_dropout_mask_kernel", "mask", mask, mask_config),
-        ("_adapter_gemm_kernel", "adapter up", adapter_up, as_dicts(common.GEMM_CONFIGS)),
-        ("_adapter_gemm_kernel", "adapter dpre", adapter_dpre, as_dicts([common.GEMM_DEFAULT])),
+        ("_adapter_gemm_kernel", "adapter down", adapter_down, as_dicts(adapter.ADAPTER_GEMM_CONFIGS)),
+        ("_adapter_gemm_kernel", "adapter up", adapter_up, as_dicts(adapter.ADAPTER_GEMM_CONFIGS)),
+        ("_adapter_gemm_kernel", "adapter dpre", adapter_dpre, as_dicts(adapter.ADAPTER_GEMM_CONFIGS)),
+        ("_adapter_gemm_kernel", "adapter dh", adapter_dh, as_dicts(adapter.ADAPTER_GEMM_CONFIGS)),
     ]
 
 
@@ -167,6 +179,7 @@ def compile_one(job):
     from triton.backends.compiler import GPUTarget
 
     from . import adapter_bottleneck as adapter
+    from . import common
     from . import lora_linear as lora
 
     name, profile, example, config, arch = job
@@ -179,9 +192,14 @@ def compile_one(job):
         options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
     ptx = compiled.asm["ptx"]
     registers, spills = ptxas_usage(ptx, arch)
+    estimate = None
+    if name in common._SHARED_MEMORY:  # the pruner's estimate for the same launch
+        sizes = {k: ELEMENT_SIZE[v] for k, v in example.items() if isinstance(v, str)}
+        estimate = common.shared_memory_estimate(name, {**example["constexprs"], **config["kwargs"]},
+                                                 config["num_stages"], sizes, arch)
     return dict(kernel=name, profile=profile, arch=arch, config=config["kwargs"],
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
-                shared=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[arch],
+                shared=compiled.metadata.shared, shared_estimate=estimate, shared_limit=SHARED_MEMORY_LIMIT[arch],
                 wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, registers=registers, spills=spills,
                 block_r=example["constexprs"].get("BLOCK_R"),
                 seconds=round(time.perf_counter() - start, 2))
@@ -214,7 +232,8 @@ def main(argv=None) -> int:
         blocks = " ".join(f"{k}={v}" for k, v in r["config"].items())
         isa = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "no-mma")
         print(f"sm_{r['arch']} {r['kernel']:22s} {r['profile']:12s} {blocks:45s} w{r['num_warps']} s{r['num_stages']} "
-              f"{isa:8s} shared {r['shared']:6d}/{r['shared_limit']} B  regs {r['registers']} spills {r['spills']}  "
+              f"{isa:8s} shared {r['shared']:6d}/{r['shared_limit']} B (est. {r['shared_estimate']})  "
+              f"regs {r['registers']} spills {r['spills']}  "
               f"{r['seconds']:5.1f}s")
     return 0
 
