@@ -31,6 +31,13 @@ def info(_args) -> int:
     print(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r} -> {requested_backend(None)}")
     from . import cuda_ext
     print(f"extension fastpeft._C: {cuda_ext.status()}")
+    from . import auto
+    measuring = "measures" if auto.measuring_enabled() else f"rule order ({auto.MEASURE_ENV}=0)"
+    where = ""
+    if torch.cuda.is_available() and auto.measuring_enabled():
+        cache = auto.cache_path(torch.device("cuda"))
+        where = f"; winners stored in {cache if cache else 'memory only'}"
+    print(f"auto: the torch path on CPU tensors; on CUDA tensors {measuring}{where}")
     print("backends:")
     for name, reasons in backend_status().items():
         print(f"  {name:7s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))

@@ -9,6 +9,9 @@ every reason, never a silent fallback.
 - ``triton``: fused Triton kernels; the default for CUDA tensors (on the CPU only under ``TRITON_INTERPRET=1``).
 - ``cuda``: the compiled extension ``fastpeft._C``, for the shapes it serves (decode: forward only, M <= 16).
 
+For CUDA tensors ``auto`` measures the backends that can run a call, once per shape class, and keeps the fastest
+(``fastpeft.auto``: in memory and on disk); ops that give no measurement take the first in ``CUDA_PREFERENCE``.
+
 Each op keeps a backend table (name -> :class:`Backend`: forward, backward, the op's own reasons against a call);
 :func:`select_backend` combines it with what all ops share (the machine, the build, the devices and dtypes).
 """
@@ -22,10 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from . import auto
 from .checks import cuda_device_reason, kernel_dtype_reason
 
 BACKENDS = ("torch", "triton", "cuda")
-# auto's order of preference for CUDA tensors: the first backend with no reason against the call wins.
+# auto's rule order for CUDA tensors: the first backend with no reason against the call wins where nothing is
+# measured (and ties of a measurement).
 CUDA_PREFERENCE = ("cuda", "triton", "torch")
 ENV_VAR = "FASTPEFT_BACKEND"
 
@@ -142,13 +147,20 @@ def requested_backend(backend: str | None) -> str:
     return backend.strip().lower()
 
 
+def auto_preference(device: torch.device) -> tuple[str, ...]:
+    """The backends ``auto`` considers for tensors on ``device``, in rule order: on the CPU the torch path only
+    (Triton's interpreter is a test tool, never a choice)."""
+    return CUDA_PREFERENCE if device.type == "cuda" else ("torch",)
+
+
 def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict[str, Backend] | None = None,
-                   call: tuple = (), needs_grad: bool = False) -> str:
+                   call: tuple = (), needs_grad: bool = False, measure: Callable[[], tuple] | None = None) -> str:
     """Resolve ``backend`` (None → ``$FASTPEFT_BACKEND`` → ``auto``) for a call on ``tensors``.
 
     With an op's backend ``table``, each entry adds its own reasons against the ``call`` (its arguments), and a
     forward-only entry refuses calls with ``needs_grad``; a backend the table lacks cannot run the op. Every
-    backend's reasons are computed once per call.
+    backend's reasons are computed once per call. ``measure()``, where given, returns ``(key, run)`` for
+    :func:`fastpeft.auto.fastest`: ``auto`` then picks among several runnable backends by measurement.
     """
     computed: dict[str, list[str]] = {}
 
@@ -169,11 +181,17 @@ def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict
 
     name = requested_backend(backend)
     if name == "auto":
-        preference = CUDA_PREFERENCE if tensors[0].device.type == "cuda" else ("torch",)
-        for candidate in preference:
-            if not reasons_against(candidate):
-                return candidate
-        return "torch"
+        preference = auto_preference(tensors[0].device)
+        first = next((c for c in preference if not reasons_against(c)), None)
+        if first is None:
+            return "torch"
+        if measure is None or not auto.measuring_enabled():
+            return first
+        candidates = [c for c in preference if not reasons_against(c)]
+        if len(candidates) == 1:
+            return first
+        key, run = measure()
+        return auto.fastest(key, candidates, run, tensors)
     reasons = reasons_against(name)
     if reasons:
         raise BackendUnavailableError(f"backend {name!r} cannot run this call:\n  - " + "\n  - ".join(reasons))

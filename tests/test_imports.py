@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ["fastpeft.checks", "fastpeft._C"],
     ["fastpeft.cuda_ext", "fastpeft.kernels", "fastpeft.kernels.*"],
-    ["fastpeft.backends"],
+    ["fastpeft.auto", "fastpeft.backends"],
     ["fastpeft.ops", "fastpeft.ops.*"],
     ["fastpeft.layers"],
     ["fastpeft.model"],

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..auto import size_class
 from ..backends import Backend, autograd_backend, select_backend
 from ..checks import (
     ACTIVATIONS,  # noqa: F401  (the op's activations, for ``from fastpeft.ops.adapter_bottleneck``)
@@ -258,9 +259,28 @@ def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, resi
     res2d = None if residual is None else residual.reshape(-1, d)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     name = select_backend(backend, tensors, ADAPTER_BOTTLENECK_BACKENDS, (h2d, w_down, b_down, w_up, b_up, res2d),
-                          needs_grad)
+                          needs_grad, lambda: _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation,
+                                                           needs_grad))
     entry = ADAPTER_BOTTLENECK_BACKENDS[name]
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
         return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation).reshape(h.shape)
     out = adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, name)[0]
     return out.reshape(h.shape)
+
+
+def _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, needs_grad):
+    """(key, run) for ``auto``'s measurement of this call: the shape class, and one call on a given backend (forward,
+    and backward when training) on the same inputs, detached."""
+    (M, d), m = h2d.shape, w_down.shape[0]
+    key = ("adapter_bottleneck", h2d.dtype, size_class(M), d, m, activation, b_down is not None, b_up is not None,
+           res2d is not None, needs_grad)
+    inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
+              for t in (h2d, w_down, b_down, w_up, b_up, res2d)]
+
+    def run(name):
+        h, wd, bd, wu, bu, res = inputs
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            out = _adapter_bottleneck(h, wd, bd, wu, bu, scaling, activation, res, name)
+            if needs_grad:
+                out.backward(torch.ones_like(out))
+    return key, run

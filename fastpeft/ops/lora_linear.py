@@ -13,6 +13,7 @@ import numbers
 import torch
 from torch import Tensor
 
+from ..auto import size_class
 from ..backends import Backend, autograd_backend, select_backend
 from ..checks import FLOAT_DTYPES, check_finite_number, check_probability, check_same_device
 
@@ -318,13 +319,31 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, p), needs_grad)
+    name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, p), needs_grad,
+                          lambda: _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad))
     entry = LORA_LINEAR_BACKENDS[name]
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
         return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling).reshape(*lead, weight.shape[0])
     seed = -1 if dropout_seed is None else int(dropout_seed)
     y = lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)[0]
     return y.reshape(*lead, weight.shape[0])
+
+
+def _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad):
+    """(key, run) for ``auto``'s measurement of this call: the shape class, and one call on a given backend (forward,
+    and backward when training) on the same inputs, detached, with a fixed dropout seed so that measuring draws
+    nothing from torch's generator."""
+    (M, K), (N, r) = x2d.shape, lora_B.shape
+    key = ("lora_linear", x2d.dtype, lora_A.dtype, size_class(M), K, N, r, bias is not None, p > 0.0, needs_grad)
+    inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
+              for t in (x2d, weight, bias, lora_A, lora_B)]
+
+    def run(name):
+        with torch.enable_grad() if needs_grad else torch.no_grad():
+            y = lora_linear(*inputs, scaling, p, training=True, backend=name, dropout_seed=0)
+            if needs_grad:
+                y.backward(torch.ones_like(y))
+    return key, run
 
 
 def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu") -> torch.Tensor:

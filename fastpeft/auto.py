@@ -1,0 +1,196 @@
+"""How ``auto`` picks among the backends that can run a call on a GPU: by measuring them, once per shape class.
+
+The first call of a shape class (the op's key: dtypes, M's size class, the other sizes, dropout, training or not;
+plus the device) runs each candidate backend on the call's own inputs a few times, interleaved, and keeps the one
+with the lowest median. The winner is kept in memory and in a small JSON file per device and set of versions (torch,
+Triton, fastpeft, the extension), so later processes start with it: runs after the first take the same backend.
+
+- ``FASTPEFT_AUTO_MEASURE=0``: no measuring; ``auto`` takes the first candidate in its rule order.
+- ``FASTPEFT_CACHE_DIR``: the folder of the on-disk cache (default ``$XDG_CACHE_HOME/fastpeft`` or
+  ``~/.cache/fastpeft``); set it empty to keep winners in memory only.
+
+The file is replaced whole (write a temporary file, fsync, rename) under an exclusive lock, merging what other
+processes stored meanwhile; a file that cannot be read or parsed is treated as empty and rewritten, and an entry that
+names no current candidate is measured again. Nothing is measured while torch.compile traces, while a CUDA graph
+captures, or on fake tensors: those take a stored winner if there is one, else the rule order.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+MEASURE_ENV = "FASTPEFT_AUTO_MEASURE"
+CACHE_DIR_ENV = "FASTPEFT_CACHE_DIR"
+FORMAT = 1
+ROUNDS = 7  # timed calls per candidate, after one untimed call (compiles, autotuning, allocator warm-up)
+
+# key -> winner, for this process; filled from the disk on first use.
+_winners: dict[str, str] = {}
+_loaded_files: set[Path] = set()
+
+
+def size_class(m: int) -> int:
+    """M's size class: its next power of two (0 stays 0), so every sequence length of a class shares one choice."""
+    return 1 << (m - 1).bit_length() if m > 0 else 0
+
+
+def measuring_enabled() -> bool:
+    return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _versions() -> dict[str, str]:
+    from . import cuda_ext
+    versions = {"torch": torch.__version__, "cuda": str(torch.version.cuda),
+                "extension": "built" if cuda_ext.load()[0] is not None else "absent"}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "absent"
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        versions["fastpeft"] = version("fastpeft")
+    except PackageNotFoundError:
+        versions["fastpeft"] = "source"
+    return versions
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
+def cache_path(device: torch.device) -> Path | None:
+    """The on-disk cache file for ``device`` and this set of versions, or None when the disk cache is off."""
+    folder = os.environ.get(CACHE_DIR_ENV)
+    if folder is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(base, "fastpeft")
+    if not folder.strip():
+        return None
+    identity = json.dumps({"device": _device_name(device), **_versions()}, sort_keys=True)
+    return Path(folder) / f"auto-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+
+
+def _read(path: Path) -> dict[str, str]:
+    """The winners stored in ``path``; empty when it is missing, unreadable or not a cache of this format."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("winners"), dict):
+        return {}
+    return {k: v for k, v in data["winners"].items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _load(path: Path | None) -> None:
+    if path is not None and path not in _loaded_files:
+        _loaded_files.add(path)
+        for key, winner in _read(path).items():
+            _winners.setdefault(key, winner)
+
+
+def _store(path: Path, key: str, winner: str) -> None:
+    """Add one winner to the file: under an exclusive lock, read what is there, merge, replace the file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        winners = _read(path)
+        winners[key] = winner
+        text = json.dumps({"format": FORMAT, "winners": winners}, indent=1, sort_keys=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(handle, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+
+def cuda_timer(fn: Callable[[], None]) -> float:
+    """Seconds one call of ``fn`` takes on the current CUDA stream (events around it, waited on)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e-3
+
+
+def _cannot_measure(tensors: Sequence[torch.Tensor]) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    if any(isinstance(t, torch._subclasses.fake_tensor.FakeTensor) or t.device.type == "meta" for t in tensors):
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def fastest(key: tuple, candidates: Sequence[str], run: Callable[[str], None], tensors: Sequence[torch.Tensor],
+            timer: Callable[[Callable[[], None]], float] | None = None) -> str:
+    """The candidate backend that runs ``key``'s calls fastest here: stored, or measured now with ``run(name)``
+    (one call of the op on backend ``name``) and stored. ``candidates`` are in rule order; the first is the
+    answer whenever nothing may be measured."""
+    if len(candidates) == 1:
+        return candidates[0]
+    device = tensors[0].device
+    full_key = json.dumps([_device_name(device), *map(str, key)])
+    path = cache_path(device) if device.type != "meta" else None
+    _load(path)
+    stored = _winners.get(full_key)
+    if stored in candidates:
+        return stored
+    if not measuring_enabled() or _cannot_measure(tensors):
+        return candidates[0]
+    timer = timer or cuda_timer
+    runnable = []
+    for name in candidates:  # one untimed call each: compiles, autotuning, first allocations
+        try:
+            run(name)
+        except Exception as error:  # a candidate that fails here (out of memory, a compile error) is not chosen
+            warnings.warn(f"fastpeft auto: backend {name!r} failed while being measured and is not chosen for "
+                          f"this shape class: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
+        else:
+            runnable.append(name)
+    if len(runnable) <= 1:
+        return runnable[0] if runnable else candidates[0]
+    candidates = runnable
+    times = {name: [] for name in candidates}
+    for _ in range(ROUNDS):  # interleaved rounds, so drift (clocks, other work) hits every candidate alike
+        for name in candidates:
+            times[name].append(timer(lambda: run(name)))  # noqa: B023  (called at once)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    winner = min(candidates, key=lambda name: (medians[name], candidates.index(name)))
+    _winners[full_key] = winner
+    if path is not None:
+        try:
+            _store(path, full_key, winner)
+        except OSError:  # a read-only or full disk keeps the winner in memory only
+            pass
+    return winner
+
+
+def stored_winners() -> dict[str, str]:
+    """The winners this process knows (measured or read from the disk), by key."""
+    return dict(_winners)
+
+
+def forget() -> None:
+    """Forget the winners held in memory (the on-disk cache is left alone: delete its file to re-measure)."""
+    _winners.clear()
+    _loaded_files.clear()

@@ -1,0 +1,237 @@
+"""``auto`` by measurement: the candidates timed once per shape class, the winner kept in memory and on disk.
+
+On a CPU ``auto`` has one candidate (the torch path), so these tests make the Triton interpreter a second candidate
+and time the backends with a fake clock: each backend's forward advances it by a set cost.
+"""
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from fastpeft import auto, backends
+
+# The modules (fastpeft.ops re-exports functions of the same names).
+lora_op = importlib.import_module("fastpeft.ops.lora_linear")
+adapter_op = importlib.import_module("fastpeft.ops.adapter_bottleneck")
+
+from conftest import TRITON_DEVICE
+
+pytestmark = pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="needs Triton's interpreter as a second candidate")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+        self.calls = {"torch": 0, "triton": 0}
+
+    def timer(self, fn):
+        start = self.now
+        fn()
+        return self.now - start
+
+
+@pytest.fixture
+def clock(monkeypatch, tmp_path):
+    """Two candidates on the CPU (triton first in rule order), a fake timer, a private cache folder, an empty
+    memory; ``clock.cost`` sets what each backend's forward costs."""
+    fake = FakeClock()
+    fake.cost = {"torch": 5e-3, "triton": 1e-3}
+    monkeypatch.setenv(auto.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(auto.MEASURE_ENV, raising=False)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "auto_preference", lambda device: ("triton", "torch"))
+    monkeypatch.setattr(auto, "cuda_timer", fake.timer)
+    for table in (lora_op.LORA_LINEAR_BACKENDS, adapter_op.ADAPTER_BOTTLENECK_BACKENDS):
+        for name in ("torch", "triton"):
+            def costly(*args, _forward=table[name].forward, _name=name, **kwargs):
+                fake.now += fake.cost[_name]
+                fake.calls[_name] += 1
+                return _forward(*args, **kwargs)
+            monkeypatch.setitem(table, name, dataclasses.replace(table[name], forward=costly))
+    auto.forget()
+    yield fake
+    auto.forget()
+
+
+def lora_call(m=24, k=32, n=48, r=4, dtype=torch.float32, grad=False, **kwargs):
+    x = torch.randn(m, k, dtype=dtype, requires_grad=grad)
+    w = torch.randn(n, k, dtype=dtype)
+    a = torch.randn(r, k, requires_grad=grad)
+    b = torch.randn(n, r, requires_grad=grad)
+    return (x, w, None, a, b, 0.5), kwargs
+
+
+def test_measures_once_per_shape_class_and_keeps_the_fastest(clock):
+    args, _ = lora_call()
+    torch.testing.assert_close(lora_op.lora_linear(*args), lora_op.lora_linear_reference(*args), rtol=1e-5, atol=1e-5)
+    # One untimed and ROUNDS timed calls of each candidate, then the call itself on the winner.
+    assert clock.calls == {"torch": 1 + auto.ROUNDS, "triton": 2 + auto.ROUNDS}
+    assert list(auto.stored_winners().values()) == ["triton"]
+
+    lora_op.lora_linear(*lora_call(m=30)[0])  # M=30 is in M=24's size class (32): nothing measured
+    assert clock.calls == {"torch": 1 + auto.ROUNDS, "triton": 3 + auto.ROUNDS}
+
+    clock.cost = {"torch": 1e-3, "triton": 5e-3}  # a new class measures anew, and rule order does not decide
+    lora_op.lora_linear(*lora_call(m=100)[0])
+    assert sorted(auto.stored_winners().values()) == ["torch", "triton"]
+    assert clock.calls["torch"] == 1 + auto.ROUNDS + 1 + auto.ROUNDS + 1
+
+
+def test_the_key_separates_training_dropout_dtype_and_sizes(clock):
+    keys = set()
+    for kwargs in [dict(), dict(grad=True), dict(n=64), dict(r=8), dict(dtype=torch.bfloat16)]:
+        args, _ = lora_call(**kwargs)
+        lora_op.lora_linear(*args)
+        keys = set(auto.stored_winners())
+    args, _ = lora_call()
+    lora_op.lora_linear(*args, dropout_p=0.1, training=True)
+    assert len(auto.stored_winners()) == len(keys) + 1 == 6
+
+
+def test_winners_persist_on_disk_for_the_next_process(clock, tmp_path):
+    args, _ = lora_call()
+    lora_op.lora_linear(*args)
+    [path] = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    stored = json.loads(path.read_text())
+    assert stored["format"] == auto.FORMAT and list(stored["winners"].values()) == ["triton"]
+
+    auto.forget()  # a new process: memory empty, the file read on first use
+    clock.cost = {"torch": 1e-3, "triton": 5e-3}
+    before = dict(clock.calls)
+    lora_op.lora_linear(*args)
+    assert clock.calls["torch"] == before["torch"] and clock.calls["triton"] == before["triton"] + 1
+
+
+def test_a_corrupt_cache_file_is_measured_again_and_rewritten(clock, tmp_path):
+    args, _ = lora_call()
+    lora_op.lora_linear(*args)
+    [path] = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    for garbage in (b"\x00\xff not json", b'{"format": 1, "winners": [1, 2]}', b'{"format": 99, "winners": {}}'):
+        path.write_bytes(garbage)
+        auto.forget()
+        before = clock.calls["torch"]
+        lora_op.lora_linear(*args)
+        assert clock.calls["torch"] == before + 1 + auto.ROUNDS
+        assert list(json.loads(path.read_text())["winners"].values()) == ["triton"]
+
+
+def test_a_stored_winner_that_cannot_run_the_call_is_measured_again(clock, tmp_path):
+    args, _ = lora_call()
+    lora_op.lora_linear(*args)
+    [path] = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
+    stored = json.loads(path.read_text())
+    stored["winners"] = {k: "cuda" for k in stored["winners"]}  # not a candidate on this machine
+    path.write_text(json.dumps(stored))
+    auto.forget()
+    before = clock.calls["torch"]
+    lora_op.lora_linear(*args)
+    assert clock.calls["torch"] == before + 1 + auto.ROUNDS
+
+
+def test_switches_force_or_skip_the_measurement(clock, monkeypatch):
+    args, _ = lora_call()
+    lora_op.lora_linear(*args, backend="torch")
+    assert clock.calls == {"torch": 1, "triton": 0} and not auto.stored_winners()
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    lora_op.lora_linear(*args)
+    assert clock.calls == {"torch": 2, "triton": 0}
+    monkeypatch.delenv(backends.ENV_VAR)
+    monkeypatch.setenv(auto.MEASURE_ENV, "0")  # the rule order, nothing timed
+    lora_op.lora_linear(*args)
+    assert clock.calls == {"torch": 2, "triton": 1} and not auto.stored_winners()
+
+
+def test_the_disk_cache_can_be_off(clock, monkeypatch, tmp_path):
+    monkeypatch.setenv(auto.CACHE_DIR_ENV, "")
+    lora_op.lora_linear(*lora_call()[0])
+    assert auto.stored_winners() and not list(tmp_path.iterdir())
+
+
+def test_measuring_leaves_the_call_as_it_was(clock):
+    """The measured calls draw nothing from torch's generator (a dropout call without a seed draws the same one as
+    when the winner was stored), touch no gradient of the caller's tensors, and the call's gradients are right."""
+    args, _ = lora_call(grad=True)
+    x, w, bias, a, b, s = args
+    torch.manual_seed(0)
+    y = lora_op.lora_linear(x, w, bias, a, b, s, dropout_p=0.3, training=True)
+    state_measured = torch.get_rng_state()
+    assert x.grad is None and a.grad is None and clock.calls["torch"] > 1
+    y.sum().backward()
+    grads = [t.grad.clone() for t in (x, a, b)]
+
+    for t in (x, a, b):
+        t.grad = None
+    torch.manual_seed(0)
+    y2 = lora_op.lora_linear(x, w, bias, a, b, s, dropout_p=0.3, training=True)  # stored now: nothing measured
+    assert torch.equal(torch.get_rng_state(), state_measured)
+    y2.sum().backward()
+    torch.testing.assert_close(y2, y)
+    for g, t in zip(grads, (x, a, b)):
+        torch.testing.assert_close(t.grad, g)
+
+
+def test_the_adapter_op_measures_too(clock):
+    h = torch.randn(6, 32)
+    wd, wu = torch.randn(8, 32), torch.randn(32, 8)
+    out = adapter_op.adapter_bottleneck(h, wd, None, wu, None, 0.5, "gelu")
+    torch.testing.assert_close(out, adapter_op.adapter_bottleneck_reference(h, wd, None, wu, None, 0.5, "gelu"))
+    assert clock.calls["torch"] == 1 + auto.ROUNDS and len(auto.stored_winners()) == 1
+
+
+def test_a_candidate_that_fails_is_not_chosen(clock, monkeypatch):
+    table = lora_op.LORA_LINEAR_BACKENDS
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources")
+    monkeypatch.setitem(table, "triton", dataclasses.replace(table["triton"], forward=broken))
+    args, _ = lora_call()
+    with pytest.warns(RuntimeWarning, match="'triton' failed while being measured"):
+        y = lora_op.lora_linear(*args)
+    torch.testing.assert_close(y, lora_op.lora_linear_reference(*args), rtol=1e-5, atol=1e-5)
+    assert not auto.stored_winners()  # one runnable candidate is not a measurement worth keeping
+
+
+def test_nothing_is_measured_on_fake_tensors(clock):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(8, 8)
+        assert auto.fastest(("k",), ["triton", "torch"], lambda name: pytest.fail("measured"), [x]) == "triton"
+
+
+def _store_many(folder, prefix, count):
+    os.environ[auto.CACHE_DIR_ENV] = folder
+    path = auto.cache_path(torch.device("cpu"))
+    for i in range(count):
+        auto._store(path, f"{prefix}{i}", "torch")
+
+
+def test_concurrent_writers_merge_and_a_killed_writer_leaves_a_whole_file(tmp_path):
+    """Two processes storing different keys at once lose none; a writer killed at random instants leaves the file
+    either as it was or with its new entry, always readable."""
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_store_many, args=(str(tmp_path), prefix, 40)) for prefix in ("a", "b")]
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(60)
+        assert p.exitcode == 0
+    os.environ[auto.CACHE_DIR_ENV] = str(tmp_path)
+    try:
+        path = auto.cache_path(torch.device("cpu"))
+        assert set(auto._read(path)) == {f"{p}{i}" for p in "ab" for i in range(40)}
+        for delay in (0.002, 0.005, 0.01, 0.02, 0.05):
+            writer = context.Process(target=_store_many, args=(str(tmp_path), f"k{delay}-", 10_000))
+            writer.start()
+            time.sleep(delay)
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.join()
+            winners = json.loads(path.read_text())["winners"]  # parses: never a torn file
+            assert {f"{p}{i}" for p in "ab" for i in range(40)} <= set(winners)
+    finally:
+        del os.environ[auto.CACHE_DIR_ENV]
