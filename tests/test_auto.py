@@ -13,14 +13,13 @@ import time
 
 import pytest
 import torch
+from conftest import TRITON_DEVICE
 
 from fastpeft import auto, backends
 
 # The modules (fastpeft.ops re-exports functions of the same names).
 lora_op = importlib.import_module("fastpeft.ops.lora_linear")
 adapter_op = importlib.import_module("fastpeft.ops.adapter_bottleneck")
-
-from conftest import TRITON_DEVICE
 
 pytestmark = pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="needs Triton's interpreter as a second candidate")
 
@@ -172,7 +171,7 @@ def test_measuring_leaves_the_call_as_it_was(clock):
     assert torch.equal(torch.get_rng_state(), state_measured)
     y2.sum().backward()
     torch.testing.assert_close(y2, y)
-    for g, t in zip(grads, (x, a, b)):
+    for g, t in zip(grads, (x, a, b), strict=True):
         torch.testing.assert_close(t.grad, g)
 
 
