@@ -4,7 +4,7 @@ import torch
 from conftest import TOLERANCE, gpu, lora_linear_inputs, rel_err
 
 import fastpeft
-from fastpeft import backends
+from fastpeft import auto, backends
 
 pytestmark = [gpu, pytest.mark.gpu]
 
@@ -30,10 +30,29 @@ def test_training_shape_matches_reference(dtype, p):
         assert rel_err(got, want) <= TOLERANCE[dtype]
 
 
-def test_auto_picks_triton_on_cuda():
-    x = torch.randn(4, 8, device="cuda", dtype=torch.bfloat16)
-    assert backends.select_backend("auto", [x]) == "triton"
-    assert backends.select_backend("auto", [x.double()]) == "torch"
+def test_auto_measures_on_cuda_and_keeps_the_winner(tmp_path, monkeypatch):
+    """auto times the backends that can serve a call (decode-sized: cuda if built, triton, torch), keeps the winner
+    in memory and on disk, and the result is right whichever won; fp64 has one candidate, nothing measured."""
+    monkeypatch.setenv(auto.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(auto.MEASURE_ENV, raising=False)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    auto.forget()
+    try:
+        for M in (8, 2048):
+            x, w, b, a, bb, _ = _inputs(M, 1024, 1024, 16, torch.bfloat16)
+            with torch.no_grad():
+                y = fastpeft.lora_linear(x, w, b, a, bb, 2.0)
+            ref = fastpeft.lora_linear_reference(x.double(), w.double(), b.double(), a.double(), bb.double(), 2.0)
+            assert rel_err(y, ref) <= TOLERANCE[torch.bfloat16]
+        winners = auto.stored_winners()
+        assert len(winners) == 2 and set(winners.values()) <= {"cuda", "triton", "torch"}, winners
+        assert any(p.suffix == ".json" for p in tmp_path.iterdir())
+        print("auto winners:", winners)
+        x64 = x.double()
+        fastpeft.lora_linear(x64, w.double(), None, a.double(), bb.double(), 2.0)
+        assert len(auto.stored_winners()) == 2
+    finally:
+        auto.forget()
 
 
 def test_backward_is_deterministic():
