@@ -51,19 +51,21 @@ class Backend:
     ``forward`` and ``backward`` run the op on this backend (``backward`` None: forward-only, so a call that needs
     gradients is refused). ``reasons(*call)`` says why this backend cannot run a given call, beyond what all ops
     share (the machine, the build, the devices and dtypes: :func:`not_supported_reasons`). ``forward_fake`` gives
-    the shapes and dtypes ``forward`` returns, for torch.compile.
+    the shapes and dtypes ``forward`` returns, for torch.compile. ``variants()`` names other entries of the table
+    ("triton:epilogue") that run this backend in other ways: ``auto`` measures those instead of this entry.
     """
     forward: Callable
     backward: Callable | None = None
     reasons: Callable[..., list[str]] = _no_reasons
     forward_fake: Callable | None = None
+    variants: Callable[[], tuple[str, ...]] = tuple
 
 
 def autograd_backend(table: dict[str, Backend], name: str) -> Backend:
     """The entry of a backend that a torch.library op with registered autograd can run (it has a backward)."""
     entry = table.get(name)
     if entry is None or entry.backward is None:
-        usable = [n for n, e in table.items() if e.backward is not None]
+        usable = [n for n, e in table.items() if e.backward is not None and n in BACKENDS]
         raise ValueError(f"backend must be {' or '.join(map(repr, usable))} for the autograd op, got {name!r}")
     return entry
 
@@ -188,6 +190,8 @@ def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict
         if measure is None or not auto.measuring_enabled():
             return first
         candidates = [c for c in preference if not reasons_against(c)]
+        if table is not None:  # a backend's variants share its reasons
+            candidates = [v for c in candidates for v in (table[c].variants() or (c,))]
         if len(candidates) == 1:
             return first
         key, run = measure()

@@ -16,6 +16,11 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
+# How the fused LoRA GEMM adds the low-rank term (kernels/lora_linear.py: ``lora_gemm``). ``auto`` measures each;
+# $FASTPEFT_GEMM_VARIANT fixes one by hand.
+GEMM_VARIANTS = ("prologue", "epilogue", "cublas")
+GEMM_VARIANT_ENV = "FASTPEFT_GEMM_VARIANT"
+
 
 def kernel_dtype_reason(dtype: torch.dtype) -> str | None:
     """Why the kernels cannot take a tensor of ``dtype`` (None when they can)."""

@@ -47,8 +47,11 @@ def _launches():
         stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
         stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
-                        EVEN_K=True, LOWRANK_LAST=False))
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False))
     epilogue_gemm_fwd = dict(bf16_gemm_fwd, constexprs=dict(bf16_gemm_fwd["constexprs"], LOWRANK_LAST=True))
+    # The "cublas" variant's own launch: cuBLAS did the base product, the low-rank term is added onto out.
+    lowrank_pass = dict(bf16_gemm_fwd, constexprs=dict(bf16_gemm_fwd["constexprs"], HAS_BIAS=False,
+                                                            BASE_IN_OUT=True))
     rank64_gemm_fwd = dict(bf16_gemm_fwd, R=64, stride_lm=64, stride_un=64,
                            constexprs=dict(bf16_gemm_fwd["constexprs"], BLOCK_R=64))
     bf16_gemm_dx = dict(
@@ -57,7 +60,7 @@ def _launches():
         stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_lm=R, stride_lr=1, stride_ur=K, stride_un=1,
         stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
         constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
-                        EVEN_K=True, LOWRANK_LAST=False))
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False))
     shrink = dict(
         x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", M=M, K=K, R=R, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K,
         stride_ak=1, seed=12345, p=0.1, keep_scale=1.1,
@@ -106,6 +109,7 @@ def _launches():
         ("_lora_gemm_kernel", "forward r=64", rank64_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "forward, low-rank term last", epilogue_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS)),  # with dropout
+        ("_lora_gemm_kernel", "low-rank pass onto cuBLAS", lowrank_pass, as_dicts(lora.LOWRANK_PASS_CONFIGS)),
         ("_lora_shrink_kernel", "forward", shrink, as_dicts(lora.SHRINK_CONFIGS)),
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpeft.checks import GEMM_VARIANT_ENV, GEMM_VARIANTS
+
 from .common import (
     GEMM_CONFIGS,
     GEMM_DEFAULT,
@@ -112,15 +114,16 @@ def _lora_gemm_kernel(
     lr_scale, seed, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr, BASE_IN_OUT: tl.constexpr,
 ):
-    """out (M, N) = a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) + bias (N).
+    """out (M, N) = a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) + bias (N) [+ out].
 
     Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lr_scale = s. Backward: a = dY, b = W, l = dS, u = A,
     lr_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
     LOWRANK_LAST picks the variant: False seeds the accumulator with the low-rank dot before the K loop; True loads
     the low-rank operands before the loop but adds their dot after it, so the pipeline's first loads wait on
-    nothing (which one is faster is for a GPU to measure: see ``GEMM_VARIANTS``).
+    nothing (which one is faster is for a GPU to measure: see ``GEMM_VARIANTS``). BASE_IN_OUT: out already holds
+    the base product (the "cublas" variant: cuBLAS wrote it), so there is no K loop and the term is added onto out.
     """
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -138,23 +141,24 @@ def _lora_gemm_kernel(
         acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
     # The base K loop. Seam: a quantised base would dequantise its b tile here, as it loads.
-    a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = rk < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if not BASE_IN_OUT:
+        a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = rk < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     if LOWRANK_LAST:
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
-    _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS)
+    _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS, BASE_IN_OUT)
 
 
 @triton.jit
@@ -180,12 +184,17 @@ def _lowrank_term(lo, up, rm, n0, N, seed, p, DROPOUT: tl.constexpr, DOT_PRECISI
 
 
 @triton.jit
-def _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr):
-    """Bias, then the store of the tile. Seam: DoRA's per-column output scale would multiply acc here."""
+def _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr,
+                   ADD_OUT: tl.constexpr):
+    """Bias (and what out holds), then the store of the tile. Seam: DoRA's per-column output scale would multiply
+    acc here."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
+    if ADD_OUT:
+        acc += tl.load(out_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
 @triton.jit
@@ -280,7 +289,12 @@ DA_CONFIGS = [
     for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 2), (64, 128, 4, 3), (128, 128, 4, 3)]
 ]
 
+# The "cublas" variant's pass adding the low-rank term onto out: no K loop (BLOCK_K unused), no pipeline.
+LOWRANK_PASS_CONFIGS = [config(w, 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=8)
+                        for bm, bn, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]]
+
 # Without autotuning: configs that fit every supported GPU's shared memory, fp32 included.
+LOWRANK_PASS_DEFAULT = LOWRANK_PASS_CONFIGS[2]
 SHRINK_DEFAULT = SHRINK_CONFIGS[2]
 DY_DEFAULT = DY_CONFIGS[0]
 DA_DEFAULT = DA_CONFIGS[0]
@@ -295,6 +309,8 @@ INTERPRET_DA = dict(BLOCK_M=32, BLOCK_K=32)
 # Shared memory of one config in bytes (see ``register_shared_memory``), fitted to the compiled kernels: the AOT
 # tests hold each within 10% or 16 KiB above the real figure of every config, on both archs.
 def _gemm_shared(b, sizes, stages, arch):
+    if b.get("BASE_IN_OUT"):  # no K loop: converting the out tile and u's tile
+        return b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"] + b["BLOCK_N"] * b["BLOCK_R"] * 4
     a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
     b_tile = b["BLOCK_K"] * b["BLOCK_N"] * sizes["b_ptr"]
     if arch >= 90:  # plus u's (R × BLOCK_N) tile in the compute dtype, for the wgmma of the low-rank term
@@ -327,10 +343,10 @@ for _name, _need in [("_lora_gemm_kernel", _gemm_shared), ("_lora_shrink_kernel"
     register_shared_memory(_name, _need)
 
 _gemm = even_k(_lora_gemm_kernel)
-# Where the fused GEMM adds the low-rank term: "prologue" seeds the accumulator with it before the K loop, "epilogue"
-# adds it after (its operands loaded before the loop). Both are exact; the first GPU run compares their speed.
-GEMM_VARIANTS = ("prologue", "epilogue")
-GEMM_VARIANT_ENV = "FASTPEFT_GEMM_VARIANT"
+# How the fused GEMM adds the low-rank term (GEMM_VARIANTS): "prologue" seeds the accumulator with it before the K
+# loop, "epilogue" adds it after (its operands loaded before the loop), "cublas" leaves the base product to torch
+# (cuBLAS on a GPU) and adds the term in a second pass over the output (2·M·N more bytes moved; no K loop of ours).
+# All are exact; which is fastest is for a GPU to measure (``auto`` times them, the GPU check's headline too).
 
 
 def gemm_variant(variant=None) -> str:
@@ -345,8 +361,9 @@ def gemm_variant(variant=None) -> str:
 
 # Tuned once per size class (M_BUCKET: M's next power of two), never per sequence length. The GEMM also keys on
 # dropout and on the operands' layout, so backward's dX (W untransposed, masked) never inherits forward's winner.
-_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAST", "stride_ak", "stride_bk"],
-                        "_lora_gemm_kernel")
+_gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAST", "BASE_IN_OUT", "stride_ak",
+                                                        "stride_bk"], "_lora_gemm_kernel")
+_lowrank_pass_tuned = autotuned(_gemm, LOWRANK_PASS_CONFIGS, GEMM_KEY + ["DROPOUT", "BASE_IN_OUT"], "_lora_gemm_kernel")
 _shrink_tuned = autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_shrink_kernel")
 _dy_tuned = autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M_BUCKET", "N"], "_lora_bwd_dy_kernel")
 _da_tuned = autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_bwd_da_kernel")
@@ -374,7 +391,11 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
     on_cpu = a.device.type == "cpu"
-    launch(_gemm_tuned, _gemm, GEMM_DEFAULT, INTERPRET_GEMM,
+    tuned, default = _gemm_tuned, GEMM_DEFAULT
+    if variant == "cublas":  # the base product and bias by torch into out; the kernel adds the low-rank term
+        torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+        bias, tuned, default = None, _lowrank_pass_tuned, LOWRANK_PASS_DEFAULT
+    launch(tuned, _gemm, default, INTERPRET_GEMM,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
             a, b, lo, up, bias.contiguous() if bias is not None else out, out,
             M, N, K, R, triton.next_power_of_2(M),
@@ -382,7 +403,8 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             up.stride(0), up.stride(1), out.stride(0), out.stride(1),
             lr_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
-            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue")
+            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue",
+            BASE_IN_OUT=variant == "cublas")
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> torch.Tensor:
@@ -396,12 +418,13 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> to
     return out.bool()
 
 
-def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int):
+def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, variant=None):
     """Forward of the fused LoRA linear.
 
     x (M, K) fp16/bf16/fp32, any strides; weight (N, K) and bias (N,) in x's dtype; lora_A (R, K) and
     lora_B (N, R) in any of those dtypes (computed in x's dtype, accumulated in fp32).
-    Returns y (M, N) in x's dtype and S = drop(x) Aᵀ (M, R) in fp32, which backward needs.
+    Returns y (M, N) in x's dtype and S = drop(x) Aᵀ (M, R) in fp32, which backward needs. ``variant``: the fused
+    GEMM's (see ``lora_gemm``).
     """
     M, K = x.shape
     N, R = lora_B.shape
@@ -417,16 +440,17 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
             DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(x.dtype, on_cpu), DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=_rank_block(R))
-    lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling)
+    lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling, variant=variant)
     return y, s
 
 
 def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float, seed: int,
-             needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool):
+             needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool, variant=None):
     """Backward of the fused LoRA linear: (dx, dA, dB, dbias), each None where not needed.
 
     dy (M, N) in the forward's dtype, any strides; x (M, K) as in forward (only read when dA is needed);
-    s = S from forward (M, R) fp32. dA, dB come back in the adapters' dtype, dx and dbias in x's dtype.
+    s = S from forward (M, R) fp32. dA, dB come back in the adapters' dtype, dx and dbias in x's dtype. ``variant``:
+    the dX GEMM's (see ``lora_gemm``).
     """
     M, N = dy.shape
     R, K = lora_A.shape
@@ -480,12 +504,13 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
 
     if needs_dx:
         dx = new_output((M, K), dy.dtype, device)
-        lora_gemm(dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p)
+        lora_gemm(dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p, variant=variant)
     return dx, da, db, dbias
 
 
 def autotune_winners() -> dict[str, str]:
     """The config autotuning chose last for each tuned kernel (for the GPU check's report)."""
-    tuned = {"_lora_gemm_kernel": _gemm_tuned, "_lora_shrink_kernel": _shrink_tuned, "_lora_bwd_dy_kernel": _dy_tuned,
+    tuned = {"_lora_gemm_kernel": _gemm_tuned, "low-rank pass (cublas variant)": _lowrank_pass_tuned,
+             "_lora_shrink_kernel": _shrink_tuned, "_lora_bwd_dy_kernel": _dy_tuned,
              "_lora_bwd_da_kernel": _da_tuned}
     return {name: str(getattr(kernel, "best_config", None)) for name, kernel in tuned.items()}

@@ -27,32 +27,36 @@ pytestmark = pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="needs Triton's i
 class FakeClock:
     def __init__(self):
         self.now = 0.0
-        self.calls = {"torch": 0, "triton": 0}
+        self.calls = {}
+        self.cost = {}
 
     def timer(self, fn):
         start = self.now
         fn()
         return self.now - start
 
+    def count(self, prefix):
+        return sum(n for name, n in self.calls.items() if name.startswith(prefix))
+
 
 @pytest.fixture
 def clock(monkeypatch, tmp_path):
-    """Two candidates on the CPU (triton first in rule order), a fake timer, a private cache folder, an empty
-    memory; ``clock.cost`` sets what each backend's forward costs."""
+    """Two backends on the CPU (triton first in rule order; it has three GEMM variants), a fake timer, a private
+    cache folder, an empty memory; ``clock.cost`` sets what each table entry's forward costs (default 5 ms)."""
     fake = FakeClock()
-    fake.cost = {"torch": 5e-3, "triton": 1e-3}
+    fake.cost = {"torch": 5e-3, "triton:prologue": 2e-3, "triton:epilogue": 1e-3, "triton:cublas": 3e-3}
     monkeypatch.setenv(auto.CACHE_DIR_ENV, str(tmp_path))
-    monkeypatch.delenv(auto.MEASURE_ENV, raising=False)
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    for variable in (auto.MEASURE_ENV, backends.ENV_VAR, "FASTPEFT_GEMM_VARIANT"):
+        monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(backends, "auto_preference", lambda device: ("triton", "torch"))
     monkeypatch.setattr(auto, "cuda_timer", fake.timer)
     for table in (lora_op.LORA_LINEAR_BACKENDS, adapter_op.ADAPTER_BOTTLENECK_BACKENDS):
-        for name in ("torch", "triton"):
-            def costly(*args, _forward=table[name].forward, _name=name, **kwargs):
-                fake.now += fake.cost[_name]
-                fake.calls[_name] += 1
+        for name, entry in list(table.items()):
+            def costly(*args, _forward=entry.forward, _name=name, **kwargs):
+                fake.now += fake.cost.get(_name, 5e-3)
+                fake.calls[_name] = fake.calls.get(_name, 0) + 1
                 return _forward(*args, **kwargs)
-            monkeypatch.setitem(table, name, dataclasses.replace(table[name], forward=costly))
+            monkeypatch.setitem(table, name, dataclasses.replace(entry, forward=costly))
     auto.forget()
     yield fake
     auto.forget()
@@ -69,17 +73,26 @@ def lora_call(m=24, k=32, n=48, r=4, dtype=torch.float32, grad=False, **kwargs):
 def test_measures_once_per_shape_class_and_keeps_the_fastest(clock):
     args, _ = lora_call()
     torch.testing.assert_close(lora_op.lora_linear(*args), lora_op.lora_linear_reference(*args), rtol=1e-5, atol=1e-5)
-    # One untimed and ROUNDS timed calls of each candidate, then the call itself on the winner.
-    assert clock.calls == {"torch": 1 + auto.ROUNDS, "triton": 2 + auto.ROUNDS}
-    assert list(auto.stored_winners().values()) == ["triton"]
+    # One untimed and ROUNDS timed calls of each candidate (triton's three GEMM variants and torch), then the call
+    # itself on the winner; the plain "triton" entry is never measured, its variants are.
+    once = 1 + auto.ROUNDS
+    assert clock.calls == {"torch": once, "triton:prologue": once, "triton:epilogue": once + 1, "triton:cublas": once}
+    assert list(auto.stored_winners().values()) == ["triton:epilogue"]
 
     lora_op.lora_linear(*lora_call(m=30)[0])  # M=30 is in M=24's size class (32): nothing measured
-    assert clock.calls == {"torch": 1 + auto.ROUNDS, "triton": 3 + auto.ROUNDS}
+    assert clock.calls["triton:epilogue"] == once + 2 and clock.count("") == 4 * once + 2
 
-    clock.cost = {"torch": 1e-3, "triton": 5e-3}  # a new class measures anew, and rule order does not decide
+    clock.cost["torch"] = 0.5e-3  # a new class measures anew, and rule order does not decide
     lora_op.lora_linear(*lora_call(m=100)[0])
-    assert sorted(auto.stored_winners().values()) == ["torch", "triton"]
-    assert clock.calls["torch"] == 1 + auto.ROUNDS + 1 + auto.ROUNDS + 1
+    assert sorted(auto.stored_winners().values()) == ["torch", "triton:epilogue"]
+    assert clock.calls["torch"] == 2 * once + 1
+
+
+def test_a_gemm_variant_fixed_by_hand_is_the_only_triton_candidate(clock, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "cublas")
+    lora_op.lora_linear(*lora_call()[0])
+    once = 1 + auto.ROUNDS
+    assert clock.calls == {"torch": once, "triton": once + 1}  # the plain entry runs $FASTPEFT_GEMM_VARIANT's
 
 
 def test_the_key_separates_training_dropout_dtype_and_sizes(clock):
@@ -98,13 +111,13 @@ def test_winners_persist_on_disk_for_the_next_process(clock, tmp_path):
     lora_op.lora_linear(*args)
     [path] = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
     stored = json.loads(path.read_text())
-    assert stored["format"] == auto.FORMAT and list(stored["winners"].values()) == ["triton"]
+    assert stored["format"] == auto.FORMAT and list(stored["winners"].values()) == ["triton:epilogue"]
 
     auto.forget()  # a new process: memory empty, the file read on first use
-    clock.cost = {"torch": 1e-3, "triton": 5e-3}
-    before = dict(clock.calls)
+    clock.cost["torch"] = 0.5e-3
+    before = clock.count("")
     lora_op.lora_linear(*args)
-    assert clock.calls["torch"] == before["torch"] and clock.calls["triton"] == before["triton"] + 1
+    assert clock.count("") == before + 1 and clock.calls["triton:epilogue"] == 2 + auto.ROUNDS + 1
 
 
 def test_a_corrupt_cache_file_is_measured_again_and_rewritten(clock, tmp_path):
@@ -117,7 +130,7 @@ def test_a_corrupt_cache_file_is_measured_again_and_rewritten(clock, tmp_path):
         before = clock.calls["torch"]
         lora_op.lora_linear(*args)
         assert clock.calls["torch"] == before + 1 + auto.ROUNDS
-        assert list(json.loads(path.read_text())["winners"].values()) == ["triton"]
+        assert list(json.loads(path.read_text())["winners"].values()) == ["triton:epilogue"]
 
 
 def test_a_stored_winner_that_cannot_run_the_call_is_measured_again(clock, tmp_path):
@@ -136,10 +149,10 @@ def test_a_stored_winner_that_cannot_run_the_call_is_measured_again(clock, tmp_p
 def test_switches_force_or_skip_the_measurement(clock, monkeypatch):
     args, _ = lora_call()
     lora_op.lora_linear(*args, backend="torch")
-    assert clock.calls == {"torch": 1, "triton": 0} and not auto.stored_winners()
+    assert clock.calls == {"torch": 1} and not auto.stored_winners()
     monkeypatch.setenv(backends.ENV_VAR, "torch")
     lora_op.lora_linear(*args)
-    assert clock.calls == {"torch": 2, "triton": 0}
+    assert clock.calls == {"torch": 2}
     monkeypatch.delenv(backends.ENV_VAR)
     monkeypatch.setenv(auto.MEASURE_ENV, "0")  # the rule order, nothing timed
     lora_op.lora_linear(*args)
@@ -176,11 +189,13 @@ def test_measuring_leaves_the_call_as_it_was(clock):
 
 
 def test_the_adapter_op_measures_too(clock):
+    clock.cost["triton"] = 1e-3
     h = torch.randn(6, 32)
     wd, wu = torch.randn(8, 32), torch.randn(32, 8)
     out = adapter_op.adapter_bottleneck(h, wd, None, wu, None, 0.5, "gelu")
     torch.testing.assert_close(out, adapter_op.adapter_bottleneck_reference(h, wd, None, wu, None, 0.5, "gelu"))
-    assert clock.calls["torch"] == 1 + auto.ROUNDS and len(auto.stored_winners()) == 1
+    assert clock.calls["torch"] == 1 + auto.ROUNDS and clock.calls["triton"] == 2 + auto.ROUNDS
+    assert list(auto.stored_winners().values()) == ["triton"]
 
 
 def test_a_candidate_that_fails_is_not_chosen(clock, monkeypatch):
@@ -188,12 +203,18 @@ def test_a_candidate_that_fails_is_not_chosen(clock, monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of resources")
-    monkeypatch.setitem(table, "triton", dataclasses.replace(table["triton"], forward=broken))
+    for name in ("triton:prologue", "triton:epilogue"):
+        monkeypatch.setitem(table, name, dataclasses.replace(table[name], forward=broken))
     args, _ = lora_call()
-    with pytest.warns(RuntimeWarning, match="'triton' failed while being measured"):
+    with pytest.warns(RuntimeWarning, match="'triton:epilogue' failed while being measured"):
         y = lora_op.lora_linear(*args)
     torch.testing.assert_close(y, lora_op.lora_linear_reference(*args), rtol=1e-5, atol=1e-5)
-    assert not auto.stored_winners()  # one runnable candidate is not a measurement worth keeping
+    assert list(auto.stored_winners().values()) == ["triton:cublas"]
+
+    monkeypatch.setitem(table, "triton:cublas", dataclasses.replace(table["triton:cublas"], forward=broken))
+    with pytest.warns(RuntimeWarning, match="'triton:cublas' failed"):
+        y = lora_op.lora_linear(*lora_call(m=200)[0])
+    assert len(auto.stored_winners()) == 1  # one runnable candidate is not a measurement worth keeping
 
 
 def test_nothing_is_measured_on_fake_tensors(clock):

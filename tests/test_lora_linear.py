@@ -223,10 +223,11 @@ def test_kernel_outputs_start_poisoned_in_the_tests():
 @pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
 @pytest.mark.parametrize("case", [Case(17, 70, 97, 8, fp32, fp32, True, 0.2, "2d"),
                                   Case(130, 100, 33, 16, bf16, fp32, False, 0.1, "3d")], ids=lambda c: c.id)
-def test_both_gemm_variants_match_the_reference(monkeypatch, case):
-    """The fused GEMM adds the low-rank term before the K loop ("prologue") or after it ("epilogue"): both exact, in
-    forward and in the dX GEMM with dropout, so a GPU run may pick either by speed."""
+def test_every_gemm_variant_matches_the_reference(monkeypatch, case):
+    """The fused GEMM adds the low-rank term before the K loop ("prologue"), after it ("epilogue"), or onto torch's
+    base product ("cublas"): all exact, in forward and in the dX GEMM with dropout, so auto may pick any by speed."""
     from fastpeft.kernels import lora_linear as kernels
+    assert kernels.GEMM_VARIANTS == ("prologue", "epilogue", "cublas")
     for variant in kernels.GEMM_VARIANTS:
         monkeypatch.setenv(kernels.GEMM_VARIANT_ENV, variant)
         x, w, b, a, bb, dy = make_inputs(case, TRITON_DEVICE)

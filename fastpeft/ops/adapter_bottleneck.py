@@ -261,11 +261,15 @@ def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, resi
     name = select_backend(backend, tensors, ADAPTER_BOTTLENECK_BACKENDS, (h2d, w_down, b_down, w_up, b_up, res2d),
                           needs_grad, lambda: _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation,
                                                            needs_grad))
+    return _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation).reshape(h.shape)
+
+
+def _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation):
+    """The op on 2-D h on the table's entry ``name``, inputs checked."""
     entry = ADAPTER_BOTTLENECK_BACKENDS[name]
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
-        return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation).reshape(h.shape)
-    out = adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, name)[0]
-    return out.reshape(h.shape)
+        return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation)
+    return adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, name)[0]
 
 
 def _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, needs_grad):
@@ -278,9 +282,8 @@ def _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, ne
               for t in (h2d, w_down, b_down, w_up, b_up, res2d)]
 
     def run(name):
-        h, wd, bd, wu, bu, res = inputs
         with torch.enable_grad() if needs_grad else torch.no_grad():
-            out = _adapter_bottleneck(h, wd, bd, wu, bu, scaling, activation, res, name)
+            out = _run_on(name, *inputs, scaling, activation)
             if needs_grad:
                 out.backward(torch.ones_like(out))
     return key, run

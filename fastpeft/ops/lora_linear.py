@@ -7,15 +7,24 @@ autograd backends, input checks, and the public ``lora_linear``. The Triton kern
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import os
 
 import torch
 from torch import Tensor
 
 from ..auto import size_class
 from ..backends import Backend, autograd_backend, select_backend
-from ..checks import FLOAT_DTYPES, check_finite_number, check_probability, check_same_device
+from ..checks import (
+    FLOAT_DTYPES,
+    GEMM_VARIANT_ENV,
+    GEMM_VARIANTS,
+    check_finite_number,
+    check_probability,
+    check_same_device,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference: plain differentiable torch ops, the definition every backend is tested against.
@@ -112,9 +121,9 @@ def _torch_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropo
                            *needs)
 
 
-def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, variant=None):
     from ..kernels import lora_linear as kernels
-    y, s = kernels.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    y, s = kernels.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, variant)
     return y, s, None  # the mask is regenerated from the seed in backward, never stored
 
 
@@ -124,9 +133,18 @@ def _triton_forward_fake(x, weight, lora_A, dropout_p):
             x.new_empty((0,), dtype=torch.bool))
 
 
-def _triton_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs):
+def _triton_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs, variant=None):
     from ..kernels import lora_linear as kernels
-    return kernels.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed), *needs)
+    return kernels.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed), *needs, variant=variant)
+
+
+def _triton_entry(variant=None):
+    """The triton backend running the fused GEMM's ``variant`` (None: ``$FASTPEFT_GEMM_VARIANT``'s, else the
+    default); the plain entry lists the others for ``auto`` to measure, unless that variable fixes one."""
+    return Backend(forward=functools.partial(_triton_forward, variant=variant),
+                   backward=functools.partial(_triton_backward, variant=variant), forward_fake=_triton_forward_fake,
+                   variants=(lambda: () if os.environ.get(GEMM_VARIANT_ENV) else TRITON_VARIANTS) if variant is None
+                   else tuple)
 
 
 def _cuda_reasons(x, weight, bias, lora_A, lora_B, dropout_p):
@@ -144,11 +162,14 @@ def _cuda_forward(x, weight, bias, lora_A, lora_B, scaling):
     return decode(x, weight, bias, lora_A, lora_B, float(scaling))
 
 
+TRITON_VARIANTS = tuple(f"triton:{variant}" for variant in GEMM_VARIANTS)
 LORA_LINEAR_BACKENDS = {
     "torch": Backend(forward=_torch_lora_fwd, backward=_torch_backward, forward_fake=_torch_forward_fake),
-    "triton": Backend(forward=_triton_forward, backward=_triton_backward, forward_fake=_triton_forward_fake),
+    "triton": _triton_entry(),
     # Decode (M <= 16 rows), inference only: the compiled kernel has a forward op of its own, no autograd.
     "cuda": Backend(forward=_cuda_forward, reasons=_cuda_reasons),
+    # The fused GEMM's variants, for auto to measure (a user picks one with $FASTPEFT_GEMM_VARIANT).
+    **{name: _triton_entry(name.partition(":")[2]) for name in TRITON_VARIANTS},
 }
 
 
@@ -321,12 +342,16 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, p), needs_grad,
                           lambda: _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad))
+    seed = -1 if dropout_seed is None else int(dropout_seed)
+    return _run_on(name, x2d, weight, bias, lora_A, lora_B, scaling, p, seed).reshape(*lead, weight.shape[0])
+
+
+def _run_on(name, x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
+    """The op on 2-D x on the table's entry ``name``, inputs checked."""
     entry = LORA_LINEAR_BACKENDS[name]
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
-        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling).reshape(*lead, weight.shape[0])
-    seed = -1 if dropout_seed is None else int(dropout_seed)
-    y = lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)[0]
-    return y.reshape(*lead, weight.shape[0])
+        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling)
+    return lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)[0]
 
 
 def _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad):
@@ -340,7 +365,7 @@ def _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad):
 
     def run(name):
         with torch.enable_grad() if needs_grad else torch.no_grad():
-            y = lora_linear(*inputs, scaling, p, training=True, backend=name, dropout_seed=0)
+            y = _run_on(name, *inputs, scaling, p, 0)
             if needs_grad:
                 y.backward(torch.ones_like(y))
     return key, run
