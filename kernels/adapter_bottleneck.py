@@ -107,10 +107,10 @@ def _adapter_gemm_kernel(
     if HAS_RES:
         acc += tl.load(res_ptr + rm_load[:, None] * stride_rm + rn_load[None, :] * stride_rn).to(tl.float32)
     in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
-    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :] * stride_on
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)
     if STORE_ACT:
-        act_ptrs = aux_ptr + rm[:, None].to(tl.int64) * stride_xm + rn[None, :] * stride_xn
+        act_ptrs = aux_ptr + rm[:, None].to(tl.int64) * stride_xm + rn[None, :].to(tl.int64) * stride_xn
         tl.store(act_ptrs, _act(acc, ACT).to(aux_ptr.dtype.element_ty), mask=in_bounds)
 
 

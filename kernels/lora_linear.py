@@ -222,12 +222,12 @@ def _lora_bwd_dy_kernel(
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     n_begin = split * cols_per_split
     n_end = tl.minimum(n_begin + cols_per_split, N)
-    dy_ptrs = dy_ptr + rm[:, None].to(tl.int64) * stride_dym + (n_begin + rn)[None, :] * stride_dyn
+    dy_ptrs = dy_ptr + rm[:, None].to(tl.int64) * stride_dym + (n_begin + rn).to(tl.int64)[None, :] * stride_dyn
     part = pid_m.to(tl.int64) * N
     for n0 in range(n_begin, n_end, BLOCK_N):
         n_ok = rn < n_end - n0
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(COMPUTE)
-        b = tl.load(b_ptr + (n0 + rn)[:, None] * stride_bn + rr[None, :] * stride_br,
+        b = tl.load(b_ptr + (n0 + rn).to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
         ds = tl.dot(dy, b, ds, input_precision=DOT_PRECISION)
         db = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION)
@@ -261,7 +261,7 @@ def _lora_bwd_da_kernel(
     for m0 in range(m_begin, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < m_end
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk,
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
         if DROPOUT:
             x = tl.where(_dropout_keep(seed, p, rm, pid_k * BLOCK_K, K, BLOCK_K), x, 0.0)
@@ -269,7 +269,7 @@ def _lora_bwd_da_kernel(
         acc = tl.dot(tl.trans(ds.to(COMPUTE)), x, acc, input_precision=DOT_PRECISION)
     if DROPOUT:
         acc = acc * keep_scale
-    out = da_part_ptr + split.to(tl.int64) * R * K + rr[:, None] * K + rk[None, :]
+    out = da_part_ptr + split.to(tl.int64) * R * K + rr[:, None].to(tl.int64) * K + rk[None, :]
     tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
 
 

@@ -121,3 +121,42 @@ def test_the_pruner_keeps_what_fits_the_device(monkeypatch):
     assert all(common.shared_memory_estimate("_lora_gemm_kernel", {**c.kwargs, "BLOCK_R": 64}, c.num_stages,
                                              {"a_ptr": 4, "b_ptr": 4, "out_ptr": 4}, 80) <= 166912 for c in kept)
     assert run(80, 1024, torch.float32) == [every[-1]]
+
+
+def test_full_range_indices_meet_strides_in_64_bits():
+    """An index that spans a whole dimension (a row, a column of W) times a stride can pass 2**31 on a transposed
+    view (K · stride with stride = M), which int32 arithmetic wraps into a wrong address. Read from the kernels'
+    source: every product with a ``stride_*`` argument multiplies a value cast to int64 (or named ``*_load``, the
+    int64 wrapped indices), a ``BLOCK_*`` constant (a pointer step), or an index bounded by a block (``tl.arange``
+    of a ``BLOCK_*``)."""
+    import ast
+    import inspect
+
+    from fastpeft.kernels import adapter_bottleneck, lora_linear
+
+    def bounded(node, local):
+        if isinstance(node, ast.Subscript):
+            return bounded(node.value, local)
+        if isinstance(node, ast.Name):
+            if node.id.endswith("_load") or node.id.startswith("BLOCK_"):
+                return True
+            value = local.get(node.id)
+            return value is not None and (
+                ast.unparse(value).startswith("tl.arange(0, BLOCK_") or bounded(value, local))
+        return ".to(tl.int64)" in ast.unparse(node)
+
+    unsafe = []
+    for module in (lora_linear, adapter_bottleneck):
+        for fn in ast.walk(ast.parse(inspect.getsource(module))):
+            if not (isinstance(fn, ast.FunctionDef) and any("triton.jit" in ast.unparse(d)
+                                                            for d in fn.decorator_list)):
+                continue
+            local = {t.id: n.value for n in ast.walk(fn) if isinstance(n, ast.Assign)
+                     for t in n.targets if isinstance(t, ast.Name)}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+                    for stride, other in ((node.right, node.left), (node.left, node.right)):
+                        if isinstance(stride, ast.Name) and stride.id.startswith("stride_") \
+                                and not bounded(other, local):
+                            unsafe.append(f"{module.__name__}.{fn.name}: {ast.unparse(node)}")
+    assert not unsafe, unsafe
