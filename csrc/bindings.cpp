@@ -28,15 +28,17 @@ PYBIND11_MODULE(_C, m) {
       "lora_linear_decode",
       [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t a, uintptr_t b, uintptr_t s, uintptr_t counters,
          uintptr_t y, int64_t M, int64_t K, int64_t N, int64_t R, int64_t stride_xm, int64_t stride_ym,
-         float scaling, int dtype, int adapter_dtype, bool vector, int device, uintptr_t stream) {
+         int64_t k_split, int64_t k_chunk, float scaling, int dtype, int adapter_dtype, bool vector, int device,
+         uintptr_t stream) {
         fastpeft::DecodeArgs args{x, w, bias, a, b, s, counters, y, M, K, N, R, stride_xm, stride_ym,
-                                  scaling, dtype, adapter_dtype, vector, device, stream};
+                                  k_split, k_chunk, scaling, dtype, adapter_dtype, vector, device, stream};
         py::gil_scoped_release release;
         fastpeft::lora_linear_decode(args);
       },
       py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("a"), py::arg("b"), py::arg("s"), py::arg("counters"),
       py::arg("y"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("R"), py::arg("stride_xm"),
-      py::arg("stride_ym"), py::arg("scaling"), py::arg("dtype"), py::arg("adapter_dtype"), py::arg("vector"),
+      py::arg("stride_ym"), py::arg("k_split"), py::arg("k_chunk"), py::arg("scaling"), py::arg("dtype"),
+      py::arg("adapter_dtype"), py::arg("vector"),
       py::arg("device"), py::arg("stream"),
       "Fused LoRA linear for M <= 16 rows (see csrc/lora_linear_decode.h); launches asynchronously on `stream`.");
   m.def(

@@ -1,11 +1,14 @@
 // Device helpers shared by the decode kernels (M <= 16 rows): bandwidth-bound GEMVs over weight rows, and the
 // ticket/counter protocol that lets one launch hand a small intermediate from its first blocks to the rest.
 //
-// Protocol (three int32 counters per stream, zero between launches): every block takes its tile from an atomic
-// ticket when it starts running, so a block holding a later tile started after every earlier tile was handed
-// out — those blocks are resident and make progress, and waiting on them cannot deadlock (the ordering
-// argument of single-pass "decoupled look-back" scans). Producer tiles publish; consumer tiles wait; the last
-// block to retire resets the counters, so no memset launch is needed.
+// Protocol (three int32 counters, zero between launches): every block takes its tile from an atomic ticket when it
+// starts running, so a block holding a later tile started after every earlier tile was handed out — those blocks
+// are resident and make progress, and waiting on them cannot deadlock (the ordering argument of single-pass
+// "decoupled look-back" scans). Producer tiles publish; consumer tiles wait; the last block to retire resets the
+// counters, so no memset launch is needed. The host gives each stream its own counters, and each launch captured in
+// a CUDA graph counters of its own (fastpeft/cuda_ext.py), so no two launches that may overlap share them. A launch
+// that stops half-way (a device fault) leaves them set, but a fault also ends the CUDA context: nothing launches
+// on it again.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -55,12 +58,15 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// acc[i][m] = sum_k x[m, k] * w[row0 + i, k] for this warp's rows, every lane holding the full sums.
-// VECTOR: 16-byte loads of w (needs K % VEC == 0 and aligned rows); otherwise one element per load.
+// acc[i][m] = sum_{k in [k_begin, k_end)} x[m, k] * w[row0 + i, k] for this warp's rows (rows of w are K long),
+// every lane holding the full sums. VECTOR: 16-byte loads of w (needs K and k_begin multiples of VEC and aligned
+// rows); otherwise one element per load.
 template <typename TX, typename TW, int MAXM, bool VECTOR>
 __device__ __forceinline__ void warp_rows_dot(const TX* __restrict__ x, int64_t stride_xm, int M,
                                               const TW* __restrict__ w, int64_t K, int64_t row0, int64_t rows,
-                                              float (&acc)[kRowsPerWarp][MAXM]) {
+                                              float (&acc)[kRowsPerWarp][MAXM], int64_t k_begin = 0,
+                                              int64_t k_end = -1) {
+  if (k_end < 0) k_end = K;
   constexpr int VEC = VECTOR ? 16 / sizeof(TW) : 1;
   const int lane = threadIdx.x % 32;
 #pragma unroll
@@ -69,7 +75,7 @@ __device__ __forceinline__ void warp_rows_dot(const TX* __restrict__ x, int64_t 
     for (int m = 0; m < MAXM; ++m) acc[i][m] = 0.f;
 
 #pragma unroll 2
-  for (int64_t k = int64_t(lane) * VEC; k < K; k += 32 * VEC) {
+  for (int64_t k = k_begin + int64_t(lane) * VEC; k < k_end; k += 32 * VEC) {
     float wv[kRowsPerWarp][VEC];
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {

@@ -5,7 +5,10 @@
 // kRowsPerWarp rows, streams them with 16-byte loads (unrolled, so several loads are in flight), and keeps the
 // M partial sums per row in registers. The low-rank term needs S = x A^T (M x r) in full before any row can
 // finish; rather than a second launch, the first blocks compute S (rows of A, the same GEMV) and publish it,
-// and the W blocks only wait for it after their own, much longer, pass over W.
+// and the W blocks only wait for it after their own, much longer, pass over W. S is split over K as well as
+// over A's rows (k_split partial sums, each block reading at most a quarter of what a W block reads), so its
+// blocks finish well inside the W pass even at r=16, where one block per 16 rows of fp32 A once read 256 KB alone
+// while the W blocks waited on it; each W block sums the partials into shared memory once.
 //
 // The hand-off uses the ticket/counter protocol of decode_common.cuh, which is what makes the wait safe.
 #include "decode_common.cuh"
@@ -22,12 +25,14 @@ struct Params {
   const void* bias;  // nullptr: no bias
   const void* a;
   const void* b;
-  float* s;          // (M, R) fp32 scratch
+  float* s;          // (k_split, M, R) fp32 partial sums of S
   int* counters;     // [ticket, S tiles done, blocks finished], zero between launches
   void* y;
   int64_t M, K, N, R, stride_xm, stride_ym;
   float scaling;
-  int s_tiles;
+  int k_split;       // S's K range is split in this many chunks of k_chunk
+  int64_t k_chunk;
+  int s_tiles;       // ceil(R / kRowsPerBlock) * k_split
 };
 
 template <typename T, typename TA, int MAXM, bool VECTOR>
@@ -40,19 +45,31 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
   float acc[kRowsPerWarp][MAXM];
 
   if (tile < p.s_tiles) {
-    // S = x A^T: rows of A through the same GEMV; lane m writes row i's S[m, r].
-    const int64_t row0 = int64_t(tile) * kRowsPerBlock + warp * kRowsPerWarp;
-    warp_rows_dot<T, TA, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const TA*>(p.a), p.K, row0, p.R, acc);
+    // A partial of S = x A^T: rows of A over one K chunk, through the same GEMV; lane m writes row i's S[m, r].
+    const int part = tile % p.k_split;
+    const int64_t row0 = int64_t(tile / p.k_split) * kRowsPerBlock + warp * kRowsPerWarp;
+    const int64_t k_begin = part * p.k_chunk;
+    const int64_t k_end = k_begin + p.k_chunk < p.K ? k_begin + p.k_chunk : p.K;
+    warp_rows_dot<T, TA, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const TA*>(p.a), p.K, row0, p.R, acc,
+                                       k_begin, k_end);
+    float* s_part = p.s + part * p.M * p.R;
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
       for (int m = 0; m < MAXM; ++m)
-        if (lane == m && m < M && row0 + i < p.R) p.s[m * p.R + row0 + i] = acc[i][m];
+        if (lane == m && m < M && row0 + i < p.R) s_part[m * p.R + row0 + i] = acc[i][m];
     publish(p.counters);
   } else {
+    __shared__ float s_sum[kMaxDecodeRows * kMaxDecodeRank];
     const int64_t row0 = int64_t(tile - p.s_tiles) * kRowsPerBlock + warp * kRowsPerWarp;
     warp_rows_dot<T, T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const T*>(p.w), p.K, row0, p.N, acc);
     wait_published(p.counters, p.s_tiles);
+    for (int64_t idx = threadIdx.x; idx < p.M * p.R; idx += kThreads) {
+      float total = 0.f;
+      for (int part = 0; part < p.k_split; ++part) total += __ldcg(p.s + part * p.M * p.R + idx);  // L2: other blocks
+      s_sum[idx] = total;
+    }
+    __syncthreads();
     const TA* b = static_cast<const TA*>(p.b);
     const T* bias = static_cast<const T*>(p.bias);
     T* y = static_cast<T*>(p.y);
@@ -67,7 +84,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
         const float bv = to_float(b[n * p.R + r]);
 #pragma unroll
         for (int m = 0; m < MAXM; ++m)
-          if (m < M) low[m] = fmaf(__ldcg(p.s + m * p.R + r), bv, low[m]);  // L2: written by other blocks
+          if (m < M) low[m] = fmaf(s_sum[m * p.R + r], bv, low[m]);
       }
       const float bias_n = bias != nullptr ? to_float(bias[n]) : 0.f;
 #pragma unroll
@@ -115,6 +132,10 @@ void lora_linear_decode(const DecodeArgs& args) {
   if (args.M < 1 || args.M > kMaxDecodeRows) throw std::invalid_argument("fastpeft._C.lora_linear_decode: M must be in [1, 16]");
   if (args.R < 1 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_linear_decode: r must be in [1, 256]");
   if (args.K < 1 || args.N < 1) throw std::invalid_argument("fastpeft._C.lora_linear_decode: K and N must be positive");
+  if (args.k_split < 1 || args.k_chunk < 1 || args.k_split * args.k_chunk < args.K ||
+      (args.k_split - 1) * args.k_chunk >= args.K) {
+    throw std::invalid_argument("fastpeft._C.lora_linear_decode: k_split chunks of k_chunk must cover K exactly");
+  }
   DeviceGuard guard(args.device, "lora_linear_decode");
 
   Params p{};
@@ -129,7 +150,9 @@ void lora_linear_decode(const DecodeArgs& args) {
   p.M = args.M; p.K = args.K; p.N = args.N; p.R = args.R;
   p.stride_xm = args.stride_xm; p.stride_ym = args.stride_ym;
   p.scaling = args.scaling;
-  p.s_tiles = static_cast<int>((args.R + kRowsPerBlock - 1) / kRowsPerBlock);
+  p.k_split = static_cast<int>(args.k_split);
+  p.k_chunk = args.k_chunk;
+  p.s_tiles = static_cast<int>((args.R + kRowsPerBlock - 1) / kRowsPerBlock) * p.k_split;
   const int64_t blocks = p.s_tiles + (args.N + kRowsPerBlock - 1) / kRowsPerBlock;
   const dim3 grid(static_cast<unsigned>(blocks));
   auto stream = reinterpret_cast<cudaStream_t>(args.stream);

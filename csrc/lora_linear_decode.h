@@ -13,10 +13,12 @@ constexpr int64_t kMaxDecodeRank = 256;
 
 struct DecodeArgs {
   // Device pointers (as integers). x: (M, K) rows of stride stride_xm, unit inner stride; w: (N, K) contiguous;
-  // bias: (N,) or 0; a: (R, K) and b: (N, R) contiguous; s: (M, R) fp32 scratch; counters: 3 int32, zero;
-  // y: (M, N) rows of stride stride_ym.
+  // bias: (N,) or 0; a: (R, K) and b: (N, R) contiguous; s: (k_split, M, R) fp32 scratch; counters: 3 int32,
+  // zero, used by no launch that may overlap this one; y: (M, N) rows of stride stride_ym.
   uintptr_t x, w, bias, a, b, s, counters, y;
   int64_t M, K, N, R, stride_xm, stride_ym;
+  int64_t k_split, k_chunk;  // S = x a^T is summed from k_split partials over K chunks of k_chunk (multiples of
+                             // 16/sizeof(adapter dtype) when vector)
   float scaling;
   int dtype;          // DType of x, w, bias, y
   int adapter_dtype;  // DType of a, b: the same as dtype, or kFloat

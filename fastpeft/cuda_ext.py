@@ -59,15 +59,48 @@ def decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
     return reasons
 
 
-_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+# The decode kernels' counters (3 int32, zero between launches: the kernel's last block resets them). A launch must
+# never share them with one that may run at the same time: eager launches take their stream's own; a launch
+# captured in a CUDA graph takes a slot of its own, for good, from a pool made outside any capture (a graph's
+# replays may run on any stream, beside other graphs).
+COUNTER_WORDS = 3
+GRAPH_SLOTS = 16384  # captured decode launches per device and process
+_stream_counters: dict[tuple[int, int], torch.Tensor] = {}
+_graph_pools: dict[int, list] = {}  # device index -> [pool (GRAPH_SLOTS, 3) int32, next free slot]
 
 
 def _counters(device: torch.device, stream: int) -> torch.Tensor:
-    """Three int32 counters per (device, stream), zero between launches (the kernel's last block resets them)."""
+    """Zeroed counters that no overlapping launch uses: the stream's own, or while a CUDA graph captures, a slot
+    that belongs to that captured launch alone."""
+    if torch.cuda.is_current_stream_capturing():
+        pool = _graph_pools.get(device.index)
+        if pool is None:
+            raise RuntimeError("fastpeft's cuda decode kernel is being captured in a CUDA graph before it ever ran on "
+                               f"{device}: run the model once outside capture first (the usual warm-up), so that its "
+                               "counters are allocated outside the graph's memory")
+        if pool[1] == GRAPH_SLOTS:
+            raise RuntimeError(f"fastpeft's cuda decode kernel has been captured {GRAPH_SLOTS} times on {device} in "
+                               "this process, each capture keeping counters of its own; capture fewer graphs, or "
+                               "use backend='triton' inside them")
+        pool[1] += 1
+        return pool[0][pool[1] - 1]
     key = (device.index, stream)
-    if key not in _workspaces:
-        _workspaces[key] = torch.zeros(3, dtype=torch.int32, device=device)
-    return _workspaces[key]
+    if key not in _stream_counters:
+        _stream_counters[key] = torch.zeros(COUNTER_WORDS, dtype=torch.int32, device=device)
+        if device.index not in _graph_pools:
+            _graph_pools[device.index] = [torch.zeros(GRAPH_SLOTS, COUNTER_WORDS, dtype=torch.int32, device=device), 0]
+    return _stream_counters[key]
+
+
+def s_split(K: int, x_dtype: torch.dtype, adapter_dtype: torch.dtype, vector: bool) -> tuple[int, int]:
+    """(k_split, k_chunk) for the decode kernel's S = x Aᵀ: K in chunks small enough that a block of S (16 rows of
+    A) reads at most a quarter of what a block of W (16 rows) reads, each chunk a whole number of one warp's loads
+    of A, so the S blocks are done long before the W blocks need S."""
+    a_size = torch.empty((), dtype=adapter_dtype).element_size()
+    x_size = torch.empty((), dtype=x_dtype).element_size()
+    step = 32 * (16 // a_size if vector else 1)
+    chunk = max(step, (K * x_size // (4 * a_size)) // step * step)
+    return -(-K // chunk), chunk
 
 
 def _vector_ok(dtype: torch.dtype, K: int, *tensors_and_strides) -> bool:
@@ -97,14 +130,16 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch
     y = new_output((M, N), x.dtype, x.device)
     if M == 0:
         return y
-    s = new_output((M, R), torch.float32, x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K), (lora_A, K))
+    k_split, k_chunk = s_split(K, x.dtype, lora_A.dtype, vector)
+    s = new_output((k_split, M, R), torch.float32, x.device)
     module.lora_linear_decode(
         x=x.data_ptr(), w=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0,
         a=lora_A.data_ptr(), b=lora_B.data_ptr(), s=s.data_ptr(),
         counters=_counters(x.device, stream).data_ptr(), y=y.data_ptr(),
-        M=M, K=K, N=N, R=R, stride_xm=x.stride(0), stride_ym=y.stride(0), scaling=float(scaling),
+        M=M, K=K, N=N, R=R, stride_xm=x.stride(0), stride_ym=y.stride(0), k_split=k_split, k_chunk=k_chunk,
+        scaling=float(scaling),
         dtype=_DTYPE_CODES[x.dtype], adapter_dtype=_DTYPE_CODES[lora_A.dtype], vector=vector,
         device=x.device.index, stream=stream)
     return y

@@ -186,3 +186,64 @@ def test_compiled_model_on_gpu_has_no_graph_breaks():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) <= TOLERANCE[torch.bfloat16]
+
+
+@decode
+def test_decode_kernels_under_cuda_graphs_match_eager():
+    """Captured launches have counters of their own: two graphs captured on one stream, replayed again and again
+    with new inputs, one after the other and at the same time on two streams, equal eager launches bit for bit."""
+    from fastpeft import cuda_ext
+    torch.manual_seed(0)
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(768, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    a, bb = torch.randn(16, 1024, device="cuda") / 32, torch.randn(768, 16, device="cuda") / 4
+    h = torch.randn(2, 768, device="cuda", dtype=torch.bfloat16)
+    wd, wu = torch.randn(64, 768, device="cuda", dtype=torch.bfloat16) / 28, torch.randn(
+        768, 64, device="cuda", dtype=torch.bfloat16) / 8
+
+    def lora(inp):
+        return cuda_ext.lora_linear_decode(inp, w, None, a, bb, 2.0)
+
+    def adapter(inp):
+        return cuda_ext.adapter_bottleneck_decode(inp, wd, None, wu, None, None, 0.5, "gelu")
+
+    lora(x), adapter(h)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graphs, outs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()], []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for graph, fn, static in zip(graphs, (lora, adapter), (x, h), strict=True):
+            with torch.cuda.graph(graph, stream=side):
+                outs.append(fn(static))
+    torch.cuda.current_stream().wait_stream(side)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for step in range(6):
+        x.copy_(torch.randn_like(x))
+        h.copy_(torch.randn_like(h))
+        if step % 2:
+            for graph, stream in zip(graphs, streams, strict=True):
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    graph.replay()
+            for stream in streams:
+                torch.cuda.current_stream().wait_stream(stream)
+        else:
+            for graph in graphs:
+                graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], lora(x)) and torch.equal(outs[1], adapter(h)), step
+
+
+@decode
+def test_a_model_with_decode_layers_replays_under_reduce_overhead():
+    """torch.compile(mode="reduce-overhead") (CUDA graphs) on a model whose layers run the decode kernels."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, 512)).cuda().bfloat16()
+    fastpeft.apply_lora(model, target_modules=["0", "2"], r=8, init_lora_weights=False, backend="cuda")
+    model.eval()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(2, 512, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(compiled(x).clone(), model(x))
