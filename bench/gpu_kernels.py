@@ -62,6 +62,9 @@ def measure(M, K, N, r, dtype, dropout):
         "fwd GEMM alone, cuBLAS base + low-rank pass": (
             lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, variant="cublas"),
             2 * M * N * K + 2 * M * r * N, (M * K + N * K + 3 * M * N) * es),
+        "fwd GEMM alone, persistent TMA": (
+            lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, variant="tma"),
+            2 * M * N * K + 2 * M * r * N, (M * K + N * K + M * N) * es),
         "fwd unfused torch": (lambda: unfused.forward(x, w, None, a, b, s, dropout, seed),
                               2 * M * N * K + 2 * M * r * (K + N), (2 * M * K + N * K + 2 * M * N) * es),
         "bwd torch.mm (dX base)": (lambda: torch.mm(dy, w), 2 * M * N * K, (M * N + N * K + M * K) * es),
@@ -77,6 +80,9 @@ def measure(M, K, N, r, dtype, dropout):
         "bwd dX GEMM alone, cuBLAS base + low-rank pass": (
             lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout, variant="cublas"),
             2 * M * N * K + 2 * M * r * K, (M * N + N * K + 3 * M * K) * es),
+        "bwd dX GEMM alone, persistent TMA": (
+            lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout, variant="tma"),
+            2 * M * N * K + 2 * M * r * K, (M * N + N * K + M * K) * es),
         "bwd unfused torch": (lambda: unfused.backward(dy, x, w, a, b, s_torch, drop, seed, s, dropout,
                                                        True, True, True, False),
                               2 * M * N * K + 6 * M * r * (K + N), (3 * M * N + N * K + 3 * M * K) * es),

@@ -18,7 +18,7 @@ ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 # How the fused LoRA GEMM adds the low-rank term (kernels/lora_linear.py: ``lora_gemm``). ``auto`` measures each;
 # $FASTPEFT_GEMM_VARIANT fixes one by hand.
-GEMM_VARIANTS = ("prologue", "epilogue", "cublas")
+GEMM_VARIANTS = ("prologue", "epilogue", "cublas", "tma")
 GEMM_VARIANT_ENV = "FASTPEFT_GEMM_VARIANT"
 
 

@@ -77,7 +77,7 @@ def _adapter_gemm_kernel(
     (the activation is applied once per element here, not once per column tile by the GEMM that reads it).
     ``M_BUCKET`` is only an autotune key.
     """
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm_load = (rm % M).to(tl.int64)

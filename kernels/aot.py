@@ -6,9 +6,9 @@ Each kernel is compiled for a typical training launch (bf16 base, fp32 adapters,
 with the argument specializations Triton's launcher would make for it (16-byte aligned pointers, sizes and
 strides divisible by 16, unit strides as constants), so the software pipelining and the tensor-core
 instructions are those a real launch gets. The report gives, per kernel, config and arch: shared memory,
-whether the PTX uses ``wgmma`` (Hopper) or ``mma.sync`` (Ampere), registers and spill bytes (``ptxas -v`` on the
-PTX, with the first ptxas found that reads its PTX version: Triton's own, then CUDA's; None when none does), and
-compile seconds. Must run without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
+whether the PTX uses ``wgmma`` (Hopper) or ``mma.sync`` (Ampere) and TMA copies, registers and spill bytes
+(``ptxas -v`` on the PTX, with the first ptxas found that reads its PTX version: Triton's own, then CUDA's; None
+when none does), and compile seconds. Must run without ``TRITON_INTERPRET`` (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 
@@ -101,6 +101,19 @@ def _launches():
                       stride_xm=0, stride_xn=0, stride_om=d,
                       constexprs=dict(adapter_dpre["constexprs"], ACT=0, TIMES_ACT_GRAD=False))
 
+    # The "tma" variant (Hopper only): a and b as TMA descriptors (``("desc", dtype, block dims)``), forward over W
+    # as stored and the dX GEMM with dropout over W as (K, N) rows.
+    tma_fwd = {k: v for k, v in bf16_gemm_fwd.items()
+               if k not in ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bk", "stride_bn")}
+    tma_fwd.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", ("BLOCK_N", "BLOCK_K")),
+                   constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee",
+                                   BLOCK_R=16, B_KN=False))
+    tma_dx = {k: v for k, v in bf16_gemm_dx.items()
+              if k not in ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bk", "stride_bn")}
+    tma_dx.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", ("BLOCK_K", "BLOCK_N")),
+                  constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee",
+                                  BLOCK_R=16, B_KN=True))
+
     mask_config = [dict(kwargs={}, num_warps=4, num_stages=1)]
     as_dicts = lambda configs: [dict(kwargs=c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)  # noqa: E731
                                 for c in configs]
@@ -110,6 +123,8 @@ def _launches():
         ("_lora_gemm_kernel", "forward, low-rank term last", epilogue_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS)),  # with dropout
         ("_lora_gemm_kernel", "low-rank pass onto cuBLAS", lowrank_pass, as_dicts(lora.LOWRANK_PASS_CONFIGS)),
+        ("_lora_gemm_tma_kernel", "forward, tma", tma_fwd, as_dicts(lora.TMA_GEMM_CONFIGS)),
+        ("_lora_gemm_tma_kernel", "backward dX, tma", tma_dx, as_dicts(lora.TMA_GEMM_CONFIGS)),
         ("_lora_shrink_kernel", "forward", shrink, as_dicts(lora.SHRINK_CONFIGS)),
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
@@ -135,7 +150,10 @@ def _specialize(kernel, example: dict, config: dict):
         if name in unspecialized:  # do_not_specialize: neither a constant nor a divisibility hint, any value
             signature[name] = "fp32" if isinstance(value, float) else "i32"
             continue
-        if isinstance(value, str):  # a pointer: torch's allocations are 16-byte aligned
+        if isinstance(value, tuple):  # a TMA descriptor: its block shape is the config's tiles
+            _, dtype, dims = value
+            signature[name] = f"tensordesc<{dtype}[{', '.join(str(fixed[d]) for d in dims)}]>"
+        elif isinstance(value, str):  # a pointer: torch's allocations are 16-byte aligned
             signature[name] = "*" + value
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
@@ -198,13 +216,15 @@ def compile_one(job):
     registers, spills = ptxas_usage(ptx, arch)
     estimate = None
     if name in common._SHARED_MEMORY:  # the pruner's estimate for the same launch
-        sizes = {k: ELEMENT_SIZE[v] for k, v in example.items() if isinstance(v, str)}
+        sizes = {k: ELEMENT_SIZE[v if isinstance(v, str) else v[1]] for k, v in example.items()
+                 if isinstance(v, (str, tuple))}
         estimate = common.shared_memory_estimate(name, {**example["constexprs"], **config["kwargs"]},
                                                  config["num_stages"], sizes, arch)
     return dict(kernel=name, profile=profile, arch=arch, config=config["kwargs"],
                 num_warps=config["num_warps"], num_stages=config["num_stages"],
                 shared=compiled.metadata.shared, shared_estimate=estimate, shared_limit=SHARED_MEMORY_LIMIT[arch],
-                wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, registers=registers, spills=spills,
+                wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                registers=registers, spills=spills,
                 block_r=example["constexprs"].get("BLOCK_R"),
                 seconds=round(time.perf_counter() - start, 2))
 
@@ -215,7 +235,8 @@ def compile_all(archs=(80, 90), jobs=None):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the interpreter replaces "
                            "the compiler)")
     work = [(name, profile, example, config, arch)
-            for name, profile, example, configs in _launches() for config in configs for arch in archs]
+            for name, profile, example, configs in _launches() for config in configs for arch in archs
+            if not (name.endswith("_tma_kernel") and arch < 90)]  # TMA is Hopper's
     # Big tiles first, so the slowest compiles do not end up last on one worker.
     work.sort(key=lambda job: -job[0].endswith("gemm_kernel"))
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:

@@ -47,16 +47,15 @@ even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] =
 
 
 @triton.jit
-def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of this program in grouped order: GROUP_M row tiles share each column tile of
-    the right-hand operand while it is hot in L2."""
-    pid = tl.program_id(0)
+def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number ``tile`` (a program id, or a persistent program's step) in
+    grouped order: GROUP_M row tiles share each column tile of the right-hand operand while it is hot in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
+    first_pid_m = (tile // pids_per_group) * GROUP_M
     group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    return first_pid_m + (pid % pids_per_group) % group_rows, (pid % pids_per_group) // group_rows
+    return first_pid_m + (tile % pids_per_group) % group_rows, (tile % pids_per_group) // group_rows
 
 
 # kernel name -> need(blocks, sizes, num_stages, arch) -> bytes; each op registers its own kernels.
@@ -85,7 +84,9 @@ def shared_memory_estimate(kernel_name: str, blocks: dict, num_stages: int, size
 def _shared_memory_pruner(kernel_name):
     """An ``early_config_prune`` dropping configs that do not fit the device's shared memory."""
     def prune(configs, named_args, **kwargs):
-        tensors = {k: v for k, v in named_args.items() if isinstance(v, torch.Tensor)}
+        # Tensors, and TMA descriptors by the tensor they describe.
+        tensors = {k: getattr(v, "base", v) for k, v in named_args.items()
+                   if isinstance(getattr(v, "base", v), torch.Tensor)}
         device = next(iter(tensors.values())).device
         limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
         arch = 10 * torch.cuda.get_device_capability(device)[0]

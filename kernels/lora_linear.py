@@ -125,7 +125,7 @@ def _lora_gemm_kernel(
     nothing (which one is faster is for a GPU to measure: see ``GEMM_VARIANTS``). BASE_IN_OUT: out already holds
     the base product (the "cublas" variant: cuBLAS wrote it), so there is no K loop and the term is added onto out.
     """
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Loads use wrapped indices so they need no row/column masks; the store masks the extra lanes.
@@ -159,6 +159,42 @@ def _lora_gemm_kernel(
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
     _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS, BASE_IN_OUT)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_gemm_tma_kernel(
+    a_desc, b_desc, l_ptr, u_ptr, bias_ptr, out_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_lm, stride_lr, stride_ur, stride_un,
+    stride_om, stride_on,
+    lr_scale, seed, p,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, B_KN: tl.constexpr,
+):
+    """The "tma" variant of ``_lora_gemm_kernel`` (same result, Hopper only): a persistent grid, each program
+    walking output tiles, with a and b read by the Tensor Memory Accelerator through descriptors (a over (M, K); b
+    over (K, N) when B_KN, else over (N, K), i.e. W as stored, transposed in registers for free). Descriptors
+    zero-fill past the edges, so the K loop needs no masks; the low-rank term seeds the accumulator as in the
+    prologue variant."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm_load = (rm % M).to(tl.int64)
+        rn_load = (rn % N).to(tl.int64)
+        lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
+                                   lr_scale, COMPUTE, BLOCK_R)
+        acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            if B_KN:
+                b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+            else:
+                b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
+            acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS, False)
 
 
 @triton.jit
@@ -293,7 +329,24 @@ DA_CONFIGS = [
 LOWRANK_PASS_CONFIGS = [config(w, 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=8)
                         for bm, bn, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]]
 
+
+
+def _tma_blocks(args):
+    """Autotune pre-hook: a config's tiles are the descriptors' block shapes."""
+    bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    args["a_desc"].block_shape = [bm, bk]
+    args["b_desc"].block_shape = [bk, bn] if args["B_KN"] else [bn, bk]
+
+
+# The "tma" variant's tiles: Hopper's (BLOCK_K=64 for wgmma), each setting the descriptors' block shapes.
+TMA_GEMM_CONFIGS = [
+    triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8), num_warps=w, num_stages=s,
+                  pre_hook=_tma_blocks)
+    for bm, bn, w, s in [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 64, 4, 4)]
+]
+
 # Without autotuning: configs that fit every supported GPU's shared memory, fp32 included.
+TMA_GEMM_DEFAULT = TMA_GEMM_CONFIGS[3]
 LOWRANK_PASS_DEFAULT = LOWRANK_PASS_CONFIGS[2]
 SHRINK_DEFAULT = SHRINK_CONFIGS[2]
 DY_DEFAULT = DY_CONFIGS[0]
@@ -338,15 +391,25 @@ def _da_shared(b, sizes, stages, arch):
     return stages * x_tile + (stages - 1) * b["BLOCK_M"] * b["BLOCK_R"] * sizes["ds_ptr"]
 
 
-for _name, _need in [("_lora_gemm_kernel", _gemm_shared), ("_lora_shrink_kernel", _shrink_shared),
+def _gemm_tma_shared(b, sizes, stages, arch):
+    a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_desc"]
+    b_tile = b["BLOCK_K"] * b["BLOCK_N"] * sizes["b_desc"]
+    # plus one 8-byte mbarrier per stage, on which the TMA copies signal their arrival
+    return stages * (a_tile + b_tile + 8) + b["BLOCK_N"] * b["BLOCK_R"] * sizes["a_desc"]
+
+
+for _name, _need in [("_lora_gemm_kernel", _gemm_shared), ("_lora_gemm_tma_kernel", _gemm_tma_shared),
+                     ("_lora_shrink_kernel", _shrink_shared),
                      ("_lora_bwd_dy_kernel", _dy_shared), ("_lora_bwd_da_kernel", _da_shared)]:
     register_shared_memory(_name, _need)
 
 _gemm = even_k(_lora_gemm_kernel)
-# How the fused GEMM adds the low-rank term (GEMM_VARIANTS): "prologue" seeds the accumulator with it before the K
+# How the fused GEMM runs (GEMM_VARIANTS): "prologue" seeds the accumulator with the low-rank term before the K
 # loop, "epilogue" adds it after (its operands loaded before the loop), "cublas" leaves the base product to torch
-# (cuBLAS on a GPU) and adds the term in a second pass over the output (2·M·N more bytes moved; no K loop of ours).
-# All are exact; which is fastest is for a GPU to measure (``auto`` times them, the GPU check's headline too).
+# (cuBLAS on a GPU) and adds the term in a second pass over the output (2·M·N more bytes moved; no K loop of ours),
+# "tma" is the prologue variant on a persistent grid reading a and b by TMA (Hopper; operands TMA cannot address,
+# and older GPUs, run "prologue"). All are exact; which is fastest is for a GPU to measure (``auto`` times them, the
+# GPU check's headline too).
 
 
 def gemm_variant(variant=None) -> str:
@@ -363,6 +426,7 @@ def gemm_variant(variant=None) -> str:
 # dropout and on the operands' layout, so backward's dX (W untransposed, masked) never inherits forward's winner.
 _gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAST", "BASE_IN_OUT", "stride_ak",
                                                         "stride_bk"], "_lora_gemm_kernel")
+_tma_tuned = autotuned(_lora_gemm_tma_kernel, TMA_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "B_KN"], "_lora_gemm_tma_kernel")
 _lowrank_pass_tuned = autotuned(_gemm, LOWRANK_PASS_CONFIGS, GEMM_KEY + ["DROPOUT", "BASE_IN_OUT"], "_lora_gemm_kernel")
 _shrink_tuned = autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_shrink_kernel")
 _dy_tuned = autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M_BUCKET", "N"], "_lora_bwd_dy_kernel")
@@ -391,6 +455,10 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
     on_cpu = a.device.type == "cpu"
+    if variant == "tma":
+        if _tma_addressable(a, b):
+            return _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p)
+        variant = "prologue"  # what TMA cannot address runs the default variant
     tuned, default = _gemm_tuned, GEMM_DEFAULT
     if variant == "cublas":  # the base product and bias by torch into out; the kernel adds the low-rank term
         torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
@@ -405,6 +473,43 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
             DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue",
             BASE_IN_OUT=variant == "cublas")
+
+
+def _tma_addressable(a, b) -> bool:
+    """TMA reads a (M, K) and b (K, N) (or b's transpose, W as stored) when each has a unit inner stride, 16-byte
+    aligned rows and base, on a Hopper or later GPU (or the interpreter)."""
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device)[0] < 9:
+        return False
+    es = a.element_size()
+    b_rows = b if b.stride(1) == 1 else b.t()
+    return all(t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0 and t.stride(0) > 0
+               for t in (a, b_rows))
+
+
+def _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    M, K = a.shape
+    N, R = b.shape[1], lo.shape[1]
+    on_cpu = a.device.type == "cpu"
+    b_kn = b.stride(1) == 1  # b as (K, N) rows (dX: W), else its transpose (N, K) is (forward: W as stored)
+    stored = b if b_kn else b.t()
+    block = INTERPRET_GEMM if on_cpu else TMA_GEMM_DEFAULT.kwargs  # autotuning's pre-hook resets them per config
+    a_desc = TensorDescriptor.from_tensor(a, [block["BLOCK_M"], block["BLOCK_K"]])
+    b_desc = TensorDescriptor.from_tensor(stored, [block["BLOCK_K"], block["BLOCK_N"]] if b_kn
+                                          else [block["BLOCK_N"], block["BLOCK_K"]])
+    if on_cpu:
+        sms = 3  # a few programs, so the persistent loop takes several tiles each
+    else:
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    launch(_tma_tuned, _lora_gemm_tma_kernel, TMA_GEMM_DEFAULT, INTERPRET_GEMM,
+           lambda c: (min(sms, triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])),), on_cpu,
+           a_desc, b_desc, lo, up, bias.contiguous() if bias is not None else out, out,
+           M, N, K, R, triton.next_power_of_2(M),
+           lo.stride(0), lo.stride(1), up.stride(0), up.stride(1), out.stride(0), out.stride(1),
+           lr_scale, seed, dropout_p,
+           HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
+           DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), B_KN=b_kn)
+    return out
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> torch.Tensor:
@@ -510,7 +615,8 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
 
 def autotune_winners() -> dict[str, str]:
     """The config autotuning chose last for each tuned kernel (for the GPU check's report)."""
-    tuned = {"_lora_gemm_kernel": _gemm_tuned, "low-rank pass (cublas variant)": _lowrank_pass_tuned,
+    tuned = {"_lora_gemm_kernel": _gemm_tuned, "_lora_gemm_tma_kernel": _tma_tuned,
+             "low-rank pass (cublas variant)": _lowrank_pass_tuned,
              "_lora_shrink_kernel": _shrink_tuned, "_lora_bwd_dy_kernel": _dy_tuned,
              "_lora_bwd_da_kernel": _da_tuned}
     return {name: str(getattr(kernel, "best_config", None)) for name, kernel in tuned.items()}

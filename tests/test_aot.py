@@ -23,11 +23,14 @@ def test_every_config_compiles_for_both_archs(report):
     from fastpeft.kernels import adapter_bottleneck as adapter
     from fastpeft.kernels import lora_linear as lora
     expected = {"_lora_gemm_kernel": lora.GEMM_CONFIGS + lora.LOWRANK_PASS_CONFIGS,
+                "_lora_gemm_tma_kernel": lora.TMA_GEMM_CONFIGS,
                 "_lora_shrink_kernel": lora.SHRINK_CONFIGS, "_lora_bwd_dy_kernel": lora.DY_CONFIGS,
                 "_lora_bwd_da_kernel": lora.DA_CONFIGS,
                 "_adapter_gemm_kernel": adapter.ADAPTER_GEMM_CONFIGS}
     for arch in (80, 90):
         for name, configs in expected.items():
+            if name == "_lora_gemm_tma_kernel" and arch < 90:
+                continue  # TMA is Hopper's
             compiled = [(r["config"], r["num_warps"], r["num_stages"]) for r in report
                         if r["kernel"] == name and r["arch"] == arch]
             for c in configs:
@@ -38,9 +41,12 @@ def test_every_config_compiles_for_both_archs(report):
 
 
 def test_gemm_uses_wgmma_on_hopper_and_mma_sync_on_ampere(report):
-    gemm = [r for r in report if r["kernel"] in ("_lora_gemm_kernel", "_adapter_gemm_kernel")]
+    gemm = [r for r in report if r["kernel"] in ("_lora_gemm_kernel", "_lora_gemm_tma_kernel", "_adapter_gemm_kernel")]
     assert gemm and all(r["wgmma"] for r in gemm if r["arch"] == 90)
     assert all(r["mma_sync"] and not r["wgmma"] for r in gemm if r["arch"] == 80)
+    tma = [r for r in report if r["kernel"] == "_lora_gemm_tma_kernel"]
+    assert len(tma) == 2 * 5 and all(r["arch"] == 90 and r["tma"] for r in tma)  # Hopper only, reading by TMA
+    assert not any(r["tma"] for r in gemm if r["kernel"] != "_lora_gemm_tma_kernel")
 
 
 def test_shared_memory_fits_and_the_pruner_estimate_is_tight(report):
@@ -49,8 +55,8 @@ def test_shared_memory_fits_and_the_pruner_estimate_is_tight(report):
     so it prunes no config that fits (it once estimated 245,760 B for a 180,224 B Hopper config, and 3x for bf16
     adapter configs)."""
     estimated = [r for r in report if r["kernel"] != "_dropout_mask_kernel"]
-    assert {r["kernel"] for r in estimated} == {"_lora_gemm_kernel", "_lora_shrink_kernel", "_lora_bwd_dy_kernel",
-                                                "_lora_bwd_da_kernel", "_adapter_gemm_kernel"}
+    assert {r["kernel"] for r in estimated} == {"_lora_gemm_kernel", "_lora_gemm_tma_kernel", "_lora_shrink_kernel",
+                                                "_lora_bwd_dy_kernel", "_lora_bwd_da_kernel", "_adapter_gemm_kernel"}
     assert any(r["profile"] == "adapter dh" for r in estimated)
     for r in report:
         assert r["shared"] <= r["shared_limit"], r
@@ -73,8 +79,9 @@ def test_seeds_never_specialize_and_tuning_keys_on_size_classes():
             if decorator.startswith("triton.jit") and node.name.endswith("_kernel"):
                 seeded += 1
                 assert "do_not_specialize=['seed']" in decorator, (node.name, decorator)
-    assert seeded == 4
-    for tuned in (lora._gemm_tuned, lora._shrink_tuned, lora._dy_tuned, lora._da_tuned):
+    assert seeded == 5
+    for tuned in (lora._gemm_tuned, lora._tma_tuned, lora._lowrank_pass_tuned, lora._shrink_tuned, lora._dy_tuned,
+                  lora._da_tuned):
         assert "M_BUCKET" in tuned.keys and "M" not in tuned.keys
     assert {"DROPOUT", "stride_ak", "stride_bk"} <= set(lora._gemm_tuned.keys)
 

@@ -41,7 +41,7 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch, tmp_path):
-    """Two backends on the CPU (triton first in rule order; it has three GEMM variants), a fake timer, a private
+    """Two backends on the CPU (triton first in rule order; it has four GEMM variants), a fake timer, a private
     cache folder, an empty memory; ``clock.cost`` sets what each table entry's forward costs (default 5 ms)."""
     fake = FakeClock()
     fake.cost = {"torch": 5e-3, "triton:prologue": 2e-3, "triton:epilogue": 1e-3, "triton:cublas": 3e-3}
@@ -73,14 +73,15 @@ def lora_call(m=24, k=32, n=48, r=4, dtype=torch.float32, grad=False, **kwargs):
 def test_measures_once_per_shape_class_and_keeps_the_fastest(clock):
     args, _ = lora_call()
     torch.testing.assert_close(lora_op.lora_linear(*args), lora_op.lora_linear_reference(*args), rtol=1e-5, atol=1e-5)
-    # One untimed and ROUNDS timed calls of each candidate (triton's three GEMM variants and torch), then the call
+    # One untimed and ROUNDS timed calls of each candidate (triton's four GEMM variants and torch), then the call
     # itself on the winner; the plain "triton" entry is never measured, its variants are.
     once = 1 + auto.ROUNDS
-    assert clock.calls == {"torch": once, "triton:prologue": once, "triton:epilogue": once + 1, "triton:cublas": once}
+    assert clock.calls == {"torch": once, "triton:prologue": once, "triton:epilogue": once + 1, "triton:cublas": once,
+                           "triton:tma": once}
     assert list(auto.stored_winners().values()) == ["triton:epilogue"]
 
     lora_op.lora_linear(*lora_call(m=30)[0])  # M=30 is in M=24's size class (32): nothing measured
-    assert clock.calls["triton:epilogue"] == once + 2 and clock.count("") == 4 * once + 2
+    assert clock.calls["triton:epilogue"] == once + 2 and clock.count("") == 5 * once + 2
 
     clock.cost["torch"] = 0.5e-3  # a new class measures anew, and rule order does not decide
     lora_op.lora_linear(*lora_call(m=100)[0])
@@ -203,7 +204,7 @@ def test_a_candidate_that_fails_is_not_chosen(clock, monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of resources")
-    for name in ("triton:prologue", "triton:epilogue"):
+    for name in ("triton:prologue", "triton:epilogue", "triton:tma"):
         monkeypatch.setitem(table, name, dataclasses.replace(table[name], forward=broken))
     args, _ = lora_call()
     with pytest.warns(RuntimeWarning, match="'triton:epilogue' failed while being measured"):

@@ -222,12 +222,18 @@ def test_kernel_outputs_start_poisoned_in_the_tests():
 
 @pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
 @pytest.mark.parametrize("case", [Case(17, 70, 97, 8, fp32, fp32, True, 0.2, "2d"),
-                                  Case(130, 100, 33, 16, bf16, fp32, False, 0.1, "3d")], ids=lambda c: c.id)
+                                  Case(130, 100, 33, 16, bf16, fp32, False, 0.1, "3d"),
+                                  Case(70, 64, 40, 8, bf16, fp32, True, 0.2, "2d"),
+                                  Case(100, 48, 72, 16, fp32, fp32, False, 0.1, "3d")], ids=lambda c: c.id)
 def test_every_gemm_variant_matches_the_reference(monkeypatch, case):
     """The fused GEMM adds the low-rank term before the K loop ("prologue"), after it ("epilogue"), or onto torch's
-    base product ("cublas"): all exact, in forward and in the dX GEMM with dropout, so auto may pick any by speed."""
+    base product ("cublas"), or runs persistent with TMA reads ("tma"; where rows are 16-byte aligned, else as
+    "prologue"): all exact, in forward and in the dX GEMM with dropout, so auto may pick any by speed."""
     from fastpeft.kernels import lora_linear as kernels
-    assert kernels.GEMM_VARIANTS == ("prologue", "epilogue", "cublas")
+    assert kernels.GEMM_VARIANTS == ("prologue", "epilogue", "cublas", "tma")
+    tma_calls = []
+    real_tma = kernels._lora_gemm_tma
+    monkeypatch.setattr(kernels, "_lora_gemm_tma", lambda *args: tma_calls.append(1) or real_tma(*args))
     for variant in kernels.GEMM_VARIANTS:
         monkeypatch.setenv(kernels.GEMM_VARIANT_ENV, variant)
         x, w, b, a, bb, dy = make_inputs(case, TRITON_DEVICE)
@@ -235,6 +241,8 @@ def test_every_gemm_variant_matches_the_reference(monkeypatch, case):
         want = reference("triton", case, x, w, b, a, bb, dy, 2.0, 5, TRITON_DEVICE)
         errors = {name: rel_err(g, r) for name, g, r in zip(NAMES, got, want, strict=False)}
         assert all(e <= TOLERANCE[case.dtype] for e in errors.values()), (variant, errors)
+    aligned = all(n * case.dtype.itemsize % 16 == 0 for n in (case.K, case.N))
+    assert len(tma_calls) == (2 if aligned else 0)  # forward and dX ran on TMA where it can address them
     monkeypatch.setenv(kernels.GEMM_VARIANT_ENV, "sideways")
     with pytest.raises(ValueError, match="FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue"):
         kernels.gemm_variant()
