@@ -149,6 +149,39 @@ def requested_backend(backend: str | None) -> str:
     return backend.strip().lower()
 
 
+# Decisions for call signatures already checked (an op's key: shapes, dtypes, devices, strides, requires_grad, grad
+# mode, scalars, the backend asked for and the settings read from the environment) -> the backend to run. Every
+# check runs on the first call of a signature; later calls of it skip them. Bounded: emptied when full.
+_decisions: dict = {}
+DECISIONS_LIMIT = 4096
+MEASURE_SETTINGS_ENV = ("FASTPEFT_GEMM_VARIANT", auto.MEASURE_ENV)
+
+
+def settings(backend: str | None, device: torch.device) -> tuple:
+    """The environment settings a decision for ``backend`` (None: the environment's) on ``device`` depends on, for
+    the signature keys: only those that matter are read (each read costs about a microsecond)."""
+    requested = backend if backend is not None else os.environ.get(ENV_VAR)
+    if len(auto_preference(device)) == 1:  # nothing for auto to measure (the CPU): the rest cannot matter
+        return (requested,)
+    return (requested, *(os.environ.get(name) for name in MEASURE_SETTINGS_ENV))
+
+
+def decision(key):
+    """The backend decided for signature ``key`` earlier, or None."""
+    return _decisions.get(key)
+
+
+def remember_decision(key, name: str) -> None:
+    if len(_decisions) >= DECISIONS_LIMIT:
+        _decisions.clear()
+    _decisions[key] = name
+
+
+def forget_decisions() -> None:
+    """Forget every decided signature (the next call of each is checked and decided again)."""
+    _decisions.clear()
+
+
 def auto_preference(device: torch.device) -> tuple[str, ...]:
     """The backends ``auto`` considers for tensors on ``device``, in rule order: on the CPU the torch path only
     (Triton's interpreter is a test tool, never a choice)."""

@@ -58,8 +58,16 @@ def clock(monkeypatch, tmp_path):
                 return _forward(*args, **kwargs)
             monkeypatch.setitem(table, name, dataclasses.replace(entry, forward=costly))
     auto.forget()
+    backends.forget_decisions()  # decisions of earlier tests were made without the second candidate
     yield fake
     auto.forget()
+    backends.forget_decisions()
+
+
+def new_process():
+    """What a new process starts with: no winners and no decided call signatures in memory."""
+    auto.forget()
+    backends.forget_decisions()
 
 
 def lora_call(m=24, k=32, n=48, r=4, dtype=torch.float32, grad=False, **kwargs):
@@ -114,7 +122,7 @@ def test_winners_persist_on_disk_for_the_next_process(clock, tmp_path):
     stored = json.loads(path.read_text())
     assert stored["format"] == auto.FORMAT and list(stored["winners"].values()) == ["triton:epilogue"]
 
-    auto.forget()  # a new process: memory empty, the file read on first use
+    new_process()  # memory empty, the file read on first use
     clock.cost["torch"] = 0.5e-3
     before = clock.count("")
     lora_op.lora_linear(*args)
@@ -127,7 +135,7 @@ def test_a_corrupt_cache_file_is_measured_again_and_rewritten(clock, tmp_path):
     [path] = [p for p in tmp_path.iterdir() if p.suffix == ".json"]
     for garbage in (b"\x00\xff not json", b'{"format": 1, "winners": [1, 2]}', b'{"format": 99, "winners": {}}'):
         path.write_bytes(garbage)
-        auto.forget()
+        new_process()
         before = clock.calls["torch"]
         lora_op.lora_linear(*args)
         assert clock.calls["torch"] == before + 1 + auto.ROUNDS
@@ -141,7 +149,7 @@ def test_a_stored_winner_that_cannot_run_the_call_is_measured_again(clock, tmp_p
     stored = json.loads(path.read_text())
     stored["winners"] = {k: "cuda" for k in stored["winners"]}  # not a candidate on this machine
     path.write_text(json.dumps(stored))
-    auto.forget()
+    new_process()
     before = clock.calls["torch"]
     lora_op.lora_linear(*args)
     assert clock.calls["torch"] == before + 1 + auto.ROUNDS

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..auto import size_class
-from ..backends import Backend, autograd_backend, select_backend
+from ..backends import Backend, autograd_backend, decision, remember_decision, select_backend, settings
 from ..checks import (
     ACTIVATIONS,  # noqa: F401  (the op's activations, for ``from fastpeft.ops.adapter_bottleneck``)
     check_activation,
@@ -144,6 +144,15 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
 
     dh excludes the residual's own gradient (g) when a separate residual was given.
     """
+    grads = _gradients(g, h, w_down, w_up, pre, scaling, activation, has_residual, backend, needs_dh, needs_dw_down,
+                       needs_db_down, needs_dw_up, needs_db_up)
+    return tuple(t if t is not None else g.new_empty(0) for t in grads)
+
+
+def _gradients(g, h, w_down, w_up, pre, scaling, activation, has_residual, backend, needs_dh, needs_dw_down,
+               needs_db_down, needs_dw_up, needs_db_up):
+    """``(dh, dW_d, db_d, dW_u, db_u)``, None where not asked for: the backward of the registered op and of the
+    eager autograd Function."""
     entry = autograd_backend(ADAPTER_BOTTLENECK_BACKENDS, backend)
     dh = dwd = dbd = dwu = dbu = None
     if needs_dw_up:
@@ -156,7 +165,7 @@ def adapter_bottleneck_backward(g: Tensor, h: Tensor, w_down: Tensor, w_up: Tens
             dwd = torch.mm(dpre.t(), h)
         if needs_db_down:
             dbd = dpre.sum(0)
-    return tuple(t if t is not None else g.new_empty(0) for t in (dh, dwd, dbd, dwu, dbu))
+    return dh, dwd, dbd, dwu, dbu
 
 
 @adapter_bottleneck_backward.register_fake
@@ -191,6 +200,27 @@ def _backward(ctx, g, unused):
 
 
 adapter_bottleneck_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAdapterBottleneck(torch.autograd.Function):
+    """What the registered op and its autograd do, for eager calls: the table entry's forward and the same
+    gradients, h and pre saved, without the custom op's dispatch (compiled graphs keep the registered op)."""
+
+    @staticmethod
+    def forward(ctx, h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend):
+        out, pre = ADAPTER_BOTTLENECK_BACKENDS[backend].forward(h, w_down, b_down, w_up, b_up, residual, scaling,
+                                                                activation)
+        ctx.save_for_backward(h, w_down, w_up, pre)
+        ctx.scaling, ctx.activation, ctx.has_residual, ctx.backend = scaling, activation, residual is not None, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        needs = ctx.needs_input_grad
+        grads = _gradients(g, *ctx.saved_tensors, ctx.scaling, ctx.activation, ctx.has_residual, ctx.backend,
+                           *needs[:5])
+        dres = g if ctx.has_residual and needs[5] else None
+        return (*grads, dres, None, None, None)
 
 
 def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
@@ -252,24 +282,52 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
 
 
 def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, residual, backend):
-    _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
+    key = _signature(h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend)
+    name = decision(key) if key is not None else None
     tensors = [t for t in (h, w_down, w_up, b_down, b_up, residual) if t is not None]
-    d = h.shape[-1]
-    h2d = h.reshape(-1, d)
-    res2d = None if residual is None else residual.reshape(-1, d)
+    d = h.shape[-1] if isinstance(h, torch.Tensor) and h.dim() else None
+    if name is None:  # first call of this signature: every check, then the backend
+        _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
+        h2d = h.reshape(-1, d)
+        res2d = None if residual is None else residual.reshape(-1, d)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        name = select_backend(backend, tensors, ADAPTER_BOTTLENECK_BACKENDS, (h2d, w_down, b_down, w_up, b_up, res2d),
+                              needs_grad, lambda: _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling,
+                                                               activation, needs_grad))
+        if key is not None:
+            remember_decision(key, name)
+    h2d = h if h.dim() == 2 else h.reshape(-1, d)
+    res2d = None if residual is None else (residual if residual.dim() == 2 else residual.reshape(-1, d))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    name = select_backend(backend, tensors, ADAPTER_BOTTLENECK_BACKENDS, (h2d, w_down, b_down, w_up, b_up, res2d),
-                          needs_grad, lambda: _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation,
-                                                           needs_grad))
-    return _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation).reshape(h.shape)
+    out = _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, needs_grad)
+    return out if h.dim() == 2 else out.reshape(h.shape)
 
 
-def _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation):
-    """The op on 2-D h on the table's entry ``name``, inputs checked."""
+def _signature(h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend):
+    """What every check and the backend decision of a call depend on, hashable; None when the inputs are not even
+    tensors (the full checks then say what is wrong)."""
+    def describe(t):
+        return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+    try:
+        return (describe(h), describe(w_down), describe(b_down), describe(w_up), describe(b_up), describe(residual),
+                type(scaling), scaling, type(activation), activation, torch.is_grad_enabled(),
+                settings(backend, h.device))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, needs_grad):
+    """The op on 2-D h on the table's entry ``name``, inputs checked: compiled graphs through the registered op,
+    eager calls straight to the entry's forward (no gradient needed) or through :class:`_EagerAdapterBottleneck`
+    (which saves h and pre only), without the custom op's dispatch."""
     entry = ADAPTER_BOTTLENECK_BACKENDS[name]
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
         return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation)
-    return adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, name)[0]
+    if torch.compiler.is_compiling():
+        return adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, name)[0]
+    if not needs_grad:
+        return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation)[0]
+    return _EagerAdapterBottleneck.apply(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, name)
 
 
 def _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, needs_grad):
@@ -283,7 +341,7 @@ def _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, ne
 
     def run(name):
         with torch.enable_grad() if needs_grad else torch.no_grad():
-            out = _run_on(name, *inputs, scaling, activation)
+            out = _run_on(name, *inputs, float(scaling), activation, needs_grad)
             if needs_grad:
                 out.backward(torch.ones_like(out))
     return key, run

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..auto import size_class
-from ..backends import Backend, autograd_backend, select_backend
+from ..backends import Backend, autograd_backend, decision, remember_decision, select_backend, settings
 from ..checks import (
     FLOAT_DTYPES,
     GEMM_VARIANT_ENV,
@@ -67,7 +67,7 @@ def torch_drop_mask(seed: int, shape, p: float, device) -> torch.Tensor:
 
 def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     dtype = x.dtype
-    a, b = lora_A.to(dtype), lora_B.to(dtype)  # r×K and N×r casts: small
+    a, b = (lora_A, lora_B) if lora_A.dtype == dtype else (lora_A.to(dtype), lora_B.to(dtype))  # r×K, N×r: small
     drop = None
     if dropout_p > 0.0:
         drop = torch_drop_mask(seed, x.shape, dropout_p, x.device)
@@ -185,6 +185,14 @@ _SEED_BOUND = 2**31 - 1
 DROPOUT_SEED_LIMIT = 2**32
 
 
+def _seed_to_use(seed: int, dropout_p: float) -> int:
+    """The dropout seed of a call: the caller's, or (negative) one drawn from torch's global generator when there is
+    dropout; 0 when there is none."""
+    if dropout_p > 0.0 and seed < 0:
+        seed = int(torch.randint(0, _SEED_BOUND, ()).item())
+    return max(seed, 0)
+
+
 @torch.library.custom_op("fastpeft::lora_linear_forward", mutates_args=())
 def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                         scaling: float, dropout_p: float, seed: int, backend: str
@@ -196,9 +204,7 @@ def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: 
     one from torch's global generator here, inside the op, so a compiled graph draws it exactly like eager.
     """
     entry = autograd_backend(LORA_LINEAR_BACKENDS, backend)
-    if dropout_p > 0.0 and seed < 0:
-        seed = int(torch.randint(0, _SEED_BOUND, ()).item())
-    seed = max(seed, 0)
+    seed = _seed_to_use(seed, dropout_p)
     y, s, drop = entry.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
     if drop is None:
         drop = torch.empty(0, dtype=torch.bool, device=x.device)
@@ -257,6 +263,28 @@ def _backward(ctx, dy, *unused):
 
 
 lora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoraLinear(torch.autograd.Function):
+    """What the registered op and its autograd do, for eager calls: the table entry's forward and backward, the same
+    tensors saved, without the custom op's dispatch (compiled graphs keep the registered op)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        entry = LORA_LINEAR_BACKENDS[backend]
+        y, s, drop = entry.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, s, drop)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
+        x, weight, lora_A, lora_B, s, drop = ctx.saved_tensors
+        dx, da, db, dbias = LORA_LINEAR_BACKENDS[ctx.backend].backward(
+            dy, x, weight, lora_A, lora_B, s, drop, ctx.seed, ctx.scaling, ctx.dropout_p,
+            needs_dx, needs_da, needs_db, needs_dbias)
+        return dx, None, dbias, da, db, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,28 +358,61 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
                                      or not 0 <= dropout_seed < DROPOUT_SEED_LIMIT):
         raise ValueError(f"dropout_seed must be None or an integer in [0, 2**32), got {dropout_seed!r} (the torch "
                          "backend's generator takes 32 bits of seed, so larger seeds would repeat masks)")
-    tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
-    p = float(dropout_p) if training else 0.0
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, p), needs_grad,
-                          lambda: _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad))
+    p = dropout_p if training else 0.0
+    key = _signature(x, weight, bias, lora_A, lora_B, scaling, p, backend)
+    name = decision(key) if key is not None else None
+    if name is None:  # first call of this signature: every check, then the backend
+        _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        x2d = x.reshape(-1, x.shape[-1])
+        name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, float(p)),
+                              needs_grad, lambda: _measurement(x2d, weight, bias, lora_A, lora_B, scaling, float(p),
+                                                               needs_grad))
+        if key is not None:
+            remember_decision(key, name)
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     seed = -1 if dropout_seed is None else int(dropout_seed)
-    return _run_on(name, x2d, weight, bias, lora_A, lora_B, scaling, p, seed).reshape(*lead, weight.shape[0])
+    y = _run_on(name, x2d, weight, bias, lora_A, lora_B, float(scaling), float(p), seed, torch.is_grad_enabled() and (
+        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or (bias is not None and bias.requires_grad)))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _run_on(name, x2d, weight, bias, lora_A, lora_B, scaling, p, seed):
-    """The op on 2-D x on the table's entry ``name``, inputs checked."""
+def _signature(x, weight, bias, lora_A, lora_B, scaling, p, backend):
+    """What every check and the backend decision of a call depend on, hashable; None when the inputs are not even
+    tensors (the full checks then say what is wrong)."""
+    try:
+        return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
+                weight.shape, weight.dtype, weight.device, weight.requires_grad, weight.is_contiguous(),
+                None if bias is None else (bias.shape, bias.dtype, bias.device, bias.requires_grad,
+                                           bias.is_contiguous()),
+                lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad, lora_A.is_contiguous(),
+                lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad, lora_B.is_contiguous(),
+                type(scaling), scaling, type(p), p, torch.is_grad_enabled(), settings(backend, x.device))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _run_on(name, x2d, weight, bias, lora_A, lora_B, scaling, p, seed, needs_grad):
+    """The op on 2-D x on the table's entry ``name``, inputs checked. Compiled graphs go through the registered op;
+    eager calls straight to the entry's forward (no gradient needed, or the torch path without dropout) or through
+    :class:`_EagerLoraLinear`, the same forward and backward without the custom op's dispatch, which cost more than a
+    small layer's arithmetic."""
     entry = LORA_LINEAR_BACKENDS[name]
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
         return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling)
-    return lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)[0]
+    if torch.compiler.is_compiling():
+        return lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)[0]
+    seed = _seed_to_use(seed, p)
+    if not needs_grad or (name == "torch" and p == 0.0):
+        # Without dropout, autograd over the torch path's own ops saves what its custom backward would (x for dA, S
+        # for dB) and costs less than any Python autograd node.
+        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling, p, seed)[0]
+    return _EagerLoraLinear.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)
 
 
 def _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad):
@@ -365,7 +426,7 @@ def _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad):
 
     def run(name):
         with torch.enable_grad() if needs_grad else torch.no_grad():
-            y = _run_on(name, *inputs, scaling, p, 0)
+            y = _run_on(name, *inputs, scaling, p, 0, needs_grad)
             if needs_grad:
                 y.backward(torch.ones_like(y))
     return key, run

@@ -1,0 +1,141 @@
+"""The per-call path: a call signature is checked and decided once, later calls of it skip to the kernels; eager
+calls bypass the custom op's dispatch and must equal the registered op (what compiled graphs run)."""
+import importlib
+
+import pytest
+import torch
+from conftest import TOLERANCE, TRITON_DEVICE, rel_err
+
+import fastpeft
+from fastpeft import backends
+
+lora_op = importlib.import_module("fastpeft.ops.lora_linear")
+adapter_op = importlib.import_module("fastpeft.ops.adapter_bottleneck")
+
+
+def lora_args(M=5, K=24, N=16, r=4, dtype=torch.float32, grad=True):
+    torch.manual_seed(0)
+    x = torch.randn(M, K, dtype=dtype, requires_grad=grad)
+    w, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    a, bb = torch.randn(r, K, requires_grad=grad), torch.randn(N, r, requires_grad=grad)
+    return x, w, b, a, bb
+
+
+def test_bad_input_after_a_cached_call_still_gets_its_error():
+    x, w, b, a, bb = lora_args()
+    fastpeft.lora_linear(x, w, b, a, bb, 0.5)
+    fastpeft.lora_linear(x, w, b, a, bb, 0.5)  # decided now
+    cases = [
+        (dict(lora_B=torch.randn(16, 5)), ValueError, "lora_B must have shape"),
+        (dict(x=x.double()), TypeError, "x has dtype"),
+        (dict(scaling=float("nan")), ValueError, "scaling"),
+        (dict(scaling=True), (TypeError, ValueError), "scaling"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p"),
+        (dict(weight=w.clone().requires_grad_(True)), ValueError, "weight must be frozen"),
+        (dict(lora_A=torch.randn(4, 24, device="meta")), ValueError, "one device"),
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ]
+    base = dict(x=x, weight=w, bias=b, lora_A=a, lora_B=bb, scaling=0.5, dropout_p=0.0)
+    for overrides, error, match in cases:
+        with pytest.raises(error, match=match):
+            fastpeft.lora_linear(**{**base, **overrides})
+    fastpeft.lora_linear(x, w, b, a, bb, 0.5)  # and the good call still runs
+
+    h = torch.randn(3, 40)
+    wd, wu = torch.randn(4, 40), torch.randn(40, 4)
+    fastpeft.adapter_bottleneck(h, wd, None, wu, None, 1.0, "relu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastpeft.adapter_bottleneck(h, wd, None, wu, None, 1.0, "tanh")
+    with pytest.raises(ValueError, match="scaling"):
+        fastpeft.adapter_bottleneck(h, wd, None, wu, None, float("inf"), "relu")
+
+
+def test_a_decided_signature_follows_grad_mode_and_the_environment(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    x, w, b, a, bb = lora_args()
+    with torch.no_grad():
+        fastpeft.lora_linear(x, w, b, a, bb, 0.5)
+    y = fastpeft.lora_linear(x, w, b, a, bb, 0.5)  # same tensors, grad mode on: a new signature
+    y.sum().backward()
+    assert a.grad is not None and x.grad is not None
+    monkeypatch.setenv(backends.ENV_VAR, "cuda")
+    with pytest.raises(fastpeft.BackendUnavailableError, match="backend 'cuda' cannot run"):
+        fastpeft.lora_linear(x, w, b, a, bb, 0.5)
+    monkeypatch.setenv(backends.ENV_VAR, "sideways")
+    with pytest.raises(ValueError, match="FASTPEFT_BACKEND must be one of"):
+        fastpeft.lora_linear(x, w, b, a, bb, 0.5)
+
+
+def test_decisions_are_bounded(monkeypatch):
+    monkeypatch.setattr(backends, "DECISIONS_LIMIT", 3)
+    backends.forget_decisions()
+    for m in range(1, 8):
+        fastpeft.lora_linear(*lora_args(M=m, grad=False), 0.5)
+        assert len(backends._decisions) <= 3
+
+
+def _registered(x, w, b, a, bb, scaling, p, seed, backend):
+    return lora_op.lora_linear_forward(x, w, b, a, bb, scaling, p, seed, backend)[0]
+
+
+BACKENDS = ["torch"] + (["triton"] if TRITON_DEVICE == "cpu" else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eager_calls_equal_the_registered_op(backend, p, dtype):
+    """The eager path (no custom-op dispatch) gives what the registered op gives: outputs and every gradient, with
+    dropout (same seed, same mask) and fp32 adapters on a bf16 base. Bit for bit where both run the same backward;
+    the torch path without dropout is differentiated by autograd (its ops in another order), so there within the
+    dtype's budget."""
+    results = []
+    for run in (fastpeft.lora_linear, None):
+        x, w, b, a, bb = lora_args(M=33, K=40, N=24, r=8, dtype=dtype)
+        b.requires_grad_(True)
+        if run is None:
+            y = _registered(x, w, b, a, bb, 0.7, p, 123, backend)
+        else:
+            y = run(x, w, b, a, bb, 0.7, dropout_p=p, backend=backend, dropout_seed=123)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        results.append([y, x.grad, b.grad, a.grad, bb.grad])
+    for eager, registered in zip(*results, strict=True):
+        assert eager.dtype == registered.dtype
+        if backend == "torch" and p == 0.0:
+            assert rel_err(eager, registered) <= TOLERANCE[dtype]
+        else:
+            assert torch.equal(eager, registered)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapter_eager_calls_equal_the_registered_op(backend):
+    results = []
+    for eager in (True, False):
+        torch.manual_seed(0)
+        h = torch.randn(7, 32, requires_grad=True)
+        params = [torch.randn(8, 32), torch.randn(8), torch.randn(32, 8), torch.randn(32)]
+        for t in params:
+            t.requires_grad_(True)
+        wd, bd, wu, bu = params
+        if eager:
+            out = fastpeft.adapter_bottleneck(h, wd, bd, wu, bu, 0.5, "silu", backend=backend)
+        else:
+            out = adapter_op.adapter_bottleneck_forward(h, wd, bd, wu, bu, None, 0.5, "silu", backend)[0]
+        out.backward(torch.ones_like(out))
+        results.append([out, h.grad] + [t.grad for t in params])
+    for eager, registered in zip(*results, strict=True):
+        assert torch.equal(eager, registered)
+
+
+def test_the_torch_path_saves_x_and_s_only():
+    """Without dropout the torch path runs under autograd directly: what it saves for backward must still be x
+    itself (for dA) and S (M×r, for dB) plus the weights, never an M×N tensor or a copy of x."""
+    M, K, N, r = 64, 96, 80, 4
+    x, w, b, a, bb = lora_args(M=M, K=K, N=N, r=r)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fastpeft.lora_linear(x, w, b, a, bb, 0.5, backend="torch")
+    shapes = sorted(tuple(t.shape) for t in saved if t.numel() >= M * r)
+    assert (M, N) not in shapes and shapes.count((M, K)) == 1 and (M, r) in shapes, shapes
+    assert sum(t.data_ptr() == x.data_ptr() for t in saved if t.shape == (M, K)) == 1
