@@ -79,6 +79,10 @@ def bench(args) -> int:
     if args.only in (None, "lora"):
         results = benchmark.run(shapes, dtype, device, dropouts, rounds)
         sections.append(("LoRA linear", benchmark.format_table(results)))
+    if args.only in (None, "overhead"):
+        tokens = benchmark.SWEEP_TOKENS[:3] if args.quick else benchmark.SWEEP_TOKENS
+        results = benchmark.run_overhead(dtype, device, rounds, tokens)
+        sections.append(("Host overhead and the token sweep", benchmark.format_overhead_table(results)))
     if args.only in (None, "adapters"):
         if device.type == "cuda":
             adapter_shapes = benchmark.ADAPTER_GPU_SHAPES[:1] if args.quick else benchmark.ADAPTER_GPU_SHAPES
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
     b.add_argument("--dropout", type=float, action="append", help="repeatable; default 0 and 0.1")
     b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken)")
     b.add_argument("--markdown", metavar="PATH", help="append the tables to this markdown file")
-    b.add_argument("--only", choices=["lora", "adapters"], help="run one of the two benchmarks")
+    b.add_argument("--only", choices=["lora", "overhead", "adapters"], help="run one of the three benchmarks")
     args = parser.parse_args(argv)
     return info(args) if args.command == "info" else bench(args)
 

@@ -149,6 +149,11 @@ def requested_backend(backend: str | None) -> str:
     return backend.strip().lower()
 
 
+# Elements of an op's input below which its eager torch path is differentiated by autograd over its own ops rather
+# than by its custom backward: there the Python autograd node costs more than the backward's fused work saves
+# (measured crossover on a CPU: LoRA at M=32, K=1024).
+SMALL_CALL = 32 * 1024
+
 # Decisions for call signatures already checked (an op's key: shapes, dtypes, devices, strides, requires_grad, grad
 # mode, scalars, the backend asked for and the settings read from the environment) -> the backend to run. Every
 # check runs on the first call of a signature; later calls of it skip them. Bounded: emptied when full.

@@ -352,6 +352,96 @@ def _legend(reference: str | None, base_name: str | None, show_dropout: bool) ->
     return "\n".join(lines)
 
 
+# Host overhead: a layer so small that its arithmetic is negligible, timed per call in three modes, and the token
+# sweep at K=N=1024 where the overhead meets the arithmetic.
+OVERHEAD_SHAPE = Shape(1, 16, 16, 4)
+SWEEP_TOKENS = (1, 16, 128, 1024, 4096)
+OVERHEAD_MODES = ("fwd, no grad", "fwd", "fwd+bwd")
+
+
+@dataclass
+class OverheadResult:
+    shape: Shape
+    mode: str
+    candidate: str
+    us: float  # median wall-clock microseconds per call
+
+
+def _overhead_step(layer: nn.Module, x: torch.Tensor, mode: str):
+    if mode == "fwd, no grad":
+        def step():
+            with torch.no_grad():
+                layer(x)
+    elif mode == "fwd":
+        def step():
+            layer(x)
+    else:
+        def step():
+            _clear_grads(layer, x)
+            layer(x).sum().backward()
+    return step
+
+
+def _per_call_us(steps: dict, device, rounds: int, calls: int) -> dict[str, float]:
+    """Median wall-clock microseconds per call of each step: rounds of ``calls`` calls, interleaved and rotated
+    like :func:`interleaved_times`, the GPU synchronized at the end of each round (host time is what is measured)."""
+    names = list(steps)
+    cuda = torch.device(device).type == "cuda"
+    for name in names:
+        for _ in range(3):
+            steps[name]()
+    times = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            for _ in range(calls):
+                steps[name]()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e6 / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def run_overhead(dtype=torch.float32, device="cpu", rounds: int = 15, tokens=SWEEP_TOKENS,
+                 log=print) -> list[OverheadResult]:
+    """Per-call time of nn.Linear, fastpeft's LoraLinear (each usable backend) and HF PEFT's LoRA Linear: the tiny
+    layer in every mode, then forward+backward over ``tokens`` at K=N=1024, r=16."""
+    cases = [(OVERHEAD_SHAPE, mode) for mode in OVERHEAD_MODES]
+    cases += [(Shape(m, 1024, 1024, 16), "fwd+bwd") for m in tokens]
+    results = []
+    for shape, mode in cases:
+        layers = make_candidates(shape, dtype, device, 0.0)
+        torch.manual_seed(1)
+        x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
+        calls = max(1, min(200, 20_000 // (shape.M * (shape.K + shape.N) // 32 + 1)))
+        steps = {name: _overhead_step(layer, x, mode) for name, layer in layers.items()}
+        for name, us in _per_call_us(steps, device, rounds, calls).items():
+            results.append(OverheadResult(shape, mode, name, us))
+            log(f"  {shape}  {mode:12s} {name:16s} {us:10.1f} us")
+    return results
+
+
+def format_overhead_table(results: list[OverheadResult], reference: str = "peft") -> str:
+    by_key = {(r.shape, r.mode, r.candidate): r for r in results}
+    has_ref = any(r.candidate == reference for r in results)
+    head = ["shape", "mode", "candidate", "us per call", "time / base"] + ([f"time / {reference}"] if has_ref else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        base = by_key.get((r.shape, r.mode, "nn.Linear"))
+        row = [str(r.shape), r.mode, r.candidate, f"{r.us:.1f}", _ratio(r.us, base.us) if base else "-"]
+        if has_ref:
+            ref = by_key.get((r.shape, r.mode, reference))
+            row.append(_ratio(r.us, ref.us) if ref else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    legend = ("Lower is better. us per call: median wall-clock microseconds of one call (rounds of many calls that "
+              "interleave the candidates). fwd, no grad: forward under torch.no_grad(); fwd: forward recording "
+              "autograd; fwd+bwd: forward, .sum() and backward. time / base: relative to nn.Linear, the frozen base "
+              "layer.")
+    if has_ref:
+        legend += f" time / {reference}: relative to HF PEFT's LoRA Linear (below 1.00: faster)."
+    return "\n".join(lines) + "\n\n" + legend
+
+
 def device_description(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":

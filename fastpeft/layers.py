@@ -11,6 +11,7 @@ from torch import nn
 
 from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
+from .ops.adapter_bottleneck import adapter_bottleneck
 from .ops.lora_linear import lora_linear
 
 
@@ -360,7 +361,6 @@ class BottleneckAdapter(nn.Module):
             nn.init.zeros_(self.up)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        from .ops.adapter_bottleneck import adapter_bottleneck
         return adapter_bottleneck(h, self.down, self.down_bias, self.up, self.up_bias, self.scaling,
                                   self.activation, residual, backend=self.backend)
 

@@ -5,7 +5,7 @@ import sys
 from fastpeft.__main__ import main
 
 
-def test_bench_command_prints_both_tables(capsys, tmp_path):
+def test_bench_command_prints_every_table(capsys, tmp_path):
     out_file = tmp_path / "results.md"
     assert main(["bench", "--shape", "64,40,48,4", "--rounds", "2", "--dropout", "0.1", "--quick",
                  "--markdown", str(out_file)]) == 0
@@ -17,9 +17,11 @@ def test_bench_command_prints_both_tables(capsys, tmp_path):
     assert "dropout=0.1  fwd      nn.Linear" not in printed
     # Adapters have no dropout column at all.
     assert "| M=2048 d=1024 m=64 | fwd+bwd | fastpeft[torch] |" in printed
-    assert printed.count("Lower is better") == 2 and "time / base: time relative to nn.Linear" in printed
+    assert "| M=1 K=16 N=16 r=4 | fwd, no grad | fastpeft[torch] |" in printed
+    assert printed.count("Lower is better") == 3 and "time / base: time relative to nn.Linear" in printed
     written = out_file.read_text()
     assert "## LoRA linear" in written and "## Bottleneck adapter" in written and "Lower is better" in written
+    assert "## Host overhead and the token sweep" in written
 
 
 def test_bench_command_keeps_stderr_clean(tmp_path):
@@ -29,3 +31,25 @@ def test_bench_command_keeps_stderr_clean(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "USDT" not in done.stderr and "profiler_st" not in done.stderr, done.stderr
     assert "| M=32 K=24 N=16 r=2 |" in done.stdout
+
+
+def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
+    from fastpeft import benchmark
+    results = benchmark.run_overhead(rounds=2, tokens=(1, 4), log=lambda *_: None)
+    cases = {(r.shape, r.mode) for r in results}
+    assert cases == {(benchmark.OVERHEAD_SHAPE, mode) for mode in benchmark.OVERHEAD_MODES} | {
+        (benchmark.Shape(m, 1024, 1024, 16), "fwd+bwd") for m in (1, 4)}
+    candidates = {"nn.Linear", "fastpeft[torch]"} | ({"peft"} if benchmark.peft_available() else set())
+    for case in cases:
+        assert {r.candidate for r in results if (r.shape, r.mode) == case} == candidates
+    assert all(r.us > 0 for r in results)
+    table = benchmark.format_overhead_table(results)
+    for r in results:
+        row = next(line for line in table.splitlines()
+                   if line.startswith(f"| {r.shape} | {r.mode} | {r.candidate} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        base = next(b for b in results if (b.shape, b.mode, b.candidate) == (r.shape, r.mode, "nn.Linear"))
+        assert cells[3] == f"{r.us:.1f}" and cells[4] == f"{r.us / base.us:.2f}"
+        if "peft" in candidates:
+            ref = next(b for b in results if (b.shape, b.mode, b.candidate) == (r.shape, r.mode, "peft"))
+            assert cells[5] == f"{r.us / ref.us:.2f}"

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..auto import size_class
-from ..backends import Backend, autograd_backend, decision, remember_decision, select_backend, settings
+from ..backends import SMALL_CALL, Backend, autograd_backend, decision, remember_decision, select_backend, settings
 from ..checks import (
     ACTIVATIONS,  # noqa: F401  (the op's activations, for ``from fastpeft.ops.adapter_bottleneck``)
     check_activation,
@@ -71,6 +71,8 @@ def _torch_forward(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
     base = h if residual is None else residual
     if b_up is None:
         return torch.addmm(base, act, w_up.t(), alpha=scaling), pre
+    if h.numel() < SMALL_CALL:  # few rows: one more pass over the output costs less than building [act, 1]
+        return torch.addmm(base, act, w_up.t(), alpha=scaling).add_(b_up, alpha=scaling), pre
     ones = torch.ones(act.shape[0], 1, dtype=act.dtype, device=act.device)
     return torch.addmm(base, torch.cat([act, ones], 1), torch.cat([w_up.t(), b_up[None]], 0), alpha=scaling), pre
 
@@ -284,10 +286,10 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
 def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, residual, backend):
     key = _signature(h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend)
     name = decision(key) if key is not None else None
-    tensors = [t for t in (h, w_down, w_up, b_down, b_up, residual) if t is not None]
-    d = h.shape[-1] if isinstance(h, torch.Tensor) and h.dim() else None
     if name is None:  # first call of this signature: every check, then the backend
         _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
+        tensors = [t for t in (h, w_down, w_up, b_down, b_up, residual) if t is not None]
+        d = h.shape[-1]
         h2d = h.reshape(-1, d)
         res2d = None if residual is None else residual.reshape(-1, d)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -296,9 +298,13 @@ def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, resi
                                                                activation, needs_grad))
         if key is not None:
             remember_decision(key, name)
-    h2d = h if h.dim() == 2 else h.reshape(-1, d)
-    res2d = None if residual is None else (residual if residual.dim() == 2 else residual.reshape(-1, d))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if h.dim() == 2:
+        h2d, res2d = h, residual
+    else:
+        h2d = h.reshape(-1, h.shape[-1])
+        res2d = None if residual is None else residual.reshape(h2d.shape)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (h, w_down, w_up, b_down, b_up, residual))
     out = _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, needs_grad)
     return out if h.dim() == 2 else out.reshape(h.shape)
 
@@ -319,10 +325,15 @@ def _signature(h, w_down, b_down, w_up, b_up, residual, scaling, activation, bac
 def _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, needs_grad):
     """The op on 2-D h on the table's entry ``name``, inputs checked: compiled graphs through the registered op,
     eager calls straight to the entry's forward (no gradient needed) or through :class:`_EagerAdapterBottleneck`
-    (which saves h and pre only), without the custom op's dispatch."""
+    (which saves h and pre only), without the custom op's dispatch; small calls on the torch path run its ops under
+    autograd, compiled or not."""
     entry = ADAPTER_BOTTLENECK_BACKENDS[name]
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
         return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation)
+    if name == "torch" and h2d.numel() < SMALL_CALL:
+        # A small call on the torch path, eager or compiled alike: autograd over its own ops costs less than a
+        # Python autograd node (and what it saves beyond h and pre, act(pre), is small there).
+        return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation)[0]
     if torch.compiler.is_compiling():
         return adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, name)[0]
     if not needs_grad:
