@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check, in stages ordered by value: environment -> fastpeft._C for sm_90a -> GPU correctness
-# tests -> decode timings -> the training-shape headline -> layer benchmark if time is left.
+# tests -> decode timings -> the training-shape headline -> a decode step under CUDA graphs -> layer benchmark if
+# time is left.
 #
 # Runs from the source tree on a CUDA machine that has torch, triton, peft, pytest, CMake, ninja and pybind11, with
 # no network and no pip install (kernels/ is reached as fastpeft.kernels through a link, fastpeft._C is built with
@@ -90,6 +91,9 @@ publish
 
 stage headline 90 python bench/gpu_kernels.py --part gemm --shape 8192,4096,4096,16 --markdown "$summary"
 grep "autotune winners" "$OUT/headline.log" | sed 's/^/    /' >> "$summary"
+publish
+
+stage graphs 45 env FASTPEFT_AUTOTUNE=0 python bench/gpu_kernels.py --part graphs --markdown "$summary"
 publish
 
 stage layers 90 python -m fastpeft bench --device cuda --only lora --shape 8192,4096,4096,16 --rounds 5 \

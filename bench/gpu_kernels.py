@@ -8,7 +8,10 @@ Decode shapes (--part decode): the CUDA decode kernel (fastpeft._C) against torc
 unfused torch path, HF PEFT's layer and the Triton path, as time and as GB/s over the bytes of W, next to the
 device's copy bandwidth measured in the same run.
 
-    python bench/gpu_kernels.py [--part gemm|decode|all] [--markdown PATH] [--shape M,K,N,r ...]
+Decode step under CUDA graphs (--part graphs): the projections of 32 Llama-7B-sized blocks at M = 1 and 16, with
+LoRA r=16 on every linear and without, eagerly and replayed from a CUDA graph.
+
+    python bench/gpu_kernels.py [--part gemm|decode|graphs|all] [--markdown PATH] [--shape M,K,N,r ...]
 """
 import argparse
 import datetime
@@ -171,9 +174,80 @@ def decode_section(dtype, markdown):
                     + "\n".join(lines) + "\n")
 
 
+def llama_projections(layers, hidden, intermediate, kv, dtype, device="cuda"):
+    """The seven projections of ``layers`` Llama blocks as one chain of linears (q, k, v, o, gate, up, down), M
+    tokens in, the attention and the elementwise ops left out: what LoRA adds to a decode step is in these."""
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, intermediate),
+              (hidden, intermediate), (intermediate, hidden)]
+    blocks = []
+    for _ in range(layers):
+        for k, n in shapes:
+            blocks.append(torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype))
+    return blocks
+
+
+class Chain(torch.nn.Module):
+    """Runs each projection on its own input width (q, k, v, o read the hidden state; down reads the MLP's)."""
+
+    def __init__(self, blocks, hidden, intermediate):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.hidden, self.intermediate = hidden, intermediate
+
+    def forward(self, h, g):
+        out = h
+        for block in self.blocks:
+            out = block(g if block.in_features == self.intermediate else h)
+        return out
+
+
+def graphed_ms(model, inputs):
+    """Median ms of one replay of ``model(*inputs)`` captured in a CUDA graph (warmed up eagerly first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(3):
+            model(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        model(*inputs)
+    return median_ms(graph.replay)
+
+
+def graphs_section(dtype, markdown):
+    """A Llama-style decode step (32 blocks of 7B's projections, M = 1 and 16) with LoRA r=16 on every linear,
+    against the same step without LoRA, both under CUDA graphs; and eagerly, where host time shows."""
+    import copy
+
+    import fastpeft
+    hidden, intermediate, kv, layers = 4096, 11008, 4096, 32
+    torch.manual_seed(0)
+    base = Chain(llama_projections(layers, hidden, intermediate, kv, dtype), hidden, intermediate).eval()
+    lora = fastpeft.apply_lora(copy.deepcopy(base), target_modules=r"blocks\.\d+", r=16, lora_alpha=32,
+                               init_lora_weights=False).eval()
+    lines = ["| M | mode | without LoRA ms | with LoRA (fastpeft, auto) ms | × without |", "|---|---|---|---|---|"]
+    for M in (1, 16):
+        h = torch.randn(M, hidden, device="cuda", dtype=dtype)
+        g = torch.randn(M, intermediate, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            eager = [median_ms(lambda model=model, h=h, g=g: model(h, g)) for model in (base, lora)]
+        graphed = [graphed_ms(model, (h, g)) for model in (base, lora)]
+        for mode, (plain, ours) in (("eager", eager), ("CUDA graph", graphed)):
+            line = f"| {M} | {mode} | {plain:.3f} | {ours:.3f} | {ours / plain:.3f} |"
+            lines.append(line)
+            print(line, flush=True)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(f"\n## Decode step under CUDA graphs, {dtype}, {torch.cuda.get_device_name(0)}\n\n"
+                    f"{layers} blocks of q, k, v, o, gate, up, down ({hidden}/{intermediate}), no attention; LoRA r=16 "
+                    "on every linear; do_bench medians (target: CUDA graph × without ≤ 1.15).\n\n"
+                    + "\n".join(lines) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", default="all", choices=["gemm", "decode", "all"])
+    parser.add_argument("--part", default="all", choices=["gemm", "decode", "graphs", "all"])
     parser.add_argument("--markdown", help="append the table to this markdown file")
     parser.add_argument("--shape", action="append", help="M,K,N,r (repeatable; training shapes)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -181,7 +255,9 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.part in ("decode", "all"):
         decode_section(dtype, args.markdown)
-    if args.part == "decode":
+    if args.part in ("graphs", "all"):
+        graphs_section(dtype, args.markdown)
+    if args.part in ("decode", "graphs"):
         return
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else \
         [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 64)]

@@ -139,3 +139,14 @@ def test_the_torch_path_saves_x_and_s_only():
     shapes = sorted(tuple(t.shape) for t in saved if t.numel() >= M * r)
     assert (M, N) not in shapes and shapes.count((M, K)) == 1 and (M, r) in shapes, shapes
     assert sum(t.data_ptr() == x.data_ptr() for t in saved if t.shape == (M, K)) == 1
+
+
+def test_dropout_refuses_to_draw_a_seed_into_a_cuda_graph(monkeypatch):
+    """A seed drawn while a CUDA graph captures would be baked in: every replay would drop the same elements."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    x, w, b, a, bb = lora_args(grad=False)
+    with pytest.raises(RuntimeError, match="captured in a CUDA graph"):
+        fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, backend="torch")
+    fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, backend="torch", dropout_seed=3)  # fixed knowingly
+    fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, training=False, backend="torch")

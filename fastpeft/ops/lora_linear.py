@@ -11,6 +11,7 @@ import functools
 import math
 import numbers
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -49,6 +50,16 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=No
 # with masked_fill: multiplying by a bool tensor would first widen it to a float M×K temporary.
 # ----------------------------------------------------------------------------------------------------------
 
+_generators = threading.local()  # per thread and device: one Generator, re-seeded by each call
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    by_device = _generators.__dict__.setdefault("by_device", {})
+    if device not in by_device:
+        by_device[device] = torch.Generator(device=device)
+    return by_device[device]
+
+
 def torch_drop_mask(seed: int, shape, p: float, device) -> torch.Tensor:
     """The bool drop-mask (True = dropped) the torch backend draws for ``seed``.
 
@@ -58,11 +69,11 @@ def torch_drop_mask(seed: int, shape, p: float, device) -> torch.Tensor:
     """
     shape = tuple(shape)
     n = math.prod(shape)
-    generator = torch.Generator(device=device)
+    generator = _generator(torch.device(device))
     generator.manual_seed(seed)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
     uniform16 = bits.view(torch.int16)[:n].view(shape)
-    return uniform16 < -32768 + round(p * 65536)
+    return torch.lt(uniform16, -32768 + round(p * 65536))  # (the < operator adds a Python-level wrapper)
 
 
 def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -189,6 +200,11 @@ def _seed_to_use(seed: int, dropout_p: float) -> int:
     """The dropout seed of a call: the caller's, or (negative) one drawn from torch's global generator when there is
     dropout; 0 when there is none."""
     if dropout_p > 0.0 and seed < 0:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("lora_linear with dropout is being captured in a CUDA graph: the seed drawn now would "
+                               "be baked into the graph and every replay would drop the same elements. Capture with "
+                               "dropout off (training=False or dropout_p=0), or pass dropout_seed= to fix the mask "
+                               "knowingly")
         seed = int(torch.randint(0, _SEED_BOUND, ()).item())
     return max(seed, 0)
 
