@@ -87,29 +87,35 @@ def test_writers_killed_at_random_instants_leave_one_whole_adapter(tmp_path):
 
 
 def test_two_writers_and_a_reader(tmp_path):
+    """Two processes save different adapters into one folder while this one reads it: until it has made 30 reads
+    and seen both adapters (at least 3 s, at most 60 s, so a loaded machine only makes it longer), every read is
+    one whole adapter."""
     models = {tag: tagged_model(tag) for tag in TAGS}
     folder = tmp_path / "adapter"
     fastpeft.save_adapter(models[3], folder)
-    stop = time.monotonic() + 6
+    done = tmp_path / "done"
 
-    def save_until_stop(tag):
+    def save_until_done(tag):
         def work():
-            while time.monotonic() < stop:
+            while not done.exists():
                 fastpeft.save_adapter(models[tag], folder)
         return work
 
-    writers = [fork(save_until_stop(tag)) for tag in TAGS]
+    writers = [fork(save_until_done(tag)) for tag in TAGS]
     reads, seen = 0, set()
+    start = time.monotonic()
     try:
-        while time.monotonic() < stop:
+        while time.monotonic() - start < 60 and (reads < 30 or seen != set(TAGS) or time.monotonic() - start < 3):
             seen.add(whole_adapter(folder))
             reads += 1
             # Every file, read on its own, is always whole too.
             json.loads((folder / "adapter_config.json").read_text())
     finally:
+        done.touch()
         for pid in writers:
             os.waitpid(pid, 0)
-    assert reads >= 10 and seen == set(TAGS)
+        done.unlink()
+    assert reads >= 30 and seen == set(TAGS)
     assert leftovers(tmp_path, folder) == [] and whole_adapter(folder) in TAGS
     assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
 
