@@ -12,13 +12,16 @@ Triton, fastpeft, the extension), so later processes start with it: runs after t
 The file is replaced whole (write a temporary file, fsync, rename) under an exclusive lock, merging what other
 processes stored meanwhile; a file that cannot be read or parsed is treated as empty and rewritten, and an entry that
 names no current candidate is measured again. Nothing is measured while torch.compile traces, while a CUDA graph
-captures, or on fake tensors: those take a stored winner if there is one, else the rule order.
+captures, under saved-tensor hooks (activation checkpointing), or on fake tensors: those calls take the rule order,
+provisionally (the next call outside them measures).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import statistics
@@ -48,10 +51,19 @@ def measuring_enabled() -> bool:
     return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@functools.cache
 def _versions() -> dict[str, str]:
+    """What a winner depends on besides the device: torch, CUDA, Triton, fastpeft, whether the extension is built,
+    and the kernels' own source (an editable install changes them without a new version)."""
     from . import cuda_ext
     versions = {"torch": torch.__version__, "cuda": str(torch.version.cuda),
                 "extension": "built" if cuda_ext.load()[0] is not None else "absent"}
+    digest = hashlib.sha256()
+    for module in ("fastpeft.kernels.common", "fastpeft.kernels.lora_linear", "fastpeft.kernels.adapter_bottleneck"):
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin and os.path.exists(spec.origin):
+            digest.update(Path(spec.origin).read_bytes())
+    versions["kernels"] = digest.hexdigest()[:16]
     try:
         import triton
         versions["triton"] = triton.__version__
@@ -80,6 +92,7 @@ def cache_path(device: torch.device) -> Path | None:
         folder = os.path.join(base, "fastpeft")
     if not folder.strip():
         return None
+    folder = os.path.expanduser(folder)
     identity = json.dumps({"device": _device_name(device), **_versions()}, sort_keys=True)
     return Path(folder) / f"auto-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
 
@@ -88,7 +101,7 @@ def _read(path: Path) -> dict[str, str]:
     """The winners stored in ``path``; empty when it is missing, unreadable or not a cache of this format."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested past what json parses
         return {}
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("winners"), dict):
         return {}
@@ -133,30 +146,36 @@ def cuda_timer(fn: Callable[[], None]) -> float:
     return start.elapsed_time(end) * 1e-3
 
 
-def _cannot_measure(tensors: Sequence[torch.Tensor]) -> bool:
+def cannot_measure_now(tensors: Sequence[torch.Tensor]) -> bool:
+    """True while nothing may be measured: torch.compile tracing, a CUDA graph capturing, fake or meta tensors, or
+    saved-tensor hooks in force (activation checkpointing: the measuring calls would run under its hooks)."""
     if torch.compiler.is_compiling():
         return True
     if any(isinstance(t, torch._subclasses.fake_tensor.FakeTensor) or t.device.type == "meta" for t in tensors):
+        return True
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def fastest(key: tuple, candidates: Sequence[str], run: Callable[[str], None], tensors: Sequence[torch.Tensor],
-            timer: Callable[[Callable[[], None]], float] | None = None) -> str:
-    """The candidate backend that runs ``key``'s calls fastest here: stored, or measured now with ``run(name)``
-    (one call of the op on backend ``name``) and stored. ``candidates`` are in rule order; the first is the
-    answer whenever nothing may be measured."""
+            timer: Callable[[Callable[[], None]], float] | None = None) -> tuple[str, bool]:
+    """``(backend, final)``: the candidate that runs ``key``'s calls fastest here, stored or measured now with
+    ``run(name)`` (one call of the op on backend ``name``) and stored; ``final`` is False for a provisional answer,
+    the first candidate in rule order, given while nothing may be measured or when measuring left one candidate.
+    Winners are kept per set of candidates, so one measured among fewer (a variant fixed by hand, a strided input
+    the cuda kernel cannot take) never stands for the full set."""
     if len(candidates) == 1:
-        return candidates[0]
+        return candidates[0], True
+    if not measuring_enabled() or cannot_measure_now(tensors):
+        return candidates[0], False
     device = tensors[0].device
-    full_key = json.dumps([_device_name(device), *map(str, key)])
-    path = cache_path(device) if device.type != "meta" else None
+    full_key = json.dumps([_device_name(device), *map(str, key), list(candidates)])
+    path = cache_path(device)
     _load(path)
     stored = _winners.get(full_key)
     if stored in candidates:
-        return stored
-    if not measuring_enabled() or _cannot_measure(tensors):
-        return candidates[0]
+        return stored, True
     timer = timer or cuda_timer
     runnable = []
     for name in candidates:  # one untimed call each: compiles, autotuning, first allocations
@@ -167,8 +186,8 @@ def fastest(key: tuple, candidates: Sequence[str], run: Callable[[str], None], t
                           f"this shape class: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
         else:
             runnable.append(name)
-    if len(runnable) <= 1:
-        return runnable[0] if runnable else candidates[0]
+    if len(runnable) < len(candidates):  # a failure may pass (memory held elsewhere): decide nothing for good
+        return (runnable or candidates)[0], False
     candidates = runnable
     times = {name: [] for name in candidates}
     for _ in range(ROUNDS):  # interleaved rounds, so drift (clocks, other work) hits every candidate alike
@@ -182,7 +201,7 @@ def fastest(key: tuple, candidates: Sequence[str], run: Callable[[str], None], t
             _store(path, full_key, winner)
         except OSError:  # a read-only or full disk keeps the winner in memory only
             pass
-    return winner
+    return winner, True
 
 
 def stored_winners() -> dict[str, str]:

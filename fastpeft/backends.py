@@ -187,6 +187,15 @@ def forget_decisions() -> None:
     _decisions.clear()
 
 
+def refuse_double_backward(op: str) -> None:
+    """Called first in an op's custom backward: with ``create_graph=True`` its gradients would carry no history of
+    their own, so a second derivative would come out silently wrong (or as None); refuse it instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported by its fused backward; "
+                           "call it under backend='torch' on inputs below fastpeft.backends.SMALL_CALL elements, or "
+                           "write the layer with plain torch ops for higher-order gradients")
+
+
 def auto_preference(device: torch.device) -> tuple[str, ...]:
     """The backends ``auto`` considers for tensors on ``device``, in rule order: on the CPU the torch path only
     (Triton's interpreter is a test tool, never a choice)."""
@@ -194,13 +203,16 @@ def auto_preference(device: torch.device) -> tuple[str, ...]:
 
 
 def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict[str, Backend] | None = None,
-                   call: tuple = (), needs_grad: bool = False, measure: Callable[[], tuple] | None = None) -> str:
+                   call: tuple = (), needs_grad: bool = False, measure: Callable[[], tuple] | None = None,
+                   remember: Callable[[str], None] | None = None) -> str:
     """Resolve ``backend`` (None → ``$FASTPEFT_BACKEND`` → ``auto``) for a call on ``tensors``.
 
     With an op's backend ``table``, each entry adds its own reasons against the ``call`` (its arguments), and a
     forward-only entry refuses calls with ``needs_grad``; a backend the table lacks cannot run the op. Every
     backend's reasons are computed once per call. ``measure()``, where given, returns ``(key, run)`` for
     :func:`fastpeft.auto.fastest`: ``auto`` then picks among several runnable backends by measurement.
+    ``remember(name)`` is called with the choice when it is final (not a provisional one made while nothing could be
+    measured), for the op to keep it for the call's signature.
     """
     computed: dict[str, list[str]] = {}
 
@@ -219,22 +231,29 @@ def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict
             computed[name] = list(dict.fromkeys(reasons))  # one line per distinct reason
         return computed[name]
 
+    def chosen(name, final=True):
+        if final and remember is not None:
+            remember(name)
+        return name
+
     name = requested_backend(backend)
     if name == "auto":
         preference = auto_preference(tensors[0].device)
         first = next((c for c in preference if not reasons_against(c)), None)
         if first is None:
-            return "torch"
+            return chosen("torch")
         if measure is None or not auto.measuring_enabled():
-            return first
+            return chosen(first)
         candidates = [c for c in preference if not reasons_against(c)]
         if table is not None:  # a backend's variants share its reasons
             candidates = [v for c in candidates for v in (table[c].variants() or (c,))]
         if len(candidates) == 1:
-            return first
+            return chosen(first)
+        if auto.cannot_measure_now(tensors):  # before building the measurement: compiled code cannot trace that
+            return chosen(first, final=False)
         key, run = measure()
-        return auto.fastest(key, candidates, run, tensors)
+        return chosen(*auto.fastest(key, candidates, run, tensors))
     reasons = reasons_against(name)
     if reasons:
         raise BackendUnavailableError(f"backend {name!r} cannot run this call:\n  - " + "\n  - ".join(reasons))
-    return name
+    return chosen(name)

@@ -7,6 +7,7 @@ shapes, strides and alignment; the C++ side checks every CUDA call and raises wi
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 from torch import Tensor
@@ -51,6 +52,8 @@ def decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
         reasons.append(f"the cuda decode kernel serves M <= {MAX_DECODE_ROWS} rows, got M={x.shape[0]}")
     if lora_A.shape[0] > MAX_DECODE_RANK:
         reasons.append(f"the cuda decode kernel serves r <= {MAX_DECODE_RANK}, got r={lora_A.shape[0]}")
+    if x.dim() == 2 and (x.shape[1] == 0 or weight.shape[0] == 0):
+        reasons.append("the cuda decode kernel needs K and N of at least 1")
     if x.dim() == 2 and x.shape[1] > 1 and x.stride(1) != 1:
         reasons.append("x needs unit stride along its last dim")
     for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
@@ -67,6 +70,7 @@ COUNTER_WORDS = 3
 GRAPH_SLOTS = 16384  # captured decode launches per device and process
 _stream_counters: dict[tuple[int, int], torch.Tensor] = {}
 _graph_pools: dict[int, list] = {}  # device index -> [pool (GRAPH_SLOTS, 3) int32, next free slot]
+_graph_slots_lock = threading.Lock()
 
 
 def _counters(device: torch.device, stream: int) -> torch.Tensor:
@@ -78,12 +82,13 @@ def _counters(device: torch.device, stream: int) -> torch.Tensor:
             raise RuntimeError("fastpeft's cuda decode kernel is being captured in a CUDA graph before it ever ran on "
                                f"{device}: run the model once outside capture first (the usual warm-up), so that its "
                                "counters are allocated outside the graph's memory")
-        if pool[1] == GRAPH_SLOTS:
+        with _graph_slots_lock:  # two threads capturing at once must not take one slot
+            if pool[1] < GRAPH_SLOTS:
+                pool[1] += 1
+                return pool[0][pool[1] - 1]
             raise RuntimeError(f"fastpeft's cuda decode kernel has been captured {GRAPH_SLOTS} times on {device} in "
                                "this process, each capture keeping counters of its own; capture fewer graphs, or "
                                "use backend='triton' inside them")
-        pool[1] += 1
-        return pool[0][pool[1] - 1]
     key = (device.index, stream)
     if key not in _stream_counters:
         _stream_counters[key] = torch.zeros(COUNTER_WORDS, dtype=torch.int32, device=device)

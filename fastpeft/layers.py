@@ -217,8 +217,11 @@ class LoraLinear(nn.Module):
         if weight is None:
             weight = base.weight
         bias = base._parameters["bias"] if "bias" in base._parameters else base.bias
-        return lora_linear(x, weight, bias, a._parameters["lora_A"], a._parameters["lora_B"], a.scaling,
-                           a.lora_dropout, self.training, backend=self.backend)
+        lora_A, lora_B = a._parameters.get("lora_A"), a._parameters.get("lora_B")
+        if lora_A is None or lora_B is None:
+            lora_A, lora_B = a.lora_A, a.lora_B
+        return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
+                           backend=self.backend)
 
     def add_adapter(self, adapter_name: str, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True, *, autocast_adapter_dtype=True) -> LoraAdapter:

@@ -416,7 +416,7 @@ def gemm_variant(variant=None) -> str:
     """The fused GEMM's variant: the argument, else ``$FASTPEFT_GEMM_VARIANT``, else "prologue"."""
     source = "variant"
     if variant is None:
-        variant, source = os.environ.get(GEMM_VARIANT_ENV) or "prologue", GEMM_VARIANT_ENV
+        variant, source = os.environ.get(GEMM_VARIANT_ENV, "").strip().lower() or "prologue", GEMM_VARIANT_ENV
     if variant not in GEMM_VARIANTS:
         raise ValueError(f"{source} must be one of {', '.join(GEMM_VARIANTS)}, got {variant!r}")
     return variant

@@ -212,25 +212,27 @@ def test_a_candidate_that_fails_is_not_chosen(clock, monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of resources")
+    healthy = dict(table)
     for name in ("triton:prologue", "triton:epilogue", "triton:tma"):
         monkeypatch.setitem(table, name, dataclasses.replace(table[name], forward=broken))
     args, _ = lora_call()
     with pytest.warns(RuntimeWarning, match="'triton:epilogue' failed while being measured"):
         y = lora_op.lora_linear(*args)
     torch.testing.assert_close(y, lora_op.lora_linear_reference(*args), rtol=1e-5, atol=1e-5)
-    assert list(auto.stored_winners().values()) == ["triton:cublas"]
-
-    monkeypatch.setitem(table, "triton:cublas", dataclasses.replace(table["triton:cublas"], forward=broken))
-    with pytest.warns(RuntimeWarning, match="'triton:cublas' failed"):
-        y = lora_op.lora_linear(*lora_call(m=200)[0])
-    assert len(auto.stored_winners()) == 1  # one runnable candidate is not a measurement worth keeping
+    # A failure may pass (memory held elsewhere): the first that ran serves, and nothing is kept, in memory or on disk.
+    assert not auto.stored_winners() and not backends._decisions
+    for name in ("triton:prologue", "triton:epilogue", "triton:tma"):
+        monkeypatch.setitem(table, name, healthy[name])
+    lora_op.lora_linear(*args)  # recovered: measured in full now
+    assert list(auto.stored_winners().values()) == ["triton:epilogue"]
 
 
 def test_nothing_is_measured_on_fake_tensors(clock):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         x = torch.empty(8, 8)
-        assert auto.fastest(("k",), ["triton", "torch"], lambda name: pytest.fail("measured"), [x]) == "triton"
+        assert auto.fastest(("k",), ["triton", "torch"], lambda name: pytest.fail("measured"), [x]) == ("triton",
+                                                                                                      False)
 
 
 def _store_many(folder, prefix, count):
@@ -264,3 +266,29 @@ def test_concurrent_writers_merge_and_a_killed_writer_leaves_a_whole_file(tmp_pa
             assert {f"{p}{i}" for p in "ab" for i in range(40)} <= set(winners)
     finally:
         del os.environ[auto.CACHE_DIR_ENV]
+
+
+def test_winners_are_kept_per_candidate_set(clock, monkeypatch):
+    """A winner measured among fewer candidates (a GEMM variant fixed by hand) never stands for the full set."""
+    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "cublas")
+    clock.cost["triton"] = 9e-3  # the plain entry, running the variant fixed by hand: slower than torch's 5 ms
+    lora_op.lora_linear(*lora_call()[0])
+    assert list(auto.stored_winners().values()) == ["torch"]
+    monkeypatch.delenv("FASTPEFT_GEMM_VARIANT")
+    before = clock.count("triton:")
+    lora_op.lora_linear(*lora_call()[0])
+    assert clock.count("triton:") > before  # the full set is measured, not the winner of the smaller one reused
+    assert sorted(auto.stored_winners().values()) == ["torch", "triton:epilogue"]
+
+
+def test_nothing_is_measured_or_kept_under_activation_checkpointing(clock):
+    """Inside a non-reentrant checkpoint the measuring calls would run under its saved-tensor hooks: the call takes
+    the rule order there, provisionally, and the next call outside measures."""
+    from torch.utils.checkpoint import checkpoint
+    x, w, b, a, bb, s = lora_call(grad=True)[0]
+    y = checkpoint(lambda t: lora_op.lora_linear(t, w, b, a, bb, s), x, use_reentrant=False)
+    y.sum().backward()
+    assert clock.count("") == 2 and clock.calls == {"triton": 2}  # forward and its recomputation, rule order
+    assert not auto.stored_winners() and not backends._decisions
+    lora_op.lora_linear(x, w, b, a, bb, s)
+    assert len(auto.stored_winners()) == 1

@@ -150,3 +150,67 @@ def test_dropout_refuses_to_draw_a_seed_into_a_cuda_graph(monkeypatch):
         fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, backend="torch")
     fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, backend="torch", dropout_seed=3)  # fixed knowingly
     fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, training=False, backend="torch")
+
+
+def test_a_compiled_layer_never_recompiles_for_decisions_made_elsewhere():
+    """Compiled code decides each trace anew and never guards on the decisions: eager calls of new signatures
+    between compiled calls, and new shapes, recompile nothing."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    layer = fastpeft.LoraLinear(torch.nn.Linear(24, 16), r=4, init_lora_weights=False)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=False)
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        compiled(x)
+        for m in range(6, 30):
+            layer(torch.randn(m, 24))  # eager: a new decided signature each
+            compiled(x)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("M", [8, 64])  # below and above SMALL_CALL (K=512)
+def test_double_backward_is_refused_not_wrong(M):
+    x = torch.randn(M, 512, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(32, 512, dtype=torch.float64)
+    a = torch.randn(4, 512, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(32, 4, dtype=torch.float64, requires_grad=True)
+    y = fastpeft.lora_linear(x, w, None, a, b, 0.5)
+    if x.numel() < backends.SMALL_CALL:  # autograd's own graph: the true second derivative
+        (ga,) = torch.autograd.grad(y.square().sum(), a, create_graph=True)
+        ref = fastpeft.lora_linear_reference(x, w, None, a, b, 0.5)
+        (ga_ref,) = torch.autograd.grad(ref.square().sum(), a, create_graph=True)
+        torch.testing.assert_close(torch.autograd.grad(ga.square().sum(), a)[0],
+                                   torch.autograd.grad(ga_ref.square().sum(), a)[0])
+    else:  # the fused backward: refused, where it once gave a silently wrong second derivative
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(y.square().sum(), a, create_graph=True)
+        h = torch.randn(64, 512, dtype=torch.float64, requires_grad=True)
+        wd, wu = torch.randn(8, 512, dtype=torch.float64), torch.randn(512, 8, dtype=torch.float64)
+        out = fastpeft.adapter_bottleneck(h, wd, None, wu, None, 0.5, "gelu")
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(out.square().sum(), h, create_graph=True)
+
+
+def test_pruned_or_parametrized_adapters_still_run():
+    from torch.nn.utils import parametrize, prune
+    layer = fastpeft.LoraLinear(torch.nn.Linear(16, 8), r=4, init_lora_weights=False)
+    x = torch.randn(3, 16)
+    prune.l1_unstructured(layer.adapter, "lora_A", 0.5)
+
+    class Doubled(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+    parametrize.register_parametrization(layer.adapter, "lora_B", Doubled())
+    ref = fastpeft.lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_eval_mode_dropout_is_still_checked_after_a_decided_call():
+    x, w, b, a, bb = lora_args(grad=False)
+    fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, training=False)
+    for bad in (5.0, float("nan"), "abc"):
+        with pytest.raises((TypeError, ValueError), match="dropout_p"):
+            fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=bad, training=False)
+    with pytest.raises(TypeError, match="training must be a bool"):
+        fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, training="no")

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..auto import size_class
-from ..backends import SMALL_CALL, Backend, autograd_backend, decision, remember_decision, select_backend, settings
+from ..backends import (
+    SMALL_CALL,
+    Backend,
+    autograd_backend,
+    decision,
+    refuse_double_backward,
+    remember_decision,
+    select_backend,
+    settings,
+)
 from ..checks import (
     ACTIVATIONS,  # noqa: F401  (the op's activations, for ``from fastpeft.ops.adapter_bottleneck``)
     check_activation,
@@ -218,6 +227,7 @@ class _EagerAdapterBottleneck(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        refuse_double_backward("adapter_bottleneck")
         needs = ctx.needs_input_grad
         grads = _gradients(g, *ctx.saved_tensors, ctx.scaling, ctx.activation, ctx.has_residual, ctx.backend,
                            *needs[:5])
@@ -284,7 +294,9 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
 
 
 def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, residual, backend):
-    key = _signature(h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend)
+    # Compiled code decides every trace anew: a guard on the decisions would recompile whenever one is added.
+    key = None if torch.compiler.is_compiling() else _signature(h, w_down, b_down, w_up, b_up, residual, scaling,
+                                                                activation, backend)
     name = decision(key) if key is not None else None
     if name is None:  # first call of this signature: every check, then the backend
         _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
@@ -295,9 +307,8 @@ def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, resi
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         name = select_backend(backend, tensors, ADAPTER_BOTTLENECK_BACKENDS, (h2d, w_down, b_down, w_up, b_up, res2d),
                               needs_grad, lambda: _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling,
-                                                               activation, needs_grad))
-        if key is not None:
-            remember_decision(key, name)
+                                                               activation, needs_grad),
+                              None if key is None else lambda chosen: remember_decision(key, chosen))
     if h.dim() == 2:
         h2d, res2d = h, residual
     else:

@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 
 from ..auto import size_class
-from ..backends import SMALL_CALL, Backend, autograd_backend, decision, remember_decision, select_backend, settings
+from ..backends import (
+    SMALL_CALL,
+    Backend,
+    autograd_backend,
+    decision,
+    refuse_double_backward,
+    remember_decision,
+    select_backend,
+    settings,
+)
 from ..checks import (
     FLOAT_DTYPES,
     GEMM_VARIANT_ENV,
@@ -154,7 +163,8 @@ def _triton_entry(variant=None):
     default); the plain entry lists the others for ``auto`` to measure, unless that variable fixes one."""
     return Backend(forward=functools.partial(_triton_forward, variant=variant),
                    backward=functools.partial(_triton_backward, variant=variant), forward_fake=_triton_forward_fake,
-                   variants=(lambda: () if os.environ.get(GEMM_VARIANT_ENV) else TRITON_VARIANTS) if variant is None
+                   variants=(lambda: () if os.environ.get(GEMM_VARIANT_ENV, "").strip() else TRITON_VARIANTS)
+                   if variant is None
                    else tuple)
 
 
@@ -295,6 +305,7 @@ class _EagerLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("lora_linear")
         needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
         x, weight, lora_A, lora_B, s, drop = ctx.saved_tensors
         dx, da, db, dbias = LORA_LINEAR_BACKENDS[ctx.backend].backward(
@@ -378,8 +389,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
                                      or not 0 <= dropout_seed < DROPOUT_SEED_LIMIT):
         raise ValueError(f"dropout_seed must be None or an integer in [0, 2**32), got {dropout_seed!r} (the torch "
                          "backend's generator takes 32 bits of seed, so larger seeds would repeat masks)")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
     p = dropout_p if training else 0.0
-    key = _signature(x, weight, bias, lora_A, lora_B, scaling, p, backend)
+    # Compiled code decides every trace anew: a guard on the decisions would recompile whenever one is added.
+    key = None if torch.compiler.is_compiling() else _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
+                                                                training, backend)
     name = decision(key) if key is not None else None
     if name is None:  # first call of this signature: every check, then the backend
         _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
@@ -388,9 +403,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         x2d = x.reshape(-1, x.shape[-1])
         name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, float(p)),
                               needs_grad, lambda: _measurement(x2d, weight, bias, lora_A, lora_B, scaling, float(p),
-                                                               needs_grad))
-        if key is not None:
-            remember_decision(key, name)
+                                                               needs_grad),
+                              None if key is None else lambda chosen: remember_decision(key, chosen))
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     seed = -1 if dropout_seed is None else int(dropout_seed)
     y = _run_on(name, x2d, weight, bias, lora_A, lora_B, float(scaling), float(p), seed, torch.is_grad_enabled() and (
@@ -398,7 +412,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _signature(x, weight, bias, lora_A, lora_B, scaling, p, backend):
+def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend):
     """What every check and the backend decision of a call depend on, hashable; None when the inputs are not even
     tensors (the full checks then say what is wrong)."""
     try:
@@ -408,7 +422,8 @@ def _signature(x, weight, bias, lora_A, lora_B, scaling, p, backend):
                                            bias.is_contiguous()),
                 lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad, lora_A.is_contiguous(),
                 lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad, lora_B.is_contiguous(),
-                type(scaling), scaling, type(p), p, torch.is_grad_enabled(), settings(backend, x.device))
+                type(scaling), scaling, type(dropout_p), dropout_p, training, torch.is_grad_enabled(),
+                settings(backend, x.device))
     except (AttributeError, TypeError):
         return None
 
