@@ -24,6 +24,7 @@ from .common import (
     config,
     dot_precision,
     even_k,
+    gemm_k_loop,
     grouped_tile,
     launch,
     new_output,
@@ -82,21 +83,8 @@ def _adapter_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm_load = (rm % M).to(tl.int64)
     rn_load = (rn % N).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = rk < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = gemm_k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptr, b_ptr, rm_load, rn_load, K,
+                      stride_am, stride_ak, stride_bk, stride_bn, COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]

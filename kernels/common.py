@@ -58,6 +58,30 @@ def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return first_pid_m + (tile % pids_per_group) % group_rows, (tile % pids_per_group) // group_rows
 
 
+@triton.jit
+def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, stride_bk, stride_bn,
+                COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc += a[rm_load, :K] · b[:K, rn_load], tiles multiplied in COMPUTE, accumulated in fp32: the K loop of every
+    GEMM kernel here (rm_load/rn_load are int64 row and column indices, wrapped into range so that loads need no
+    row or column masks; EVEN_K: K is a multiple of BLOCK_K, so they need no K masks either). Seam: a quantised base
+    would dequantise its b tile here, as it loads."""
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = rk < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
 # kernel name -> need(blocks, sizes, num_stages, arch) -> bytes; each op registers its own kernels.
 _SHARED_MEMORY = {}
 

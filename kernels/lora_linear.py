@@ -43,6 +43,7 @@ from .common import (
     config,
     dot_precision,
     even_k,
+    gemm_k_loop,
     grouped_tile,
     launch,
     new_output,
@@ -131,7 +132,6 @@ def _lora_gemm_kernel(
     # Loads use wrapped indices so they need no row/column masks; the store masks the extra lanes.
     rm_load = (rm % M).to(tl.int64)
     rn_load = (rn % N).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
 
     lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
                                lr_scale, COMPUTE, BLOCK_R)
@@ -140,21 +140,9 @@ def _lora_gemm_kernel(
     else:
         acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
-    # The base K loop. Seam: a quantised base would dequantise its b tile here, as it loads.
-    if not BASE_IN_OUT:
-        a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
-        b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_ok = rk < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+    if not BASE_IN_OUT:  # the base K loop (the seam where a quantised base would dequantise W's tiles)
+        acc = gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, stride_bk, stride_bn,
+                          COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K)
     if LOWRANK_LAST:
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 

@@ -139,7 +139,7 @@ def test_full_range_indices_meet_strides_in_64_bits():
     import ast
     import inspect
 
-    from fastpeft.kernels import adapter_bottleneck, lora_linear
+    from fastpeft.kernels import adapter_bottleneck, common, lora_linear
 
     def bounded(node, local):
         if isinstance(node, ast.Subscript):
@@ -153,7 +153,7 @@ def test_full_range_indices_meet_strides_in_64_bits():
         return ".to(tl.int64)" in ast.unparse(node)
 
     unsafe = []
-    for module in (lora_linear, adapter_bottleneck):
+    for module in (common, lora_linear, adapter_bottleneck):
         for fn in ast.walk(ast.parse(inspect.getsource(module))):
             if not (isinstance(fn, ast.FunctionDef) and any("triton.jit" in ast.unparse(d)
                                                             for d in fn.decorator_list)):
