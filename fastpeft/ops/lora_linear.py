@@ -416,14 +416,17 @@ def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, ba
     """What every check and the backend decision of a call depend on, hashable; None when the inputs are not even
     tensors (the full checks then say what is wrong)."""
     try:
-        return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad,
-                weight.shape, weight.dtype, weight.device, weight.requires_grad, weight.is_contiguous(),
-                None if bias is None else (bias.shape, bias.dtype, bias.device, bias.requires_grad,
-                                           bias.is_contiguous()),
-                lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad, lora_A.is_contiguous(),
-                lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad, lora_B.is_contiguous(),
-                type(scaling), scaling, type(dropout_p), dropout_p, training, torch.is_grad_enabled(),
-                settings(backend, x.device))
+        key = (x.shape, x.dtype, x.device, x.requires_grad,
+               weight.shape, weight.dtype, weight.device, weight.requires_grad,
+               None if bias is None else (bias.shape, bias.dtype, bias.device, bias.requires_grad),
+               lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad,
+               lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad,
+               type(scaling), scaling, type(dropout_p), dropout_p, training, torch.is_grad_enabled(),
+               settings(backend, x.device))
+        if x.is_cuda:  # layouts matter only to the CUDA kernels' reasons
+            key += (x.stride(), weight.is_contiguous(), bias is None or bias.is_contiguous(),
+                    lora_A.is_contiguous(), lora_B.is_contiguous())
+        return key
     except (AttributeError, TypeError):
         return None
 
