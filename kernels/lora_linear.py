@@ -330,11 +330,12 @@ def _tma_blocks(args):
 TMA_GEMM_CONFIGS = [
     triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8), num_warps=w, num_stages=s,
                   pre_hook=_tma_blocks)
-    for bm, bn, w, s in [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (128, 64, 4, 4)]
+    # (128×128 with 4 warps spilled in the dX GEMM with dropout under Triton 3.6, the GPU image's)
+    for bm, bn, w, s in [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 4)]
 ]
 
 # Without autotuning: configs that fit every supported GPU's shared memory, fp32 included.
-TMA_GEMM_DEFAULT = TMA_GEMM_CONFIGS[3]
+TMA_GEMM_DEFAULT = TMA_GEMM_CONFIGS[3]  # 128×64: fits a Hopper with fp32 operands too
 LOWRANK_PASS_DEFAULT = LOWRANK_PASS_CONFIGS[2]
 SHRINK_DEFAULT = SHRINK_CONFIGS[2]
 DY_DEFAULT = DY_CONFIGS[0]
@@ -354,10 +355,13 @@ def _gemm_shared(b, sizes, stages, arch):
         return b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"] + b["BLOCK_N"] * b["BLOCK_R"] * 4
     a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
     b_tile = b["BLOCK_K"] * b["BLOCK_N"] * sizes["b_ptr"]
+    # The epilogue variant keeps its low-rank operands across the K loop: Triton 3.6 stages them beside the
+    # pipeline (2-8 KB more on both archs), Triton 3.9 does not.
+    held = (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_R"] * sizes["a_ptr"] if b.get("LOWRANK_LAST") else 0
     if arch >= 90:  # plus u's (R × BLOCK_N) tile in the compute dtype, for the wgmma of the low-rank term
-        return stages * (a_tile + b_tile) + b["BLOCK_N"] * b["BLOCK_R"] * sizes["a_ptr"]
+        return stages * (a_tile + b_tile) + b["BLOCK_N"] * b["BLOCK_R"] * sizes["a_ptr"] + held
     # Ampere: the epilogue's and the low-rank operands' layout conversions reuse the pipeline's space.
-    return max((stages - 1) * (a_tile + b_tile), b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"],
+    return max((stages - 1) * (a_tile + b_tile) + held, b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"],
                max(b["BLOCK_M"], b["BLOCK_N"]) * b["BLOCK_R"] * 4)
 
 
