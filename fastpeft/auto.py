@@ -161,21 +161,29 @@ def cannot_measure_now(tensors: Sequence[torch.Tensor]) -> bool:
 def fastest(key: tuple, candidates: Sequence[str], run: Callable[[str], None], tensors: Sequence[torch.Tensor],
             timer: Callable[[Callable[[], None]], float] | None = None) -> tuple[str, bool]:
     """``(backend, final)``: the candidate that runs ``key``'s calls fastest here, stored or measured now with
-    ``run(name)`` (one call of the op on backend ``name``) and stored; ``final`` is False for a provisional answer,
-    the first candidate in rule order, given while nothing may be measured or when measuring left one candidate.
-    Winners are kept per set of candidates, so one measured among fewer (a variant fixed by hand, a strided input
-    the cuda kernel cannot take) never stands for the full set."""
+    ``run(name)`` (one call of the op on backend ``name``) and stored. Winners are kept per set of candidates, so
+    one measured among fewer (a variant fixed by hand, a strided input the cuda kernel cannot take) never stands for
+    the full set.
+
+    Where nothing may be measured the answer is a stored winner, else the first candidate in rule order: final
+    under saved-tensor hooks (activation checkpointing recomputes the call and must get the same backend again),
+    provisional (``final`` False) while a CUDA graph captures or on fake tensors. A candidate that fails while
+    measured is left out: the fastest of the others is final for this process but not stored, so a later process
+    measures them all again."""
     if len(candidates) == 1:
         return candidates[0], True
-    if not measuring_enabled() or cannot_measure_now(tensors):
-        return candidates[0], False
     device = tensors[0].device
+    fake = any(isinstance(t, torch._subclasses.fake_tensor.FakeTensor) or t.device.type == "meta" for t in tensors)
     full_key = json.dumps([_device_name(device), *map(str, key), list(candidates)])
-    path = cache_path(device)
+    path = None if fake else cache_path(device)
     _load(path)
     stored = _winners.get(full_key)
     if stored in candidates:
         return stored, True
+    if not measuring_enabled() or cannot_measure_now(tensors):
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return candidates[0], hooks and not capturing and not fake
     timer = timer or cuda_timer
     runnable = []
     for name in candidates:  # one untimed call each: compiles, autotuning, first allocations
@@ -186,15 +194,16 @@ def fastest(key: tuple, candidates: Sequence[str], run: Callable[[str], None], t
                           f"this shape class: {type(error).__name__}: {error}", RuntimeWarning, stacklevel=3)
         else:
             runnable.append(name)
-    if len(runnable) < len(candidates):  # a failure may pass (memory held elsewhere): decide nothing for good
-        return (runnable or candidates)[0], False
-    candidates = runnable
-    times = {name: [] for name in candidates}
+    if len(runnable) <= 1:
+        return (runnable or candidates)[0], bool(runnable)
+    times = {name: [] for name in runnable}
     for _ in range(ROUNDS):  # interleaved rounds, so drift (clocks, other work) hits every candidate alike
-        for name in candidates:
+        for name in runnable:
             times[name].append(timer(lambda: run(name)))  # noqa: B023  (called at once)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    winner = min(candidates, key=lambda name: (medians[name], candidates.index(name)))
+    winner = min(runnable, key=lambda name: (medians[name], runnable.index(name)))
+    if len(runnable) < len(candidates):  # a failure may pass (memory held elsewhere): not kept beyond this process
+        return winner, True
     _winners[full_key] = winner
     if path is not None:
         try:

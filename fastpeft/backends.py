@@ -249,7 +249,7 @@ def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict
             candidates = [v for c in candidates for v in (table[c].variants() or (c,))]
         if len(candidates) == 1:
             return chosen(first)
-        if auto.cannot_measure_now(tensors):  # before building the measurement: compiled code cannot trace that
+        if torch.compiler.is_compiling():  # compiled code cannot trace the measurement or the winners' file
             return chosen(first, final=False)
         key, run = measure()
         return chosen(*auto.fastest(key, candidates, run, tensors))

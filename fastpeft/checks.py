@@ -41,9 +41,15 @@ def is_positive_int(value) -> bool:
 
 
 def is_finite_number(value) -> bool:
-    """A real number (not a bool) that is finite; an integer too large for a float is not."""
+    """A real number (not a bool) that is finite; an integer too large for a float is not. While torch.compile
+    traces, a number's value may be symbolic (a float argument that changed between calls), so only its type is
+    checked there."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return True
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
+    if torch.compiler.is_compiling():
+        return True
     try:
         return math.isfinite(value)
     except OverflowError:

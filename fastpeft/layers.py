@@ -213,6 +213,9 @@ class LoraLinear(nn.Module):
         # re-parametrisation) is read the ordinary way.
         base = self._modules["base_layer"]
         a = self._modules["adapters"]._modules[self.active_adapter]
+        for module in (base, a):  # their forward never runs: forward pre-hooks (pruning's masks) run here instead
+            for hook in list(module._forward_pre_hooks.values()):
+                hook(module, (x,))
         weight = base._parameters.get("weight")
         if weight is None:
             weight = base.weight

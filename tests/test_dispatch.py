@@ -212,5 +212,32 @@ def test_eval_mode_dropout_is_still_checked_after_a_decided_call():
     for bad in (5.0, float("nan"), "abc"):
         with pytest.raises((TypeError, ValueError), match="dropout_p"):
             fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=bad, training=False)
-    with pytest.raises(TypeError, match="training must be a bool"):
+    with pytest.raises(TypeError, match="training must be a Python bool"):
         fastpeft.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.1, training="no")
+
+
+def test_pruning_masks_apply_at_every_step():
+    """Pruning puts a forward pre-hook on the module it prunes; LoraLinear runs its adapter's and base layer's hooks
+    itself (their forward never runs), so the mask applies to the trained weights at every step."""
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    layer = fastpeft.LoraLinear(torch.nn.Linear(64, 32), r=4, init_lora_weights=False)
+    prune.l1_unstructured(layer.adapter, "lora_A", 0.5)
+    optimizer = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(8, 64)
+    for _ in range(3):
+        y = layer(x)
+        a = layer.adapter.lora_A_orig * layer.adapter.lora_A_mask
+        ref = fastpeft.lora_linear_reference(x, layer.weight, layer.bias, a, layer.lora_B, layer.scaling)
+        torch.testing.assert_close(y, ref)
+        y.sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_symbolic_scaling_compiles_in_one_graph():
+    torch._dynamo.reset()
+    x, w, b, a, bb = lora_args(grad=False)
+    f = torch.compile(lambda x, s: fastpeft.lora_linear(x, w, b, a, bb, s), fullgraph=True, backend="aot_eager")
+    for s in (0.5, 0.25, 0.125):  # a changing float becomes symbolic on recompilation
+        torch.testing.assert_close(f(x, s), fastpeft.lora_linear_reference(x, w, b, a, bb, s))

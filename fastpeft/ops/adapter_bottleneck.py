@@ -21,6 +21,7 @@ from ..backends import (
     decision,
     refuse_double_backward,
     remember_decision,
+    requested_backend,
     select_backend,
     settings,
 )
@@ -294,6 +295,7 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
 
 
 def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, residual, backend):
+    backend = requested_backend(backend)  # the environment read once: the signature and the choice agree
     # Compiled code decides every trace anew: a guard on the decisions would recompile whenever one is added.
     key = None if torch.compiler.is_compiling() else _signature(h, w_down, b_down, w_up, b_up, residual, scaling,
                                                                 activation, backend)

@@ -24,6 +24,7 @@ from ..backends import (
     decision,
     refuse_double_backward,
     remember_decision,
+    requested_backend,
     select_backend,
     settings,
 )
@@ -390,7 +391,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
         raise ValueError(f"dropout_seed must be None or an integer in [0, 2**32), got {dropout_seed!r} (the torch "
                          "backend's generator takes 32 bits of seed, so larger seeds would repeat masks)")
     if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+        kind = type(training)
+        raise TypeError(f"training must be a Python bool, got {kind.__module__}.{kind.__qualname__}")
+    backend = requested_backend(backend)  # the environment read once: the signature and the choice agree
     p = dropout_p if training else 0.0
     # Compiled code decides every trace anew: a guard on the decisions would recompile whenever one is added.
     key = None if torch.compiler.is_compiling() else _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
