@@ -241,3 +241,10 @@ def test_a_symbolic_scaling_compiles_in_one_graph():
     f = torch.compile(lambda x, s: fastpeft.lora_linear(x, w, b, a, bb, s), fullgraph=True, backend="aot_eager")
     for s in (0.5, 0.25, 0.125):  # a changing float becomes symbolic on recompilation
         torch.testing.assert_close(f(x, s), fastpeft.lora_linear_reference(x, w, b, a, bb, s))
+
+
+def test_a_zero_feature_dimension_gets_a_clear_error():
+    with pytest.raises(ValueError, match="in_features=0"):
+        fastpeft.lora_linear(torch.randn(3, 0), torch.randn(5, 0), None, torch.randn(2, 0), torch.randn(5, 2), 0.5)
+    with pytest.raises(ValueError, match="hidden size d"):
+        fastpeft.adapter_bottleneck(torch.randn(2, 3, 0), torch.randn(4, 0), None, torch.randn(0, 4), None)

@@ -249,6 +249,8 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
     if h.dim() < 1:
         raise ValueError("h must have shape (..., d), got a 0-d tensor")
     d = h.shape[-1]
+    if d == 0:
+        raise ValueError(f"h has shape {tuple(h.shape)}: the hidden size d (its last dim) must be at least 1")
     if w_down.dim() != 2 or w_down.shape[1] != d or w_down.shape[0] < 1:
         raise ValueError(f"w_down must have shape (m, d={d}) with m >= 1, got {tuple(w_down.shape)}")
     m = w_down.shape[0]

@@ -333,6 +333,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
     n, k = weight.shape
+    if k == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} has in_features=0; a LoRA layer needs in_features >= 1")
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight {tuple(weight.shape)} "
                          f"expects in_features={k}")
