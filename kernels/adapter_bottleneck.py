@@ -25,10 +25,10 @@ from .common import (
     dot_precision,
     even_k,
     gemm_k_loop,
-    grouped_tile,
     launch,
     new_output,
     register_shared_memory,
+    tile_indices,
 )
 
 
@@ -78,11 +78,7 @@ def _adapter_gemm_kernel(
     (the activation is applied once per element here, not once per column tile by the GEMM that reads it).
     ``M_BUCKET`` is only an autotune key.
     """
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm_load = (rm % M).to(tl.int64)
-    rn_load = (rn % N).to(tl.int64)
+    _, _, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = gemm_k_loop(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), a_ptr, b_ptr, rm_load, rn_load, K,
                       stride_am, stride_ak, stride_bk, stride_bn, COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K)
 

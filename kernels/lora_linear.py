@@ -44,10 +44,10 @@ from .common import (
     dot_precision,
     even_k,
     gemm_k_loop,
-    grouped_tile,
     launch,
     new_output,
     register_shared_memory,
+    tile_indices,
 )
 
 
@@ -126,12 +126,7 @@ def _lora_gemm_kernel(
     nothing (which one is faster is for a GPU to measure: see ``GEMM_VARIANTS``). BASE_IN_OUT: out already holds
     the base product (the "cublas" variant: cuBLAS wrote it), so there is no K loop and the term is added onto out.
     """
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Loads use wrapped indices so they need no row/column masks; the store masks the extra lanes.
-    rm_load = (rm % M).to(tl.int64)
-    rn_load = (rn % N).to(tl.int64)
+    _, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
                                lr_scale, COMPUTE, BLOCK_R)
@@ -167,11 +162,7 @@ def _lora_gemm_tma_kernel(
     prologue variant."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm_load = (rm % M).to(tl.int64)
-        rn_load = (rn % N).to(tl.int64)
+        pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
                                    lr_scale, COMPUTE, BLOCK_R)
         acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)

@@ -302,24 +302,21 @@ def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, resi
     key = None if torch.compiler.is_compiling() else _signature(h, w_down, b_down, w_up, b_up, residual, scaling,
                                                                 activation, backend)
     name = decision(key) if key is not None else None
-    if name is None:  # first call of this signature: every check, then the backend
+    if name is None:  # first call of this signature: every check, then (below) the backend
         _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
-        tensors = [t for t in (h, w_down, w_up, b_down, b_up, residual) if t is not None]
-        d = h.shape[-1]
-        h2d = h.reshape(-1, d)
-        res2d = None if residual is None else residual.reshape(-1, d)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        name = select_backend(backend, tensors, ADAPTER_BOTTLENECK_BACKENDS, (h2d, w_down, b_down, w_up, b_up, res2d),
-                              needs_grad, lambda: _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling,
-                                                               activation, needs_grad),
-                              None if key is None else lambda chosen: remember_decision(key, chosen))
     if h.dim() == 2:
         h2d, res2d = h, residual
     else:
         h2d = h.reshape(-1, h.shape[-1])
         res2d = None if residual is None else residual.reshape(h2d.shape)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (h, w_down, w_up, b_down, b_up, residual))
+    tensors = (h, w_down, w_up, b_down, b_up, residual)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if name is None:
+        name = select_backend(backend, [t for t in tensors if t is not None], ADAPTER_BOTTLENECK_BACKENDS,
+                              (h2d, w_down, b_down, w_up, b_up, res2d), needs_grad,
+                              lambda: _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation,
+                                                   needs_grad),
+                              None if key is None else lambda chosen: remember_decision(key, chosen))
     out = _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, needs_grad)
     return out if h.dim() == 2 else out.reshape(h.shape)
 

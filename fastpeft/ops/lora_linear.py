@@ -401,19 +401,19 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     key = None if torch.compiler.is_compiling() else _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
                                                                 training, backend)
     name = decision(key) if key is not None else None
-    if name is None:  # first call of this signature: every check, then the backend
+    if name is None:  # first call of this signature: every check, then (below) the backend
         _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if name is None:
         tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        x2d = x.reshape(-1, x.shape[-1])
         name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, float(p)),
                               needs_grad, lambda: _measurement(x2d, weight, bias, lora_A, lora_B, scaling, float(p),
                                                                needs_grad),
                               None if key is None else lambda chosen: remember_decision(key, chosen))
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     seed = -1 if dropout_seed is None else int(dropout_seed)
-    y = _run_on(name, x2d, weight, bias, lora_A, lora_B, float(scaling), float(p), seed, torch.is_grad_enabled() and (
-        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or (bias is not None and bias.requires_grad)))
+    y = _run_on(name, x2d, weight, bias, lora_A, lora_B, float(scaling), float(p), seed, needs_grad)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
