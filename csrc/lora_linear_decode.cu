@@ -1,5 +1,5 @@
 // Fused LoRA linear for decode shapes (M <= 16 rows), in one launch:
-//     y = x W^T + b + s * (x A^T) B^T
+//     y = x W^T + b + s * (x A^T) B^T,   or for DoRA   y = c * (x W^T + s * (x A^T) B^T) + b   (c per column)
 //
 // Decode is bandwidth-bound on the read of W, so the kernel is a GEMV over the rows of W: each warp owns
 // kRowsPerWarp rows, streams them with 16-byte loads (unrolled, so several loads are in flight), and keeps the
@@ -28,6 +28,7 @@ struct Params {
   float* s;          // (k_split, M, R) fp32 partial sums of S
   int* counters;     // [ticket, S tiles done, blocks finished], zero between launches
   void* y;
+  const float* col_scale;  // nullptr: no column scale (plain LoRA)
   int64_t M, K, N, R, stride_xm, stride_ym;
   float scaling;
   int k_split;       // S's K range is split in this many chunks of k_chunk
@@ -87,9 +88,10 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
           if (m < M) low[m] = fmaf(s_sum[m * p.R + r], bv, low[m]);
       }
       const float bias_n = bias != nullptr ? to_float(bias[n]) : 0.f;
+      const float scale_n = p.col_scale != nullptr ? p.col_scale[n] : 1.f;
 #pragma unroll
       for (int m = 0; m < MAXM; ++m) {
-        const float total = acc[i][m] + bias_n + p.scaling * warp_sum(low[m]);
+        const float total = fmaf(acc[i][m] + p.scaling * warp_sum(low[m]), scale_n, bias_n);
         if (lane == m && m < M) y[m * p.stride_ym + n] = from_float<T>(total);
       }
     }
@@ -147,6 +149,7 @@ void lora_linear_decode(const DecodeArgs& args) {
   p.s = reinterpret_cast<float*>(args.s);
   p.counters = reinterpret_cast<int*>(args.counters);
   p.y = reinterpret_cast<void*>(args.y);
+  p.col_scale = reinterpret_cast<const float*>(args.col_scale);
   p.M = args.M; p.K = args.K; p.N = args.N; p.R = args.R;
   p.stride_xm = args.stride_xm; p.stride_ym = args.stride_ym;
   p.scaling = args.scaling;

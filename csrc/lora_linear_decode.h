@@ -14,8 +14,9 @@ constexpr int64_t kMaxDecodeRank = 256;
 struct DecodeArgs {
   // Device pointers (as integers). x: (M, K) rows of stride stride_xm, unit inner stride; w: (N, K) contiguous;
   // bias: (N,) or 0; a: (R, K) and b: (N, R) contiguous; s: (k_split, M, R) fp32 scratch; counters: 3 int32,
-  // zero, used by no launch that may overlap this one; y: (M, N) rows of stride stride_ym.
-  uintptr_t x, w, bias, a, b, s, counters, y;
+  // zero, used by no launch that may overlap this one; y: (M, N) rows of stride stride_ym; col_scale: (N,) fp32 or 0
+  // (DoRA: y = col_scale * (x w^T + scaling * (x a^T) b^T) + bias).
+  uintptr_t x, w, bias, a, b, s, counters, y, col_scale;
   int64_t M, K, N, R, stride_xm, stride_ym;
   int64_t k_split, k_chunk;  // S = x a^T is summed from k_split partials over K chunks of k_chunk (multiples of
                              // 16/sizeof(adapter dtype) when vector)
@@ -30,7 +31,7 @@ struct DecodeArgs {
 // Number of CUDA devices; throws with the CUDA error string when there is no usable GPU or driver.
 int device_count();
 
-// y = x w^T + bias + scaling * (x a^T) b^T for M <= 16 rows, one kernel launch on `stream`.
+// y = [col_scale *] (x w^T + scaling * (x a^T) b^T) + bias for M <= 16 rows, one kernel launch on `stream`.
 void lora_linear_decode(const DecodeArgs& args);
 
 }  // namespace fastpeft

@@ -22,6 +22,7 @@ from .model import (
 from .ops import (
     adapter_bottleneck,
     adapter_bottleneck_reference,
+    dora_weight_norm,
     dropout_mask,
     lora_linear,
     lora_linear_reference,
@@ -35,7 +36,7 @@ __all__ = [
     "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError",
     "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear",
     "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
-    "backend_status", "delete_adapter", "dropout_mask", "find_targets", "from_peft", "load_adapter", "lora_layers",
-    "lora_linear", "lora_linear_reference", "merge_and_unload", "remove_adapters", "save_adapter", "set_adapter",
-    "to_peft",
+    "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets", "from_peft",
+    "load_adapter", "lora_layers", "lora_linear", "lora_linear_reference", "merge_and_unload", "remove_adapters",
+    "save_adapter", "set_adapter", "to_peft",
 ]

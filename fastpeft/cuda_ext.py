@@ -115,8 +115,9 @@ def _vector_ok(dtype: torch.dtype, K: int, *tensors_and_strides) -> bool:
         (t.data_ptr() % 16 == 0) and (stride % vec == 0) for t, stride in tensors_and_strides)
 
 
-def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch.Tensor:
-    """``x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`` for 2-D x with M <= 16 rows, by the fused CUDA kernel (forward only).
+def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scale=None) -> torch.Tensor:
+    """``x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`` for 2-D x with M <= 16 rows, by the fused CUDA kernel (forward only);
+    with ``col_scale`` (N,) (DoRA's m / ‖W + s·BA‖) ``col_scale ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + b``.
 
     x (M, K) with unit inner stride; weight (N, K), bias (N,), lora_A (R, K), lora_B (N, R) contiguous;
     fp16/bf16/fp32 base, adapters in the base dtype or fp32. Returns y (M, N) in x's dtype.
@@ -128,6 +129,11 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         reasons.append(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if col_scale is not None:
+        if tuple(col_scale.shape) != (weight.shape[0],) or col_scale.device != x.device:
+            reasons.append(f"col_scale must be ({weight.shape[0]},) on {x.device}, got {tuple(col_scale.shape)} on "
+                           f"{col_scale.device}")
+        col_scale = col_scale.to(torch.float32).contiguous()
     if reasons:
         raise ValueError("fastpeft cuda decode kernel: " + "; ".join(reasons))
     M, K = x.shape
@@ -146,19 +152,19 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float) -> torch
         M=M, K=K, N=N, R=R, stride_xm=x.stride(0), stride_ym=y.stride(0), k_split=k_split, k_chunk=k_chunk,
         scaling=float(scaling),
         dtype=_DTYPE_CODES[x.dtype], adapter_dtype=_DTYPE_CODES[lora_A.dtype], vector=vector,
-        device=x.device.index, stream=stream)
+        device=x.device.index, stream=stream, col_scale=col_scale.data_ptr() if col_scale is not None else 0)
     return y
 
 
 @torch.library.custom_op("fastpeft::lora_linear_decode", mutates_args=())
 def lora_linear_decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                   scaling: float) -> Tensor:
+                   scaling: float, col_scale: Tensor | None = None) -> Tensor:
     """:func:`lora_linear_decode` as a torch.library op, for compiled graphs (forward only)."""
-    return lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling)
+    return lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling, col_scale)
 
 
 @lora_linear_decode_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling):
+def _(x, weight, bias, lora_A, lora_B, scaling, col_scale=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 

@@ -42,12 +42,15 @@ def _launches():
     from . import lora_linear as lora
 
     bf16_gemm_fwd = dict(
-        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16",
+        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
+        pre_ptr="bf16",
         M=M, N=N, K=K, R=R, M_BUCKET=M,
         stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
         stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
-                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False))
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False))
+    # DoRA: the column scale in the epilogue, the unscaled product kept for dm
+    dora_gemm_fwd = dict(bf16_gemm_fwd, constexprs=dict(bf16_gemm_fwd["constexprs"], COL_SCALE=True, STORE_PRE=True))
     epilogue_gemm_fwd = dict(bf16_gemm_fwd, constexprs=dict(bf16_gemm_fwd["constexprs"], LOWRANK_LAST=True))
     # The "cublas" variant's own launch: cuBLAS did the base product, the low-rank term is added onto out.
     lowrank_pass = dict(bf16_gemm_fwd, constexprs=dict(bf16_gemm_fwd["constexprs"], HAS_BIAS=False,
@@ -55,22 +58,28 @@ def _launches():
     rank64_gemm_fwd = dict(bf16_gemm_fwd, R=64, stride_lm=64, stride_un=64,
                            constexprs=dict(bf16_gemm_fwd["constexprs"], BLOCK_R=64))
     bf16_gemm_dx = dict(
-        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16",
+        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
+        pre_ptr="bf16",
         M=M, N=K, K=N, R=R, M_BUCKET=M,
         stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_lm=R, stride_lr=1, stride_ur=K, stride_un=1,
         stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
         constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
-                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False))
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False))
     shrink = dict(
         x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", M=M, K=K, R=R, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K,
         stride_ak=1, seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
     bwd_dy = dict(
         dy_ptr="bf16", b_ptr="fp32", s_ptr="fp32", ds_part_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
+        scale_ptr="fp32", pre_ptr="bf16", dm_part_ptr="fp32", dz_ptr="bf16",
         M=M, N=N, R=R, M_BUCKET=M, cols_per_split=2048, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1,
         scaling=2.0,
         constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=lora.DY_BLOCK_M,
-                        BLOCK_R=16))
+                        BLOCK_R=16, COL_SCALE=False, HAS_DM=False, WRITE_DZ=False))
+    dora_bwd_dy = dict(bwd_dy, constexprs=dict(bwd_dy["constexprs"], COL_SCALE=True, HAS_DM=True, WRITE_DZ=True))
+    dora_norm = dict(w_ptr="bf16", a_ptr="fp32", b_ptr="fp32", sq_part_ptr="fp32", N=N, K=K, R=R, cols_per_split=512,
+                     stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1, scaling=2.0,
+                     constexprs=dict(DOT_PRECISION="ieee", BLOCK_R=16, **lora.NORM_BLOCKS))
     bwd_da = dict(
         x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", M=M, K=K, R=R, M_BUCKET=M, rows_per_split=1024,
         stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
@@ -107,12 +116,13 @@ def _launches():
                if k not in ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bk", "stride_bn")}
     tma_fwd.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", ("BLOCK_N", "BLOCK_K")),
                    constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee",
-                                   BLOCK_R=16, B_KN=False))
+                                   BLOCK_R=16, B_KN=False, COL_SCALE=False, STORE_PRE=False))
+    tma_dora_fwd = dict(tma_fwd, constexprs=dict(tma_fwd["constexprs"], COL_SCALE=True, STORE_PRE=True))
     tma_dx = {k: v for k, v in bf16_gemm_dx.items()
               if k not in ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bk", "stride_bn")}
     tma_dx.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", ("BLOCK_K", "BLOCK_N")),
                   constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee",
-                                  BLOCK_R=16, B_KN=True))
+                                  BLOCK_R=16, B_KN=True, COL_SCALE=False, STORE_PRE=False))
 
     mask_config = [dict(kwargs={}, num_warps=4, num_stages=1)]
     as_dicts = lambda configs: [dict(kwargs=c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)  # noqa: E731
@@ -121,12 +131,16 @@ def _launches():
         ("_lora_gemm_kernel", "forward", bf16_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "forward r=64", rank64_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "forward, low-rank term last", epilogue_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
+        ("_lora_gemm_kernel", "forward, DoRA", dora_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS)),  # with dropout
         ("_lora_gemm_kernel", "low-rank pass onto cuBLAS", lowrank_pass, as_dicts(lora.LOWRANK_PASS_CONFIGS)),
         ("_lora_gemm_tma_kernel", "forward, tma", tma_fwd, as_dicts(lora.TMA_GEMM_CONFIGS)),
+        ("_lora_gemm_tma_kernel", "forward, DoRA, tma", tma_dora_fwd, as_dicts(lora.TMA_GEMM_CONFIGS)),
         ("_lora_gemm_tma_kernel", "backward dX, tma", tma_dx, as_dicts(lora.TMA_GEMM_CONFIGS)),
         ("_lora_shrink_kernel", "forward", shrink, as_dicts(lora.SHRINK_CONFIGS)),
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
+        ("_lora_bwd_dy_kernel", "backward, DoRA", dora_bwd_dy, as_dicts(lora.DY_CONFIGS)),
+        ("_dora_norm_kernel", "DoRA norm", dora_norm, [dict(kwargs={}, num_warps=4, num_stages=3)]),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
         ("_dropout_mask_kernel", "mask", mask, mask_config),
         ("_adapter_gemm_kernel", "adapter down", adapter_down, as_dicts(adapter.ADAPTER_GEMM_CONFIGS)),
@@ -225,6 +239,7 @@ def compile_one(job):
                 shared=compiled.metadata.shared, shared_estimate=estimate, shared_limit=SHARED_MEMORY_LIMIT[arch],
                 wgmma="wgmma" in ptx, mma_sync="mma.sync" in ptx, tma="cp.async.bulk.tensor" in ptx,
                 registers=registers, spills=spills,
+                pruned=common.spilling_reason(name, {**example["constexprs"], **config["kwargs"]}, config["num_warps"]),
                 block_r=example["constexprs"].get("BLOCK_R"),
                 seconds=round(time.perf_counter() - start, 2))
 

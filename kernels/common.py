@@ -95,6 +95,19 @@ def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, st
 
 # kernel name -> need(blocks, sizes, num_stages, arch) -> bytes; each op registers its own kernels.
 _SHARED_MEMORY = {}
+# kernel name -> spills(blocks, num_warps) -> a reason when a config spills registers for that launch, else None
+_SPILLING = {}
+
+
+def register_spilling(kernel_name: str, spills) -> None:
+    """Declare the configs of a kernel that spill registers for some launches (its constexprs tell which): the
+    autotuner's pruner drops them there, and the AOT report marks them (found with ``ptxas -v``)."""
+    _SPILLING[kernel_name] = spills
+
+
+def spilling_reason(kernel_name: str, blocks: dict, num_warps: int) -> str | None:
+    spills = _SPILLING.get(kernel_name)
+    return spills(blocks, num_warps) if spills is not None else None
 
 
 def register_shared_memory(kernel_name: str, need) -> None:
@@ -117,7 +130,8 @@ def shared_memory_estimate(kernel_name: str, blocks: dict, num_stages: int, size
 
 
 def _shared_memory_pruner(kernel_name):
-    """An ``early_config_prune`` dropping configs that do not fit the device's shared memory."""
+    """An ``early_config_prune`` dropping configs that spill for the launch or do not fit the device's shared
+    memory."""
     def prune(configs, named_args, **kwargs):
         # Tensors, and TMA descriptors by the tensor they describe.
         tensors = {k: getattr(v, "base", v) for k, v in named_args.items()
@@ -129,8 +143,9 @@ def _shared_memory_pruner(kernel_name):
 
         def need(cfg):
             return shared_memory_estimate(kernel_name, {**kwargs, **cfg.kwargs}, cfg.num_stages, sizes, arch)
-        fitting = [c for c in configs if need(c) <= limit]
-        return fitting or [min(configs, key=need)]
+        kept = [c for c in configs if not spilling_reason(kernel_name, {**kwargs, **c.kwargs}, c.num_warps)] or configs
+        fitting = [c for c in kept if need(c) <= limit]
+        return fitting or [min(kept, key=need)]
     return prune
 
 

@@ -47,6 +47,7 @@ from .common import (
     launch,
     new_output,
     register_shared_memory,
+    register_spilling,
     tile_indices,
 )
 
@@ -107,7 +108,7 @@ def _lora_shrink_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_kernel(
-    a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr,
+    a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr, scale_ptr, pre_ptr,
     M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_lm, stride_lr, stride_ur, stride_un,
@@ -116,8 +117,9 @@ def _lora_gemm_kernel(
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr, BASE_IN_OUT: tl.constexpr,
+    COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
 ):
-    """out (M, N) = a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) + bias (N) [+ out].
+    """out (M, N) = [scale (N) ⊙] (a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) [+ out]) + bias (N).
 
     Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lr_scale = s. Backward: a = dY, b = W, l = dS, u = A,
     lr_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
@@ -125,6 +127,8 @@ def _lora_gemm_kernel(
     the low-rank operands before the loop but adds their dot after it, so the pipeline's first loads wait on
     nothing (which one is faster is for a GPU to measure: see ``GEMM_VARIANTS``). BASE_IN_OUT: out already holds
     the base product (the "cublas" variant: cuBLAS wrote it), so there is no K loop and the term is added onto out.
+    COL_SCALE (DoRA): the columns are scaled (fp32 scale) before the bias, and STORE_PRE writes the unscaled sum to
+    pre (out's shape and strides), which backward's dm needs.
     """
     _, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -141,19 +145,20 @@ def _lora_gemm_kernel(
     if LOWRANK_LAST:
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
-    _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS, BASE_IN_OUT)
+    _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS,
+                   BASE_IN_OUT, COL_SCALE, STORE_PRE)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_tma_kernel(
-    a_desc, b_desc, l_ptr, u_ptr, bias_ptr, out_ptr,
+    a_desc, b_desc, l_ptr, u_ptr, bias_ptr, out_ptr, scale_ptr, pre_ptr,
     M, N, K, R, M_BUCKET,
     stride_lm, stride_lr, stride_ur, stride_un,
     stride_om, stride_on,
     lr_scale, seed, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, B_KN: tl.constexpr,
+    GROUP_M: tl.constexpr, B_KN: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
 ):
     """The "tma" variant of ``_lora_gemm_kernel`` (same result, Hopper only): a persistent grid, each program
     walking output tiles, with a and b read by the Tensor Memory Accelerator through descriptors (a over (M, K); b
@@ -173,7 +178,8 @@ def _lora_gemm_tma_kernel(
             else:
                 b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
             acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
-        _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS, False)
+        _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
+                       HAS_BIAS, False, COL_SCALE, STORE_PRE)
 
 
 @triton.jit
@@ -199,31 +205,37 @@ def _lowrank_term(lo, up, rm, n0, N, seed, p, DROPOUT: tl.constexpr, DOT_PRECISI
 
 
 @triton.jit
-def _gemm_epilogue(acc, bias_ptr, out_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS: tl.constexpr,
-                   ADD_OUT: tl.constexpr):
-    """Bias (and what out holds), then the store of the tile. Seam: DoRA's per-column output scale would multiply
-    acc here."""
+def _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr):
+    """What out holds, DoRA's column scale (the unscaled tile kept in pre first), the bias, then the store."""
+    in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
+    offsets = rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
+    if ADD_OUT:
+        acc += tl.load(out_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    if COL_SCALE:
+        if STORE_PRE:
+            tl.store(pre_ptr + offsets, acc.to(pre_ptr.dtype.element_ty), mask=in_bounds)
+        acc = acc * tl.load(scale_ptr + rn_load)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
-    in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
-    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
-    if ADD_OUT:
-        acc += tl.load(out_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
 @triton.jit
 def _lora_bwd_dy_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr,
+    dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr, scale_ptr, pre_ptr, dm_part_ptr, dz_ptr,
     M, N, R, M_BUCKET, cols_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br,
     scaling,
     HAS_DBIAS: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    COL_SCALE: tl.constexpr, HAS_DM: tl.constexpr, WRITE_DZ: tl.constexpr,
 ):
     """One pass over dY (M, N). Program (row block i, column split j) reads its dY tile once and writes
     ds_part[j] = s·dY[i, j]·B[j] (M, R) and this row block's partials db_part[i] = s·dY[i, j]ᵀ·S[i] (N, R) and
-    dbias_part[i] = Σ_m dY[i, j] (N); summing the partials gives dS, dB and db."""
+    dbias_part[i] = Σ_m dY[i, j] (N); summing the partials gives dS, dB and db.
+    COL_SCALE (DoRA): dS and dB are taken of dZ = dY ⊙ scale (the bias's gradient of dY itself); HAS_DM adds the
+    partials dm_part[i] = Σ_m dY ⊙ pre (N), WRITE_DZ writes dZ (M, N contiguous, dY's dtype) for the dX GEMM."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -241,14 +253,26 @@ def _lora_bwd_dy_kernel(
     part = pid_m.to(tl.int64) * N
     for n0 in range(n_begin, n_end, BLOCK_N):
         n_ok = rn < n_end - n0
-        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(COMPUTE)
+        tile_ok = m_ok[:, None] & n_ok[None, :]
+        dy_in = tl.load(dy_ptrs, mask=tile_ok, other=0.0)
+        if HAS_DBIAS:
+            tl.store(dbias_part_ptr + part + n0 + rn, tl.sum(dy_in.to(tl.float32), axis=0), mask=n_ok)
+        if COL_SCALE:
+            own = rm[:, None].to(tl.int64) * N + (n0 + rn)[None, :]  # pre and dZ: (M, N) contiguous
+            if HAS_DM:
+                pre = tl.load(pre_ptr + own, mask=tile_ok, other=0.0).to(tl.float32)
+                tl.store(dm_part_ptr + part + n0 + rn, tl.sum(dy_in.to(tl.float32) * pre, axis=0), mask=n_ok)
+            dz = dy_in.to(tl.float32) * tl.load(scale_ptr + n0 + rn, mask=n_ok, other=0.0)[None, :]
+            if WRITE_DZ:
+                tl.store(dz_ptr + own, dz.to(dz_ptr.dtype.element_ty), mask=tile_ok)
+            dy = dz.to(COMPUTE)
+        else:
+            dy = dy_in.to(COMPUTE)
         b = tl.load(b_ptr + (n0 + rn).to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
         ds = tl.dot(dy, b, ds, input_precision=DOT_PRECISION)
         db = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION)
         tl.store(db_part_ptr + (part + n0 + rn)[:, None] * R + rr[None, :], db, mask=n_ok[:, None] & r_ok[None, :])
-        if HAS_DBIAS:
-            tl.store(dbias_part_ptr + part + n0 + rn, tl.sum(dy.to(tl.float32), axis=0), mask=n_ok)
         dy_ptrs += BLOCK_N * stride_dyn
     ds_ptrs = ds_part_ptr + split.to(tl.int64) * M * R + rm[:, None].to(tl.int64) * R + rr[None, :]
     tl.store(ds_ptrs, ds * scaling, mask=m_ok[:, None] & r_ok[None, :])
@@ -286,6 +310,39 @@ def _lora_bwd_da_kernel(
         acc = acc * keep_scale
     out = da_part_ptr + split.to(tl.int64) * R * K + rr[:, None].to(tl.int64) * K + rk[None, :]
     tl.store(out, acc, mask=r_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _dora_norm_kernel(
+    w_ptr, a_ptr, b_ptr, sq_part_ptr,
+    N, K, R, cols_per_split,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    scaling,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """DoRA's squared row norms ‖W_i + s·B_i A‖², partial over split ``program_id(1)`` of K, for BLOCK_N rows:
+    W + s·BA is formed tile by tile in registers (never in memory), squared and summed in fp32."""
+    split = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    n_ok = rn < N
+    r_ok = rr < R
+    b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
+                mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32) * scaling
+    k_begin = split * cols_per_split
+    k_end = tl.minimum(k_begin + cols_per_split, K)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_ok = rk < k_end - k0
+        cols = (k0 + rk).to(tl.int64)
+        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk,
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        v = tl.dot(b, a, w, input_precision=DOT_PRECISION)  # W + s·B A, this tile
+        sq += tl.sum(v * v, axis=1)
+    tl.store(sq_part_ptr + split.to(tl.int64) * N + rn, sq, mask=n_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,7 +421,9 @@ def _shrink_shared(b, sizes, stages, arch):
 
 def _dy_shared(b, sizes, stages, arch):
     dy_tile = b["BLOCK_M"] * b["BLOCK_N"] * sizes["dy_ptr"]
-    if arch >= 90:  # plus S's tile in the compute dtype, the operand of dB's wgmma
+    # plus S's tile in the compute dtype, the operand of dB's wgmma (DoRA's dY, scaled in registers first, is laid
+    # out as on Ampere)
+    if arch >= 90 and not b.get("COL_SCALE"):
         return stages * dy_tile + b["BLOCK_M"] * b["BLOCK_R"] * sizes["dy_ptr"]
     return (stages - 1) * dy_tile
 
@@ -380,6 +439,17 @@ def _gemm_tma_shared(b, sizes, stages, arch):
     # plus one 8-byte mbarrier per stage, on which the TMA copies signal their arrival
     return stages * (a_tile + b_tile + 8) + b["BLOCK_N"] * b["BLOCK_R"] * sizes["a_desc"]
 
+
+def _dora_epilogue_spills(b, num_warps):
+    """DoRA's epilogue holds the unscaled tile for pre beside the scaled one: 256-row tiles, and TMA's 128×256, then
+    spill 8-80 bytes (ptxas, sm_80 and sm_90); their 128×128 neighbours do not."""
+    if b.get("STORE_PRE") and b["BLOCK_M"] * b["BLOCK_N"] >= 128 * 256:
+        return "DoRA's pre store spills registers in tiles of 128×256 or more"
+    return None
+
+
+register_spilling("_lora_gemm_kernel", _dora_epilogue_spills)
+register_spilling("_lora_gemm_tma_kernel", _dora_epilogue_spills)
 
 for _name, _need in [("_lora_gemm_kernel", _gemm_shared), ("_lora_gemm_tma_kernel", _gemm_tma_shared),
                      ("_lora_shrink_kernel", _shrink_shared),
@@ -430,32 +500,44 @@ def _num_sms(device: torch.device) -> int:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
-def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0, variant=None):
+def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0, variant=None, *,
+              col_scale=None, pre=None):
     """out (M, N) = a (M, K) · b (K, N) + lr_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
     transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0.
-    ``variant``: one of ``GEMM_VARIANTS``; None takes ``$FASTPEFT_GEMM_VARIANT`` (default "prologue")."""
+    ``variant``: one of ``GEMM_VARIANTS``; None takes ``$FASTPEFT_GEMM_VARIANT`` (default "prologue").
+    DoRA: ``col_scale`` (N,) fp32 scales the columns before the bias; ``pre`` (out's shape and strides), if given,
+    receives the unscaled sum."""
     variant = gemm_variant(variant)
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
     on_cpu = a.device.type == "cpu"
+    if pre is not None and (pre.shape != out.shape or pre.stride() != out.stride()):
+        raise ValueError("lora_gemm: pre must have out's shape and strides")
+    dora = dict(COL_SCALE=col_scale is not None, STORE_PRE=pre is not None)
+    scale_arg = col_scale if col_scale is not None else out
+    pre_arg = pre if pre is not None else out
     if variant == "tma":
         if _tma_addressable(a, b):
-            return _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p)
+            return _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg, pre_arg, dora)
         variant = "prologue"  # what TMA cannot address runs the default variant
     tuned, default = _gemm_tuned, GEMM_DEFAULT
-    if variant == "cublas":  # the base product and bias by torch into out; the kernel adds the low-rank term
-        torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
-        bias, tuned, default = None, _lowrank_pass_tuned, LOWRANK_PASS_DEFAULT
+    if variant == "cublas":  # the base product (and bias) by torch into out; the kernel adds the low-rank term
+        if bias is None or col_scale is not None:  # a scaled output gets its bias after the scale, in the kernel
+            torch.mm(a, b, out=out)
+        else:
+            torch.addmm(bias, a, b, out=out)
+            bias = None
+        tuned, default = _lowrank_pass_tuned, LOWRANK_PASS_DEFAULT
     launch(tuned, _gemm, default, INTERPRET_GEMM,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
-            a, b, lo, up, bias.contiguous() if bias is not None else out, out,
+            a, b, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg,
             M, N, K, R, triton.next_power_of_2(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), lo.stride(0), lo.stride(1),
             up.stride(0), up.stride(1), out.stride(0), out.stride(1),
             lr_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
             DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue",
-            BASE_IN_OUT=variant == "cublas")
+            BASE_IN_OUT=variant == "cublas", **dora)
 
 
 def _tma_addressable(a, b) -> bool:
@@ -469,7 +551,7 @@ def _tma_addressable(a, b) -> bool:
                for t in (a, b_rows))
 
 
-def _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p):
+def _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg, pre_arg, dora):
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
@@ -486,12 +568,12 @@ def _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p):
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     launch(_tma_tuned, _lora_gemm_tma_kernel, TMA_GEMM_DEFAULT, INTERPRET_GEMM,
            lambda c: (min(sms, triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])),), on_cpu,
-           a_desc, b_desc, lo, up, bias.contiguous() if bias is not None else out, out,
+           a_desc, b_desc, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg,
            M, N, K, R, triton.next_power_of_2(M),
            lo.stride(0), lo.stride(1), up.stride(0), up.stride(1), out.stride(0), out.stride(1),
            lr_scale, seed, dropout_p,
            HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
-           DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), B_KN=b_kn)
+           DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), B_KN=b_kn, **dora)
     return out
 
 
@@ -506,21 +588,24 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> to
     return out.bool()
 
 
-def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, variant=None):
+def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, variant=None, *,
+             col_scale=None, keep_pre=False):
     """Forward of the fused LoRA linear.
 
     x (M, K) fp16/bf16/fp32, any strides; weight (N, K) and bias (N,) in x's dtype; lora_A (R, K) and
     lora_B (N, R) in any of those dtypes (computed in x's dtype, accumulated in fp32).
-    Returns y (M, N) in x's dtype and S = drop(x) Aᵀ (M, R) in fp32, which backward needs. ``variant``: the fused
-    GEMM's (see ``lora_gemm``).
+    Returns y (M, N) in x's dtype, S = drop(x) Aᵀ (M, R) in fp32, which backward needs, and pre. ``variant``: the
+    fused GEMM's (see ``lora_gemm``). DoRA: ``col_scale`` (N,) scales y's columns before the bias; with
+    ``keep_pre`` pre is the unscaled x Wᵀ + s·S Bᵀ (M, N), else None.
     """
     M, K = x.shape
     N, R = lora_B.shape
     device, on_cpu = x.device, x.device.type == "cpu"
     s = new_output((M, R), torch.float32, device)
     y = new_output((M, N), x.dtype, device)
+    pre = new_output((M, N), x.dtype, device) if keep_pre and col_scale is not None else None
     if M == 0:
-        return y, s
+        return y, s, pre
     launch(_shrink_tuned, _lora_shrink_kernel, SHRINK_DEFAULT, INTERPRET_SHRINK,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
             x, lora_A, s, M, K, R, triton.next_power_of_2(M), x.stride(0), x.stride(1), lora_A.stride(0),
@@ -528,17 +613,21 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
             DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(x.dtype, on_cpu), DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=_rank_block(R))
-    lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling, variant=variant)
-    return y, s
+    if col_scale is not None:
+        col_scale = col_scale.to(torch.float32).contiguous()
+    lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling, variant=variant, col_scale=col_scale, pre=pre)
+    return y, s, pre
 
 
 def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float, seed: int,
-             needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool, variant=None):
-    """Backward of the fused LoRA linear: (dx, dA, dB, dbias), each None where not needed.
+             needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool, variant=None, *,
+             col_scale=None, pre=None):
+    """Backward of the fused LoRA linear: (dx, dA, dB, dbias, dm_sum), each None where not needed.
 
     dy (M, N) in the forward's dtype, any strides; x (M, K) as in forward (only read when dA is needed);
     s = S from forward (M, R) fp32. dA, dB come back in the adapters' dtype, dx and dbias in x's dtype. ``variant``:
-    the dX GEMM's (see ``lora_gemm``).
+    the dX GEMM's (see ``lora_gemm``). DoRA: ``col_scale`` (N,) as in forward; with ``pre`` (forward's, M×N),
+    dm_sum = Σ_rows dY ⊙ pre (N,) fp32, which divided by the norm is dm.
     """
     M, N = dy.shape
     R, K = lora_A.shape
@@ -548,13 +637,14 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     precision = dot_precision(dy.dtype)
     compute = compute_dtype(dy.dtype, on_cpu)
     block_r = _rank_block(R)
-    dx = da = db = dbias = None
+    dx = da = db = dbias = dm = None
     if M == 0:
         dx = torch.zeros((0, K), dtype=dy.dtype, device=device) if needs_dx else None
         da = torch.zeros_like(lora_A) if needs_da else None
         db = torch.zeros_like(lora_B) if needs_db else None
         dbias = torch.zeros(N, dtype=dy.dtype, device=device) if needs_dbias else None
-        return dx, da, db, dbias
+        dm = torch.zeros(N, dtype=torch.float32, device=device) if pre is not None else None
+        return dx, da, db, dbias, dm
 
     dy_block_m = INTERPRET_DY_BLOCK_M if on_cpu else DY_BLOCK_M
     row_blocks = triton.cdiv(M, dy_block_m)
@@ -567,15 +657,26 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     ds_part = new_output((col_splits, M, R), torch.float32, device)
     db_part = new_output((row_blocks, N, R), torch.float32, device)
     dbias_part = new_output((row_blocks, N), torch.float32, device) if needs_dbias else db_part
+    # DoRA: the pass scales dY's columns, sums dm's partials beside db's, and writes dZ = dY ⊙ scale for dX's GEMM.
+    dora = col_scale is not None
+    if dora:
+        col_scale = col_scale.to(torch.float32).contiguous()
+    dm_part = new_output((row_blocks, N), torch.float32, device) if pre is not None else db_part
+    dz = new_output((M, N), dy.dtype, device) if dora and needs_dx else None
     launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks, col_splits), on_cpu,
-            dy, lora_B, s, ds_part, db_part, dbias_part, M, N, R, triton.next_power_of_2(M), cols_per_split,
+            dy, lora_B, s, ds_part, db_part, dbias_part, col_scale if dora else db_part,
+            pre.contiguous() if pre is not None else db_part, dm_part, dz if dz is not None else db_part,
+            M, N, R, triton.next_power_of_2(M), cols_per_split,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), scaling,
-            HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r)
+            HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r,
+            COL_SCALE=dora, HAS_DM=pre is not None, WRITE_DZ=dz is not None)
     ds = ds_part.sum(0) if col_splits > 1 else ds_part[0]
     if needs_db:
         db = db_part.sum(0).to(lora_B.dtype)
     if needs_dbias:
         dbias = dbias_part.sum(0).to(dy.dtype)
+    if pre is not None:
+        dm = dm_part.sum(0)
 
     if needs_da:
         # Enough (column-block × row-split) programs to fill the GPU about twice; partials summed below.
@@ -592,8 +693,36 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
 
     if needs_dx:
         dx = new_output((M, K), dy.dtype, device)
-        lora_gemm(dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p, variant=variant)
-    return dx, da, db, dbias
+        lora_gemm(dz if dz is not None else dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p,
+                  variant=variant)
+    return dx, da, db, dbias, dm
+
+
+# DoRA's norm runs once per layer and step, reading W once: fixed tiles, the K range split to fill the GPU.
+NORM_BLOCKS = dict(BLOCK_N=64, BLOCK_K=64)
+INTERPRET_NORM = dict(BLOCK_N=32, BLOCK_K=32)
+
+
+def dora_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
+    """DoRA's row norms ‖W + scaling·B A‖ (N,) in fp32, without forming the (N, K) matrix; any strides."""
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    device, on_cpu = weight.device, weight.device.type == "cpu"
+    blocks = INTERPRET_NORM if on_cpu else NORM_BLOCKS
+    row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
+    quantum = blocks["BLOCK_K"]
+    splits = max(1, min(triton.cdiv(K, quantum), (2 * _num_sms(device)) // row_blocks))
+    cols_per_split = triton.cdiv(triton.cdiv(K, splits), quantum) * quantum
+    splits = triton.cdiv(K, cols_per_split)
+    sq_part = new_output((splits, N), torch.float32, device)
+    if N:
+        _dora_norm_kernel[(row_blocks, splits)](
+            weight, lora_A, lora_B, sq_part, N, K, R, cols_per_split,
+            weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
+            lora_B.stride(1), scaling,
+            DOT_PRECISION=dot_precision(torch.float32), BLOCK_R=_rank_block(R), **blocks,
+            **({} if on_cpu else dict(num_warps=4, num_stages=3)))
+    return sq_part.sum(0).sqrt_()
 
 
 def autotune_winners() -> dict[str, str]:

@@ -8,6 +8,7 @@ import fastpeft
 from fastpeft.ops import (
     adapter_bottleneck_backward,
     adapter_bottleneck_forward,
+    dora_weight_norm,
     lora_linear_backward,
     lora_linear_forward,
 )
@@ -22,15 +23,23 @@ def lora_inputs(M=12, K=24, N=20, r=4, dtype=torch.float32, device="cpu", bias=T
 @pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("bias", [True, False])
-def test_opcheck_lora_ops(backend, device, dropout_p, bias):
+@pytest.mark.parametrize("dora", [False, True])
+def test_opcheck_lora_ops(backend, device, dropout_p, bias, dora):
     x, w, b, a, bb = lora_inputs(device=device, bias=bias)
-    torch.library.opcheck(lora_linear_forward, (x, w, b, a, bb, 0.5, dropout_p, 7, backend))
-    y, s, drop, seed = lora_linear_forward(x, w, b, a, bb, 0.5, dropout_p, 7, backend)
+    dora_args = ()
+    if dora:  # DoRA: the magnitude (trained) and the row norms, pre kept for dm
+        magnitude = (torch.rand(w.shape[0], device=device) + 0.5).requires_grad_()
+        norm = dora_weight_norm(w, a.detach(), bb.detach(), 0.5)
+        dora_args = (magnitude, norm, True)
+    torch.library.opcheck(lora_linear_forward, (x, w, b, a, bb, 0.5, dropout_p, 7, backend, *dora_args))
+    y, s, drop, seed, pre = lora_linear_forward(x, w, b, a, bb, 0.5, dropout_p, 7, backend, *dora_args)
+    assert pre.numel() == (y.numel() if dora else 0)
     dy = torch.randn_like(y)
     for needs in [(True, True, True, bias), (False, True, False, False), (True, False, True, False)]:
+        extra = (dora_args[0].detach(), dora_args[1], pre, needs[0]) if dora else ()
         torch.library.opcheck(lora_linear_backward,
                               (dy, x.detach(), w, a.detach(), bb.detach(), s, drop, seed, 0.5, dropout_p, backend,
-                               *needs))
+                               *needs, *extra))
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

@@ -5,8 +5,15 @@ from .adapter_bottleneck import (
     adapter_bottleneck_forward,
     adapter_bottleneck_reference,
 )
-from .lora_linear import dropout_mask, lora_linear, lora_linear_backward, lora_linear_forward, lora_linear_reference
+from .lora_linear import (
+    dora_weight_norm,
+    dropout_mask,
+    lora_linear,
+    lora_linear_backward,
+    lora_linear_forward,
+    lora_linear_reference,
+)
 
 __all__ = ["adapter_bottleneck", "adapter_bottleneck_backward", "adapter_bottleneck_forward",
-           "adapter_bottleneck_reference", "dropout_mask", "lora_linear", "lora_linear_backward",
+           "adapter_bottleneck_reference", "dora_weight_norm", "dropout_mask", "lora_linear", "lora_linear_backward",
            "lora_linear_forward", "lora_linear_reference"]

@@ -41,8 +41,10 @@ from ..checks import (
 # Reference: plain differentiable torch ops, the definition every backend is tested against.
 # ----------------------------------------------------------------------------------------------------------
 
-def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=None, dropout_p=0.0):
-    """``x Wᵀ + b + scaling · ((x ⊙ keep_mask / (1-p)) Aᵀ) Bᵀ`` with ordinary autograd ops.
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=None, dropout_p=0.0, magnitude=None):
+    """``x Wᵀ + b + scaling · ((x ⊙ keep_mask / (1-p)) Aᵀ) Bᵀ`` with ordinary autograd ops; with ``magnitude`` (DoRA)
+    ``(m / ‖W + scaling·BA‖_row) ⊙ (x Wᵀ + scaling · (drop(x) Aᵀ) Bᵀ) + b``, the row norm built from the full matrix
+    the plain way and detached (a constant in backward, as in the DoRA paper and HF PEFT).
 
     keep_mask: None (no dropout) or a bool tensor of x's shape (True = keep). Dropped elements are replaced
     by zero (so a NaN there does not reach the low-rank branch; it still reaches y through x Wᵀ).
@@ -50,7 +52,73 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=No
     """
     dropped = x if keep_mask is None else torch.where(keep_mask, x, 0.0) / (1.0 - dropout_p)
     y = x @ weight.t() + scaling * ((dropped @ lora_A.t()) @ lora_B.t())
+    if magnitude is not None:
+        norm = torch.linalg.vector_norm(weight + scaling * (lora_B @ lora_A), dim=1).detach()
+        y = y * (magnitude / norm.clamp_min(DORA_EPS))
     return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DoRA's row norm ‖W + s·BA‖ (per output row), never building the N×K matrix. W is frozen, so ‖W_i‖² can be kept by
+# a layer; the rest factors: ‖W_i + s B_i A‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ, one skinny GEMM W Aᵀ
+# (N×r) and A Aᵀ (r×r). Computed in fp32 (fp64 for fp64 inputs). The Triton backend forms W + s·BA tile by tile
+# instead (kernels/lora_linear.py: ``dora_norm``): the same single read of W, and no cancellation.
+# ----------------------------------------------------------------------------------------------------------
+
+# Norms below this count as this: a zero row of W with B's row zero (they exist in real models) gives a finite output
+# and gradients (m / eps · 0), where m / 0 would be NaN.
+DORA_EPS = 1e-12
+_NORM_CHUNK = 1 << 22  # elements of W converted at a time when W is not in the norm's dtype
+
+
+def _norm_dtype(weight, lora_A):
+    return torch.float64 if torch.float64 in (weight.dtype, lora_A.dtype) else torch.float32
+
+
+def weight_sq_norm(weight: Tensor) -> Tensor:
+    """‖W_i‖² per row of W (N, K), in fp32 (fp64 for fp64 W), converting at most ``_NORM_CHUNK`` elements at a time."""
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if weight.dtype == dtype:
+        return torch.linalg.vector_norm(weight, dim=1).square_()
+    rows = max(1, _NORM_CHUNK // max(1, weight.shape[1]))
+    return torch.cat([torch.linalg.vector_norm(weight[n0:n0 + rows].to(dtype), dim=1).square_()
+                      for n0 in range(0, weight.shape[0], rows)])
+
+
+def _torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq=None):
+    dtype = _norm_dtype(weight, lora_A)
+    a, b = lora_A.to(dtype), lora_B.to(dtype)
+    if weight.dtype == dtype:
+        wa = torch.mm(weight, a.t())  # (N, r)
+    else:  # in row chunks: no full-precision copy of W
+        rows = max(1, _NORM_CHUNK // max(1, weight.shape[1]))
+        wa = torch.cat([torch.mm(weight[n0:n0 + rows].to(dtype), a.t()) for n0 in range(0, weight.shape[0], rows)])
+    if weight_sq is None:
+        weight_sq = weight_sq_norm(weight)
+    sq = (b * wa).sum(1).mul_(2.0 * scaling).add_(weight_sq.to(dtype))
+    sq.add_((torch.mm(b, torch.mm(a, a.t())) * b).sum(1), alpha=scaling * scaling)
+    return sq.clamp_min_(0.0).sqrt_()
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scaling, *, weight_sq=None, backend=None) -> Tensor:
+    """DoRA's row norms ``‖W + scaling · B A‖`` (N,), in fp32 (fp64 for fp64 inputs), detached, without forming the
+    (N, K) matrix. ``weight_sq``: ‖W_i‖² (N,) when known (W is frozen: :func:`weight_sq_norm` once); ``backend``
+    as for :func:`lora_linear` ("triton" forms W + s·BA tile by tile in a kernel, the others factor)."""
+    _check_weights(weight, None, lora_A, lora_B, scaling)
+    if weight_sq is not None and (not isinstance(weight_sq, Tensor) or tuple(weight_sq.shape) != (weight.shape[0],)
+                                  or weight_sq.device != weight.device):
+        raise ValueError(f"weight_sq must be a ({weight.shape[0]},) tensor on {weight.device} (‖W_i‖² per row), got "
+                         f"{getattr(weight_sq, 'shape', type(weight_sq).__name__)}")
+    name = select_backend(backend, [weight, lora_A, lora_B], LORA_LINEAR_BACKENDS)
+    with torch.no_grad():
+        return _dora_norm_on(name, weight, lora_A, lora_B, float(scaling), weight_sq)
+
+
+def _dora_norm_on(name, weight, lora_A, lora_B, scaling, weight_sq=None):
+    if name.startswith("triton") and not torch.compiler.is_compiling():
+        from ..kernels import lora_linear as kernels
+        return kernels.dora_norm(weight, lora_A, lora_B, scaling)
+    return _torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,7 +154,7 @@ def torch_drop_mask(seed: int, shape, p: float, device) -> torch.Tensor:
     return torch.lt(uniform16, -32768 + round(p * 65536))  # (the < operator adds a Python-level wrapper)
 
 
-def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None, keep_pre=False):
     dtype = x.dtype
     a, b = (lora_A, lora_B) if lora_A.dtype == dtype else (lora_A.to(dtype), lora_B.to(dtype))  # r×K, N×r: small
     drop = None
@@ -95,21 +163,34 @@ def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         s = torch.mm(x.masked_fill(drop, 0.0), a.t()).mul_(1.0 / (1.0 - dropout_p))  # scale M×r, not M×K
     else:
         s = torch.mm(x, a.t())
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    y.addmm_(s, b.t(), alpha=scaling)
-    return y, s, drop
+    if col_scale is None:
+        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        y.addmm_(s, b.t(), alpha=scaling)
+        return y, s, drop, None
+    # DoRA: the column scale multiplies the base and low-rank terms alike, then the bias is added.
+    pre = torch.mm(x, weight.t()).addmm_(s, b.t(), alpha=scaling)
+    scale = col_scale.to(dtype)
+    if not keep_pre:  # scaled in place: no second M×N buffer
+        y = pre.mul_(scale) if bias is None else pre.mul_(scale).add_(bias)
+        return y, s, drop, None
+    y = pre * scale if bias is None else torch.addcmul(bias, pre, scale)
+    return y, s, drop, pre
 
 
 def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
-                    needs_dx, needs_da, needs_db, needs_dbias):
+                    needs_dx, needs_da, needs_db, needs_dbias, col_scale=None, pre=None):
     dtype = dy.dtype
     keep_scale = 1.0 / (1.0 - dropout_p)
-    ds = torch.mm(dy, lora_B.to(dtype)).mul_(scaling)  # M×r
-    dx = da = db = dbias = None
-    if needs_db:
-        db = torch.mm(dy.t(), s).mul_(scaling).to(lora_B.dtype)
+    dx = da = db = dbias = dm = None
     if needs_dbias:
         dbias = dy.sum(0)
+    if pre is not None:  # DoRA's Σ_rows dY ⊙ (x Wᵀ + s·S Bᵀ), divided by the norm by the caller
+        dm = (dy * pre).sum(0, dtype=torch.promote_types(dtype, torch.float32))
+    if col_scale is not None:  # the rest is LoRA's backward of dY scaled per column
+        dy = dy * col_scale.to(dtype)
+    ds = torch.mm(dy, lora_B.to(dtype)).mul_(scaling)  # M×r
+    if needs_db:
+        db = torch.mm(dy.t(), s).mul_(scaling).to(lora_B.dtype)
     if needs_da:
         if drop is None:
             da = torch.mm(ds.t(), x)
@@ -123,7 +204,7 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
         else:
             # The masked low-rank term is built in dx's own buffer, then the base GEMM accumulates onto it.
             dx = torch.mm(ds * keep_scale, a).masked_fill_(drop, 0.0).addmm_(dy, weight)
-    return dx, da, db, dbias
+    return dx, da, db, dbias, dm
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,32 +212,38 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
 # function and dropout_mask read it; nothing else decides by backend name.
 # ----------------------------------------------------------------------------------------------------------
 
-def _torch_forward_fake(x, weight, lora_A, dropout_p):
+def _torch_forward_fake(x, weight, lora_A, dropout_p, keep_pre=False):
     M, K = x.shape
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0])),
-            x.new_empty((M, K) if dropout_p > 0.0 else (0,), dtype=torch.bool))
+            x.new_empty((M, K) if dropout_p > 0.0 else (0,), dtype=torch.bool),
+            x.new_empty((M, weight.shape[0]) if keep_pre else (0,)))
 
 
-def _torch_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs):
+def _torch_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs, col_scale=None,
+                    pre=None):
     return _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop if dropout_p > 0.0 else None, scaling, dropout_p,
-                           *needs)
+                           *needs, col_scale=col_scale, pre=pre)
 
 
-def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, variant=None):
+def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None, keep_pre=False,
+                    variant=None):
     from ..kernels import lora_linear as kernels
-    y, s = kernels.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, variant)
-    return y, s, None  # the mask is regenerated from the seed in backward, never stored
+    y, s, pre = kernels.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, variant,
+                                 col_scale=col_scale, keep_pre=keep_pre)
+    return y, s, None, pre  # the mask is regenerated from the seed in backward, never stored
 
 
-def _triton_forward_fake(x, weight, lora_A, dropout_p):
+def _triton_forward_fake(x, weight, lora_A, dropout_p, keep_pre=False):
     M = x.shape[0]
     return (x.new_empty((M, weight.shape[0])), x.new_empty((M, lora_A.shape[0]), dtype=torch.float32),
-            x.new_empty((0,), dtype=torch.bool))
+            x.new_empty((0,), dtype=torch.bool), x.new_empty((M, weight.shape[0]) if keep_pre else (0,)))
 
 
-def _triton_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs, variant=None):
+def _triton_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs, col_scale=None,
+                     pre=None, variant=None):
     from ..kernels import lora_linear as kernels
-    return kernels.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed), *needs, variant=variant)
+    return kernels.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed), *needs, variant=variant,
+                            col_scale=col_scale, pre=pre)
 
 
 def _triton_entry(variant=None):
@@ -177,11 +264,11 @@ def _cuda_reasons(x, weight, bias, lora_A, lora_B, dropout_p):
     return reasons
 
 
-def _cuda_forward(x, weight, bias, lora_A, lora_B, scaling):
+def _cuda_forward(x, weight, bias, lora_A, lora_B, scaling, col_scale=None):
     from .. import cuda_ext
     # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
     decode = cuda_ext.lora_linear_decode_op if torch.compiler.is_compiling() else cuda_ext.lora_linear_decode
-    return decode(x, weight, bias, lora_A, lora_B, float(scaling))
+    return decode(x, weight, bias, lora_A, lora_B, float(scaling), col_scale)
 
 
 TRITON_VARIANTS = tuple(f"triton:{variant}" for variant in GEMM_VARIANTS)
@@ -220,73 +307,110 @@ def _seed_to_use(seed: int, dropout_p: float) -> int:
     return max(seed, 0)
 
 
+def dora_scale(magnitude: Tensor, weight_norm: Tensor) -> Tensor:
+    """DoRA's column scale ``m / max(‖W + s·BA‖, DORA_EPS)`` in fp32 (fp64 for fp64 inputs)."""
+    dtype = torch.promote_types(torch.promote_types(magnitude.dtype, weight_norm.dtype), torch.float32)
+    return magnitude.to(dtype) / weight_norm.to(dtype).clamp_min(DORA_EPS)
+
+
+def _magnitude_grad(dm_sum: Tensor, weight_norm: Tensor, dtype: torch.dtype) -> Tensor:
+    """dm (in ``dtype``, the magnitude's) from Σ_rows dY ⊙ (x Wᵀ + s·S Bᵀ)."""
+    return (dm_sum / weight_norm.to(dm_sum.dtype).clamp_min(DORA_EPS)).to(dtype)
+
+
 @torch.library.custom_op("fastpeft::lora_linear_forward", mutates_args=())
 def lora_linear_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                        scaling: float, dropout_p: float, seed: int, backend: str
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Forward on 2-D x (M, K): ``(y, S, drop, seed)``.
+                        scaling: float, dropout_p: float, seed: int, backend: str, magnitude: Tensor | None = None,
+                        weight_norm: Tensor | None = None, keep_pre: bool = False
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward on 2-D x (M, K): ``(y, S, drop, seed, pre)``.
 
     S = drop(x) Aᵀ (M, r; fp32 on triton, x's dtype on torch) and drop (the torch backend's (M, K) bool mask,
     else empty) are what backward needs; seed (0-d int64) is the dropout seed used. A negative ``seed`` draws
     one from torch's global generator here, inside the op, so a compiled graph draws it exactly like eager.
+    DoRA: ``magnitude`` (N,) and ``weight_norm`` (N,) scale the columns; ``pre`` is the unscaled x Wᵀ + s·S Bᵀ
+    (M, N) when ``keep_pre`` (backward's dm needs it), else empty.
     """
     entry = autograd_backend(LORA_LINEAR_BACKENDS, backend)
     seed = _seed_to_use(seed, dropout_p)
-    y, s, drop = entry.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-    if drop is None:
-        drop = torch.empty(0, dtype=torch.bool, device=x.device)
-    return y, s, drop, torch.tensor(seed, dtype=torch.int64)
+    col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)
+    y, s, drop, pre = entry.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale,
+                                    keep_pre and magnitude is not None)
+    empty = x.new_empty(0)
+    return (y, s, drop if drop is not None else empty.bool(), torch.tensor(seed, dtype=torch.int64),
+            pre if pre is not None else empty)
 
 
 @lora_linear_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-    y, s, drop = autograd_backend(LORA_LINEAR_BACKENDS, backend).forward_fake(x, weight, lora_A, dropout_p)
-    return y, s, drop, torch.empty((), dtype=torch.int64)
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, magnitude=None, weight_norm=None,
+      keep_pre=False):
+    y, s, drop, pre = autograd_backend(LORA_LINEAR_BACKENDS, backend).forward_fake(
+        x, weight, lora_A, dropout_p, keep_pre and magnitude is not None)
+    return y, s, drop, torch.empty((), dtype=torch.int64), pre
 
 
 @torch.library.custom_op("fastpeft::lora_linear_backward", mutates_args=())
 def lora_linear_backward(dy: Tensor, x: Tensor | None, weight: Tensor, lora_A: Tensor, lora_B: Tensor, s: Tensor,
                          drop: Tensor, seed: Tensor, scaling: float, dropout_p: float, backend: str,
-                         needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dA, dB, dbias)`` for 2-D dy (M, N); a gradient not asked for comes back as an empty tensor.
+                         needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool,
+                         magnitude: Tensor | None = None, weight_norm: Tensor | None = None, pre: Tensor | None = None,
+                         needs_dm: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB, dbias, dm)`` for 2-D dy (M, N); a gradient not asked for comes back as an empty tensor.
 
-    x is only read (and only needed) for dA. dA, dB are in the adapters' dtype, dx and dbias in dy's.
+    x is only read (and only needed) for dA; pre (DoRA's, from forward) only for dm. dA, dB, dm are in the adapters'
+    dtype, dx and dbias in dy's.
     """
+    col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)
     grads = autograd_backend(LORA_LINEAR_BACKENDS, backend).backward(
-        dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, needs_dx, needs_da, needs_db, needs_dbias)
-    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+        dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, needs_dx, needs_da, needs_db, needs_dbias,
+        col_scale=col_scale, pre=pre if needs_dm and magnitude is not None else None)
+    dx, da, db, dbias, dm = grads
+    if dm is not None:
+        dm = _magnitude_grad(dm, weight_norm, magnitude.dtype)
+    return tuple(g if g is not None else dy.new_empty(0) for g in (dx, da, db, dbias, dm))
 
 
 @lora_linear_backward.register_fake
 def _(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, backend,
-      needs_dx, needs_da, needs_db, needs_dbias):
+      needs_dx, needs_da, needs_db, needs_dbias, magnitude=None, weight_norm=None, pre=None, needs_dm=False):
     autograd_backend(LORA_LINEAR_BACKENDS, backend)
     M, N = dy.shape
     return (dy.new_empty((M, lora_A.shape[1]) if needs_dx else (0,)),
             lora_A.new_empty(lora_A.shape) if needs_da else dy.new_empty(0),
             lora_B.new_empty(lora_B.shape) if needs_db else dy.new_empty(0),
-            dy.new_empty((N,) if needs_dbias else (0,)))
+            dy.new_empty((N,) if needs_dbias else (0,)),
+            magnitude.new_empty((N,)) if needs_dm and magnitude is not None else dy.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
-    _, s, drop, seed_used = output
-    ctx.mark_non_differentiable(s, drop, seed_used)
+    # (magnitude, weight_norm and keep_pre have defaults: a call may leave them out)
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs[:9]
+    magnitude, weight_norm = (tuple(inputs[9:11]) + (None, None))[:2]
+    _, s, drop, seed_used, pre = output
+    ctx.mark_non_differentiable(s, drop, seed_used, pre)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for S and the mask
-    # x is kept only for dA; W is frozen, so it never gets a gradient.
-    ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, s, drop, seed_used)
+    # x is kept only for dA, pre only for dm; W is frozen, so it never gets a gradient.
+    ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, s, drop, seed_used,
+                          magnitude, weight_norm, pre if magnitude is not None and _needs_dm(ctx) else None)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
 
 
+def _needs_dm(ctx) -> bool:
+    return len(ctx.needs_input_grad) > 9 and ctx.needs_input_grad[9]
+
+
 def _backward(ctx, dy, *unused):
+    inputs = len(ctx.needs_input_grad)
     if dy is None:
-        return (None,) * 9
+        return (None,) * inputs
     needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
-    dx, da, db, dbias = lora_linear_backward(dy, *ctx.saved_tensors, ctx.scaling, ctx.dropout_p, ctx.backend,
-                                             needs_dx, needs_da, needs_db, needs_dbias)
+    needs_dm = _needs_dm(ctx)
+    x, weight, lora_A, lora_B, s, drop, seed, magnitude, weight_norm, pre = ctx.saved_tensors
+    dx, da, db, dbias, dm = lora_linear_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, ctx.scaling,
+                                                 ctx.dropout_p, ctx.backend, needs_dx, needs_da, needs_db,
+                                                 needs_dbias, magnitude, weight_norm, pre, needs_dm)
     return (dx if needs_dx else None, None, dbias if needs_dbias else None, da if needs_da else None,
-            db if needs_db else None, None, None, None, None)
+            db if needs_db else None, None, None, None, None, dm if needs_dm else None, None, None)[:inputs]
 
 
 lora_linear_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -297,47 +421,44 @@ class _EagerLoraLinear(torch.autograd.Function):
     tensors saved, without the custom op's dispatch (compiled graphs keep the registered op)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend, magnitude, weight_norm):
         entry = LORA_LINEAR_BACKENDS[backend]
-        y, s, drop = entry.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
-        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, s, drop)
+        col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)
+        needs_dm = magnitude is not None and ctx.needs_input_grad[9]
+        y, s, drop, pre = entry.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, needs_dm)
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, s, drop, col_scale,
+                              weight_norm if needs_dm else None, pre)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+        ctx.magnitude_dtype = None if magnitude is None else magnitude.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         refuse_double_backward("lora_linear")
         needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
-        x, weight, lora_A, lora_B, s, drop = ctx.saved_tensors
-        dx, da, db, dbias = LORA_LINEAR_BACKENDS[ctx.backend].backward(
+        x, weight, lora_A, lora_B, s, drop, col_scale, weight_norm, pre = ctx.saved_tensors
+        dx, da, db, dbias, dm = LORA_LINEAR_BACKENDS[ctx.backend].backward(
             dy, x, weight, lora_A, lora_B, s, drop, ctx.seed, ctx.scaling, ctx.dropout_p,
-            needs_dx, needs_da, needs_db, needs_dbias)
-        return dx, None, dbias, da, db, None, None, None, None
+            needs_dx, needs_da, needs_db, needs_dbias, col_scale=col_scale, pre=pre)
+        if dm is not None:
+            dm = _magnitude_grad(dm, weight_norm, ctx.magnitude_dtype)
+        return dx, None, dbias, da, db, None, None, None, None, dm, None
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Input checks: every problem named with the argument and what was expected.
 # ----------------------------------------------------------------------------------------------------------
 
-def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+def _check_weights(weight, bias, lora_A, lora_B, scaling):
+    named = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
-    if x.dim() < 1:
-        raise ValueError("x must have shape (..., in_features), got a 0-d tensor")
+    _check_float_tensors(named)
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
     n, k = weight.shape
     if k == 0:
         raise ValueError(f"weight {tuple(weight.shape)} has in_features=0; a LoRA layer needs in_features >= 1")
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight {tuple(weight.shape)} "
-                         f"expects in_features={k}")
     if lora_A.dim() != 2 or lora_A.shape[1] != k:
         raise ValueError(f"lora_A must have shape (r, in_features={k}), got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
@@ -347,18 +468,66 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
         raise ValueError(f"lora_B must have shape (out_features={n}, r={r}), got {tuple(lora_B.shape)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape (out_features={n},), got {tuple(bias.shape)}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; they must match")
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}; they must match")
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A has dtype {lora_A.dtype} but lora_B has {lora_B.dtype}; they must match")
     check_same_device(named)
     check_finite_number("scaling", scaling)
+
+
+def _check_float_tensors(named):
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude=None, weight_norm=None):
+    _check_float_tensors({"x": x})
+    _check_weights(weight, bias, lora_A, lora_B, scaling)
+    if x.dim() < 1:
+        raise ValueError("x must have shape (..., in_features), got a 0-d tensor")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight {tuple(weight.shape)} "
+                         f"expects in_features={k}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; they must match")
+    check_same_device({"x": x, "weight": weight})
     check_probability("dropout_p", dropout_p)
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("weight must be frozen (requires_grad=False): lora_linear trains lora_A, lora_B "
                          "(and bias), never the base weight")
+    if magnitude is not None:
+        _check_magnitude(magnitude, weight, lora_A)
+    if weight_norm is not None:
+        if magnitude is None:
+            raise ValueError("weight_norm is DoRA's row norm: give it only with magnitude")
+        _check_float_tensors({"weight_norm": weight_norm})
+        if tuple(weight_norm.shape) != (n,):
+            raise ValueError(f"weight_norm must have shape (out_features={n},), got {tuple(weight_norm.shape)}")
+        check_same_device({"weight": weight, "weight_norm": weight_norm})
+
+
+def _check_magnitude(magnitude, weight, lora_A):
+    """DoRA's magnitude: (out_features,), the adapters' dtype, finite and >= 0 (values read where they exist)."""
+    n = weight.shape[0]
+    _check_float_tensors({"magnitude": magnitude})
+    if tuple(magnitude.shape) != (n,):
+        raise ValueError(f"magnitude must have shape (out_features={n},), got {tuple(magnitude.shape)}")
+    if magnitude.dtype != lora_A.dtype:
+        raise TypeError(f"magnitude has dtype {magnitude.dtype} but the adapters (lora_A, lora_B) have "
+                        f"{lora_A.dtype}; they must match")
+    check_same_device({"weight": weight, "magnitude": magnitude})
+    if magnitude.device.type != "meta" and not torch.compiler.is_compiling() \
+            and not isinstance(magnitude, torch._subclasses.FakeTensor):
+        bad = ~torch.isfinite(magnitude) | (magnitude < 0)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"magnitude must be finite and >= 0 (DoRA's per-row norms), got {magnitude[i].item()} "
+                             f"at row {i}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,8 +535,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p):
 # ----------------------------------------------------------------------------------------------------------
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None, *,
-                dropout_seed=None):
-    """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``, fused.
+                dropout_seed=None, magnitude=None, weight_norm=None):
+    """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``, fused; with ``magnitude``, DoRA.
 
     Args:
         x: (..., K) input, any leading dims and strides; float16/bfloat16/float32 (float64 on the torch backend).
@@ -380,8 +549,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             only); None reads ``$FASTPEFT_BACKEND`` (default auto).
         dropout_seed: fixes the dropout mask (see :func:`dropout_mask`); None draws a seed from torch's
             global generator, so ``torch.manual_seed`` makes runs repeatable.
+        magnitude: DoRA's magnitude vector m (N,) in the adapters' dtype, finite and >= 0 (PEFT's
+            ``lora_magnitude_vector``): ``y = (m / ‖W + scaling·BA‖_row) ⊙ (x Wᵀ + scaling · drop(x) Aᵀ Bᵀ) + b``,
+            the norm a constant in backward (detached, as in the DoRA paper and PEFT). Differentiable in m.
+        weight_norm: DoRA's row norms ‖W + scaling·BA‖ (N,) when already known (:func:`dora_weight_norm`; a layer
+            keeps them in eval mode); None computes them, without forming the (N, K) matrix. Treated as a constant.
 
-    Returns (..., N) in x's dtype. Differentiable in x, lora_A, lora_B and bias. Under ``torch.autocast``
+    Returns (..., N) in x's dtype. Differentiable in x, lora_A, lora_B, bias and magnitude. Under ``torch.autocast``
     x, weight and bias run in the autocast dtype (as ``nn.Linear`` would), the adapters in their own.
     """
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
@@ -399,31 +573,40 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     p = dropout_p if training else 0.0
     # Compiled code decides every trace anew: a guard on the decisions would recompile whenever one is added.
     key = None if torch.compiler.is_compiling() else _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                                                training, backend)
+                                                                training, backend, magnitude, weight_norm)
     name = decision(key) if key is not None else None
     if name is None:  # first call of this signature: every check, then (below) the backend
-        _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude, weight_norm)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
-                                              or (bias is not None and bias.requires_grad))
+                                              or (bias is not None and bias.requires_grad)
+                                              or (magnitude is not None and magnitude.requires_grad))
     if name is None:
-        tensors = [x, weight, lora_A, lora_B] + ([bias] if bias is not None else [])
+        tensors = [x, weight, lora_A, lora_B] + [t for t in (bias, magnitude, weight_norm) if t is not None]
         name = select_backend(backend, tensors, LORA_LINEAR_BACKENDS, (x2d, weight, bias, lora_A, lora_B, float(p)),
                               needs_grad, lambda: _measurement(x2d, weight, bias, lora_A, lora_B, scaling, float(p),
-                                                               needs_grad),
+                                                               needs_grad, magnitude, weight_norm),
                               None if key is None else lambda chosen: remember_decision(key, chosen))
+    if magnitude is not None:
+        weight_norm = (_dora_norm_on(name, weight, lora_A.detach(), lora_B.detach(), float(scaling))
+                       if weight_norm is None else weight_norm.detach())
     seed = -1 if dropout_seed is None else int(dropout_seed)
-    y = _run_on(name, x2d, weight, bias, lora_A, lora_B, float(scaling), float(p), seed, needs_grad)
+    y = _run_on(name, x2d, weight, bias, lora_A, lora_B, float(scaling), float(p), seed, needs_grad, magnitude,
+                weight_norm)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend):
+def _tensor_key(t):
+    return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
+
+
+def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend, magnitude, weight_norm):
     """What every check and the backend decision of a call depend on, hashable; None when the inputs are not even
-    tensors (the full checks then say what is wrong)."""
+    tensors (the full checks then say what is wrong). A magnitude's values are checked on a signature's first call."""
     try:
         key = (x.shape, x.dtype, x.device, x.requires_grad,
                weight.shape, weight.dtype, weight.device, weight.requires_grad,
-               None if bias is None else (bias.shape, bias.dtype, bias.device, bias.requires_grad),
+               _tensor_key(bias), _tensor_key(magnitude), _tensor_key(weight_norm),
                lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad,
                lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad,
                type(scaling), scaling, type(dropout_p), dropout_p, training, torch.is_grad_enabled(),
@@ -436,39 +619,51 @@ def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, ba
         return None
 
 
-def _run_on(name, x2d, weight, bias, lora_A, lora_B, scaling, p, seed, needs_grad):
-    """The op on 2-D x on the table's entry ``name``, inputs checked. Compiled graphs go through the registered op;
-    eager calls straight to the entry's forward (no gradient needed) or through :class:`_EagerLoraLinear`, the same
-    forward and backward without the custom op's dispatch, which cost more than a small layer's arithmetic; small
-    calls on the torch path without dropout run its ops under autograd, compiled or not."""
+def _run_on(name, x2d, weight, bias, lora_A, lora_B, scaling, p, seed, needs_grad, magnitude=None, weight_norm=None):
+    """The op on 2-D x on the table's entry ``name``, inputs checked (DoRA: ``weight_norm`` given with
+    ``magnitude``). Compiled graphs go through the registered op; eager calls straight to the entry's forward (no
+    gradient needed) or through :class:`_EagerLoraLinear`, the same forward and backward without the custom op's
+    dispatch, which cost more than a small layer's arithmetic; small calls on the torch path without dropout run its
+    ops under autograd, compiled or not."""
     entry = LORA_LINEAR_BACKENDS[name]
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
-        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling)
+        col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)
+        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling, col_scale)
     if name == "torch" and p == 0.0 and x2d.numel() < SMALL_CALL:
         # A small call without dropout, eager or compiled alike: autograd over the torch path's own ops saves what
         # its custom backward would (x for dA, S for dB) and costs less than any Python autograd node; larger calls
         # gain more (about 3%) from the custom backward's fused dX than the node costs.
-        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, 0)[0]
+        col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)  # differentiable in m
+        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, 0, col_scale, magnitude is not None)[0]
     if torch.compiler.is_compiling():
-        return lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)[0]
+        keep_pre = magnitude is not None and magnitude.requires_grad and torch.is_grad_enabled()
+        return lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name, magnitude,
+                                   weight_norm, keep_pre)[0]
     seed = _seed_to_use(seed, p)
     if not needs_grad:
-        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling, p, seed)[0]
-    return _EagerLoraLinear.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name)
+        col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)
+        return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling, p, seed, col_scale)[0]
+    return _EagerLoraLinear.apply(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name, magnitude,
+                                  weight_norm)
 
 
-def _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad):
+def _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad, magnitude=None, weight_norm=None):
     """(key, run) for ``auto``'s measurement of this call: the shape class, and one call on a given backend (forward,
     and backward when training) on the same inputs, detached, with a fixed dropout seed so that measuring draws
-    nothing from torch's generator."""
+    nothing from torch's generator. DoRA's norm is measured with the op when the call has none."""
     (M, K), (N, r) = x2d.shape, lora_B.shape
     key = ("lora_linear", x2d.dtype, lora_A.dtype, size_class(M), K, N, r, bias is not None, p > 0.0, needs_grad)
+    if magnitude is not None:
+        key += ("dora", weight_norm is None)
     inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-              for t in (x2d, weight, bias, lora_A, lora_B)]
+              for t in (x2d, weight, bias, lora_A, lora_B, magnitude)]
 
     def run(name):
         with torch.enable_grad() if needs_grad else torch.no_grad():
-            y = _run_on(name, *inputs, scaling, p, 0, needs_grad)
+            norm = weight_norm
+            if magnitude is not None and norm is None:
+                norm = _dora_norm_on(name, *inputs[1:2], *(t.detach() for t in inputs[3:5]), scaling)
+            y = _run_on(name, *inputs[:5], scaling, p, 0, needs_grad, inputs[5], norm)
             if needs_grad:
                 y.backward(torch.ones_like(y))
     return key, run
