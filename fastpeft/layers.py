@@ -12,7 +12,7 @@ from torch import nn
 from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
 from .ops.adapter_bottleneck import adapter_bottleneck
-from .ops.lora_linear import lora_linear
+from .ops.lora_linear import DORA_EPS, dora_weight_norm, lora_linear
 
 
 def _check_adapter_name(name) -> None:
@@ -51,17 +51,27 @@ def _check_base(base) -> None:
         raise TypeError(f"base must be an nn.Linear (without a forward of its own), got {problem}")
 
 
-def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, autocast_adapter_dtype):
-    """An adapter for ``base``: fp32 on a half-precision base when ``autocast_adapter_dtype`` (HF PEFT's default)."""
+def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, autocast_adapter_dtype,
+                 use_dora=False):
+    """An adapter for ``base``: fp32 on a half-precision base when ``autocast_adapter_dtype`` (HF PEFT's default);
+    with ``use_dora``, DoRA's magnitude initialised from ``base``'s weight."""
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
     dtype = base.weight.dtype
     if autocast_adapter_dtype and dtype in HALF_DTYPES:
         dtype = torch.float32
-    return LoraAdapter(base.in_features, base.out_features, r, lora_alpha, lora_dropout, use_rslora,
-                       init_lora_weights, device=base.weight.device, dtype=dtype)
+    adapter = LoraAdapter(base.in_features, base.out_features, r, lora_alpha, lora_dropout, use_rslora,
+                          init_lora_weights, device=base.weight.device, dtype=dtype)
+    if use_dora:
+        adapter.init_magnitude(base.weight)
+    return adapter
 
 
 class LoraAdapter(nn.Module):
-    """One named LoRA adapter of a layer: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r) and its scale."""
+    """One named LoRA adapter of a layer: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r) and its scale;
+    a DoRA adapter also has ``lora_magnitude_vector`` (out_features,), else that attribute is None."""
+
+    lora_magnitude_vector: nn.Parameter | None
 
     def __init__(self, in_features, out_features, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                  init_lora_weights=True, device=None, dtype=None):
@@ -71,22 +81,56 @@ class LoraAdapter(nn.Module):
         self._set_hyperparameters(r, lora_alpha, lora_dropout, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=dtype))
+        self.lora_magnitude_vector = None
         self.reset_parameters(init_lora_weights)
 
     @classmethod
     def from_parameters(cls, lora_A: nn.Parameter, lora_B: nn.Parameter, lora_alpha, lora_dropout=0.0,
-                        use_rslora=False) -> LoraAdapter:
-        """An adapter holding the given parameters themselves (not copies): lora_A (r, in), lora_B (out, r)."""
+                        use_rslora=False, lora_magnitude_vector: nn.Parameter | None = None) -> LoraAdapter:
+        """An adapter holding the given parameters themselves (not copies): lora_A (r, in), lora_B (out, r) and,
+        for DoRA, lora_magnitude_vector (out,)."""
         for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, nn.Parameter) or t.dim() != 2:
                 raise TypeError(f"{name} must be a 2-D nn.Parameter, got {type(t).__name__}")
         if lora_B.shape[1] != lora_A.shape[0]:
             raise ValueError(f"lora_B {tuple(lora_B.shape)} does not fit lora_A {tuple(lora_A.shape)}")
+        if lora_magnitude_vector is not None and (
+                not isinstance(lora_magnitude_vector, nn.Parameter)
+                or tuple(lora_magnitude_vector.shape) != (lora_B.shape[0],)):
+            shape = tuple(getattr(lora_magnitude_vector, "shape", ()))
+            raise TypeError(f"lora_magnitude_vector must be an nn.Parameter of shape ({lora_B.shape[0]},), got "
+                            f"{type(lora_magnitude_vector).__name__} {shape}")
         adapter = cls.__new__(cls)
         nn.Module.__init__(adapter)
         adapter._set_hyperparameters(lora_A.shape[0], lora_alpha, lora_dropout, use_rslora)
         adapter.lora_A, adapter.lora_B = lora_A, lora_B
+        adapter.lora_magnitude_vector = lora_magnitude_vector
         return adapter
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    @torch.no_grad()
+    def init_magnitude(self, weight: torch.Tensor) -> None:
+        """Make this a DoRA adapter over base ``weight`` (out, in): m = ‖W + scaling·BA‖ per row (HF PEFT's start,
+        so the layer's output is unchanged), in the adapters' dtype."""
+        norm = dora_weight_norm(weight.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+        self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype),
+                                                  requires_grad=self.lora_A.requires_grad)
+        self._norm_cache = None
+
+    def dora_norm(self, weight: torch.Tensor, backend=None) -> torch.Tensor:
+        """‖W + scaling·BA‖ per row, kept while W, A and B are unchanged (their storage and version counters) and
+        computed afresh otherwise; for eval mode, where A and B do not change between calls."""
+        key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device)
+                    for t in (weight, self.lora_A, self.lora_B)) + (self.scaling,)
+        cached = getattr(self, "_norm_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, dora_weight_norm(weight.detach(), self.lora_A.detach(), self.lora_B.detach(),
+                                            self.scaling, backend=backend))
+            self._norm_cache = cached
+        return cached[1]
 
     def _set_hyperparameters(self, r, lora_alpha, lora_dropout, use_rslora):
         check_positive_int("r", r)
@@ -119,7 +163,7 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"r={self.r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}, "
-                f"use_rslora={self.use_rslora}")
+                f"use_rslora={self.use_rslora}, use_dora={self.use_dora}")
 
 
 class LoraLinear(nn.Module):
@@ -130,15 +174,21 @@ class LoraLinear(nn.Module):
     ``lora_A``/``lora_B`` are those of the active adapter. ``scaling`` = lora_alpha / r, or lora_alpha / √r
     with ``use_rslora``. Adapter weights default to fp32 on a float16/bfloat16 base (``autocast_adapter_dtype``),
     like HF PEFT. ``backend`` ("auto", "torch", "triton" or None for ``$FASTPEFT_BACKEND``) picks the kernels.
+
+    ``use_dora=True`` makes the adapter DoRA (weight-decomposed LoRA, as HF PEFT's ``use_dora``):
+    ``y = (m / ‖W + s·BA‖_row) ⊙ (x Wᵀ + s · drop(x) Aᵀ Bᵀ) + b`` with the magnitude m
+    (``lora_magnitude_vector``) starting at ‖W + s·BA‖ and trained, the norm a constant in backward. The fused op
+    computes the norm without the (out, in) matrix; in eval mode the layer keeps it until W, A or B change.
     """
 
     def __init__(self, base: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                 init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True, backend=None):
+                 init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True, backend=None,
+                 use_dora=False):
         super().__init__()
         _check_base(base)
         _check_adapter_name(adapter_name)
         adapter = _new_adapter(base, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                               autocast_adapter_dtype)
+                               autocast_adapter_dtype, use_dora)
         self._init_state(base, {adapter_name: adapter}, adapter_name, backend)
         base.requires_grad_(False)
         self.train(base.training)  # wrapping a layer of an eval-mode model must not switch dropout on
@@ -160,7 +210,9 @@ class LoraLinear(nn.Module):
             if not isinstance(adapter, LoraAdapter):
                 raise TypeError(f"adapters[{name!r}] must be a LoraAdapter, got {type(adapter).__name__}")
             a, b = adapter.lora_A, adapter.lora_B
-            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+            m = adapter.lora_magnitude_vector
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features or (
+                    m is not None and tuple(m.shape) != (base.out_features,)):
                 raise ValueError(f"adapter {name!r} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}) does not "
                                  f"fit {base.in_features} -> {base.out_features}")
         if active_adapter not in adapters:
@@ -175,6 +227,8 @@ class LoraLinear(nn.Module):
         self.adapters = nn.ModuleDict(adapters)
         self.active_adapter = active_adapter
         self.merged_adapter: str | None = None  # the adapter folded into the base weight, if any
+        # A merged DoRA adapter's (row factors m/‖W+ΔW‖, rows merged with factor 0, those rows as they were, norms)
+        self._dora_merge: tuple | None = None
         self.adapters_enabled = True
         self.backend = _checked_backend(backend)
 
@@ -200,6 +254,9 @@ class LoraLinear(nn.Module):
     lora_dropout = property(lambda self: self.adapter.lora_dropout)
     use_rslora = property(lambda self: self.adapter.use_rslora)
     scaling = property(lambda self: self.adapter.scaling)
+    use_dora = property(lambda self: self.adapter.use_dora, doc="Whether the active adapter is DoRA.")
+    lora_magnitude_vector = property(lambda self: self.adapter.lora_magnitude_vector,
+                                     doc="Active adapter's DoRA magnitude (out_features,), or None.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapters_enabled:
@@ -223,17 +280,29 @@ class LoraLinear(nn.Module):
         lora_A, lora_B = a._parameters.get("lora_A"), a._parameters.get("lora_B")
         if lora_A is None or lora_B is None:
             lora_A, lora_B = a.lora_A, a.lora_B
+        magnitude = a._parameters.get("lora_magnitude_vector")
+        if magnitude is None:
+            return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
+                               backend=self.backend)
+        # DoRA. In eval mode the row norms are kept while W, A and B stay as they are; in training A and B change
+        # every step, and the op computes them (factored, no (out, in) matrix).
+        norm = None
+        if not self.training and not torch.compiler.is_compiling():
+            norm = a.dora_norm(weight, self.backend)
         return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
-                           backend=self.backend)
+                           backend=self.backend, magnitude=magnitude, weight_norm=norm)
 
     def add_adapter(self, adapter_name: str, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights=True, *, autocast_adapter_dtype=True) -> LoraAdapter:
-        """Add another named adapter (same rules as the constructor); the active adapter does not change."""
+                    init_lora_weights=True, *, autocast_adapter_dtype=True, use_dora=False) -> LoraAdapter:
+        """Add another named adapter (same rules as the constructor; DoRA and plain LoRA adapters mix freely); the
+        active adapter does not change."""
         _check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise ValueError(f"adapter {adapter_name!r} exists already (adapters: {list(self.adapters)})")
+        if self.merged:  # DoRA's magnitude starts from the unmerged weight
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before adding an adapter")
         adapter = _new_adapter(self.base_layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                               autocast_adapter_dtype)
+                               autocast_adapter_dtype, use_dora)
         self.adapters[adapter_name] = adapter
         return adapter
 
@@ -282,36 +351,55 @@ class LoraLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:
-        """Add the active adapter's ``scaling · B A`` into the base weight; forward then runs the base layer alone.
+        """Fold the active adapter into the base weight; forward then runs the base layer alone.
 
-        The sum is formed in fp32 and rounded once to the weight's dtype. With ``safe=True`` the rounded result
-        is checked first (an fp16 weight near 65504 plus a delta overflows only when rounded), and NaN/Inf
-        raises ``ValueError`` leaving the weight untouched. Merging while adapters are disabled is allowed (as in
-        HF PEFT); the disabled layer still runs the base alone, unmerging at its next forward.
+        LoRA: W + scaling · B A. DoRA (as HF PEFT's merge): (m / ‖W + scaling·BA‖_row) ⊙ (W + scaling · B A), the bias
+        unscaled. The result is formed in fp32 and rounded once to the weight's dtype. With ``safe=True`` the
+        rounded result is checked first (an fp16 weight near 65504 plus a delta overflows only when rounded), and
+        NaN/Inf raises ``ValueError`` leaving the weight untouched. Merging while adapters are disabled is allowed
+        (as in HF PEFT); the disabled layer still runs the base alone, unmerging at its next forward.
         """
         if self.merged:
             warnings.warn("LoraLinear.merge: the adapter is already merged; nothing done", stacklevel=2)
             return
         weight = self.base_layer.weight
-        delta = self.adapter.delta_weight()
+        adapter = self.adapter
+        delta = adapter.delta_weight()
         wide = torch.promote_types(weight.dtype, delta.dtype)  # fp32 at least; fp64 for an fp64 base
-        merged = (weight.to(wide) + delta).to(weight.dtype)
+        summed = weight.to(wide) + delta
+        dora = None
+        if adapter.use_dora:
+            norm = torch.linalg.vector_norm(summed, dim=1)
+            factor = adapter.lora_magnitude_vector.to(wide) / norm.clamp_min(DORA_EPS)
+            summed.mul_(factor[:, None])
+            # Rows scaled by 0 (m = 0) cannot be divided back out: unmerge restores them from a copy.
+            lost = (factor == 0).nonzero().flatten()
+            dora = (factor, lost, weight[lost].clone(), norm)
+        merged = summed.to(weight.dtype)
         if safe and not torch.isfinite(merged).all():
             raise ValueError("LoraLinear.merge(safe=True): the merged weight would contain NaN/Inf in "
                              f"{weight.dtype}; the weight was left unchanged")
         weight.copy_(merged)
-        self.merged_adapter = self.active_adapter
+        self.merged_adapter, self._dora_merge = self.active_adapter, dora
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the merged update again (exact up to the rounding of the weight's dtype)."""
+        """Take the merged update out again (exact up to the rounding of the weight's dtype; DoRA's rows divided by
+        the factors used in merge, rows merged with m = 0 restored as they were)."""
         if not self.merged:
             warnings.warn("LoraLinear.unmerge: the adapter is not merged; nothing done", stacklevel=2)
             return
         weight = self.base_layer.weight
         delta = self.adapters[self.merged_adapter].delta_weight()
-        weight.copy_(weight.to(torch.promote_types(weight.dtype, delta.dtype)) - delta)
-        self.merged_adapter = None
+        wide = torch.promote_types(weight.dtype, delta.dtype)
+        if self._dora_merge is None:
+            weight.copy_(weight.to(wide) - delta)
+        else:
+            factor, lost, rows, _ = self._dora_merge
+            restored = weight.to(wide).div_(torch.where(factor == 0, 1.0, factor)[:, None]).sub_(delta)
+            restored[lost] = rows.to(wide)
+            weight.copy_(restored)
+        self.merged_adapter, self._dora_merge = None, None
 
     def extra_repr(self) -> str:
         return (f"active_adapter={self.active_adapter!r}, merged_adapter={self.merged_adapter!r}, "

@@ -82,14 +82,15 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True,
-               backend=None) -> nn.Module:
+               backend=None, use_dora=False) -> nn.Module:
     """Replace every selected ``nn.Linear`` of ``model`` with a :class:`LoraLinear`, in place; a selected layer that
     is a LoraLinear already gets ``adapter_name`` as one more named adapter (its active adapter stays).
 
     ``target_modules`` as in :func:`find_targets`. The model's own parameters are frozen, so only adapters train
     (adapters already in the model, LoRA or bottleneck, keep their ``requires_grad``). All layers are checked and
     built before the model is touched: a bad argument or a selected module that is not a plain ``nn.Linear``
-    raises with the model unchanged. Returns ``model``.
+    raises with the model unchanged. ``use_dora=True`` makes every new adapter DoRA (see :class:`LoraLinear`).
+    Returns ``model``.
     """
     if backend is not None:
         requested_backend(backend)
@@ -100,6 +101,8 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
         if isinstance(module, LoraLinear):
             if adapter_name in module.adapters:
                 bad[name] = f"already has an adapter named {adapter_name!r}"
+            elif module.merged:
+                bad[name] = f"has adapter {module.merged_adapter!r} merged (unmerge it first)"
         elif (problem := lora_wrap_problem(module)) is not None:
             bad[name] = problem
     if bad:
@@ -112,11 +115,11 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
         if isinstance(module, LoraLinear):  # an existing LoRA layer gets one more named adapter
             _check_adapter_name(adapter_name)
             new_adapters[name] = _new_adapter(module.base_layer, r, lora_alpha, lora_dropout, use_rslora,
-                                              init_lora_weights, autocast_adapter_dtype)
+                                              init_lora_weights, autocast_adapter_dtype, use_dora)
         else:
             new_layers[name] = LoraLinear(module, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                                           adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                          backend=backend)
+                                          backend=backend, use_dora=use_dora)
     _freeze_all_but_adapters(model)
     for name, layer in new_layers.items():
         _set_submodule(model, name, layer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from .layers import AdaptedModule, LoraAdapter, LoraLinear
@@ -54,10 +55,14 @@ def _layer_problems(layer) -> list[str]:
     if len(layer.lora_embedding_A):
         problems.append("LoRA on embeddings")
     for variant_name, variant in getattr(layer, "lora_variant", {}).items():
-        problems.append(f"adapter {variant_name!r} uses the LoRA variant {type(variant).__name__}")
+        if type(variant).__name__ != "DoraLinearVariant":  # DoRA on a Linear is fastpeft's too
+            problems.append(f"adapter {variant_name!r} uses the LoRA variant {type(variant).__name__}")
     for name in layer.lora_A:
-        if layer.use_dora.get(name):
-            problems.append(f"adapter {name!r} uses DoRA (use_dora=True)")
+        if layer.use_dora.get(name) and name in layer.merged_adapters:
+            norm = getattr(layer, "_caches", {}).get(f"{name}-weight_norm")
+            if norm is None or not bool((layer.lora_magnitude_vector[name].weight != 0).all()):
+                problems.append(f"DoRA adapter {name!r} is merged without the norms PEFT unmerges it by, or with "
+                                "rows of magnitude 0 (which no unmerge can restore); unmerge it first")
         if layer.lora_bias.get(name) or layer.lora_B[name].bias is not None or layer.lora_A[name].bias is not None:
             problems.append(f"adapter {name!r} has a LoRA bias (lora_bias=True)")
         if _dropout_p(layer.lora_dropout[name]) is None:
@@ -97,8 +102,8 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
 
     ``peft_model`` is a ``peft.PeftModel`` (the underlying model, ``peft_model.get_base_model()``, is converted and
     returned) or any module holding PEFT LoRA layers. Each new layer holds PEFT's own ``lora_A``/``lora_B``
-    parameters and base layer: same tensors, same outputs, with every adapter of the layer, its active adapter,
-    merge and enable state and training mode. Anything fastpeft would run differently (DoRA, LoRA biases,
+    parameters and base layer: same tensors, same outputs, with every adapter of the layer (DoRA's magnitude too),
+    its active adapter, merge and enable state and training mode. Anything fastpeft would run differently (LoRA biases,
     embeddings, quantized bases, other tuner types, modules_to_save, several active adapters, ...) is listed in a
     ``ValueError`` and nothing is changed. ``backend`` is set on the new layers.
     """
@@ -131,13 +136,24 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     return model
 
 
+def _magnitude(layer, name):
+    """PEFT's DoRA magnitude parameter of adapter ``name`` (None for plain LoRA)."""
+    return layer.lora_magnitude_vector[name].weight if name in layer.lora_magnitude_vector else None
+
+
 def _convert_layer(layer, backend) -> LoraLinear:
     adapters = {name: LoraAdapter.from_parameters(layer.lora_A[name].weight, layer.lora_B[name].weight,
                                                   layer.lora_alpha[name], _dropout_p(layer.lora_dropout[name]),
-                                                  layer.use_rslora.get(name, False))
+                                                  layer.use_rslora.get(name, False), _magnitude(layer, name))
                 for name in layer.lora_A}
     new = LoraLinear.from_adapters(layer.base_layer, adapters, _active_adapters(layer)[0], backend=backend)
     new.merged_adapter = layer.merged_adapters[0] if layer.merged_adapters else None
+    if new.merged_adapter is not None and adapters[new.merged_adapter].use_dora:  # as merge() would have kept it
+        with torch.no_grad():
+            norm = layer._caches[f"{new.merged_adapter}-weight_norm"].detach().float()
+            factor = _magnitude(layer, new.merged_adapter).detach().float() / norm
+        empty = torch.empty(0, dtype=torch.long, device=norm.device)
+        new._dora_merge = (factor, empty, layer.base_layer.weight.new_empty((0, layer.in_features)), norm)
     new.adapters_enabled = not layer.disable_adapters
     new.train(layer.training)
     return new
@@ -163,6 +179,10 @@ def to_peft(model: nn.Module):
     if bottlenecks:
         raise ValueError(f"PEFT has no bottleneck adapters, so those at {bottlenecks} would be lost when PEFT saves "
                          "the model; take them out first (fastpeft.remove_adapters)")
+    lost = [name for name, layer in layers.items() if layer._dora_merge is not None and len(layer._dora_merge[1])]
+    if lost:
+        raise ValueError(f"the DoRA adapters merged at {lost} have rows of magnitude 0, which PEFT's unmerge cannot "
+                         "restore; unmerge them first")
     active = {name: layer.active_adapter for name, layer in layers.items()}
     if len(set(active.values())) > 1:
         raise ValueError(f"PEFT activates one adapter for the whole model; the layers' active adapters differ: "
@@ -187,11 +207,15 @@ def to_peft(model: nn.Module):
             for adapter_name, adapter in layer.adapters.items():
                 target.lora_A[adapter_name].weight = adapter.lora_A
                 target.lora_B[adapter_name].weight = adapter.lora_B
+                if adapter.use_dora:
+                    target.lora_magnitude_vector[adapter_name].weight = adapter.lora_magnitude_vector
                 if not math.isclose(target.scaling[adapter_name], adapter.scaling, rel_tol=1e-12):
                     raise RuntimeError(f"{name}: PEFT built scaling {target.scaling[adapter_name]} for adapter "
                                        f"{adapter_name!r}, fastpeft has {adapter.scaling}")
             if layer.merged:
                 target.merged_adapters = [layer.merged_adapter]
+                if layer._dora_merge is not None:  # the norms PEFT's DoRA unmerge divides by
+                    target._cache_store(f"{layer.merged_adapter}-weight_norm", layer._dora_merge[3])
             if not layer.adapters_enabled:
                 target.enable_adapters(False)
             target.train(layer.training)

@@ -42,7 +42,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
-_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")  # the last: DoRA's, (out_features,)
 
 
 class AdapterFileError(ValueError):
@@ -66,6 +66,7 @@ _HONOURED = {
     "lora_alpha": (is_finite_number, "a finite number"),
     "lora_dropout": (is_probability, "a number in [0, 1)"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "target_modules": (_is_names, "null, a regex string or a list of module names"),
     "exclude_modules": (_is_names, "null, a regex string or a list of module names"),
     "rank_pattern": (lambda v: isinstance(v, dict) and all(map(is_positive_int, v.values())),
@@ -81,12 +82,13 @@ _HONOURED = {
     "auto_mapping": (lambda v: v is None or isinstance(v, dict), "null or an object"),
     "layers_pattern": (lambda v: v is None or isinstance(v, (str, list)), "null, a string or a list"),
 }
-_HONOURED_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "target_modules": None,
+_HONOURED_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+                      "target_modules": None,
                       "exclude_modules": None, "rank_pattern": {}, "alpha_pattern": {}}
 # PEFT features that change what a loaded adapter computes, with their "off" value. Training-only and init-only
 # settings (loftq_config, eva_config, ...) and layer kinds fastpeft never wraps (megatron_core, qalora_group_size)
 # are in _IGNORED instead.
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "bias": "none",
+_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "bias": "none",
                 "modules_to_save": None, "layers_to_transform": None, "use_qalora": False,
                 "alora_invocation_tokens": None, "layer_replication": None, "target_parameters": None,
                 "trainable_token_indices": None, "megatron_config": None, "use_bdlora": None, "arrow_config": None,
@@ -458,12 +460,12 @@ def peft_lora_config(model: nn.Module, adapter_name: str) -> dict:
     full name, longest first (PEFT takes the first key matching a name or a dotted suffix of it; where one name ends
     another, both get entries). ``target_modules`` lists the names (PEFT also matches them as suffixes), or is one
     regular expression naming them whole where a listed name ends the name of some other module of the model.
-    PEFT has one dropout and one ``use_rslora`` per adapter: layers that disagree on them raise ``ValueError``
-    rather than be saved as something else.
+    PEFT has one dropout, one ``use_rslora`` and one ``use_dora`` per adapter: layers that disagree on them raise
+    ``ValueError`` rather than be saved as something else.
     """
     layers = layers_with_adapter(model, adapter_name)
     adapters = {name: layer.adapters[adapter_name] for name, layer in layers.items()}
-    for field in ("lora_dropout", "use_rslora"):
+    for field in ("lora_dropout", "use_rslora", "use_dora"):
         values = {name: getattr(adapter, field) for name, adapter in adapters.items()}
         if len(set(values.values())) > 1:
             raise ValueError(f"PEFT's format has one {field} per adapter; the layers of adapter {adapter_name!r} "
@@ -486,7 +488,7 @@ def peft_lora_config(model: nn.Module, adapter_name: str) -> dict:
         "target_modules": "|".join(re.escape(n) for n in targets) if suffix_clash else targets,
         "rank_pattern": {re.escape(n): ranks[n] for n in names if ranks[n] != r or n in collide},
         "alpha_pattern": {re.escape(n): alphas[n] for n in names if alphas[n] != alpha or n in collide},
-        "use_rslora": bool(first.use_rslora), "init_lora_weights": True, **_UNSUPPORTED,
+        "use_rslora": bool(first.use_rslora), "use_dora": first.use_dora, "init_lora_weights": True, **_UNSUPPORTED,
     }
 
 
@@ -505,8 +507,9 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     if not layers:
         raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r}")
     not_float = {f"{name}.{t}": str(getattr(layer.adapters[adapter_name], t).dtype)
-                 for name, layer in layers.items() for t in ("lora_A", "lora_B")
-                 if not getattr(layer.adapters[adapter_name], t).dtype.is_floating_point}
+                 for name, layer in layers.items() for t in ("lora_A", "lora_B", "lora_magnitude_vector")
+                 if getattr(layer.adapters[adapter_name], t) is not None
+                 and not getattr(layer.adapters[adapter_name], t).dtype.is_floating_point}
     if not_float:
         raise ValueError(f"adapter {adapter_name!r} has weights PEFT's files cannot hold (floating point only): "
                          f"{not_float}")
@@ -519,6 +522,9 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
         adapter = layer.adapters[adapter_name]
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = adapter.lora_A.detach().contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = adapter.lora_B.detach().contiguous().cpu()
+        if adapter.use_dora:
+            magnitude = adapter.lora_magnitude_vector.detach().contiguous().cpu()
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = magnitude
     files = {CONFIG_NAME: (json.dumps(config, indent=2, allow_nan=False) + "\n").encode(),
              WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"})}
     _publish(path, files)
@@ -543,7 +549,7 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
     for key, tensor in tensors.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if not key.startswith(_PREFIX) or suffix is None:
-            problems.append(f"unexpected key {key!r} (fastpeft reads LoRA A/B weights only)")
+            problems.append(f"unexpected key {key!r} (fastpeft reads LoRA A/B weights and DoRA magnitudes only)")
             continue
         pairs.setdefault(key[len(_PREFIX):-len(suffix)], {})[suffix.split(".")[1]] = tensor
     if not pairs and not problems:
@@ -573,8 +579,10 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         if not isinstance(module, LoraLinear) and (why := lora_wrap_problem(module)) is not None:
             problems.append(f"{name}: {why}")
             continue
-        if set(pair) != {"lora_A", "lora_B"}:
-            problems.append(f"{name}: needs both lora_A and lora_B, got {sorted(pair)}")
+        want = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if _field(config, "use_dora") else set())
+        if set(pair) != want:
+            problems.append(f"{name}: needs {' and '.join(sorted(want))} (use_dora={_field(config, 'use_dora')}), got "
+                            f"{sorted(pair)}")
             continue
         a, b = pair["lora_A"], pair["lora_B"]
         r = a.shape[0] if a.dim() == 2 else -1
@@ -586,6 +594,14 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         want_r = _pattern_value(_field(config, "rank_pattern"), name, _field(config, "r"))
         if r != want_r:
             problems.append(f"{name}: the weights have rank {r}, the config gives it rank {want_r}")
+        m = pair.get("lora_magnitude_vector")
+        if m is not None:
+            if tuple(m.shape) != (base.out_features,):
+                problems.append(f"{name}: lora_magnitude_vector {tuple(m.shape)} does not fit out_features="
+                                f"{base.out_features}")
+            elif not torch.isfinite(m).all() or (m < 0).any():
+                problems.append(f"{name}: lora_magnitude_vector holds negative or non-finite values (DoRA's "
+                                "magnitudes are row norms)")
     return pairs, problems
 
 
@@ -626,6 +642,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
         with torch.no_grad():
             adapter.lora_A.copy_(pair["lora_A"])
             adapter.lora_B.copy_(pair["lora_B"])
+        if "lora_magnitude_vector" in pair:  # DoRA: the file's magnitude, in the adapter's dtype and device
+            adapter.lora_magnitude_vector = nn.Parameter(pair["lora_magnitude_vector"].to(adapter.lora_A))
         built[name] = (module, adapter)
     _freeze_all_but_adapters(model)
     for name, (module, adapter) in built.items():

@@ -1,5 +1,6 @@
-"""torch.distributed on the CPU: a LoRA model trains under DDP and under FSDP2 (``fully_shard``) with gloo, two
-processes on loopback, and its gradients and updated weights equal a single-process run on the whole batch."""
+"""torch.distributed on the CPU: a LoRA model (DoRA on some layers) trains under DDP and under FSDP2
+(``fully_shard``) with gloo, two processes on loopback, and its gradients and updated weights equal a
+single-process run on the whole batch."""
 import os
 import sys
 
@@ -30,7 +31,8 @@ class Block(nn.Module):
 def build_model():
     torch.manual_seed(0)  # identical on every rank and in the single-process run
     model = nn.Sequential(Block(), Block(), nn.Linear(24, 5))
-    fastpeft.apply_lora(model, ["up", "down"], r=4, lora_alpha=8, init_lora_weights=False, backend="torch")
+    fastpeft.apply_lora(model, ["up"], r=4, lora_alpha=8, init_lora_weights=False, backend="torch")
+    fastpeft.apply_lora(model, ["down"], r=4, lora_alpha=8, init_lora_weights=False, backend="torch", use_dora=True)
     return fastpeft.apply_adapters(model, ["1"], {"bottleneck": 6}, hidden_size=24, backend="torch")
 
 
@@ -96,7 +98,7 @@ def test_two_processes_match_one(mode, tmp_path, monkeypatch):
 
     model = build_model()
     want_grads, want_params = train(model, *batch())
-    assert sorted(result["grads"]) == sorted(want_grads) and len(want_grads) == 12
+    assert sorted(result["grads"]) == sorted(want_grads) and len(want_grads) == 14  # two DoRA magnitudes
     for name, grad in want_grads.items():
         assert torch.allclose(result["grads"][name], grad, rtol=1e-5, atol=1e-6), name
     for name, param in want_params.items():

@@ -160,8 +160,13 @@ def test_fastpeft_peft_fastpeft_files_round_trip(tmp_path):
     assert close(logits(back, ids), want)
 
 
-def _dora():
-    return peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+def _dora_merged_with_zero_rows():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight[0] = 0.0
+    layer.merge()
+    return model
 
 
 def _several_active():
@@ -177,7 +182,7 @@ def _scaled():
 
 
 UNSUPPORTED = {
-    "dora": (_dora, "DoRA"),
+    "dora_merged": (_dora_merged_with_zero_rows, "rows of magnitude 0"),
     "lora_bias": (lambda: peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"],
                                                                             lora_bias=True)), "LoRA bias"),
     "embedding": (lambda: peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["embed_tokens",

@@ -103,7 +103,7 @@ def test_bad_files_leave_the_model_unchanged(tmp_path):
         "not lora": (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "IA3"}'), "LORA"),
         "dora": (lambda f: (f / "adapter_config.json").write_text(
             json.dumps({**json.loads((good / "adapter_config.json").read_text()), "use_dora": True})),
-            "does not implement"),
+            "needs lora_A and lora_B and lora_magnitude_vector"),
     }
     for name, (edit, match) in cases.items():
         with pytest.raises(fastpeft.AdapterFileError, match=match):
@@ -200,7 +200,7 @@ def assert_refused(model, folder, match, **kwargs):
     ({"alora_invocation_tokens": [1, 2]}, r"does not implement: \{'alora_invocation_tokens'"),
     ({"layer_replication": [[0, 1]], "target_parameters": ["q_proj.weight"]},
      r"does not implement: \{'layer_replication': \[\[0, 1\]\], 'target_parameters'"),
-    ({"use_dora": True, "modules_to_save": ["head"]}, r"'use_dora': True, 'modules_to_save'"),
+    ({"fan_in_fan_out": True, "modules_to_save": ["head"]}, r"'fan_in_fan_out': True, 'modules_to_save'"),
     ({"init_lora_weights": "pissa_niter_4"}, r"does not implement: \{'init_lora_weights': 'pissa_niter_4'"),
     ({"future_feature": {"on": 1}}, r"fields fastpeft does not know .*'future_feature'"),
     ({"peft_type": "IA3"}, r"peft_type must be 'LORA'"),
@@ -215,10 +215,10 @@ def test_load_refuses_configs_it_cannot_honour(saved, edit, match):
 
 def test_every_config_problem_is_listed_together(saved):
     _, copy_with = saved
-    folder = copy_with("many", {"use_rslora": "no", "use_dora": True, "exclude_modules": None,
+    folder = copy_with("many", {"use_rslora": "no", "fan_in_fan_out": True, "exclude_modules": None,
                                 "layer_replication": [1]})
     with pytest.raises(fastpeft.AdapterFileError, match=r"adapter_config.json: use_rslora must .*; it uses PEFT "
-                                                         r"features .*'use_dora'.*'layer_replication'"):
+                                                         r"features .*'fan_in_fan_out'.*'layer_replication'"):
         fastpeft.load_adapter(Net(), folder)
 
 
@@ -237,7 +237,9 @@ def test_exclude_modules_that_leave_the_files_layers_alone_load(saved):
                 "base_model.model.q_proj.base_layer.lora_B.weight": torch.ones(24, 2)},
      r"q_proj.base_layer: inside a LoRA layer"),
     (lambda t: {**t, "base_model.model.q_proj.lora_magnitude_vector": torch.ones(24)},
-     r"unexpected key 'base_model.model.q_proj.lora_magnitude_vector'"),
+     r"q_proj: needs lora_A and lora_B \(use_dora=False\), got \['lora_A', 'lora_B', 'lora_magnitude_vector'\]"),
+    (lambda t: {**t, "base_model.model.q_proj.lora_E": torch.ones(24)},
+     r"unexpected key 'base_model.model.q_proj.lora_E'"),
 ])
 def test_load_refuses_tensors_it_cannot_honour(saved, edit, match):
     _, copy_with = saved
