@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check, in stages ordered by value: environment -> fastpeft._C for sm_90a -> GPU correctness
-# tests -> decode timings -> the training-shape headline -> a decode step under CUDA graphs -> layer benchmark if
-# time is left.
+# tests -> decode timings -> the training-shape headline -> DoRA beside LoRA -> a decode step under CUDA graphs ->
+# layer benchmark if time is left.
 #
 # Runs from the source tree on a CUDA machine that has torch, triton, peft, pytest, CMake, ninja and pybind11, with
 # no network and no pip install (kernels/ is reached as fastpeft.kernels through a link, fastpeft._C is built with
@@ -75,7 +75,7 @@ gpu_tests() {
   FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_extension.py \
     > "$OUT/tests-gpu.log" 2>&1 &
   local a=$!
-  FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -k cuda tests/test_lora_linear.py \
+  FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -k cuda tests/test_lora_linear.py tests/test_dora.py \
     tests/test_adapter_bottleneck.py tests/test_compile.py > "$OUT/tests-ops.log" 2>&1
   local rb=$?
   wait $a; local ra=$?
@@ -91,6 +91,11 @@ publish
 
 stage headline 90 python bench/gpu_kernels.py --part gemm --shape 8192,4096,4096,16 --markdown "$summary"
 grep "autotune winners" "$OUT/headline.log" | sed 's/^/    /' >> "$summary"
+publish
+
+# DoRA's target: fwd+bwd within 1.10x of fastpeft's LoRA on the same shape (both backends, PEFT's DoRA beside).
+stage dora 60 python -m fastpeft bench --device cuda --only dora --shape 8192,4096,4096,16 --dropout 0 --rounds 5 \
+  --markdown "$summary"
 publish
 
 stage graphs 45 env FASTPEFT_AUTOTUNE=0 python bench/gpu_kernels.py --part graphs --markdown "$summary"

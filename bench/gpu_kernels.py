@@ -48,8 +48,10 @@ def measure(M, K, N, r, dtype, dropout):
     from fastpeft.kernels import lora_linear as kernels
 
     fused, unfused = LORA_LINEAR_BACKENDS["triton"], LORA_LINEAR_BACKENDS["torch"]
-    _, S, _ = fused.forward(x, w, None, a, b, s, dropout, seed)
-    _, s_torch, drop = unfused.forward(x, w, None, a, b, s, dropout, seed)
+    _, S, _, _ = fused.forward(x, w, None, a, b, s, dropout, seed)
+    _, s_torch, drop, _ = unfused.forward(x, w, None, a, b, s, dropout, seed)
+    col_scale = torch.rand(N, device=dev) + 0.5  # DoRA's m / ‖W + s·BA‖
+    _, _, _, pre = fused.forward(x, w, None, a, b, s, dropout, seed, col_scale, True)
     y, dx = torch.empty(M, N, device=dev, dtype=dtype), torch.empty(M, K, device=dev, dtype=dtype)
     dS = torch.randn(M, r, device=dev)
     es = x.element_size()
@@ -68,12 +70,20 @@ def measure(M, K, N, r, dtype, dropout):
         "fwd GEMM alone, persistent TMA": (
             lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, variant="tma"),
             2 * M * N * K + 2 * M * r * N, (M * K + N * K + M * N) * es),
+        "fwd fused triton, DoRA (scale + pre kept)": (
+            lambda: fused.forward(x, w, None, a, b, s, dropout, seed, col_scale, True),
+            2 * M * N * K + 2 * M * r * (K + N), (2 * M * K + N * K + 2 * M * N) * es),
+        "DoRA row norm (triton kernel)": (lambda: kernels.dora_norm(w, a, b, s), 2 * N * K * r, N * K * es),
         "fwd unfused torch": (lambda: unfused.forward(x, w, None, a, b, s, dropout, seed),
                               2 * M * N * K + 2 * M * r * (K + N), (2 * M * K + N * K + 2 * M * N) * es),
         "bwd torch.mm (dX base)": (lambda: torch.mm(dy, w), 2 * M * N * K, (M * N + N * K + M * K) * es),
         "bwd fused triton": (lambda: fused.backward(dy, x, w, a, b, S, None, seed, s, dropout,
                                                     True, True, True, False),
                              2 * M * N * K + 6 * M * r * (K + N), (2 * M * N + N * K + 2 * M * K) * es),
+        "bwd fused triton, DoRA (dm too)": (
+            lambda: fused.backward(dy, x, w, a, b, S, None, seed, s, dropout, True, True, True, False,
+                                   col_scale=col_scale, pre=pre),
+            2 * M * N * K + 6 * M * r * (K + N), (4 * M * N + N * K + 2 * M * K) * es),
         "bwd dX GEMM alone": (lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout,
                                                         variant="prologue"),
                               2 * M * N * K + 2 * M * r * K, (M * N + N * K + M * K) * es),

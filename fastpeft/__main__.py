@@ -83,6 +83,10 @@ def bench(args) -> int:
         tokens = benchmark.SWEEP_TOKENS[:3] if args.quick else benchmark.SWEEP_TOKENS
         results = benchmark.run_overhead(dtype, device, rounds, tokens)
         sections.append(("Host overhead and the token sweep", benchmark.format_overhead_table(results)))
+    if args.only in (None, "dora"):
+        results, saved = benchmark.run_dora(shapes, dtype, device, dropouts, rounds)
+        sections.append(("DoRA", benchmark.format_table(results, reference=benchmark.DORA_REFERENCE) + "\n\n"
+                         + benchmark.format_saved_table(saved)))
     if args.only in (None, "adapters"):
         if device.type == "cuda":
             adapter_shapes = benchmark.ADAPTER_GPU_SHAPES[:1] if args.quick else benchmark.ADAPTER_GPU_SHAPES
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, and which backends run here (and why not)")
     b = sub.add_parser("bench", help="time nn.Linear vs fastpeft (each usable backend) vs HF PEFT's LoRA layer, "
-                                     "and fastpeft's bottleneck adapter vs the unfused AdapterHub-style one")
+                                     "fastpeft's DoRA vs PEFT's, and fastpeft's bottleneck adapter vs the unfused "
+                                     "AdapterHub-style one")
     b.add_argument("--quick", action="store_true", help="one shape, fewer rounds: under a minute on a 2-core CPU")
     b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     b.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
@@ -115,7 +120,7 @@ def main(argv=None) -> int:
     b.add_argument("--dropout", type=float, action="append", help="repeatable; default 0 and 0.1")
     b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken)")
     b.add_argument("--markdown", metavar="PATH", help="append the tables to this markdown file")
-    b.add_argument("--only", choices=["lora", "overhead", "adapters"], help="run one of the three benchmarks")
+    b.add_argument("--only", choices=["lora", "overhead", "dora", "adapters"], help="run one of the benchmarks")
     args = parser.parse_args(argv)
     return info(args) if args.command == "info" else bench(args)
 

@@ -302,6 +302,97 @@ def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int 
     return results
 
 
+# DoRA: fastpeft's DoRA beside HF PEFT's DoRA, fastpeft's LoRA and the frozen base, on one base weight and adapter.
+DORA_REFERENCE = "peft DoRA"
+
+
+def make_dora_candidates(shape: Shape, dtype, device, dropout: float, seed: int = 0) -> dict[str, nn.Module]:
+    """nn.Linear, fastpeft's LoRA and DoRA layers (each usable backend) and, with peft installed, PEFT's DoRA
+    layer, over one base weight and one trained-looking adapter (B and m off their initial values)."""
+    torch.manual_seed(seed)
+    base = nn.Linear(shape.K, shape.N, bias=True, device=device, dtype=dtype).requires_grad_(False)
+    alpha = 2 * shape.r
+    lora = LoraLinear(copy.deepcopy(base), shape.r, alpha, dropout, init_lora_weights=False)
+    dora = LoraLinear(copy.deepcopy(base), shape.r, alpha, dropout, init_lora_weights=False, use_dora=True)
+    with torch.no_grad():
+        dora.lora_A.copy_(lora.lora_A)
+        dora.lora_B.copy_(lora.lora_B)
+        dora.lora_magnitude_vector.mul_(1.0 + 0.1 * torch.rand_like(dora.lora_magnitude_vector))
+    layers: dict[str, nn.Module] = {"nn.Linear": base}
+    for backend in ("torch", "triton"):
+        if backend == "torch" or _timeable(backend, base.weight):
+            for name, layer in (("LoRA", lora), ("DoRA", dora)):
+                layer = copy.deepcopy(layer)
+                layer.backend = backend
+                layers[f"fastpeft {name}[{backend}]"] = layer
+    if peft_available():
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+        config = LoraConfig(r=shape.r, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=False,
+                            use_dora=True)
+        peft_layer = PeftLinear(copy.deepcopy(base), "default", config=config, r=shape.r, lora_alpha=alpha,
+                                use_dora=True)
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.copy_(dora.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(dora.lora_B)
+            peft_layer.lora_magnitude_vector["default"].weight.copy_(dora.lora_magnitude_vector)
+        layers[DORA_REFERENCE] = peft_layer
+    for layer in layers.values():
+        layer.train()
+    return layers
+
+
+def saved_mb(layer: nn.Module, x: torch.Tensor) -> float:
+    """MiB of the distinct tensors autograd keeps for ``layer(x)``'s backward (parameters it keeps included)."""
+    kept = {}
+
+    def pack(t):
+        kept[(t.data_ptr(), tuple(t.shape), t.dtype)] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(kept.values()) / 2**20
+
+
+@dataclass
+class SavedResult:
+    shape: Shape
+    dropout: float
+    candidate: str
+    saved_mb: float
+
+
+def run_dora(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0, 0.1), rounds: int = 15,
+             log=print) -> tuple[list[Result], list[SavedResult]]:
+    """DoRA side by side (:func:`interleaved_times`): every candidate of :func:`make_dora_candidates` in both modes,
+    and what each keeps for backward."""
+    results, saved = [], []
+    for shape in shapes:
+        for dropout in dropouts:
+            layers = make_dora_candidates(shape, dtype, device, dropout)
+            torch.manual_seed(1)
+            x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
+            results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
+            for name, layer in layers.items():
+                saved.append(SavedResult(shape, dropout, name, saved_mb(layer, x)))
+                _clear_grads(layer, x)
+    return results, saved
+
+
+def format_saved_table(saved: list[SavedResult], reference: str = DORA_REFERENCE) -> str:
+    by_key = {(r.shape, r.dropout, r.candidate): r for r in saved}
+    lines = ["| shape | dropout | candidate | saved MiB | saved / " + reference + " |", "|---|---|---|---|---|"]
+    for r in saved:
+        ref = by_key.get((r.shape, r.dropout, reference))
+        dropout = "-" if r.candidate in NO_DROPOUT else f"{r.dropout:g}"
+        lines.append(f"| {r.shape} | {dropout} | {r.candidate} | {r.saved_mb:.1f} | "
+                     f"{_ratio(r.saved_mb, ref.saved_mb) if ref else '-'} |")
+    return "\n".join(lines) + ("\n\nsaved MiB: the distinct tensors autograd keeps for backward after one forward "
+                               "(the frozen weight included where a layer keeps it), counted with "
+                               "torch.autograd.graph.saved_tensors_hooks.")
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b > 0 and math.isfinite(a / b) else "-"
 
@@ -343,7 +434,7 @@ def _legend(reference: str | None, base_name: str | None, show_dropout: bool) ->
         lines.append(f"time / base: time relative to {base_name}, the frozen base layer without LoRA "
                      "(1.00 would be LoRA at no cost).")
     if reference is not None:
-        what = "HF PEFT's LoRA Linear" if reference == "peft" else reference
+        what = {"peft": "HF PEFT's LoRA Linear", DORA_REFERENCE: "HF PEFT's DoRA Linear"}.get(reference, reference)
         lines.append(f"time / {reference}, memory / {reference}: relative to {what} on the same shape"
                      + (" and dropout" if show_dropout else "") + " (below 1.00: smaller than it).")
     if show_dropout:

@@ -18,9 +18,12 @@ def test_bench_command_prints_every_table(capsys, tmp_path):
     # Adapters have no dropout column at all.
     assert "| M=2048 d=1024 m=64 | fwd+bwd | fastpeft[torch] |" in printed
     assert "| M=1 K=16 N=16 r=4 | fwd, no grad | fastpeft[torch] |" in printed
-    assert printed.count("Lower is better") == 3 and "time / base: time relative to nn.Linear" in printed
+    assert "| M=64 K=40 N=48 r=4 | 0.1 | fwd+bwd | fastpeft DoRA[torch] |" in printed
+    assert "| M=64 K=40 N=48 r=4 | 0.1 | fastpeft DoRA[torch] |" in printed  # its saved-for-backward row
+    assert printed.count("Lower is better") == 4 and "time / base: time relative to nn.Linear" in printed
     written = out_file.read_text()
     assert "## LoRA linear" in written and "## Bottleneck adapter" in written and "Lower is better" in written
+    assert "## DoRA" in written and "time / peft DoRA" in written
     assert "## Host overhead and the token sweep" in written
 
 
@@ -53,3 +56,35 @@ def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
         if "peft" in candidates:
             ref = next(b for b in results if (b.shape, b.mode, b.candidate) == (r.shape, r.mode, "peft"))
             assert cells[5] == f"{r.us / ref.us:.2f}"
+
+
+def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
+    from fastpeft import benchmark
+    shape = benchmark.Shape(96, 40, 48, 4)
+    results, saved = benchmark.run_dora([shape], dropouts=(0.0, 0.1), rounds=3, log=lambda *_: None)
+    candidates = {"nn.Linear", "fastpeft LoRA[torch]", "fastpeft DoRA[torch]"}
+    candidates |= {benchmark.DORA_REFERENCE} if benchmark.peft_available() else set()
+    for dropout in (0.0, 0.1):
+        for mode in benchmark.MODES:
+            assert {r.candidate for r in results if (r.dropout, r.mode) == (dropout, mode)} == candidates
+        assert {r.candidate for r in saved if r.dropout == dropout} == candidates
+    kept = {(r.dropout, r.candidate): r.saved_mb for r in saved}
+    # DoRA keeps LoRA's tensors plus the unscaled product (M×N fp32) and O(N); the base keeps only its weight.
+    for dropout in (0.0, 0.1):
+        lora, dora = kept[(dropout, "fastpeft LoRA[torch]")], kept[(dropout, "fastpeft DoRA[torch]")]
+        assert lora < dora <= lora + (96 * 48 * 4 + 64 * 48) / 2**20
+    assert kept[(0.0, "nn.Linear")] == 48 * 40 * 4 / 2**20
+    table = benchmark.format_table(results, reference=benchmark.DORA_REFERENCE)
+    rows = table.splitlines()
+    for i, r in enumerate(results):  # the table lists the results in order, one row each
+        cells = [c.strip() for c in rows[i + 2].strip("|").split("|")]
+        assert cells[:4] == [str(r.shape), "-" if r.candidate == "nn.Linear" else f"{r.dropout:g}", r.mode,
+                             r.candidate]
+        base = next(b for b in results if (b.dropout, b.mode, b.candidate) == (r.dropout, r.mode, "nn.Linear"))
+        assert cells[4] == f"{r.ms:.3f}" and cells[7] == f"{r.ms / base.ms:.2f}"
+        if benchmark.peft_available():
+            ref = next(b for b in results if (b.dropout, b.mode, b.candidate) == (r.dropout, r.mode,
+                                                                                   benchmark.DORA_REFERENCE))
+            assert cells[8] == f"{r.ms / ref.ms:.2f}"
+    saved_table = benchmark.format_saved_table(saved)
+    assert all(f"| {r.candidate} | {r.saved_mb:.1f} |" in saved_table for r in saved)

@@ -186,11 +186,24 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
         dbias = dy.sum(0)
     if pre is not None:  # DoRA's Σ_rows dY ⊙ (x Wᵀ + s·S Bᵀ), divided by the norm by the caller
         dm = (dy * pre).sum(0, dtype=torch.promote_types(dtype, torch.float32))
-    if col_scale is not None:  # the rest is LoRA's backward of dY scaled per column
-        dy = dy * col_scale.to(dtype)
-    ds = torch.mm(dy, lora_B.to(dtype)).mul_(scaling)  # M×r
+    b = lora_B.to(dtype)
+    dy_w, w = dy, weight  # dX's base GEMM: dy_w · w
+    if col_scale is not None:
+        # DoRA: LoRA's backward of dZ = dY ⊙ scale, the scale folded into the smaller operand: B's rows always,
+        # W's rows (N×K) rather than dY's columns (M×N) when that is less to multiply.
+        scale = col_scale.to(dtype)
+        b = b * scale[:, None]
+        if needs_dx:
+            if weight.shape[1] <= dy.shape[0]:
+                w = weight * scale[:, None]
+            else:
+                dy_w = dy * scale
+    ds = torch.mm(dy, b).mul_(scaling)  # M×r
     if needs_db:
-        db = torch.mm(dy.t(), s).mul_(scaling).to(lora_B.dtype)
+        db = torch.mm(dy.t(), s).mul_(scaling)
+        if col_scale is not None:
+            db.mul_(scale[:, None])
+        db = db.to(lora_B.dtype)
     if needs_da:
         if drop is None:
             da = torch.mm(ds.t(), x)
@@ -200,10 +213,10 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
     if needs_dx:
         a = lora_A.to(dtype)
         if drop is None:
-            dx = torch.mm(dy, weight).addmm_(ds, a)
+            dx = torch.mm(dy_w, w).addmm_(ds, a)
         else:
             # The masked low-rank term is built in dx's own buffer, then the base GEMM accumulates onto it.
-            dx = torch.mm(ds * keep_scale, a).masked_fill_(drop, 0.0).addmm_(dy, weight)
+            dx = torch.mm(ds * keep_scale, a).masked_fill_(drop, 0.0).addmm_(dy_w, w)
     return dx, da, db, dbias, dm
 
 
