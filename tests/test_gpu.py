@@ -96,6 +96,40 @@ def test_decode_kernel_matches_reference(M, K, N, r, dtype, adapter, bias):
 
 
 @decode
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (16, 1000, 333, 64), (2, 37, 19, 3)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_kernel_applies_doras_scale_as_rows_are_written(M, K, N, r, dtype):
+    """DoRA at decode: the cuda backend (picked by name, inference) scales each column before the bias."""
+    g = torch.Generator(device="cuda").manual_seed(M + r)
+
+    def rand(*shape, dt=dtype, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dt)
+    x, w, b = rand(M, K), rand(N, K, scale=K ** -0.5), rand(N)
+    a, bb = rand(r, K, dt=torch.float32, scale=K ** -0.5), rand(N, r, dt=torch.float32, scale=r ** -0.5)
+    m = fastpeft.dora_weight_norm(w, a, bb, 1.5) * (0.5 + torch.rand(N, device="cuda", generator=g))
+    with torch.no_grad():
+        y = fastpeft.lora_linear(x, w, b, a, bb, 1.5, backend="cuda", magnitude=m)
+    ref = fastpeft.lora_linear_reference(x.double(), w.double(), b.double(), a.double(), bb.double(), 1.5,
+                                         magnitude=m.double())
+    assert rel_err(y, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
+def test_dora_training_shape_matches_reference(p):
+    M, K, N, r = 1000, 1024, 768, 16
+    x, w, b, a, bb, dy = _inputs(M, K, N, r, torch.bfloat16)
+    m = (fastpeft.dora_weight_norm(w, a.detach(), bb.detach(), 2.0) * 1.1).requires_grad_(True)
+    y = fastpeft.lora_linear(x, w, b, a, bb, 2.0, dropout_p=p, backend="triton", dropout_seed=11, magnitude=m)
+    y.backward(dy)
+    keep = fastpeft.dropout_mask(11, (M, K), p, "triton", "cuda") if p else None
+    x64, a64, bb64, m64 = (t.detach().double().requires_grad_(True) for t in (x, a, bb, m))
+    ref = fastpeft.lora_linear_reference(x64, w.double(), b.double(), a64, bb64, 2.0, keep, p, magnitude=m64)
+    ref.backward(dy.double())
+    for got, want in [(y, ref), (x.grad, x64.grad), (a.grad, a64.grad), (bb.grad, bb64.grad), (m.grad, m64.grad)]:
+        assert rel_err(got, want) <= TOLERANCE[torch.bfloat16]
+
+
+@decode
 def test_decode_strided_rows_and_repeated_launches():
     """A row stride other than K (a slice of a wider tensor), and back-to-back launches on one stream: the
     kernel's counters must reset themselves between launches."""
