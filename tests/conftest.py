@@ -50,6 +50,15 @@ def backend_params():
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def tiny_llama(seed=0):
+    """A two-block transformers Llama built from a config (no download), in eval mode."""
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def fit(model, x, target, steps):
     """``steps`` AdamW steps (lr 1e-2) on the MSE to ``target`` over the trainable parameters; the losses."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, tiny_llama
 from torch import nn
 
 import fastpeft
@@ -16,13 +16,6 @@ transformers = pytest.importorskip("transformers")
 op = importlib.import_module("fastpeft.ops.lora_linear")
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
-
-
-def tiny_llama(seed=0):
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def ids(seed=1):

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TOLERANCE, rel_err
+from conftest import TOLERANCE, rel_err, tiny_llama
 
 import fastpeft
 
@@ -12,13 +12,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(seed=0):
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def tokens(seed=1):
