@@ -41,3 +41,25 @@ def _synchronized(step):
         step()
         torch.cuda.synchronize()
     return run
+
+
+DORA_CANDIDATES = ["fastpeft DoRA[torch]", "fastpeft DoRA[triton]", cases.DORA_REFERENCE]
+
+
+@pytest.mark.parametrize("mode", cases.MODES)
+@pytest.mark.parametrize("candidate", DORA_CANDIDATES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dora(benchmark, shape, candidate, mode):
+    layers = cases.make_dora_candidates(shape, DTYPE, DEVICE, 0.0)
+    if candidate not in layers:
+        pytest.skip(f"{candidate} cannot run on {DEVICE} here")
+    x = torch.randn(shape.M, shape.K, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(shape.M, shape.N, device=DEVICE, dtype=DTYPE)
+    step = cases.make_step(layers[candidate], x, dy, mode)
+    if DEVICE == "cuda":
+        step = _synchronized(step)
+    step()
+    benchmark.extra_info["peak_mib"] = cases.peak_memory_mb(step, DEVICE)
+    benchmark.extra_info["saved_mib"] = cases.saved_mb(layers[candidate], x)
+    benchmark.extra_info["device"] = cases.device_description(DEVICE)
+    benchmark(step)

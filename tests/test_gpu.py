@@ -200,6 +200,9 @@ def test_auto_picks_cuda_for_adapter_bottleneck_decode_inference_only():
 def test_opcheck_decode_ops():
     x, w, b, a, bb, _ = _inputs(5, 256, 128, 8, torch.bfloat16)
     torch.library.opcheck(fastpeft.cuda_ext.lora_linear_decode_op, (x.detach(), w, b, a.detach(), bb.detach(), 0.5))
+    scale = torch.rand(w.shape[0], device="cuda") + 0.5  # DoRA's column scale
+    torch.library.opcheck(fastpeft.cuda_ext.lora_linear_decode_op,
+                          (x.detach(), w, b, a.detach(), bb.detach(), 0.5, scale))
     h = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
     wd, wu = torch.randn(32, 256, device="cuda", dtype=torch.bfloat16), torch.randn(256, 32, device="cuda",
                                                                                       dtype=torch.bfloat16)
