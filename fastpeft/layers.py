@@ -120,17 +120,26 @@ class LoraAdapter(nn.Module):
                                                   requires_grad=self.lora_A.requires_grad)
         self._norm_cache = None
 
-    def dora_norm(self, weight: torch.Tensor, backend=None) -> torch.Tensor:
-        """‖W + scaling·BA‖ per row, kept while W, A and B are unchanged (their storage and version counters) and
-        computed afresh otherwise; for eval mode, where A and B do not change between calls."""
-        key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device)
-                    for t in (weight, self.lora_A, self.lora_B)) + (self.scaling,)
+    def dora_norm(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, backend=None
+                  ) -> torch.Tensor:
+        """‖W + scaling·BA‖ per row, for eval mode: kept while W, A and B keep their storage and version counters,
+        until :meth:`forget_norm` (``LoraLinear.train()`` / ``eval()`` call it); computed afresh, and not kept, for
+        tensors that have neither (functorch's, inference-mode ones)."""
+        try:
+            key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in (weight, lora_A, lora_B))
+        except RuntimeError:
+            key = None
         cached = getattr(self, "_norm_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, dora_weight_norm(weight.detach(), self.lora_A.detach(), self.lora_B.detach(),
-                                            self.scaling, backend=backend))
-            self._norm_cache = cached
-        return cached[1]
+        if key is not None and cached is not None and cached[0] == key + (self.scaling,):
+            return cached[1]
+        norm = dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), self.scaling, backend=backend)
+        self._norm_cache = None if key is None else (key + (self.scaling,), norm)
+        return norm
+
+    def forget_norm(self) -> None:
+        """Drop the kept DoRA norm: the next eval-mode call computes it (changes that bypass the version counters,
+        ``.data`` edits and fused optimizer steps, are only seen after this)."""
+        self._norm_cache = None
 
     def _set_hyperparameters(self, r, lora_alpha, lora_dropout, use_rslora):
         check_positive_int("r", r)
@@ -146,7 +155,8 @@ class LoraAdapter(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, init_lora_weights=True):
         """HF PEFT's rules: True → A kaiming-uniform (a=√5), B zeros (the layer starts as the base layer);
-        "gaussian" → A ~ N(0, 1/r), B zeros; False → both kaiming-uniform (a non-zero update, for tests)."""
+        "gaussian" → A ~ N(0, 1/r), B zeros; False → both kaiming-uniform (a non-zero update, for tests). A DoRA
+        magnitude is left as it is: :meth:`init_magnitude` (which needs the base weight) resets it."""
         if init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / self.r)
         else:
@@ -282,15 +292,25 @@ class LoraLinear(nn.Module):
             lora_A, lora_B = a.lora_A, a.lora_B
         magnitude = a._parameters.get("lora_magnitude_vector")
         if magnitude is None:
+            magnitude = a.lora_magnitude_vector  # None for plain LoRA; computed if parametrized or pruned
+        if magnitude is None:
             return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                                backend=self.backend)
         # DoRA. In eval mode the row norms are kept while W, A and B stay as they are; in training A and B change
-        # every step, and the op computes them (factored, no (out, in) matrix).
+        # every step, and the op computes them (no (out, in) matrix). A trained magnitude may cross zero (as in
+        # PEFT): its values are the optimizer's, not a caller's, and are not checked.
         norm = None
         if not self.training and not torch.compiler.is_compiling():
-            norm = a.dora_norm(weight, self.backend)
+            norm = a.dora_norm(weight, lora_A, lora_B, self.backend)
         return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
-                           backend=self.backend, magnitude=magnitude, weight_norm=norm)
+                           backend=self.backend, magnitude=magnitude, weight_norm=norm, _trained_magnitude=True)
+
+    def train(self, mode: bool = True) -> LoraLinear:
+        """As nn.Module's, dropping the DoRA norms kept for eval mode: whatever changed the weights meanwhile (a
+        fused optimizer step, a ``.data`` edit) is seen by the next eval-mode call."""
+        for adapter in self._modules["adapters"].values():
+            adapter.forget_norm()
+        return super().train(mode)
 
     def add_adapter(self, adapter_name: str, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True, *, autocast_adapter_dtype=True, use_dora=False) -> LoraAdapter:
@@ -299,8 +319,8 @@ class LoraLinear(nn.Module):
         _check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise ValueError(f"adapter {adapter_name!r} exists already (adapters: {list(self.adapters)})")
-        if self.merged:  # DoRA's magnitude starts from the unmerged weight
-            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before adding an adapter")
+        if self.merged and use_dora:  # DoRA's magnitude starts from the unmerged weight
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before adding a DoRA adapter")
         adapter = _new_adapter(self.base_layer, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                                autocast_adapter_dtype, use_dora)
         self.adapters[adapter_name] = adapter

@@ -101,25 +101,24 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
         if isinstance(module, LoraLinear):
             if adapter_name in module.adapters:
                 bad[name] = f"already has an adapter named {adapter_name!r}"
-            elif module.merged:
-                bad[name] = f"has adapter {module.merged_adapter!r} merged (unmerge it first)"
+            elif module.merged and use_dora:  # DoRA's magnitude starts from the unmerged weight
+                bad[name] = f"has adapter {module.merged_adapter!r} merged (unmerge it before adding a DoRA adapter)"
         elif (problem := lora_wrap_problem(module)) is not None:
             bad[name] = problem
     if bad:
         listed = "; ".join(f"{n}: {why}" for n, why in bad.items())
         raise TypeError(f"apply_lora: target_modules selected modules it cannot wrap ({listed})")
-    # Everything is built (and so every argument checked) before the model changes.
+    # Everything is built (and so every argument checked) before the model changes; a layer's constructor freezes
+    # its base, so a failure part-way puts those flags back.
     new_layers, new_adapters = {}, {}
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, LoraLinear):  # an existing LoRA layer gets one more named adapter
-            _check_adapter_name(adapter_name)
-            new_adapters[name] = _new_adapter(module.base_layer, r, lora_alpha, lora_dropout, use_rslora,
-                                              init_lora_weights, autocast_adapter_dtype, use_dora)
-        else:
-            new_layers[name] = LoraLinear(module, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-                                          adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                          backend=backend, use_dora=use_dora)
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        _build_lora(model, names, new_layers, new_adapters, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                    adapter_name, autocast_adapter_dtype, backend, use_dora)
+    except BaseException:
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        raise
     _freeze_all_but_adapters(model)
     for name, layer in new_layers.items():
         _set_submodule(model, name, layer)
@@ -130,6 +129,21 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
         if backend is not None:
             layer.backend = backend
     return model
+
+
+def _build_lora(model, names, new_layers, new_adapters, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                adapter_name, autocast_adapter_dtype, backend, use_dora):
+    """apply_lora's new layers and adapters, into ``new_layers`` / ``new_adapters``, the model not yet changed."""
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LoraLinear):  # an existing LoRA layer gets one more named adapter
+            _check_adapter_name(adapter_name)
+            new_adapters[name] = _new_adapter(module.base_layer, r, lora_alpha, lora_dropout, use_rslora,
+                                              init_lora_weights, autocast_adapter_dtype, use_dora)
+        else:
+            new_layers[name] = LoraLinear(module, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
+                                          adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                          backend=backend, use_dora=use_dora)
 
 
 def layers_with_adapter(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:

@@ -599,9 +599,11 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
             if tuple(m.shape) != (base.out_features,):
                 problems.append(f"{name}: lora_magnitude_vector {tuple(m.shape)} does not fit out_features="
                                 f"{base.out_features}")
-            elif not torch.isfinite(m).all() or (m < 0).any():
-                problems.append(f"{name}: lora_magnitude_vector holds negative or non-finite values (DoRA's "
-                                "magnitudes are row norms)")
+            # finite in the dtype the adapter will hold it in (fp32, or fp64 on an fp64 base); negative entries are
+            # a trained magnitude's right (PEFT writes them)
+            elif not torch.isfinite(m.to(torch.float64 if base.weight.dtype == torch.float64 else torch.float32)).all():
+                problems.append(f"{name}: lora_magnitude_vector holds values that are not finite in the adapter's "
+                                "dtype")
     return pairs, problems
 
 

@@ -169,13 +169,18 @@ def test_load_refuses_a_dora_file_without_magnitudes(tmp_path):
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(fastpeft.AdapterFileError, match="needs lora_A and lora_B and lora_magnitude_vector"):
         fastpeft.load_adapter(model, path)
-    negative = dict(tensors)
     key = next(k for k in tensors if k.endswith("lora_magnitude_vector"))
-    negative[key] = -tensors[key]
-    save_file(negative, path / "adapter_model.safetensors")
-    with pytest.raises(fastpeft.AdapterFileError, match="negative or non-finite"):
+    huge = {**tensors, key: tensors[key].double().index_fill(0, torch.tensor([2]), 1e39)}  # inf once in fp32
+    save_file(huge, path / "adapter_model.safetensors")
+    with pytest.raises(fastpeft.AdapterFileError, match="not finite in the adapter's dtype"):
         fastpeft.load_adapter(model, path)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # A magnitude that training took below zero is PEFT's to write and fastpeft's to load and run.
+    negative = {**tensors, key: -tensors[key]}
+    save_file(negative, path / "adapter_model.safetensors")
+    fastpeft.load_adapter(model, path)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids()).logits).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -283,3 +288,92 @@ def test_compiled_dora_layer_has_no_graph_break_and_matches_eager(backend):
     for got, want in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_magnitude_vector.grad), eager,
                          strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_norms_follow_changes_that_bypass_version_counters():
+    """A fused optimizer step (or a ``.data`` edit) changes A and B without bumping their version counters: the
+    norms kept for eval mode are dropped whenever the layer switches mode, as training and evaluation alternate."""
+    torch.manual_seed(0)
+    layer = fastpeft.LoraLinear(nn.Linear(16, 8), r=4, lora_alpha=8, use_dora=True)
+    x = torch.randn(4, 16)
+    layer.eval()
+    layer(x)
+    layer.train()
+    with torch.no_grad():
+        layer.lora_B.data.add_(0.5)  # what a fused kernel does: new values, the same version
+        layer.lora_A.data.mul_(2.0)
+    layer.eval()
+    a = layer.adapter
+    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                                    magnitude=a.lora_magnitude_vector)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        layer.lora_B.data.mul_(3.0)  # in eval mode: seen after forget_norm (or a mode switch)
+    layer.adapter.forget_norm()
+    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                                    magnitude=a.lora_magnitude_vector)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_trained_magnitude_may_cross_zero_but_a_callers_may_not():
+    layer = fastpeft.LoraLinear(nn.Linear(16, 8), r=4, init_lora_weights=False, use_dora=True)
+    with torch.no_grad():
+        layer.lora_magnitude_vector[3] = -0.25  # as an optimizer may leave it (PEFT runs it too)
+    x = torch.randn(4, 16)
+    for training in (True, False):
+        layer.train(training)
+        with torch.no_grad():
+            y = layer(x)
+        a = layer.adapter
+        want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                                        magnitude=a.lora_magnitude_vector)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="magnitude must be finite and >= 0"):
+        fastpeft.lora_linear(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                             magnitude=a.lora_magnitude_vector.detach())
+
+
+def test_eval_dora_under_functorch_and_inference_mode():
+    """Tensors without storage (torch.func) or without version counters (inference mode) are not kept, and work."""
+    layer = fastpeft.LoraLinear(nn.Linear(16, 8), r=2, init_lora_weights=False, use_dora=True, backend="torch").eval()
+    params = {k: v.detach() for k, v in layer.named_parameters() if v.requires_grad}
+    x = torch.randn(4, 16)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+    y = layer(x)
+    y.sum().backward()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, dict(layer.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        fresh = fastpeft.LoraLinear(nn.Linear(16, 8), r=2, init_lora_weights=False, use_dora=True).eval()
+        assert torch.isfinite(fresh(x)).all() and torch.isfinite(fresh(x)).all()
+
+
+def test_a_parametrized_or_pruned_magnitude_is_used():
+    import torch.nn.utils.parametrize as parametrize
+    import torch.nn.utils.prune as prune
+
+    class Abs(nn.Module):
+        def forward(self, m):
+            return m.abs()
+    x = torch.randn(4, 16)
+    for change in ("parametrize", "prune"):
+        torch.manual_seed(0)
+        layer = fastpeft.LoraLinear(nn.Linear(16, 8), r=2, use_dora=True, init_lora_weights=False)
+        with torch.no_grad():
+            layer.lora_magnitude_vector.mul_(-2)
+        if change == "parametrize":
+            parametrize.register_parametrization(layer.adapter, "lora_magnitude_vector", Abs())
+        else:
+            prune.l1_unstructured(layer.adapter, "lora_magnitude_vector", 0.25)
+        a = layer.adapter
+        want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                                        magnitude=a.lora_magnitude_vector)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_lora_that_fails_part_way_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(0, 4))  # DoRA cannot start on a layer without inputs
+    with pytest.raises(ValueError, match="in_features=0"):
+        fastpeft.apply_lora(model, ["0", "1"], r=2, use_dora=True)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(type(m) is nn.Linear for m in model)

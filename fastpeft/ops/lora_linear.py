@@ -102,13 +102,17 @@ def _torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq=None):
 
 def dora_weight_norm(weight, lora_A, lora_B, scaling, *, weight_sq=None, backend=None) -> Tensor:
     """DoRA's row norms ``‖W + scaling · B A‖`` (N,), in fp32 (fp64 for fp64 inputs), detached, without forming the
-    (N, K) matrix. ``weight_sq``: ‖W_i‖² (N,) when known (W is frozen: :func:`weight_sq_norm` once); ``backend``
-    as for :func:`lora_linear` ("triton" forms W + s·BA tile by tile in a kernel, the others factor)."""
+    (N, K) matrix. ``backend`` as for :func:`lora_linear`: "triton" forms W + s·BA tile by tile in a kernel; the
+    others factor the square, ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ, with ``weight_sq`` = ‖W_i‖² (N,) when
+    known (W is frozen: :func:`weight_sq_norm` once; the kernel does not need it). Factored, a row's square carries
+    an error of about 1e-7·‖W_i‖² in fp32, so a row that the update nearly cancels (‖W_i + s B_i A‖ below ~1e-2
+    ‖W_i‖) loses digits there; the kernel's tiles do not cancel."""
     _check_weights(weight, None, lora_A, lora_B, scaling)
     if weight_sq is not None and (not isinstance(weight_sq, Tensor) or tuple(weight_sq.shape) != (weight.shape[0],)
-                                  or weight_sq.device != weight.device):
-        raise ValueError(f"weight_sq must be a ({weight.shape[0]},) tensor on {weight.device} (‖W_i‖² per row), got "
-                         f"{getattr(weight_sq, 'shape', type(weight_sq).__name__)}")
+                                  or weight_sq.device != weight.device or not weight_sq.dtype.is_floating_point):
+        raise ValueError(f"weight_sq must be a float ({weight.shape[0]},) tensor on {weight.device} (‖W_i‖² per row), "
+                         f"got {getattr(weight_sq, 'shape', type(weight_sq).__name__)} "
+                         f"{getattr(weight_sq, 'dtype', '')}")
     name = select_backend(backend, [weight, lora_A, lora_B], LORA_LINEAR_BACKENDS)
     with torch.no_grad():
         return _dora_norm_on(name, weight, lora_A, lora_B, float(scaling), weight_sq)
@@ -497,7 +501,8 @@ def _check_float_tensors(named):
             raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
 
 
-def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude=None, weight_norm=None):
+def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude=None, weight_norm=None,
+                  check_values=True):
     _check_float_tensors({"x": x})
     _check_weights(weight, bias, lora_A, lora_B, scaling)
     if x.dim() < 1:
@@ -514,7 +519,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude
         raise ValueError("weight must be frozen (requires_grad=False): lora_linear trains lora_A, lora_B "
                          "(and bias), never the base weight")
     if magnitude is not None:
-        _check_magnitude(magnitude, weight, lora_A)
+        _check_magnitude(magnitude, weight, lora_A, check_values)
     if weight_norm is not None:
         if magnitude is None:
             raise ValueError("weight_norm is DoRA's row norm: give it only with magnitude")
@@ -522,10 +527,12 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude
         if tuple(weight_norm.shape) != (n,):
             raise ValueError(f"weight_norm must have shape (out_features={n},), got {tuple(weight_norm.shape)}")
         check_same_device({"weight": weight, "weight_norm": weight_norm})
+        if check_values:
+            _check_values("weight_norm", weight_norm, "DoRA's row norms ‖W + s·BA‖")
 
 
-def _check_magnitude(magnitude, weight, lora_A):
-    """DoRA's magnitude: (out_features,), the adapters' dtype, finite and >= 0 (values read where they exist)."""
+def _check_magnitude(magnitude, weight, lora_A, check_values):
+    """DoRA's magnitude: (out_features,), the adapters' dtype; a caller's values finite and >= 0."""
     n = weight.shape[0]
     _check_float_tensors({"magnitude": magnitude})
     if tuple(magnitude.shape) != (n,):
@@ -534,13 +541,18 @@ def _check_magnitude(magnitude, weight, lora_A):
         raise TypeError(f"magnitude has dtype {magnitude.dtype} but the adapters (lora_A, lora_B) have "
                         f"{lora_A.dtype}; they must match")
     check_same_device({"weight": weight, "magnitude": magnitude})
-    if magnitude.device.type != "meta" and not torch.compiler.is_compiling() \
-            and not isinstance(magnitude, torch._subclasses.FakeTensor):
-        bad = ~torch.isfinite(magnitude) | (magnitude < 0)
-        if bad.any():
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"magnitude must be finite and >= 0 (DoRA's per-row norms), got {magnitude[i].item()} "
-                             f"at row {i}")
+    if check_values:
+        _check_values("magnitude", magnitude, "DoRA's magnitudes start as row norms")
+
+
+def _check_values(name, t, what):
+    """Finite and >= 0, where values exist (not while compiling, not on fake or meta tensors)."""
+    if t.device.type == "meta" or torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor):
+        return
+    bad = ~torch.isfinite(t) | (t < 0)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} must be finite and >= 0 ({what}), got {t[i].item()} at row {i}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -548,7 +560,7 @@ def _check_magnitude(magnitude, weight, lora_A):
 # ----------------------------------------------------------------------------------------------------------
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, training=True, backend=None, *,
-                dropout_seed=None, magnitude=None, weight_norm=None):
+                dropout_seed=None, magnitude=None, weight_norm=None, _trained_magnitude=False):
     """``x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``, fused; with ``magnitude``, DoRA.
 
     Args:
@@ -562,9 +574,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
             only); None reads ``$FASTPEFT_BACKEND`` (default auto).
         dropout_seed: fixes the dropout mask (see :func:`dropout_mask`); None draws a seed from torch's
             global generator, so ``torch.manual_seed`` makes runs repeatable.
-        magnitude: DoRA's magnitude vector m (N,) in the adapters' dtype, finite and >= 0 (PEFT's
-            ``lora_magnitude_vector``): ``y = (m / ‖W + scaling·BA‖_row) ⊙ (x Wᵀ + scaling · drop(x) Aᵀ Bᵀ) + b``,
-            the norm a constant in backward (detached, as in the DoRA paper and PEFT). Differentiable in m.
+        magnitude: DoRA's magnitude vector m (N,) in the adapters' dtype (PEFT's ``lora_magnitude_vector``); its
+            values (and weight_norm's) must be finite and >= 0 when a caller passes them (a layer's trained
+            magnitude may cross zero, as in PEFT):
+            ``y = (m / ‖W + scaling·BA‖_row) ⊙ (x Wᵀ + scaling · drop(x) Aᵀ Bᵀ) + b``, the norm a constant in
+            backward (detached, as in the DoRA paper and PEFT). Differentiable in m.
         weight_norm: DoRA's row norms ‖W + scaling·BA‖ (N,) when already known (:func:`dora_weight_norm`; a layer
             keeps them in eval mode); None computes them, without forming the (N, K) matrix. Treated as a constant.
 
@@ -586,10 +600,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     p = dropout_p if training else 0.0
     # Compiled code decides every trace anew: a guard on the decisions would recompile whenever one is added.
     key = None if torch.compiler.is_compiling() else _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p,
-                                                                training, backend, magnitude, weight_norm)
+                                                                training, backend, magnitude, weight_norm,
+                                                                _trained_magnitude)
     name = decision(key) if key is not None else None
     if name is None:  # first call of this signature: every check, then (below) the backend
-        _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude, weight_norm)
+        _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude, weight_norm,
+                      check_values=not _trained_magnitude)
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
                                               or (bias is not None and bias.requires_grad)
@@ -613,13 +629,14 @@ def _tensor_key(t):
     return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
 
 
-def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend, magnitude, weight_norm):
+def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend, magnitude, weight_norm,
+               trained_magnitude):
     """What every check and the backend decision of a call depend on, hashable; None when the inputs are not even
     tensors (the full checks then say what is wrong). A magnitude's values are checked on a signature's first call."""
     try:
         key = (x.shape, x.dtype, x.device, x.requires_grad,
                weight.shape, weight.dtype, weight.device, weight.requires_grad,
-               _tensor_key(bias), _tensor_key(magnitude), _tensor_key(weight_norm),
+               _tensor_key(bias), _tensor_key(magnitude), _tensor_key(weight_norm), trained_magnitude,
                lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad,
                lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad,
                type(scaling), scaling, type(dropout_p), dropout_p, training, torch.is_grad_enabled(),
