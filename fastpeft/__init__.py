@@ -16,6 +16,7 @@ from .model import (
     find_targets,
     lora_layers,
     merge_and_unload,
+    mixed_batch,
     remove_adapters,
     set_adapter,
 )
@@ -25,6 +26,8 @@ from .ops import (
     dora_weight_norm,
     dropout_mask,
     lora_linear,
+    lora_linear_mixed,
+    lora_linear_mixed_reference,
     lora_linear_reference,
 )
 from .peft_convert import from_peft, to_peft
@@ -37,6 +40,7 @@ __all__ = [
     "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear",
     "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
     "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets", "from_peft",
-    "load_adapter", "lora_layers", "lora_linear", "lora_linear_reference", "merge_and_unload", "remove_adapters",
-    "save_adapter", "set_adapter", "to_peft",
+    "load_adapter", "lora_layers", "lora_linear", "lora_linear_mixed", "lora_linear_mixed_reference",
+    "lora_linear_reference", "merge_and_unload", "mixed_batch", "remove_adapters", "save_adapter", "set_adapter",
+    "to_peft",
 ]

@@ -87,6 +87,10 @@ def bench(args) -> int:
         results, saved = benchmark.run_dora(shapes, dtype, device, dropouts, rounds)
         sections.append(("DoRA", benchmark.format_table(results, reference=benchmark.DORA_REFERENCE) + "\n\n"
                          + benchmark.format_saved_table(saved)))
+    if args.only in (None, "mixed"):
+        counts = (16,) if args.quick else benchmark.MIXED_ADAPTER_COUNTS
+        results = benchmark.run_mixed(counts, dtype=dtype, device=device, rounds=rounds)
+        sections.append(("Mixed-adapter batches", benchmark.format_mixed_table(results)))
     if args.only in (None, "adapters"):
         if device.type == "cuda":
             adapter_shapes = benchmark.ADAPTER_GPU_SHAPES[:1] if args.quick else benchmark.ADAPTER_GPU_SHAPES
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
     b.add_argument("--dropout", type=float, action="append", help="repeatable; default 0 and 0.1")
     b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken)")
     b.add_argument("--markdown", metavar="PATH", help="append the tables to this markdown file")
-    b.add_argument("--only", choices=["lora", "overhead", "dora", "adapters"], help="run one of the benchmarks")
+    b.add_argument("--only", choices=["lora", "overhead", "dora", "mixed", "adapters"],
+                   help="run one of the benchmarks")
     args = parser.parse_args(argv)
     return info(args) if args.command == "info" else bench(args)
 

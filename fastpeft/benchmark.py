@@ -393,6 +393,107 @@ def format_saved_table(saved: list[SavedResult], reference: str = DORA_REFERENCE
                                "torch.autograd.graph.saved_tensors_hooks.")
 
 
+# Mixed-adapter batches: SEQUENCES sequences of TOKENS tokens, each sequence taking one of n adapters.
+MIXED_SEQUENCES, MIXED_TOKENS = 16, 128
+MIXED_ADAPTER_COUNTS = (1, 4, 16, 64)
+MIXED_REFERENCE = "peft mixed"
+
+
+@dataclass
+class MixedResult:
+    adapters: int
+    mode: str  # "fwd, no grad" (serving) or "fwd+bwd" (training several adapters)
+    candidate: str
+    ms: float
+
+
+def _mixed_layers(K, N, r, n, dtype, device):
+    """nn.Linear, fastpeft's LoraLinear and (with peft) PEFT's LoRA Linear, each holding the same n adapters."""
+    torch.manual_seed(0)
+    base = nn.Linear(K, N, device=device, dtype=dtype).requires_grad_(False)
+    ours = LoraLinear(copy.deepcopy(base), r, 2 * r, init_lora_weights=False, adapter_name="a0")
+    for i in range(1, n):
+        ours.add_adapter(f"a{i}", r, 2 * r, init_lora_weights=False)
+    layers = {"nn.Linear": base, "fastpeft mixed": ours}
+    if peft_available():
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+        config = LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False)
+        theirs = PeftLinear(copy.deepcopy(base), "a0", config=config, r=r, lora_alpha=2 * r)
+        for i in range(1, n):
+            theirs.update_layer(f"a{i}", r, 2 * r, config=config)
+        with torch.no_grad():
+            for i in range(n):
+                theirs.lora_A[f"a{i}"].weight.copy_(ours.adapters[f"a{i}"].lora_A)
+                theirs.lora_B[f"a{i}"].weight.copy_(ours.adapters[f"a{i}"].lora_B)
+        layers[MIXED_REFERENCE] = theirs
+    return layers
+
+
+def run_mixed(counts=MIXED_ADAPTER_COUNTS, K=1024, N=1024, r=16, dtype=torch.float32, device="cpu", rounds=15,
+              log=print) -> list[MixedResult]:
+    """Mixed batches side by side: forward (no grad) of nn.Linear, fastpeft's and PEFT's mixed batch at each number
+    of adapters (sequence i takes adapter i mod n); then training 4 adapters: one forward+backward over the mixed
+    batch against 4 steps, one per adapter on its own sequences."""
+    results = []
+    x = torch.randn(MIXED_SEQUENCES, MIXED_TOKENS, K, device=device, dtype=dtype)
+    for n in counts:
+        layers = _mixed_layers(K, N, r, n, dtype, device)
+        names = [f"a{i % n}" for i in range(MIXED_SEQUENCES)]
+        for layer in layers.values():
+            layer.eval()
+
+        def serve(name, layer, names=names):
+            def step():
+                with torch.no_grad():
+                    layer(x) if name == "nn.Linear" else layer(x, adapter_names=names)
+            return step
+        times = interleaved_times({name: serve(name, layer) for name, layer in layers.items()}, device, rounds)
+        for name, t in times.items():
+            results.append(MixedResult(n, "fwd, no grad", name, statistics.median(t)))
+            log(f"  {n:3d} adapters  fwd, no grad  {name:22s} {results[-1].ms:9.3f} ms")
+    layer = _mixed_layers(K, N, r, 4, dtype, device)["fastpeft mixed"].train()
+    names = [f"a{i % 4}" for i in range(MIXED_SEQUENCES)]
+    xg = x.detach().requires_grad_(True)
+    dy = torch.randn(MIXED_SEQUENCES, MIXED_TOKENS, N, device=device, dtype=dtype)
+
+    def together():
+        _clear_grads(layer, xg)
+        layer(xg, adapter_names=names).backward(dy)
+
+    def separately():
+        _clear_grads(layer, xg)
+        for i in range(4):
+            rows = list(range(i, MIXED_SEQUENCES, 4))
+            layer.set_adapter(f"a{i}")
+            layer(xg[rows]).backward(dy[rows])
+    times = interleaved_times({"fastpeft 4 adapters together": together,
+                               "fastpeft 4 adapters one after the other": separately}, device, rounds)
+    for name, t in times.items():
+        results.append(MixedResult(4, "fwd+bwd", name, statistics.median(t)))
+        log(f"    4 adapters  fwd+bwd       {name:40s} {results[-1].ms:9.3f} ms")
+    return results
+
+
+def format_mixed_table(results: list[MixedResult]) -> str:
+    by_key = {(r.adapters, r.mode, r.candidate): r for r in results}
+    lines = ["| adapters | mode | candidate | median ms | time / base | time / peft mixed |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        base = by_key.get((r.adapters, r.mode, "nn.Linear"))
+        ref = by_key.get((r.adapters, r.mode, MIXED_REFERENCE))
+        if r.mode == "fwd+bwd":
+            ref = by_key.get((r.adapters, r.mode, "fastpeft 4 adapters one after the other"))
+        lines.append(f"| {r.adapters} | {r.mode} | {r.candidate} | {r.ms:.3f} | "
+                     f"{_ratio(r.ms, base.ms) if base else '-'} | {_ratio(r.ms, ref.ms) if ref else '-'} |")
+    return "\n".join(lines) + (
+        f"\n\nLower is better. {MIXED_SEQUENCES} sequences of {MIXED_TOKENS} tokens, sequence i taking adapter i mod "
+        "n; fwd, no grad: serving (forward under torch.no_grad()); time / base: relative to the frozen nn.Linear; "
+        "time / peft mixed: relative to HF PEFT's adapter_names forward. fwd+bwd: training 4 adapters, one "
+        "forward+backward over the mixed batch against 4 steps each on its own sequences (the last column is relative "
+        "to the 4 steps).")
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b > 0 and math.isfinite(a / b) else "-"
 

@@ -13,6 +13,9 @@ from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
 from .ops.adapter_bottleneck import adapter_bottleneck
 from .ops.lora_linear import DORA_EPS, dora_weight_norm, lora_linear
+from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
+
+BASE_ADAPTER = "__base__"  # in adapter_names: a sample that takes no adapter (HF PEFT's name)
 
 
 def _check_adapter_name(name) -> None:
@@ -241,6 +244,7 @@ class LoraLinear(nn.Module):
         self._dora_merge: tuple | None = None
         self.adapters_enabled = True
         self.backend = _checked_backend(backend)
+        self.batch_adapter_names: list[str] | None = None  # set by fastpeft.mixed_batch for a whole model
 
     @property
     def merged(self) -> bool:
@@ -268,7 +272,12 @@ class LoraLinear(nn.Module):
     lora_magnitude_vector = property(lambda self: self.adapter.lora_magnitude_vector,
                                      doc="Active adapter's DoRA magnitude (out_features,), or None.")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """``x (..., in_features)``. ``adapter_names``: one adapter name per sample (x's first dim), ``"__base__"``
+        for none, as HF PEFT's argument: a mixed batch, each sample through its own adapter (training too)."""
+        if adapter_names is not None or self.batch_adapter_names is not None:
+            return self._mixed_forward(x, adapter_names if adapter_names is not None else self.batch_adapter_names,
+                                       strict=adapter_names is not None)
         if not self.adapters_enabled:
             if self.merged:  # merged while disabled: disabled means the base alone (as HF PEFT does)
                 self.unmerge()
@@ -304,6 +313,41 @@ class LoraLinear(nn.Module):
             norm = a.dora_norm(weight, lora_A, lora_B, self.backend)
         return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                            backend=self.backend, magnitude=magnitude, weight_norm=norm, _trained_magnitude=True)
+
+    def _mixed_forward(self, x, adapter_names, strict):
+        """A mixed batch. ``strict``: every name must be one of this layer's adapters (a direct call); from
+        :func:`fastpeft.mixed_batch` a name the layer lacks runs its samples through the base here, as in PEFT."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError("a mixed batch needs x of shape (batch, ..., in_features), with adapter_names naming one "
+                             f"adapter per sample, got {getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names must name one adapter per sample: x has {x.shape[0]} samples, "
+                             f"adapter_names has {len(adapter_names)}")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.adapters})
+        if strict and unknown:
+            raise ValueError(f"adapter_names has {unknown}, not adapters of this layer ({list(self.adapters)}; "
+                             f"{BASE_ADAPTER!r} for none)")
+        if self.merged:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before a mixed batch")
+        if not self.adapters_enabled:
+            return self.base_layer(x)
+        used = [n for n in dict.fromkeys(adapter_names) if n in self.adapters]
+        position = {n: i for i, n in enumerate(used)}
+        per_sample = torch.tensor([position.get(n, BASE_INDEX) for n in adapter_names], device=x.device)
+        index = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        base = self._modules["base_layer"]
+        adapters = [self.adapters[n] for n in used]
+        for module in (base, *adapters):
+            for hook in list(module._forward_pre_hooks.values()):
+                hook(module, (x,))
+        if not adapters:
+            return base(x)
+        return lora_linear_mixed(x, base.weight, base.bias, [a.lora_A for a in adapters], [a.lora_B for a in adapters],
+                                 [a.scaling for a in adapters], index, [a.lora_dropout for a in adapters],
+                                 self.training, self.backend, magnitudes=[a.lora_magnitude_vector for a in adapters],
+                                 _trained_magnitudes=True)
 
     def train(self, mode: bool = True) -> LoraLinear:
         """As nn.Module's, dropping the DoRA norms kept for eval mode: whatever changed the weights meanwhile (a

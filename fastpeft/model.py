@@ -2,6 +2,7 @@
 adapters after or beside chosen modules and take them out again."""
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from torch import nn
 
 from .backends import requested_backend
 from .layers import (
+    BASE_ADAPTER,
     AdaptedModule,
     BottleneckAdapter,
     LoraAdapter,
@@ -184,6 +186,37 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     """Every :class:`LoraLinear` in ``model``, by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names):
+    """Run ``model`` on a mixed batch inside the ``with`` block: sample i of every LoRA layer's input takes adapter
+    ``adapter_names[i]`` (``"__base__"``: none), as HF PEFT's ``model(..., adapter_names=...)``; a layer without
+    that adapter runs those samples through its base. Training works too: each adapter's gradients come from its
+    own samples. Every name must be an adapter of some layer; no layer may have an adapter merged. The layers'
+    previous setting comes back on exit. One model, one mixed batch at a time (threads sharing the model would
+    share the setting)."""
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no fastpeft LoRA layers")
+    known = {n for layer in layers.values() for n in layer.adapters}
+    unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in known})
+    if unknown:
+        raise ValueError(f"adapter_names has {unknown}, adapters of no layer of the model ({sorted(known)}; "
+                         f"{BASE_ADAPTER!r} for none)")
+    merged = {name: layer.merged_adapter for name, layer in layers.items() if layer.merged}
+    if merged:
+        raise RuntimeError(f"adapters are merged at {merged}; unmerge them before a mixed batch")
+    previous = {name: layer.batch_adapter_names for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.batch_adapter_names = list(adapter_names)
+    try:
+        yield model
+    finally:
+        for name, layer in layers.items():
+            layer.batch_adapter_names = previous[name]
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

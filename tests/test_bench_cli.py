@@ -20,7 +20,9 @@ def test_bench_command_prints_every_table(capsys, tmp_path):
     assert "| M=1 K=16 N=16 r=4 | fwd, no grad | fastpeft[torch] |" in printed
     assert "| M=64 K=40 N=48 r=4 | 0.1 | fwd+bwd | fastpeft DoRA[torch] |" in printed
     assert "| M=64 K=40 N=48 r=4 | 0.1 | fastpeft DoRA[torch] |" in printed  # its saved-for-backward row
-    assert printed.count("Lower is better") == 4 and "time / base: time relative to nn.Linear" in printed
+    assert "| 16 | fwd, no grad | fastpeft mixed |" in printed
+    assert "| 4 | fwd+bwd | fastpeft 4 adapters together |" in printed
+    assert printed.count("Lower is better") == 5 and "time / base: time relative to nn.Linear" in printed
     written = out_file.read_text()
     assert "## LoRA linear" in written and "## Bottleneck adapter" in written and "Lower is better" in written
     assert "## DoRA" in written and "time / peft DoRA" in written
@@ -88,3 +90,25 @@ def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
             assert cells[8] == f"{r.ms / ref.ms:.2f}"
     saved_table = benchmark.format_saved_table(saved)
     assert all(f"| {r.candidate} | {r.saved_mb:.1f} |" in saved_table for r in saved)
+
+
+def test_the_mixed_batch_table_holds_every_candidate_and_ratios_of_their_medians():
+    from fastpeft import benchmark
+    results = benchmark.run_mixed((1, 4), K=64, N=48, r=4, rounds=2, log=lambda *_: None)
+    serving = {"nn.Linear", "fastpeft mixed"} | ({benchmark.MIXED_REFERENCE} if benchmark.peft_available() else set())
+    for n in (1, 4):
+        assert {r.candidate for r in results if (r.adapters, r.mode) == (n, "fwd, no grad")} == serving
+    training = {r.candidate: r for r in results if r.mode == "fwd+bwd"}
+    assert set(training) == {"fastpeft 4 adapters together", "fastpeft 4 adapters one after the other"}
+    table = benchmark.format_mixed_table(results)
+    for r in results:
+        row = next(line for line in table.splitlines()
+                   if line.startswith(f"| {r.adapters} | {r.mode} | {r.candidate} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3] == f"{r.ms:.3f}"
+        if r.mode == "fwd, no grad":
+            base = next(b for b in results if (b.adapters, b.mode, b.candidate) == (r.adapters, r.mode, "nn.Linear"))
+            assert cells[4] == f"{r.ms / base.ms:.2f}"
+        else:
+            ref = training["fastpeft 4 adapters one after the other"]
+            assert cells[5] == f"{r.ms / ref.ms:.2f}"

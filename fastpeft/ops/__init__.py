@@ -13,7 +13,8 @@ from .lora_linear import (
     lora_linear_forward,
     lora_linear_reference,
 )
+from .lora_linear_mixed import lora_linear_mixed, lora_linear_mixed_reference
 
 __all__ = ["adapter_bottleneck", "adapter_bottleneck_backward", "adapter_bottleneck_forward",
            "adapter_bottleneck_reference", "dora_weight_norm", "dropout_mask", "lora_linear", "lora_linear_backward",
-           "lora_linear_forward", "lora_linear_reference"]
+           "lora_linear_forward", "lora_linear_mixed", "lora_linear_mixed_reference", "lora_linear_reference"]

@@ -149,13 +149,17 @@ def torch_drop_mask(seed: int, shape, p: float, device) -> torch.Tensor:
     2⁻¹⁶. Drawing 64 random bits per four elements is about 4× faster on a CPU than ``bernoulli_``,
     whose per-element draw dominated the cost of dropout.
     """
+    return torch.lt(torch_uniform16(seed, shape, device), -32768 + round(p * 65536))  # (< adds a Python wrapper)
+
+
+def torch_uniform16(seed: int, shape, device) -> torch.Tensor:
+    """The 16-bit uniforms (int16) behind :func:`torch_drop_mask`: element dropped when below -32768 + p·65536."""
     shape = tuple(shape)
     n = math.prod(shape)
     generator = _generator(torch.device(device))
     generator.manual_seed(seed)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None, generator=generator)
-    uniform16 = bits.view(torch.int16)[:n].view(shape)
-    return torch.lt(uniform16, -32768 + round(p * 65536))  # (the < operator adds a Python-level wrapper)
+    return bits.view(torch.int16)[:n].view(shape)
 
 
 def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None, keep_pre=False):

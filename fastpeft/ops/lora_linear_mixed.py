@@ -1,0 +1,435 @@
+"""Many LoRA adapters over one frozen base in one call: each row of x takes its own adapter (or none).
+
+``y_m = x_m Wᵀ + b + s_a · (drop_a(x_m) A_aᵀ) B_aᵀ`` with ``a = adapter_index[m]``; index -1 is the base alone. With a
+DoRA adapter (a magnitude), its rows are ``(m_a / ‖W + s_a B_a A_a‖) ⊙ (x_m Wᵀ + s_a · drop(x_m) A_aᵀ B_aᵀ) + b``.
+Ranks, scalings and dropouts may differ between adapters; each adapter's gradients come from its own rows only, so
+several adapters train in one step exactly as each would alone on its rows.
+
+The torch backend groups the rows once per call: runs of equal index (a batch whose samples each take one adapter,
+the usual case) are contiguous views, used in place; an index that changes often is sorted instead, the rows gathered
+once and the results scattered back once. The base GEMM runs once over all rows; each group adds its low-rank term
+with two small GEMMs, and backward mirrors it (one base GEMM for dX, per group dS, dB, dA). Read top to bottom: the
+float64-checkable reference, the grouping, the autograd Function, checks and the public function.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..backends import requested_backend, select_backend
+from ..checks import FLOAT_DTYPES, check_finite_number, check_probability, check_same_device
+from .lora_linear import (
+    DROPOUT_SEED_LIMIT,
+    LORA_LINEAR_BACKENDS,
+    _check_inputs,
+    _dora_norm_on,
+    _magnitude_grad,
+    _seed_to_use,
+    dora_scale,
+    lora_linear_reference,
+    torch_drop_mask,
+    torch_uniform16,
+)
+
+BASE_INDEX = -1  # rows that take no adapter
+
+
+def lora_linear_mixed_reference(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, keep_masks=None,
+                                dropout_ps=None, magnitudes=None):
+    """Each row through :func:`lora_linear_reference` with its own adapter (plain autograd ops; run it in float64).
+
+    keep_masks: None, or per adapter None / a bool keep-mask of x's shape (True = keep) applied to that adapter's
+    rows."""
+    x2d = x.reshape(-1, x.shape[-1])
+    index = adapter_index.reshape(-1)
+    y = x2d @ weight.t() + (bias if bias is not None else 0)
+    rows_out = []
+    for m in range(x2d.shape[0]):
+        a = int(index[m])
+        if a == BASE_INDEX:
+            rows_out.append(y[m])
+            continue
+        keep = None if keep_masks is None or keep_masks[a] is None else keep_masks[a].reshape(-1, x.shape[-1])[m:m + 1]
+        p = 0.0 if dropout_ps is None else dropout_ps[a]
+        m_a = None if magnitudes is None else magnitudes[a]
+        rows_out.append(lora_linear_reference(x2d[m:m + 1], weight, bias, lora_As[a], lora_Bs[a], scalings[a], keep,
+                                              p, magnitude=m_a)[0])
+    return torch.stack(rows_out).reshape(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grouping: the rows of each adapter, as contiguous runs (views) or as one gathered set per adapter.
+# ----------------------------------------------------------------------------------------------------------
+
+# Above this many runs per adapter present, the rows are sorted and gathered rather than walked run by run.
+RUNS_PER_ADAPTER = 4
+
+
+@dataclass
+class Group:
+    adapter: int
+    rows: slice | Tensor  # a contiguous run, or the (sorted) row indices of the adapter
+
+
+def group_rows(index: Tensor) -> list[Group]:
+    """The row groups of a 1-D adapter index (on any device; read once on the host), base rows left out."""
+    host = index.cpu()
+    M = host.numel()
+    if M == 0:
+        return []
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), (host[1:] != host[:-1]).nonzero().flatten() + 1])
+    adapters = host[starts].tolist()
+    present = {a for a in adapters if a != BASE_INDEX}
+    if len(starts) <= RUNS_PER_ADAPTER * max(1, len(present)):
+        ends = starts[1:].tolist() + [M]
+        return [Group(a, slice(s, e)) for a, s, e in zip(adapters, starts.tolist(), ends, strict=True)
+                if a != BASE_INDEX]
+    groups = []
+    for a in sorted(present):
+        rows = (host == a).nonzero().flatten().to(index.device)
+        groups.append(Group(a, rows))
+    return groups
+
+
+def _rows(t: Tensor, rows):
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _add_rows(out: Tensor, rows, value: Tensor) -> None:
+    if isinstance(rows, slice):
+        out[rows] += value
+    else:
+        out.index_add_(0, rows, value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The autograd Function (torch backend)
+# ----------------------------------------------------------------------------------------------------------
+
+class _MixedLoraLinear(torch.autograd.Function):
+    """Forward and backward of a mixed batch on 2-D x. Inputs after the fixed ones: every adapter's A, then every
+    B, then every magnitude (None for plain LoRA); ``meta`` holds the groups, scalings, dropouts, norms and seed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta, *adapter_tensors):
+        n = len(meta.scalings)
+        lora_As, lora_Bs, magnitudes = adapter_tensors[:n], adapter_tensors[n:2 * n], adapter_tensors[2 * n:]
+        dtype = x.dtype
+        dora = any(m is not None for m in magnitudes)
+        # the bias is added last where DoRA scales rows before it, else by the base GEMM itself
+        y = torch.addmm(bias, x, weight.t()) if bias is not None and not dora else torch.mm(x, weight.t())
+        saved = []  # per group: (S, drop mask or None, pre or None)
+        for i, g in enumerate(meta.groups):
+            a = g.adapter
+            xs = _rows(x, g.rows)
+            p = meta.dropout_ps[a]
+            drop = None
+            if p > 0.0:  # each group its own mask, drawn from the call's seed and the group's position
+                drop = torch_drop_mask((meta.seed + 7919 * i) % DROPOUT_SEED_LIMIT, xs.shape, p, x.device)
+                s = torch.mm(xs.masked_fill(drop, 0.0), lora_As[a].to(dtype).t()).mul_(1.0 / (1.0 - p))
+            else:
+                s = torch.mm(xs, lora_As[a].to(dtype).t())
+            b_t = lora_Bs[a].to(dtype).t()
+            pre = None
+            if magnitudes[a] is None:
+                if isinstance(g.rows, slice):  # a run: accumulated in place, no temporary
+                    y[g.rows].addmm_(s, b_t, alpha=meta.scalings[a])
+                else:
+                    y.index_add_(0, g.rows, torch.mm(s, b_t), alpha=meta.scalings[a])
+            else:  # DoRA: this group's rows scaled per column before the bias
+                term = torch.mm(s, b_t).mul_(meta.scalings[a])
+                rows_pre = _rows(y, g.rows) + term
+                if ctx.needs_input_grad[4 + 2 * n + a]:
+                    pre = rows_pre
+                scaled = rows_pre * meta.scales[a].to(dtype)
+                if isinstance(g.rows, slice):
+                    y[g.rows] = scaled
+                else:
+                    y.index_copy_(0, g.rows, scaled)
+            saved.append((s, drop, pre))
+        if bias is not None and dora:
+            y += bias
+        ctx.meta = meta
+        ctx.saved_groups = saved
+        ctx.save_for_backward(x if any(ctx.needs_input_grad[4:4 + n]) else None, weight, *adapter_tensors)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        meta = ctx.meta
+        n = len(meta.scalings)
+        x, weight, *adapter_tensors = ctx.saved_tensors
+        lora_As, lora_Bs, magnitudes = adapter_tensors[:n], adapter_tensors[n:2 * n], adapter_tensors[2 * n:]
+        needs = ctx.needs_input_grad
+        dtype = dy.dtype
+        grads_A = [None] * n
+        grads_B = [None] * n
+        grads_m = [None] * n
+        dbias = dy.sum(0) if needs[2] else None
+        # DoRA rows: dY scaled per column for everything but the bias (dm takes the unscaled dY)
+        dy_eff = dy
+        if any(magnitudes[g.adapter] is not None for g in meta.groups):
+            dy_eff = dy.clone()
+            for g, (_, _, pre) in zip(meta.groups, ctx.saved_groups, strict=True):
+                a = g.adapter
+                if magnitudes[a] is None:
+                    continue
+                rows_dy = _rows(dy, g.rows)
+                if pre is not None:
+                    part = (rows_dy * pre).sum(0, dtype=torch.promote_types(dtype, torch.float32))
+                    dm = _magnitude_grad(part, meta.norms[a], magnitudes[a].dtype)
+                    grads_m[a] = dm if grads_m[a] is None else grads_m[a] + dm
+                scaled = rows_dy * meta.scales[a].to(dtype)
+                if isinstance(g.rows, slice):
+                    dy_eff[g.rows] = scaled
+                else:
+                    dy_eff.index_copy_(0, g.rows, scaled)
+        dx = torch.mm(dy_eff, weight) if needs[0] else None
+        for g, (s, drop, _) in zip(meta.groups, ctx.saved_groups, strict=True):
+            a = g.adapter
+            if not (needs[0] or needs[4 + a] or needs[4 + n + a]):
+                continue
+            p = meta.dropout_ps[a]
+            keep_scale = 1.0 / (1.0 - p)
+            dys = _rows(dy_eff, g.rows)
+            ds = torch.mm(dys, lora_Bs[a].to(dtype)).mul_(meta.scalings[a])
+            if needs[4 + n + a]:
+                db = torch.mm(dys.t(), s).mul_(meta.scalings[a]).to(lora_Bs[a].dtype)
+                grads_B[a] = db if grads_B[a] is None else grads_B[a] + db
+            if needs[4 + a]:
+                xs = _rows(x, g.rows)
+                if drop is not None:
+                    xs = xs.masked_fill(drop, 0.0)
+                da = torch.mm(ds.t(), xs).mul_(keep_scale if drop is not None else 1.0).to(lora_As[a].dtype)
+                grads_A[a] = da if grads_A[a] is None else grads_A[a] + da
+            if needs[0]:
+                if drop is None and isinstance(g.rows, slice):
+                    dx[g.rows].addmm_(ds, lora_As[a].to(dtype))
+                else:
+                    term = torch.mm(ds, lora_As[a].to(dtype))
+                    if drop is not None:
+                        term.mul_(keep_scale).masked_fill_(drop, 0.0)
+                    _add_rows(dx, g.rows, term)
+        # adapters with no rows in the batch get zero gradients (they took part, with nothing to learn)
+        for a in range(n):
+            if needs[4 + a] and grads_A[a] is None:
+                grads_A[a] = torch.zeros_like(lora_As[a])
+            if needs[4 + n + a] and grads_B[a] is None:
+                grads_B[a] = torch.zeros_like(lora_Bs[a])
+            if magnitudes[a] is not None and needs[4 + 2 * n + a] and grads_m[a] is None:
+                grads_m[a] = torch.zeros_like(magnitudes[a])
+        return (dx, None, dbias, None, *grads_A, *grads_B, *grads_m)
+
+
+# Samples of at least this many rows (tokens) each, one adapter per sample, take the batched path.
+MIN_BLOCK_ROWS = 16
+
+
+def sample_blocks(adapter_index: Tensor) -> int | None:
+    """L when the index is constant over each sample's rows (x of shape (B, ..., K): one adapter per sample, as a
+    batch of sequences has) with L = rows per sample >= MIN_BLOCK_ROWS; else None."""
+    if adapter_index.dim() < 2 or adapter_index.shape[0] == 0:
+        return None
+    per_sample = adapter_index.reshape(adapter_index.shape[0], -1)
+    L = per_sample.shape[1]
+    if L < MIN_BLOCK_ROWS or not bool((per_sample == per_sample[:, :1]).all()):
+        return None
+    return L
+
+
+class _MixedLoraLinearBlocks(torch.autograd.Function):
+    """A mixed batch of samples of L rows each, one adapter per sample, no DoRA: every sample's low-rank term in
+    batched GEMMs (one ``bmm`` for S, one ``baddbmm_`` onto y's (B, L, N) view), whatever the number of adapters.
+    Each sample's A and B are stacked once per call (ranks padded with zeros to the largest; base samples take
+    zeros), its scaling applied to its S. Dropout draws one mask over x, each sample at its adapter's rate."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta, *adapter_tensors):
+        n = len(meta.scalings)
+        lora_As, lora_Bs = adapter_tensors[:n], adapter_tensors[n:2 * n]
+        dtype, device = x.dtype, x.device
+        L = meta.block
+        samples = meta.sample_adapter.tolist()
+        B, K, N = len(samples), x.shape[1], weight.shape[0]
+        present = sorted({a for a in samples if a != BASE_INDEX})
+        r_max = max(lora_As[a].shape[0] for a in present)
+        padded_A, padded_B = {}, {}
+        for a in present:
+            r = lora_As[a].shape[0]
+            padded_A[a] = lora_As[a].to(dtype) if r == r_max else torch.cat(
+                [lora_As[a].to(dtype), x.new_zeros((r_max - r, K))])
+            padded_B[a] = lora_Bs[a].to(dtype) if r == r_max else torch.cat(
+                [lora_Bs[a].to(dtype), x.new_zeros((N, r_max - r))], dim=1)
+        if len(present) < B:  # base samples
+            padded_A[BASE_INDEX], padded_B[BASE_INDEX] = x.new_zeros((r_max, K)), x.new_zeros((N, r_max))
+        A_s = torch.stack([padded_A[a] for a in samples])  # (B, r_max, K)
+        B_s = torch.stack([padded_B[a] for a in samples])  # (B, N, r_max)
+        row_p = [meta.dropout_ps[a] if a != BASE_INDEX else 0.0 for a in samples]
+        # per sample: s_a, and 1/(1-p) where it drops
+        scale = torch.tensor([(meta.scalings[a] if a != BASE_INDEX else 0.0) / (1.0 - p)
+                              for a, p in zip(samples, row_p, strict=True)], dtype=dtype, device=device).view(B, 1, 1)
+        xb = x.view(B, L, K)
+        drop = None
+        if max(row_p) > 0.0:
+            drop = _row_drop_mask(meta.seed, (B, L, K), torch.tensor(row_p, dtype=torch.float64), device)
+            s = torch.bmm(xb.masked_fill(drop, 0.0), A_s.transpose(1, 2))
+        else:
+            s = torch.bmm(xb, A_s.transpose(1, 2))
+        s.mul_(scale)
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        y.view(B, L, N).baddbmm_(s, B_s.transpose(1, 2))
+        ctx.meta = meta
+        ctx.save_for_backward(x if any(ctx.needs_input_grad[4:4 + n]) else None, weight, s, drop, A_s, B_s, scale,
+                              *adapter_tensors[:2 * n])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        meta = ctx.meta
+        n = len(meta.scalings)
+        x, weight, s, drop, A_s, B_s, scale, *adapter_tensors = ctx.saved_tensors
+        lora_As, lora_Bs = adapter_tensors[:n], adapter_tensors[n:2 * n]
+        needs = ctx.needs_input_grad
+        samples = meta.sample_adapter
+        B, L = samples.shape[0], meta.block
+        N, K = weight.shape
+        dyb = dy.view(B, L, N)
+        ds = torch.bmm(dyb, B_s).mul_(scale)  # (B, L, r_max): s_a/(1-p) · dY B
+        dx = dbias = None
+        if needs[0]:
+            dx = torch.mm(dy, weight)
+            if drop is None:
+                dx.view(B, L, K).baddbmm_(ds, A_s)
+            else:
+                dx.view(B, L, K).add_(torch.bmm(ds, A_s).masked_fill_(drop, 0.0))
+        if needs[2]:
+            dbias = dy.sum(0)
+        grads_A, grads_B = [None] * n, [None] * n
+        which = torch.where(samples < 0, n, samples).to(dy.device)  # the base's rows summed into a discarded slot
+        if any(needs[4 + n:4 + 2 * n]):
+            db = dy.new_zeros((n + 1, N, s.shape[2])).index_add_(0, which, torch.bmm(dyb.transpose(1, 2), s))
+        if any(needs[4:4 + n]):
+            xb = x.view(B, L, K) if drop is None else x.view(B, L, K).masked_fill(drop, 0.0)
+            da = dy.new_zeros((n + 1, s.shape[2], K)).index_add_(0, which, torch.bmm(ds.transpose(1, 2), xb))
+        for a in range(n):
+            r = lora_As[a].shape[0]
+            if needs[4 + a]:
+                grads_A[a] = da[a, :r].to(lora_As[a].dtype)
+            if needs[4 + n + a]:
+                grads_B[a] = db[a, :, :r].to(lora_Bs[a].dtype)
+        return (dx, None, dbias, None, *grads_A, *grads_B, *([None] * n))
+
+
+def _row_drop_mask(seed, shape, row_p, device):
+    """Drop-mask (True = dropped) of a (B, L, K) input, sample b at rate row_p[b] (float64, on the host), from one
+    draw over all of it (the torch backend's 16-bit uniforms, as :func:`torch_drop_mask`)."""
+    threshold = (-32768 + torch.round(row_p * 65536)).to(torch.int16).to(device).view(-1, 1, 1)
+    return torch.lt(torch_uniform16(seed, shape, device), threshold)
+
+
+@dataclass
+class _Meta:
+    groups: list
+    scalings: list
+    dropout_ps: list
+    seed: int
+    scales: list  # DoRA's column scale per adapter (None for plain LoRA)
+    norms: list
+    block: int | None = None  # the batched path: rows per sample
+    sample_adapter: Tensor | None = None  # (B,) the adapter of each sample, -1 for the base
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks and the public function
+# ----------------------------------------------------------------------------------------------------------
+
+def _as_list(name, value, n, default=None):
+    if value is None:
+        return [default] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ValueError(f"{name} must be a list of {n} entries (one per adapter), got {value!r}")
+    return list(value)
+
+
+def _check_index(adapter_index, x, n):
+    if not isinstance(adapter_index, Tensor):
+        raise TypeError(f"adapter_index must be an integer tensor, got {type(adapter_index).__name__}")
+    if adapter_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"adapter_index must be an integer tensor, got {adapter_index.dtype}")
+    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per row), got "
+                         f"{tuple(adapter_index.shape)}")
+    if adapter_index.numel():
+        low, high = int(adapter_index.min()), int(adapter_index.max())
+        if low < BASE_INDEX or high >= n:
+            raise ValueError(f"adapter_index values must be in [-1, {n - 1}] (-1: the base alone; {n} adapters), got "
+                             f"values from {low} to {high}")
+
+
+def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, dropout_ps=None, training=True,
+                      backend=None, *, dropout_seed=None, magnitudes=None, _trained_magnitudes=False):
+    """A batch whose rows take different LoRA adapters over one frozen base, in one call.
+
+    Args:
+        x: (..., K). weight (N, K), bias (N,) or None: as for :func:`lora_linear`.
+        lora_As, lora_Bs: one (r_a, K) / (N, r_a) pair per adapter; ranks and dtypes may differ between adapters.
+        scalings: one LoRA scale per adapter. dropout_ps: one dropout probability per adapter (default 0), applied
+            to that adapter's rows when ``training``.
+        adapter_index: integer tensor of x's leading shape: the adapter of each row, -1 for the base alone.
+        magnitudes: None, or one DoRA magnitude (N,) or None per adapter.
+        backend: "auto" or "torch" (mixed batches run on the torch backend, on any device); None reads
+            ``$FASTPEFT_BACKEND``.
+    Returns (..., N). Differentiable in x, bias and every adapter's tensors; rows of adapter a update adapter a only.
+    """
+    if not isinstance(lora_As, (list, tuple)) or not isinstance(lora_Bs, (list, tuple)):
+        raise TypeError("lora_As and lora_Bs must be lists of tensors, one per adapter")
+    n = len(lora_As)
+    if n == 0 or len(lora_Bs) != n:
+        raise ValueError(f"lora_As and lora_Bs must hold one tensor per adapter, at least one; got {len(lora_As)} "
+                         f"and {len(lora_Bs)}")
+    scalings = _as_list("scalings", scalings, n)
+    dropout_ps = _as_list("dropout_ps", dropout_ps, n, 0.0)
+    magnitudes = _as_list("magnitudes", magnitudes, n)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a Python bool, got {type(training).__name__}")
+    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
+                                     or not 0 <= dropout_seed < DROPOUT_SEED_LIMIT):
+        raise ValueError(f"dropout_seed must be None or an integer in [0, 2**32), got {dropout_seed!r}")
+    for a in range(n):  # each adapter as lora_linear would check it, named by its position
+        try:
+            check_finite_number("scaling", scalings[a])
+            check_probability("dropout_p", dropout_ps[a])
+            _check_inputs(x, weight, bias, lora_As[a], lora_Bs[a], scalings[a], dropout_ps[a], magnitudes[a],
+                          check_values=not _trained_magnitudes)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"adapter {a}: {err}") from None
+    _check_index(adapter_index, x, n)
+    check_same_device({"x": x, "adapter_index": adapter_index})
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a float tensor, got {x.dtype}")
+    backend = requested_backend(backend)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch' for mixed batches (the fused Triton and CUDA kernels do "
+                         f"not take per-row adapters yet), got {backend!r}")
+    select_backend("torch", [x], LORA_LINEAR_BACKENDS)
+    x2d = x.reshape(-1, x.shape[-1])
+    index = adapter_index.reshape(-1).to(torch.long)
+    ps = [float(p) if training else 0.0 for p in dropout_ps]
+    seed = _seed_to_use(-1 if dropout_seed is None else int(dropout_seed), max(ps))
+    norms, scales = [None] * n, [None] * n
+    for a in range(n):
+        if magnitudes[a] is not None:
+            norms[a] = _dora_norm_on("torch", weight, lora_As[a].detach(), lora_Bs[a].detach(), float(scalings[a]))
+            scales[a] = dora_scale(magnitudes[a].detach(), norms[a])
+    block = sample_blocks(adapter_index) if all(m is None for m in magnitudes) else None
+    if block is not None:  # one adapter per sample of >= MIN_BLOCK_ROWS rows: batched GEMMs
+        samples = adapter_index.reshape(adapter_index.shape[0], -1)[:, 0].to(torch.long)
+        meta = _Meta([], [float(s) for s in scalings], ps, seed, scales, norms, block, samples)
+        y = _MixedLoraLinearBlocks.apply(x2d, weight, bias, meta, *lora_As, *lora_Bs, *magnitudes)
+    else:
+        meta = _Meta(group_rows(index), [float(s) for s in scalings], ps, seed, scales, norms)
+        y = _MixedLoraLinear.apply(x2d, weight, bias, meta, *lora_As, *lora_Bs, *magnitudes)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
