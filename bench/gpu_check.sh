@@ -98,6 +98,10 @@ stage dora 60 python -m fastpeft bench --device cuda --only dora --shape 8192,40
   --markdown "$summary"
 publish
 
+# Mixed-adapter batches (the torch path on the GPU: batched GEMMs per sample), M=8192, K=N=4096, 64 adapters.
+stage mixed 45 python -m fastpeft bench --device cuda --only mixed --quick --rounds 3 --markdown "$summary"
+publish
+
 stage graphs 45 env FASTPEFT_AUTOTUNE=0 python bench/gpu_kernels.py --part graphs --markdown "$summary"
 publish
 

@@ -88,9 +88,15 @@ def bench(args) -> int:
         sections.append(("DoRA", benchmark.format_table(results, reference=benchmark.DORA_REFERENCE) + "\n\n"
                          + benchmark.format_saved_table(saved)))
     if args.only in (None, "mixed"):
-        counts = (16,) if args.quick else benchmark.MIXED_ADAPTER_COUNTS
-        results = benchmark.run_mixed(counts, dtype=dtype, device=device, rounds=rounds)
-        sections.append(("Mixed-adapter batches", benchmark.format_mixed_table(results)))
+        if device.type == "cuda":  # the GPU target is at 64 adapters
+            counts = (64,) if args.quick else (1, 16, 64)
+        else:
+            counts = (16,) if args.quick else benchmark.MIXED_ADAPTER_COUNTS
+        # a GPU: the training shape, 64 sequences of 128 tokens (M=8192) at K=N=4096
+        width, sequences = (4096, 64) if device.type == "cuda" else (1024, benchmark.MIXED_SEQUENCES)
+        results = benchmark.run_mixed(counts, width, width, dtype=dtype, device=device, rounds=rounds,
+                                      sequences=sequences)
+        sections.append(("Mixed-adapter batches", benchmark.format_mixed_table(results, sequences)))
     if args.only in (None, "adapters"):
         if device.type == "cuda":
             adapter_shapes = benchmark.ADAPTER_GPU_SHAPES[:1] if args.quick else benchmark.ADAPTER_GPU_SHAPES

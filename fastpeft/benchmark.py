@@ -431,15 +431,15 @@ def _mixed_layers(K, N, r, n, dtype, device):
 
 
 def run_mixed(counts=MIXED_ADAPTER_COUNTS, K=1024, N=1024, r=16, dtype=torch.float32, device="cpu", rounds=15,
-              log=print) -> list[MixedResult]:
+              log=print, sequences=MIXED_SEQUENCES, tokens=MIXED_TOKENS) -> list[MixedResult]:
     """Mixed batches side by side: forward (no grad) of nn.Linear, fastpeft's and PEFT's mixed batch at each number
     of adapters (sequence i takes adapter i mod n); then training 4 adapters: one forward+backward over the mixed
     batch against 4 steps, one per adapter on its own sequences."""
     results = []
-    x = torch.randn(MIXED_SEQUENCES, MIXED_TOKENS, K, device=device, dtype=dtype)
+    x = torch.randn(sequences, tokens, K, device=device, dtype=dtype)
     for n in counts:
         layers = _mixed_layers(K, N, r, n, dtype, device)
-        names = [f"a{i % n}" for i in range(MIXED_SEQUENCES)]
+        names = [f"a{i % n}" for i in range(sequences)]
         for layer in layers.values():
             layer.eval()
 
@@ -453,9 +453,9 @@ def run_mixed(counts=MIXED_ADAPTER_COUNTS, K=1024, N=1024, r=16, dtype=torch.flo
             results.append(MixedResult(n, "fwd, no grad", name, statistics.median(t)))
             log(f"  {n:3d} adapters  fwd, no grad  {name:22s} {results[-1].ms:9.3f} ms")
     layer = _mixed_layers(K, N, r, 4, dtype, device)["fastpeft mixed"].train()
-    names = [f"a{i % 4}" for i in range(MIXED_SEQUENCES)]
+    names = [f"a{i % 4}" for i in range(sequences)]
     xg = x.detach().requires_grad_(True)
-    dy = torch.randn(MIXED_SEQUENCES, MIXED_TOKENS, N, device=device, dtype=dtype)
+    dy = torch.randn(sequences, tokens, N, device=device, dtype=dtype)
 
     def together():
         _clear_grads(layer, xg)
@@ -464,7 +464,7 @@ def run_mixed(counts=MIXED_ADAPTER_COUNTS, K=1024, N=1024, r=16, dtype=torch.flo
     def separately():
         _clear_grads(layer, xg)
         for i in range(4):
-            rows = list(range(i, MIXED_SEQUENCES, 4))
+            rows = list(range(i, sequences, 4))
             layer.set_adapter(f"a{i}")
             layer(xg[rows]).backward(dy[rows])
     times = interleaved_times({"fastpeft 4 adapters together": together,
@@ -475,7 +475,7 @@ def run_mixed(counts=MIXED_ADAPTER_COUNTS, K=1024, N=1024, r=16, dtype=torch.flo
     return results
 
 
-def format_mixed_table(results: list[MixedResult]) -> str:
+def format_mixed_table(results: list[MixedResult], sequences=MIXED_SEQUENCES, tokens=MIXED_TOKENS) -> str:
     by_key = {(r.adapters, r.mode, r.candidate): r for r in results}
     lines = ["| adapters | mode | candidate | median ms | time / base | time / peft mixed |",
              "|---|---|---|---|---|---|"]
@@ -487,7 +487,7 @@ def format_mixed_table(results: list[MixedResult]) -> str:
         lines.append(f"| {r.adapters} | {r.mode} | {r.candidate} | {r.ms:.3f} | "
                      f"{_ratio(r.ms, base.ms) if base else '-'} | {_ratio(r.ms, ref.ms) if ref else '-'} |")
     return "\n".join(lines) + (
-        f"\n\nLower is better. {MIXED_SEQUENCES} sequences of {MIXED_TOKENS} tokens, sequence i taking adapter i mod "
+        f"\n\nLower is better. {sequences} sequences of {tokens} tokens, sequence i taking adapter i mod "
         "n; fwd, no grad: serving (forward under torch.no_grad()); time / base: relative to the frozen nn.Linear; "
         "time / peft mixed: relative to HF PEFT's adapter_names forward. fwd+bwd: training 4 adapters, one "
         "forward+backward over the mixed batch against 4 steps each on its own sequences (the last column is relative "
