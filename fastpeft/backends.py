@@ -187,13 +187,14 @@ def forget_decisions() -> None:
     _decisions.clear()
 
 
-def refuse_double_backward(op: str) -> None:
+def refuse_double_backward(op: str, instead: str = "call it under backend='torch' on inputs below "
+                                                   "fastpeft.backends.SMALL_CALL elements, or ") -> None:
     """Called first in an op's custom backward: with ``create_graph=True`` its gradients would carry no history of
-    their own, so a second derivative would come out silently wrong (or as None); refuse it instead."""
+    their own, so a second derivative would come out silently wrong (or as None); refuse it instead, saying what
+    works (``instead``)."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported by its fused backward; "
-                           "call it under backend='torch' on inputs below fastpeft.backends.SMALL_CALL elements, or "
-                           "write the layer with plain torch ops for higher-order gradients")
+                           f"{instead}write the layer with plain torch ops for higher-order gradients")
 
 
 def auto_preference(device: torch.device) -> tuple[str, ...]:

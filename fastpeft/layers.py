@@ -342,8 +342,8 @@ class LoraLinear(nn.Module):
         for module in (base, *adapters):
             for hook in list(module._forward_pre_hooks.values()):
                 hook(module, (x,))
-        if not adapters:
-            return base(x)
+        if not adapters:  # (the base's pre-hooks ran above)
+            return torch.nn.functional.linear(x, base.weight, base.bias)
         return lora_linear_mixed(x, base.weight, base.bias, [a.lora_A for a in adapters], [a.lora_B for a in adapters],
                                  [a.scaling for a in adapters], index, [a.lora_dropout for a in adapters],
                                  self.training, self.backend, magnitudes=[a.lora_magnitude_vector for a in adapters],

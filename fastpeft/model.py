@@ -195,7 +195,8 @@ def mixed_batch(model: nn.Module, adapter_names):
     that adapter runs those samples through its base. Training works too: each adapter's gradients come from its
     own samples. Every name must be an adapter of some layer; no layer may have an adapter merged. The layers'
     previous setting comes back on exit. One model, one mixed batch at a time (threads sharing the model would
-    share the setting)."""
+    share the setting). With gradient checkpointing the layers run again in backward: call ``backward()`` inside the
+    block too."""
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
     layers = lora_layers(model)

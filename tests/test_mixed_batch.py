@@ -231,3 +231,34 @@ def test_mixed_batch_refuses_unknown_names_and_merged_layers():
         with fastpeft.mixed_batch(model, ["a", "a"]):
             pass
     assert all(layer.batch_adapter_names is None for layer in fastpeft.lora_layers(model).values())
+
+
+def test_batched_path_edges_absent_adapters_all_base_and_no_double_backward():
+    K, N = 8, 6
+    w = torch.randn(N, K)
+    As = [torch.randn(2, K, requires_grad=True), torch.randn(4, K, requires_grad=True)]
+    Bs = [torch.randn(N, 2, requires_grad=True), torch.randn(N, 4, requires_grad=True)]
+    x = torch.randn(2, 16, K, requires_grad=True)
+    y = fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0, 1.0], torch.zeros(2, 16, dtype=torch.long))
+    y.sum().backward()  # adapter 1 (rank 4, above the padding of the ranks present) has no samples: zeros
+    assert torch.equal(As[1].grad, torch.zeros_like(As[1])) and torch.equal(Bs[1].grad, torch.zeros_like(Bs[1]))
+    base = fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0, 1.0], torch.full((2, 16), -1))
+    torch.testing.assert_close(base, x @ w.t())
+    with pytest.raises(RuntimeError, match="lora_linear_mixed: double backward"):
+        y = fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0, 1.0], torch.zeros(2, 16, dtype=torch.long))
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    empty = fastpeft.lora_linear_mixed_reference(torch.randn(0, 5, K), w, None, As, Bs, [1.0, 1.0],
+                                                 torch.zeros(0, 5, dtype=torch.long))
+    assert empty.shape == (0, 5, N)
+
+
+@pytest.mark.parametrize("tokens", [4, 16])
+def test_mixed_batch_under_autocast(tokens):
+    layer = fastpeft.LoraLinear(nn.Linear(16, 12), r=2, adapter_name="a", init_lora_weights=False)
+    layer.add_adapter("b", r=4, init_lora_weights=False)
+    x = torch.randn(3, tokens, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x, adapter_names=["a", "b", "__base__"])
+    assert y.dtype == torch.bfloat16
+    want = layer(x, adapter_names=["a", "b", "__base__"])
+    assert rel_err(y, want) <= 1e-2

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..backends import requested_backend, select_backend
+from ..backends import refuse_double_backward, requested_backend, select_backend
 from ..checks import FLOAT_DTYPES, check_finite_number, check_probability, check_same_device
 from .lora_linear import (
     DROPOUT_SEED_LIMIT,
@@ -46,6 +46,8 @@ def lora_linear_mixed_reference(x, weight, bias, lora_As, lora_Bs, scalings, ada
     x2d = x.reshape(-1, x.shape[-1])
     index = adapter_index.reshape(-1)
     y = x2d @ weight.t() + (bias if bias is not None else 0)
+    if x2d.shape[0] == 0:
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     rows_out = []
     for m in range(x2d.shape[0]):
         a = int(index[m])
@@ -159,6 +161,7 @@ class _MixedLoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("lora_linear_mixed", "run one adapter at a time (lora_linear), or ")
         meta = ctx.meta
         n = len(meta.scalings)
         x, weight, *adapter_tensors = ctx.saved_tensors
@@ -270,7 +273,7 @@ class _MixedLoraLinearBlocks(torch.autograd.Function):
         row_p = [meta.dropout_ps[a] if a != BASE_INDEX else 0.0 for a in samples]
         # per sample: s_a, and 1/(1-p) where it drops
         scale = torch.tensor([(meta.scalings[a] if a != BASE_INDEX else 0.0) / (1.0 - p)
-                              for a, p in zip(samples, row_p, strict=True)], dtype=dtype, device=device).view(B, 1, 1)
+                              for a, p in zip(samples, row_p, strict=True)], device=device).view(B, 1, 1)  # fp32
         xb = x.view(B, L, K)
         drop = None
         if max(row_p) > 0.0:
@@ -288,6 +291,7 @@ class _MixedLoraLinearBlocks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("lora_linear_mixed", "run one adapter at a time (lora_linear), or ")
         meta = ctx.meta
         n = len(meta.scalings)
         x, weight, s, drop, A_s, B_s, scale, *adapter_tensors = ctx.saved_tensors
@@ -314,12 +318,13 @@ class _MixedLoraLinearBlocks(torch.autograd.Function):
         if any(needs[4:4 + n]):
             xb = x.view(B, L, K) if drop is None else x.view(B, L, K).masked_fill(drop, 0.0)
             da = dy.new_zeros((n + 1, s.shape[2], K)).index_add_(0, which, torch.bmm(ds.transpose(1, 2), xb))
-        for a in range(n):
+        present = set(samples.tolist())
+        for a in range(n):  # an adapter without samples (its rank maybe above the padding) gets zeros
             r = lora_As[a].shape[0]
             if needs[4 + a]:
-                grads_A[a] = da[a, :r].to(lora_As[a].dtype)
+                grads_A[a] = da[a, :r].to(lora_As[a].dtype) if a in present else torch.zeros_like(lora_As[a])
             if needs[4 + n + a]:
-                grads_B[a] = db[a, :, :r].to(lora_Bs[a].dtype)
+                grads_B[a] = db[a, :, :r].to(lora_Bs[a].dtype) if a in present else torch.zeros_like(lora_Bs[a])
         return (dx, None, dbias, None, *grads_A, *grads_B, *([None] * n))
 
 
@@ -386,6 +391,10 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
     """
     if not isinstance(lora_As, (list, tuple)) or not isinstance(lora_Bs, (list, tuple)):
         raise TypeError("lora_As and lora_Bs must be lists of tensors, one per adapter")
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):  # as lora_linear does
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
     n = len(lora_As)
     if n == 0 or len(lora_Bs) != n:
         raise ValueError(f"lora_As and lora_Bs must hold one tensor per adapter, at least one; got {len(lora_As)} "
@@ -424,7 +433,9 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
         if magnitudes[a] is not None:
             norms[a] = _dora_norm_on("torch", weight, lora_As[a].detach(), lora_Bs[a].detach(), float(scalings[a]))
             scales[a] = dora_scale(magnitudes[a].detach(), norms[a])
-    block = sample_blocks(adapter_index) if all(m is None for m in magnitudes) else None
+    block = None
+    if all(m is None for m in magnitudes) and bool((index != BASE_INDEX).any()):
+        block = sample_blocks(adapter_index)
     if block is not None:  # one adapter per sample of >= MIN_BLOCK_ROWS rows: batched GEMMs
         samples = adapter_index.reshape(adapter_index.shape[0], -1)[:, 0].to(torch.long)
         meta = _Meta([], [float(s) for s in scalings], ps, seed, scales, norms, block, samples)
