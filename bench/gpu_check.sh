@@ -75,8 +75,9 @@ gpu_tests() {
   FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_extension.py \
     > "$OUT/tests-gpu.log" 2>&1 &
   local a=$!
-  FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -k cuda tests/test_lora_linear.py tests/test_dora.py \
-    tests/test_adapter_bottleneck.py tests/test_compile.py > "$OUT/tests-ops.log" 2>&1
+  FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_lora_linear.py \
+    tests/test_dora.py tests/test_mixed_batch.py tests/test_adapter_bottleneck.py tests/test_compile.py \
+    > "$OUT/tests-ops.log" 2>&1
   local rb=$?
   wait $a; local ra=$?
   echo "gpu tests exit $ra, op tests exit $rb"

@@ -1,5 +1,8 @@
 // Fused LoRA linear for decode shapes (M <= 16 rows), in one launch:
 //     y = x W^T + b + s * (x A^T) B^T,   or for DoRA   y = c * (x W^T + s * (x A^T) B^T) + b   (c per column)
+// or, for a mixed batch, each row m with its own adapter a_m of a stack: y_m = x_m W^T + b + (x_m A_{a_m}^T) B_{a_m}^T
+// (B pre-scaled). The S blocks then compute x A^T against every stacked adapter's rows (at most 256 in all) and each
+// row keeps its own adapter's part.
 //
 // Decode is bandwidth-bound on the read of W, so the kernel is a GEMV over the rows of W: each warp owns
 // kRowsPerWarp rows, streams them with 16-byte loads (unrolled, so several loads are in flight), and keeps the
@@ -29,6 +32,8 @@ struct Params {
   int* counters;     // [ticket, S tiles done, blocks finished], zero between launches
   void* y;
   const float* col_scale;  // nullptr: no column scale (plain LoRA)
+  const int* row_adapter;  // nullptr: one adapter; else (M,) adapter of each row of the stacks (-1: base)
+  int64_t adapter_rank;    // with row_adapter: the rank of each stacked adapter (R = adapters * adapter_rank)
   int64_t M, K, N, R, stride_xm, stride_ym;
   float scaling;
   int k_split;       // S's K range is split in this many chunks of k_chunk
@@ -81,11 +86,23 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
       float low[MAXM];
 #pragma unroll
       for (int m = 0; m < MAXM; ++m) low[m] = 0.f;
-      for (int64_t r = lane; r < p.R; r += 32) {
-        const float bv = to_float(b[n * p.R + r]);
+      if (p.row_adapter == nullptr) {
+        for (int64_t r = lane; r < p.R; r += 32) {
+          const float bv = to_float(b[n * p.R + r]);
 #pragma unroll
-        for (int m = 0; m < MAXM; ++m)
-          if (m < M) low[m] = fmaf(s_sum[m * p.R + r], bv, low[m]);
+          for (int m = 0; m < MAXM; ++m)
+            if (m < M) low[m] = fmaf(s_sum[m * p.R + r], bv, low[m]);
+        }
+      } else {  // each row its own adapter's slice of S and of the B stack
+        const int64_t rank = p.adapter_rank;
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) {
+          const int adapter = m < M ? p.row_adapter[m] : -1;
+          if (adapter < 0) continue;  // the base alone (uniform across the warp)
+          const TA* b_row = b + (int64_t(adapter) * p.N + n) * rank;
+          for (int64_t r = lane; r < rank; r += 32)
+            low[m] = fmaf(s_sum[m * p.R + adapter * rank + r], to_float(b_row[r]), low[m]);
+        }
       }
       const float bias_n = bias != nullptr ? to_float(bias[n]) : 0.f;
       const float scale_n = p.col_scale != nullptr ? p.col_scale[n] : 1.f;
@@ -134,6 +151,9 @@ void lora_linear_decode(const DecodeArgs& args) {
   if (args.M < 1 || args.M > kMaxDecodeRows) throw std::invalid_argument("fastpeft._C.lora_linear_decode: M must be in [1, 16]");
   if (args.R < 1 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_linear_decode: r must be in [1, 256]");
   if (args.K < 1 || args.N < 1) throw std::invalid_argument("fastpeft._C.lora_linear_decode: K and N must be positive");
+  if (args.row_adapter != 0 && (args.adapter_rank < 1 || args.R % args.adapter_rank != 0)) {
+    throw std::invalid_argument("fastpeft._C.lora_linear_decode: R must be a whole number of adapters of adapter_rank");
+  }
   if (args.k_split < 1 || args.k_chunk < 1 || args.k_split * args.k_chunk < args.K ||
       (args.k_split - 1) * args.k_chunk >= args.K) {
     throw std::invalid_argument("fastpeft._C.lora_linear_decode: k_split chunks of k_chunk must cover K exactly");
@@ -150,6 +170,8 @@ void lora_linear_decode(const DecodeArgs& args) {
   p.counters = reinterpret_cast<int*>(args.counters);
   p.y = reinterpret_cast<void*>(args.y);
   p.col_scale = reinterpret_cast<const float*>(args.col_scale);
+  p.row_adapter = reinterpret_cast<const int*>(args.row_adapter);
+  p.adapter_rank = args.adapter_rank;
   p.M = args.M; p.K = args.K; p.N = args.N; p.R = args.R;
   p.stride_xm = args.stride_xm; p.stride_ym = args.stride_ym;
   p.scaling = args.scaling;

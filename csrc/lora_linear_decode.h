@@ -17,6 +17,11 @@ struct DecodeArgs {
   // zero, used by no launch that may overlap this one; y: (M, N) rows of stride stride_ym; col_scale: (N,) fp32 or 0
   // (DoRA: y = col_scale * (x w^T + scaling * (x a^T) b^T) + bias).
   uintptr_t x, w, bias, a, b, s, counters, y, col_scale;
+  // Mixed adapters: row_adapter (M,) int32, the adapter of each row (-1: the base alone), or 0 for one adapter;
+  // then a and b stack the adapters, (n, adapter_rank, K) and (n, N, adapter_rank) with each B pre-scaled, and
+  // R = n * adapter_rank.
+  uintptr_t row_adapter;
+  int64_t adapter_rank;
   int64_t M, K, N, R, stride_xm, stride_ym;
   int64_t k_split, k_chunk;  // S = x a^T is summed from k_split partials over K chunks of k_chunk (multiples of
                              // 16/sizeof(adapter dtype) when vector)
@@ -31,7 +36,8 @@ struct DecodeArgs {
 // Number of CUDA devices; throws with the CUDA error string when there is no usable GPU or driver.
 int device_count();
 
-// y = [col_scale *] (x w^T + scaling * (x a^T) b^T) + bias for M <= 16 rows, one kernel launch on `stream`.
+// y = [col_scale *] (x w^T + scaling * (x a^T) b^T) + bias for M <= 16 rows, one kernel launch on `stream`; with
+// row_adapter, row m takes adapter row_adapter[m] of the stacks.
 void lora_linear_decode(const DecodeArgs& args);
 
 }  // namespace fastpeft

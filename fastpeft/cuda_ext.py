@@ -115,12 +115,15 @@ def _vector_ok(dtype: torch.dtype, K: int, *tensors_and_strides) -> bool:
         (t.data_ptr() % 16 == 0) and (stride % vec == 0) for t, stride in tensors_and_strides)
 
 
-def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scale=None) -> torch.Tensor:
+def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scale=None, row_adapter=None,
+                       adapter_rank: int = 0) -> torch.Tensor:
     """``x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`` for 2-D x with M <= 16 rows, by the fused CUDA kernel (forward only);
     with ``col_scale`` (N,) (DoRA's m / ‖W + s·BA‖) ``col_scale ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + b``.
 
     x (M, K) with unit inner stride; weight (N, K), bias (N,), lora_A (R, K), lora_B (N, R) contiguous;
     fp16/bf16/fp32 base, adapters in the base dtype or fp32. Returns y (M, N) in x's dtype.
+    Mixed adapters: ``row_adapter`` (M,) int32 on x's device (-1: the base alone) picks each row's adapter from
+    stacks of ``adapter_rank`` each: lora_A (n·adapter_rank, K) and lora_B (n·N, adapter_rank), B pre-scaled.
     """
     module, reason = load()
     if module is None:
@@ -129,6 +132,13 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         reasons.append(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if row_adapter is not None:
+        if row_adapter.dtype != torch.int32 or tuple(row_adapter.shape) != (x.shape[0],) \
+                or row_adapter.device != x.device or not row_adapter.is_contiguous():
+            reasons.append(f"row_adapter must be a contiguous int32 ({x.shape[0]},) tensor on {x.device}")
+        if adapter_rank < 1 or lora_A.shape[0] % adapter_rank or \
+                lora_B.shape != (lora_A.shape[0] // max(adapter_rank, 1) * weight.shape[0], adapter_rank):
+            reasons.append("stacked lora_A (n·rank, K) and lora_B (n·N, rank) must hold whole adapters of adapter_rank")
     if col_scale is not None:
         if tuple(col_scale.shape) != (weight.shape[0],) or col_scale.device != x.device:
             reasons.append(f"col_scale must be ({weight.shape[0]},) on {x.device}, got {tuple(col_scale.shape)} on "
@@ -152,7 +162,9 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
         M=M, K=K, N=N, R=R, stride_xm=x.stride(0), stride_ym=y.stride(0), k_split=k_split, k_chunk=k_chunk,
         scaling=float(scaling),
         dtype=_DTYPE_CODES[x.dtype], adapter_dtype=_DTYPE_CODES[lora_A.dtype], vector=vector,
-        device=x.device.index, stream=stream, col_scale=col_scale.data_ptr() if col_scale is not None else 0)
+        device=x.device.index, stream=stream, col_scale=col_scale.data_ptr() if col_scale is not None else 0,
+        row_adapter=row_adapter.data_ptr() if row_adapter is not None else 0,
+        adapter_rank=adapter_rank if row_adapter is not None else 0)
     return y
 
 

@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
 M, K, N, R = 8192, 4096, 4096, 16
-ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i8": 1}
+ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i8": 1, "i32": 4}
 
 
 def _launches():
@@ -43,12 +43,15 @@ def _launches():
 
     bf16_gemm_fwd = dict(
         a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
-        pre_ptr="bf16",
-        M=M, N=N, K=K, R=R, M_BUCKET=M,
+        pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
+        M=M, N=N, K=K, R=R, M_BUCKET=M, TILED_M=M,
         stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
-        stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
+        stride_ua=N * R, stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
-                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False))
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
+                        MIXED=False))
+    # a mixed-adapter batch: row tiles read through the tables, each tile's adapter from the stack
+    mixed_gemm_fwd = dict(bf16_gemm_fwd, TILED_M=M + 64 * 63, constexprs=dict(bf16_gemm_fwd["constexprs"], MIXED=True))
     # DoRA: the column scale in the epilogue, the unscaled product kept for dm
     dora_gemm_fwd = dict(bf16_gemm_fwd, constexprs=dict(bf16_gemm_fwd["constexprs"], COL_SCALE=True, STORE_PRE=True))
     epilogue_gemm_fwd = dict(bf16_gemm_fwd, constexprs=dict(bf16_gemm_fwd["constexprs"], LOWRANK_LAST=True))
@@ -59,31 +62,40 @@ def _launches():
                            constexprs=dict(bf16_gemm_fwd["constexprs"], BLOCK_R=64))
     bf16_gemm_dx = dict(
         a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
-        pre_ptr="bf16",
-        M=M, N=K, K=N, R=R, M_BUCKET=M,
+        pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
+        M=M, N=K, K=N, R=R, M_BUCKET=M, TILED_M=M,
         stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_lm=R, stride_lr=1, stride_ur=K, stride_un=1,
-        stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
+        stride_ua=R * K, stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
         constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
-                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False))
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
+                        MIXED=False))
+    mixed_gemm_dx = dict(bf16_gemm_dx, TILED_M=M + 64 * 63, constexprs=dict(bf16_gemm_dx["constexprs"], MIXED=True))
     shrink = dict(
-        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", M=M, K=K, R=R, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K,
-        stride_ak=1, seed=12345, p=0.1, keep_scale=1.1,
-        constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
+        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
+        M=M, K=K, R=R, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_aa=R * K,
+        seed=12345, p=0.1, keep_scale=1.1,
+        constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16, MIXED=False))
     bwd_dy = dict(
         dy_ptr="bf16", b_ptr="fp32", s_ptr="fp32", ds_part_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
-        scale_ptr="fp32", pre_ptr="bf16", dm_part_ptr="fp32", dz_ptr="bf16",
+        scale_ptr="fp32", pre_ptr="bf16", dm_part_ptr="fp32", dz_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32",
+        tile_scale_ptr="fp32",
         M=M, N=N, R=R, M_BUCKET=M, cols_per_split=2048, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1,
-        scaling=2.0,
+        stride_ba=N * R, scaling=2.0,
         constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=lora.DY_BLOCK_M,
-                        BLOCK_R=16, COL_SCALE=False, HAS_DM=False, WRITE_DZ=False))
+                        BLOCK_R=16, COL_SCALE=False, HAS_DM=False, WRITE_DZ=False, MIXED=False))
     dora_bwd_dy = dict(bwd_dy, constexprs=dict(bwd_dy["constexprs"], COL_SCALE=True, HAS_DM=True, WRITE_DZ=True))
+    mixed_bwd_dy = dict(bwd_dy, constexprs=dict(bwd_dy["constexprs"], BLOCK_M=lora.MIXED_TILE, MIXED=True))
     dora_norm = dict(w_ptr="bf16", a_ptr="fp32", b_ptr="fp32", sq_part_ptr="fp32", N=N, K=K, R=R, cols_per_split=512,
                      stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1, scaling=2.0,
                      constexprs=dict(DOT_PRECISION="ieee", BLOCK_R=16, **lora.NORM_BLOCKS))
     bwd_da = dict(
-        x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", M=M, K=K, R=R, M_BUCKET=M, rows_per_split=1024,
-        stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
-        constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16))
+        x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
+        M=M, K=K, R=R, M_BUCKET=M, rows_per_split=1024, stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
+        constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16, MIXED=False))
+    # the mixed batch's fixed launches: one tile per program (lora_mixed_fwd / lora_mixed_bwd)
+    mixed_shrink = dict(shrink, constexprs=dict(shrink["constexprs"], MIXED=True))
+    mixed_da = dict(bwd_da, rows_per_split=lora.MIXED_TILE, constexprs=dict(bwd_da["constexprs"], MIXED=True))
+    mixed_fixed = [dict(kwargs=dict(BLOCK_M=lora.MIXED_TILE, BLOCK_K=64), num_warps=4, num_stages=3)]
     mask = dict(out_ptr="i8", M=M, K=K, seed=12345, p=0.1, constexprs=dict(BLOCK_M=64, BLOCK_K=128))
     # Bottleneck adapter, d=4096, m=64: forward's down GEMM (bias; pre and GELU(pre) written), up GEMM (bias, scale,
     # residual epilogue), backward's dpre GEMM (×act'(pre) epilogue, fp32 out) and dh GEMM (fp32 dpre · bf16 W_d).
@@ -132,6 +144,8 @@ def _launches():
         ("_lora_gemm_kernel", "forward r=64", rank64_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "forward, low-rank term last", epilogue_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "forward, DoRA", dora_gemm_fwd, as_dicts(lora.GEMM_CONFIGS)),
+        ("_lora_gemm_kernel", "forward, mixed adapters", mixed_gemm_fwd, as_dicts(lora.MIXED_GEMM_CONFIGS)),
+        ("_lora_gemm_kernel", "backward dX, mixed adapters", mixed_gemm_dx, as_dicts(lora.MIXED_GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS)),  # with dropout
         ("_lora_gemm_kernel", "low-rank pass onto cuBLAS", lowrank_pass, as_dicts(lora.LOWRANK_PASS_CONFIGS)),
         ("_lora_gemm_tma_kernel", "forward, tma", tma_fwd, as_dicts(lora.TMA_GEMM_CONFIGS)),
@@ -140,6 +154,9 @@ def _launches():
         ("_lora_shrink_kernel", "forward", shrink, as_dicts(lora.SHRINK_CONFIGS)),
         ("_lora_bwd_dy_kernel", "backward", bwd_dy, as_dicts(lora.DY_CONFIGS)),
         ("_lora_bwd_dy_kernel", "backward, DoRA", dora_bwd_dy, as_dicts(lora.DY_CONFIGS)),
+        ("_lora_bwd_dy_kernel", "backward, mixed adapters", mixed_bwd_dy, as_dicts(lora.DY_CONFIGS)),
+        ("_lora_shrink_kernel", "forward, mixed adapters", mixed_shrink, mixed_fixed),
+        ("_lora_bwd_da_kernel", "backward, mixed adapters", mixed_da, mixed_fixed),
         ("_dora_norm_kernel", "DoRA norm", dora_norm, [dict(kwargs={}, num_warps=4, num_stages=3)]),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
         ("_dropout_mask_kernel", "mask", mask, mask_config),

@@ -26,6 +26,7 @@ memory.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -76,18 +77,27 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K:
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, s_ptr,
+    x_ptr, a_ptr, s_ptr, rows_ptr, tile_adapter_ptr, tile_p_ptr,
     M, K, R, M_BUCKET,
-    stride_xm, stride_xk, stride_ar, stride_ak,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_aa,
     seed, p, keep_scale,
     DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, MIXED: tl.constexpr,
 ):
-    """S (M, R) fp32 = drop(x (M, K)) · A (R, K)ᵀ; one program per BLOCK_M rows, looping over K."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """S (M, R) fp32 = drop(x (M, K)) · A (R, K)ᵀ; one program per BLOCK_M rows, looping over K.
+    MIXED (a mixed-adapter batch): program i takes the rows listed for tile i (-1: padding), adapter
+    ``tile_adapter[i]`` (A at a_ptr + adapter·stride_aa; -1: the base, whose S is 0) and its dropout rate."""
+    if MIXED:
+        rows, m_ok, adapter = _mixed_tile(rows_ptr, tile_adapter_ptr, tl.program_id(0), BLOCK_M)
+        rm = tl.where(m_ok, rows, 0)
+        a_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_aa
+        p = tl.load(tile_p_ptr + tl.program_id(0))
+        keep_scale = 1.0 / (1.0 - p)
+    else:
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
     r_ok = rr < R
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk
     a_ptrs = a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak  # the (BLOCK_K, BLOCK_R) tile of Aᵀ
@@ -103,21 +113,31 @@ def _lora_shrink_kernel(
         a_ptrs += BLOCK_K * stride_ak
     if DROPOUT:
         acc = acc * keep_scale
+    if MIXED:
+        acc = tl.where(adapter >= 0, acc, 0.0)
     tl.store(s_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _mixed_tile(rows_ptr, tile_adapter_ptr, tile, BLOCK_M: tl.constexpr):
+    """A mixed batch's row tile ``tile``: its rows (int64; -1 pads), which of them exist, its adapter (-1: base)."""
+    rows = tl.load(rows_ptr + tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return rows, rows >= 0, tl.load(tile_adapter_ptr + tile)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_kernel(
     a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr, scale_ptr, pre_ptr,
-    M, N, K, R, M_BUCKET,
+    rows_ptr, tile_adapter_ptr, tile_scale_ptr, tile_p_ptr,
+    M, N, K, R, M_BUCKET, TILED_M,
     stride_am, stride_ak, stride_bk, stride_bn,
-    stride_lm, stride_lr, stride_ur, stride_un,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_ua,
     stride_om, stride_on,
     lr_scale, seed, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr, BASE_IN_OUT: tl.constexpr,
-    COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
+    COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, MIXED: tl.constexpr,
 ):
     """out (M, N) = [scale (N) ⊙] (a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) [+ out]) + bias (N).
 
@@ -129,20 +149,36 @@ def _lora_gemm_kernel(
     the base product (the "cublas" variant: cuBLAS wrote it), so there is no K loop and the term is added onto out.
     COL_SCALE (DoRA): the columns are scaled (fp32 scale) before the bias, and STORE_PRE writes the unscaled sum to
     pre (out's shape and strides), which backward's dm needs.
+    MIXED (a mixed-adapter batch, prologue order): the grid walks TILED_M rows of tiles; tile i holds the rows
+    listed at rows_ptr (-1 pads) and one adapter, ``tile_adapter[i]`` (u at u_ptr + adapter·stride_ua, scale
+    ``tile_scale[i]``, dropout rate ``tile_p[i]``; -1: the base alone), so a and out are read and written by row.
     """
-    _, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
-                               lr_scale, COMPUTE, BLOCK_R)
-    if LOWRANK_LAST:
+    if MIXED:
+        pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), TILED_M, N, BLOCK_M, BLOCK_N,
+                                                              GROUP_M)
+        rows, m_ok, adapter = _mixed_tile(rows_ptr, tile_adapter_ptr, pid_m, BLOCK_M)
+        rm = tl.where(m_ok, rows, M)  # padding rows fall outside the epilogue's store mask
+        rm_load = tl.where(m_ok, rows, 0)
+        p = tl.load(tile_p_ptr + pid_m)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if adapter >= 0:
+            lo, up = _lowrank_operands(l_ptr, u_ptr + adapter.to(tl.int64) * stride_ua, rm_load, rn_load, R,
+                                       stride_lm, stride_lr, stride_ur, stride_un, tl.load(tile_scale_ptr + pid_m),
+                                       COMPUTE, BLOCK_R)
+            acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
     else:
-        acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
+        _, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
+                                   lr_scale, COMPUTE, BLOCK_R)
+        if LOWRANK_LAST:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
     if not BASE_IN_OUT:  # the base K loop (the seam where a quantised base would dequantise W's tiles)
         acc = gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, stride_bk, stride_bn,
                           COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K)
-    if LOWRANK_LAST:
+    if LOWRANK_LAST and not MIXED:
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
     _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS,
@@ -224,24 +260,33 @@ def _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, 
 @triton.jit
 def _lora_bwd_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr, scale_ptr, pre_ptr, dm_part_ptr, dz_ptr,
+    rows_ptr, tile_adapter_ptr, tile_scale_ptr,
     M, N, R, M_BUCKET, cols_per_split,
-    stride_dym, stride_dyn, stride_bn, stride_br,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_ba,
     scaling,
     HAS_DBIAS: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    COL_SCALE: tl.constexpr, HAS_DM: tl.constexpr, WRITE_DZ: tl.constexpr,
+    COL_SCALE: tl.constexpr, HAS_DM: tl.constexpr, WRITE_DZ: tl.constexpr, MIXED: tl.constexpr,
 ):
     """One pass over dY (M, N). Program (row block i, column split j) reads its dY tile once and writes
     ds_part[j] = s·dY[i, j]·B[j] (M, R) and this row block's partials db_part[i] = s·dY[i, j]ᵀ·S[i] (N, R) and
     dbias_part[i] = Σ_m dY[i, j] (N); summing the partials gives dS, dB and db.
     COL_SCALE (DoRA): dS and dB are taken of dZ = dY ⊙ scale (the bias's gradient of dY itself); HAS_DM adds the
-    partials dm_part[i] = Σ_m dY ⊙ pre (N), WRITE_DZ writes dZ (M, N contiguous, dY's dtype) for the dX GEMM."""
+    partials dm_part[i] = Σ_m dY ⊙ pre (N), WRITE_DZ writes dZ (M, N contiguous, dY's dtype) for the dX GEMM.
+    MIXED: row block i is the mixed batch's tile i (its listed rows, its adapter's B at b_ptr + adapter·stride_ba and
+    scale; base tiles give dS = 0 and dB partials 0), so the dB partials sum per adapter."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if MIXED:
+        rows, m_ok, adapter = _mixed_tile(rows_ptr, tile_adapter_ptr, pid_m, BLOCK_M)
+        rm = tl.where(m_ok, rows, 0)
+        b_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_ba
+        scaling = tl.where(adapter >= 0, tl.load(tile_scale_ptr + pid_m), 0.0)
+    else:
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
     rr = tl.arange(0, BLOCK_R)
     rn = tl.arange(0, BLOCK_N)
-    m_ok = rm < M
     r_ok = rr < R
     # Rows past M load as zero, so they add nothing to dB or db.
     s = tl.load(s_ptr + rm[:, None].to(tl.int64) * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -280,14 +325,16 @@ def _lora_bwd_dy_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_bwd_da_kernel(
-    x_ptr, ds_ptr, da_part_ptr,
+    x_ptr, ds_ptr, da_part_ptr, rows_ptr, tile_adapter_ptr, tile_p_ptr,
     M, K, R, M_BUCKET, rows_per_split,
     stride_xm, stride_xk,
     seed, p, keep_scale,
     DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, MIXED: tl.constexpr,
 ):
-    """Partial dA (R, BLOCK_K) = dSᵀ · drop(x) over split ``program_id(1)`` of the rows, into da_part[split]."""
+    """Partial dA (R, BLOCK_K) = dSᵀ · drop(x) over split ``program_id(1)`` of the rows, into da_part[split].
+    MIXED: split i is the mixed batch's tile i (rows_per_split = BLOCK_M = the tile), at its adapter's dropout rate;
+    the partials then sum per adapter (a base tile's dS is 0)."""
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -296,10 +343,18 @@ def _lora_bwd_da_kernel(
     r_ok = rr < R
     m_begin = split * rows_per_split
     m_end = tl.minimum(m_begin + rows_per_split, M)
+    if MIXED:
+        p = tl.load(tile_p_ptr + split)
+        keep_scale = 1.0 / (1.0 - p)
+        m_end = m_begin + BLOCK_M
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(m_begin, m_end, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        m_ok = rm < m_end
+        if MIXED:
+            rows, m_ok, _ = _mixed_tile(rows_ptr, tile_adapter_ptr, split, BLOCK_M)
+            rm = tl.where(m_ok, rows, 0)
+        else:
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_ok = rm < m_end
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk.to(tl.int64)[None, :] * stride_xk,
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
         if DROPOUT:
@@ -421,6 +476,11 @@ def _shrink_shared(b, sizes, stages, arch):
 
 def _dy_shared(b, sizes, stages, arch):
     dy_tile = b["BLOCK_M"] * b["BLOCK_N"] * sizes["dy_ptr"]
+    s_tile = b["BLOCK_M"] * b["BLOCK_R"] * sizes["dy_ptr"]
+    if b.get("MIXED"):  # rows gathered through the tables: S's tile staged too, and on Hopper B's in fp32
+        if arch >= 90:
+            return stages * dy_tile + s_tile + b["BLOCK_N"] * b["BLOCK_R"] * 4 + 4096
+        return (stages - 1) * dy_tile + s_tile
     # plus S's tile in the compute dtype, the operand of dB's wgmma (DoRA's dY, scaled in registers first, is laid
     # out as on Ampere)
     if arch >= 90 and not b.get("COL_SCALE"):
@@ -430,6 +490,8 @@ def _dy_shared(b, sizes, stages, arch):
 
 def _da_shared(b, sizes, stages, arch):
     x_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["x_ptr"]
+    if b.get("MIXED"):  # one tile per program: nothing to pipeline
+        return x_tile + b["BLOCK_M"] * b["BLOCK_R"] * sizes["ds_ptr"]
     return stages * x_tile + (stages - 1) * b["BLOCK_M"] * b["BLOCK_R"] * sizes["ds_ptr"]
 
 
@@ -481,6 +543,12 @@ _gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAS
                                                         "stride_bk"], "_lora_gemm_kernel")
 _tma_tuned = autotuned(_lora_gemm_tma_kernel, TMA_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "B_KN"], "_lora_gemm_tma_kernel")
 _lowrank_pass_tuned = autotuned(_gemm, LOWRANK_PASS_CONFIGS, GEMM_KEY + ["DROPOUT", "BASE_IN_OUT"], "_lora_gemm_kernel")
+# Mixed batches: the GEMM's row tiles are the tables' tiles, so its configs share one BLOCK_M, MIXED_TILE.
+MIXED_TILE = 64
+MIXED_GEMM_CONFIGS = [c for c in GEMM_CONFIGS if c.kwargs["BLOCK_M"] == MIXED_TILE]
+MIXED_GEMM_DEFAULT = MIXED_GEMM_CONFIGS[0]
+_mixed_gemm_tuned = autotuned(_gemm, MIXED_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "MIXED", "stride_ak", "stride_bk"],
+                              "_lora_gemm_kernel")
 _shrink_tuned = autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_shrink_kernel")
 _dy_tuned = autotuned(_lora_bwd_dy_kernel, DY_CONFIGS, ["M_BUCKET", "N"], "_lora_bwd_dy_kernel")
 _da_tuned = autotuned(_lora_bwd_da_kernel, DA_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_bwd_da_kernel")
@@ -501,12 +569,13 @@ def _num_sms(device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0, variant=None, *,
-              col_scale=None, pre=None):
+              col_scale=None, pre=None, mixed: MixedLaunch | None = None):
     """out (M, N) = a (M, K) · b (K, N) + lr_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
     transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0.
     ``variant``: one of ``GEMM_VARIANTS``; None takes ``$FASTPEFT_GEMM_VARIANT`` (default "prologue").
     DoRA: ``col_scale`` (N,) fp32 scales the columns before the bias; ``pre`` (out's shape and strides), if given,
-    receives the unscaled sum."""
+    receives the unscaled sum. ``mixed``: a mixed-adapter batch's tiles (``up`` is then adapter 0's of a stack,
+    ``lr_scale`` and ``dropout_p`` per tile; prologue order)."""
     variant = gemm_variant(variant)
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
@@ -516,11 +585,15 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
     dora = dict(COL_SCALE=col_scale is not None, STORE_PRE=pre is not None)
     scale_arg = col_scale if col_scale is not None else out
     pre_arg = pre if pre is not None else out
+    if mixed is not None:
+        variant = "prologue"
     if variant == "tma":
         if _tma_addressable(a, b):
             return _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg, pre_arg, dora)
         variant = "prologue"  # what TMA cannot address runs the default variant
-    tuned, default = _gemm_tuned, GEMM_DEFAULT
+    tuned, default = (_gemm_tuned, GEMM_DEFAULT) if mixed is None else (_mixed_gemm_tuned, MIXED_GEMM_DEFAULT)
+    tables = (mixed.rows, mixed.tile_adapter, mixed.tile_scale, mixed.tile_p) if mixed is not None else (out,) * 4
+    tiled_m = mixed.tiles * mixed.tile if mixed is not None else M
     if variant == "cublas":  # the base product (and bias) by torch into out; the kernel adds the low-rank term
         if bias is None or col_scale is not None:  # a scaled output gets its bias after the scale, in the kernel
             torch.mm(a, b, out=out)
@@ -529,15 +602,15 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             bias = None
         tuned, default = _lowrank_pass_tuned, LOWRANK_PASS_DEFAULT
     launch(tuned, _gemm, default, INTERPRET_GEMM,
-            lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
-            a, b, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg,
-            M, N, K, R, triton.next_power_of_2(M),
+            lambda c: (triton.cdiv(tiled_m, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
+            a, b, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg, *tables,
+            M, N, K, R, triton.next_power_of_2(M), tiled_m,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), lo.stride(0), lo.stride(1),
-            up.stride(0), up.stride(1), out.stride(0), out.stride(1),
+            up.stride(0), up.stride(1), mixed.stride_ua if mixed is not None else 0, out.stride(0), out.stride(1),
             lr_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
             DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue",
-            BASE_IN_OUT=variant == "cublas", **dora)
+            BASE_IN_OUT=variant == "cublas", MIXED=mixed is not None, **dora)
 
 
 def _tma_addressable(a, b) -> bool:
@@ -608,11 +681,11 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
         return y, s, pre
     launch(_shrink_tuned, _lora_shrink_kernel, SHRINK_DEFAULT, INTERPRET_SHRINK,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
-            x, lora_A, s, M, K, R, triton.next_power_of_2(M), x.stride(0), x.stride(1), lora_A.stride(0),
-            lora_A.stride(1),
+            x, lora_A, s, s, s, s, M, K, R, triton.next_power_of_2(M), x.stride(0), x.stride(1), lora_A.stride(0),
+            lora_A.stride(1), 0,
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
             DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(x.dtype, on_cpu), DOT_PRECISION=dot_precision(x.dtype),
-            BLOCK_R=_rank_block(R))
+            BLOCK_R=_rank_block(R), MIXED=False)
     if col_scale is not None:
         col_scale = col_scale.to(torch.float32).contiguous()
     lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling, variant=variant, col_scale=col_scale, pre=pre)
@@ -666,10 +739,11 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks, col_splits), on_cpu,
             dy, lora_B, s, ds_part, db_part, dbias_part, col_scale if dora else db_part,
             pre.contiguous() if pre is not None else db_part, dm_part, dz if dz is not None else db_part,
+            db_part, db_part, db_part,
             M, N, R, triton.next_power_of_2(M), cols_per_split,
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), scaling,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), 0, scaling,
             HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r,
-            COL_SCALE=dora, HAS_DM=pre is not None, WRITE_DZ=dz is not None)
+            COL_SCALE=dora, HAS_DM=pre is not None, WRITE_DZ=dz is not None, MIXED=False)
     ds = ds_part.sum(0) if col_splits > 1 else ds_part[0]
     if needs_db:
         db = db_part.sum(0).to(lora_B.dtype)
@@ -686,9 +760,9 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
         da_part = new_output((splits, R, K), torch.float32, device)
         launch(_da_tuned, _lora_bwd_da_kernel, DA_DEFAULT, INTERPRET_DA,
                 lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits), on_cpu,
-                x, ds, da_part, M, K, R, triton.next_power_of_2(M), rows_per_split, x.stride(0), x.stride(1),
-                seed, dropout_p, keep_scale,
-                DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r)
+                x, ds, da_part, da_part, da_part, da_part, M, K, R, triton.next_power_of_2(M), rows_per_split,
+                x.stride(0), x.stride(1), seed, dropout_p, keep_scale,
+                DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r, MIXED=False)
         da = da_part.sum(0).to(lora_A.dtype)
 
     if needs_dx:
@@ -696,6 +770,145 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
         lora_gemm(dz if dz is not None else dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p,
                   variant=variant)
     return dx, da, db, dbias, dm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixed-adapter batches: the rows of each adapter (and the base's) in tiles of MIXED_TILE rows, -1 padding each
+# adapter's last tile; every kernel takes a tile's rows from the table, so nothing is gathered or sorted in memory.
+# ----------------------------------------------------------------------------------------------------------
+
+INTERPRET_MIXED_TILE = INTERPRET_GEMM["BLOCK_M"]  # (= INTERPRET_DY_BLOCK_M)
+INTERPRET_MIXED_DA_BLOCK_K = 32
+MIXED_DA_BLOCK_K = 64
+
+
+@dataclass
+class MixedTiles:
+    rows: torch.Tensor  # (tiles · tile,) int32 row ids, -1 for padding
+    tile_adapter: torch.Tensor  # (tiles,) int32, -1: the base alone
+    tiles: int
+    tile: int
+
+
+@dataclass
+class MixedLaunch:
+    """One mixed GEMM launch: the tiles, each tile's low-rank scale and dropout rate, and the stride between the
+    stacked adapters' ``up`` operands."""
+    rows: torch.Tensor
+    tile_adapter: torch.Tensor
+    tile_scale: torch.Tensor
+    tile_p: torch.Tensor
+    tiles: int
+    tile: int
+    stride_ua: int
+
+
+def mixed_tiles(index: torch.Tensor, n: int, device) -> MixedTiles:
+    """Tiles for a mixed batch's per-row adapter index (-1 = base): each adapter's rows in order, padded to whole
+    tiles (read on the host once)."""
+    tile = INTERPRET_MIXED_TILE if torch.device(device).type == "cpu" else MIXED_TILE
+    host = index.cpu().to(torch.int64)
+    rows, adapters = [], []
+    for a in range(-1, n):
+        ids = (host == a).nonzero().flatten().to(torch.int32)
+        if ids.numel() == 0:
+            continue
+        count = -(-ids.numel() // tile)
+        rows.append(torch.cat([ids, torch.full((count * tile - ids.numel(),), -1, dtype=torch.int32)]))
+        adapters += [a] * count
+    rows_t = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int32)
+    return MixedTiles(rows_t.to(device), torch.tensor(adapters, dtype=torch.int32, device=device), len(adapters), tile)
+
+
+def _per_tile(tiles: MixedTiles, values, device) -> torch.Tensor:
+    """A per-adapter value for each tile (0 for base tiles), fp32."""
+    host = tiles.tile_adapter.cpu().tolist()
+    return torch.tensor([values[a] if a >= 0 else 0.0 for a in host], dtype=torch.float32, device=device)
+
+
+def lora_mixed_fwd(x, weight, bias, A_stack, B_stack, scalings, dropout_ps, seed: int, tiles: MixedTiles):
+    """Forward of a mixed batch: y (M, N) and S (M, R) fp32, with A_stack (n, R, K) and B_stack (n, N, R) the
+    adapters stacked (ranks zero-padded to R), ``scalings`` and ``dropout_ps`` per adapter."""
+    M, K = x.shape
+    N = weight.shape[0]
+    n, R, _ = A_stack.shape
+    device, on_cpu = x.device, x.device.type == "cpu"
+    s = new_output((M, R), torch.float32, device)
+    y = new_output((M, N), x.dtype, device)
+    if M == 0:
+        return y, s
+    tile_p = _per_tile(tiles, dropout_ps, device)
+    dropout = max(dropout_ps) > 0.0
+    block_k = 32 if on_cpu else 64
+    _lora_shrink_kernel[(tiles.tiles,)](
+        x, A_stack, s, tiles.rows, tiles.tile_adapter, tile_p, M, K, R, triton.next_power_of_2(M),
+        x.stride(0), x.stride(1), A_stack.stride(1), A_stack.stride(2), A_stack.stride(0),
+        seed, 0.0, 1.0,
+        DROPOUT=dropout, COMPUTE=compute_dtype(x.dtype, on_cpu), DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_M=tiles.tile, BLOCK_K=block_k, BLOCK_R=_rank_block(R), MIXED=True,
+        **({} if on_cpu else dict(num_warps=4, num_stages=3)))
+    gemm_tiles = MixedLaunch(tiles.rows, tiles.tile_adapter, _per_tile(tiles, scalings, device), tile_p, tiles.tiles,
+                             tiles.tile, B_stack.stride(0))
+    lora_gemm(x, weight.t(), s, B_stack[0].t(), bias, y, 1.0, mixed=gemm_tiles)  # (dropout was S's, in the shrink)
+    return y, s
+
+
+def lora_mixed_bwd(dy, x, weight, A_stack, B_stack, s, scalings, dropout_ps, seed: int, tiles: MixedTiles,
+                   needs_dx: bool, needs_dab: bool, needs_dbias: bool):
+    """Backward of a mixed batch: (dx, dA_stack (n, R, K), dB_stack (n, N, R), dbias), each None where not needed;
+    every adapter's gradients summed over its own tiles only."""
+    M, N = dy.shape
+    n, R, K = A_stack.shape
+    device, on_cpu = dy.device, dy.device.type == "cpu"
+    precision, compute = dot_precision(dy.dtype), compute_dtype(dy.dtype, on_cpu)
+    block_r = _rank_block(R)
+    dx = da = db = dbias = None
+    if M == 0:
+        return (torch.zeros((0, K), dtype=dy.dtype, device=device) if needs_dx else None,
+                torch.zeros_like(A_stack, dtype=torch.float32) if needs_dab else None,
+                torch.zeros_like(B_stack, dtype=torch.float32) if needs_dab else None,
+                torch.zeros(N, dtype=dy.dtype, device=device) if needs_dbias else None)
+    dropout = max(dropout_ps) > 0.0
+    tile_p = _per_tile(tiles, dropout_ps, device)
+    quantum = INTERPRET_DY["BLOCK_N"] if on_cpu else max(c.kwargs["BLOCK_N"] for c in DY_CONFIGS)
+    col_splits = max(1, min(triton.cdiv(N, quantum), (2 * _num_sms(device)) // max(1, tiles.tiles)))
+    cols_per_split = triton.cdiv(triton.cdiv(N, col_splits), quantum) * quantum
+    col_splits = triton.cdiv(N, cols_per_split)
+    ds_part = new_output((col_splits, M, R), torch.float32, device)
+    db_part = new_output((tiles.tiles, N, R), torch.float32, device)
+    dbias_part = new_output((tiles.tiles, N), torch.float32, device) if needs_dbias else db_part
+    tile_scale = _per_tile(tiles, scalings, device)
+    launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (tiles.tiles, col_splits), on_cpu,
+           dy, B_stack, s, ds_part, db_part, dbias_part, db_part, db_part, db_part, db_part,
+           tiles.rows, tiles.tile_adapter, tile_scale,
+           M, N, R, triton.next_power_of_2(M), cols_per_split,
+           dy.stride(0), dy.stride(1), B_stack.stride(1), B_stack.stride(2), B_stack.stride(0), 1.0,
+           HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=tiles.tile, BLOCK_R=block_r,
+           COL_SCALE=False, HAS_DM=False, WRITE_DZ=False, MIXED=True)
+    ds = ds_part.sum(0) if col_splits > 1 else ds_part[0]
+    adapter_of_tile = tiles.tile_adapter.to(torch.long)
+    keep = adapter_of_tile >= 0  # the base's tiles add nothing to any adapter
+    if needs_dbias:
+        dbias = dbias_part.sum(0).to(dy.dtype)
+    if needs_dab:
+        db = torch.zeros((n, N, R), dtype=torch.float32, device=device).index_add_(
+            0, adapter_of_tile[keep], db_part[keep])
+        block_k = INTERPRET_MIXED_DA_BLOCK_K if on_cpu else MIXED_DA_BLOCK_K
+        da_part = new_output((tiles.tiles, R, K), torch.float32, device)
+        _lora_bwd_da_kernel[(triton.cdiv(K, block_k), tiles.tiles)](
+            x, ds, da_part, tiles.rows, tiles.tile_adapter, tile_p, M, K, R, triton.next_power_of_2(M), tiles.tile,
+            x.stride(0), x.stride(1), seed, 0.0, 1.0,
+            DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=tiles.tile, BLOCK_K=block_k,
+            BLOCK_R=block_r, MIXED=True, **({} if on_cpu else dict(num_warps=4, num_stages=3)))
+        da = torch.zeros((n, R, K), dtype=torch.float32, device=device).index_add_(
+            0, adapter_of_tile[keep], da_part[keep])
+    if needs_dx:
+        dx = new_output((M, K), dy.dtype, device)
+        keep_scale = _per_tile(tiles, [1.0 / (1.0 - p) for p in dropout_ps], device)
+        launch_dx = MixedLaunch(tiles.rows, tiles.tile_adapter, keep_scale, tile_p, tiles.tiles, tiles.tile,
+                                A_stack.stride(0))
+        lora_gemm(dy, weight, ds, A_stack[0], None, dx, 1.0, seed, max(dropout_ps), mixed=launch_dx)
+    return dx, da, db, dbias
 
 
 # DoRA's norm runs once per layer and step, reading W once: fixed tiles, the K range split to fill the GPU.

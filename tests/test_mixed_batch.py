@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import rel_err, tiny_llama
+from conftest import TRITON_DEVICE, rel_err, tiny_llama
 from torch import nn
 
 import fastpeft
@@ -215,9 +215,8 @@ def test_bad_functional_input_is_named_and_changes_nothing():
         fastpeft.lora_linear_mixed(x, w, None, As, [Bs[0], Bs[0]], [1.0, 1.0], torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="scalings must be a list of 2 entries"):
         fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0], torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="backend must be 'auto' or 'torch' for mixed batches"):
-        fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0, 1.0], torch.zeros(4, dtype=torch.long),
-                                   backend="triton")
+    with pytest.raises(fastpeft.BackendUnavailableError, match="(?s)backend 'cuda' cannot run.*forward-only"):
+        fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0, 1.0], torch.zeros(4, dtype=torch.long), backend="cuda")
 
 
 def test_mixed_batch_refuses_unknown_names_and_merged_layers():
@@ -262,3 +261,57 @@ def test_mixed_batch_under_autocast(tokens):
     assert y.dtype == torch.bfloat16
     want = layer(x, adapter_names=["a", "b", "__base__"])
     assert rel_err(y, want) <= 1e-2
+
+
+@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@pytest.mark.parametrize("B,T,K,N,ranks,p,dtype", [
+    (6, 5, 40, 36, [2, 4, 3], 0.0, torch.float32),   # rows scattered over three adapters and the base
+    (5, 16, 48, 40, [4, 16], 0.0, torch.float32),    # ranks padded to the largest
+    (4, 9, 40, 36, [3, 5], 0.3, torch.float32),      # dropout per adapter, masks regenerated in backward
+    (6, 7, 32, 40, [4, 8, 2], 0.0, torch.bfloat16),  # fp32 adapters on a bf16 base
+], ids=["scattered", "padded-ranks", "dropout", "bf16"])
+def test_triton_tiles_match_the_reference(B, T, K, N, ranks, p, dtype):
+    """The fused kernels with per-tile adapter tables: shrink, seeded GEMM, dY pass, dA and the dX GEMM each read a
+    tile's rows and adapter from the tables; every gradient against float64 with the kernels' own masks."""
+    device = TRITON_DEVICE
+    g = torch.Generator().manual_seed(B * T)
+    x = torch.randn(B, T, K, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(N, K, generator=g) / 5).to(device=device, dtype=dtype)
+    b = torch.randn(N, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    As, Bs = adapters(K, N, ranks, seed=B)
+    As = [a.detach().to(device).requires_grad_() for a in As]
+    Bs = [t.detach().to(device).requires_grad_() for t in Bs]
+    scalings, ps = [0.5 + i for i in range(len(ranks))], [p] * len(ranks)
+    index = torch.randint(-1, len(ranks), (B, T), generator=g).to(device)
+    y = fastpeft.lora_linear_mixed(x, w, b, As, Bs, scalings, index, ps, backend="triton", dropout_seed=3)
+    dy = torch.randn(y.shape, generator=g).to(device=device, dtype=dtype)
+    y.backward(dy)
+    keep = None
+    if p:
+        keep = [fastpeft.dropout_mask(3, (B * T, K), p, "triton", device).reshape(B, T, K).cpu()] * len(ranks)
+    x64, b64 = f64(x).cpu(), f64(b).cpu()
+    x64.retain_grad()
+    b64.retain_grad()
+    A64 = [t.detach().double().cpu().requires_grad_() for t in As]
+    B64 = [t.detach().double().cpu().requires_grad_() for t in Bs]
+    ref = fastpeft.lora_linear_mixed_reference(x64, w.double().cpu(), b64, A64, B64, scalings, index.cpu(), keep, ps)
+    ref.backward(dy.double().cpu())
+    budget = 1e-5 if dtype == torch.float32 else 1e-2
+    pairs = [(y, ref), (x.grad, x64.grad), (b.grad, b64.grad)]
+    pairs += [(t.grad, r.grad) for t, r in zip(As + Bs, A64 + B64, strict=True)]
+    for got, want in pairs:
+        if want is None:  # an adapter without rows
+            assert not got.abs().sum()
+        else:
+            assert rel_err(got, want) <= budget
+
+
+@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+def test_triton_refuses_dora_in_a_mixed_batch_by_name():
+    K, N = 8, 6
+    x, w = torch.randn(2, 4, K), torch.randn(N, K)
+    As, Bs = adapters(K, N, [2])
+    m = fastpeft.dora_weight_norm(w, As[0].detach(), Bs[0].detach(), 1.0)
+    with pytest.raises(fastpeft.BackendUnavailableError, match="DoRA adapters in a mixed batch run on the torch"):
+        fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0], torch.zeros(2, 4, dtype=torch.long), backend="triton",
+                                   magnitudes=[m])

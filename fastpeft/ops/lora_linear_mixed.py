@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..backends import refuse_double_backward, requested_backend, select_backend
+from ..backends import (
+    BackendUnavailableError,
+    not_supported_reasons,
+    refuse_double_backward,
+    requested_backend,
+    select_backend,
+)
 from ..checks import FLOAT_DTYPES, check_finite_number, check_probability, check_same_device
 from .lora_linear import (
     DROPOUT_SEED_LIMIT,
@@ -345,6 +351,97 @@ class _Meta:
     norms: list
     block: int | None = None  # the batched path: rows per sample
     sample_adapter: Tensor | None = None  # (B,) the adapter of each sample, -1 for the base
+    tiles: object = None  # the Triton path's tiles (kernels.MixedTiles)
+
+
+class _MixedLoraLinearTriton(torch.autograd.Function):
+    """A mixed batch on the Triton kernels (no DoRA): the adapters stacked (ranks zero-padded to the largest), the
+    rows in tiles of one adapter each, read through tables by the shrink, the seeded fused GEMM and the backward
+    kernels, with no gather of x and no scatter of y."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta, *adapter_tensors):
+        from ..kernels import lora_linear as kernels
+        n = len(meta.scalings)
+        lora_As, lora_Bs = adapter_tensors[:n], adapter_tensors[n:2 * n]
+        A_stack, B_stack = _stacked(lora_As, lora_Bs, x.dtype)
+        y, s = kernels.lora_mixed_fwd(x, weight, bias, A_stack, B_stack, meta.scalings, meta.dropout_ps, meta.seed,
+                                      meta.tiles)
+        ctx.meta = meta
+        ctx.save_for_backward(x if any(ctx.needs_input_grad[4:4 + 2 * n]) else None, weight, s, A_stack, B_stack,
+                              *adapter_tensors[:2 * n])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..kernels import lora_linear as kernels
+        refuse_double_backward("lora_linear_mixed", "run one adapter at a time (lora_linear), or ")
+        meta = ctx.meta
+        n = len(meta.scalings)
+        x, weight, s, A_stack, B_stack, *adapter_tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dx, da, db, dbias = kernels.lora_mixed_bwd(dy, x, weight, A_stack, B_stack, s, meta.scalings,
+                                                   meta.dropout_ps, meta.seed, meta.tiles, needs[0],
+                                                   any(needs[4:4 + 2 * n]), needs[2])
+        grads_A = [da[a, :t.shape[0]].to(t.dtype) if needs[4 + a] else None
+                   for a, t in enumerate(adapter_tensors[:n])]
+        grads_B = [db[a, :, :t.shape[1]].to(t.dtype) if needs[4 + n + a] else None
+                   for a, t in enumerate(adapter_tensors[n:2 * n])]
+        return (dx, None, dbias, None, *grads_A, *grads_B, *([None] * n))
+
+
+def _stacked(lora_As, lora_Bs, dtype):
+    """(n, R, K) and (n, N, R) stacks of the adapters in ``dtype``, ranks zero-padded to the largest R."""
+    r_max = max(a.shape[0] for a in lora_As)
+    A_stack = torch.zeros((len(lora_As), r_max, lora_As[0].shape[1]), dtype=dtype, device=lora_As[0].device)
+    B_stack = torch.zeros((len(lora_Bs), lora_Bs[0].shape[0], r_max), dtype=dtype, device=lora_Bs[0].device)
+    for a, (A, B) in enumerate(zip(lora_As, lora_Bs, strict=True)):
+        A_stack[a, :A.shape[0]] = A.detach()
+        B_stack[a, :, :B.shape[1]] = B.detach()
+    return A_stack, B_stack
+
+
+def _decode_reasons(x2d, weight, bias, lora_As, index, dropout, dora, needs_grad) -> list[str]:
+    """Why the CUDA decode kernel cannot run this mixed batch (beyond the device and the build); empty when it can."""
+    from .. import cuda_ext
+    reasons = []
+    if needs_grad:
+        reasons.append("the cuda backend is forward-only (inference): inputs require grad")
+    if dropout:
+        reasons.append("the cuda backend has no dropout (inference): use training=False")
+    if dora:
+        reasons.append("DoRA adapters in a mixed batch run on the torch backend")
+    if x2d.shape[0] > cuda_ext.MAX_DECODE_ROWS:
+        reasons.append(f"the cuda decode kernel serves M <= {cuda_ext.MAX_DECODE_ROWS} rows, got M={x2d.shape[0]}")
+    present = sorted({int(a) for a in index.tolist() if a != BASE_INDEX})
+    if present and len(present) * max(lora_As[a].shape[0] for a in present) > cuda_ext.MAX_DECODE_RANK:
+        reasons.append(f"the rows' adapters stack to more than {cuda_ext.MAX_DECODE_RANK} ranks")
+    dtypes = {x2d.dtype} | {lora_As[a].dtype for a in present}
+    if len(dtypes - {torch.float32}) > 1:
+        reasons.append("the adapters must share the base's dtype or be fp32")
+    return reasons
+
+
+def _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index):
+    """A mixed batch of at most 16 rows in one CUDA launch: the rows' adapters stacked (ranks zero-padded, each B
+    scaled), each row reading its own."""
+    from .. import cuda_ext
+    present = sorted({int(a) for a in index.tolist() if a != BASE_INDEX})
+    if not present:
+        return torch.nn.functional.linear(x2d, weight, bias)
+    dtype = lora_As[present[0]].dtype
+    rank = max(lora_As[a].shape[0] for a in present)
+    K, N = x2d.shape[1], weight.shape[0]
+    A_stack = torch.zeros((len(present), rank, K), dtype=dtype, device=x2d.device)
+    B_stack = torch.zeros((len(present), N, rank), dtype=dtype, device=x2d.device)
+    for i, a in enumerate(present):
+        A_stack[i, :lora_As[a].shape[0]] = lora_As[a].detach()
+        B_stack[i, :, :lora_Bs[a].shape[1]] = lora_Bs[a].detach() * scalings[a]
+    position = {a: i for i, a in enumerate(present)}
+    row_adapter = torch.tensor([position.get(int(a), BASE_INDEX) for a in index.tolist()], dtype=torch.int32,
+                               device=x2d.device)
+    return cuda_ext.lora_linear_decode(x2d.contiguous(), weight.contiguous(), bias, A_stack.view(-1, K),
+                                       B_stack.view(-1, rank), 1.0, row_adapter=row_adapter, adapter_rank=rank)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,7 +482,8 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
             to that adapter's rows when ``training``.
         adapter_index: integer tensor of x's leading shape: the adapter of each row, -1 for the base alone.
         magnitudes: None, or one DoRA magnitude (N,) or None per adapter.
-        backend: "auto" or "torch" (mixed batches run on the torch backend, on any device); None reads
+        backend: "auto", "torch" (any device) or "triton" (the fused kernels, reading each tile's rows and adapter
+            from tables; not with DoRA adapters); auto takes triton for CUDA tensors where it can run. None reads
             ``$FASTPEFT_BACKEND``.
     Returns (..., N). Differentiable in x, bias and every adapter's tensors; rows of adapter a update adapter a only.
     """
@@ -420,12 +518,32 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be a float tensor, got {x.dtype}")
     backend = requested_backend(backend)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch' for mixed batches (the fused Triton and CUDA kernels do "
-                         f"not take per-row adapters yet), got {backend!r}")
-    select_backend("torch", [x], LORA_LINEAR_BACKENDS)
+    tensors = [x, weight, *lora_As, *lora_Bs] + ([bias] if bias is not None else [])
+    dora = any(m is not None for m in magnitudes)
     x2d = x.reshape(-1, x.shape[-1])
     index = adapter_index.reshape(-1).to(torch.long)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (x, bias, *lora_As, *lora_Bs, *magnitudes))
+    decode_reasons = _decode_reasons(x2d, weight, bias, lora_As, index, training and max(dropout_ps) > 0.0, dora,
+                                     needs_grad)
+    if backend == "cuda":
+        reasons = not_supported_reasons("cuda", tensors) + decode_reasons
+        if reasons:
+            raise BackendUnavailableError("backend 'cuda' cannot run this call:\n  - " + "\n  - ".join(reasons))
+        return _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index).reshape(*x.shape[:-1], weight.shape[0])
+    if backend == "auto" and x.device.type == "cuda" and not decode_reasons and not not_supported_reasons("cuda",
+                                                                                                          tensors):
+        return _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index).reshape(*x.shape[:-1], weight.shape[0])
+    if backend == "triton":
+        if dora:
+            raise BackendUnavailableError("backend 'triton' cannot run this call:\n  - DoRA adapters in a mixed "
+                                          "batch run on the torch backend")
+        name = select_backend("triton", tensors, LORA_LINEAR_BACKENDS)
+    elif backend == "auto" and x.device.type == "cuda" and not dora \
+            and not not_supported_reasons("triton", tensors):
+        name = "triton"
+    else:
+        name = select_backend("torch", tensors, LORA_LINEAR_BACKENDS)
     ps = [float(p) if training else 0.0 for p in dropout_ps]
     seed = _seed_to_use(-1 if dropout_seed is None else int(dropout_seed), max(ps))
     norms, scales = [None] * n, [None] * n
@@ -436,7 +554,12 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
     block = None
     if all(m is None for m in magnitudes) and bool((index != BASE_INDEX).any()):
         block = sample_blocks(adapter_index)
-    if block is not None:  # one adapter per sample of >= MIN_BLOCK_ROWS rows: batched GEMMs
+    if name == "triton":
+        from ..kernels import lora_linear as kernels
+        meta = _Meta([], [float(s) for s in scalings], ps, seed, scales, norms,
+                     tiles=kernels.mixed_tiles(index, n, x.device))
+        y = _MixedLoraLinearTriton.apply(x2d, weight, bias, meta, *lora_As, *lora_Bs, *magnitudes)
+    elif block is not None:  # one adapter per sample of >= MIN_BLOCK_ROWS rows: batched GEMMs
         samples = adapter_index.reshape(adapter_index.shape[0], -1)[:, 0].to(torch.long)
         meta = _Meta([], [float(s) for s in scalings], ps, seed, scales, norms, block, samples)
         y = _MixedLoraLinearBlocks.apply(x2d, weight, bias, meta, *lora_As, *lora_Bs, *magnitudes)
