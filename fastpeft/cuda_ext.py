@@ -147,7 +147,7 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
     if reasons:
         raise ValueError("fastpeft cuda decode kernel: " + "; ".join(reasons))
     M, K = x.shape
-    N, R = lora_B.shape
+    N, R = weight.shape[0], lora_A.shape[0]  # (lora_B is (n·N, rank) for a stack)
     y = new_output((M, N), x.dtype, x.device)
     if M == 0:
         return y

@@ -315,3 +315,27 @@ def test_triton_refuses_dora_in_a_mixed_batch_by_name():
     with pytest.raises(fastpeft.BackendUnavailableError, match="DoRA adapters in a mixed batch run on the torch"):
         fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0], torch.zeros(2, 4, dtype=torch.long), backend="triton",
                                    magnitudes=[m])
+
+
+def test_the_cuda_decode_launch_gets_the_stacked_sizes(monkeypatch):
+    """What the CUDA decode kernel is handed for a mixed batch, checked on the CPU with a stand-in for fastpeft._C:
+    the layer's N, and R = adapters present × the largest rank (the stack's rows), not the stacked B's shape."""
+    import types
+
+    from fastpeft import cuda_ext
+    calls = []
+
+    class FakeC:
+        def lora_linear_decode(self, **kwargs):
+            calls.append(kwargs)
+    monkeypatch.setattr(cuda_ext, "load", lambda: (FakeC(), None))
+    monkeypatch.setattr(cuda_ext, "decode_reasons", lambda *args: [])
+    monkeypatch.setattr(cuda_ext, "_counters", lambda device, stream: torch.zeros(3, dtype=torch.int32))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+    K, N = 64, 48
+    As, Bs = adapters(K, N, [16, 8, 4, 2])
+    y = mixed._decode(torch.randn(5, K), torch.randn(N, K), torch.randn(N), As, Bs, [1.0, 2.0, 3.0, 4.0],
+                      torch.tensor([0, 1, 2, -1, 1]))
+    assert y.shape == (5, N)
+    launch = calls[-1]
+    assert (launch["M"], launch["K"], launch["N"], launch["R"], launch["adapter_rank"]) == (5, K, N, 3 * 16, 16)

@@ -401,9 +401,12 @@ def _stacked(lora_As, lora_Bs, dtype):
     return A_stack, B_stack
 
 
-def _decode_reasons(x2d, weight, bias, lora_As, index, dropout, dora, needs_grad) -> list[str]:
-    """Why the CUDA decode kernel cannot run this mixed batch (beyond the device and the build); empty when it can."""
+def _decode_reasons(x2d, lora_As, index, dropout, dora, needs_grad) -> list[str]:
+    """Why the CUDA decode kernel cannot run this mixed batch (beyond the device and the build); empty when it can.
+    (It takes x, W and b contiguous, and stacks the adapters itself.)"""
     from .. import cuda_ext
+    if x2d.shape[0] > cuda_ext.MAX_DECODE_ROWS:  # first: the rest reads the index
+        return [f"the cuda decode kernel serves M <= {cuda_ext.MAX_DECODE_ROWS} rows, got M={x2d.shape[0]}"]
     reasons = []
     if needs_grad:
         reasons.append("the cuda backend is forward-only (inference): inputs require grad")
@@ -411,14 +414,13 @@ def _decode_reasons(x2d, weight, bias, lora_As, index, dropout, dora, needs_grad
         reasons.append("the cuda backend has no dropout (inference): use training=False")
     if dora:
         reasons.append("DoRA adapters in a mixed batch run on the torch backend")
-    if x2d.shape[0] > cuda_ext.MAX_DECODE_ROWS:
-        reasons.append(f"the cuda decode kernel serves M <= {cuda_ext.MAX_DECODE_ROWS} rows, got M={x2d.shape[0]}")
     present = sorted({int(a) for a in index.tolist() if a != BASE_INDEX})
     if present and len(present) * max(lora_As[a].shape[0] for a in present) > cuda_ext.MAX_DECODE_RANK:
         reasons.append(f"the rows' adapters stack to more than {cuda_ext.MAX_DECODE_RANK} ranks")
-    dtypes = {x2d.dtype} | {lora_As[a].dtype for a in present}
-    if len(dtypes - {torch.float32}) > 1:
-        reasons.append("the adapters must share the base's dtype or be fp32")
+    dtypes = {lora_As[a].dtype for a in present}
+    if len(dtypes) > 1 or not dtypes <= {x2d.dtype, torch.float32}:
+        reasons.append(f"the rows' adapters must all have the base's dtype {x2d.dtype} or all be float32, got "
+                       f"{sorted(map(str, dtypes))}")
     return reasons
 
 
@@ -436,11 +438,12 @@ def _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index):
     B_stack = torch.zeros((len(present), N, rank), dtype=dtype, device=x2d.device)
     for i, a in enumerate(present):
         A_stack[i, :lora_As[a].shape[0]] = lora_As[a].detach()
-        B_stack[i, :, :lora_Bs[a].shape[1]] = lora_Bs[a].detach() * scalings[a]
+        B_stack[i, :, :lora_Bs[a].shape[1]] = lora_Bs[a].detach().float() * scalings[a]  # one rounding
     position = {a: i for i, a in enumerate(present)}
     row_adapter = torch.tensor([position.get(int(a), BASE_INDEX) for a in index.tolist()], dtype=torch.int32,
                                device=x2d.device)
-    return cuda_ext.lora_linear_decode(x2d.contiguous(), weight.contiguous(), bias, A_stack.view(-1, K),
+    return cuda_ext.lora_linear_decode(x2d.contiguous(), weight.contiguous(),
+                                       bias.contiguous() if bias is not None else None, A_stack.view(-1, K),
                                        B_stack.view(-1, rank), 1.0, row_adapter=row_adapter, adapter_rank=rank)
 
 
@@ -524,16 +527,14 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
     index = adapter_index.reshape(-1).to(torch.long)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (x, bias, *lora_As, *lora_Bs, *magnitudes))
-    decode_reasons = _decode_reasons(x2d, weight, bias, lora_As, index, training and max(dropout_ps) > 0.0, dora,
-                                     needs_grad)
-    if backend == "cuda":
-        reasons = not_supported_reasons("cuda", tensors) + decode_reasons
-        if reasons:
+    if backend == "cuda" or (backend == "auto" and x.device.type == "cuda"):
+        reasons = not_supported_reasons("cuda", tensors) + _decode_reasons(
+            x2d, lora_As, index, training and max(dropout_ps) > 0.0, dora, needs_grad)
+        if backend == "cuda" and reasons:
             raise BackendUnavailableError("backend 'cuda' cannot run this call:\n  - " + "\n  - ".join(reasons))
-        return _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index).reshape(*x.shape[:-1], weight.shape[0])
-    if backend == "auto" and x.device.type == "cuda" and not decode_reasons and not not_supported_reasons("cuda",
-                                                                                                          tensors):
-        return _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index).reshape(*x.shape[:-1], weight.shape[0])
+        if not reasons:
+            y = _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index)
+            return y.reshape(*x.shape[:-1], weight.shape[0])
     if backend == "triton":
         if dora:
             raise BackendUnavailableError("backend 'triton' cannot run this call:\n  - DoRA adapters in a mixed "
