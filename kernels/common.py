@@ -5,8 +5,9 @@ shared-memory need of each kernel here.
 
 How a LoRA-family variant plugs in (DoRA, mixed-adapter batches, a 4-bit base): as constexpr switches of the same
 kernels, not copies. ``_lora_gemm_kernel`` is split into seams for that: a prologue that seeds the accumulator with
-the low-rank product (where per-row-tile adapter pointers would be looked up), the K loop whose W tile load is the
-place a dequantising load goes, and an epilogue that scales, adds the bias and stores (where a per-column scale goes).
+the low-rank product (MIXED: each row tile's rows and adapter read from tables), the K loop whose W tile load is the
+place a dequantising load goes, and an epilogue that scales, adds the bias and stores (COL_SCALE: DoRA's per-column
+scale).
 """
 from __future__ import annotations
 

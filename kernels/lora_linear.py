@@ -221,8 +221,8 @@ def _lora_gemm_tma_kernel(
 @triton.jit
 def _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un, lr_scale,
                       COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr):
-    """This output tile's low-rank operands, lr_scale · l (BLOCK_M × R) and u (R × BLOCK_N), in the compute dtype.
-    Seam: mixed-adapter batches would pick this row tile's adapter (l, u, scale, rank) from a per-tile table here."""
+    """This output tile's low-rank operands, lr_scale · l (BLOCK_M × R) and u (R × BLOCK_N), in the compute dtype
+    (a mixed batch passes its tile's adapter's u and scale, read from the tile tables)."""
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
     lo = tl.load(l_ptr + rm_load[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
