@@ -148,6 +148,8 @@ class LoraAdapter(nn.Module):
         check_positive_int("r", r)
         check_finite_number("lora_alpha", lora_alpha)
         check_probability("lora_dropout", lora_dropout)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
         self.r, self.lora_alpha = int(r), lora_alpha
         self.lora_dropout, self.use_rslora = float(lora_dropout), bool(use_rslora)
 
@@ -305,11 +307,15 @@ class LoraLinear(nn.Module):
         if magnitude is None:
             return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                                backend=self.backend)
-        # DoRA. In eval mode the row norms are kept while W, A and B stay as they are; in training A and B change
-        # every step, and the op computes them (no (out, in) matrix). A trained magnitude may cross zero (as in
-        # PEFT): its values are the optimizer's, not a caller's, and are not checked.
+        # DoRA. In eval mode, with A and B not being trained, the row norms are kept while W, A and B stay as they
+        # are; otherwise the op computes them each call (no (out, in) matrix): A and B may change every step, by
+        # optimizers whose in-place kernels leave version counters alone (fused AdamW). A trained magnitude may cross
+        # zero (as in PEFT): its values are the optimizer's, not a caller's, and are not checked.
         norm = None
-        if not self.training and not torch.compiler.is_compiling():
+        training_adapter = torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)
+        if training_adapter:
+            a.forget_norm()
+        elif not self.training and not torch.compiler.is_compiling():
             norm = a.dora_norm(weight, lora_A, lora_B, self.backend)
         return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                            backend=self.backend, magnitude=magnitude, weight_norm=norm, _trained_magnitude=True)

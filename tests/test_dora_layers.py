@@ -377,3 +377,33 @@ def test_apply_lora_that_fails_part_way_changes_nothing():
         fastpeft.apply_lora(model, ["0", "1"], r=2, use_dora=True)
     assert all(p.requires_grad for p in model.parameters())
     assert all(type(m) is nn.Linear for m in model)
+
+
+def test_training_in_eval_mode_with_a_fused_optimizer_uses_fresh_norms():
+    """A fused AdamW step changes A and B without bumping their version counters; a model trained in eval mode (no
+    dropout wanted, an RL policy) must still see the new norms on every step, as PEFT does."""
+    torch.manual_seed(0)
+    layer = fastpeft.LoraLinear(nn.Linear(16, 8), r=4, lora_alpha=8, use_dora=True, init_lora_weights=False).eval()
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(x).pow(2).sum().backward()
+        optimizer.step()
+    a = layer.adapter
+    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                                    magnitude=a.lora_magnitude_vector)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_flags_must_be_bools():
+    with pytest.raises(TypeError, match="use_rslora must be a bool"):
+        fastpeft.LoraLinear(nn.Linear(8, 4), r=4, use_rslora="false")
+    w = torch.randn(6, 8)
+    a, b = torch.randn(2, 8), torch.randn(6, 2)
+    with pytest.raises(ValueError, match="weight_sq must be a float32 or float64"):
+        fastpeft.dora_weight_norm(w, a, b, 1.0, weight_sq=torch.ones(6, dtype=torch.float16))
+    with pytest.raises(ValueError, match="weight_sq must be finite and >= 0"):
+        fastpeft.dora_weight_norm(w, a, b, 1.0, weight_sq=-torch.ones(6))

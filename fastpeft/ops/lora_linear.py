@@ -108,11 +108,13 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, *, weight_sq=None, backend
     an error of about 1e-7·‖W_i‖² in fp32, so a row that the update nearly cancels (‖W_i + s B_i A‖ below ~1e-2
     ‖W_i‖) loses digits there; the kernel's tiles do not cancel."""
     _check_weights(weight, None, lora_A, lora_B, scaling)
-    if weight_sq is not None and (not isinstance(weight_sq, Tensor) or tuple(weight_sq.shape) != (weight.shape[0],)
-                                  or weight_sq.device != weight.device or not weight_sq.dtype.is_floating_point):
-        raise ValueError(f"weight_sq must be a float ({weight.shape[0]},) tensor on {weight.device} (‖W_i‖² per row), "
-                         f"got {getattr(weight_sq, 'shape', type(weight_sq).__name__)} "
-                         f"{getattr(weight_sq, 'dtype', '')}")
+    if weight_sq is not None:
+        if (not isinstance(weight_sq, Tensor) or tuple(weight_sq.shape) != (weight.shape[0],)
+                or weight_sq.device != weight.device or weight_sq.dtype not in (torch.float32, torch.float64)):
+            raise ValueError(f"weight_sq must be a float32 or float64 ({weight.shape[0]},) tensor on {weight.device} "
+                             f"(‖W_i‖² per row), got {getattr(weight_sq, 'shape', type(weight_sq).__name__)} "
+                             f"{getattr(weight_sq, 'dtype', '')}")
+        _check_values("weight_sq", weight_sq, "squared row norms of W")
     name = select_backend(backend, [weight, lora_A, lora_B], LORA_LINEAR_BACKENDS)
     with torch.no_grad():
         return _dora_norm_on(name, weight, lora_A, lora_B, float(scaling), weight_sq)
