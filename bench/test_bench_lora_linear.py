@@ -22,7 +22,11 @@ CANDIDATES = ["nn.Linear", "fastpeft[torch]", "fastpeft[triton]", "peft"]
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["nodrop", "drop0.1"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_lora_linear(benchmark, shape, dropout, candidate, mode):
-    layers = cases.make_candidates(shape, DTYPE, DEVICE, dropout)
+    _time(benchmark, cases.make_candidates(shape, DTYPE, DEVICE, dropout), candidate, shape, mode)
+
+
+def _time(benchmark, layers, candidate, shape, mode):
+    """Time one candidate's ``mode`` step under pytest-benchmark, with its peak (and saved) memory in extra_info."""
     if candidate not in layers:
         pytest.skip(f"{candidate} cannot run on {DEVICE} here")
     x = torch.randn(shape.M, shape.K, device=DEVICE, dtype=DTYPE, requires_grad=True)
@@ -32,6 +36,7 @@ def test_lora_linear(benchmark, shape, dropout, candidate, mode):
         step = _synchronized(step)
     step()  # warm-up (and Triton autotuning) outside the timing
     benchmark.extra_info["peak_mib"] = cases.peak_memory_mb(step, DEVICE)
+    benchmark.extra_info["saved_mib"] = cases.saved_mb(layers[candidate], x)
     benchmark.extra_info["device"] = cases.device_description(DEVICE)
     benchmark(step)
 
@@ -50,16 +55,4 @@ DORA_CANDIDATES = ["fastpeft DoRA[torch]", "fastpeft DoRA[triton]", cases.DORA_R
 @pytest.mark.parametrize("candidate", DORA_CANDIDATES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dora(benchmark, shape, candidate, mode):
-    layers = cases.make_dora_candidates(shape, DTYPE, DEVICE, 0.0)
-    if candidate not in layers:
-        pytest.skip(f"{candidate} cannot run on {DEVICE} here")
-    x = torch.randn(shape.M, shape.K, device=DEVICE, dtype=DTYPE, requires_grad=True)
-    dy = torch.randn(shape.M, shape.N, device=DEVICE, dtype=DTYPE)
-    step = cases.make_step(layers[candidate], x, dy, mode)
-    if DEVICE == "cuda":
-        step = _synchronized(step)
-    step()
-    benchmark.extra_info["peak_mib"] = cases.peak_memory_mb(step, DEVICE)
-    benchmark.extra_info["saved_mib"] = cases.saved_mb(layers[candidate], x)
-    benchmark.extra_info["device"] = cases.device_description(DEVICE)
-    benchmark(step)
+    _time(benchmark, cases.make_dora_candidates(shape, DTYPE, DEVICE, 0.0), candidate, shape, mode)
