@@ -12,7 +12,7 @@ from torch import nn
 from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
 from .ops.adapter_bottleneck import adapter_bottleneck
-from .ops.lora_linear import DORA_EPS, dora_weight_norm, lora_linear
+from .ops.lora_linear import DORA_EPS, dora_weight_norm, lora_linear, weight_sq_norm
 from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
 
 BASE_ADAPTER = "__base__"  # in adapter_names: a sample that takes no adapter (HF PEFT's name)
@@ -139,10 +139,24 @@ class LoraAdapter(nn.Module):
         self._norm_cache = None if key is None else (key + (self.scaling,), norm)
         return norm
 
+    def weight_sq(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """‖W_i‖² of the frozen base weight, for the factored norm in training: kept while W keeps its storage and
+        version counter (until :meth:`forget_norm`); None for tensors that have neither."""
+        try:
+            key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
+        except RuntimeError:
+            return None
+        cached = getattr(self, "_weight_sq_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, weight_sq_norm(weight.detach()))
+            self._weight_sq_cache = cached
+        return cached[1]
+
     def forget_norm(self) -> None:
-        """Drop the kept DoRA norm: the next eval-mode call computes it (changes that bypass the version counters,
-        ``.data`` edits and fused optimizer steps, are only seen after this)."""
+        """Drop the kept DoRA norm and ‖W‖²: the next call computes them (changes that bypass the version counters,
+        ``.data`` edits, are only seen after this)."""
         self._norm_cache = None
+        self._weight_sq_cache = None
 
     def _set_hyperparameters(self, r, lora_alpha, lora_dropout, use_rslora):
         check_positive_int("r", r)
@@ -313,9 +327,13 @@ class LoraLinear(nn.Module):
         # zero (as in PEFT): its values are the optimizer's, not a caller's, and are not checked.
         norm = None
         training_adapter = torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)
-        if training_adapter:
-            a.forget_norm()
-        elif not self.training and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            pass  # the op computes the norms inside the graph
+        elif training_adapter:  # ‖W‖² kept (W is frozen), the rest of the factored norm each call
+            a._norm_cache = None
+            norm = dora_weight_norm(weight, lora_A.detach(), lora_B.detach(), a.scaling,
+                                    weight_sq=a.weight_sq(weight), backend=self.backend)
+        elif not self.training:
             norm = a.dora_norm(weight, lora_A, lora_B, self.backend)
         return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                            backend=self.backend, magnitude=magnitude, weight_norm=norm, _trained_magnitude=True)
