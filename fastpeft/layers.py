@@ -70,6 +70,16 @@ def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_
     return adapter
 
 
+def _version_key(*tensors) -> tuple | None:
+    """What identifies the values of ``tensors`` while nothing bypasses autograd's version counters: storage,
+    version, shape, dtype and device of each; None for tensors without storage or version counter (functorch's,
+    inference-mode ones)."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
+    except RuntimeError:
+        return None
+
+
 class LoraAdapter(nn.Module):
     """One named LoRA adapter of a layer: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r) and its scale;
     a DoRA adapter also has ``lora_magnitude_vector`` (out_features,), else that attribute is None."""
@@ -128,10 +138,7 @@ class LoraAdapter(nn.Module):
         """‖W + scaling·BA‖ per row, for eval mode: kept while W, A and B keep their storage and version counters,
         until :meth:`forget_norm` (``LoraLinear.train()`` / ``eval()`` call it); computed afresh, and not kept, for
         tensors that have neither (functorch's, inference-mode ones)."""
-        try:
-            key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in (weight, lora_A, lora_B))
-        except RuntimeError:
-            key = None
+        key = _version_key(weight, lora_A, lora_B)
         cached = getattr(self, "_norm_cache", None)
         if key is not None and cached is not None and cached[0] == key + (self.scaling,):
             return cached[1]
@@ -142,9 +149,8 @@ class LoraAdapter(nn.Module):
     def weight_sq(self, weight: torch.Tensor) -> torch.Tensor | None:
         """‖W_i‖² of the frozen base weight, for the factored norm in training: kept while W keeps its storage and
         version counter (until :meth:`forget_norm`); None for tensors that have neither."""
-        try:
-            key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype, weight.device)
-        except RuntimeError:
+        key = _version_key(weight)
+        if key is None:
             return None
         cached = getattr(self, "_weight_sq_cache", None)
         if cached is None or cached[0] != key:
@@ -322,9 +328,10 @@ class LoraLinear(nn.Module):
             return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                                backend=self.backend)
         # DoRA. In eval mode, with A and B not being trained, the row norms are kept while W, A and B stay as they
-        # are; otherwise the op computes them each call (no (out, in) matrix): A and B may change every step, by
-        # optimizers whose in-place kernels leave version counters alone (fused AdamW). A trained magnitude may cross
-        # zero (as in PEFT): its values are the optimizer's, not a caller's, and are not checked.
+        # are; otherwise they are computed each call (no (out, in) matrix; only the frozen W's ‖W‖² kept): A and B
+        # may change every step, by optimizers whose in-place kernels leave version counters alone (fused AdamW). A
+        # trained magnitude may cross zero (as in PEFT): its values are the optimizer's, not a caller's, and are not
+        # checked.
         norm = None
         training_adapter = torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)
         if torch.compiler.is_compiling():

@@ -788,6 +788,7 @@ class MixedTiles:
     tile_adapter: torch.Tensor  # (tiles,) int32, -1: the base alone
     tiles: int
     tile: int
+    adapters: list[int]  # tile_adapter on the host, for the per-tile values
 
 
 @dataclass
@@ -817,13 +818,13 @@ def mixed_tiles(index: torch.Tensor, n: int, device) -> MixedTiles:
         rows.append(torch.cat([ids, torch.full((count * tile - ids.numel(),), -1, dtype=torch.int32)]))
         adapters += [a] * count
     rows_t = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int32)
-    return MixedTiles(rows_t.to(device), torch.tensor(adapters, dtype=torch.int32, device=device), len(adapters), tile)
+    return MixedTiles(rows_t.to(device), torch.tensor(adapters, dtype=torch.int32, device=device), len(adapters), tile,
+                      adapters)
 
 
 def _per_tile(tiles: MixedTiles, values, device) -> torch.Tensor:
     """A per-adapter value for each tile (0 for base tiles), fp32."""
-    host = tiles.tile_adapter.cpu().tolist()
-    return torch.tensor([values[a] if a >= 0 else 0.0 for a in host], dtype=torch.float32, device=device)
+    return torch.tensor([values[a] if a >= 0 else 0.0 for a in tiles.adapters], dtype=torch.float32, device=device)
 
 
 def lora_mixed_fwd(x, weight, bias, A_stack, B_stack, scalings, dropout_ps, seed: int, tiles: MixedTiles):

@@ -5,11 +5,13 @@ DoRA adapter (a magnitude), its rows are ``(m_a / ‖W + s_a B_a A_a‖) ⊙ (x_
 Ranks, scalings and dropouts may differ between adapters; each adapter's gradients come from its own rows only, so
 several adapters train in one step exactly as each would alone on its rows.
 
-The torch backend groups the rows once per call: runs of equal index (a batch whose samples each take one adapter,
-the usual case) are contiguous views, used in place; an index that changes often is sorted instead, the rows gathered
-once and the results scattered back once. The base GEMM runs once over all rows; each group adds its low-rank term
-with two small GEMMs, and backward mirrors it (one base GEMM for dX, per group dS, dB, dA). Read top to bottom: the
-float64-checkable reference, the grouping, the autograd Function, checks and the public function.
+Backends: triton (the fused kernels' MIXED tiles, each tile's rows and adapter read from tables), cuda (decode: up
+to 16 rows, the rows' adapters stacked, one launch) and torch. The torch backend runs samples that each take one
+adapter over at least MIN_BLOCK_ROWS rows in batched GEMMs; otherwise it groups the rows once per call: runs of equal
+index are contiguous views, used in place; an index that changes often is sorted instead, the rows gathered once and
+the results scattered back once. The base GEMM runs once over all rows, in forward and for dX. Read top to bottom:
+the float64-checkable reference, the torch grouping and its autograd Functions, the Triton Function, the CUDA
+stacking, checks and the public function.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ..backends import (
     requested_backend,
     select_backend,
 )
-from ..checks import FLOAT_DTYPES, check_finite_number, check_probability, check_same_device
+from ..checks import check_finite_number, check_probability, check_same_device
 from .lora_linear import (
     DROPOUT_SEED_LIMIT,
     LORA_LINEAR_BACKENDS,
@@ -431,14 +433,10 @@ def _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index):
     present = sorted({int(a) for a in index.tolist() if a != BASE_INDEX})
     if not present:
         return torch.nn.functional.linear(x2d, weight, bias)
-    dtype = lora_As[present[0]].dtype
-    rank = max(lora_As[a].shape[0] for a in present)
-    K, N = x2d.shape[1], weight.shape[0]
-    A_stack = torch.zeros((len(present), rank, K), dtype=dtype, device=x2d.device)
-    B_stack = torch.zeros((len(present), N, rank), dtype=dtype, device=x2d.device)
-    for i, a in enumerate(present):
-        A_stack[i, :lora_As[a].shape[0]] = lora_As[a].detach()
-        B_stack[i, :, :lora_Bs[a].shape[1]] = lora_Bs[a].detach().float() * scalings[a]  # one rounding
+    # each B scaled in fp32, rounded once into the stack
+    A_stack, B_stack = _stacked([lora_As[a] for a in present],
+                                [lora_Bs[a].detach().float() * scalings[a] for a in present], lora_As[present[0]].dtype)
+    K, rank = x2d.shape[1], A_stack.shape[1]
     position = {a: i for i, a in enumerate(present)}
     row_adapter = torch.tensor([position.get(int(a), BASE_INDEX) for a in index.tolist()], dtype=torch.int32,
                                device=x2d.device)
@@ -518,8 +516,6 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
             raise type(err)(f"adapter {a}: {err}") from None
     _check_index(adapter_index, x, n)
     check_same_device({"x": x, "adapter_index": adapter_index})
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be a float tensor, got {x.dtype}")
     backend = requested_backend(backend)
     tensors = [x, weight, *lora_As, *lora_Bs] + ([bias] if bias is not None else [])
     dora = any(m is not None for m in magnitudes)
