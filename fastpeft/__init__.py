@@ -17,9 +17,11 @@ from .model import (
     lora_layers,
     merge_and_unload,
     mixed_batch,
+    quantize_nf4,
     remove_adapters,
     set_adapter,
 )
+from .nf4 import NF4Linear, NF4Weight
 from .ops import (
     adapter_bottleneck,
     adapter_bottleneck_reference,
@@ -37,10 +39,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError",
-    "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear",
+    "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear", "NF4Linear", "NF4Weight",
     "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
     "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets", "from_peft",
     "load_adapter", "lora_layers", "lora_linear", "lora_linear_mixed", "lora_linear_mixed_reference",
-    "lora_linear_reference", "merge_and_unload", "mixed_batch", "remove_adapters", "save_adapter", "set_adapter",
+    "lora_linear_reference", "merge_and_unload", "mixed_batch", "quantize_nf4", "remove_adapters", "save_adapter",
+    "set_adapter",
     "to_peft",
 ]

@@ -62,6 +62,11 @@ def decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
     return reasons
 
 
+def nf4_decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
+    """Why the decode kernel cannot run a call over a 4-bit (NF4) base weight."""
+    return ["the cuda decode kernel reads dense weights; over a 4-bit (NF4) base use the triton or torch backend"]
+
+
 # The decode kernels' counters (3 int32, zero between launches: the kernel's last block resets them). A launch must
 # never share them with one that may run at the same time: eager launches take their stream's own; a launch
 # captured in a CUDA graph takes a slot of its own, for good, from a pool made outside any capture (a graph's

@@ -11,6 +11,7 @@ from torch import nn
 
 from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
+from .nf4 import NF4Linear, bnb_problem, is_bnb_4bit
 from .ops.adapter_bottleneck import adapter_bottleneck
 from .ops.lora_linear import DORA_EPS, dora_weight_norm, lora_linear, weight_sq_norm
 from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
@@ -32,7 +33,25 @@ def _checked_backend(backend):
 
 def linear_wrap_problem(module) -> str | None:
     """Why a LoraLinear cannot stand in for ``module`` (None when it can): it computes ``x Wᵀ + b`` from the
-    stored weight itself, so the module must be an nn.Linear whose forward is exactly that and nothing more."""
+    stored weight itself, so the module must be an nn.Linear whose forward is exactly that and nothing more, or a 4-bit
+    base: a fastpeft :class:`NF4Linear`, or a bitsandbytes NF4 ``Linear4bit`` (which becomes an NF4Linear over the
+    same tensors)."""
+    if is_bnb_4bit(module) or type(module).__module__.startswith("bitsandbytes"):
+        problem = bnb_problem(module)
+    elif isinstance(module, NF4Linear):
+        problem = None if type(module).forward is NF4Linear.forward else (
+            f"a {type(module).__name__}, an NF4Linear subclass with its own forward (which LoRA would bypass)")
+    else:
+        problem = _dense_linear_problem(module)
+    if problem is None and (module._forward_hooks or module._forward_pre_hooks):
+        return "a linear layer with forward hooks, which LoRA would bypass"
+    if problem is None and "forward" in vars(module):
+        return ("a linear layer whose forward was replaced on the instance (accelerate's hooks do that), which LoRA "
+                "would bypass")
+    return problem
+
+
+def _dense_linear_problem(module) -> str | None:
     if not isinstance(module, nn.Linear):
         return f"a {type(module).__name__}, not an nn.Linear"
     if type(module).forward is not nn.Linear.forward:
@@ -48,10 +67,14 @@ def linear_wrap_problem(module) -> str | None:
     return None
 
 
-def _check_base(base) -> None:
+def _checked_base(base) -> nn.Module:
+    """``base`` as a LoraLinear's base layer: an nn.Linear or NF4Linear as it is, a bitsandbytes NF4 ``Linear4bit``
+    as the NF4Linear over its tensors."""
     problem = linear_wrap_problem(base)
     if problem is not None:
-        raise TypeError(f"base must be an nn.Linear (without a forward of its own), got {problem}")
+        raise TypeError(f"base must be an nn.Linear (without a forward of its own) or a 4-bit NF4 layer "
+                        f"(fastpeft.NF4Linear, bitsandbytes Linear4bit), got {problem}")
+    return NF4Linear.from_bnb(base) if is_bnb_4bit(base) else base
 
 
 def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, autocast_adapter_dtype,
@@ -60,6 +83,9 @@ def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_
     with ``use_dora``, DoRA's magnitude initialised from ``base``'s weight."""
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+    if use_dora and isinstance(base, NF4Linear):
+        raise ValueError("DoRA (use_dora=True) over a 4-bit (NF4) base is not supported: use plain LoRA over it, or "
+                         "dequantise the base first (NF4Linear.dequantized())")
     dtype = base.weight.dtype
     if autocast_adapter_dtype and dtype in HALF_DTYPES:
         dtype = torch.float32
@@ -220,7 +246,7 @@ class LoraLinear(nn.Module):
                  init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True, backend=None,
                  use_dora=False):
         super().__init__()
-        _check_base(base)
+        base = _checked_base(base)
         _check_adapter_name(adapter_name)
         adapter = _new_adapter(base, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
                                autocast_adapter_dtype, use_dora)
@@ -233,9 +259,10 @@ class LoraLinear(nn.Module):
                       backend=None) -> LoraLinear:
         """A layer around ``base`` holding the given adapters themselves (their parameters are not copied).
 
-        ``base.weight`` must be frozen already (its bias may train); nothing is changed on ``base``.
+        ``base.weight`` must be frozen already (its bias may train); nothing is changed on ``base`` (a bitsandbytes
+        NF4 ``Linear4bit`` becomes the NF4Linear over its tensors).
         """
-        _check_base(base)
+        base = _checked_base(base)
         if base.weight.requires_grad:
             raise ValueError("base.weight must be frozen (requires_grad=False)")
         if not adapters:
@@ -362,6 +389,9 @@ class LoraLinear(nn.Module):
                              f"{BASE_ADAPTER!r} for none)")
         if self.merged:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before a mixed batch")
+        if isinstance(self.base_layer, NF4Linear):
+            raise ValueError("mixed-adapter batches over a 4-bit (NF4) base are not supported: run one adapter at a "
+                             "time (set_adapter)")
         if not self.adapters_enabled:
             return self.base_layer(x)
         used = [n for n in dict.fromkeys(adapter_names) if n in self.adapters]
@@ -457,6 +487,10 @@ class LoraLinear(nn.Module):
         if self.merged:
             warnings.warn("LoraLinear.merge: the adapter is already merged; nothing done", stacklevel=2)
             return
+        if isinstance(self.base_layer, NF4Linear):
+            raise RuntimeError("merging into a 4-bit (NF4) base would requantise it, losing the update's precision: "
+                               "fastpeft.merge_and_unload gives an nn.Linear with the dequantised weight and the "
+                               "adapter merged")
         weight = self.base_layer.weight
         adapter = self.adapter
         delta = adapter.delta_weight()

@@ -7,7 +7,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .backends import requested_backend
 from .layers import (
@@ -20,6 +21,7 @@ from .layers import (
     _new_adapter,
     linear_wrap_problem,
 )
+from .nf4 import DEFAULT_BLOCKSIZE, NF4Linear, quantize_nf4_weight
 
 
 def _inside_lora_layer(name: str, lora_prefixes: list[str]) -> bool:
@@ -220,21 +222,72 @@ def mixed_batch(model: nn.Module, adapter_names):
             layer.batch_adapter_names = previous[name]
 
 
+def quantize_nf4(module: nn.Module | Tensor, *, blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = True,
+                 dtype: torch.dtype | None = None, skip_modules=("lm_head",)):
+    """Quantise to NF4: a weight tensor gives an :class:`NF4Weight`; an ``nn.Linear`` an :class:`NF4Linear`; any
+    other module has every plain ``nn.Linear`` inside it replaced by an NF4Linear, in place (all quantised before
+    the first is replaced), except those whose name, or last name part, is in ``skip_modules`` (the output head by
+    default, as QLoRA leaves it); returns the module. ``dtype``: the compute dtype (default: each weight's own)."""
+    if isinstance(module, Tensor):
+        return quantize_nf4_weight(module, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module or a weight tensor, got {type(module).__name__}")
+    if isinstance(module, nn.Linear):
+        problem = linear_wrap_problem(module)
+        if problem is not None:
+            raise TypeError(f"cannot quantise {problem}")
+        return NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
+    if isinstance(skip_modules, str):
+        skip_modules = (skip_modules,)
+    lora = [n for n, m in module.named_modules() if isinstance(m, LoraLinear)]
+    chosen = {name: m for name, m in module.named_modules()
+              if isinstance(m, nn.Linear) and linear_wrap_problem(m) is None
+              and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
+              and not any(name.startswith(p + ".") for p in lora)
+              and name not in skip_modules and name.rpartition(".")[2] not in skip_modules}
+    if not chosen:
+        raise ValueError("quantize_nf4: the module has no plain nn.Linear layers to quantise")
+    built = {name: NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
+             for name, m in chosen.items()}
+    for name, layer in built.items():
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, layer)
+    return module
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer's update into its base weight and put the plain ``nn.Linear`` back.
 
     Returns the model (or the bare ``nn.Linear`` when ``model`` itself is a LoraLinear). Base parameters
-    stay frozen, as they were under LoRA.
+    stay frozen, as they were under LoRA. A 4-bit (NF4) base is dequantised, not requantised: its layer becomes an
+    ``nn.Linear`` in the NF4 layer's compute dtype holding W + the merged update (requantising would lose most of a
+    LoRA update's precision; :func:`quantize_nf4` does it on request). Those dense layers are all built before the
+    model changes.
     """
     if isinstance(model, LoraLinear):
-        if not model.merged:
-            model.merge()
-        return model.base_layer
-    for name, layer in lora_layers(model).items():
-        if not layer.merged:
-            layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+        return _merged_base(model)
+    layers = lora_layers(model)
+    dense = {name: _dequantized_merged(layer) for name, layer in layers.items() if isinstance(layer.base_layer,
+                                                                                               NF4Linear)}
+    for name, layer in layers.items():
+        _set_submodule(model, name, dense[name] if name in dense else _merged_base(layer))
     return model
+
+
+def _merged_base(layer: LoraLinear) -> nn.Module:
+    if isinstance(layer.base_layer, NF4Linear):
+        return _dequantized_merged(layer)
+    if not layer.merged:
+        layer.merge()
+    return layer.base_layer
+
+
+def _dequantized_merged(layer: LoraLinear) -> nn.Linear:
+    """An nn.Linear with a 4-bit layer's weight dequantised and its active adapter merged (the layer unchanged)."""
+    dense = layer.base_layer.dequantized()
+    merged = LoraLinear.from_adapters(dense, dict(layer.adapters), layer.active_adapter)
+    merged.merge()
+    return dense
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .layers import AdaptedModule, LoraAdapter, LoraLinear
 from .model import _set_submodule, lora_layers
+from .nf4 import NF4Linear, bnb_problem
 from .peft_io import peft_lora_config
 
 
@@ -37,20 +38,35 @@ def _active_adapters(layer) -> list[str]:
     return [name for name in layer.active_adapters if name in layer.lora_A]
 
 
+def _peft_4bit_layer(layer) -> bool:
+    """Whether ``layer`` is PEFT's LoRA layer for bitsandbytes 4-bit bases (``peft.tuners.lora.bnb.Linear4bit``)."""
+    kind = type(layer)
+    return kind.__module__ == "peft.tuners.lora.bnb" and kind.__name__ == "Linear4bit"
+
+
 def _layer_problems(layer) -> list[str]:
     """Why a PEFT tuner layer cannot become a LoraLinear with identical behaviour; empty when it can."""
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    if type(layer) is not PeftLoraLinear:
-        return [f"{type(layer).__module__}.{type(layer).__qualname__} (fastpeft converts LoRA on nn.Linear only)"]
+    if type(layer) is not PeftLoraLinear and not _peft_4bit_layer(layer):
+        return [f"{type(layer).__module__}.{type(layer).__qualname__} (fastpeft converts LoRA on nn.Linear and on "
+                "bitsandbytes NF4 layers only)"]
     problems = []
     base = layer.base_layer
-    if not isinstance(base, nn.Linear) or isinstance(base, nn.modules.linear.NonDynamicallyQuantizableLinear):
+    # (PEFT wraps a bitsandbytes layer in its generic Linear on a CPU, in its bnb.Linear4bit on a GPU)
+    if type(base).__module__.startswith("bitsandbytes"):
+        if (problem := bnb_problem(base)) is not None:
+            problems.append(f"base layer is {problem}")
+        if layer.merged_adapters:
+            problems.append("an adapter is merged into a 4-bit base (requantised by PEFT); unmerge it first")
+        if any(layer.use_dora.get(name) for name in layer.lora_A):
+            problems.append("DoRA over a 4-bit base (fastpeft runs plain LoRA over it)")
+    elif not isinstance(base, nn.Linear) or isinstance(base, nn.modules.linear.NonDynamicallyQuantizableLinear):
         problems.append(f"base layer is a {type(base).__name__}, not a plain nn.Linear")
     elif not base.weight.dtype.is_floating_point:
         problems.append(f"base weight has dtype {base.weight.dtype} (quantized bases are not supported)")
     elif base.weight.requires_grad:
         problems.append("base weight is trainable (fastpeft keeps it frozen)")
-    if layer.fan_in_fan_out:
+    if getattr(layer, "fan_in_fan_out", False):
         problems.append("fan_in_fan_out=True (transposed Conv1D weights)")
     if len(layer.lora_embedding_A):
         problems.append("LoRA on embeddings")
@@ -194,8 +210,11 @@ def to_peft(model: nn.Module):
         fields = {k: v for k, v in fields.items() if k != "peft_type"}
         configs[adapter_name] = peft.LoraConfig(**{**fields, "inference_mode": False})
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    for name, layer in layers.items():
-        _set_submodule(model, name, layer.base_layer)
+    # A 4-bit base goes to PEFT as the bitsandbytes Linear4bit over the same tensors (PEFT's LoRA layer for it).
+    bases = {name: layer.base_layer.to_bnb() if isinstance(layer.base_layer, NF4Linear) else layer.base_layer
+             for name, layer in layers.items()}
+    for name, base in bases.items():
+        _set_submodule(model, name, base)
     try:
         first, *others = adapter_names
         peft_model = peft.get_peft_model(model, configs[first], adapter_name=first)

@@ -32,6 +32,7 @@ from .backends import requested_backend
 from .checks import is_finite_number, is_positive_int, is_probability
 from .layers import LoraLinear, _check_adapter_name, _new_adapter
 from .model import _freeze_all_but_adapters, _set_submodule, layers_with_adapter, lora_layers, lora_wrap_problem
+from .nf4 import NF4Linear, is_bnb_4bit
 
 try:
     import fcntl
@@ -539,7 +540,7 @@ def _all_linear(model: nn.Module, config: dict) -> list[str]:
         if head is None and config.get("task_type") == "SEQ_CLS":
             head = next((getattr(model, n) for n in ("score", "classifier") if getattr(model, n, None) is not None),
                         None)
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear)) and m is not head]
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear, NF4Linear)) and m is not head]
 
 
 def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, list[str]]:
@@ -595,7 +596,10 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         if r != want_r:
             problems.append(f"{name}: the weights have rank {r}, the config gives it rank {want_r}")
         m = pair.get("lora_magnitude_vector")
-        if m is not None:
+        if m is not None and (isinstance(base, NF4Linear) or is_bnb_4bit(base)):
+            problems.append(f"{name}: a DoRA adapter over a 4-bit base, which fastpeft does not run (LoRA over it "
+                            "does)")
+        elif m is not None:
             if tuple(m.shape) != (base.out_features,):
                 problems.append(f"{name}: lora_magnitude_vector {tuple(m.shape)} does not fit out_features="
                                 f"{base.out_features}")

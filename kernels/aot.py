@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
 M, K, N, R = 8192, 4096, 4096, 16
-ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i8": 1, "i32": 4}
+ELEMENT_SIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "i8": 1, "u8": 1, "i32": 4}
 
 
 def _launches():
@@ -41,15 +41,23 @@ def _launches():
     from . import adapter_bottleneck as adapter
     from . import lora_linear as lora
 
+    # the base weight's quantisation arguments: none (dense), or NF4 with double-quantised absmaxes
+    dense_weight = dict(absmax_ptr="fp32", code_ptr="fp32", absmax_code_ptr="fp32", absmax_scale_ptr="fp32",
+                        absmax_offset_ptr="fp32")
+    dense = dict(NF4=False, NESTED=False, QBLOCK=64, QBLOCK2=256, ALIGNED=0)
+    nf4_weight = dict(dense_weight, b_ptr="u8", absmax_ptr="u8")
+    nf4 = dict(NF4=True, NESTED=True, QBLOCK=64, QBLOCK2=256, ALIGNED=1)
     bf16_gemm_fwd = dict(
         a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
         pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
-        M=M, N=N, K=K, R=R, M_BUCKET=M, TILED_M=M,
+        **dense_weight, M=M, N=N, K=K, R=R, M_BUCKET=M, TILED_M=M,
         stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
         stride_ua=N * R, stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
                         EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
-                        MIXED=False))
+                        MIXED=False, **dense))
+    # a 4-bit (NF4, double-quantised) base: W's packed codes dequantised as the K loop loads them
+    nf4_gemm_fwd = dict(bf16_gemm_fwd, **nf4_weight, constexprs=dict(bf16_gemm_fwd["constexprs"], **nf4))
     # a mixed-adapter batch: row tiles read through the tables, each tile's adapter from the stack
     mixed_gemm_fwd = dict(bf16_gemm_fwd, TILED_M=M + 64 * 63, constexprs=dict(bf16_gemm_fwd["constexprs"], MIXED=True))
     # DoRA: the column scale in the epilogue, the unscaled product kept for dm
@@ -63,12 +71,14 @@ def _launches():
     bf16_gemm_dx = dict(
         a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
         pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
-        M=M, N=K, K=N, R=R, M_BUCKET=M, TILED_M=M,
+        **dense_weight, M=M, N=K, K=N, R=R, M_BUCKET=M, TILED_M=M,
         stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_lm=R, stride_lr=1, stride_ur=K, stride_un=1,
         stride_ua=R * K, stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
         constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
                         EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
-                        MIXED=False))
+                        MIXED=False, **dense))
+    nf4_gemm_dx = dict(bf16_gemm_dx, **nf4_weight,
+                       constexprs=dict(bf16_gemm_dx["constexprs"], **dict(nf4, ALIGNED=2)))
     mixed_gemm_dx = dict(bf16_gemm_dx, TILED_M=M + 64 * 63, constexprs=dict(bf16_gemm_dx["constexprs"], MIXED=True))
     shrink = dict(
         x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
@@ -147,6 +157,8 @@ def _launches():
         ("_lora_gemm_kernel", "forward, mixed adapters", mixed_gemm_fwd, as_dicts(lora.MIXED_GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "backward dX, mixed adapters", mixed_gemm_dx, as_dicts(lora.MIXED_GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "backward dX", bf16_gemm_dx, as_dicts(lora.GEMM_CONFIGS)),  # with dropout
+        ("_lora_gemm_kernel", "forward, NF4 base", nf4_gemm_fwd, as_dicts(lora.NF4_GEMM_CONFIGS)),
+        ("_lora_gemm_kernel", "backward dX, NF4 base", nf4_gemm_dx, as_dicts(lora.NF4_GEMM_CONFIGS)),
         ("_lora_gemm_kernel", "low-rank pass onto cuBLAS", lowrank_pass, as_dicts(lora.LOWRANK_PASS_CONFIGS)),
         ("_lora_gemm_tma_kernel", "forward, tma", tma_fwd, as_dicts(lora.TMA_GEMM_CONFIGS)),
         ("_lora_gemm_tma_kernel", "forward, DoRA, tma", tma_dora_fwd, as_dicts(lora.TMA_GEMM_CONFIGS)),

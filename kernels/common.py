@@ -71,22 +71,99 @@ def tile_indices(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
+def nf4_absmax(block, mask, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, NESTED: tl.constexpr,
+               QBLOCK2: tl.constexpr):
+    """The fp32 absmax of NF4 blocks ``block`` (any shape); NESTED: absmax_code[q2] · absmax_scale[block // QBLOCK2]
+    + offset, in fp32 (as ``NF4Weight.block_absmax``)."""
+    if NESTED:
+        q2 = tl.load(absmax_ptr + block, mask=mask, other=0)
+        absmax = tl.load(absmax_code_ptr + q2) * tl.load(absmax_scale_ptr + block // QBLOCK2, mask=mask, other=0.0)
+        absmax += tl.load(absmax_offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
+def nf4_tile(packed_ptr, idx, mask, absmax, code_ptr, W_DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """The elements at flat indices ``idx`` (int64, row-major in W) of an NF4 weight, ``absmax`` their blocks' (fp32,
+    broadcastable), dequantised as ``fastpeft.nf4`` does: code[q] · absmax in fp32, rounded to W_DTYPE (so a tile
+    equals the same elements of ``NF4Weight.dequantize()`` bit for bit). Element i is nibble ``1 - i % 2`` (high
+    first) of byte i // 2."""
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0)
+    nibble = (byte >> ((1 - (idx & 1)) * 4).to(tl.uint8)) & 15
+    w = tl.load(code_ptr + nibble) * absmax
+    if W_DTYPE == tl.bfloat16 and COMPUTE == tl.float32:
+        # Only under the interpreter (which computes bf16 in fp32): its fp32 -> bf16 cast truncates, a GPU's rounds to
+        # nearest even; round by hand, so the tile is the same bits on both.
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        tile = bits.to(tl.float32, bitcast=True)
+    else:
+        tile = w.to(W_DTYPE)
+    return tile
+
+
+@triton.jit
+def nf4_b_tile(b_ptr, k0, rk, rn_load, n0, k_ok, stride_bk, stride_bn, absmax_ptr, code_ptr, absmax_code_ptr,
+               absmax_scale_ptr, absmax_offset_ptr, W_DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
+               NESTED: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, ALIGNED: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A GEMM's b tile (BLOCK_K, BLOCK_N) at rows k0 + rk, columns rn_load (from n0, wrapped) of b = Wᵀ or W, W in
+    NF4 and dequantised. ALIGNED: 0, one absmax load per element; when W's rows span whole blocks (QBLOCK >= 64 >=
+    BLOCK_K, and a multiple of BLOCK_N or of QBLOCK), the absmaxes are loaded once per block and broadcast: 1, b = Wᵀ,
+    one per column of the tile; 2, b = W, one per row of the tile and QBLOCK columns."""
+    idx = (k0 + rk).to(tl.int64)[:, None] * stride_bk + rn_load[None, :] * stride_bn
+    if ALIGNED == 0:
+        absmax = nf4_absmax(idx // QBLOCK, k_ok[:, None], absmax_ptr, absmax_code_ptr, absmax_scale_ptr,
+                            absmax_offset_ptr, NESTED, QBLOCK2)
+    elif ALIGNED == 1:  # Wᵀ: column n of the tile is row n of W, within one block
+        absmax = nf4_absmax((rn_load * stride_bn + k0) // QBLOCK, rn_load >= 0, absmax_ptr, absmax_code_ptr,
+                            absmax_scale_ptr, absmax_offset_ptr, NESTED, QBLOCK2)[None, :]
+    elif BLOCK_N <= QBLOCK:  # W: each row of the tile within one block (the valid columns; the rest are not stored)
+        absmax = nf4_absmax(((k0 + rk).to(tl.int64) * stride_bk + n0) // QBLOCK, k_ok, absmax_ptr,
+                            absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, NESTED, QBLOCK2)[:, None]
+    else:  # W: each row of the tile spans BLOCK_N // QBLOCK whole blocks (those past the row's end are not loaded)
+        group = n0 // QBLOCK + tl.arange(0, BLOCK_N // QBLOCK)
+        groups = (k0 + rk).to(tl.int64)[:, None] * (stride_bk // QBLOCK) + group[None, :]
+        absmax = nf4_absmax(groups, k_ok[:, None] & (group < stride_bk // QBLOCK)[None, :], absmax_ptr,
+                            absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, NESTED, QBLOCK2)
+        absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_K, BLOCK_N // QBLOCK, QBLOCK)),
+                            (BLOCK_K, BLOCK_N))
+    return nf4_tile(b_ptr, idx, k_ok[:, None], absmax, code_ptr, W_DTYPE, COMPUTE)
+
+
+@triton.jit
 def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, stride_bk, stride_bn,
-                COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                absmax_ptr=None, code_ptr=None, absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset_ptr=None,
+                NF4: tl.constexpr = False, NESTED: tl.constexpr = False, QBLOCK: tl.constexpr = 64,
+                QBLOCK2: tl.constexpr = 256, ALIGNED: tl.constexpr = 0):
     """acc += a[rm_load, :K] · b[:K, rn_load], tiles multiplied in COMPUTE, accumulated in fp32: the K loop of every
     GEMM kernel here (rm_load/rn_load are int64 row and column indices, wrapped into range so that loads need no
-    row or column masks; EVEN_K: K is a multiple of BLOCK_K, so they need no K masks either). Seam: a quantised base
-    would dequantise its b tile here, as it loads."""
+    row or column masks; EVEN_K: K is a multiple of BLOCK_K, so they need no K masks either).
+    NF4 (a 4-bit base): b_ptr is the packed codes of W, and b's tile is dequantised as it loads (:func:`nf4_b_tile`);
+    b is Wᵀ or W with the strides a dense contiguous W would have, which are what give each element's flat index.
+    """
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn_load[None, :] * stride_bn
+    n0 = 0
+    if NF4:  # the tile's first column (a multiple of BLOCK_N; its valid columns are n0 .. max)
+        n0 = tl.max(rn_load) // rn_load.shape[0] * rn_load.shape[0]
     for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = rk < K - k * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if NF4:
+            b = nf4_b_tile(b_ptr, k * BLOCK_K, rk, rn_load, n0, k_ok, stride_bk, stride_bn, absmax_ptr, code_ptr,
+                           absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, a_ptr.dtype.element_ty, COMPUTE,
+                           NESTED, QBLOCK, QBLOCK2, ALIGNED, BLOCK_K, rn_load.shape[0])
+        elif EVEN_K:
             b = tl.load(b_ptrs)
         else:
-            k_ok = rk < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak

@@ -129,6 +129,7 @@ def _mixed_tile(rows_ptr, tile_adapter_ptr, tile, BLOCK_M: tl.constexpr):
 def _lora_gemm_kernel(
     a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr, scale_ptr, pre_ptr,
     rows_ptr, tile_adapter_ptr, tile_scale_ptr, tile_p_ptr,
+    absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
     M, N, K, R, M_BUCKET, TILED_M,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_ua,
@@ -138,6 +139,7 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr, BASE_IN_OUT: tl.constexpr,
     COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, MIXED: tl.constexpr,
+    NF4: tl.constexpr, NESTED: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """out (M, N) = [scale (N) ⊙] (a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) [+ out]) + bias (N).
 
@@ -152,6 +154,9 @@ def _lora_gemm_kernel(
     MIXED (a mixed-adapter batch, prologue order): the grid walks TILED_M rows of tiles; tile i holds the rows
     listed at rows_ptr (-1 pads) and one adapter, ``tile_adapter[i]`` (u at u_ptr + adapter·stride_ua, scale
     ``tile_scale[i]``, dropout rate ``tile_p[i]``; -1: the base alone), so a and out are read and written by row.
+    NF4 (a 4-bit base W): b_ptr holds W's packed codes, its tiles dequantised as the K loop loads them (the absmax
+    and code-book pointers, NESTED for double-quantised absmaxes, QBLOCK and QBLOCK2 the block sizes, ALIGNED how
+    the absmaxes are loaded: see ``common.nf4_b_tile``).
     """
     if MIXED:
         pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), TILED_M, N, BLOCK_M, BLOCK_N,
@@ -175,9 +180,10 @@ def _lora_gemm_kernel(
         else:
             acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
-    if not BASE_IN_OUT:  # the base K loop (the seam where a quantised base would dequantise W's tiles)
+    if not BASE_IN_OUT:  # the base K loop (NF4: W's tiles dequantised as they load)
         acc = gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, stride_bk, stride_bn,
-                          COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K)
+                          COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K, absmax_ptr, code_ptr, absmax_code_ptr,
+                          absmax_scale_ptr, absmax_offset_ptr, NF4, NESTED, QBLOCK, QBLOCK2, ALIGNED)
     if LOWRANK_LAST and not MIXED:
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
@@ -454,6 +460,14 @@ INTERPRET_DA = dict(BLOCK_M=32, BLOCK_K=32)
 # Shared memory of one config in bytes (see ``register_shared_memory``), fitted to the compiled kernels: the AOT
 # tests hold each within 10% or 16 KiB above the real figure of every config, on both archs.
 def _gemm_shared(b, sizes, stages, arch):
+    if b.get("NF4"):
+        # W's tile is staged as its bytes and as the gathered fp32 code-book values (about 5.25 bytes an element with
+        # the absmaxes broadcast; the per-element absmaxes of an unaligned W add theirs), beside x's tile; Hopper
+        # keeps one more x tile.
+        per_element = 5.25 + (0 if b.get("ALIGNED") else (9 if b.get("NESTED") else 4))
+        a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
+        staged = (stages - 1) * (a_tile + per_element * b["BLOCK_K"] * b["BLOCK_N"])
+        return int(staged + (a_tile if arch >= 90 else 0))
     if b.get("BASE_IN_OUT"):  # no K loop: converting the out tile and u's tile
         return b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"] + b["BLOCK_N"] * b["BLOCK_R"] * 4
     a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
@@ -543,6 +557,15 @@ _gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAS
                                                         "stride_bk"], "_lora_gemm_kernel")
 _tma_tuned = autotuned(_lora_gemm_tma_kernel, TMA_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "B_KN"], "_lora_gemm_tma_kernel")
 _lowrank_pass_tuned = autotuned(_gemm, LOWRANK_PASS_CONFIGS, GEMM_KEY + ["DROPOUT", "BASE_IN_OUT"], "_lora_gemm_kernel")
+# A 4-bit base: the dequantising load holds more registers and stages more per element (see ``_gemm_shared``); the
+# tiles kept are those that neither spill nor overflow an A100 (ptxas: 64-deep tiles of 128×256, 256×128, and
+# 128×128 on 4 warps, spill up to 11 KB).
+NF4_GEMM_CONFIGS = [c for c in GEMM_CONFIGS
+                    if c.kwargs["BLOCK_K"] == 32 or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128
+                                                     and c.num_warps == 8)]
+NF4_GEMM_DEFAULT = GEMM_DEFAULT  # (one of them)
+_nf4_gemm_tuned = autotuned(_gemm, NF4_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAST", "stride_ak", "stride_bk",
+                                                                "NESTED", "ALIGNED"], "_lora_gemm_kernel")
 # Mixed batches: the GEMM's row tiles are the tables' tiles, so its configs share one BLOCK_M, MIXED_TILE.
 MIXED_TILE = 64
 MIXED_GEMM_CONFIGS = [c for c in GEMM_CONFIGS if c.kwargs["BLOCK_M"] == MIXED_TILE]
@@ -568,6 +591,44 @@ def _num_sms(device: torch.device) -> int:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 
+@dataclass
+class NF4Operand:
+    """A 4-bit base W (N, K) (a ``fastpeft.nf4.NF4Weight``) as a GEMM's b operand: Wᵀ (K, N) when ``transposed``
+    (forward), else W (backward's dX). Shape and strides are those of the dense W's view, which the kernel turns
+    into each element's flat index in the packed codes."""
+    weight: object
+    transposed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, k = self.weight.shape
+        return (k, n) if self.transposed else (n, k)
+
+    def stride(self, dim: int) -> int:
+        k = self.weight.shape[1]
+        return ((1, k) if self.transposed else (k, 1))[dim]
+
+    def pointers(self) -> tuple:
+        """The kernel's absmax, code book, absmax code book, absmax scale and offset arguments."""
+        from fastpeft.nf4 import nf4_code
+        w = self.weight
+        code = nf4_code(w.device)
+        if not w.nested:
+            return w.absmax, code, code, code, code
+        return w.absmax, code, w.absmax_code, w.absmax_scale, w.absmax_offset
+
+    def constexprs(self) -> dict:
+        w = self.weight
+        # W's rows start on block boundaries and every config's BLOCK_K (<= 64) and BLOCK_N divide or are multiples
+        # of the blocksize: the absmaxes load once per block (see ``common.nf4_b_tile``).
+        aligned = w.shape[1] % w.blocksize == 0 and w.blocksize >= 64
+        return dict(NF4=True, NESTED=w.nested, QBLOCK=w.blocksize, QBLOCK2=w.absmax_blocksize,
+                    ALIGNED=(1 if self.transposed else 2) if aligned else 0)
+
+
+_DENSE = dict(NF4=False, NESTED=False, QBLOCK=64, QBLOCK2=256, ALIGNED=0)
+
+
 def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0, variant=None, *,
               col_scale=None, pre=None, mixed: MixedLaunch | None = None):
     """out (M, N) = a (M, K) · b (K, N) + lr_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
@@ -575,11 +636,16 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
     ``variant``: one of ``GEMM_VARIANTS``; None takes ``$FASTPEFT_GEMM_VARIANT`` (default "prologue").
     DoRA: ``col_scale`` (N,) fp32 scales the columns before the bias; ``pre`` (out's shape and strides), if given,
     receives the unscaled sum. ``mixed``: a mixed-adapter batch's tiles (``up`` is then adapter 0's of a stack,
-    ``lr_scale`` and ``dropout_p`` per tile; prologue order)."""
+    ``lr_scale`` and ``dropout_p`` per tile; prologue order). ``b`` may be an :class:`NF4Operand` (a 4-bit base),
+    dequantised tile by tile; the "cublas" and "tma" variants, which need a dense b, run "prologue" then."""
     variant = gemm_variant(variant)
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
     on_cpu = a.device.type == "cpu"
+    quant, quant_args, b_arg = _DENSE, (out,) * 5, b
+    if isinstance(b, NF4Operand):
+        quant, quant_args, b_arg = b.constexprs(), b.pointers(), b.weight.packed
+        variant = "prologue" if variant in ("cublas", "tma") else variant
     if pre is not None and (pre.shape != out.shape or pre.stride() != out.stride()):
         raise ValueError("lora_gemm: pre must have out's shape and strides")
     dora = dict(COL_SCALE=col_scale is not None, STORE_PRE=pre is not None)
@@ -592,6 +658,8 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             return _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg, pre_arg, dora)
         variant = "prologue"  # what TMA cannot address runs the default variant
     tuned, default = (_gemm_tuned, GEMM_DEFAULT) if mixed is None else (_mixed_gemm_tuned, MIXED_GEMM_DEFAULT)
+    if quant["NF4"]:
+        tuned, default = _nf4_gemm_tuned, NF4_GEMM_DEFAULT
     tables = (mixed.rows, mixed.tile_adapter, mixed.tile_scale, mixed.tile_p) if mixed is not None else (out,) * 4
     tiled_m = mixed.tiles * mixed.tile if mixed is not None else M
     if variant == "cublas":  # the base product (and bias) by torch into out; the kernel adds the low-rank term
@@ -603,14 +671,21 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
         tuned, default = _lowrank_pass_tuned, LOWRANK_PASS_DEFAULT
     launch(tuned, _gemm, default, INTERPRET_GEMM,
             lambda c: (triton.cdiv(tiled_m, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
-            a, b, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg, *tables,
-            M, N, K, R, triton.next_power_of_2(M), tiled_m,
+            a, b_arg, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg, *tables,
+            *quant_args, M, N, K, R, triton.next_power_of_2(M), tiled_m,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), lo.stride(0), lo.stride(1),
             up.stride(0), up.stride(1), mixed.stride_ua if mixed is not None else 0, out.stride(0), out.stride(1),
             lr_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
             DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue",
-            BASE_IN_OUT=variant == "cublas", MIXED=mixed is not None, **dora)
+            BASE_IN_OUT=variant == "cublas", MIXED=mixed is not None, **dora, **quant)
+
+
+def _weight_operand(weight, transposed: bool):
+    """W (a tensor, or a 4-bit base's NF4Weight) as a GEMM's b: Wᵀ when ``transposed``."""
+    if isinstance(weight, torch.Tensor):
+        return weight.t() if transposed else weight
+    return NF4Operand(weight, transposed)
 
 
 def _tma_addressable(a, b) -> bool:
@@ -665,7 +740,8 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
              col_scale=None, keep_pre=False):
     """Forward of the fused LoRA linear.
 
-    x (M, K) fp16/bf16/fp32, any strides; weight (N, K) and bias (N,) in x's dtype; lora_A (R, K) and
+    x (M, K) fp16/bf16/fp32, any strides; weight (N, K) (or a 4-bit base's NF4Weight) and bias (N,) in x's dtype;
+    lora_A (R, K) and
     lora_B (N, R) in any of those dtypes (computed in x's dtype, accumulated in fp32).
     Returns y (M, N) in x's dtype, S = drop(x) Aᵀ (M, R) in fp32, which backward needs, and pre. ``variant``: the
     fused GEMM's (see ``lora_gemm``). DoRA: ``col_scale`` (N,) scales y's columns before the bias; with
@@ -688,7 +764,8 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
             BLOCK_R=_rank_block(R), MIXED=False)
     if col_scale is not None:
         col_scale = col_scale.to(torch.float32).contiguous()
-    lora_gemm(x, weight.t(), s, lora_B.t(), bias, y, scaling, variant=variant, col_scale=col_scale, pre=pre)
+    lora_gemm(x, _weight_operand(weight, True), s, lora_B.t(), bias, y, scaling, variant=variant,
+              col_scale=col_scale, pre=pre)
     return y, s, pre
 
 
@@ -767,8 +844,8 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
 
     if needs_dx:
         dx = new_output((M, K), dy.dtype, device)
-        lora_gemm(dz if dz is not None else dy, weight, ds, lora_A, None, dx, keep_scale, seed, dropout_p,
-                  variant=variant)
+        lora_gemm(dz if dz is not None else dy, _weight_operand(weight, False), ds, lora_A, None, dx, keep_scale, seed,
+                  dropout_p, variant=variant)
     return dx, da, db, dbias, dm
 
 

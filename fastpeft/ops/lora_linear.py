@@ -36,6 +36,7 @@ from ..checks import (
     check_probability,
     check_same_device,
 )
+from ..nf4 import NF4Weight, nf4_matmul, nf4_matmul_t
 
 # ----------------------------------------------------------------------------------------------------------
 # Reference: plain differentiable torch ops, the definition every backend is tested against.
@@ -164,6 +165,13 @@ def torch_uniform16(seed: int, shape, device) -> torch.Tensor:
     return bits.view(torch.int16)[:n].view(shape)
 
 
+def _base_product(x, weight, bias=None):
+    """x Wᵀ (+ bias): one GEMM, or over a 4-bit base one per dequantised row chunk (``fastpeft.nf4``)."""
+    if isinstance(weight, NF4Weight):
+        return nf4_matmul(x, weight, bias)
+    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+
+
 def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None, keep_pre=False):
     dtype = x.dtype
     a, b = (lora_A, lora_B) if lora_A.dtype == dtype else (lora_A.to(dtype), lora_B.to(dtype))  # r×K, N×r: small
@@ -174,11 +182,11 @@ def _torch_lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, c
     else:
         s = torch.mm(x, a.t())
     if col_scale is None:
-        y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        y = _base_product(x, weight, bias)
         y.addmm_(s, b.t(), alpha=scaling)
         return y, s, drop, None
     # DoRA: the column scale multiplies the base and low-rank terms alike, then the bias is added.
-    pre = torch.mm(x, weight.t()).addmm_(s, b.t(), alpha=scaling)
+    pre = _base_product(x, weight).addmm_(s, b.t(), alpha=scaling)
     scale = col_scale.to(dtype)
     if not keep_pre:  # scaled in place: no second M×N buffer
         y = pre.mul_(scale) if bias is None else pre.mul_(scale).add_(bias)
@@ -222,7 +230,10 @@ def _torch_lora_bwd(dy, x, weight, lora_A, lora_B, s, drop, scaling, dropout_p,
         da = da.to(lora_A.dtype)
     if needs_dx:
         a = lora_A.to(dtype)
-        if drop is None:
+        if isinstance(w, NF4Weight):  # a 4-bit base: W's row chunks accumulate onto the low-rank term
+            low = torch.mm(ds, a) if drop is None else torch.mm(ds * keep_scale, a).masked_fill_(drop, 0.0)
+            dx = nf4_matmul_t(dy_w, w, out=low)
+        elif drop is None:
             dx = torch.mm(dy_w, w).addmm_(ds, a)
         else:
             # The masked low-rank term is built in dx's own buffer, then the base GEMM accumulates onto it.
@@ -281,6 +292,10 @@ def _triton_entry(variant=None):
 
 def _cuda_reasons(x, weight, bias, lora_A, lora_B, dropout_p):
     from .. import cuda_ext
+    if isinstance(weight, NF4Weight):
+        return cuda_ext.nf4_decode_reasons(x, weight, bias, lora_A, lora_B) + (
+            ["the cuda backend has no dropout (inference): use training=False or dropout_p=0"] if dropout_p > 0.0
+            else [])
     reasons = cuda_ext.decode_reasons(x, weight, bias, lora_A, lora_B)
     if dropout_p > 0.0:
         reasons.append("the cuda backend has no dropout (inference): use training=False or dropout_p=0")
@@ -449,8 +464,9 @@ class _EagerLoraLinear(torch.autograd.Function):
         col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)
         needs_dm = magnitude is not None and ctx.needs_input_grad[9]
         y, s, drop, pre = entry.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale, needs_dm)
-        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight, lora_A, lora_B, s, drop, col_scale,
-                              weight_norm if needs_dm else None, pre)
+        ctx.nf4_weight = weight if isinstance(weight, NF4Weight) else None  # frozen, and not a tensor
+        ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, None if ctx.nf4_weight else weight, lora_A,
+                              lora_B, s, drop, col_scale, weight_norm if needs_dm else None, pre)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
         ctx.magnitude_dtype = None if magnitude is None else magnitude.dtype
         return y
@@ -460,6 +476,7 @@ class _EagerLoraLinear(torch.autograd.Function):
         refuse_double_backward("lora_linear")
         needs_dx, _, needs_dbias, needs_da, needs_db = ctx.needs_input_grad[:5]
         x, weight, lora_A, lora_B, s, drop, col_scale, weight_norm, pre = ctx.saved_tensors
+        weight = ctx.nf4_weight if ctx.nf4_weight is not None else weight
         dx, da, db, dbias, dm = LORA_LINEAR_BACKENDS[ctx.backend].backward(
             dy, x, weight, lora_A, lora_B, s, drop, ctx.seed, ctx.scaling, ctx.dropout_p,
             needs_dx, needs_da, needs_db, needs_dbias, col_scale=col_scale, pre=pre)
@@ -476,7 +493,7 @@ def _check_weights(weight, bias, lora_A, lora_B, scaling):
     named = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
-    _check_float_tensors(named)
+    _check_float_tensors({k: v for k, v in named.items() if not isinstance(v, NF4Weight)})
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
     n, k = weight.shape
@@ -504,7 +521,8 @@ def _check_float_tensors(named):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
+            raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
+                            + (" (a 4-bit weight goes in as a fastpeft.nf4.NF4Weight)" if name == "weight" else ""))
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude=None, weight_norm=None,
@@ -525,6 +543,9 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude
         raise ValueError("weight must be frozen (requires_grad=False): lora_linear trains lora_A, lora_B "
                          "(and bias), never the base weight")
     if magnitude is not None:
+        if isinstance(weight, NF4Weight):
+            raise ValueError("DoRA (magnitude) over a 4-bit (NF4) base weight is not supported: dequantise the base "
+                             "(NF4Linear.dequantized()) or use plain LoRA over it")
         _check_magnitude(magnitude, weight, lora_A, check_values)
     if weight_norm is not None:
         if magnitude is None:
@@ -590,10 +611,20 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
 
     Returns (..., N) in x's dtype. Differentiable in x, lora_A, lora_B, bias and magnitude. Under ``torch.autocast``
     x, weight and bias run in the autocast dtype (as ``nn.Linear`` would), the adapters in their own.
+
+    QLoRA: ``weight`` may be a 4-bit base, a :class:`fastpeft.nf4.NF4Weight` computing in x's dtype (its ``dtype``).
+    The triton backend dequantises W's tiles inside the fused GEMMs (forward and dX); the torch backend one row chunk
+    (``fastpeft.nf4.NF4_CHUNK`` elements) at a time; the cuda decode kernel reads the packed codes. Nothing of W's
+    size is kept for backward. Not with DoRA. Under ``torch.compile`` such a call runs outside the graph (eagerly).
     """
+    if isinstance(weight, NF4Weight) and torch.compiler.is_compiling():
+        return _lora_linear_eager(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, backend,
+                                  dropout_seed=dropout_seed, magnitude=magnitude, weight_norm=weight_norm,
+                                  _trained_magnitude=_trained_magnitude)
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
+        x = x.to(dtype)
+        weight = weight.with_dtype(dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
                                      or not 0 <= dropout_seed < DROPOUT_SEED_LIMIT):
@@ -631,6 +662,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+# A call over a 4-bit base under torch.compile: a graph break, then the eager op (the NF4 weight is no tensor).
+_lora_linear_eager = torch.compiler.disable(lambda *args, **kwargs: lora_linear(*args, **kwargs))
+
+
 def _tensor_key(t):
     return None if t is None else (t.shape, t.dtype, t.device, t.requires_grad)
 
@@ -641,7 +676,7 @@ def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, ba
     tensors (the full checks then say what is wrong). A magnitude's values are checked on a signature's first call."""
     try:
         key = (x.shape, x.dtype, x.device, x.requires_grad,
-               weight.shape, weight.dtype, weight.device, weight.requires_grad,
+               type(weight), weight.shape, weight.dtype, weight.device, weight.requires_grad,
                _tensor_key(bias), _tensor_key(magnitude), _tensor_key(weight_norm), trained_magnitude,
                lora_A.shape, lora_A.dtype, lora_A.device, lora_A.requires_grad,
                lora_B.shape, lora_B.dtype, lora_B.device, lora_B.requires_grad,
@@ -665,13 +700,13 @@ def _run_on(name, x2d, weight, bias, lora_A, lora_B, scaling, p, seed, needs_gra
     if entry.backward is None:  # a forward-only kernel: no autograd op around it
         col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)
         return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling, col_scale)
-    if name == "torch" and p == 0.0 and x2d.numel() < SMALL_CALL:
+    if name == "torch" and p == 0.0 and x2d.numel() < SMALL_CALL and not isinstance(weight, NF4Weight):
         # A small call without dropout, eager or compiled alike: autograd over the torch path's own ops saves what
         # its custom backward would (x for dA, S for dB) and costs less than any Python autograd node; larger calls
         # gain more (about 3%) from the custom backward's fused dX than the node costs.
         col_scale = None if magnitude is None else dora_scale(magnitude, weight_norm)  # differentiable in m
         return entry.forward(x2d, weight, bias, lora_A, lora_B, scaling, 0.0, 0, col_scale, magnitude is not None)[0]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not isinstance(weight, NF4Weight):
         keep_pre = magnitude is not None and magnitude.requires_grad and torch.is_grad_enabled()
         return lora_linear_forward(x2d, weight, bias, lora_A, lora_B, float(scaling), p, seed, name, magnitude,
                                    weight_norm, keep_pre)[0]
@@ -689,9 +724,11 @@ def _measurement(x2d, weight, bias, lora_A, lora_B, scaling, p, needs_grad, magn
     nothing from torch's generator. DoRA's norm is measured with the op when the call has none."""
     (M, K), (N, r) = x2d.shape, lora_B.shape
     key = ("lora_linear", x2d.dtype, lora_A.dtype, size_class(M), K, N, r, bias is not None, p > 0.0, needs_grad)
+    if isinstance(weight, NF4Weight):
+        key += ("nf4",)
     if magnitude is not None:
         key += ("dora", weight_norm is None)
-    inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
+    inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t
               for t in (x2d, weight, bias, lora_A, lora_B, magnitude)]
 
     def run(name):

@@ -1,0 +1,390 @@
+"""QLoRA: the NF4 format against bitsandbytes (bit for bit), LoRA over an NF4 base on every backend against the float64
+reference of the dequantised weight (outputs and gradients), the kernels' dequantising loads, chunking, memory, and
+bad input."""
+import copy
+import io
+
+import pytest
+import torch
+from conftest import TOLERANCE, TRITON_DEVICE, backend_params, rel_err
+from test_lora_linear import CASES, make_inputs
+
+import fastpeft
+from fastpeft import BackendUnavailableError, NF4Linear, NF4Weight, quantize_nf4
+from fastpeft import nf4 as nf4_module
+from fastpeft.ops.lora_linear import lora_linear_reference
+
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+SHAPES = [(64, 128), (33, 70), (7, 5), (300, 1000), (1, 1)]  # whole blocks, a short last block, an odd count
+
+
+def bnb_functional():
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+def from_bnb_state(packed, state, dtype=None):
+    """Our NF4Weight over a bitsandbytes quantize_4bit result."""
+    nested = {}
+    if state.nested:
+        nested = dict(absmax_code=state.state2.code, absmax_scale=state.state2.absmax,
+                      absmax_offset=torch.as_tensor(state.offset, dtype=fp32), absmax_blocksize=state.state2.blocksize)
+    return NF4Weight(packed.view(-1), state.absmax, tuple(state.shape), dtype or state.dtype, state.blocksize, **nested)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The format
+# ----------------------------------------------------------------------------------------------------------
+
+def test_code_books_are_bitsandbytes():
+    F = bnb_functional()
+    assert torch.equal(torch.tensor(nf4_module.NF4_CODE, dtype=fp32), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4_module.signed_dynamic_code(), F.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("dtype", [fp32, bf16, fp16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dequantize_is_bitsandbytes_bit_for_bit(shape, dtype, double_quant):
+    """Our dequantisation of bitsandbytes' packed weight equals its dequantize_4bit exactly; our quantiser gives its
+    codes, and its absmaxes (plain; double-quantised, bitsandbytes' native search may pick a neighbouring 8-bit code
+    for an absmax, so those agree to the 8-bit code's resolution)."""
+    F = bnb_functional()
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=dtype) * 0.05
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    theirs = F.dequantize_4bit(packed, state)
+    ours = from_bnb_state(packed, state)
+    assert torch.equal(ours.dequantize(), theirs)
+    mine = quantize_nf4(w, double_quant=double_quant)
+    assert mine.nested == double_quant and mine.dtype == dtype
+    assert torch.equal(mine.packed, packed.view(-1))
+    if double_quant:
+        assert rel_err(mine.block_absmax(), ours.block_absmax()) < 2e-3
+        assert rel_err(mine.dequantize(), theirs) < 2e-3
+    else:
+        assert torch.equal(mine.absmax, state.absmax) and torch.equal(mine.dequantize(), theirs)
+
+
+def bnb_generic_dequantize(packed, state):
+    """bitsandbytes' generic (pure torch) 4-bit dequantisation. Its CPU kernel (0.50.2) disagrees with its own
+    quantize_4bit where rows of 96 straddle blocks of 64 or 128 (round-trip error 0.25-0.28 where the generic path
+    and ours give 0.09); the generic path follows the flat layout the quantiser and the CUDA kernels use."""
+    try:
+        from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+        from bitsandbytes.backends.utils import _get_4bit_code
+    except ImportError:
+        pytest.skip("this bitsandbytes has no generic 4-bit dequantisation where 0.50 had it")
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb_functional().dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return _dequantize_4bit_compute(packed.view(-1), absmax, _get_4bit_code("nf4", packed.device), state.blocksize,
+                                    tuple(state.shape), state.dtype)
+
+
+def test_other_blocksizes_and_row_chunks():
+    F = bnb_functional()
+    torch.manual_seed(1)
+    w = torch.randn(37, 96)
+    packed, state = F.quantize_4bit(w, blocksize=128, quant_type="nf4", compress_statistics=True)
+    ours = from_bnb_state(packed, state)
+    full = ours.dequantize()
+    assert torch.equal(full, bnb_generic_dequantize(packed, state))
+    assert rel_err(full, w) < 0.15
+    # Row chunks start on block boundaries (96·4 = 3·128): they tile the weight exactly.
+    assert ours.row_step() == 4
+    chunks = list(ours.row_chunks(max_elements=500))
+    assert chunks[0] == (0, 4) and chunks[-1][1] == 37
+    assert torch.equal(torch.cat([ours.dequantize_rows(a, b) for a, b in chunks]), full)
+    with pytest.raises(ValueError, match="does not begin a block"):
+        ours.dequantize_rows(1, 3)
+
+
+def test_quantisation_error_and_memory():
+    """NF4 is 4.5 bits a weight (4.127 with double quantisation): at most 0.29x the bf16 weight."""
+    torch.manual_seed(0)
+    w = torch.randn(1024, 1024, dtype=bf16) * 0.02
+    for double_quant, most in [(False, 0.29), (True, 0.26)]:
+        q = quantize_nf4(w, double_quant=double_quant)
+        assert q.nbytes <= most * w.numel() * w.element_size(), (double_quant, q.nbytes)
+        # 16 levels per block: about 10% relative error, never a wrong sign pattern or scale
+        assert 0.05 < rel_err(q.dequantize(), w) < 0.15
+
+
+def test_nf4_linear_from_and_to_bitsandbytes_shares_tensors():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 48).to(bf16)
+    layer = bnb.nn.Linear4bit(64, 48, compute_dtype=bf16, quant_type="nf4", compress_statistics=True)
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to("cpu")
+    ours = NF4Linear.from_bnb(layer)
+    assert ours.weight_packed.data_ptr() == layer.weight.data.data_ptr()
+    assert ours.weight_absmax.data_ptr() == layer.weight.quant_state.absmax.data_ptr()
+    x = torch.randn(5, 64, dtype=bf16)
+    assert rel_err(ours(x), layer(x)) <= TOLERANCE[bf16]
+    back = ours.to_bnb()
+    assert torch.equal(back(x), layer(x))
+    dequantized = bnb.functional.dequantize_4bit(back.weight.data, back.weight.quant_state)
+    assert torch.equal(dequantized, ours.weight.dequantize())
+
+
+def test_bitsandbytes_layers_that_do_not_convert():
+    bnb = pytest.importorskip("bitsandbytes")
+    fp4 = bnb.nn.Linear4bit(64, 32, quant_type="fp4").to("cpu")
+    with pytest.raises(TypeError, match="quant_type 'fp4'"):
+        fastpeft.LoraLinear(fp4)
+    with pytest.raises(TypeError, match="Linear8bitLt"):
+        fastpeft.LoraLinear(bnb.nn.Linear8bitLt(64, 32))
+    unquantised = bnb.nn.Linear4bit(64, 32, quant_type="nf4")  # quantised only when moved to a device
+    with pytest.raises(TypeError, match="not yet quantised"):
+        NF4Linear.from_bnb(unquantised)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The op: LoRA over an NF4 weight, every backend, against the float64 reference of the dequantised weight
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_lora_over_nf4_matches_the_reference(backend, device, case):
+    x, w, b, a, bb, dy = make_inputs(case, device)
+    q = quantize_nf4(w, double_quant=case.M % 2 == 1)
+    y = fastpeft.lora_linear(x, q, b, a, bb, 1.5, dropout_p=case.p, backend=backend, dropout_seed=5)
+    y.backward(dy)
+    got = [y, x.grad, a.grad, bb.grad] + ([b.grad] if b is not None else [])
+
+    def f64(t):
+        return None if t is None else t.detach().double().cpu().requires_grad_(True)
+    x64, b64, a64, bb64 = f64(x), f64(b), f64(a), f64(bb)
+    keep = None
+    if case.p:
+        keep = fastpeft.dropout_mask(5, (x.numel() // case.K, case.K), case.p, backend, device).cpu().reshape(x.shape)
+    ref = lora_linear_reference(x64, q.dequantize(torch.float64).cpu(), b64, a64, bb64, 1.5, keep, case.p)
+    ref.backward(dy.double().cpu())
+    want = [ref, x64.grad, a64.grad, bb64.grad] + ([b64.grad] if b is not None else [])
+    errors = [rel_err(g, r) for g, r in zip(got, want, strict=True)]
+    assert all(e <= TOLERANCE[case.dtype] for e in errors), errors
+
+
+@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@pytest.mark.parametrize("wide", [False, True], ids=["interpreter-tiles", "128-wide-tiles"])
+@pytest.mark.parametrize("shape,blocksize", [((70, 100), 64), ((33, 256), 128), ((40, 64), 32), ((100, 192), 64)],
+                         ids=["unaligned", "aligned-128", "blocks-of-32", "aligned"])
+@pytest.mark.parametrize("dtype", [fp32, bf16, fp16], ids=["fp32", "bf16", "fp16"])
+def test_kernel_tiles_are_the_dequantised_weight_bit_for_bit(monkeypatch, dtype, shape, blocksize, wide):
+    """x = I makes the forward GEMM write Wᵀ and dY = I makes the dX GEMM write W: every tile the kernels dequantise
+    equals NF4Weight.dequantize() exactly, in each way the absmaxes load (per element, per column, per row and
+    block; the last needs tiles wider than a block)."""
+    from fastpeft.kernels import lora_linear as kernels
+    if wide:
+        monkeypatch.setitem(kernels.INTERPRET_GEMM, "BLOCK_N", 128)
+        monkeypatch.setitem(kernels.INTERPRET_GEMM, "BLOCK_K", 64)
+    torch.manual_seed(0)
+    N, K = shape
+    for double_quant in (False, True):
+        q = quantize_nf4(torch.randn(N, K, dtype=dtype), blocksize=blocksize, double_quant=double_quant)
+        q = q.to(TRITON_DEVICE)
+        a = torch.randn(4, K, device=TRITON_DEVICE)
+        zeros_b = torch.zeros(N, 4, device=TRITON_DEVICE)
+        y = fastpeft.lora_linear(torch.eye(K, dtype=dtype, device=TRITON_DEVICE), q, None, a, zeros_b, 1.0,
+                                 training=False, backend="triton")
+        assert torch.equal(y.t(), q.dequantize())
+        dx, *_ = kernels.lora_bwd(torch.eye(N, dtype=dtype, device=TRITON_DEVICE), None, q, a, zeros_b,
+                                  torch.zeros(N, 4, device=TRITON_DEVICE), 1.0, 0.0, 0, True, False, False, False)
+        assert torch.equal(dx, q.dequantize())
+
+
+def test_torch_path_dequantises_a_chunk_at_a_time(monkeypatch):
+    """The torch path never holds more than NF4_CHUNK dequantised elements (plus a row step): forward and backward
+    give the same results as one whole-weight chunk."""
+    torch.manual_seed(0)
+    x, w, b, a, bb, dy = make_inputs(CASES[2], "cpu")  # with dropout
+    q = quantize_nf4(w)
+    expected = []
+    for chunk in (1 << 30, 700):
+        monkeypatch.setattr(nf4_module, "NF4_CHUNK", chunk)
+        largest = []
+        original = NF4Weight.dequantize_rows
+
+        def spy(self, start, stop, dtype=None, original=original, largest=largest):
+            largest.append((stop - start) * self.shape[1])
+            return original(self, start, stop, dtype)
+        monkeypatch.setattr(NF4Weight, "dequantize_rows", spy)
+        for t in (x, a, bb, b):
+            t.grad = None
+        y = fastpeft.lora_linear(x, q, b, a, bb, 2.0, 0.2, dropout_seed=3, backend="torch")
+        y.backward(dy)
+        expected.append([y.detach(), x.grad, a.grad, bb.grad, b.grad])
+        assert max(largest) <= max(chunk, q.row_step() * q.shape[1])
+        assert len(largest) > (2 if chunk == 700 else 0)
+    for whole, chunked in zip(*expected, strict=True):
+        assert torch.allclose(whole, chunked, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_keeps_nothing_of_the_weights_size():
+    """What autograd saves for a layer over an NF4 base: x (for dA) and S, never a dequantised copy of W."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 256, requires_grad=True)
+    q = quantize_nf4(torch.randn(512, 256))
+    a = torch.randn(8, 256, requires_grad=True)
+    b = torch.randn(512, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fastpeft.lora_linear(x, q, None, a, b, 1.0, backend="torch").sum().backward()
+    assert saved and max(t.numel() for t in saved) <= 512 * 8 + 16 * 256
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers and models
+# ----------------------------------------------------------------------------------------------------------
+
+def _quantised_llama():
+    from conftest import tiny_llama
+    model = tiny_llama()
+    return quantize_nf4(model)
+
+
+def test_apply_lora_over_a_quantised_model_trains_and_saves(tmp_path):
+    model = _quantised_llama()
+    linears = [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+    assert linears and not isinstance(model.lm_head, NF4Linear)  # the output head stays dense
+    fastpeft.apply_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+    ids = torch.randint(0, 97, (2, 9))
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(".adapters." in n for n in trained)
+    assert not any(b.requires_grad for b in model.buffers())
+    fastpeft.save_adapter(model, tmp_path / "adapter")
+    fresh = _quantised_llama()
+    fastpeft.load_adapter(fresh, tmp_path / "adapter")
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_merge_and_unload_gives_a_dequantised_linear():
+    torch.manual_seed(0)
+    base = NF4Linear.from_linear(torch.nn.Linear(64, 40))
+    layer = fastpeft.LoraLinear(base, r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        y = layer(x)
+        with pytest.raises(RuntimeError, match="requantise"):
+            layer.merge()
+        merged = fastpeft.merge_and_unload(torch.nn.Sequential(layer))[0]
+        assert type(merged) is torch.nn.Linear and not merged.weight.requires_grad
+        assert rel_err(merged(x), y) <= 1e-5
+        expected = base.weight.dequantize() + layer.adapter.delta_weight()
+        assert torch.allclose(merged.weight, expected, rtol=0, atol=1e-6)
+    assert isinstance(layer.base_layer, NF4Linear)  # the LoRA layer itself is unchanged
+
+
+def test_peft_over_bitsandbytes_converts_both_ways():
+    """A PEFT model over bitsandbytes NF4 layers: from_peft keeps PEFT's parameters and the quantised tensors, with
+    PEFT's outputs and gradients (bf16 budget); to_peft gives PEFT back its bitsandbytes layers."""
+    peft = pytest.importorskip("peft")
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48)).to(bf16)
+    for i in (0, 2):
+        q = bnb.nn.Linear4bit(64, model[i].out_features, compute_dtype=bf16, quant_type="nf4",
+                              compress_statistics=bool(i))
+        q.load_state_dict(model[i].state_dict())
+        model[i] = q.to("cpu")
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
+                                                            init_lora_weights=False))
+    x = torch.randn(6, 64, dtype=bf16)
+    ref = peft_model(x)
+    ref.float().square().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+    peft_model.zero_grad()
+    converted = fastpeft.from_peft(peft_model)
+    assert isinstance(converted[0].base_layer, NF4Linear)
+    y = converted(x)
+    assert rel_err(y, ref) <= TOLERANCE[bf16]
+    y.float().square().sum().backward()
+    grads = {n: p.grad for n, p in converted.named_parameters() if p.grad is not None}
+    assert len(grads) == len(ref_grads) == 4
+    for name, grad in ref_grads.items():
+        i, kind = name.split(".")[-4], name.split(".")[-3]  # ...model.<i>.lora_<X>.default.weight
+        assert rel_err(grads[f"{i}.adapters.default.{kind}"], grad) <= 2 * TOLERANCE[bf16]
+    back = fastpeft.to_peft(converted)
+    assert isinstance(back.base_model.model[0].base_layer, bnb.nn.Linear4bit)
+    assert torch.equal(back(x), ref.detach()) or rel_err(back(x), ref) <= TOLERANCE[bf16]
+
+
+def test_nf4_linear_casts_moves_and_pickles():
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(torch.nn.Linear(64, 32))
+    absmax = layer.weight_absmax.clone()
+    layer.to(bf16)
+    assert layer.dtype == bf16 and layer.bias.dtype == bf16
+    assert torch.equal(layer.weight_absmax, absmax) and layer.weight_absmax.dtype == torch.uint8  # double-quantised
+    assert layer.weight_absmax_scale.dtype == fp32 and layer.weight_absmax_offset.dtype == fp32
+    assert layer(torch.randn(2, 64, dtype=bf16)).dtype == bf16
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded.weight.dequantize(), layer.weight.dequantize())
+    assert torch.equal(copy.deepcopy(layer).weight.dequantize(), layer.weight.dequantize())
+    state = layer.state_dict()
+    assert set(state) == {"weight_packed", "weight_absmax", "weight_absmax_code", "weight_absmax_scale",
+                          "weight_absmax_offset", "bias"}
+
+
+def test_torch_compile_runs_nf4_layers_eagerly():
+    torch.manual_seed(0)
+    layer = fastpeft.LoraLinear(NF4Linear.from_linear(torch.nn.Linear(32, 16)), r=4, init_lora_weights=False)
+    x = torch.randn(3, 32)
+    compiled = torch.compile(layer, backend="aot_eager")
+    assert torch.allclose(compiled(x), layer(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------
+
+def test_bad_nf4_weights_are_refused_with_the_argument_named():
+    q = quantize_nf4(torch.randn(8, 64), double_quant=False)
+    with pytest.raises(TypeError, match="packed must be torch.uint8"):
+        NF4Weight(q.packed.int(), q.absmax, (8, 64), fp32)
+    with pytest.raises(ValueError, match=r"packed must have shape \(256,\)"):
+        NF4Weight(q.packed[:-1], q.absmax, (8, 64), fp32)
+    with pytest.raises(TypeError, match="absmax must be torch.float32"):
+        NF4Weight(q.packed, q.absmax.half(), (8, 64), fp32)
+    with pytest.raises(ValueError, match="absmax must have shape"):
+        NF4Weight(q.packed, q.absmax, (8, 64), fp32, blocksize=128)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        NF4Weight(q.packed, q.absmax, (8, 64), fp32, blocksize=48)
+    with pytest.raises(TypeError, match="dtype must be"):
+        NF4Weight(q.packed, q.absmax, (8, 64), torch.int8)
+    with pytest.raises(ValueError, match="shape must be"):
+        NF4Weight(q.packed, q.absmax, (8, 64, 1), fp32)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_nf4(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(TypeError, match="2-D float tensor"):
+        quantize_nf4(torch.ones(4, dtype=torch.int32))
+
+
+def test_lora_over_nf4_refuses_what_it_cannot_run():
+    torch.manual_seed(0)
+    q = quantize_nf4(torch.randn(16, 64))
+    a, b = torch.randn(4, 64), torch.randn(16, 4)
+    with pytest.raises(TypeError, match="x has dtype torch.bfloat16"):
+        fastpeft.lora_linear(torch.randn(2, 64, dtype=bf16), q, None, a, b, 1.0)
+    with pytest.raises(ValueError, match="in_features=64"):
+        fastpeft.lora_linear(torch.randn(2, 63), q, None, a[:, :63], b, 1.0)
+    with pytest.raises(ValueError, match="DoRA"):
+        fastpeft.lora_linear(torch.randn(2, 64), q, None, a, b, 1.0, magnitude=torch.ones(16))
+    with pytest.raises(BackendUnavailableError, match="NF4"):
+        fastpeft.lora_linear(torch.randn(2, 64), q, None, a, b, 1.0, training=False, backend="cuda")
+    layer = fastpeft.LoraLinear(NF4Linear(q), r=4)
+    with pytest.raises(ValueError, match="DoRA"):
+        layer.add_adapter("dora", use_dora=True)
+    layer.add_adapter("other")
+    with pytest.raises(ValueError, match="mixed-adapter batches over a 4-bit"):
+        layer(torch.randn(2, 3, 64), adapter_names=["default", "other"])
