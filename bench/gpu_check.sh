@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check, in stages ordered by value: environment -> fastpeft._C for sm_90a -> GPU correctness
-# tests -> decode timings -> the training-shape headline -> DoRA beside LoRA -> a decode step under CUDA graphs ->
-# layer benchmark if time is left.
+# tests -> decode timings -> the training-shape headline -> DoRA beside LoRA -> mixed batches -> QLoRA -> a decode step
+# under CUDA graphs -> layer benchmark if time is left.
 #
 # Runs from the source tree on a CUDA machine that has torch, triton, peft, pytest, CMake, ninja and pybind11, with
 # no network and no pip install (kernels/ is reached as fastpeft.kernels through a link, fastpeft._C is built with
@@ -76,7 +76,7 @@ gpu_tests() {
     > "$OUT/tests-gpu.log" 2>&1 &
   local a=$!
   FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_lora_linear.py \
-    tests/test_dora.py tests/test_mixed_batch.py tests/test_adapter_bottleneck.py tests/test_compile.py \
+    tests/test_dora.py tests/test_mixed_batch.py tests/test_nf4.py tests/test_adapter_bottleneck.py tests/test_compile.py \
     > "$OUT/tests-ops.log" 2>&1
   local rb=$?
   wait $a; local ra=$?
@@ -101,6 +101,11 @@ publish
 
 # Mixed-adapter batches (the torch path on the GPU: batched GEMMs per sample), M=8192, K=N=4096, 64 adapters.
 stage mixed 45 python -m fastpeft bench --device cuda --only mixed --quick --rounds 3 --markdown "$summary"
+publish
+
+# QLoRA: the fused NF4 forward against torch.mm on the bf16 weight (target <= 1.15x), the NF4 decode's bandwidth
+# (target >= 70% of copy), then fastpeft's QLoRA layer beside PEFT over bitsandbytes where bitsandbytes is installed.
+stage qlora 75 python bench/gpu_kernels.py --part qlora --markdown "$summary"
 publish
 
 stage graphs 45 env FASTPEFT_AUTOTUNE=0 python bench/gpu_kernels.py --part graphs --markdown "$summary"

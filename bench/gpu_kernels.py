@@ -8,10 +8,15 @@ Decode shapes (--part decode): the CUDA decode kernel (fastpeft._C) against torc
 unfused torch path, HF PEFT's layer and the Triton path, as time and as GB/s over the bytes of W, next to the
 device's copy bandwidth measured in the same run.
 
+QLoRA (--part qlora): over a 4-bit (NF4, double-quantised) base, the fused forward (W's tiles dequantised as they
+load) and dX GEMM against torch.mm on the bf16 weight and against dequantising the whole weight then torch.mm (what
+Unsloth and torchao do); and the CUDA decode kernel at M = 1 as GB/s over the packed weight (codes and absmaxes)
+beside the copy bandwidth.
+
 Decode step under CUDA graphs (--part graphs): the projections of 32 Llama-7B-sized blocks at M = 1 and 16, with
 LoRA r=16 on every linear and without, eagerly and replayed from a CUDA graph.
 
-    python bench/gpu_kernels.py [--part gemm|decode|graphs|all] [--markdown PATH] [--shape M,K,N,r ...]
+    python bench/gpu_kernels.py [--part gemm|decode|qlora|graphs|all] [--markdown PATH] [--shape M,K,N,r ...]
 """
 import argparse
 import datetime
@@ -184,6 +189,64 @@ def decode_section(dtype, markdown):
                     + "\n".join(lines) + "\n")
 
 
+def qlora_section(dtype, markdown, M=8192, K=4096, N=4096, r=16):
+    from fastpeft import cuda_ext, quantize_nf4
+    from fastpeft.kernels import lora_linear as kernels
+
+    torch.manual_seed(0)
+    w = torch.randn(N, K, device="cuda", dtype=dtype) * K ** -0.5
+    q = quantize_nf4(w)
+    a = torch.randn(r, K, device="cuda") * K ** -0.5
+    b = torch.randn(N, r, device="cuda") * r ** -0.5
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    dy = torch.randn(M, N, device="cuda", dtype=dtype)
+    s = torch.randn(M, r, device="cuda")
+    triton = LORA_LINEAR_BACKENDS["triton"]
+    rows = {
+        "fwd torch.mm (bf16 W, base only)": lambda: torch.mm(x, w.t()),
+        "fwd fastpeft triton LoRA (bf16 W)": lambda: triton.forward(x, w, None, a, b, 2.0, 0.0, 0),
+        "fwd fastpeft triton QLoRA (NF4 W, fused)": lambda: triton.forward(x, q, None, a, b, 2.0, 0.0, 0),
+        "fwd dequantise W, then torch.mm": lambda: torch.mm(x, q.dequantize().t()),
+        "bwd torch.mm (dX base, bf16 W)": lambda: torch.mm(dy, w),
+        "bwd fastpeft triton QLoRA dX (NF4 W, fused)": lambda: kernels.lora_bwd(dy, x, q, a, b, s, 2.0, 0.0, 0,
+                                                                              True, False, False, False),
+    }
+    copy_gbs = copy_bandwidth_gbs()
+    lines = [f"M={M} K={K} N={N} r={r}, {dtype}; the NF4 weight takes {q.nbytes / 2**20:.2f} MiB "
+             f"({q.nbytes / (w.numel() * w.element_size()):.3f}x the bf16 weight). Device copy bandwidth measured in "
+             f"this run: {copy_gbs:.0f} GB/s.", "", "| kernel | median ms | × torch.mm |", "|---|---|---|"]
+    print(lines[0], flush=True)
+    times = {}
+    for name, fn in rows.items():
+        times[name] = median_ms(fn)
+        base = times["fwd torch.mm (bf16 W, base only)" if name.startswith("fwd")
+                     else "bwd torch.mm (dX base, bf16 W)"]
+        lines.append(f"| {name} | {times[name]:.4f} | {times[name] / base:.3f} |")
+        print(lines[-1], flush=True)
+    lines += ["", "Decode over the NF4 base (cuda kernel, M rows): GB/s over the packed weight's bytes.", "",
+              "| M | K | N | path | median µs | GB/s over W | % of copy bandwidth |", "|---|---|---|---|---|---|---|"]
+    for K2, N2 in ((4096, 4096), (4096, 14336)):
+        w2 = torch.randn(N2, K2, device="cuda", dtype=dtype) * K2 ** -0.5
+        q2 = quantize_nf4(w2)
+        a2, b2 = torch.randn(r, K2, device="cuda") * K2 ** -0.5, torch.randn(N2, r, device="cuda") * r ** -0.5
+        for M2 in (1, 16):
+            x2 = torch.randn(M2, K2, device="cuda", dtype=dtype)
+            paths = {"fastpeft cuda decode (NF4)": (q2.nbytes, lambda x2=x2, q2=q2, a2=a2, b2=b2:
+                                                    cuda_ext.lora_linear_decode(x2, q2, None, a2, b2, 2.0)),
+                     "torch.mm (bf16 W, base only)": (w2.numel() * w2.element_size(),
+                                                      lambda x2=x2, w2=w2: torch.mm(x2, w2.t()))}
+            for path, (nbytes, fn) in paths.items():
+                ms = median_ms(fn)
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                lines.append(f"| {M2} | {K2} | {N2} | {path} | {ms * 1e3:.1f} | {gbs:.0f} | "
+                             f"{100 * gbs / copy_gbs:.0f}% |")
+                print(lines[-1], flush=True)
+    if markdown:
+        with open(markdown, "a") as f:
+            f.write(f"\n## QLoRA kernels, {dtype}, {torch.cuda.get_device_name(0)}\n\n"
+                    "triton.testing.do_bench medians, no autograd.\n\n" + "\n".join(lines) + "\n")
+
+
 def llama_projections(layers, hidden, intermediate, kv, dtype, device="cuda"):
     """The seven projections of ``layers`` Llama blocks as one chain of linears (q, k, v, o, gate, up, down), M
     tokens in, the attention and the elementwise ops left out: what LoRA adds to a decode step is in these."""
@@ -257,7 +320,7 @@ def graphs_section(dtype, markdown):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", default="all", choices=["gemm", "decode", "graphs", "all"])
+    parser.add_argument("--part", default="all", choices=["gemm", "decode", "qlora", "graphs", "all"])
     parser.add_argument("--markdown", help="append the table to this markdown file")
     parser.add_argument("--shape", action="append", help="M,K,N,r (repeatable; training shapes)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -265,9 +328,11 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     if args.part in ("decode", "all"):
         decode_section(dtype, args.markdown)
+    if args.part in ("qlora", "all"):
+        qlora_section(dtype, args.markdown)
     if args.part in ("graphs", "all"):
         graphs_section(dtype, args.markdown)
-    if args.part in ("decode", "graphs"):
+    if args.part in ("decode", "qlora", "graphs"):
         return
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else \
         [(8192, 4096, 4096, 16), (8192, 4096, 14336, 16), (8192, 14336, 4096, 64)]

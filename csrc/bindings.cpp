@@ -29,10 +29,13 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t a, uintptr_t b, uintptr_t s, uintptr_t counters,
          uintptr_t y, int64_t M, int64_t K, int64_t N, int64_t R, int64_t stride_xm, int64_t stride_ym,
          int64_t k_split, int64_t k_chunk, float scaling, int dtype, int adapter_dtype, bool vector, int device,
-         uintptr_t stream, uintptr_t col_scale, uintptr_t row_adapter, int64_t adapter_rank) {
-        fastpeft::DecodeArgs args{x, w, bias, a, b, s, counters, y, col_scale, row_adapter, adapter_rank, M, K, N, R,
-                                  stride_xm, stride_ym, k_split, k_chunk, scaling, dtype, adapter_dtype, vector,
-                                  device, stream};
+         uintptr_t stream, uintptr_t col_scale, uintptr_t row_adapter, int64_t adapter_rank, uintptr_t nf4_code,
+         uintptr_t nf4_absmax, uintptr_t nf4_absmax_code, uintptr_t nf4_absmax_scale, uintptr_t nf4_absmax_offset,
+         int64_t nf4_block, int64_t nf4_block2) {
+        fastpeft::DecodeArgs args{x, w, bias, a, b, s, counters, y, col_scale, row_adapter, adapter_rank,
+                                  nf4_code, nf4_absmax, nf4_absmax_code, nf4_absmax_scale, nf4_absmax_offset,
+                                  nf4_block, nf4_block2, M, K, N, R, stride_xm, stride_ym, k_split, k_chunk, scaling,
+                                  dtype, adapter_dtype, vector, device, stream};
         py::gil_scoped_release release;
         fastpeft::lora_linear_decode(args);
       },
@@ -41,7 +44,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stride_ym"), py::arg("k_split"), py::arg("k_chunk"), py::arg("scaling"), py::arg("dtype"),
       py::arg("adapter_dtype"), py::arg("vector"),
       py::arg("device"), py::arg("stream"), py::arg("col_scale") = 0, py::arg("row_adapter") = 0,
-      py::arg("adapter_rank") = 0,
+      py::arg("adapter_rank") = 0, py::arg("nf4_code") = 0, py::arg("nf4_absmax") = 0, py::arg("nf4_absmax_code") = 0,
+      py::arg("nf4_absmax_scale") = 0, py::arg("nf4_absmax_offset") = 0, py::arg("nf4_block") = 0,
+      py::arg("nf4_block2") = 0,
       "Fused LoRA linear for M <= 16 rows (see csrc/lora_linear_decode.h); launches asynchronously on `stream`.");
   m.def(
       "adapter_bottleneck_decode",

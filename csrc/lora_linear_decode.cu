@@ -1,6 +1,6 @@
 // Fused LoRA linear for decode shapes (M <= 16 rows), in one launch:
 //     y = x W^T + b + s * (x A^T) B^T,   or for DoRA   y = c * (x W^T + s * (x A^T) B^T) + b   (c per column)
-// or, for a mixed batch, each row m with its own adapter a_m of a stack: y_m = x_m W^T + b + (x_m A_{a_m}^T) B_{a_m}^T
+// (W may be a 4-bit NF4 base, its packed codes read and dequantised in the GEMV), or, for a mixed batch, each row m with its own adapter a_m of a stack: y_m = x_m W^T + b + (x_m A_{a_m}^T) B_{a_m}^T
 // (B pre-scaled). The S blocks then compute x A^T against every stacked adapter's rows (at most 256 in all) and each
 // row keeps its own adapter's part.
 //
@@ -22,6 +22,84 @@ namespace {
 
 using namespace decode;
 
+// A 4-bit (NF4) base weight (see DecodeArgs).
+struct Nf4 {
+  const float* code;          // 16 values
+  const void* absmax;         // fp32, or uint8 when absmax_code is set
+  const float* absmax_code;   // nullptr: absmax is fp32
+  const float* absmax_scale;
+  const float* absmax_offset;
+  int64_t block, block2;
+};
+
+__device__ __forceinline__ float nf4_absmax(const Nf4& q, int64_t block) {
+  if (q.absmax_code == nullptr) return static_cast<const float*>(q.absmax)[block];
+  const uint8_t index = static_cast<const uint8_t*>(q.absmax)[block];
+  return q.absmax_code[index] * q.absmax_scale[block / q.block2] + *q.absmax_offset;
+}
+
+// The NF4 counterpart of warp_rows_dot over all of K: acc[i][m] = sum_k x[m, k] * W[row0 + i, k], each element of W
+// dequantised as code[q] * absmax (fp32), rounded to T. VECTOR: each lane reads 16 bytes of codes (32 elements of one
+// block: K a multiple of 32) and one absmax; else one element (its byte) at a time. `code` is the code book in shared
+// memory.
+template <typename T, int MAXM, bool VECTOR>
+__device__ __forceinline__ void warp_rows_dot_nf4(const T* __restrict__ x, int64_t stride_xm, int M,
+                                                  const uint8_t* __restrict__ codes, const Nf4& q,
+                                                  const float* code, int64_t K, int64_t row0, int64_t rows,
+                                                  float (&acc)[kRowsPerWarp][MAXM]) {
+  constexpr int VEC = VECTOR ? 32 : 1;  // elements per load
+  constexpr int XVEC = VECTOR ? 16 / sizeof(T) : 1;  // x's elements per 16-byte load
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[i][m] = 0.f;
+
+  for (int64_t k = int64_t(lane) * VEC; k < K; k += 32 * VEC) {
+    float wv[kRowsPerWarp][VEC];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int64_t flat = (row0 + i) * K + k;
+      if (row0 + i >= rows) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) wv[i][v] = 0.f;
+      } else if constexpr (VECTOR) {
+        const uint4 pack = *reinterpret_cast<const uint4*>(codes + flat / 2);
+        const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
+        const float absmax = nf4_absmax(q, flat / q.block);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const uint32_t byte = (words[j / 4] >> (8 * (j % 4))) & 0xFFu;  // little-endian: byte j of the 16
+          wv[i][2 * j] = to_float(from_float<T>(code[byte >> 4] * absmax));
+          wv[i][2 * j + 1] = to_float(from_float<T>(code[byte & 15u] * absmax));
+        }
+      } else {
+        const uint8_t byte = codes[flat / 2];
+        const int nibble = (flat % 2 == 0) ? (byte >> 4) : (byte & 15);
+        wv[i][0] = to_float(from_float<T>(code[nibble] * nf4_absmax(q, flat / q.block)));
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+      if (m < M) {
+#pragma unroll
+        for (int v0 = 0; v0 < VEC; v0 += XVEC) {
+          float xv[XVEC];
+          load_floats<T, XVEC>(x + m * stride_xm + k + v0, xv);
+#pragma unroll
+          for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+            for (int v = 0; v < XVEC; ++v) acc[i][m] = fmaf(xv[v], wv[i][v0 + v], acc[i][m]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) acc[i][m] = warp_sum(acc[i][m]);
+}
+
 struct Params {
   const void* x;
   const void* w;
@@ -34,6 +112,7 @@ struct Params {
   const float* col_scale;  // nullptr: no column scale (plain LoRA)
   const int* row_adapter;  // nullptr: one adapter; else (M,) adapter of each row of the stacks (-1: base)
   int64_t adapter_rank;    // with row_adapter: the rank of each stacked adapter (R = adapters * adapter_rank)
+  Nf4 nf4;                 // a 4-bit base (the NF4 instantiation reads w as its packed codes)
   int64_t M, K, N, R, stride_xm, stride_ym;
   float scaling;
   int k_split;       // S's K range is split in this many chunks of k_chunk
@@ -41,7 +120,7 @@ struct Params {
   int s_tiles;       // ceil(R / kRowsPerBlock) * k_split
 };
 
-template <typename T, typename TA, int MAXM, bool VECTOR>
+template <typename T, typename TA, int MAXM, bool VECTOR, bool NF4>
 __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params p) {
   const int tile = take_tile(p.counters);
   const int warp = threadIdx.x / 32;
@@ -68,7 +147,15 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
   } else {
     __shared__ float s_sum[kMaxDecodeRows * kMaxDecodeRank];
     const int64_t row0 = int64_t(tile - p.s_tiles) * kRowsPerBlock + warp * kRowsPerWarp;
-    warp_rows_dot<T, T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const T*>(p.w), p.K, row0, p.N, acc);
+    if constexpr (NF4) {
+      __shared__ float code[16];
+      if (threadIdx.x < 16) code[threadIdx.x] = p.nf4.code[threadIdx.x];
+      __syncthreads();
+      warp_rows_dot_nf4<T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const uint8_t*>(p.w), p.nf4, code, p.K,
+                                         row0, p.N, acc);
+    } else {
+      warp_rows_dot<T, T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const T*>(p.w), p.K, row0, p.N, acc);
+    }
     wait_published(p.counters, p.s_tiles);
     for (int64_t idx = threadIdx.x; idx < p.M * p.R; idx += kThreads) {
       float total = 0.f;
@@ -119,10 +206,15 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
 
 template <typename T, typename TA, int MAXM>
 void launch_m(const Params& p, bool vector, dim3 grid, cudaStream_t stream) {
-  if (vector) {
-    lora_linear_decode_kernel<T, TA, MAXM, true><<<grid, kThreads, 0, stream>>>(p);
+  const bool nf4 = p.nf4.code != nullptr;
+  if (vector && nf4) {
+    lora_linear_decode_kernel<T, TA, MAXM, true, true><<<grid, kThreads, 0, stream>>>(p);
+  } else if (nf4) {
+    lora_linear_decode_kernel<T, TA, MAXM, false, true><<<grid, kThreads, 0, stream>>>(p);
+  } else if (vector) {
+    lora_linear_decode_kernel<T, TA, MAXM, true, false><<<grid, kThreads, 0, stream>>>(p);
   } else {
-    lora_linear_decode_kernel<T, TA, MAXM, false><<<grid, kThreads, 0, stream>>>(p);
+    lora_linear_decode_kernel<T, TA, MAXM, false, false><<<grid, kThreads, 0, stream>>>(p);
   }
 }
 
@@ -154,6 +246,12 @@ void lora_linear_decode(const DecodeArgs& args) {
   if (args.row_adapter != 0 && (args.adapter_rank < 1 || args.R % args.adapter_rank != 0)) {
     throw std::invalid_argument("fastpeft._C.lora_linear_decode: R must be a whole number of adapters of adapter_rank");
   }
+  if (args.nf4_code != 0 && (args.nf4_absmax == 0 || args.nf4_block < 32 || (args.nf4_block & (args.nf4_block - 1)) ||
+                            (args.nf4_absmax_code != 0 && (args.nf4_absmax_scale == 0 || args.nf4_absmax_offset == 0 ||
+                                                           args.nf4_block2 < 1)) ||
+                            (args.vector && args.K % 32 != 0) || args.row_adapter != 0 || args.col_scale != 0)) {
+    throw std::invalid_argument("fastpeft._C.lora_linear_decode: inconsistent NF4 arguments");
+  }
   if (args.k_split < 1 || args.k_chunk < 1 || args.k_split * args.k_chunk < args.K ||
       (args.k_split - 1) * args.k_chunk >= args.K) {
     throw std::invalid_argument("fastpeft._C.lora_linear_decode: k_split chunks of k_chunk must cover K exactly");
@@ -172,6 +270,9 @@ void lora_linear_decode(const DecodeArgs& args) {
   p.col_scale = reinterpret_cast<const float*>(args.col_scale);
   p.row_adapter = reinterpret_cast<const int*>(args.row_adapter);
   p.adapter_rank = args.adapter_rank;
+  p.nf4 = Nf4{reinterpret_cast<const float*>(args.nf4_code), reinterpret_cast<const void*>(args.nf4_absmax),
+              reinterpret_cast<const float*>(args.nf4_absmax_code), reinterpret_cast<const float*>(args.nf4_absmax_scale),
+              reinterpret_cast<const float*>(args.nf4_absmax_offset), args.nf4_block, args.nf4_block2};
   p.M = args.M; p.K = args.K; p.N = args.N; p.R = args.R;
   p.stride_xm = args.stride_xm; p.stride_ym = args.stride_ym;
   p.scaling = args.scaling;

@@ -22,13 +22,21 @@ struct DecodeArgs {
   // R = n * adapter_rank.
   uintptr_t row_adapter;
   int64_t adapter_rank;
+  // A 4-bit (NF4) base, when nf4_code is not 0: w holds W's packed codes (two per byte, the first element of a pair
+  // in the high nibble, row-major over (N, K)), nf4_code the 16 NF4 values (fp32), nf4_absmax one absmax per block of
+  // nf4_block elements: fp32, or uint8 indices into nf4_absmax_code (256 fp32) scaled per nf4_block2 absmaxes by
+  // nf4_absmax_scale (fp32) plus *nf4_absmax_offset (fp32) when nf4_absmax_code is not 0. Each element is
+  // code[q] * absmax in fp32, rounded to dtype, as the weight would be dequantised.
+  uintptr_t nf4_code, nf4_absmax, nf4_absmax_code, nf4_absmax_scale, nf4_absmax_offset;
+  int64_t nf4_block, nf4_block2;
   int64_t M, K, N, R, stride_xm, stride_ym;
   int64_t k_split, k_chunk;  // S = x a^T is summed from k_split partials over K chunks of k_chunk (multiples of
                              // 16/sizeof(adapter dtype) when vector)
   float scaling;
   int dtype;          // DType of x, w, bias, y
   int adapter_dtype;  // DType of a, b: the same as dtype, or kFloat
-  bool vector;        // 16-byte loads: K and stride_xm multiples of 16/sizeof(dtype), pointers 16-byte aligned
+  bool vector;        // 16-byte loads: K and stride_xm multiples of 16/sizeof(dtype), pointers 16-byte aligned (NF4:
+                      // also K a multiple of 32, so each 16 bytes of codes are 32 elements of one block)
   int device;
   uintptr_t stream;   // cudaStream_t of the device
 };

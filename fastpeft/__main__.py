@@ -87,6 +87,13 @@ def bench(args) -> int:
         results, saved = benchmark.run_dora(shapes, dtype, device, dropouts, rounds)
         sections.append(("DoRA", benchmark.format_table(results, reference=benchmark.DORA_REFERENCE) + "\n\n"
                          + benchmark.format_saved_table(saved)))
+    if args.only in (None, "qlora"):
+        if not benchmark.bnb_available():
+            print("note: bitsandbytes is not installed, so PEFT over its 4-bit layers is not compared "
+                  "(pip install 'fastpeft[bench]')")
+        results, sizes = benchmark.run_nf4(shapes[:1] if args.quick else shapes, dtype, device, dropouts, rounds)
+        sections.append(("QLoRA (LoRA over an NF4 base)", benchmark.format_table(
+            results, reference=benchmark.NF4_REFERENCE) + "\n\n" + benchmark.format_weight_bytes(sizes)))
     if args.only in (None, "mixed"):
         if device.type == "cuda":  # the GPU target is at 64 adapters
             counts = (64,) if args.quick else (1, 16, 64)
@@ -121,8 +128,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, and which backends run here (and why not)")
     b = sub.add_parser("bench", help="time nn.Linear vs fastpeft (each usable backend) vs HF PEFT's LoRA layer, "
-                                     "fastpeft's DoRA vs PEFT's, and fastpeft's bottleneck adapter vs the unfused "
-                                     "AdapterHub-style one")
+                                     "fastpeft's DoRA vs PEFT's, QLoRA vs PEFT over bitsandbytes, and fastpeft's "
+                                     "bottleneck adapter vs the unfused AdapterHub-style one")
     b.add_argument("--quick", action="store_true", help="one shape, fewer rounds: under a minute on a 2-core CPU")
     b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     b.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
@@ -130,7 +137,7 @@ def main(argv=None) -> int:
     b.add_argument("--dropout", type=float, action="append", help="repeatable; default 0 and 0.1")
     b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken)")
     b.add_argument("--markdown", metavar="PATH", help="append the tables to this markdown file")
-    b.add_argument("--only", choices=["lora", "overhead", "dora", "mixed", "adapters"],
+    b.add_argument("--only", choices=["lora", "overhead", "dora", "qlora", "mixed", "adapters"],
                    help="run one of the benchmarks")
     args = parser.parse_args(argv)
     return info(args) if args.command == "info" else bench(args)

@@ -276,7 +276,7 @@ def _measure(layers: dict, x, dy, shape, dropout: float, device, rounds: int, lo
 
 
 # Candidates with no dropout of their own: timed beside each dropout setting only so that ratios come from one run.
-NO_DROPOUT = ("nn.Linear",)
+NO_DROPOUT = ("nn.Linear", "bnb Linear4bit")
 
 
 def _dropout_label(result: Result) -> str:
@@ -391,6 +391,85 @@ def format_saved_table(saved: list[SavedResult], reference: str = DORA_REFERENCE
     return "\n".join(lines) + ("\n\nsaved MiB: the distinct tensors autograd keeps for backward after one forward "
                                "(the frozen weight included where a layer keeps it), counted with "
                                "torch.autograd.graph.saved_tensors_hooks.")
+
+
+# QLoRA: LoRA over a 4-bit (NF4) base, beside PEFT over bitsandbytes' Linear4bit, LoRA over the dense base and the
+# dense base alone, all from one weight and one adapter.
+NF4_REFERENCE = "peft+bnb QLoRA"
+
+
+def bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_nf4_candidates(shape: Shape, dtype, device, dropout: float, seed: int = 0) -> dict[str, nn.Module]:
+    """nn.Linear (dense, ``dtype``), fastpeft's LoRA over it, fastpeft's LoRA over the same weight in NF4 (double
+    quantised, computing in ``dtype``; each usable backend) and, with peft and bitsandbytes installed, bitsandbytes'
+    Linear4bit alone and PEFT's LoRA over it (the same codes: converted from fastpeft's layer, not requantised)."""
+    from .nf4 import NF4Linear
+    torch.manual_seed(seed)
+    base = nn.Linear(shape.K, shape.N, bias=True, device=device, dtype=dtype).requires_grad_(False)
+    alpha = 2 * shape.r
+    lora = LoraLinear(copy.deepcopy(base), shape.r, alpha, dropout, init_lora_weights=False)
+    quantized = NF4Linear.from_linear(base)
+    layers: dict[str, nn.Module] = {"nn.Linear": base, "fastpeft LoRA[torch]": lora}
+    for backend in ("torch", "triton"):
+        if backend == "torch" or _timeable(backend, base.weight):
+            layer = LoraLinear.from_adapters(copy.deepcopy(quantized), {"default": copy.deepcopy(lora.adapter)},
+                                             "default", backend=backend)
+            layers[f"fastpeft QLoRA[{backend}]"] = layer
+    if peft_available() and bnb_available():
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+        bnb_layer = quantized.to_bnb()
+        layers["bnb Linear4bit"] = bnb_layer
+        config = LoraConfig(r=shape.r, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=False)
+        peft_layer = PeftLinear(copy.deepcopy(bnb_layer), "default", config=config, r=shape.r, lora_alpha=alpha)
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight = nn.Parameter(lora.lora_A.detach().clone())
+            peft_layer.lora_B["default"].weight = nn.Parameter(lora.lora_B.detach().clone())
+        layers[NF4_REFERENCE] = peft_layer
+    for layer in layers.values():
+        layer.train()
+    return layers
+
+
+@dataclass
+class WeightBytes:
+    candidate: str
+    mib: float
+
+
+def run_nf4(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int = 15,
+            log=print) -> tuple[list[Result], list[WeightBytes]]:
+    """QLoRA side by side (:func:`interleaved_times`): every candidate of :func:`make_nf4_candidates` in both modes;
+    and the base weight's bytes, dense against NF4 (first shape)."""
+    results, sizes = [], []
+    for shape in shapes:
+        for dropout in dropouts:
+            layers = make_nf4_candidates(shape, dtype, device, dropout)
+            torch.manual_seed(1)
+            x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
+            results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
+            if not sizes:
+                dense = layers["nn.Linear"].weight
+                nf4 = layers["fastpeft QLoRA[torch]"].base_layer.weight
+                sizes = [WeightBytes(f"dense {dtype}", dense.numel() * dense.element_size() / 2**20),
+                         WeightBytes("bf16", dense.numel() * 2 / 2**20),
+                         WeightBytes("NF4, double-quantised absmax", nf4.nbytes / 2**20)]
+    return results, sizes
+
+
+def format_weight_bytes(sizes: list[WeightBytes]) -> str:
+    bf16 = next(s.mib for s in sizes if s.candidate == "bf16")
+    lines = ["| base weight | MiB | / bf16 |", "|---|---|---|"]
+    lines += [f"| {s.candidate} | {s.mib:.3f} | {_ratio(s.mib, bf16)} |" for s in sizes]
+    return "\n".join(lines)
 
 
 # Mixed-adapter batches: SEQUENCES sequences of TOKENS tokens, each sequence taking one of n adapters.

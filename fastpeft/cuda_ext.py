@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .checks import ACTIVATION_CODES, cuda_device_reason, kernel_dtype_reason, new_output
+from .nf4 import NF4Weight, nf4_code
 
 MAX_DECODE_ROWS = 16
 MAX_DECODE_RANK = 256
@@ -60,11 +61,6 @@ def decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
         if t is not None and not t.is_contiguous():
             reasons.append(f"{name} must be contiguous")
     return reasons
-
-
-def nf4_decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
-    """Why the decode kernel cannot run a call over a 4-bit (NF4) base weight."""
-    return ["the cuda decode kernel reads dense weights; over a 4-bit (NF4) base use the triton or torch backend"]
 
 
 # The decode kernels' counters (3 int32, zero between launches: the kernel's last block resets them). A launch must
@@ -129,11 +125,18 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
     fp16/bf16/fp32 base, adapters in the base dtype or fp32. Returns y (M, N) in x's dtype.
     Mixed adapters: ``row_adapter`` (M,) int32 on x's device (-1: the base alone) picks each row's adapter from
     stacks of ``adapter_rank`` each: lora_A (n·adapter_rank, K) and lora_B (n·N, adapter_rank), B pre-scaled.
+    A 4-bit base: ``weight`` an :class:`~fastpeft.nf4.NF4Weight` in x's dtype, whose packed codes the kernel reads
+    and dequantises as it streams them (not with ``row_adapter`` or ``col_scale``).
     """
     module, reason = load()
     if module is None:
         raise RuntimeError(reason)
     reasons = decode_reasons(x, weight, bias, lora_A, lora_B)
+    nf4 = isinstance(weight, NF4Weight)
+    if nf4 and (row_adapter is not None or col_scale is not None):
+        reasons.append("a 4-bit (NF4) base takes neither mixed adapters nor DoRA's column scale")
+    if nf4 and weight.dtype != x.dtype:
+        reasons.append(f"the NF4 weight computes in {weight.dtype}, x is {x.dtype}")
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         reasons.append(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -157,11 +160,23 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
     if M == 0:
         return y
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K), (lora_A, K))
+    if nf4:  # 16 bytes of codes are 32 elements of one block
+        vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (lora_A, K)) and K % 32 == 0 \
+            and weight.packed.data_ptr() % 16 == 0
+        quant = dict(nf4_code=nf4_code(x.device).data_ptr(), nf4_absmax=weight.absmax.data_ptr(),
+                     nf4_block=weight.blocksize, nf4_block2=weight.absmax_blocksize)
+        if weight.nested:
+            quant.update(nf4_absmax_code=weight.absmax_code.data_ptr(),
+                         nf4_absmax_scale=weight.absmax_scale.data_ptr(),
+                         nf4_absmax_offset=weight.absmax_offset.data_ptr())
+    else:
+        vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K), (lora_A, K))
+        quant = {}
     k_split, k_chunk = s_split(K, x.dtype, lora_A.dtype, vector)
     s = new_output((k_split, M, R), torch.float32, x.device)
     module.lora_linear_decode(
-        x=x.data_ptr(), w=weight.data_ptr(), bias=bias.data_ptr() if bias is not None else 0,
+        x=x.data_ptr(), w=weight.packed.data_ptr() if nf4 else weight.data_ptr(),
+        bias=bias.data_ptr() if bias is not None else 0,
         a=lora_A.data_ptr(), b=lora_B.data_ptr(), s=s.data_ptr(),
         counters=_counters(x.device, stream).data_ptr(), y=y.data_ptr(),
         M=M, K=K, N=N, R=R, stride_xm=x.stride(0), stride_ym=y.stride(0), k_split=k_split, k_chunk=k_chunk,
@@ -169,7 +184,7 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
         dtype=_DTYPE_CODES[x.dtype], adapter_dtype=_DTYPE_CODES[lora_A.dtype], vector=vector,
         device=x.device.index, stream=stream, col_scale=col_scale.data_ptr() if col_scale is not None else 0,
         row_adapter=row_adapter.data_ptr() if row_adapter is not None else 0,
-        adapter_rank=adapter_rank if row_adapter is not None else 0)
+        adapter_rank=adapter_rank if row_adapter is not None else 0, **quant)
     return y
 
 

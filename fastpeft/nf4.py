@@ -41,8 +41,9 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes read
 DEFAULT_BLOCKSIZE = 64
 ABSMAX_BLOCKSIZE = 256  # double quantisation's blocks of absmaxes
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: references, torch path
-# The torch path dequantises at most this many elements of W at a time (a row chunk): its extra memory is about
-# NF4_CHUNK × (4 + the compute dtype's size) bytes (the fp32 products, then the rounded chunk), whatever the layer.
+# The torch path dequantises at most this many elements of W at a time (a row chunk, or one row step if that is
+# more): its extra memory is NF4_CHUNK × 6 bytes (the codes' int32 indices, one per byte, and the fp32 products), plus
+# NF4_CHUNK × 2 for a half-precision compute dtype (the rounded chunk): 6 MiB (fp32), 8 MiB (bf16), whatever the layer.
 NF4_CHUNK = 1 << 20
 
 

@@ -558,12 +558,12 @@ _gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAS
 _tma_tuned = autotuned(_lora_gemm_tma_kernel, TMA_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "B_KN"], "_lora_gemm_tma_kernel")
 _lowrank_pass_tuned = autotuned(_gemm, LOWRANK_PASS_CONFIGS, GEMM_KEY + ["DROPOUT", "BASE_IN_OUT"], "_lora_gemm_kernel")
 # A 4-bit base: the dequantising load holds more registers and stages more per element (see ``_gemm_shared``); the
-# tiles kept are those that neither spill nor overflow an A100 (ptxas: 64-deep tiles of 128×256, 256×128, and
-# 128×128 on 4 warps, spill up to 11 KB).
+# tiles kept are those that neither spill nor overflow an A100 (ptxas: 64-deep tiles of 128×256 and 256×128, and
+# 128×128 tiles on 4 warps, spill up to 11 KB, the dX GEMM's most).
 NF4_GEMM_CONFIGS = [c for c in GEMM_CONFIGS
-                    if c.kwargs["BLOCK_K"] == 32 or (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128
-                                                     and c.num_warps == 8)]
-NF4_GEMM_DEFAULT = GEMM_DEFAULT  # (one of them)
+                    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_warps == 8
+                    and (c.kwargs["BLOCK_K"] == 32 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128)]
+NF4_GEMM_DEFAULT = next(c for c in NF4_GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 128))
 _nf4_gemm_tuned = autotuned(_gemm, NF4_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAST", "stride_ak", "stride_bk",
                                                                 "NESTED", "ALIGNED"], "_lora_gemm_kernel")
 # Mixed batches: the GEMM's row tiles are the tables' tiles, so its configs share one BLOCK_M, MIXED_TILE.

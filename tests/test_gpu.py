@@ -367,3 +367,65 @@ def test_a_training_step_replays_under_a_cuda_graph():
         eager = [step()] + [p.grad for p in params]
         for got, want in zip(graphed, eager, strict=True):
             assert rel_err(got, want) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# QLoRA: LoRA over a 4-bit (NF4) base
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.0, 0.1], ids=["nodrop", "drop0.1"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "plain"])
+def test_nf4_training_shape_matches_reference(p, double_quant):
+    """The Triton GEMMs dequantising W's tiles (forward and dX), bf16, against the float64 reference over the
+    dequantised weight; K = 1000 is not a multiple of the blocksize (the per-element absmax loads)."""
+    for K in (1024, 1000):
+        M, N, r = 777, 768, 16
+        x, w, b, a, bb, dy = _inputs(M, K, N, r, torch.bfloat16)
+        q = fastpeft.quantize_nf4(w, double_quant=double_quant)
+        y = fastpeft.lora_linear(x, q, b, a, bb, 2.0, dropout_p=p, backend="triton", dropout_seed=11)
+        y.backward(dy)
+        keep = fastpeft.dropout_mask(11, (M, K), p, "triton", "cuda") if p else None
+        x64, a64, bb64 = (t.detach().double().requires_grad_(True) for t in (x, a, bb))
+        ref = fastpeft.lora_linear_reference(x64, q.dequantize(torch.float64), b.double(), a64, bb64, 2.0, keep, p)
+        ref.backward(dy.double())
+        for got, want in [(y, ref), (x.grad, x64.grad), (a.grad, a64.grad), (bb.grad, bb64.grad)]:
+            assert rel_err(got, want) <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_nf4_gemm_tiles_are_the_dequantised_weight_on_the_gpu(dtype):
+    """x = I: the forward GEMM writes Wᵀ, dequantised tile by tile on the GPU (its rounding to bf16 is the
+    hardware's), bit for bit NF4Weight.dequantize(); likewise dY = I for the dX GEMM, at autotuned tiles."""
+    from fastpeft.kernels import lora_linear as kernels
+    torch.manual_seed(0)
+    for N, K in ((512, 1024), (300, 1000)):
+        q = fastpeft.quantize_nf4(torch.randn(N, K, dtype=dtype, device="cuda"))
+        a, zeros = torch.randn(16, K, device="cuda"), torch.zeros(N, 16, device="cuda")
+        y = fastpeft.lora_linear(torch.eye(K, dtype=dtype, device="cuda"), q, None, a, zeros, 1.0, training=False,
+                                 backend="triton")
+        assert torch.equal(y.t(), q.dequantize())
+        dx = kernels.lora_bwd(torch.eye(N, dtype=dtype, device="cuda"), None, q, a, zeros,
+                              torch.zeros(N, 16, device="cuda"), 1.0, 0.0, 0, True, False, False, False)[0]
+        assert torch.equal(dx, q.dequantize())
+
+
+@decode
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (5, 4096, 1000, 8), (16, 1000, 333, 64), (2, 70, 19, 3)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "plain"])
+def test_nf4_decode_kernel_reads_the_packed_weight(M, K, N, r, dtype, double_quant):
+    """The cuda decode kernel over an NF4 base (16-byte code loads where K is a multiple of 32, one byte per element
+    otherwise), against the float64 reference over the dequantised weight."""
+    g = torch.Generator(device="cuda").manual_seed(M + K)
+    x = torch.randn(M, K, generator=g, device="cuda").to(dtype)
+    q = fastpeft.quantize_nf4((torch.randn(N, K, generator=g, device="cuda") * K ** -0.5).to(dtype),
+                              double_quant=double_quant)
+    b = torch.randn(N, generator=g, device="cuda").to(dtype)
+    a = torch.randn(r, K, generator=g, device="cuda") * K ** -0.5
+    bb = torch.randn(N, r, generator=g, device="cuda") * r ** -0.5
+    with torch.no_grad():
+        y = fastpeft.lora_linear(x, q, b, a, bb, 1.5, backend="cuda")
+    ref = fastpeft.lora_linear_reference(x.double(), q.dequantize(torch.float64), b.double(), a.double(),
+                                         bb.double(), 1.5)
+    assert y.dtype == dtype and rel_err(y, ref) <= TOLERANCE[dtype]

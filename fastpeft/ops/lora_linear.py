@@ -292,10 +292,6 @@ def _triton_entry(variant=None):
 
 def _cuda_reasons(x, weight, bias, lora_A, lora_B, dropout_p):
     from .. import cuda_ext
-    if isinstance(weight, NF4Weight):
-        return cuda_ext.nf4_decode_reasons(x, weight, bias, lora_A, lora_B) + (
-            ["the cuda backend has no dropout (inference): use training=False or dropout_p=0"] if dropout_p > 0.0
-            else [])
     reasons = cuda_ext.decode_reasons(x, weight, bias, lora_A, lora_B)
     if dropout_p > 0.0:
         reasons.append("the cuda backend has no dropout (inference): use training=False or dropout_p=0")
