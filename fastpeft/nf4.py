@@ -458,7 +458,7 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> NF4Linear:
         """The NF4Linear holding a bitsandbytes ``Linear4bit``'s quantised weight and bias themselves (no copy, no
-        requantisation). The compute dtype is the layer's ``compute_dtype`` (else its quant state's dtype). Refuses
+        requantisation; the bias keeps its ``requires_grad``). The compute dtype is the layer's ``compute_dtype`` (else its quant state's dtype). Refuses
         FP4, int8 and not-yet-quantised layers."""
         problem = bnb_problem(layer)
         if problem is not None:
@@ -472,10 +472,7 @@ class NF4Linear(nn.Module):
         dtype = getattr(layer, "compute_dtype", None) or state.dtype
         weight = NF4Weight(layer.weight.data.view(torch.uint8).reshape(-1), state.absmax, tuple(state.shape), dtype,
                            state.blocksize, **nested)
-        bias = layer.bias
-        if bias is not None:
-            bias.requires_grad_(False)
-        return cls(weight, bias).train(layer.training)
+        return cls(weight, layer.bias).train(layer.training)
 
     @torch.no_grad()
     def to_bnb(self) -> nn.Module:
