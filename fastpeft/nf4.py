@@ -201,7 +201,9 @@ class NF4Weight:
         stop = _blocks(self.numel(), self.blocksize) if stop is None else stop
         if not self.nested:
             return self.absmax[first:stop]
-        scale = self.absmax_scale.repeat_interleave(self.absmax_blocksize)[first:stop]
+        group = self.absmax_blocksize  # the scales of these blocks only, each repeated over its group
+        scale = self.absmax_scale[first // group:_blocks(stop, group)].repeat_interleave(group)
+        scale = scale[first % group:first % group + stop - first]
         return (self.absmax_code[self.absmax[first:stop].int()] * scale).add_(self.absmax_offset)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -410,10 +412,18 @@ class NF4Linear(nn.Module):
 
     @property
     def weight(self) -> NF4Weight:
+        """The NF4Weight over the buffers (kept while the buffers and the compute dtype stay the same: it holds them,
+        so their ids are not reused meanwhile)."""
         tensors = {name[len("weight_"):]: t for name, t in self._buffers.items()
                    if name.startswith("weight_") and t is not None}
-        return NF4Weight(tensors.pop("packed"), tensors.pop("absmax"), (self.out_features, self.in_features),
-                         self.dtype, self.blocksize, absmax_blocksize=self.absmax_blocksize, **tensors)
+        key = (self.dtype, *((name, id(t)) for name, t in tensors.items()))
+        cached = self.__dict__.get("_weight_view")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weight = NF4Weight(tensors.pop("packed"), tensors.pop("absmax"), (self.out_features, self.in_features),
+                           self.dtype, self.blocksize, absmax_blocksize=self.absmax_blocksize, **tensors)
+        self.__dict__["_weight_view"] = (key, weight)
+        return weight
 
     def forward(self, x: Tensor) -> Tensor:
         return nf4_linear(x, self.weight, self.bias)
