@@ -468,8 +468,8 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> NF4Linear:
         """The NF4Linear holding a bitsandbytes ``Linear4bit``'s quantised weight and bias themselves (no copy, no
-        requantisation; the bias keeps its ``requires_grad``). The compute dtype is the layer's ``compute_dtype`` (else its quant state's dtype). Refuses
-        FP4, int8 and not-yet-quantised layers."""
+        requantisation; the bias keeps its ``requires_grad``). The compute dtype is the layer's ``compute_dtype``
+        (else its quant state's dtype). Refuses FP4, int8 and not-yet-quantised layers."""
         problem = bnb_problem(layer)
         if problem is not None:
             raise TypeError(f"layer cannot become an NF4Linear: {problem}")
