@@ -206,6 +206,8 @@ def qlora_section(dtype, markdown, M=8192, K=4096, N=4096, r=16):
         "fwd torch.mm (bf16 W, base only)": lambda: torch.mm(x, w.t()),
         "fwd fastpeft triton LoRA (bf16 W)": lambda: triton.forward(x, w, None, a, b, 2.0, 0.0, 0),
         "fwd fastpeft triton QLoRA (NF4 W, fused)": lambda: triton.forward(x, q, None, a, b, 2.0, 0.0, 0),
+        "fwd fastpeft triton:cublas QLoRA (NF4 W, chunks dequantised for cuBLAS)":
+            lambda: LORA_LINEAR_BACKENDS["triton:cublas"].forward(x, q, None, a, b, 2.0, 0.0, 0),
         "fwd dequantise W, then torch.mm": lambda: torch.mm(x, q.dequantize().t()),
         "bwd torch.mm (dX base, bf16 W)": lambda: torch.mm(dy, w),
         "bwd fastpeft triton QLoRA dX (NF4 W, fused)": lambda: kernels.lora_bwd(dy, x, q, a, b, s, 2.0, 0.0, 0,

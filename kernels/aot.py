@@ -107,6 +107,11 @@ def _launches():
     mixed_da = dict(bwd_da, rows_per_split=lora.MIXED_TILE, constexprs=dict(bwd_da["constexprs"], MIXED=True))
     mixed_fixed = [dict(kwargs=dict(BLOCK_M=lora.MIXED_TILE, BLOCK_K=64), num_warps=4, num_stages=3)]
     mask = dict(out_ptr="i8", M=M, K=K, seed=12345, p=0.1, constexprs=dict(BLOCK_M=64, BLOCK_K=128))
+    # the "cublas" variant's chunks of an NF4 W, dequantised for cuBLAS
+    nf4_dequant = dict(packed_ptr="u8", absmax_ptr="u8", code_ptr="fp32", absmax_code_ptr="fp32",
+                       absmax_scale_ptr="fp32", absmax_offset_ptr="fp32", out_ptr="bf16", start=N * K // 4,
+                       count=N * K // 4, constexprs=dict(COMPUTE=tl.bfloat16, NESTED=True, QBLOCK=64, QBLOCK2=256,
+                                                         BLOCK=1024))
     # Bottleneck adapter, d=4096, m=64: forward's down GEMM (bias; pre and GELU(pre) written), up GEMM (bias, scale,
     # residual epilogue), backward's dpre GEMM (×act'(pre) epilogue, fp32 out) and dh GEMM (fp32 dpre · bf16 W_d).
     d, m = 4096, 64
@@ -172,6 +177,7 @@ def _launches():
         ("_dora_norm_kernel", "DoRA norm", dora_norm, [dict(kwargs={}, num_warps=4, num_stages=3)]),
         ("_lora_bwd_da_kernel", "backward", bwd_da, as_dicts(lora.DA_CONFIGS)),
         ("_dropout_mask_kernel", "mask", mask, mask_config),
+        ("_nf4_dequant_kernel", "NF4 chunk for cuBLAS", nf4_dequant, mask_config),
         ("_adapter_gemm_kernel", "adapter down", adapter_down, as_dicts(adapter.ADAPTER_GEMM_CONFIGS)),
         ("_adapter_gemm_kernel", "adapter up", adapter_up, as_dicts(adapter.ADAPTER_GEMM_CONFIGS)),
         ("_adapter_gemm_kernel", "adapter dpre", adapter_dpre, as_dicts(adapter.ADAPTER_GEMM_CONFIGS)),

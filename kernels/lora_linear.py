@@ -47,6 +47,8 @@ from .common import (
     gemm_k_loop,
     launch,
     new_output,
+    nf4_absmax,
+    nf4_tile,
     register_shared_memory,
     register_spilling,
     tile_indices,
@@ -63,6 +65,21 @@ def _dropout_keep(seed, p, rows, col0, n_cols, BLOCK_COLS: tl.constexpr):
     r0, r1, r2, r3 = tl.randint4x(seed, offsets)
     bits = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4g + i takes r_i of group g
     return tl.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
+def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+                        out_ptr, start, count, COMPUTE: tl.constexpr, NESTED: tl.constexpr, QBLOCK: tl.constexpr,
+                        QBLOCK2: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = element start + i of an NF4 weight, dequantised (as ``fastpeft.nf4``: bit for bit), i < count: the
+    "cublas" variant's chunks of W, dequantised once for cuBLAS."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < count
+    idx = start + offs
+    absmax = nf4_absmax(idx // QBLOCK, ok, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, NESTED,
+                        QBLOCK2)
+    tl.store(out_ptr + offs, nf4_tile(packed_ptr, idx, ok, absmax, code_ptr, out_ptr.dtype.element_ty, COMPUTE),
+             mask=ok)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -637,7 +654,9 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
     DoRA: ``col_scale`` (N,) fp32 scales the columns before the bias; ``pre`` (out's shape and strides), if given,
     receives the unscaled sum. ``mixed``: a mixed-adapter batch's tiles (``up`` is then adapter 0's of a stack,
     ``lr_scale`` and ``dropout_p`` per tile; prologue order). ``b`` may be an :class:`NF4Operand` (a 4-bit base),
-    dequantised tile by tile; the "cublas" and "tma" variants, which need a dense b, run "prologue" then."""
+    dequantised tile by tile in the K loop; "cublas" dequantises it instead a chunk of W's rows at a time
+    (``NF4_GPU_CHUNK`` elements) for cuBLAS, and "tma", which needs a dense b, runs "prologue".
+    """
     variant = gemm_variant(variant)
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
@@ -645,7 +664,7 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
     quant, quant_args, b_arg = _DENSE, (out,) * 5, b
     if isinstance(b, NF4Operand):
         quant, quant_args, b_arg = b.constexprs(), b.pointers(), b.weight.packed
-        variant = "prologue" if variant in ("cublas", "tma") else variant
+        variant = "prologue" if variant == "tma" else variant
     if pre is not None and (pre.shape != out.shape or pre.stride() != out.stride()):
         raise ValueError("lora_gemm: pre must have out's shape and strides")
     dora = dict(COL_SCALE=col_scale is not None, STORE_PRE=pre is not None)
@@ -663,12 +682,11 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
     tables = (mixed.rows, mixed.tile_adapter, mixed.tile_scale, mixed.tile_p) if mixed is not None else (out,) * 4
     tiled_m = mixed.tiles * mixed.tile if mixed is not None else M
     if variant == "cublas":  # the base product (and bias) by torch into out; the kernel adds the low-rank term
-        if bias is None or col_scale is not None:  # a scaled output gets its bias after the scale, in the kernel
-            torch.mm(a, b, out=out)
-        else:
-            torch.addmm(bias, a, b, out=out)
-            bias = None
+        fold_bias = bias is not None and col_scale is None  # a scaled output gets its bias after the scale
+        _base_product(a, b, out, bias if fold_bias else None)
+        bias = None if fold_bias else bias
         tuned, default = _lowrank_pass_tuned, LOWRANK_PASS_DEFAULT
+        quant, quant_args, b_arg = _DENSE, (out,) * 5, out  # (no K loop: b is not read)
     launch(tuned, _gemm, default, INTERPRET_GEMM,
             lambda c: (triton.cdiv(tiled_m, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
             a, b_arg, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg, *tables,
@@ -679,6 +697,47 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
             DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue",
             BASE_IN_OUT=variant == "cublas", MIXED=mixed is not None, **dora, **quant)
+
+
+# The "cublas" variant over a 4-bit base dequantises W this many elements at a time (a row chunk on a block boundary,
+# 8 MiB in bf16) for cuBLAS, so the layer is never whole in full precision.
+NF4_GPU_CHUNK = 1 << 22
+
+
+def _base_product(a, b, out, bias=None):
+    """out = a · b (+ bias) by torch (cuBLAS on a GPU); an NF4 b dequantised a chunk of W's rows at a time by
+    ``_nf4_dequant_kernel``: columns of out for b = Wᵀ, a sum over chunks for b = W."""
+    if not isinstance(b, NF4Operand):
+        torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+        return
+    weight = b.weight
+    for i, (n0, n1) in enumerate(weight.row_chunks(NF4_GPU_CHUNK)):
+        rows = nf4_dequantize_rows(weight, n0, n1)
+        if b.transposed:
+            if bias is None:
+                torch.mm(a, rows.t(), out=out[:, n0:n1])
+            else:
+                torch.addmm(bias[n0:n1], a, rows.t(), out=out[:, n0:n1])
+        elif i == 0:
+            torch.mm(a[:, n0:n1], rows, out=out)
+        else:
+            out.addmm_(a[:, n0:n1], rows)
+
+
+def nf4_dequantize_rows(weight, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start`` .. ``stop`` of an NF4 weight in its dtype, by ``_nf4_dequant_kernel`` (``start`` on a block
+    boundary, as ``NF4Weight.row_chunks`` gives)."""
+    k = weight.shape[1]
+    out = new_output((stop - start, k), weight.dtype, weight.device)
+    count = out.numel()
+    if count:
+        absmax, code, absmax_code, absmax_scale, absmax_offset = NF4Operand(weight, False).pointers()
+        block = 1024
+        _nf4_dequant_kernel[(triton.cdiv(count, block),)](
+            weight.packed, absmax, code, absmax_code, absmax_scale, absmax_offset, out, start * k, count,
+            COMPUTE=compute_dtype(weight.dtype, out.device.type == "cpu"), NESTED=weight.nested,
+            QBLOCK=weight.blocksize, QBLOCK2=weight.absmax_blocksize, BLOCK=block)
+    return out
 
 
 def _weight_operand(weight, transposed: bool):

@@ -194,6 +194,31 @@ def test_kernel_tiles_are_the_dequantised_weight_bit_for_bit(monkeypatch, dtype,
         assert torch.equal(dx, q.dequantize())
 
 
+@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@pytest.mark.parametrize("variant", ["prologue", "epilogue", "cublas", "tma"])
+def test_lora_over_nf4_in_every_gemm_variant(monkeypatch, variant):
+    """Every fused-GEMM variant runs over an NF4 base: prologue and epilogue dequantise W's tiles in the K loop, cublas
+    dequantises a chunk of W's rows at a time (here several chunks) for torch's GEMM, tma runs prologue. Forward and
+    dX against float64, with bias and dropout."""
+    from fastpeft.kernels import lora_linear as kernels
+    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", variant)
+    monkeypatch.setattr(kernels, "NF4_GPU_CHUNK", 1500)
+    case = CASES[6]  # bf16, fp32 adapters, dropout, 3-D x
+    x, w, b, a, bb, dy = make_inputs(case, TRITON_DEVICE)
+    q = quantize_nf4(w)
+    assert torch.equal(kernels.nf4_dequantize_rows(q, 0, case.N), q.dequantize())
+    assert torch.equal(kernels.nf4_dequantize_rows(q, 32, 50), q.dequantize()[32:50])
+    y = fastpeft.lora_linear(x, q, b, a, bb, 1.5, dropout_p=case.p, backend="triton", dropout_seed=5)
+    y.backward(dy)
+    keep = fastpeft.dropout_mask(5, (x.numel() // case.K, case.K), case.p, "triton", TRITON_DEVICE)
+    x64, b64, a64, bb64 = (t.detach().double().cpu().requires_grad_(True) for t in (x, b, a, bb))
+    ref = lora_linear_reference(x64, q.dequantize(torch.float64).cpu(), b64, a64, bb64, 1.5,
+                                keep.cpu().reshape(x.shape), case.p)
+    ref.backward(dy.double().cpu())
+    for got, want in [(y, ref), (x.grad, x64.grad), (a.grad, a64.grad), (bb.grad, bb64.grad), (b.grad, b64.grad)]:
+        assert rel_err(got, want) <= TOLERANCE[case.dtype]
+
+
 def test_torch_path_dequantises_a_chunk_at_a_time(monkeypatch):
     """The torch path never holds more than NF4_CHUNK dequantised elements (plus a row step): forward and backward
     give the same results as one whole-weight chunk."""
