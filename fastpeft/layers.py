@@ -11,7 +11,7 @@ from torch import nn
 
 from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
-from .nf4 import NF4Linear, bnb_problem, is_bnb_4bit
+from .nf4 import NF4Linear, NF4Weight, bnb_problem, is_bnb_4bit
 from .ops.adapter_bottleneck import adapter_bottleneck
 from .ops.lora_linear import DORA_EPS, dora_weight_norm, lora_linear, weight_sq_norm
 from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
@@ -42,7 +42,7 @@ def linear_wrap_problem(module) -> str | None:
         problem = None if type(module).forward is NF4Linear.forward else (
             f"a {type(module).__name__}, an NF4Linear subclass with its own forward (which LoRA would bypass)")
     else:
-        problem = _dense_linear_problem(module)
+        problem = dense_linear_problem(module)
     if problem is None and (module._forward_hooks or module._forward_pre_hooks):
         return "a linear layer with forward hooks, which LoRA would bypass"
     if problem is None and "forward" in vars(module):
@@ -51,7 +51,8 @@ def linear_wrap_problem(module) -> str | None:
     return problem
 
 
-def _dense_linear_problem(module) -> str | None:
+def dense_linear_problem(module) -> str | None:
+    """Why ``module`` is not a plain ``nn.Linear`` that computes exactly ``x Wᵀ + b`` (None when it is)."""
     if not isinstance(module, nn.Linear):
         return f"a {type(module).__name__}, not an nn.Linear"
     if type(module).forward is not nn.Linear.forward:
@@ -352,6 +353,8 @@ class LoraLinear(nn.Module):
         if magnitude is None:
             magnitude = a.lora_magnitude_vector  # None for plain LoRA; computed if parametrized or pruned
         if magnitude is None:
+            if isinstance(weight, NF4Weight):
+                return self._lora_over_4bit(x, weight, bias, lora_A, lora_B, a)
             return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                                backend=self.backend)
         # DoRA. In eval mode, with A and B not being trained, the row norms are kept while W, A and B stay as they
@@ -371,6 +374,19 @@ class LoraLinear(nn.Module):
             norm = a.dora_norm(weight, lora_A, lora_B, self.backend)
         return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                            backend=self.backend, magnitude=magnitude, weight_norm=norm, _trained_magnitude=True)
+
+    def _lora_over_4bit(self, x, weight, bias, lora_A, lora_B, adapter):
+        """LoRA over a 4-bit base, as bitsandbytes runs its layer: x and the bias cast to the compute dtype, the output
+        back to x's dtype (autocast, where on, decides both instead)."""
+        out_dtype = None
+        if not torch.is_autocast_enabled(x.device.type):
+            if x.dtype != weight.dtype and x.dtype.is_floating_point:
+                out_dtype, x = x.dtype, x.to(weight.dtype)
+            if bias is not None and bias.dtype != weight.dtype:
+                bias = bias.to(weight.dtype)
+        y = lora_linear(x, weight, bias, lora_A, lora_B, adapter.scaling, adapter.lora_dropout, self.training,
+                        backend=self.backend)
+        return y if out_dtype is None else y.to(out_dtype)
 
     def _mixed_forward(self, x, adapter_names, strict):
         """A mixed batch. ``strict``: every name must be one of this layer's adapters (a direct call); from

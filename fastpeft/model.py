@@ -19,6 +19,7 @@ from .layers import (
     LoraLinear,
     _check_adapter_name,
     _new_adapter,
+    dense_linear_problem,
     linear_wrap_problem,
 )
 from .nf4 import DEFAULT_BLOCKSIZE, NF4Linear, quantize_nf4_weight
@@ -39,8 +40,8 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
     modules = dict(model.named_modules())
     lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
     names = [n for n in modules if n and not _inside_lora_layer(n, lora_prefixes)]
-    linear_names = [n for n in names if isinstance(modules[n], nn.Linear)]
-    hint = f" (the model's nn.Linear layers: {', '.join(linear_names[:12])}{', …' if len(linear_names) > 12 else ''})"
+    linear_names = [n for n in names if isinstance(modules[n], (nn.Linear, NF4Linear))]
+    hint = f" (the model's linear layers: {', '.join(linear_names[:12])}{', …' if len(linear_names) > 12 else ''})"
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -226,32 +227,47 @@ def quantize_nf4(module: nn.Module | Tensor, *, blocksize: int = DEFAULT_BLOCKSI
                  dtype: torch.dtype | None = None, skip_modules=("lm_head",)):
     """Quantise to NF4: a weight tensor gives an :class:`NF4Weight`; an ``nn.Linear`` an :class:`NF4Linear`; any
     other module has every plain ``nn.Linear`` inside it replaced by an NF4Linear, in place (all quantised before
-    the first is replaced), except those whose name, or last name part, is in ``skip_modules`` (the output head by
-    default, as QLoRA leaves it); returns the module. ``dtype``: the compute dtype (default: each weight's own)."""
+    the first is replaced; a layer used at several places is replaced at all of them by one NF4Linear), except those
+    whose name, or last name part, is in ``skip_modules`` (the output head by default, as QLoRA leaves it), those
+    inside LoRA layers (quantise before adding LoRA) and 4-bit layers already (bitsandbytes' are converted where LoRA
+    goes on them); returns the module. ``dtype``: the compute dtype (default: each weight's own; inputs in another
+    dtype are cast to it and the output back, as bitsandbytes does)."""
     if isinstance(module, Tensor):
         return quantize_nf4_weight(module, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module or a weight tensor, got {type(module).__name__}")
+    if isinstance(module, LoraLinear):
+        raise TypeError("module is a LoraLinear: quantise its base before adding LoRA (quantize_nf4 on the model, "
+                        "then apply_lora)")
     if isinstance(module, nn.Linear):
-        problem = linear_wrap_problem(module)
+        problem = dense_linear_problem(module)
         if problem is not None:
-            raise TypeError(f"cannot quantise {problem}")
+            raise TypeError(f"module cannot be quantised: it is {problem}" + (
+                " (a bitsandbytes 4-bit layer is one already: NF4Linear.from_bnb converts it)"
+                if type(module).__module__.startswith("bitsandbytes") else ""))
         return NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
-    if isinstance(skip_modules, str):
-        skip_modules = (skip_modules,)
+    skip = () if skip_modules is None else (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
     lora = [n for n, m in module.named_modules() if isinstance(m, LoraLinear)]
-    chosen = {name: m for name, m in module.named_modules()
-              if isinstance(m, nn.Linear) and linear_wrap_problem(m) is None
-              and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
-              and not any(name.startswith(p + ".") for p in lora)
-              and name not in skip_modules and name.rpartition(".")[2] not in skip_modules}
-    if not chosen:
+    places: dict[int, list[str]] = {}  # each layer's names (a shared layer has several)
+    layers: dict[int, nn.Linear] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        if (isinstance(m, nn.Linear) and dense_linear_problem(m) is None
+                and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
+                and not any(name.startswith(p + ".") for p in lora)
+                and name not in skip and name.rpartition(".")[2] not in skip):
+            places.setdefault(id(m), []).append(name)
+            layers[id(m)] = m
+    if not layers:
         raise ValueError("quantize_nf4: the module has no plain nn.Linear layers to quantise")
-    built = {name: NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
-             for name, m in chosen.items()}
-    for name, layer in built.items():
-        parent, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, child, layer)
+    built = {}
+    for key, m in layers.items():
+        try:
+            built[key] = NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"quantize_nf4: {places[key][0]}: {err} (nothing was changed)") from None
+    for key, layer in built.items():
+        for name in places[key]:
+            _set_submodule(module, name, layer)
     return module
 
 

@@ -354,26 +354,26 @@ class _NF4Linear(torch.autograd.Function):
 
 
 def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tensor:
-    """``F.linear`` over an NF4 weight: x (..., in) in the weight's dtype (under autocast, the autocast dtype),
-    differentiable in x and bias."""
+    """``F.linear`` over an NF4 weight, differentiable in x and bias: computed in the weight's dtype (under autocast,
+    the autocast dtype), x and the bias cast to it, and returned in x's dtype (the autocast dtype under autocast), as
+    bitsandbytes' ``Linear4bit`` does with its ``compute_dtype``."""
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"weight must be an NF4Weight, got {type(weight).__name__}")
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must have shape (..., in_features={weight.shape[1]}), got "
-                         f"{tuple(getattr(x, 'shape', ()))}")
-    dtype = weight.dtype
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != weight.shape[1] or not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a float tensor of shape (..., in_features={weight.shape[1]}), got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    dtype = out_dtype = weight.dtype
     if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-    if x.dtype != dtype:
-        raise TypeError(f"x has dtype {x.dtype} but the NF4 weight computes in {dtype}; they must match")
+        dtype = out_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        out_dtype = x.dtype
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the NF4 weight on {weight.device}")
     if bias is not None:
         bias = bias.to(dtype)
-    x2d = x.reshape(-1, x.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1]).to(dtype)
     y = _NF4Linear.apply(x2d, weight, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,6 +528,10 @@ def bnb_problem(layer: nn.Module) -> str | None:
     state = getattr(layer.weight, "quant_state", None)
     if state is None:
         return "a bitsandbytes Linear4bit not yet quantised (bitsandbytes quantises it when moved to a device)"
+    if getattr(state, "packing_format_for_cpu", False):
+        return ("a bitsandbytes Linear4bit repacked for bitsandbytes' CPU kernel (done at its first eval-mode forward "
+                "on a CPU with AVX512-BF16; the repacking rounds the absmaxes to bf16, so the quantised weight is no "
+                "longer NF4's layout): convert it before running it in eval mode, or reload it")
     if state.quant_type != "nf4":
         return f"a bitsandbytes Linear4bit of quant_type {state.quant_type!r} (only 'nf4' converts)"
     code = getattr(state, "code", None)

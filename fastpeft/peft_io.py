@@ -30,7 +30,7 @@ from torch import nn
 
 from .backends import requested_backend
 from .checks import is_finite_number, is_positive_int, is_probability
-from .layers import LoraLinear, _check_adapter_name, _new_adapter
+from .layers import LoraLinear, _check_adapter_name, _checked_base, _new_adapter
 from .model import _freeze_all_but_adapters, _set_submodule, layers_with_adapter, lora_layers, lora_wrap_problem
 from .nf4 import NF4Linear, is_bnb_4bit
 
@@ -641,7 +641,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
     built = {}
     for name, pair in pairs.items():
         module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, LoraLinear) else module
+        # (a bitsandbytes 4-bit layer: the adapter is built for the NF4Linear that LoraLinear will make of it)
+        base = module.base_layer if isinstance(module, LoraLinear) else _checked_base(module)
         alpha = _pattern_value(_field(config, "alpha_pattern"), name, _field(config, "lora_alpha"))
         adapter = _new_adapter(base, pair["lora_A"].shape[0], alpha, _field(config, "lora_dropout"),
                                _field(config, "use_rslora"), True, True)

@@ -349,7 +349,7 @@ def test_apply_lora_over_bitsandbytes_layers():
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     layers = []
-    for k, n in ((64, 96), (96, 32)):
+    for k, n in ((64, 128), (128, 32)):
         q = bnb.nn.Linear4bit(k, n, compute_dtype=fp32, quant_type="nf4")
         q.load_state_dict(torch.nn.Linear(k, n).state_dict())
         layers.append(q.to("cpu"))
@@ -365,6 +365,98 @@ def test_apply_lora_over_bitsandbytes_layers():
         assert rel_err(first(x), expected) <= TOLERANCE[fp32]
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _bnb_model(compute_dtype, dtype=fp32, shapes=((64, 128), (128, 32))):
+    """Two bitsandbytes NF4 layers around a ReLU (rows of whole blocks: bitsandbytes 0.50.2's CPU dequantisation
+    misreads rows that straddle blocks, see bnb_generic_dequantize)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    layers = []
+    for k, n in shapes:
+        q = bnb.nn.Linear4bit(k, n, compute_dtype=compute_dtype, quant_type="nf4")
+        q.load_state_dict(torch.nn.Linear(k, n).to(dtype).state_dict())
+        layers.append(q.to("cpu"))
+    return torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+
+
+@pytest.mark.parametrize("model_dtype,compute_dtype", [(bf16, fp32), (fp32, bf16), (bf16, bf16)],
+                         ids=["bf16-model-fp32-compute", "fp32-model-bf16-compute", "bf16"])
+def test_compute_dtype_is_bitsandbytes(model_dtype, compute_dtype):
+    """As bitsandbytes' Linear4bit: x and the bias are cast to the compute dtype, the output back to x's dtype (the
+    bias may stay fp32 beside a bf16 compute dtype); from_peft over such a model gives PEFT's outputs."""
+    peft = pytest.importorskip("peft")
+    model = _bnb_model(compute_dtype, model_dtype)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
+                                                            init_lora_weights=False))
+    x = torch.randn(5, 64, dtype=model_dtype)
+    with torch.no_grad():
+        ref = peft_model(x)
+    converted = fastpeft.from_peft(peft_model)
+    with torch.no_grad():
+        y = converted(x)
+    assert y.dtype == ref.dtype == model_dtype
+
+    def layer64(layer, h):
+        return lora_linear_reference(h, layer.base_layer.weight.dequantize(torch.float64), layer.bias.double(),
+                                     layer.lora_A.double(), layer.lora_B.double(), layer.scaling)
+    with torch.no_grad():
+        want = layer64(converted[2], torch.relu(layer64(converted[0], x.double())))
+    # both within bf16's budget of float64 (PEFT rounds to bf16 between its base and low-rank outputs, fastpeft not)
+    assert rel_err(y, want) <= TOLERANCE[bf16] and rel_err(ref, want) <= TOLERANCE[bf16]
+    alone = NF4Linear.from_linear(torch.nn.Linear(64, 32), dtype=bf16)  # computes in bf16, called with fp32
+    assert alone(torch.randn(3, 64)).dtype == fp32
+
+
+def test_bitsandbytes_layers_repacked_for_its_cpu_kernel_are_refused():
+    """bitsandbytes repacks a Linear4bit for its CPU kernel at an eval-mode forward on CPUs with AVX512-BF16 (its
+    absmaxes become bf16): no longer NF4's layout, refused by name rather than misread."""
+    model = _bnb_model(fp32)
+    model[0].weight.quant_state.packing_format_for_cpu = True  # what that repacking marks
+    with pytest.raises(TypeError, match="repacked for bitsandbytes' CPU kernel"):
+        fastpeft.LoraLinear(model[0])
+    before = [type(m) for m in model]
+    with pytest.raises(TypeError, match="repacked"):
+        fastpeft.apply_lora(model, ["0", "2"], r=4)
+    assert [type(m) for m in model] == before
+
+
+def test_load_adapter_into_bitsandbytes_layers(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _bnb_model(fp32)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
+                                                            init_lora_weights=False))
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ref = peft_model(x)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    fresh = _bnb_model(fp32)
+    fastpeft.load_adapter(fresh, tmp_path / "adapter")
+    assert isinstance(fresh[0], fastpeft.LoraLinear) and isinstance(fresh[0].base_layer, NF4Linear)
+    with torch.no_grad():
+        assert rel_err(fresh(x), ref) <= TOLERANCE[fp32]
+
+
+def test_quantize_nf4_over_models_with_4bit_lora_and_shared_layers():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = _bnb_model(fp32)
+    model.append(torch.nn.Linear(32, 8))
+    quantize_nf4(model)  # the bitsandbytes layers are 4-bit already: left alone
+    assert isinstance(model[0], bnb.nn.Linear4bit) and isinstance(model[3], NF4Linear)
+    with pytest.raises(TypeError, match="from_bnb"):
+        quantize_nf4(model[0])
+    with pytest.raises(TypeError, match="quantise its base before adding LoRA"):
+        quantize_nf4(fastpeft.LoraLinear(torch.nn.Linear(8, 8)))
+    shared = torch.nn.Linear(16, 16)
+    twice = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    quantize_nf4(twice, skip_modules=None)
+    assert isinstance(twice[0], NF4Linear) and twice[0] is twice[2]
+    broken = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    with torch.no_grad():
+        broken[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1: weight has NaN"):
+        quantize_nf4(broken)
+    assert all(type(m) is torch.nn.Linear for m in broken)  # nothing was changed
 
 
 def test_nf4_linear_casts_moves_and_pickles():
