@@ -22,11 +22,14 @@ def test_bench_command_prints_every_table(capsys, tmp_path):
     assert "| M=64 K=40 N=48 r=4 | 0.1 | fastpeft DoRA[torch] |" in printed  # its saved-for-backward row
     assert "| 16 | fwd, no grad | fastpeft mixed |" in printed
     assert "| 4 | fwd+bwd | fastpeft 4 adapters together |" in printed
-    assert printed.count("Lower is better") == 5 and "time / base: time relative to nn.Linear" in printed
+    assert "| M=64 K=40 N=48 r=4 | 0.1 | fwd+bwd | fastpeft QLoRA[torch] |" in printed
+    assert "| NF4, double-quantised absmax |" in printed
+    assert printed.count("Lower is better") == 6 and "time / base: time relative to nn.Linear" in printed
     written = out_file.read_text()
     assert "## LoRA linear" in written and "## Bottleneck adapter" in written and "Lower is better" in written
     assert "## DoRA" in written and "time / peft DoRA" in written
     assert "## Host overhead and the token sweep" in written
+    assert "## QLoRA (LoRA over an NF4 base)" in written
 
 
 def test_bench_command_keeps_stderr_clean(tmp_path):
@@ -90,6 +93,33 @@ def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
             assert cells[8] == f"{r.ms / ref.ms:.2f}"
     saved_table = benchmark.format_saved_table(saved)
     assert all(f"| {r.candidate} | {r.saved_mb:.1f} |" in saved_table for r in saved)
+
+
+def test_the_qlora_table_holds_every_candidate_and_ratios_of_their_medians():
+    from fastpeft import benchmark
+    shape = benchmark.Shape(96, 64, 48, 4)
+    results, sizes = benchmark.run_nf4([shape], dropouts=(0.0,), rounds=3, log=lambda *_: None)
+    candidates = {"nn.Linear", "fastpeft LoRA[torch]", "fastpeft QLoRA[torch]"}
+    if benchmark.peft_available() and benchmark.bnb_available():
+        candidates |= {"bnb Linear4bit", benchmark.NF4_REFERENCE}
+    for mode in benchmark.MODES:
+        assert {r.candidate for r in results if r.mode == mode} == candidates
+    table = benchmark.format_table(results, reference=benchmark.NF4_REFERENCE)
+    rows = table.splitlines()
+    has_ref = benchmark.NF4_REFERENCE in candidates
+    for i, r in enumerate(results):
+        cells = [c.strip() for c in rows[i + 2].strip("|").split("|")]
+        assert cells[3] == r.candidate and cells[4] == f"{r.ms:.3f}"
+        base = next(b for b in results if (b.mode, b.candidate) == (r.mode, "nn.Linear"))
+        assert cells[7] == f"{r.ms / base.ms:.2f}"
+        if has_ref:
+            ref = next(b for b in results if (b.mode, b.candidate) == (r.mode, benchmark.NF4_REFERENCE))
+            assert cells[8] == f"{r.ms / ref.ms:.2f}"
+    mib = {s.candidate: s.mib for s in sizes}
+    # codes, one uint8 absmax per 64 weights, the 256-entry code book, one scale per 256 absmaxes, the offset
+    nf4_bytes = 64 * 48 // 2 + 64 * 48 // 64 + 256 * 4 + 4 + 4
+    assert mib["bf16"] == 64 * 48 * 2 / 2**20 and mib["NF4, double-quantised absmax"] == nf4_bytes / 2**20
+    assert "| NF4, double-quantised absmax |" in benchmark.format_weight_bytes(sizes)
 
 
 def test_the_mixed_batch_table_holds_every_candidate_and_ratios_of_their_medians():
