@@ -39,16 +39,16 @@ __device__ __forceinline__ float nf4_absmax(const Nf4& q, int64_t block) {
 }
 
 // The NF4 counterpart of warp_rows_dot over all of K: acc[i][m] = sum_k x[m, k] * W[row0 + i, k], each element of W
-// dequantised as code[q] * absmax (fp32), rounded to T. VECTOR: each lane reads 16 bytes of codes (32 elements of one
-// block: K a multiple of 32) and one absmax; else one element (its byte) at a time. `code` is the code book in shared
-// memory.
-template <typename T, int MAXM, bool VECTOR>
+// dequantised as code[q] * absmax (fp32), rounded to T. Each lane reads 16 bytes of codes at a time: 32 elements of
+// one block (K is a multiple of 32; the host sends other shapes elsewhere), with one absmax. `code` is the code book
+// in shared memory.
+template <typename T, int MAXM>
 __device__ __forceinline__ void warp_rows_dot_nf4(const T* __restrict__ x, int64_t stride_xm, int M,
                                                   const uint8_t* __restrict__ codes, const Nf4& q,
                                                   const float* code, int64_t K, int64_t row0, int64_t rows,
                                                   float (&acc)[kRowsPerWarp][MAXM]) {
-  constexpr int VEC = VECTOR ? 32 : 1;  // elements per load
-  constexpr int XVEC = VECTOR ? 16 / sizeof(T) : 1;  // x's elements per 16-byte load
+  constexpr int VEC = 32;  // elements per load
+  constexpr int XVEC = 16 / sizeof(T);  // x's elements per 16-byte load
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i)
@@ -63,7 +63,7 @@ __device__ __forceinline__ void warp_rows_dot_nf4(const T* __restrict__ x, int64
       if (row0 + i >= rows) {
 #pragma unroll
         for (int v = 0; v < VEC; ++v) wv[i][v] = 0.f;
-      } else if constexpr (VECTOR) {
+      } else {
         const uint4 pack = *reinterpret_cast<const uint4*>(codes + flat / 2);
         const uint32_t words[4] = {pack.x, pack.y, pack.z, pack.w};
         const float absmax = nf4_absmax(q, flat / q.block);
@@ -73,10 +73,6 @@ __device__ __forceinline__ void warp_rows_dot_nf4(const T* __restrict__ x, int64
           wv[i][2 * j] = to_float(from_float<T>(code[byte >> 4] * absmax));
           wv[i][2 * j + 1] = to_float(from_float<T>(code[byte & 15u] * absmax));
         }
-      } else {
-        const uint8_t byte = codes[flat / 2];
-        const int nibble = (flat % 2 == 0) ? (byte >> 4) : (byte & 15);
-        wv[i][0] = to_float(from_float<T>(code[nibble] * nf4_absmax(q, flat / q.block)));
       }
     }
 #pragma unroll
@@ -151,7 +147,7 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
       __shared__ float code[16];
       if (threadIdx.x < 16) code[threadIdx.x] = p.nf4.code[threadIdx.x];
       __syncthreads();
-      warp_rows_dot_nf4<T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const uint8_t*>(p.w), p.nf4, code, p.K,
+      warp_rows_dot_nf4<T, MAXM>(x, p.stride_xm, M, static_cast<const uint8_t*>(p.w), p.nf4, code, p.K,
                                          row0, p.N, acc);
     } else {
       warp_rows_dot<T, T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const T*>(p.w), p.K, row0, p.N, acc);
@@ -206,11 +202,8 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
 
 template <typename T, typename TA, int MAXM>
 void launch_m(const Params& p, bool vector, dim3 grid, cudaStream_t stream) {
-  const bool nf4 = p.nf4.code != nullptr;
-  if (vector && nf4) {
+  if (p.nf4.code != nullptr) {  // (always with 16-byte loads)
     lora_linear_decode_kernel<T, TA, MAXM, true, true><<<grid, kThreads, 0, stream>>>(p);
-  } else if (nf4) {
-    lora_linear_decode_kernel<T, TA, MAXM, false, true><<<grid, kThreads, 0, stream>>>(p);
   } else if (vector) {
     lora_linear_decode_kernel<T, TA, MAXM, true, false><<<grid, kThreads, 0, stream>>>(p);
   } else {
@@ -249,7 +242,7 @@ void lora_linear_decode(const DecodeArgs& args) {
   if (args.nf4_code != 0 && (args.nf4_absmax == 0 || args.nf4_block < 32 || (args.nf4_block & (args.nf4_block - 1)) ||
                             (args.nf4_absmax_code != 0 && (args.nf4_absmax_scale == 0 || args.nf4_absmax_offset == 0 ||
                                                            args.nf4_block2 < 1)) ||
-                            (args.vector && args.K % 32 != 0) || args.row_adapter != 0 || args.col_scale != 0)) {
+                            !args.vector || args.K % 32 != 0 || args.row_adapter != 0 || args.col_scale != 0)) {
     throw std::invalid_argument("fastpeft._C.lora_linear_decode: inconsistent NF4 arguments");
   }
   if (args.k_split < 1 || args.k_chunk < 1 || args.k_split * args.k_chunk < args.K ||

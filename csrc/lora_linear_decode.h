@@ -36,7 +36,7 @@ struct DecodeArgs {
   int dtype;          // DType of x, w, bias, y
   int adapter_dtype;  // DType of a, b: the same as dtype, or kFloat
   bool vector;        // 16-byte loads: K and stride_xm multiples of 16/sizeof(dtype), pointers 16-byte aligned (NF4:
-                      // also K a multiple of 32, so each 16 bytes of codes are 32 elements of one block)
+                      // required, with K a multiple of 32, so each 16 bytes of codes are 32 elements of one block)
   int device;
   uintptr_t stream;   // cudaStream_t of the device
 };

@@ -47,6 +47,13 @@ def status() -> str:
 def decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
     """Why the decode kernel cannot run these (2-D x) inputs; empty when it can."""
     reasons = list(filter(None, [cuda_device_reason(x.device), kernel_dtype_reason(x.dtype)]))
+    if isinstance(weight, NF4Weight):
+        if weight.dtype != x.dtype:
+            reasons.append(f"the NF4 weight computes in {weight.dtype}, x is {x.dtype}")
+        if not (x.shape[-1] % 32 == 0 and _vector_ok(x.dtype, x.shape[-1], (x, x.stride(0)), (lora_A, x.shape[-1]))
+                and weight.packed.data_ptr() % 16 == 0 and weight.blocksize >= 32):
+            reasons.append("over a 4-bit (NF4) base the cuda decode kernel loads 16 bytes of codes at a time: it needs "
+                           "K a multiple of 32 and 16-byte aligned rows of x and lora_A")
     if x.dtype in _DTYPE_CODES and lora_A.dtype not in (x.dtype, torch.float32):
         reasons.append(f"adapter dtype {lora_A.dtype} must be {x.dtype} or float32")
     if x.shape[0] > MAX_DECODE_ROWS:
@@ -135,8 +142,6 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
     nf4 = isinstance(weight, NF4Weight)
     if nf4 and (row_adapter is not None or col_scale is not None):
         reasons.append("a 4-bit (NF4) base takes neither mixed adapters nor DoRA's column scale")
-    if nf4 and weight.dtype != x.dtype:
-        reasons.append(f"the NF4 weight computes in {weight.dtype}, x is {x.dtype}")
     devices = {t.device for t in (x, weight, lora_A, lora_B) + ((bias,) if bias is not None else ())}
     if len(devices) > 1:
         reasons.append(f"all tensors must be on one device, got {sorted(map(str, devices))}")
@@ -160,9 +165,8 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
     if M == 0:
         return y
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    if nf4:  # 16 bytes of codes are 32 elements of one block
-        vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (lora_A, K)) and K % 32 == 0 \
-            and weight.packed.data_ptr() % 16 == 0
+    if nf4:  # 16-byte loads of codes, 32 elements of one block (decode_reasons has checked they can run)
+        vector = True
         quant = dict(nf4_code=nf4_code(x.device).data_ptr(), nf4_absmax=weight.absmax.data_ptr(),
                      nf4_block=weight.blocksize, nf4_block2=weight.absmax_blocksize)
         if weight.nested:

@@ -410,13 +410,13 @@ def test_nf4_gemm_tiles_are_the_dequantised_weight_on_the_gpu(dtype):
 
 
 @decode
-@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (5, 4096, 1000, 8), (16, 1000, 333, 64), (2, 70, 19, 3)],
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 16), (5, 4096, 1000, 8), (16, 992, 333, 64), (2, 96, 19, 3)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "plain"])
 def test_nf4_decode_kernel_reads_the_packed_weight(M, K, N, r, dtype, double_quant):
-    """The cuda decode kernel over an NF4 base (16-byte code loads where K is a multiple of 32, one byte per element
-    otherwise), against the float64 reference over the dequantised weight."""
+    """The cuda decode kernel over an NF4 base (16-byte code loads: K a multiple of 32), against the float64 reference
+    over the dequantised weight; a K it does not serve goes to triton under auto."""
     g = torch.Generator(device="cuda").manual_seed(M + K)
     x = torch.randn(M, K, generator=g, device="cuda").to(dtype)
     q = fastpeft.quantize_nf4((torch.randn(N, K, generator=g, device="cuda") * K ** -0.5).to(dtype),
@@ -429,3 +429,8 @@ def test_nf4_decode_kernel_reads_the_packed_weight(M, K, N, r, dtype, double_qua
     ref = fastpeft.lora_linear_reference(x.double(), q.dequantize(torch.float64), b.double(), a.double(),
                                          bb.double(), 1.5)
     assert y.dtype == dtype and rel_err(y, ref) <= TOLERANCE[dtype]
+    if M == 2:
+        q70 = fastpeft.quantize_nf4(torch.randn(N, 70, device="cuda").to(dtype))
+        with pytest.raises(fastpeft.BackendUnavailableError, match="multiple of 32"):
+            with torch.no_grad():
+                fastpeft.lora_linear(x[:, :70], q70, b, a[:, :70], bb, 1.5, backend="cuda")

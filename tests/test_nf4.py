@@ -535,7 +535,8 @@ def test_lora_over_nf4_refuses_what_it_cannot_run():
 
 def test_the_cuda_decode_launch_reads_the_packed_codes(monkeypatch):
     """What the CUDA decode kernel is handed over an NF4 base, checked on the CPU with a stand-in for fastpeft._C: the
-    packed codes as W, the absmax tables, the block sizes, and 16-byte code loads only where K is a multiple of 32."""
+    packed codes as W, the absmax tables, the block sizes, 16-byte code loads; and that it is never handed a K that
+    is not a multiple of 32 (its reasons send those calls to the other backends)."""
     import types
 
     from fastpeft import cuda_ext
@@ -545,17 +546,20 @@ def test_the_cuda_decode_launch_reads_the_packed_codes(monkeypatch):
         def lora_linear_decode(self, **kwargs):
             calls.append(kwargs)
     monkeypatch.setattr(cuda_ext, "load", lambda: (FakeC(), None))
+    q100 = quantize_nf4(torch.randn(48, 100))
+    assert any("multiple of 32" in why for why in cuda_ext.decode_reasons(torch.randn(3, 100), q100, None,
+                                                                         torch.randn(4, 100), torch.randn(48, 4)))
     monkeypatch.setattr(cuda_ext, "decode_reasons", lambda *args: [])
     monkeypatch.setattr(cuda_ext, "_counters", lambda device, stream: torch.zeros(3, dtype=torch.int32))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
-    for K, double_quant in ((128, True), (100, False)):
+    for K, double_quant in ((128, True), (96, False)):
         q = quantize_nf4(torch.randn(48, K), double_quant=double_quant)
         x = torch.randn(3, K)
         cuda_ext.lora_linear_decode(x, q, None, torch.randn(4, K), torch.randn(48, 4), 1.0)
         launch = calls[-1]
         assert launch["w"] == q.packed.data_ptr() and launch["nf4_absmax"] == q.absmax.data_ptr()
         assert (launch["M"], launch["K"], launch["N"], launch["nf4_block"]) == (3, K, 48, 64)
-        assert launch["nf4_code"] != 0 and launch["vector"] == (K % 32 == 0)
+        assert launch["nf4_code"] != 0 and launch["vector"]
         assert (launch.get("nf4_absmax_code", 0) != 0) == double_quant
         with pytest.raises(ValueError, match="neither mixed adapters nor DoRA"):
             cuda_ext.lora_linear_decode(x, q, None, torch.randn(4, K), torch.randn(48, 4), 1.0,
