@@ -35,7 +35,8 @@ struct Nf4 {
 __device__ __forceinline__ float nf4_absmax(const Nf4& q, int64_t block) {
   if (q.absmax_code == nullptr) return static_cast<const float*>(q.absmax)[block];
   const uint8_t index = static_cast<const uint8_t*>(q.absmax)[block];
-  return q.absmax_code[index] * q.absmax_scale[block / q.block2] + *q.absmax_offset;
+  // Rounded twice, never fused into one FMA: the absmax bitsandbytes and fastpeft.nf4 compute.
+  return __fadd_rn(__fmul_rn(q.absmax_code[index], q.absmax_scale[block / q.block2]), *q.absmax_offset);
 }
 
 // The NF4 counterpart of warp_rows_dot over all of K: acc[i][m] = sum_k x[m, k] * W[row0 + i, k], each element of W

@@ -112,8 +112,9 @@ class NF4Weight:
         if dtype not in COMPUTE_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16, float32 or float64 (what the weight dequantises to), "
                             f"got {dtype}")
-        if blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+        for name, value in (("blocksize", blocksize), ("absmax_blocksize", absmax_blocksize)):
+            if isinstance(value, bool) or not isinstance(value, int) or value not in BLOCKSIZES:
+                raise ValueError(f"{name} must be one of {BLOCKSIZES} (an int), got {value!r}")
         numel = int(shape[0]) * int(shape[1])
         blocks = _blocks(numel, blocksize)
         _check_tensor("packed", packed, torch.uint8, ((numel + 1) // 2,), "two 4-bit codes per byte")
@@ -121,8 +122,6 @@ class NF4Weight:
         if not nested:
             _check_tensor("absmax", absmax, torch.float32, (blocks,), f"one per block of {blocksize}")
         else:
-            if absmax_blocksize not in BLOCKSIZES:
-                raise ValueError(f"absmax_blocksize must be one of {BLOCKSIZES}, got {absmax_blocksize!r}")
             _check_tensor("absmax", absmax, torch.uint8, (blocks,), "double-quantised: one index per block")
             _check_tensor("absmax_code", absmax_code, torch.float32, (256,), "the absmaxes' code book")
             _check_tensor("absmax_scale", absmax_scale, torch.float32, (_blocks(blocks, absmax_blocksize),),
@@ -188,7 +187,9 @@ class NF4Weight:
                          **{n: t for n, t in self.tensors().items() if n not in ("packed", "absmax")})
 
     def to(self, device) -> NF4Weight:
-        """The weight on ``device`` (its dtype never changes here: it is what the codes dequantise to)."""
+        """The weight on ``device`` (the compute dtype changes with :meth:`with_dtype`)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"NF4Weight.to takes a device; for another compute dtype use with_dtype({device})")
         return self.with_tensors(**{n: t.to(device) for n, t in self.tensors().items()})
 
     def __repr__(self) -> str:
@@ -226,6 +227,8 @@ class NF4Weight:
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> Tensor:
         """Rows ``start`` .. ``stop`` of the weight in ``dtype``; ``start`` a multiple of :meth:`row_step`."""
         dtype = self.dtype if dtype is None else dtype
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a float dtype, got {dtype!r}")
         k = self.shape[1]
         first, last = start * k, stop * k
         if first % self.blocksize:
@@ -286,14 +289,19 @@ def quantize_nf4_weight(weight: Tensor, *, blocksize: int = DEFAULT_BLOCKSIZE, d
         raise ValueError(f"weight {tuple(weight.shape)} is empty")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
-    if blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (an int), got {blocksize!r}")
     dtype = dtype or (weight.dtype if weight.dtype in COMPUTE_DTYPES[:3] else torch.float32)
+    if dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16, float32 or float64, got {dtype!r}")
     with torch.no_grad():
         flat = weight.detach().reshape(-1).float()
         if not torch.isfinite(flat).all():
             raise ValueError("weight has NaN or Inf values, which NF4 cannot represent")
         q, absmax = _quantize_blocks(flat, blocksize, _table("bounds", flat.device))
+        if absmax.max() > torch.finfo(dtype).max:
+            raise ValueError(f"weight has values up to {absmax.max().item():.4g}, beyond {dtype}'s range: it would "
+                             f"dequantise to inf (quantise for a wider compute dtype)")
         if q.numel() % 2:  # the last byte's low nibble: the code of 0.0
             q = torch.cat([q, q.new_full((1,), NF4_CODE.index(0.0))])
         q = q.to(torch.uint8)
@@ -402,12 +410,15 @@ class NF4Linear(nn.Module):
         for name, t in weight.tensors().items():
             self.register_buffer(f"weight_{name}", t)
         if bias is not None:
-            if not isinstance(bias, Tensor) or tuple(bias.shape) != (self.out_features,):
-                raise ValueError(f"bias must be a ({self.out_features},) tensor, got "
-                                 f"{tuple(getattr(bias, 'shape', ())) or type(bias).__name__}")
+            if not isinstance(bias, Tensor) or tuple(bias.shape) != (self.out_features,) \
+                    or not bias.dtype.is_floating_point:
+                raise ValueError(f"bias must be a float ({self.out_features},) tensor, got "
+                                 f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
             if bias.device != weight.device:
                 raise ValueError(f"bias is on {bias.device} but the weight on {weight.device}")
-            bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
+            # (any float dtype: it is cast to the compute dtype as the layer runs, as bitsandbytes does)
+            bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(),
+                                                                            requires_grad=bias.requires_grad)
         self.bias = bias
 
     @property
@@ -429,17 +440,15 @@ class NF4Linear(nn.Module):
         return nf4_linear(x, self.weight, self.bias)
 
     def _apply(self, fn, recurse=True):
-        # The absmaxes stay fp32 whatever the cast (their bits are the format); a float cast becomes the compute
-        # dtype. Only the device of a move applies to them.
+        # The absmaxes keep their dtype whatever the cast (their bits are the format): a buffer that ``fn`` gave
+        # another dtype is the original moved to fn's device instead. A float cast becomes the compute dtype.
         stats = {name: self._buffers[name] for name in _STATS if self._buffers.get(name) is not None}
         probe = fn(torch.empty(0, dtype=self.dtype, device=self._buffers["weight_packed"].device))
-        for name in stats:
-            self._buffers[name] = None
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in stats.items():
-                self._buffers[name] = t.to(probe.device)
+        super()._apply(fn, recurse)
+        for name, original in stats.items():
+            applied = self._buffers[name]
+            if applied.dtype != original.dtype:
+                self._buffers[name] = original.to(applied.device)
         if probe.dtype in COMPUTE_DTYPES:
             self.dtype = probe.dtype
         return self

@@ -34,7 +34,7 @@ def _launches():
     """(kernel name, profile, {arg: example value}, [configs]) for every kernel and launch profile.
 
     Example values: a string names a pointer's element type, an int or float stands for a scalar argument,
-    anything under "constexprs" is a compile-time constant.
+    anything under "constexprs" is a compile-time constant, "options" holds the launch's compile options.
     """
     import triton.language as tl
 
@@ -57,7 +57,9 @@ def _launches():
                         EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
                         MIXED=False, **dense))
     # a 4-bit (NF4, double-quantised) base: W's packed codes dequantised as the K loop loads them
-    nf4_gemm_fwd = dict(bf16_gemm_fwd, **nf4_weight, constexprs=dict(bf16_gemm_fwd["constexprs"], **nf4))
+    exact_absmax = dict(enable_fp_fusion=False)  # the launch options of NF4 kernels (see lora_linear._exact_absmax)
+    nf4_gemm_fwd = dict(bf16_gemm_fwd, **nf4_weight, constexprs=dict(bf16_gemm_fwd["constexprs"], **nf4),
+                        options=exact_absmax)
     # a mixed-adapter batch: row tiles read through the tables, each tile's adapter from the stack
     mixed_gemm_fwd = dict(bf16_gemm_fwd, TILED_M=M + 64 * 63, constexprs=dict(bf16_gemm_fwd["constexprs"], MIXED=True))
     # DoRA: the column scale in the epilogue, the unscaled product kept for dm
@@ -78,7 +80,7 @@ def _launches():
                         EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
                         MIXED=False, **dense))
     nf4_gemm_dx = dict(bf16_gemm_dx, **nf4_weight,
-                       constexprs=dict(bf16_gemm_dx["constexprs"], **dict(nf4, ALIGNED=2)))
+                       constexprs=dict(bf16_gemm_dx["constexprs"], **dict(nf4, ALIGNED=2)), options=exact_absmax)
     mixed_gemm_dx = dict(bf16_gemm_dx, TILED_M=M + 64 * 63, constexprs=dict(bf16_gemm_dx["constexprs"], MIXED=True))
     shrink = dict(
         x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
@@ -111,7 +113,7 @@ def _launches():
     nf4_dequant = dict(packed_ptr="u8", absmax_ptr="u8", code_ptr="fp32", absmax_code_ptr="fp32",
                        absmax_scale_ptr="fp32", absmax_offset_ptr="fp32", out_ptr="bf16", start=N * K // 4,
                        count=N * K // 4, constexprs=dict(COMPUTE=tl.bfloat16, NESTED=True, QBLOCK=64, QBLOCK2=256,
-                                                         BLOCK=1024))
+                                                         BLOCK=1024), options=dict(enable_fp_fusion=False))
     # Bottleneck adapter, d=4096, m=64: forward's down GEMM (bias; pre and GELU(pre) written), up GEMM (bias, scale,
     # residual epilogue), backward's dpre GEMM (×act'(pre) epilogue, fp32 out) and dh GEMM (fp32 dpre · bf16 W_d).
     d, m = 4096, 64
@@ -260,7 +262,7 @@ def compile_one(job):
     compiled = triton.compile(
         triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
+        options={"num_warps": config["num_warps"], "num_stages": config["num_stages"], **example.get("options", {})})
     ptx = compiled.asm["ptx"]
     registers, spills = ptxas_usage(ptx, arch)
     estimate = None

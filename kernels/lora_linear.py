@@ -696,7 +696,14 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             lr_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
             DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue",
-            BASE_IN_OUT=variant == "cublas", MIXED=mixed is not None, **dora, **quant)
+            BASE_IN_OUT=variant == "cublas", MIXED=mixed is not None, **dora, **quant, **_exact_absmax(quant["NF4"]))
+
+
+def _exact_absmax(nf4: bool) -> dict:
+    """Launch options of a kernel dequantising NF4: no fused multiply-add, so a double-quantised absmax is code · scale
+    rounded, then + offset rounded, as ``fastpeft.nf4`` and bitsandbytes compute it (a GPU build fuses them into
+    one FMA otherwise, one ulp off in about 7% of the blocks)."""
+    return dict(enable_fp_fusion=False) if nf4 else {}
 
 
 # The "cublas" variant over a 4-bit base dequantises W this many elements at a time (a row chunk on a block boundary,
@@ -736,7 +743,7 @@ def nf4_dequantize_rows(weight, start: int, stop: int) -> torch.Tensor:
         _nf4_dequant_kernel[(triton.cdiv(count, block),)](
             weight.packed, absmax, code, absmax_code, absmax_scale, absmax_offset, out, start * k, count,
             COMPUTE=compute_dtype(weight.dtype, out.device.type == "cpu"), NESTED=weight.nested,
-            QBLOCK=weight.blocksize, QBLOCK2=weight.absmax_blocksize, BLOCK=block)
+            QBLOCK=weight.blocksize, QBLOCK2=weight.absmax_blocksize, BLOCK=block, **_exact_absmax(True))
     return out
 
 

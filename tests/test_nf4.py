@@ -474,6 +474,11 @@ def test_nf4_linear_casts_moves_and_pickles():
     loaded = torch.load(buffer, weights_only=False)
     assert torch.equal(loaded.weight.dequantize(), layer.weight.dequantize())
     assert torch.equal(copy.deepcopy(layer).weight.dequantize(), layer.weight.dequantize())
+    meta = NF4Linear.from_linear(torch.nn.Linear(70, 33)).to("meta")
+    meta.to_empty(device="cpu")  # meta initialisation, then materialised (FSDP2's path)
+    assert meta.weight_absmax.device.type == "cpu" and meta.weight_absmax_scale.dtype == fp32
+    layer.share_memory()
+    assert all(t.is_shared() for t in layer.buffers())
     state = layer.state_dict()
     assert set(state) == {"weight_packed", "weight_absmax", "weight_absmax_code", "weight_absmax_scale",
                           "weight_absmax_offset", "bias"}
@@ -507,6 +512,16 @@ def test_bad_nf4_weights_are_refused_with_the_argument_named():
         NF4Weight(q.packed, q.absmax, (8, 64), torch.int8)
     with pytest.raises(ValueError, match="shape must be"):
         NF4Weight(q.packed, q.absmax, (8, 64, 1), fp32)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        quantize_nf4(torch.randn(8, 64), blocksize=64.0)
+    with pytest.raises(ValueError, match="beyond torch.float16's range"):
+        quantize_nf4(torch.randn(8, 64) * 1e5, dtype=fp16)
+    with pytest.raises(TypeError, match="with_dtype"):
+        q.to(bf16)
+    with pytest.raises(TypeError, match="float dtype"):
+        q.dequantize(torch.int32)
+    with pytest.raises(ValueError, match="bias must be a float"):
+        NF4Linear(q, torch.zeros(8, dtype=torch.int64))
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_nf4(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(TypeError, match="2-D float tensor"):
