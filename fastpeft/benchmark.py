@@ -285,20 +285,27 @@ def _dropout_label(result: Result) -> str:
     return "no dropout" if result.candidate in NO_DROPOUT else f"dropout={result.dropout:g}"
 
 
+def _cases(shapes, dropouts, make, dtype, device):
+    """(shape, dropout, layers, x, dy) for every shape and dropout: ``make``'s candidates, one input and one output
+    gradient shared by all of them."""
+    for shape in shapes:
+        for dropout in dropouts:
+            layers = make(shape, dtype, device, dropout)
+            torch.manual_seed(1)
+            x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
+            yield shape, dropout, layers, x, dy
+
+
 def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int = 15, candidates=None,
         log=print) -> list[Result]:
     """Measure every LoRA candidate on every shape, dropout and mode, side by side (:func:`interleaved_times`);
     each reported time is the median over the rounds."""
     results = []
-    for shape in shapes:
-        for dropout in dropouts:
-            layers = make_candidates(shape, dtype, device, dropout)
-            if candidates is not None:
-                layers = {k: v for k, v in layers.items() if k in candidates}
-            torch.manual_seed(1)
-            x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
-            dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
-            results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
+    for shape, dropout, layers, x, dy in _cases(shapes, dropouts, make_candidates, dtype, device):
+        if candidates is not None:
+            layers = {k: v for k, v in layers.items() if k in candidates}
+        results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
     return results
 
 
@@ -367,16 +374,11 @@ def run_dora(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0, 0.1), rou
     """DoRA side by side (:func:`interleaved_times`): every candidate of :func:`make_dora_candidates` in both modes,
     and what each keeps for backward."""
     results, saved = [], []
-    for shape in shapes:
-        for dropout in dropouts:
-            layers = make_dora_candidates(shape, dtype, device, dropout)
-            torch.manual_seed(1)
-            x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
-            dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
-            results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
-            for name, layer in layers.items():
-                saved.append(SavedResult(shape, dropout, name, saved_mb(layer, x)))
-                _clear_grads(layer, x)
+    for shape, dropout, layers, x, dy in _cases(shapes, dropouts, make_dora_candidates, dtype, device):
+        results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
+        for name, layer in layers.items():
+            saved.append(SavedResult(shape, dropout, name, saved_mb(layer, x)))
+            _clear_grads(layer, x)
     return results, saved
 
 
@@ -449,19 +451,14 @@ def run_nf4(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: 
     """QLoRA side by side (:func:`interleaved_times`): every candidate of :func:`make_nf4_candidates` in both modes;
     and the base weight's bytes, dense against NF4 (first shape)."""
     results, sizes = [], []
-    for shape in shapes:
-        for dropout in dropouts:
-            layers = make_nf4_candidates(shape, dtype, device, dropout)
-            torch.manual_seed(1)
-            x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
-            dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
-            results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
-            if not sizes:
-                dense = layers["nn.Linear"].weight
-                nf4 = layers["fastpeft QLoRA[torch]"].base_layer.weight
-                sizes = [WeightBytes(f"dense {dtype}", dense.numel() * dense.element_size() / 2**20),
-                         WeightBytes("bf16", dense.numel() * 2 / 2**20),
-                         WeightBytes("NF4, double-quantised absmax", nf4.nbytes / 2**20)]
+    for shape, dropout, layers, x, dy in _cases(shapes, dropouts, make_nf4_candidates, dtype, device):
+        results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
+        if not sizes:
+            dense = layers["nn.Linear"].weight
+            nf4 = layers["fastpeft QLoRA[torch]"].base_layer.weight
+            sizes = [WeightBytes(f"dense {dtype}", dense.numel() * dense.element_size() / 2**20),
+                     WeightBytes("bf16", dense.numel() * 2 / 2**20),
+                     WeightBytes("NF4, double-quantised absmax", nf4.nbytes / 2**20)]
     return results, sizes
 
 
