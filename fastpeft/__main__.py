@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastpeft info`` and ``python -m fastpeft bench [--quick]``."""
+"""Command line: ``python -m fastpeft info``, ``python -m fastpeft bench [--quick]`` and
+``python -m fastpeft report [--quick] [--out DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -123,6 +124,24 @@ def bench(args) -> int:
     return 0
 
 
+def report(args) -> int:
+    from . import report as sweeps
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    chosen = sweeps.QUICK_SWEEPS if args.quick else sweeps.FULL_SWEEPS
+    rounds = args.rounds or (3 if args.quick else 7)
+    print(f"fastpeft report on {sweeps.benchmark.device_description(device)}, {dtype}, {rounds} rounds a point",
+          flush=True)
+    points, peaks = sweeps.run_report(chosen, dtype, device, rounds)
+    page = sweeps.write_report(points, peaks, chosen, args.out, device, dtype, rounds)
+    print(f"report: {page}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,8 +158,17 @@ def main(argv=None) -> int:
     b.add_argument("--markdown", metavar="PATH", help="append the tables to this markdown file")
     b.add_argument("--only", choices=["lora", "overhead", "dora", "qlora", "mixed", "adapters"],
                    help="run one of the benchmarks")
+    rp = sub.add_parser("report", help="scaling sweeps (tokens, rank, width, dropout, adapters per batch) of every "
+                                       "LoRA-family layer against the frozen base, HF PEFT's equivalent and a "
+                                       "roofline estimate: PNG plots (with matplotlib) and a one-page markdown report")
+    rp.add_argument("--quick", action="store_true", help="small sweeps: under two minutes on a 2-core CPU")
+    rp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    rp.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
+    rp.add_argument("--rounds", type=int, help="interleaved rounds per sweep point (median taken)")
+    rp.add_argument("--out", default="fastpeft-report", metavar="DIR",
+                    help="folder for report.md and the PNGs (e.g. bench/results/<date>-cpu-report)")
     args = parser.parse_args(argv)
-    return info(args) if args.command == "info" else bench(args)
+    return {"info": info, "bench": bench, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

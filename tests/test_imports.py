@@ -17,6 +17,7 @@ LAYERS = [
     ["fastpeft.model"],
     ["fastpeft.peft_io", "fastpeft.peft_convert"],
     ["fastpeft.benchmark"],
+    ["fastpeft.report"],
     ["fastpeft", "fastpeft.__main__"],
 ]
 

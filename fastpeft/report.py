@@ -1,0 +1,353 @@
+"""Scaling sweeps and a one-page report: how each LoRA-family layer's cost grows with the work, beside the frozen base
+layer, HF PEFT's equivalent layer and the device's limit, as ratios measured side by side.
+
+    python -m fastpeft report [--quick] [--device cpu|cuda] [--out DIR]
+
+Each sweep point times its candidates in interleaved rounds (:func:`fastpeft.benchmark.interleaved_times`); a ratio is
+the candidate's median over the base's median at that point, and its spread the lowest and highest of the per-round
+ratios. The limit is an estimate, stated as one: a roofline (FLOPs over the FLOP rate, bytes over the bandwidth,
+whichever is longer) from a large matmul's FLOP rate and a copy's bandwidth, both measured in the same run. Plots need
+matplotlib (``pip install 'fastpeft[plot]'``); without it the report has the tables alone and says so.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, benchmark
+from .benchmark import AdapterShape, Shape, make_step
+
+BASE = "nn.Linear"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One sweep: ``name`` (the plot's file name), what varies (``axis``), its values, and the fixed sizes."""
+    name: str
+    axis: str
+    values: tuple
+    title: str
+    fixed: dict = field(default_factory=dict)
+
+
+QUICK_SWEEPS = (
+    Sweep("tokens", "M", (64, 512, 2048), "fwd+bwd time vs tokens M", dict(K=512, N=512, r=16)),
+    Sweep("rank", "r", (4, 16, 64, 256), "fwd+bwd time vs rank r", dict(M=512, K=512, N=512)),
+    Sweep("width", "K=N", (256, 512, 1024), "fwd+bwd time vs width K=N", dict(M=512, r=16)),
+    Sweep("dropout", "dropout", (0.0, 0.1), "fwd+bwd time without and with dropout", dict(M=512, K=512, N=512, r=16)),
+    Sweep("adapters", "adapters", (1, 4, 16), "forward (serving) time vs adapters in one batch",
+          dict(sequences=8, tokens=64, K=512, N=512, r=16)),
+)
+FULL_SWEEPS = (
+    Sweep("tokens", "M", (1, 16, 128, 1024, 4096, 8192), "fwd+bwd time vs tokens M", dict(K=1024, N=1024, r=16)),
+    Sweep("rank", "r", (1, 4, 16, 64, 256), "fwd+bwd time vs rank r", dict(M=2048, K=1024, N=1024)),
+    Sweep("width", "K=N", (256, 1024, 2048, 4096), "fwd+bwd time vs width K=N", dict(M=1024, r=16)),
+    Sweep("dropout", "dropout", (0.0, 0.1), "fwd+bwd time without and with dropout",
+          dict(M=2048, K=1024, N=1024, r=16)),
+    Sweep("adapters", "adapters", (1, 4, 16, 64), "forward (serving) time vs adapters in one batch",
+          dict(sequences=16, tokens=128, K=1024, N=1024, r=16)),
+)
+GPU_SIZES = dict(K=4096, N=4096, M=8192)  # the GPU sweeps' fixed sizes where the CPU's are smaller
+
+
+@dataclass
+class Point:
+    sweep: str
+    x: object  # the swept value
+    candidate: str
+    ms: float  # median
+    ratio: float  # median / the base's median
+    low: float  # lowest and highest per-round ratio to the base
+    high: float
+    peak_mb: float | None = None
+    reference_ratio: float | None = None  # median / PEFT's equivalent's median, where there is one
+
+
+@dataclass
+class Peaks:
+    """The device's FLOP rate and bandwidth, measured in this run (for the limit estimate)."""
+    tflops: float
+    gbs: float
+
+
+# fastpeft's candidate -> PEFT's equivalent (its reference ratio), and the curves' families for the plots
+REFERENCES = {"fastpeft LoRA": "peft LoRA", "fastpeft DoRA": "peft DoRA", "fastpeft QLoRA": "peft+bnb QLoRA",
+              "fastpeft mixed": "peft mixed", "fastpeft adapter": "unfused adapter"}
+LIMIT = "limit (roofline estimate)"
+# One colour per family in the plots: fastpeft's solid, its PEFT (or unfused) equivalent dashed.
+FAMILY_COLOURS = {BASE: "C0", "fastpeft LoRA": "C1", "peft LoRA": "C1", "fastpeft LoRA[triton]": "C5",
+                  "fastpeft DoRA": "C2", "peft DoRA": "C2", "fastpeft QLoRA": "C3", "peft+bnb QLoRA": "C3",
+                  "fastpeft mixed": "C1", "peft mixed": "C1", "fastpeft adapter": "C4", "unfused adapter": "C4"}
+
+
+def _median_ms(fn, device, rounds=5) -> float:
+    return statistics.median(benchmark.interleaved_times({"f": fn}, device, rounds)["f"])
+
+
+def measure_peaks(device, dtype) -> Peaks:
+    """A large square matmul's FLOP rate and a device copy's bandwidth (read + write), timed now."""
+    n = 2048 if torch.device(device).type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    tflops = 2 * n ** 3 / (_median_ms(lambda: torch.mm(a, b), device) * 1e-3) / 1e12
+    src = torch.empty(2 ** 26, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    gbs = 2 * src.numel() / (_median_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e9
+    return Peaks(tflops, gbs)
+
+
+def limit_ms(shape: Shape, element_size: int, peaks: Peaks) -> float:
+    """Roofline estimate of one LoRA forward+backward: its FLOPs (no dW) at the measured FLOP rate, or its least
+    bytes moved (x, y, dY, dX once each, W twice) at the measured bandwidth, whichever is longer."""
+    M, K, N = shape.M, shape.K, shape.N
+    flops = shape.flops("fwd+bwd", "lora")
+    bytes_ = element_size * (2 * M * K + 2 * M * N + 2 * N * K)
+    return max(flops / (peaks.tflops * 1e12), bytes_ / (peaks.gbs * 1e9)) * 1e3
+
+
+def _lora_family(shape: Shape, dtype, device, dropout: float, with_variants: bool) -> dict:
+    """The base, fastpeft's LoRA (torch path, and triton on a GPU) and PEFT's; with ``with_variants`` DoRA and QLoRA
+    (fastpeft's and PEFT's), all over one base weight."""
+    names = {"fastpeft[torch]": "fastpeft LoRA", "fastpeft[triton]": "fastpeft LoRA[triton]", "peft": "peft LoRA"}
+    layers = {names.get(k, k): v for k, v in benchmark.make_candidates(shape, dtype, device, dropout).items()}
+    if with_variants:
+        dora = benchmark.make_dora_candidates(shape, dtype, device, dropout)
+        layers.update({"fastpeft DoRA": dora["fastpeft DoRA[torch]"]})
+        if benchmark.DORA_REFERENCE in dora:
+            layers["peft DoRA"] = dora[benchmark.DORA_REFERENCE]
+        qlora = benchmark.make_nf4_candidates(shape, dtype, device, dropout)
+        layers["fastpeft QLoRA"] = qlora["fastpeft QLoRA[torch]"]
+        if benchmark.NF4_REFERENCE in qlora:
+            layers["peft+bnb QLoRA"] = qlora[benchmark.NF4_REFERENCE]
+    return layers
+
+
+def _points(sweep, x, layers, steps, times, base_name=BASE, peaks=None) -> list[Point]:
+    base = times[base_name]
+    points = []
+    for name in steps:
+        ratios = [t / b for t, b in zip(times[name], base, strict=True)]
+        ms = statistics.median(times[name])
+        points.append(Point(sweep, x, name, ms, ms / statistics.median(base), min(ratios), max(ratios)))
+    by_name = {p.candidate: p for p in points}
+    for p in points:
+        ref = by_name.get(REFERENCES.get(p.candidate.split("[")[0], ""))
+        if ref is not None:
+            p.reference_ratio = p.ms / ref.ms
+    return points
+
+
+def run_sweep(sweep: Sweep, dtype, device, rounds: int, peaks: Peaks, progress) -> list[Point]:
+    """Every point of one sweep, its candidates side by side."""
+    points = []
+    for x in sweep.values:
+        fixed = dict(sweep.fixed)
+        if sweep.name == "adapters":
+            points += _adapters_point(sweep, x, fixed, dtype, device, rounds)
+            progress()
+            continue
+        size = {"M": "M", "r": "r", "K=N": "K"}.get(sweep.axis)
+        if size == "K":
+            fixed.update(K=x, N=x)
+        elif size is not None:
+            fixed[size] = x
+        shape = Shape(fixed["M"], fixed["K"], fixed["N"], fixed["r"])
+        dropout = x if sweep.name == "dropout" else 0.0
+        layers = _lora_family(shape, dtype, device, dropout, with_variants=sweep.name == "tokens")
+        if sweep.name == "width":  # the bottleneck adapter (d = K=N, m = 64) beside LoRA
+            adapters = benchmark.make_adapter_candidates(AdapterShape(shape.M, shape.K, 64), dtype, device)
+            layers["fastpeft adapter"] = adapters["fastpeft[torch]"]
+            layers["unfused adapter"] = adapters["unfused (AdapterHub way)"]
+        torch.manual_seed(1)
+        x_in = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
+        steps = {name: make_step(layer, x_in, dy, "fwd+bwd") for name, layer in layers.items()}
+        times = benchmark.interleaved_times(steps, device, rounds)
+        new = _points(sweep.name, x, layers, steps, times)
+        if sweep.name == "tokens":  # peak memory against tokens
+            for p in new:
+                p.peak_mb = benchmark.peak_memory_mb(steps[p.candidate], device)
+        base_ms = statistics.median(times[BASE])
+        bound = limit_ms(shape, torch.empty((), dtype=dtype).element_size(), peaks)
+        new.append(Point(sweep.name, x, LIMIT, bound, bound / base_ms, bound / base_ms, bound / base_ms))
+        points += new
+        progress()
+    return points
+
+
+def _adapters_point(sweep, n, fixed, dtype, device, rounds) -> list[Point]:
+    layers = benchmark._mixed_layers(fixed["K"], fixed["N"], fixed["r"], n, dtype, device)
+    names = [f"a{i % n}" for i in range(fixed["sequences"])]
+    x = torch.randn(fixed["sequences"], fixed["tokens"], fixed["K"], device=device, dtype=dtype)
+
+    def serve(layer, base):
+        def step():
+            with torch.no_grad():
+                layer(x) if base else layer(x, adapter_names=names)
+        return step
+    for layer in layers.values():
+        layer.eval()
+    steps = {name: serve(layer, name == BASE) for name, layer in layers.items()}
+    times = benchmark.interleaved_times(steps, device, rounds)
+    renamed = {BASE: BASE, "fastpeft mixed": "fastpeft mixed", benchmark.MIXED_REFERENCE: "peft mixed"}
+    return _points(sweep.name, n, layers, {renamed[k]: v for k, v in steps.items()},
+                   {renamed[k]: v for k, v in times.items()})
+
+
+def run_report(sweeps=QUICK_SWEEPS, dtype=torch.float32, device="cpu", rounds: int = 3, progress=None
+               ) -> tuple[list[Point], Peaks]:
+    """Every sweep's points, and the peaks measured for the limit."""
+    if torch.device(device).type == "cuda":
+        sweeps = [Sweep(s.name, s.axis, s.values, s.title, {**s.fixed, **{k: v for k, v in GPU_SIZES.items()
+                                                                           if k in s.fixed and k != s.axis}})
+                  for s in sweeps]
+    total = sum(len(s.values) for s in sweeps)
+    tick = _progress(total) if progress is None else progress
+    peaks = measure_peaks(device, dtype)
+    points = []
+    for sweep in sweeps:
+        points += run_sweep(sweep, dtype, device, rounds, peaks, tick)
+    return points, peaks
+
+
+def _progress(total: int):
+    """A progress bar on stderr (tqdm's when installed)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        state = {"done": 0}
+
+        def tick():
+            state["done"] += 1
+            print(f"\r[{state['done']}/{total} sweep points]", end="\n" if state["done"] == total else "",
+                  file=sys.stderr, flush=True)
+        return tick
+    bar = tqdm(total=total, unit="point", desc="sweeps", file=sys.stderr)
+
+    def tick():
+        bar.update()
+        if bar.n == total:
+            bar.close()
+    return tick
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The report: one PNG per sweep (and peak memory vs tokens), one markdown page embedding them
+# ----------------------------------------------------------------------------------------------------------
+
+def _versions() -> dict[str, str]:
+    found = {"fastpeft": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for module in ("triton", "peft", "bitsandbytes", "transformers"):
+        try:
+            found[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 (absent or broken: reported as such)
+            found[module] = "not installed"
+    return found
+
+
+def _commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent.parent
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "diff", "--quiet"], cwd=here, capture_output=True, timeout=10).returncode
+        return done.stdout.strip() + (" (+ local changes)" if dirty else "") if done.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def plot(points: list[Point], sweep: Sweep, path: Path, memory: bool = False) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    mine = [p for p in points if p.sweep == sweep.name and (p.peak_mb is not None or not memory)]
+    names = list(dict.fromkeys(p.candidate for p in mine if not (memory and p.candidate == LIMIT)))
+    numeric = all(isinstance(p.x, (int, float)) for p in mine)
+    for i, name in enumerate(names):
+        rows = [p for p in mine if p.candidate == name]
+        xs = [p.x for p in rows] if numeric else list(range(len(rows)))
+        style = dict(color="black", linestyle=":", marker="") if name == LIMIT else dict(
+            color=FAMILY_COLOURS.get(name, f"C{6 + i % 4}"),
+            linestyle="--" if not name.startswith("fastpeft") and name != BASE else "-", marker="o")
+        if memory:
+            ax.plot(xs, [p.peak_mb for p in rows], label=name, **style)
+        else:
+            ax.errorbar(xs, [p.ratio for p in rows], yerr=[[p.ratio - p.low for p in rows],
+                                                           [p.high - p.ratio for p in rows]],
+                        label=name, capsize=2, **style)
+    if numeric and len({p.x for p in mine}) > 2 and min(p.x for p in mine) > 0:
+        ax.set_xscale("log", base=2)
+    if not numeric or sweep.name == "dropout":
+        ax.set_xticks(range(len(sweep.values)) if not numeric else list(sweep.values))
+    ax.set_xlabel(sweep.axis)
+    ax.set_ylabel("peak MiB (fwd+bwd)" if memory else f"time / {BASE} (median; bars: per-round range)")
+    ax.set_title(("peak memory vs tokens M" if memory else sweep.title), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, dtype, rounds: int) -> Path:
+    """``out``/report.md and one PNG per sweep (plus memory.png) when matplotlib is installed; returns the page."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import matplotlib  # noqa: F401
+        plots = True
+    except ImportError:
+        plots = False
+    versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
+    lines = [f"# fastpeft scaling report: {benchmark.device_description(device)}", "",
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {dtype}; commit {_commit()}; "
+             f"{versions}.", "",
+             "**Measured**: every time, ratio and peak memory below, each point's candidates side by side in "
+             f"{rounds} interleaved rounds (ratio = median / the frozen base's median at that point; spread = the "
+             "lowest and highest per-round ratio). **Estimated**: the limit line only, a roofline from the FLOP rate "
+             f"of a large matmul ({peaks.tflops:.3f} TFLOP/s) and a copy's bandwidth ({peaks.gbs:.1f} GB/s), both "
+             "measured in this run: the least time a LoRA forward+backward could take here.", ""]
+    if not plots:
+        lines += ["(matplotlib is not installed, so this report has tables only: `pip install 'fastpeft[plot]'`.)", ""]
+    for sweep in sweeps:
+        mine = [p for p in points if p.sweep == sweep.name]
+        if not mine:
+            continue
+        lines += [f"## {sweep.title}", "", "Fixed: " + ", ".join(f"{k}={v}" for k, v in sweep.fixed.items()) + ".",
+                  ""]
+        if plots:
+            plot(points, sweep, out / f"{sweep.name}.png")
+            lines += [f"![{sweep.title}]({sweep.name}.png)", ""]
+        lines += [f"| {sweep.axis} | candidate | median ms | time / {BASE} | spread | time / PEFT's |",
+                  "|---|---|---|---|---|---|"]
+        for p in mine:
+            reference = f"{p.reference_ratio:.2f}" if p.reference_ratio is not None else "-"
+            spread = "-" if p.candidate == LIMIT else f"{p.low:.2f}-{p.high:.2f}"
+            lines.append(f"| {p.x} | {p.candidate} | {p.ms:.3f} | {p.ratio:.2f} | {spread} | {reference} |")
+        lines.append("")
+        if sweep.name == "tokens":
+            lines += ["### Peak memory vs tokens M", ""]
+            if plots:
+                plot(points, sweep, out / "memory.png", memory=True)
+                lines += ["![peak memory vs tokens](memory.png)", ""]
+            lines += ["| M | candidate | peak MiB |", "|---|---|---|"]
+            lines += [f"| {p.x} | {p.candidate} | {p.peak_mb:.1f} |" for p in mine if p.peak_mb is not None]
+            lines.append("")
+    lines += ["PEFT's equivalents: `peft LoRA` (PEFT's LoRA Linear), `peft DoRA`, `peft+bnb QLoRA` (PEFT over "
+              "bitsandbytes' Linear4bit holding the same codes), `peft mixed` (its `adapter_names` forward); "
+              "`unfused adapter` is a bottleneck adapter written the AdapterHub way. A dashed curve is the "
+              "reference's, the dotted one the limit estimate."]
+    page = out / "report.md"
+    tmp = page.with_name(page.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, page)
+    return page
