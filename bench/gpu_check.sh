@@ -7,7 +7,8 @@
 # no network and no pip install (kernels/ is reached as fastpeft.kernels through a link, fastpeft._C is built with
 # CMake into the tree). Every stage has its own time limit and appends to $OUT/summary.md as it goes, which is also
 # copied to bench/results/<date>-<gpu>.md after each stage; the whole run ends within BUDGET seconds (default 290),
-# so a cold rerun still fits a 15-minute device lease. At most 8 files are written under $OUT.
+# so a cold rerun still fits a 15-minute device lease. Under $OUT: the summary, one log a stage, report/ (the scaling
+# report's page and PNGs).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OUT=${OUT:-$(mktemp -d)}
@@ -106,6 +107,11 @@ publish
 # QLoRA: the fused NF4 forward against torch.mm on the bf16 weight (target <= 1.15x), the NF4 decode's bandwidth
 # (target >= 70% of copy), then fastpeft's QLoRA layer beside PEFT over bitsandbytes where bitsandbytes is installed.
 stage qlora 75 python bench/gpu_kernels.py --part qlora --markdown "$summary"
+publish
+
+# The scaling report (quick sweeps at the GPU's sizes), its page and plots brought back under $OUT/report.
+stage report 60 python -m fastpeft report --quick --device cuda --out "$OUT/report"
+grep -A2 "limit (roofline" "$OUT/report/report.md" 2>/dev/null | head -3 | sed 's/^/    /' >> "$summary"
 publish
 
 stage graphs 45 env FASTPEFT_AUTOTUNE=0 python bench/gpu_kernels.py --part graphs --markdown "$summary"
