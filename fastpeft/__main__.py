@@ -6,6 +6,7 @@ import argparse
 import datetime
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -43,6 +44,16 @@ def info(_args) -> int:
     for name, reasons in backend_status().items():
         print(f"  {name:7s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _shape(text: str):
@@ -127,17 +138,31 @@ def bench(args) -> int:
 def report(args) -> int:
     from . import report as sweeps
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"error: --device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        print(f"error: --device {args.device}: " + ("torch sees no CUDA GPU" if device.type == "cuda"
+                                                    else "must be cpu or cuda"), file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:  # before minutes of sweeps: the folder must be one we can write
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fastpeft-report-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        print(f"error: --out {args.out}: cannot write a report there ({err.strerror or err})", file=sys.stderr)
         return 2
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     chosen = sweeps.QUICK_SWEEPS if args.quick else sweeps.FULL_SWEEPS
-    rounds = args.rounds or (3 if args.quick else 7)
+    rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     print(f"fastpeft report on {sweeps.benchmark.device_description(device)}, {dtype}, {rounds} rounds a point",
           flush=True)
-    points, peaks = sweeps.run_report(chosen, dtype, device, rounds)
-    page = sweeps.write_report(points, peaks, chosen, args.out, device, dtype, rounds)
+    points, peaks, measured = sweeps.run_report(chosen, dtype, device, rounds)
+    page = sweeps.write_report(points, peaks, measured, out, device, dtype, rounds)
     print(f"report: {page}")
     return 0
 
@@ -164,7 +189,7 @@ def main(argv=None) -> int:
     rp.add_argument("--quick", action="store_true", help="small sweeps: under two minutes on a 2-core CPU")
     rp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     rp.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
-    rp.add_argument("--rounds", type=int, help="interleaved rounds per sweep point (median taken)")
+    rp.add_argument("--rounds", type=_positive_int, help="interleaved rounds per sweep point (median taken)")
     rp.add_argument("--out", default="fastpeft-report", metavar="DIR",
                     help="folder for report.md and the PNGs (e.g. bench/results/<date>-cpu-report)")
     args = parser.parse_args(argv)

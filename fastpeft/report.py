@@ -44,7 +44,7 @@ QUICK_SWEEPS = (
     Sweep("width", "K=N", (256, 512, 1024), "fwd+bwd time vs width K=N", dict(M=512, r=16)),
     Sweep("dropout", "dropout", (0.0, 0.1), "fwd+bwd time without and with dropout", dict(M=512, K=512, N=512, r=16)),
     Sweep("adapters", "adapters", (1, 4, 16), "forward (serving) time vs adapters in one batch",
-          dict(sequences=8, tokens=64, K=512, N=512, r=16)),
+          dict(sequences=16, tokens=32, K=512, N=512, r=16)),
 )
 FULL_SWEEPS = (
     Sweep("tokens", "M", (1, 16, 128, 1024, 4096, 8192), "fwd+bwd time vs tokens M", dict(K=1024, N=1024, r=16)),
@@ -53,7 +53,7 @@ FULL_SWEEPS = (
     Sweep("dropout", "dropout", (0.0, 0.1), "fwd+bwd time without and with dropout",
           dict(M=2048, K=1024, N=1024, r=16)),
     Sweep("adapters", "adapters", (1, 4, 16, 64), "forward (serving) time vs adapters in one batch",
-          dict(sequences=16, tokens=128, K=1024, N=1024, r=16)),
+          dict(sequences=64, tokens=32, K=1024, N=1024, r=16)),
 )
 GPU_SIZES = dict(K=4096, N=4096, M=8192)  # the GPU sweeps' fixed sizes where the CPU's are smaller
 
@@ -69,6 +69,7 @@ class Point:
     high: float
     peak_mb: float | None = None
     reference_ratio: float | None = None  # median / PEFT's equivalent's median, where there is one
+    shape: Shape | None = None  # a LoRA-shaped point's sizes
 
 
 @dataclass
@@ -81,26 +82,29 @@ class Peaks:
 # fastpeft's candidate -> PEFT's equivalent (its reference ratio), and the curves' families for the plots
 REFERENCES = {"fastpeft LoRA": "peft LoRA", "fastpeft DoRA": "peft DoRA", "fastpeft QLoRA": "peft+bnb QLoRA",
               "fastpeft mixed": "peft mixed", "fastpeft adapter": "unfused adapter"}
-LIMIT = "limit (roofline estimate)"
+LIMIT = "LoRA limit (roofline estimate)"
 # One colour per family in the plots: fastpeft's solid, its PEFT (or unfused) equivalent dashed.
 FAMILY_COLOURS = {BASE: "C0", "fastpeft LoRA": "C1", "peft LoRA": "C1", "fastpeft LoRA[triton]": "C5",
                   "fastpeft DoRA": "C2", "peft DoRA": "C2", "fastpeft QLoRA": "C3", "peft+bnb QLoRA": "C3",
                   "fastpeft mixed": "C1", "peft mixed": "C1", "fastpeft adapter": "C4", "unfused adapter": "C4"}
 
 
-def _median_ms(fn, device, rounds=5) -> float:
-    return statistics.median(benchmark.interleaved_times({"f": fn}, device, rounds)["f"])
+def _best_ms(fn, device, rounds=7) -> float:
+    return min(benchmark.interleaved_times({"f": fn}, device, rounds)["f"])
 
 
 def measure_peaks(device, dtype) -> Peaks:
-    """A large square matmul's FLOP rate and a device copy's bandwidth (read + write), timed now."""
-    n = 2048 if torch.device(device).type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    tflops = 2 * n ** 3 / (_median_ms(lambda: torch.mm(a, b), device) * 1e-3) / 1e12
+    """The fastest FLOP rate of large square matmuls and the fastest copy bandwidth (read + write) in several
+    rounds, timed now (:func:`run_report` raises the FLOP rate to any faster one a layer reaches in the sweeps)."""
+    sizes = (1024, 2048) if torch.device(device).type == "cpu" else (4096, 8192)
+    tflops = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        tflops = max(tflops, 2 * n ** 3 / (_best_ms(lambda a=a, b=b: torch.mm(a, b), device) * 1e-3) / 1e12)
     src = torch.empty(2 ** 26, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    gbs = 2 * src.numel() / (_median_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e9
+    gbs = 2 * src.numel() / (_best_ms(lambda: dst.copy_(src), device) * 1e-3) / 1e9
     return Peaks(tflops, gbs)
 
 
@@ -161,8 +165,8 @@ def run_sweep(sweep: Sweep, dtype, device, rounds: int, peaks: Peaks, progress) 
             fixed[size] = x
         shape = Shape(fixed["M"], fixed["K"], fixed["N"], fixed["r"])
         dropout = x if sweep.name == "dropout" else 0.0
-        layers = _lora_family(shape, dtype, device, dropout, with_variants=sweep.name == "tokens")
-        if sweep.name == "width":  # the bottleneck adapter (d = K=N, m = 64) beside LoRA
+        layers = _lora_family(shape, dtype, device, dropout, with_variants=True)
+        if shape.K == shape.N:  # the bottleneck adapter (d = K=N, m = 64) beside LoRA
             adapters = benchmark.make_adapter_candidates(AdapterShape(shape.M, shape.K, 64), dtype, device)
             layers["fastpeft adapter"] = adapters["fastpeft[torch]"]
             layers["unfused adapter"] = adapters["unfused (AdapterHub way)"]
@@ -172,18 +176,21 @@ def run_sweep(sweep: Sweep, dtype, device, rounds: int, peaks: Peaks, progress) 
         steps = {name: make_step(layer, x_in, dy, "fwd+bwd") for name, layer in layers.items()}
         times = benchmark.interleaved_times(steps, device, rounds)
         new = _points(sweep.name, x, layers, steps, times)
-        if sweep.name == "tokens":  # peak memory against tokens
+        if sweep.name == "tokens":  # peak memory against tokens, each from nothing left by another candidate
             for p in new:
+                for layer in layers.values():
+                    benchmark._clear_grads(layer, x_in)
                 p.peak_mb = benchmark.peak_memory_mb(steps[p.candidate], device)
-        base_ms = statistics.median(times[BASE])
-        bound = limit_ms(shape, torch.empty((), dtype=dtype).element_size(), peaks)
-        new.append(Point(sweep.name, x, LIMIT, bound, bound / base_ms, bound / base_ms, bound / base_ms))
+        for p in new:
+            p.shape = shape  # (for the limit, added once every point is measured)
         points += new
         progress()
     return points
 
 
 def _adapters_point(sweep, n, fixed, dtype, device, rounds) -> list[Point]:
+    if n > fixed["sequences"]:
+        raise ValueError(f"{n} adapters need at least as many sequences, got {fixed['sequences']}")
     layers = benchmark._mixed_layers(fixed["K"], fixed["N"], fixed["r"], n, dtype, device)
     names = [f"a{i % n}" for i in range(fixed["sequences"])]
     x = torch.randn(fixed["sequences"], fixed["tokens"], fixed["K"], device=device, dtype=dtype)
@@ -215,7 +222,24 @@ def run_report(sweeps=QUICK_SWEEPS, dtype=torch.float32, device="cpu", rounds: i
     points = []
     for sweep in sweeps:
         points += run_sweep(sweep, dtype, device, rounds, peaks, tick)
-    return points, peaks
+    _add_limits(points, peaks, torch.empty((), dtype=dtype).element_size())
+    return points, peaks, sweeps
+
+
+def _add_limits(points: list[Point], peaks: Peaks, element_size: int) -> None:
+    """The LoRA limit at every LoRA-shaped point, from ``peaks`` with the FLOP rate raised to the fastest that the
+    base or a LoRA layer reached in these sweeps (so no LoRA point is measured below its limit)."""
+    shaped = [p for p in points if getattr(p, "shape", None) is not None]
+    for p in shaped:
+        if p.candidate in (BASE, "fastpeft LoRA", "peft LoRA") or p.candidate.startswith("fastpeft LoRA["):
+            flops = p.shape.flops("fwd+bwd", "nn.Linear" if p.candidate == BASE else "lora")
+            peaks.tflops = max(peaks.tflops, flops / (p.ms * 1e-3) / 1e12)
+    for (sweep, x), shape in {(p.sweep, p.x): p.shape for p in shaped}.items():
+        base = next(p for p in shaped if (p.sweep, p.x, p.candidate) == (sweep, x, BASE))
+        bound = limit_ms(shape, element_size, peaks)
+        at = next(i for i, p in enumerate(points) if (p.sweep, p.x) == (sweep, x)) + sum(
+            1 for p in points if (p.sweep, p.x) == (sweep, x))
+        points.insert(at, Point(sweep, x, LIMIT, bound, bound / base.ms, bound / base.ms, bound / base.ms))
 
 
 def _progress(total: int):
@@ -258,8 +282,10 @@ def _commit() -> str:
         here = Path(__file__).resolve().parent.parent
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                               timeout=10)
-        dirty = subprocess.run(["git", "diff", "--quiet"], cwd=here, capture_output=True, timeout=10).returncode
-        return done.stdout.strip() + (" (+ local changes)" if dirty else "") if done.returncode == 0 else "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, capture_output=True,
+                               timeout=10).returncode
+        return done.stdout.strip() + (" (+ changes to tracked files)" if dirty else "") if done.returncode == 0 \
+            else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -313,9 +339,11 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
              f"{versions}.", "",
              "**Measured**: every time, ratio and peak memory below, each point's candidates side by side in "
              f"{rounds} interleaved rounds (ratio = median / the frozen base's median at that point; spread = the "
-             "lowest and highest per-round ratio). **Estimated**: the limit line only, a roofline from the FLOP rate "
-             f"of a large matmul ({peaks.tflops:.3f} TFLOP/s) and a copy's bandwidth ({peaks.gbs:.1f} GB/s), both "
-             "measured in this run: the least time a LoRA forward+backward could take here.", ""]
+             "lowest and highest per-round ratio). **Estimated**: the LoRA limit line only, a roofline (a LoRA "
+             "forward+backward's FLOPs over the FLOP rate, or its least bytes over the bandwidth, whichever is "
+             f"longer) with the fastest FLOP rate seen in this run ({peaks.tflops:.3f} TFLOP/s: large matmuls' best "
+             "rounds, or the base or a LoRA layer where one ran faster) and the fastest copy bandwidth "
+             f"({peaks.gbs:.1f} GB/s). It bounds LoRA layers, not the bottleneck adapter (a different op).", ""]
     if not plots:
         lines += ["(matplotlib is not installed, so this report has tables only: `pip install 'fastpeft[plot]'`.)", ""]
     for sweep in sweeps:
