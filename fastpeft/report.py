@@ -277,12 +277,14 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _commit() -> str:
+def _commit(out: Path | None = None) -> str:
+    """The source tree's commit, marked when tracked files differ from it (the report's own folder aside)."""
     try:
         here = Path(__file__).resolve().parent.parent
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
                               timeout=10)
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, capture_output=True,
+        paths = ["."] + ([f":(exclude){Path(out).resolve()}"] if out is not None else [])
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=here, capture_output=True,
                                timeout=10).returncode
         return done.stdout.strip() + (" (+ changes to tracked files)" if dirty else "") if done.returncode == 0 \
             else "unknown"
@@ -335,7 +337,7 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
         plots = False
     versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
     lines = [f"# fastpeft scaling report: {benchmark.device_description(device)}", "",
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {dtype}; commit {_commit()}; "
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {dtype}; commit {_commit(out)}; "
              f"{versions}.", "",
              "**Measured**: every time, ratio and peak memory below, each point's candidates side by side in "
              f"{rounds} interleaved rounds (ratio = median / the frozen base's median at that point; spread = the "
