@@ -67,12 +67,31 @@ def _shape(text: str):
     return Shape(M, K, N, r)
 
 
+def _device(args) -> torch.device | None:
+    """``--device`` as a torch device, or None after saying on stderr why it cannot be used."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        print(f"error: --device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device}, but torch sees no CUDA GPU", file=sys.stderr)
+        return None
+    return device
+
+
+def _device_arguments(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
+
+
 def bench(args) -> int:
     from . import benchmark
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda, but torch sees no CUDA GPU", file=sys.stderr)
+    device = _device(args)
+    if device is None:
         return 2
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     if args.shape:
@@ -138,14 +157,8 @@ def bench(args) -> int:
 def report(args) -> int:
     from . import report as sweeps
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        print(f"error: --device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
-        return 2
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
-        print(f"error: --device {args.device}: " + ("torch sees no CUDA GPU" if device.type == "cuda"
-                                                    else "must be cpu or cuda"), file=sys.stderr)
+    device = _device(args)
+    if device is None:
         return 2
     out = Path(args.out)
     try:  # before minutes of sweeps: the folder must be one we can write
@@ -175,8 +188,7 @@ def main(argv=None) -> int:
                                      "fastpeft's DoRA vs PEFT's, QLoRA vs PEFT over bitsandbytes, and fastpeft's "
                                      "bottleneck adapter vs the unfused AdapterHub-style one")
     b.add_argument("--quick", action="store_true", help="one shape, fewer rounds: under a minute on a 2-core CPU")
-    b.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    b.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
+    _device_arguments(b)
     b.add_argument("--shape", type=_shape, action="append", metavar="M,K,N,r", help="repeatable")
     b.add_argument("--dropout", type=float, action="append", help="repeatable; default 0 and 0.1")
     b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken)")
@@ -187,8 +199,7 @@ def main(argv=None) -> int:
                                        "LoRA-family layer against the frozen base, HF PEFT's equivalent and a "
                                        "roofline estimate: PNG plots (with matplotlib) and a one-page markdown report")
     rp.add_argument("--quick", action="store_true", help="small sweeps: under two minutes on a 2-core CPU")
-    rp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    rp.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
+    _device_arguments(rp)
     rp.add_argument("--rounds", type=_positive_int, help="interleaved rounds per sweep point (median taken)")
     rp.add_argument("--out", default="fastpeft-report", metavar="DIR",
                     help="folder for report.md and the PNGs (e.g. bench/results/<date>-cpu-report)")

@@ -319,12 +319,15 @@ def quantize_nf4_weight(weight: Tensor, *, blocksize: int = DEFAULT_BLOCKSIZE, d
 # The base alone: x Wᵀ + b over an NF4 weight (torch path, in row chunks), with its backward (dx = dy W)
 # ----------------------------------------------------------------------------------------------------------
 
-def nf4_matmul(x: Tensor, weight: NF4Weight, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """``x Wᵀ (+ bias)`` for 2-D x in the weight's dtype, W dequantised one row chunk at a time, each chunk's
-    product written into its columns of the result (``out`` if given)."""
+def nf4_matmul(x: Tensor, weight: NF4Weight, bias: Tensor | None = None, out: Tensor | None = None, *,
+               max_elements: int | None = None, dequantize_rows=None) -> Tensor:
+    """``x Wᵀ (+ bias)`` for 2-D x in the weight's dtype, W dequantised one row chunk at a time (``max_elements``,
+    default ``NF4_CHUNK``; by ``dequantize_rows(weight, start, stop)`` if given, e.g. a kernel), each chunk's product
+    written into its columns of the result (``out`` if given)."""
     out = x.new_empty((x.shape[0], weight.shape[0])) if out is None else out
-    for start, stop in weight.row_chunks():
-        w = weight.dequantize_rows(start, stop, x.dtype)
+    for start, stop in weight.row_chunks(max_elements):
+        w = (weight.dequantize_rows(start, stop, x.dtype) if dequantize_rows is None
+             else dequantize_rows(weight, start, stop))
         if bias is None:
             torch.mm(x, w.t(), out=out[:, start:stop])
         else:
@@ -332,11 +335,13 @@ def nf4_matmul(x: Tensor, weight: NF4Weight, bias: Tensor | None = None, out: Te
     return out
 
 
-def nf4_matmul_t(dy: Tensor, weight: NF4Weight, out: Tensor | None = None) -> Tensor:
-    """``dy W`` (dy (M, N) → (M, K)), W dequantised one row chunk at a time and accumulated into ``out`` (which, if
-    given, is added to)."""
-    for start, stop in weight.row_chunks():
-        w = weight.dequantize_rows(start, stop, dy.dtype)
+def nf4_matmul_t(dy: Tensor, weight: NF4Weight, out: Tensor | None = None, *, max_elements: int | None = None,
+                 dequantize_rows=None) -> Tensor:
+    """``dy W`` (dy (M, N) → (M, K)), W dequantised one row chunk at a time (as in :func:`nf4_matmul`) and
+    accumulated into ``out`` (which, if given, is added to)."""
+    for start, stop in weight.row_chunks(max_elements):
+        w = (weight.dequantize_rows(start, stop, dy.dtype) if dequantize_rows is None
+             else dequantize_rows(weight, start, stop))
         if out is None:
             out = torch.mm(dy[:, start:stop], w)
         else:

@@ -117,25 +117,24 @@ def limit_ms(shape: Shape, element_size: int, peaks: Peaks) -> float:
     return max(flops / (peaks.tflops * 1e12), bytes_ / (peaks.gbs * 1e9)) * 1e3
 
 
-def _lora_family(shape: Shape, dtype, device, dropout: float, with_variants: bool) -> dict:
-    """The base, fastpeft's LoRA (torch path, and triton on a GPU) and PEFT's; with ``with_variants`` DoRA and QLoRA
-    (fastpeft's and PEFT's), all over one base weight."""
+def _lora_family(shape: Shape, dtype, device, dropout: float) -> dict:
+    """The base, fastpeft's LoRA (torch path, and triton on a GPU), DoRA and QLoRA, and PEFT's of each, all over one
+    base weight."""
     names = {"fastpeft[torch]": "fastpeft LoRA", "fastpeft[triton]": "fastpeft LoRA[triton]", "peft": "peft LoRA"}
     layers = {names.get(k, k): v for k, v in benchmark.make_candidates(shape, dtype, device, dropout).items()}
-    if with_variants:
-        dora = benchmark.make_dora_candidates(shape, dtype, device, dropout)
-        layers.update({"fastpeft DoRA": dora["fastpeft DoRA[torch]"]})
-        if benchmark.DORA_REFERENCE in dora:
-            layers["peft DoRA"] = dora[benchmark.DORA_REFERENCE]
-        qlora = benchmark.make_nf4_candidates(shape, dtype, device, dropout)
-        layers["fastpeft QLoRA"] = qlora["fastpeft QLoRA[torch]"]
-        if benchmark.NF4_REFERENCE in qlora:
-            layers["peft+bnb QLoRA"] = qlora[benchmark.NF4_REFERENCE]
+    dora = benchmark.make_dora_candidates(shape, dtype, device, dropout)
+    layers["fastpeft DoRA"] = dora["fastpeft DoRA[torch]"]
+    if benchmark.DORA_REFERENCE in dora:
+        layers["peft DoRA"] = dora[benchmark.DORA_REFERENCE]
+    qlora = benchmark.make_nf4_candidates(shape, dtype, device, dropout)
+    layers["fastpeft QLoRA"] = qlora["fastpeft QLoRA[torch]"]
+    if benchmark.NF4_REFERENCE in qlora:
+        layers["peft+bnb QLoRA"] = qlora[benchmark.NF4_REFERENCE]
     return layers
 
 
-def _points(sweep, x, layers, steps, times, base_name=BASE, peaks=None) -> list[Point]:
-    base = times[base_name]
+def _points(sweep, x, steps, times) -> list[Point]:
+    base = times[BASE]
     points = []
     for name in steps:
         ratios = [t / b for t, b in zip(times[name], base, strict=True)]
@@ -149,7 +148,7 @@ def _points(sweep, x, layers, steps, times, base_name=BASE, peaks=None) -> list[
     return points
 
 
-def run_sweep(sweep: Sweep, dtype, device, rounds: int, peaks: Peaks, progress) -> list[Point]:
+def run_sweep(sweep: Sweep, dtype, device, rounds: int, progress) -> list[Point]:
     """Every point of one sweep, its candidates side by side."""
     points = []
     for x in sweep.values:
@@ -165,7 +164,7 @@ def run_sweep(sweep: Sweep, dtype, device, rounds: int, peaks: Peaks, progress) 
             fixed[size] = x
         shape = Shape(fixed["M"], fixed["K"], fixed["N"], fixed["r"])
         dropout = x if sweep.name == "dropout" else 0.0
-        layers = _lora_family(shape, dtype, device, dropout, with_variants=True)
+        layers = _lora_family(shape, dtype, device, dropout)
         if shape.K == shape.N:  # the bottleneck adapter (d = K=N, m = 64) beside LoRA
             adapters = benchmark.make_adapter_candidates(AdapterShape(shape.M, shape.K, 64), dtype, device)
             layers["fastpeft adapter"] = adapters["fastpeft[torch]"]
@@ -175,7 +174,7 @@ def run_sweep(sweep: Sweep, dtype, device, rounds: int, peaks: Peaks, progress) 
         dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
         steps = {name: make_step(layer, x_in, dy, "fwd+bwd") for name, layer in layers.items()}
         times = benchmark.interleaved_times(steps, device, rounds)
-        new = _points(sweep.name, x, layers, steps, times)
+        new = _points(sweep.name, x, steps, times)
         if sweep.name == "tokens":  # peak memory against tokens, each from nothing left by another candidate
             for p in new:
                 for layer in layers.values():
@@ -205,7 +204,7 @@ def _adapters_point(sweep, n, fixed, dtype, device, rounds) -> list[Point]:
     steps = {name: serve(layer, name == BASE) for name, layer in layers.items()}
     times = benchmark.interleaved_times(steps, device, rounds)
     renamed = {BASE: BASE, "fastpeft mixed": "fastpeft mixed", benchmark.MIXED_REFERENCE: "peft mixed"}
-    return _points(sweep.name, n, layers, {renamed[k]: v for k, v in steps.items()},
+    return _points(sweep.name, n, {renamed[k]: v for k, v in steps.items()},
                    {renamed[k]: v for k, v in times.items()})
 
 
@@ -221,7 +220,7 @@ def run_report(sweeps=QUICK_SWEEPS, dtype=torch.float32, device="cpu", rounds: i
     peaks = measure_peaks(device, dtype)
     points = []
     for sweep in sweeps:
-        points += run_sweep(sweep, dtype, device, rounds, peaks, tick)
+        points += run_sweep(sweep, dtype, device, rounds, tick)
     _add_limits(points, peaks, torch.empty((), dtype=dtype).element_size())
     return points, peaks, sweeps
 
@@ -229,7 +228,7 @@ def run_report(sweeps=QUICK_SWEEPS, dtype=torch.float32, device="cpu", rounds: i
 def _add_limits(points: list[Point], peaks: Peaks, element_size: int) -> None:
     """The LoRA limit at every LoRA-shaped point, from ``peaks`` with the FLOP rate raised to the fastest that the
     base or a LoRA layer reached in these sweeps (so no LoRA point is measured below its limit)."""
-    shaped = [p for p in points if getattr(p, "shape", None) is not None]
+    shaped = [p for p in points if p.shape is not None]
     for p in shaped:
         if p.candidate in (BASE, "fastpeft LoRA", "peft LoRA") or p.candidate.startswith("fastpeft LoRA["):
             flops = p.shape.flops("fwd+bwd", "nn.Linear" if p.candidate == BASE else "lora")

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.checks import GEMM_VARIANT_ENV, GEMM_VARIANTS
+from fastpeft.nf4 import nf4_code, nf4_matmul, nf4_matmul_t
 
 from .common import (
     GEMM_CONFIGS,
@@ -627,7 +628,6 @@ class NF4Operand:
 
     def pointers(self) -> tuple:
         """The kernel's absmax, code book, absmax code book, absmax scale and offset arguments."""
-        from fastpeft.nf4 import nf4_code
         w = self.weight
         code = nf4_code(w.device)
         if not w.nested:
@@ -716,19 +716,10 @@ def _base_product(a, b, out, bias=None):
     ``_nf4_dequant_kernel``: columns of out for b = Wᵀ, a sum over chunks for b = W."""
     if not isinstance(b, NF4Operand):
         torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
-        return
-    weight = b.weight
-    for i, (n0, n1) in enumerate(weight.row_chunks(NF4_GPU_CHUNK)):
-        rows = nf4_dequantize_rows(weight, n0, n1)
-        if b.transposed:
-            if bias is None:
-                torch.mm(a, rows.t(), out=out[:, n0:n1])
-            else:
-                torch.addmm(bias[n0:n1], a, rows.t(), out=out[:, n0:n1])
-        elif i == 0:
-            torch.mm(a[:, n0:n1], rows, out=out)
-        else:
-            out.addmm_(a[:, n0:n1], rows)
+    elif b.transposed:
+        nf4_matmul(a, b.weight, bias, out, max_elements=NF4_GPU_CHUNK, dequantize_rows=nf4_dequantize_rows)
+    else:
+        nf4_matmul_t(a, b.weight, out.zero_(), max_elements=NF4_GPU_CHUNK, dequantize_rows=nf4_dequantize_rows)
 
 
 def nf4_dequantize_rows(weight, start: int, stop: int) -> torch.Tensor:
