@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -82,6 +83,29 @@ def _triton_missing() -> str | None:
     return None
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version string: "3.7.1+git12ab" -> (3, 7, 1)."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+@functools.cache
+def _interpreter_broken() -> str | None:
+    """Why Triton's CPU interpreter cannot run fastpeft's kernels here, if it cannot: Triton 3.6 and older index
+    NumPy arrays in ways NumPy 2.3 removed (3.7 and later run them all)."""
+    import numpy
+    import triton
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 3):
+        return (f"Triton {triton.__version__}'s CPU interpreter (TRITON_INTERPRET=1) does not run with NumPy "
+                f"{numpy.__version__}: it needs Triton >= 3.7 or NumPy < 2.3")
+    return None
+
+
 def _environment_reasons(name: str) -> list[str]:
     if name == "torch":
         return []
@@ -96,7 +120,10 @@ def _environment_reasons(name: str) -> list[str]:
     missing = _triton_missing()
     if missing:
         reasons.append(missing)
-    if not torch.cuda.is_available() and not triton_interpreting():
+    if triton_interpreting():  # the interpreter then runs every Triton kernel of the process
+        if not missing:
+            reasons += filter(None, [_interpreter_broken()])
+    elif not torch.cuda.is_available():
         reasons.append("no CUDA GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1")
     return reasons
 

@@ -25,7 +25,10 @@ def poisoned_outputs(monkeypatch):
 HAS_CUDA = torch.cuda.is_available()
 # Where each backend is tested: torch on every device here; triton on the GPU, or the CPU under the interpreter.
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-TRITON_DEVICE = "cuda" if HAS_CUDA else ("cpu" if backends.triton_interpreting() else None)
+# Where Triton cannot run (not installed, an interpreter that cannot run here), its tests skip with the reasons.
+TRITON_SKIP = "; ".join(backends.backend_status()["triton"]) or None
+TRITON_DEVICE = None if TRITON_SKIP else ("cuda" if HAS_CUDA else "cpu")
+needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason=f"Triton cannot run here: {TRITON_SKIP}")
 
 # Relative-error budgets against the float64 reference (DESIGN.md "Numerics").
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
@@ -42,8 +45,7 @@ def rel_err(out, ref):
 def backend_params():
     """The (backend, device) pairs this machine can run, as pytest params."""
     params = [pytest.param("torch", d, id=f"torch-{d}") for d in DEVICES]
-    if TRITON_DEVICE is not None and not backends._triton_missing():
-        params.append(pytest.param("triton", TRITON_DEVICE, id=f"triton-{TRITON_DEVICE}"))
+    params.append(pytest.param("triton", TRITON_DEVICE, id=f"triton-{TRITON_DEVICE or 'none'}", marks=needs_triton))
     return params
 
 

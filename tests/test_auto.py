@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE
+from conftest import TRITON_DEVICE, TRITON_SKIP
 
 from fastpeft import auto, backends
 
@@ -21,7 +21,8 @@ from fastpeft import auto, backends
 lora_op = importlib.import_module("fastpeft.ops.lora_linear")
 adapter_op = importlib.import_module("fastpeft.ops.adapter_bottleneck")
 
-pytestmark = pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="needs Triton's interpreter as a second candidate")
+pytestmark = pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="needs Triton's interpreter as a second candidate"
+                                + (f" ({TRITON_SKIP})" if TRITON_SKIP else ""))
 
 
 class FakeClock:

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import TOLERANCE, TRITON_DEVICE, backend_params, rel_err
+from conftest import TOLERANCE, TRITON_DEVICE, backend_params, needs_triton, rel_err
 from test_lora_linear import CASES, Case, make_inputs
 
 import fastpeft
@@ -52,7 +52,7 @@ def test_dora_matches_the_reference(backend, device, case):
     assert all(e <= TOLERANCE[case.dtype] for e in errors.values()), errors
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@needs_triton
 @pytest.mark.parametrize("variant", ["prologue", "epilogue", "cublas", "tma"])
 def test_dora_in_every_gemm_variant(monkeypatch, variant):
     """The column scale is the fused GEMM's epilogue in every variant (the cublas one adds the bias after scaling

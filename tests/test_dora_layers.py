@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import rel_err, tiny_llama
+from conftest import needs_triton, rel_err, tiny_llama
 from torch import nn
 
 import fastpeft
@@ -268,8 +268,7 @@ def test_dora_and_plain_lora_adapters_mix_in_one_layer_and_model():
     assert q.adapters["d"].use_dora and not q.adapters["p"].use_dora
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if fastpeft.backends.triton_interpreting()
-                                                 or torch.cuda.is_available() else []))
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_compiled_dora_layer_has_no_graph_break_and_matches_eager(backend):
     torch._dynamo.reset()
     torch.manual_seed(0)

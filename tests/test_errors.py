@@ -81,6 +81,30 @@ def test_explicit_backend_lists_every_reason(monkeypatch):
         assert "no CUDA GPU" in message
 
 
+@pytest.mark.parametrize("triton_version,numpy_version,runs", [
+    ("3.6.0", "2.3.0", False), ("3.6.0", "2.2.6", True), ("3.7.1", "2.4.6", True), ("3.9.0+git1a2b", "2.3.0", True)])
+def test_an_interpreter_that_cannot_run_here_is_a_reason(monkeypatch, triton_version, numpy_version, runs):
+    """Triton 3.6's interpreter breaks on NumPy >= 2.3: under TRITON_INTERPRET=1 that is a reason against Triton
+    (explicit requests name it, tests skip with it), never a crash inside a kernel."""
+    triton = pytest.importorskip("triton")
+    numpy = pytest.importorskip("numpy")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    backends._interpreter_broken.cache_clear()
+    try:
+        reasons = backends.backend_status()["triton"]
+        if runs:
+            assert reasons == []
+            return
+        assert reasons == [f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) does not run with NumPy "
+                           f"{numpy_version}: it needs Triton >= 3.7 or NumPy < 2.3"]
+        with pytest.raises(fastpeft.BackendUnavailableError, match="does not run with NumPy"):
+            fastpeft.lora_linear(**inputs(), backend="triton")
+    finally:
+        backends._interpreter_broken.cache_clear()
+
+
 def test_auto_falls_back_to_torch_for_what_triton_cannot_run():
     args = inputs(dtype=torch.float64)
     args["lora_A"], args["lora_B"] = args["lora_A"].double(), args["lora_B"].double()

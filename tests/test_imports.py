@@ -1,6 +1,11 @@
-"""The package is layered: every import inside fastpeft (function-level ones included) goes down the table below, or
+"""How fastpeft imports.
+
+The package is layered: every import inside fastpeft (function-level ones included) goes down the table below, or
 sideways within one layer without a cycle. So the shared definitions sit at the bottom, the kernels never reach up
-into the ops, and nothing cycles through ``backends``."""
+into the ops, and nothing cycles through ``backends``.
+
+The kernels are ``fastpeft.kernels`` only: run from the source root, ``import kernels`` never finds kernels/ (the
+name is Hugging Face's hub-kernels package, which transformers imports)."""
 import ast
 import fnmatch
 from pathlib import Path
@@ -85,3 +90,76 @@ def test_imports_go_down_the_layers_and_never_cycle():
     for name in graph:
         visit(name, [])
     assert "fastpeft.checks" in graph and not graph["fastpeft.checks"], "checks must import nothing from fastpeft"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The folder kernels/ and the PyPI package "kernels" (Hugging Face's hub kernels, a dependency of transformers)
+# ----------------------------------------------------------------------------------------------------------
+
+def run_in_root(code: str, *, extra_path: list[str] = (), cwd=ROOT):
+    """Run ``python -c code`` from ``cwd`` (the source root by default), where ``''`` leads sys.path to kernels/, as
+    it does for ``python -c`` / ``python -m`` there; ``extra_path`` goes on PYTHONPATH."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(map(str, extra_path))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def fake_kernels(tmp_path):
+    """A package named ``kernels`` of another owner, in its own folder, with a submodule."""
+    package = tmp_path / "site" / "kernels"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("OWNER = 'someone else'\n")
+    (package / "_internals.py").write_text("VALUE = 42\n")
+    return tmp_path / "site"
+
+
+def test_import_kernels_from_the_source_root_gets_the_package_that_owns_the_name(tmp_path):
+    site = fake_kernels(tmp_path)
+    done = run_in_root("import kernels, kernels._internals; print(kernels.OWNER, kernels._internals.VALUE, "
+                       "kernels.__file__, sep='|')", extra_path=[site])
+    assert done.returncode == 0, done.stderr
+    owner, value, path = done.stdout.strip().split("|")
+    assert (owner, value) == ("someone else", "42") and path.startswith(str(site)), done.stdout
+    # The root reached through a symlink, and as a relative entry of PYTHONPATH, is the same root.
+    link = tmp_path / "tree"
+    link.symlink_to(ROOT)
+    done = run_in_root("import kernels; print(kernels.OWNER)", extra_path=[".", site], cwd=link)
+    assert done.returncode == 0 and done.stdout.strip() == "someone else", done.stderr
+
+
+def test_import_kernels_from_the_source_root_never_finds_the_folder():
+    """Without another package of that name the import fails as if the folder were absent, and leaves nothing in
+    sys.modules; with one (HF's, installed with transformers), that one is imported."""
+    done = run_in_root("import sys\n"
+                       "try:\n    import kernels\nexcept ModuleNotFoundError as err:\n"
+                       "    print('absent', err.name, 'kernels' in sys.modules)\n"
+                       "else:\n    print('found', kernels.__file__)")
+    assert done.returncode == 0, done.stderr
+    if done.stdout.startswith("found"):
+        assert not done.stdout.split()[1].startswith(str(ROOT / "kernels")), done.stdout
+    else:
+        assert done.stdout.split() == ["absent", "kernels", "False"], done.stdout
+
+
+def test_fastpeft_kernels_still_import_as_fastpeft_kernels():
+    done = run_in_root("import fastpeft.kernels.common as c, sys; print(c.__name__, 'kernels' in sys.modules)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["fastpeft.kernels.common", "False"]
+
+
+def test_peft_transformers_and_bitsandbytes_import_from_the_source_root():
+    """transformers >= 5.25 imports HF's ``kernels``; from the root it must get that package, not kernels/."""
+    import importlib.util
+    import pytest
+    wanted = [m for m in ("kernels", "transformers", "peft", "bitsandbytes") if importlib.util.find_spec(m)]
+    if "transformers" not in wanted:
+        pytest.skip("transformers is not installed")
+    done = run_in_root(f"import {', '.join(wanted)}; import kernels; print(kernels.__file__)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not done.stdout.split()[-1].startswith(str(ROOT / "kernels")), done.stdout
+    assert "cannot import name" not in done.stderr, done.stderr[-3000:]

@@ -3,7 +3,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DTYPE_NAMES, TOLERANCE, TRITON_DEVICE, backend_params, lora_linear_inputs, rel_err
+from conftest import (DTYPE_NAMES, TOLERANCE, TRITON_DEVICE, backend_params, lora_linear_inputs, needs_triton,
+                      rel_err)
 
 import fastpeft
 from fastpeft.ops.lora_linear import lora_linear_reference
@@ -220,7 +221,7 @@ def test_kernel_outputs_start_poisoned_in_the_tests():
     assert (new_output((4,), torch.int8, "cpu") == -1).all()
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@needs_triton
 @pytest.mark.parametrize("case", [Case(17, 70, 97, 8, fp32, fp32, True, 0.2, "2d"),
                                   Case(130, 100, 33, 16, bf16, fp32, False, 0.1, "3d"),
                                   Case(70, 64, 40, 8, bf16, fp32, True, 0.2, "2d"),

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, rel_err, tiny_llama
+from conftest import TRITON_DEVICE, needs_triton, rel_err, tiny_llama
 from torch import nn
 
 import fastpeft
@@ -263,7 +263,7 @@ def test_mixed_batch_under_autocast(tokens):
     assert rel_err(y, want) <= 1e-2
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@needs_triton
 @pytest.mark.parametrize("B,T,K,N,ranks,p,dtype", [
     (6, 5, 40, 36, [2, 4, 3], 0.0, torch.float32),   # rows scattered over three adapters and the base
     (5, 16, 48, 40, [4, 16], 0.0, torch.float32),    # ranks padded to the largest
@@ -306,7 +306,7 @@ def test_triton_tiles_match_the_reference(B, T, K, N, ranks, p, dtype):
             assert rel_err(got, want) <= budget
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@needs_triton
 def test_triton_refuses_dora_in_a_mixed_batch_by_name():
     K, N = 8, 6
     x, w = torch.randn(2, 4, K), torch.randn(N, K)

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import TOLERANCE, TRITON_DEVICE, backend_params, rel_err
+from conftest import TOLERANCE, TRITON_DEVICE, backend_params, needs_triton, rel_err
 from test_lora_linear import CASES, make_inputs
 
 import fastpeft
@@ -166,7 +166,7 @@ def test_lora_over_nf4_matches_the_reference(backend, device, case):
     assert all(e <= TOLERANCE[case.dtype] for e in errors), errors
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@needs_triton
 @pytest.mark.parametrize("wide", [False, True], ids=["interpreter-tiles", "128-wide-tiles"])
 @pytest.mark.parametrize("shape,blocksize", [((70, 100), 64), ((33, 256), 128), ((40, 64), 32), ((100, 192), 64)],
                          ids=["unaligned", "aligned-128", "blocks-of-32", "aligned"])
@@ -194,7 +194,7 @@ def test_kernel_tiles_are_the_dequantised_weight_bit_for_bit(monkeypatch, dtype,
         assert torch.equal(dx, q.dequantize())
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton cannot run here")
+@needs_triton
 @pytest.mark.parametrize("variant", ["prologue", "epilogue", "cublas", "tma"])
 def test_lora_over_nf4_in_every_gemm_variant(monkeypatch, variant):
     """Every fused-GEMM variant runs over an NF4 base: prologue and epilogue dequantise W's tiles in the K loop, cublas
