@@ -12,6 +12,8 @@ matplotlib (``pip install 'fastpeft[plot]'``); without it the report has the tab
 from __future__ import annotations
 
 import datetime
+import importlib
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -266,29 +268,84 @@ def _progress(total: int):
 # The report: one PNG per sweep (and peak memory vs tokens), one markdown page embedding them
 # ----------------------------------------------------------------------------------------------------------
 
+OPTIONAL_MODULES = ("triton", "peft", "bitsandbytes", "transformers")
+
+
+def _version_of(module: str) -> str:
+    """``module``'s version; "not installed" when it (or a package above it) is absent, "broken: <exception type>:
+    <message>" when importing it fails otherwise (a dependency of it missing, a bad build), so that a broken install
+    is told from an absent one on the page."""
+    try:
+        imported = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module == err.name or module.startswith(err.name + ".")):
+            return "not installed"
+        return _broken(err)
+    except Exception as err:  # noqa: BLE001 (whatever a broken install raises is what the page must show)
+        return _broken(err)
+    version = getattr(imported, "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
+            version = "version unknown"
+    return str(version)
+
+
+def _broken(err: BaseException) -> str:
+    message = " ".join(str(err).split())  # one line: the page lists the versions in one sentence
+    if len(message) > 300:
+        message = message[:297] + "..."
+    return f"broken: {type(err).__name__}: {message}" if message else f"broken: {type(err).__name__}"
+
+
 def _versions() -> dict[str, str]:
     found = {"fastpeft": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    for module in ("triton", "peft", "bitsandbytes", "transformers"):
-        try:
-            found[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 (absent or broken: reported as such)
-            found[module] = "not installed"
+    found.update({module: _version_of(module) for module in OPTIONAL_MODULES})
     return found
 
 
-def _commit(out: Path | None = None) -> str:
-    """The source tree's commit, marked when tracked files differ from it (the report's own folder aside)."""
+class GitError(Exception):
+    """A git command that could not run or failed; its message is git's own (or why git did not run)."""
+
+
+def _git(tree: Path, *args: str) -> str:
     try:
-        here = Path(__file__).resolve().parent.parent
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10)
-        paths = ["."] + ([f":(exclude){Path(out).resolve()}"] if out is not None else [])
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=here, capture_output=True,
-                               timeout=10).returncode
-        return done.stdout.strip() + (" (+ changes to tracked files)" if dirty else "") if done.returncode == 0 \
-            else "unknown"
-    except (OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise GitError(str(err) or type(err).__name__) from err
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise GitError(lines[0] if lines else f"git {args[0]} exited with {done.returncode}")
+    return done.stdout
+
+
+def _commit(out: Path | str | None = None, tree: Path | None = None) -> str:
+    """The commit checked out in ``tree`` (fastpeft's source tree by default), with " (+ changes to tracked files)"
+    when a tracked file differs from it (staged or not) outside ``out``, the report's own folder.
+
+    ``out`` is taken as the report writes it: relative to the working directory, through any symlink, and it may lie
+    inside the repository, outside it, or not exist yet. "unknown" when ``tree`` is no git checkout; when git names
+    the commit but cannot compare the tree with it, the commit is given with git's error, never as changed."""
+    tree = Path(__file__).resolve().parent.parent if tree is None else Path(tree)
+    try:
+        head = _git(tree, "rev-parse", "--short", "HEAD").strip()
+    except GitError:
         return "unknown"
+    try:
+        top = Path(_git(tree, "rev-parse", "--show-toplevel").strip()).resolve()
+        # From the top, so that the names are the top's even under diff.relative; --no-renames: a file moved into the
+        # report's folder is still a change where it left.
+        changed = _git(top, "diff", "--name-only", "--no-renames", "-z", "HEAD", "--").split("\0")
+    except GitError as err:
+        return f"{head} (changes unknown: {err})"
+    own = Path(out).resolve() if out is not None else None
+    outside = [name for name in changed if name and not (own is not None and _within(top / name, own))]
+    return head + (" (+ changes to tracked files)" if outside else "")
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
 def plot(points: list[Point], sweep: Sweep, path: Path, memory: bool = False) -> None:

@@ -1,6 +1,9 @@
 """The scaling report: every sweep's candidates side by side, ratios computed from the measured medians, the limit
 line present and called an estimate, the plots written, and the command line's quick report."""
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +145,149 @@ def test_the_quick_report_command(tmp_path):
     assert sum(line.startswith("## ") for line in text.splitlines()) == len(report.QUICK_SWEEPS)
     assert "### Peak memory vs tokens M" in text
     assert len(list(tmp_path.glob("*.png"))) == len(report.QUICK_SWEEPS) + 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The page's versions: absent told from broken
+# ----------------------------------------------------------------------------------------------------------
+
+def test_a_broken_install_is_not_called_absent(tmp_path, monkeypatch):
+    packages = {"fp_broken_import": "from os import no_such_name\n",
+                "fp_missing_dependency": "import fp_no_such_dependency\n",
+                "fp_raises": "raise RuntimeError('no driver\\nfound')\n", "fp_unversioned": "",
+                "peft": "from os import no_such_name\n"}
+    for name, body in packages.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "peft" or m.startswith("peft.")]:
+        monkeypatch.delitem(sys.modules, name)  # (put back after the test)
+    try:
+        assert report._version_of("fp_no_such_module") == "not installed"
+        assert report._version_of("fp_no_such_module.sub") == "not installed"
+        assert report._version_of("fp_broken_import").startswith(
+            "broken: ImportError: cannot import name 'no_such_name' from 'os'")
+        assert report._version_of("fp_missing_dependency") == (
+            "broken: ModuleNotFoundError: No module named 'fp_no_such_dependency'")
+        assert report._version_of("fp_raises") == "broken: RuntimeError: no driver found"
+        assert report._version_of("fp_unversioned") == "version unknown"
+        assert report._version_of("pytest") == pytest.__version__
+        versions = report._versions()
+        assert versions["peft"].startswith("broken: ImportError: cannot import name 'no_such_name'")
+    finally:
+        sys.modules.pop("fp_unversioned", None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The page's commit: clean or changed whatever --out is
+# ----------------------------------------------------------------------------------------------------------
+
+def git(root, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false",
+                           *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A committed git repository (src/a.py, results/old/report.md), beside a folder outside it (elsewhere/)."""
+    root = tmp_path / "repo"
+    (root / "src").mkdir(parents=True)
+    (root / "results" / "old").mkdir(parents=True)
+    (root / "src" / "a.py").write_text("a = 1\n")
+    (root / "results" / "old" / "report.md").write_text("old\n")
+    (tmp_path / "elsewhere").mkdir()
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "init")
+    return root
+
+
+def out_case(case, root, monkeypatch):
+    """``--out`` as the report command gets it in ``case``, after the report's files are written."""
+    outside = root.parent / "elsewhere"
+    if case == "none":
+        return None
+    if case == "outside":
+        (outside / "report.md").write_text("new\n")
+        return outside
+    if case == "outside, not made yet":
+        return outside / "later" / "deeper"
+    if case == "outside, relative":
+        monkeypatch.chdir(root / "src")
+        return "../../elsewhere"
+    if case == "inside, new files":
+        (root / "results" / "new").mkdir()
+        (root / "results" / "new" / "report.md").write_text("new\n")
+        return root / "results" / "new"
+    if case == "inside, over a committed report":
+        (root / "results" / "old" / "report.md").write_text("regenerated\n")
+        return root / "results" / "old"
+    if case == "inside, not made yet":
+        return root / "results" / "later"
+    if case == "inside, relative":
+        (root / "results" / "old" / "report.md").write_text("regenerated\n")
+        monkeypatch.chdir(root)
+        return "results/old"
+    if case == "symlink outside to inside":
+        (root / "results" / "old" / "report.md").write_text("regenerated\n")
+        (outside / "link").symlink_to(root / "results" / "old")
+        return outside / "link"
+    if case == "symlink inside to outside":
+        (root / "results" / "link").symlink_to(outside)
+        (outside / "report.md").write_text("new\n")
+        return root / "results" / "link"
+    raise AssertionError(case)
+
+
+CASES = ("none", "outside", "outside, not made yet", "outside, relative", "inside, new files",
+         "inside, over a committed report", "inside, not made yet", "inside, relative", "symlink outside to inside",
+         "symlink inside to outside")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_clean_tree_is_clean_wherever_the_report_goes(case, repo, monkeypatch):
+    head = git(repo, "rev-parse", "--short", "HEAD")
+    assert report._commit(out_case(case, repo, monkeypatch), tree=repo) == head
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("change", ("edited", "staged"))
+def test_a_changed_tree_is_marked_wherever_the_report_goes(case, change, repo, monkeypatch):
+    head = git(repo, "rev-parse", "--short", "HEAD")
+    out = out_case(case, repo, monkeypatch)
+    (repo / "src" / "a.py").write_text("a = 2\n")
+    if change == "staged":
+        git(repo, "add", "src/a.py")
+    assert report._commit(out, tree=repo) == f"{head} (+ changes to tracked files)"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("inside") or c == "symlink outside to inside"])
+def test_a_file_moved_into_the_report_folder_is_a_change_where_it_left(case, repo, monkeypatch):
+    head = git(repo, "rev-parse", "--short", "HEAD")
+    out = Path(out_case(case, repo, monkeypatch)).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    git(repo, "mv", "src/a.py", str(out / "a.py"))
+    assert report._commit(out, tree=repo) == f"{head} (+ changes to tracked files)"
+
+
+def test_a_folder_named_like_a_prefix_excludes_nothing_else(repo):
+    (repo / "src" / "a.py").write_text("a = 2\n")
+    assert report._commit(repo / "sr", tree=repo).endswith("(+ changes to tracked files)")
+
+
+def test_git_failing_is_not_taken_for_changes(repo, tmp_path):
+    head = git(repo, "rev-parse", "--short", "HEAD")
+    (repo / ".git" / "index").write_text("not an index")  # rev-parse still names HEAD; diff cannot read the index
+    got = report._commit(tmp_path / "elsewhere", tree=repo)
+    assert got.startswith(f"{head} (changes unknown: ") and "index" in got and "changes to tracked" not in got
+    (tmp_path / "plain").mkdir()
+    assert report._commit(tmp_path / "elsewhere", tree=tmp_path / "plain") == "unknown"  # no checkout at all
+
+
+def test_changes_anywhere_in_the_repository_count_under_diff_relative(repo, tmp_path):
+    """git's diff.relative would limit the diff to the directory git runs in, and name paths from there."""
+    head = git(repo, "rev-parse", "--short", "HEAD")
+    git(repo, "config", "diff.relative", "true")
+    (repo / "results" / "old" / "report.md").write_text("regenerated\n")
+    assert report._commit(repo / "results" / "old", tree=repo / "src") == head
+    assert report._commit(tmp_path / "elsewhere", tree=repo / "src") == f"{head} (+ changes to tracked files)"
