@@ -177,6 +177,11 @@ def report(args) -> int:
     points, peaks, measured = sweeps.run_report(chosen, dtype, device, rounds)
     page = sweeps.write_report(points, peaks, measured, out, device, dtype, rounds)
     print(f"report: {page}")
+    unsettled = sum(1 for p in points if sweeps.unsettled(p))
+    if unsettled:
+        print(f"warning: {unsettled} points are unsettled (their rounds disagree, or fastpeft's order against "
+              "PEFT's changes between rounds): marked in the report; more --rounds on an idle machine settle them",
+              file=sys.stderr)
     return 0
 
 

@@ -6,14 +6,18 @@ layer, HF PEFT's equivalent layer and the device's limit, as ratios measured sid
 Each sweep point times its candidates in interleaved rounds (:func:`fastpeft.benchmark.interleaved_times`); a ratio is
 the candidate's median over the base's median at that point, and its spread the lowest and highest of the per-round
 ratios. The limit is an estimate, stated as one: a roofline (FLOPs over the FLOP rate, bytes over the bandwidth,
-whichever is longer) from a large matmul's FLOP rate and a copy's bandwidth, both measured in the same run. Plots need
-matplotlib (``pip install 'fastpeft[plot]'``); without it the report has the tables alone and says so.
+whichever is longer) from a large matmul's FLOP rate and a copy's bandwidth, both measured in the same run. A point
+whose rounds disagree, or whose order against PEFT's equivalent changes between rounds, is :func:`unsettled`: marked
+in the plots, the tables and the page's warning. Plots need matplotlib (``pip install 'fastpeft[plot]'``); without it
+the report has the tables alone and says so.
 """
 from __future__ import annotations
 
 import datetime
+import fractions
 import importlib
 import importlib.metadata
+import math
 import os
 import platform
 import statistics
@@ -71,6 +75,8 @@ class Point:
     high: float
     peak_mb: float | None = None
     reference_ratio: float | None = None  # median / PEFT's equivalent's median, where there is one
+    reference_low: float | None = None  # lowest and highest per-round time / PEFT's equivalent's in that round
+    reference_high: float | None = None
     shape: Shape | None = None  # a LoRA-shaped point's sizes
 
 
@@ -85,10 +91,38 @@ class Peaks:
 REFERENCES = {"fastpeft LoRA": "peft LoRA", "fastpeft DoRA": "peft DoRA", "fastpeft QLoRA": "peft+bnb QLoRA",
               "fastpeft mixed": "peft mixed", "fastpeft adapter": "unfused adapter"}
 LIMIT = "LoRA limit (roofline estimate)"
-# One colour per family in the plots: fastpeft's solid, its PEFT (or unfused) equivalent dashed.
-FAMILY_COLOURS = {BASE: "C0", "fastpeft LoRA": "C1", "peft LoRA": "C1", "fastpeft LoRA[triton]": "C5",
-                  "fastpeft DoRA": "C2", "peft DoRA": "C2", "fastpeft QLoRA": "C3", "peft+bnb QLoRA": "C3",
-                  "fastpeft mixed": "C1", "peft mixed": "C1", "fastpeft adapter": "C4", "unfused adapter": "C4"}
+# Each family's colour and marker in the plots, shared by fastpeft's layer and its equivalent so that a pair reads as
+# one comparison; fastpeft's is drawn solid with filled markers, the equivalent dashed with hollow ones.
+LOOKS = {"fastpeft LoRA": ("C0", "o"), "peft LoRA": ("C0", "o"), "fastpeft LoRA[triton]": ("C5", "v"),
+         "fastpeft DoRA": ("C2", "s"), "peft DoRA": ("C2", "s"), "fastpeft QLoRA": ("C3", "^"),
+         "peft+bnb QLoRA": ("C3", "^"), "fastpeft adapter": ("C4", "D"), "unfused adapter": ("C4", "D"),
+         "fastpeft mixed": ("C0", "o"), "peft mixed": ("C0", "o")}
+CATEGORICAL_AXES = {"dropout"}  # swept as a switch (off, on), not as a quantity: its points are not joined
+NOISY_FACTOR = 1.5  # a point whose highest per-round ratio exceeds its lowest by more than this is unsettled
+
+
+def unsettled(p: Point) -> str | None:
+    """Why a measured point's median does not settle what it is read for, or None when it does.
+
+    A point is unsettled when either
+
+    - its rounds disagree: its highest per-round ratio to the base exceeds its lowest by more than
+      :data:`NOISY_FACTOR` (1.5x), so the machine's drift, not the layer, may have set its median; or
+    - it is a fastpeft layer whose order against PEFT's equivalent is not established: its per-round time over the
+      equivalent's in the same round (rounds are interleaved, so both saw the same load) is at or below 1 in some
+      round and at or above 1 in another, i.e. that ratio's spread exceeds its median's gap from parity.
+
+    The base (1 by definition) and the limit (an estimate, not timed) are never unsettled."""
+    if p.candidate in (BASE, LIMIT):
+        return None
+    reasons = []
+    if p.high > NOISY_FACTOR * p.low:
+        reasons.append(f"rounds {p.high / p.low:.1f}x apart ({p.low:.2f}-{p.high:.2f})")
+    if p.reference_low is not None and p.reference_low <= 1 <= p.reference_high:
+        equivalent = REFERENCES[p.candidate.split("[")[0]]
+        reasons.append(f"faster than {equivalent} in some rounds, not in others "
+                       f"({p.reference_low:.2f}-{p.reference_high:.2f})")
+    return "; ".join(reasons) or None
 
 
 def _best_ms(fn, device, rounds=7) -> float:
@@ -147,6 +181,8 @@ def _points(sweep, x, steps, times) -> list[Point]:
         ref = by_name.get(REFERENCES.get(p.candidate.split("[")[0], ""))
         if ref is not None:
             p.reference_ratio = p.ms / ref.ms
+            paired = [t / r for t, r in zip(times[p.candidate], times[ref.candidate], strict=True)]
+            p.reference_low, p.reference_high = min(paired), max(paired)
     return points
 
 
@@ -348,38 +384,158 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def plot(points: list[Point], sweep: Sweep, path: Path, memory: bool = False) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+# The plots: ratios on a logarithmic axis (a ratio of 4 is as far above 1 as 1/4 is below it, and one slow outlier
+# does not squash the rest), fastpeft's curves solid with filled markers, each equivalent's dashed with hollow ones.
+
+def _look(name: str, joined: bool = True) -> dict:
+    """The ``Line2D`` keywords of one candidate's curve (``joined``: points connected by a line)."""
+    if name == LIMIT:
+        return dict(color="black", linestyle=":", linewidth=1.6, marker="")
+    if name == BASE:
+        return dict(color="0.45", linestyle="-", linewidth=1.2, marker="")
+    colour, marker = LOOKS.get(name, ("C7", "o"))
+    if name.startswith("fastpeft"):
+        look = dict(color=colour, linestyle="-", linewidth=1.8, marker=marker, markersize=6,
+                    markerfacecolor=colour, markeredgecolor=colour)
+    else:
+        look = dict(color=colour, linestyle="--", linewidth=1.3, marker=marker, markersize=6,
+                    markerfacecolor="white", markeredgecolor=colour, markeredgewidth=1.4)
+    return look if joined else {**look, "linestyle": "none"}
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """At most 12 tick values from ``low`` to ``high`` on a log axis: powers of 2 times 1, 1.25, 1.5 and 1.75, or
+    times 1 and 1.5, or powers of 2 alone, or every 2nd, 4th or 8th power (1 among them whenever it is in range);
+    the finest of these that fits."""
+    k_low, k_high = math.floor(math.log2(low)), math.ceil(math.log2(high))
+    for stride, mantissas in ((1, (1, 1.25, 1.5, 1.75)), (1, (1, 1.5)), (1, (1,)), (2, (1,)), (4, (1,)), (8, (1,))):
+        ticks = [2.0 ** k * m for k in range(k_low - k_low % stride, k_high + 1, stride) for m in mantissas
+                 if low <= 2.0 ** k * m <= high]
+        if len(ticks) <= 12:
+            break
+    return ticks
+
+
+def _ratio_label(ratio: float) -> str:
+    """A ratio tick's label: "1024x", "1.5x", "0.375x", or a fraction ("1/16x", "3/64x") below a quarter, where a
+    decimal would run long."""
+    if ratio >= 10:
+        return f"{ratio:.0f}x"
+    if ratio < 0.25:
+        return f"{fractions.Fraction(ratio).limit_denominator(1 << 20)}x"
+    return f"{ratio:.4g}x"
+
+
+def _category_label(sweep: Sweep, value) -> str:
+    if sweep.axis == "dropout":
+        return "dropout off" if not value else f"dropout on (p = {value:g})"
+    return f"{sweep.axis} {value}"
+
+
+def figure(points: list[Point], sweep: Sweep, memory: bool = False):
+    """One sweep's plot as a matplotlib ``Figure``: each candidate's time over the base's (``memory``: its peak
+    memory) against the swept value, the ratio axis logarithmic with the base as the grey line at 1, bars spanning the
+    per-round range, and a dashed black ring around each :func:`unsettled` point. A categorical sweep
+    (:data:`CATEGORICAL_AXES`) draws its candidates side by side within each category, unconnected."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    fig = Figure(figsize=(8.6, 4.3), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
     mine = [p for p in points if p.sweep == sweep.name and (p.peak_mb is not None or not memory)]
     names = list(dict.fromkeys(p.candidate for p in mine if not (memory and p.candidate == LIMIT)))
-    numeric = all(isinstance(p.x, (int, float)) for p in mine)
-    for i, name in enumerate(names):
+    values = list(dict.fromkeys(p.x for p in mine))
+    categorical = sweep.axis in CATEGORICAL_AXES and not memory
+    numeric = not categorical and all(isinstance(x, (int, float)) for x in values)
+    group = 0.76  # the width of a category's points side by side
+    dodged = [n for n in names if n not in (BASE, LIMIT)]
+    offset = {n: group * ((i + 0.5) / len(dodged) - 0.5) for i, n in enumerate(dodged)}
+    flagged = []
+    for name in names:
         rows = [p for p in mine if p.candidate == name]
-        xs = [p.x for p in rows] if numeric else list(range(len(rows)))
-        style = dict(color="black", linestyle=":", marker="") if name == LIMIT else dict(
-            color=FAMILY_COLOURS.get(name, f"C{6 + i % 4}"),
-            linestyle="--" if not name.startswith("fastpeft") and name != BASE else "-", marker="o")
+        xs = [p.x if numeric else values.index(p.x) for p in rows]
         if memory:
-            ax.plot(xs, [p.peak_mb for p in rows], label=name, **style)
-        else:
-            ax.errorbar(xs, [p.ratio for p in rows], yerr=[[p.ratio - p.low for p in rows],
-                                                           [p.high - p.ratio for p in rows]],
-                        label=name, capsize=2, **style)
-    if numeric and len({p.x for p in mine}) > 2 and min(p.x for p in mine) > 0:
+            ax.plot(xs, [p.peak_mb for p in rows], gid=name, **_look(name))
+            continue
+        ys = [p.ratio for p in rows]
+        if name == BASE:
+            continue  # the base is the line at 1, drawn across the whole plot
+        if name == LIMIT:
+            if categorical:
+                ax.hlines(ys, [x - group / 2 for x in xs], [x + group / 2 for x in xs], colors="black",
+                          linestyles=":", linewidth=1.6, gid=name)
+            else:
+                ax.plot(xs, ys, gid=name, **_look(name))
+            continue
+        if categorical:
+            xs = [x + offset[name] for x in xs]
+        look = _look(name, joined=not categorical)
+        ax.plot(xs, ys, zorder=3, gid=name, **look)
+        ax.errorbar(xs, ys, yerr=[[p.ratio - p.low for p in rows], [p.high - p.ratio for p in rows]], fmt="none",
+                    ecolor=look["color"], elinewidth=1.0, capsize=2.5, alpha=0.75, zorder=2)
+        flagged += [(x, y) for x, y, p in zip(xs, ys, rows) if unsettled(p)]
+    if flagged:
+        ax.scatter([x for x, _ in flagged], [y for _, y in flagged], s=260, facecolors="none", edgecolors="black",
+                   linewidths=1.1, linestyles="--", zorder=4, gid="unsettled")
+        for x, y in flagged:
+            ax.annotate("!", (x, y), xytext=(7, 5), textcoords="offset points", fontsize=10, fontweight="bold",
+                        zorder=4)
+
+    if memory:
+        peaks = [p.peak_mb for p in mine if p.peak_mb > 0]
+        if peaks and max(peaks) >= 10 * min(peaks):  # a linear axis would flatten the smaller candidates to 0
+            ax.set_yscale("log", base=10)
+            ax.yaxis.set_major_locator(FixedLocator([m * 10.0 ** k for k in range(-3, 7) for m in (1, 2, 5)]))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_ylabel("peak MiB (fwd+bwd)" + (", log scale" if ax.get_yscale() == "log" else ""))
+    else:
+        ax.axhline(1.0, gid="base", zorder=1, **_look(BASE))
+        measured = [p for p in mine if p.candidate != BASE]
+        low = min([1.0] + [min(p.low, p.ratio) for p in measured]) / 1.15
+        high = max([1.0] + [max(p.high, p.ratio) for p in measured]) * 1.15
+        ax.set_yscale("log", base=2)
+        ax.set_ylim(low, high)
+        ax.yaxis.set_major_locator(FixedLocator(_log_ticks(low, high)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _ratio_label(v)))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_ylabel(f"time / {BASE}, log scale\n(median; bars: per-round range)")
+
+    if categorical:
+        ax.set_xticks(range(len(values)), [_category_label(sweep, v) for v in values])
+        ax.set_xlim(-0.6, len(values) - 0.4)
+    elif numeric and len(values) > 2 and min(values) > 0:
         ax.set_xscale("log", base=2)
-    if not numeric or sweep.name == "dropout":
-        ax.set_xticks(range(len(sweep.values)) if not numeric else list(sweep.values))
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.xaxis.set_minor_locator(NullLocator())
+    elif numeric:
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+    else:
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
     ax.set_xlabel(sweep.axis)
-    ax.set_ylabel("peak MiB (fwd+bwd)" if memory else f"time / {BASE} (median; bars: per-round range)")
-    ax.set_title(("peak memory vs tokens M" if memory else sweep.title), fontsize=10)
+    ax.set_title("peak memory vs tokens M" if memory else sweep.title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+
+    handles = []
+    for name in names:
+        if name == BASE and not memory:
+            handles.append(Line2D([], [], label=f"{BASE} (the base: 1x)", **_look(BASE)))
+        else:
+            handles.append(Line2D([], [], label=name, **_look(name, joined=not categorical or name == LIMIT)))
+    if flagged:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=13, markerfacecolor="none",
+                              markeredgecolor="black", label=f"! unsettled: {len(flagged)} (see the page)"))
+    key = ("fastpeft: filled\nPEFT / unfused: hollow" if categorical else
+           "fastpeft: filled, solid\nPEFT / unfused: hollow, dashed")
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, handlelength=3.4,
+              frameon=False, title=key, title_fontsize=8)
+    return fig
+
+
+def plot(points: list[Point], sweep: Sweep, path: Path, memory: bool = False) -> None:
+    """Saves :func:`figure`'s plot of ``sweep`` to ``path`` (a PNG)."""
+    figure(points, sweep, memory).savefig(path)
 
 
 def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, dtype, rounds: int) -> Path:
@@ -401,7 +557,18 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
              "forward+backward's FLOPs over the FLOP rate, or its least bytes over the bandwidth, whichever is "
              f"longer) with the fastest FLOP rate seen in this run ({peaks.tflops:.3f} TFLOP/s: large matmuls' best "
              "rounds, or the base or a LoRA layer where one ran faster) and the fastest copy bandwidth "
-             f"({peaks.gbs:.1f} GB/s). It bounds LoRA layers, not the bottleneck adapter (a different op).", ""]
+             f"({peaks.gbs:.1f} GB/s). It bounds LoRA layers, not the bottleneck adapter (a different op).", "",
+             f"**Unsettled** (⚠ in the tables, a dashed ring and \"!\" in the plots): a point whose rounds disagree, "
+             f"its highest per-round ratio more than {NOISY_FACTOR:g}x its lowest, or a fastpeft layer faster than "
+             "PEFT's equivalent in some rounds and not in others (its per-round time / PEFT's, taken within each "
+             "round, spans 1: the spread exceeds the median's gap from parity, so the order is not established). "
+             "Read such a point as unmeasured, not as a result.", ""]
+    flagged = [p for p in points if unsettled(p)]
+    if flagged:
+        timed = sum(1 for p in points if p.candidate not in (BASE, LIMIT))
+        lines += [f"**Warning: {len(flagged)} of {timed} measured points are unsettled in this run** (listed in "
+                  "each sweep below). Their medians may reflect the machine's load more than the layers; more "
+                  "`--rounds` on an idle machine settle them.", ""]
     if not plots:
         lines += ["(matplotlib is not installed, so this report has tables only: `pip install 'fastpeft[plot]'`.)", ""]
     for sweep in sweeps:
@@ -413,13 +580,20 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
         if plots:
             plot(points, sweep, out / f"{sweep.name}.png")
             lines += [f"![{sweep.title}]({sweep.name}.png)", ""]
-        lines += [f"| {sweep.axis} | candidate | median ms | time / {BASE} | spread | time / PEFT's |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"| {sweep.axis} | candidate | median ms | time / {BASE} | spread | time / PEFT's (spread) "
+                  "| unsettled |", "|---|---|---|---|---|---|---|"]
         for p in mine:
-            reference = f"{p.reference_ratio:.2f}" if p.reference_ratio is not None else "-"
+            reference = "-" if p.reference_ratio is None else (
+                f"{p.reference_ratio:.2f} ({p.reference_low:.2f}-{p.reference_high:.2f})")
             spread = "-" if p.candidate == LIMIT else f"{p.low:.2f}-{p.high:.2f}"
-            lines.append(f"| {p.x} | {p.candidate} | {p.ms:.3f} | {p.ratio:.2f} | {spread} | {reference} |")
+            why = unsettled(p)
+            lines.append(f"| {p.x} | {p.candidate} | {p.ms:.3f} | {p.ratio:.2f} | {spread} | {reference} | "
+                         f"{'⚠ ' + why if why else ''} |")
         lines.append("")
+        here = [p for p in mine if unsettled(p)]
+        if here:
+            lines += ["⚠ Unsettled here: " + "; ".join(f"{p.candidate} at {sweep.axis} = {p.x}" for p in here)
+                      + ".", ""]
         if sweep.name == "tokens":
             lines += ["### Peak memory vs tokens M", ""]
             if plots:
@@ -430,8 +604,11 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
             lines.append("")
     lines += ["PEFT's equivalents: `peft LoRA` (PEFT's LoRA Linear), `peft DoRA`, `peft+bnb QLoRA` (PEFT over "
               "bitsandbytes' Linear4bit holding the same codes), `peft mixed` (its `adapter_names` forward); "
-              "`unfused adapter` is a bottleneck adapter written the AdapterHub way. A dashed curve is the "
-              "reference's, the dotted one the limit estimate."]
+              "`unfused adapter` is a bottleneck adapter written the AdapterHub way. In the plots each family has "
+              "one colour and marker: fastpeft's layer filled and solid, its equivalent hollow and dashed; the grey "
+              "line at 1 is the base, the dotted one the limit estimate. Ratio axes are logarithmic (so is memory's "
+              "where it spans a decade or more), and dropout's off and on are categories, their points side by side "
+              "and not joined."]
     page = out / "report.md"
     tmp = page.with_name(page.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")

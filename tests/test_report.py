@@ -1,5 +1,6 @@
 """The scaling report: every sweep's candidates side by side, ratios computed from the measured medians, the limit
 line present and called an estimate, the plots written, and the command line's quick report."""
+import math
 import statistics
 import subprocess
 import sys
@@ -148,6 +149,157 @@ def test_the_quick_report_command(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The plots and the page, on synthetic points: what a reader sees, whatever this machine's timings are
+# ----------------------------------------------------------------------------------------------------------
+
+PAIRS = (("fastpeft LoRA", "peft LoRA", 1.15, 1.25), ("fastpeft DoRA", "peft DoRA", 1.4, 2.5),
+         ("fastpeft QLoRA", "peft+bnb QLoRA", 2.0, 1.8), ("fastpeft adapter", "unfused adapter", 0.4, 0.38))
+
+
+def synthetic(sweep, noisy=(), unordered=()):
+    """Tight points of every candidate at each of ``sweep``'s values (rounds within 10%, fastpeft's order against
+    PEFT's the same in every round), but a 39x ratio with rounds from 25x to 89x at each (candidate, x) of ``noisy``
+    and rounds on both sides of PEFT's at each (candidate, x) of ``unordered``."""
+    points = []
+    for x in sweep.values:
+        points.append(report.Point(sweep.name, x, BASE, 1.0, 1.0, 1.0, 1.0, peak_mb=4 + x))
+        for mine, theirs, ratio, reference in PAIRS:
+            for name, r in ((mine, ratio), (theirs, reference)):
+                low, high = (25.0, 89.0) if (name, x) in noisy else (r * 0.96, r * 1.05)
+                points.append(report.Point(sweep.name, x, name, 39.0 if (name, x) in noisy else r,
+                                           39.0 if (name, x) in noisy else r, low, high, peak_mb=(4 + x) * 1.3))
+            p = points[-2]
+            p.reference_ratio = p.ratio / points[-1].ratio
+            p.reference_low, p.reference_high = ((0.9, 1.1) if (mine, x) in unordered else
+                                                 (p.reference_ratio * 0.97, p.reference_ratio * 1.03))
+        points.append(report.Point(sweep.name, x, LIMIT, 0.5, 0.5, 0.5, 0.5))
+    return points
+
+
+TOKENS = Sweep("tokens", "M", (64, 512, 2048), "fwd+bwd time vs tokens M", dict(K=512, N=512, r=16))
+DROPOUT = Sweep("dropout", "dropout", (0.0, 0.1), "fwd+bwd time without and with dropout", dict(M=512, K=512, N=512))
+
+
+def test_what_makes_a_point_unsettled():
+    tight = report.Point("tokens", 64, "fastpeft LoRA", 1.0, 1.2, 1.1, 1.3, reference_ratio=0.9,
+                         reference_low=0.85, reference_high=0.95)
+    assert report.unsettled(tight) is None
+    edge = report.Point("tokens", 64, "peft LoRA", 1.0, 1.2, 1.0, 1.5)  # rounds exactly 1.5x apart: settled
+    assert report.unsettled(edge) is None
+    noisy = report.Point("tokens", 64, "peft LoRA", 1.0, 39.0, 25.0, 89.0)
+    assert "3.6x apart" in report.unsettled(noisy)
+    unordered = report.Point("tokens", 64, "fastpeft LoRA[triton]", 1.0, 1.2, 1.1, 1.3, reference_ratio=0.97,
+                             reference_low=0.9, reference_high=1.04)
+    assert "faster than peft LoRA in some rounds, not in others (0.90-1.04)" in report.unsettled(unordered)
+    tie = report.Point("tokens", 64, "fastpeft LoRA", 1.0, 1.2, 1.1, 1.3, reference_ratio=1.0,
+                       reference_low=1.0, reference_high=1.0)
+    assert report.unsettled(tie)  # equal in every round: no order
+    for name in (BASE, LIMIT):
+        assert report.unsettled(report.Point("tokens", 64, name, 1.0, 0.5, 0.1, 9.0)) is None
+
+
+def test_the_per_round_ratio_to_peft_is_taken_within_each_round():
+    times = {BASE: [1.0, 2.0, 1.0], "fastpeft LoRA": [1.1, 2.4, 1.2], "peft LoRA": [1.2, 2.2, 1.3]}
+    points = {p.candidate: p for p in report._points("tokens", 8, times, times)}
+    mine = points["fastpeft LoRA"]
+    assert mine.reference_ratio == pytest.approx(1.2 / 1.3)
+    assert (mine.reference_low, mine.reference_high) == pytest.approx((1.1 / 1.2, 2.4 / 2.2))
+    assert points["peft LoRA"].reference_low is None
+
+
+def test_the_ratio_axis_is_logarithmic_and_one_outlier_does_not_squash_the_rest():
+    ax = report.figure(synthetic(TOKENS, noisy={("fastpeft QLoRA", 64)}), TOKENS).axes[0]
+    assert ax.get_yscale() == "log"
+    low, high = ax.get_ylim()
+    assert low <= 0.5 and high >= 89.0  # every bar and the limit inside the axes
+    # 1x to 2x takes a tenth of the height or more (a linear axis to 89x would leave it about a ninetieth)
+    assert math.log(2) / math.log(high / low) > 0.1
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_gid() == "base"] == [1.0]
+
+
+def test_the_legend_tells_fastpeft_from_its_equivalent():
+    for sweep in (TOKENS, DROPOUT):
+        ax = report.figure(synthetic(sweep), sweep).axes[0]
+        handles = {h.get_label(): h for h in ax.get_legend().legend_handles}
+        lines = {line.get_gid(): line for line in ax.get_lines()}
+        for mine, theirs, _, _ in PAIRS:
+            for drawn in (handles, lines):  # the legend shows what the curves are drawn with
+                a, b = drawn[mine], drawn[theirs]
+                assert a.get_markerfacecolor() != b.get_markerfacecolor()  # filled against hollow
+                assert b.get_markerfacecolor() in ("white", (1.0, 1.0, 1.0, 1.0))
+                if sweep is TOKENS:
+                    assert (a.get_linestyle(), b.get_linestyle()) == ("-", "--")
+            assert handles[mine].get_linestyle() == lines[mine].get_linestyle()
+            assert handles[theirs].get_linestyle() == lines[theirs].get_linestyle()
+
+
+def test_the_dropout_sweep_joins_no_categories():
+    ax = report.figure(synthetic(DROPOUT), DROPOUT).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["dropout off", "dropout on (p = 0.1)"]
+    drawn = 0
+    for line in ax.get_lines():
+        if line.get_gid() == "base" or line.get_linestyle() in ("None", "none", "", " "):
+            continue
+        drawn += 1
+        assert len({round(x) for x in line.get_xdata()}) == 1, line.get_gid()
+    for collection in ax.collections:  # the limit's segments and the error bars
+        for segment in collection.get_segments() if hasattr(collection, "get_segments") else ():
+            assert len({round(x) for x, _ in segment}) == 1
+    assert drawn == 0 and any(c.get_gid() == LIMIT for c in ax.collections)
+    for line in ax.get_lines():  # side by side: no two candidates at one spot
+        if line.get_gid() not in ("base", None):
+            assert len(line.get_xdata()) == 2 and all(abs(x - round(x)) < 0.4 for x in line.get_xdata())
+    xs = [line.get_xdata()[0] for line in ax.get_lines() if line.get_gid() not in ("base", None)]
+    assert len(set(xs)) == len(xs)
+
+
+def unsettled_marks(ax):
+    marked = [c for c in ax.collections if c.get_gid() == "unsettled"]
+    return {(round(float(x), 6), round(float(y), 6)) for c in marked for x, y in c.get_offsets()}
+
+
+def test_the_unsettled_mark_sits_on_the_unsettled_points_only():
+    points = synthetic(TOKENS, noisy={("peft+bnb QLoRA", 64)}, unordered={("fastpeft LoRA", 2048)})
+    ax = report.figure(points, TOKENS).axes[0]
+    assert unsettled_marks(ax) == {(64.0, 39.0), (2048.0, 1.15)}
+    assert any(h.get_label().startswith("! unsettled: 2") for h in ax.get_legend().legend_handles)
+    ax = report.figure(synthetic(TOKENS), TOKENS).axes[0]
+    assert unsettled_marks(ax) == set()
+    assert not any("unsettled" in h.get_label() for h in ax.get_legend().legend_handles)
+    ax = report.figure(synthetic(DROPOUT, noisy={("fastpeft DoRA", 0.1)}), DROPOUT).axes[0]
+    (x, y), = unsettled_marks(ax)
+    dora = next(line for line in ax.get_lines() if line.get_gid() == "fastpeft DoRA")
+    assert (x, y) == (round(float(dora.get_xdata()[1]), 6), 39.0) and round(x) == 1
+
+
+def test_the_memory_axis_is_logarithmic_where_it_spans_decades():
+    points = synthetic(Sweep("tokens", "M", (1, 64, 4096), "t", dict(K=64, N=64, r=4)))
+    ax = report.figure(points, TOKENS, memory=True).axes[0]
+    assert ax.get_yscale() == "log" and LIMIT not in {line.get_gid() for line in ax.get_lines()}
+    ax = report.figure(synthetic(Sweep("tokens", "M", (8, 16, 32), "t", dict(K=64, N=64, r=4))), TOKENS,
+                       memory=True).axes[0]
+    assert ax.get_yscale() == "linear"
+
+
+def test_the_page_warns_of_unsettled_points(tmp_path):
+    sweeps = (TOKENS, DROPOUT)
+    peaks = report.Peaks(1.0, 10.0)
+    points = synthetic(TOKENS, noisy={("fastpeft QLoRA", 64)}) + synthetic(DROPOUT, unordered={("fastpeft LoRA", 0.1)})
+    text = report.write_report(points, peaks, sweeps, tmp_path / "noisy", "cpu", torch.float32, 3).read_text()
+    timed = sum(p.candidate not in (BASE, LIMIT) for p in points)
+    assert f"**Warning: 2 of {timed} measured points are unsettled in this run**" in text
+    assert "| 64 | fastpeft QLoRA | 39.000 | 39.00 | 25.00-89.00 | 21.67 (21.02-22.32) | ⚠ rounds 3.6x apart" in text
+    assert "⚠ faster than peft LoRA in some rounds, not in others (0.90-1.10) |" in text
+    assert "⚠ Unsettled here: fastpeft QLoRA at M = 64." in text
+    assert "⚠ Unsettled here: fastpeft LoRA at dropout = 0.1." in text
+    assert text.count("| ⚠ ") == 2
+    text = report.write_report(synthetic(TOKENS), peaks, sweeps, tmp_path / "tight", "cpu", torch.float32,
+                               3).read_text()
+    assert "**Warning" not in text and "| ⚠ " not in text and "Unsettled here" not in text
+    assert "**Unsettled**" in text  # the definition is on every page
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The page's versions: absent told from broken
 # ----------------------------------------------------------------------------------------------------------
 
@@ -174,6 +326,9 @@ def test_a_broken_install_is_not_called_absent(tmp_path, monkeypatch):
         assert report._version_of("pytest") == pytest.__version__
         versions = report._versions()
         assert versions["peft"].startswith("broken: ImportError: cannot import name 'no_such_name'")
+        text = report.write_report(synthetic(TOKENS), report.Peaks(1.0, 10.0), (TOKENS,), tmp_path / "out", "cpu",
+                                   torch.float32, 3).read_text()
+        assert "peft broken: ImportError: cannot import name 'no_such_name'" in text
     finally:
         sys.modules.pop("fp_unversioned", None)
 
