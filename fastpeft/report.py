@@ -514,7 +514,10 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
     else:
         ax.set_xticks(range(len(values)), [str(v) for v in values])
     ax.set_xlabel(sweep.axis)
-    ax.set_title("peak memory vs tokens M" if memory else sweep.title, fontsize=10)
+    timed = sum(1 for p in mine if p.candidate not in (BASE, LIMIT))
+    ax.set_title(("peak memory vs tokens M" if memory else sweep.title)
+                 + (f"\n! {len(flagged)} of {timed} timed points unsettled (ringed): not results" if flagged else ""),
+                 fontsize=10)
     ax.grid(True, alpha=0.3)
 
     handles = []

@@ -263,9 +263,11 @@ def test_the_unsettled_mark_sits_on_the_unsettled_points_only():
     ax = report.figure(points, TOKENS).axes[0]
     assert unsettled_marks(ax) == {(64.0, 39.0), (2048.0, 1.15)}
     assert any(h.get_label().startswith("! unsettled: 2") for h in ax.get_legend().legend_handles)
+    assert ax.get_title().endswith("\n! 2 of 24 timed points unsettled (ringed): not results")
     ax = report.figure(synthetic(TOKENS), TOKENS).axes[0]
     assert unsettled_marks(ax) == set()
     assert not any("unsettled" in h.get_label() for h in ax.get_legend().legend_handles)
+    assert ax.get_title() == TOKENS.title
     ax = report.figure(synthetic(DROPOUT, noisy={("fastpeft DoRA", 0.1)}), DROPOUT).axes[0]
     (x, y), = unsettled_marks(ax)
     dora = next(line for line in ax.get_lines() if line.get_gid() == "fastpeft DoRA")
