@@ -102,8 +102,12 @@ def bench(args) -> int:
         shapes = benchmark.GPU_SHAPES if device.type == "cuda" else benchmark.CPU_SHAPES
     dropouts = args.dropout if args.dropout is not None else [0.0, 0.1]
     rounds = args.rounds or ((5 if args.quick else 10) if device.type == "cuda" else (15 if args.quick else 30))
-    if not benchmark.peft_available():
-        print("note: peft is not installed, so HF PEFT is not compared (pip install 'fastpeft[bench]')")
+    missing = [("HF PEFT", benchmark.import_problem("peft"))]
+    if args.only in (None, "qlora"):
+        missing.append(("PEFT over bitsandbytes' 4-bit layers", benchmark.import_problem("bitsandbytes")))
+    for what, problem in missing:
+        if problem is not None:
+            print(f"note: {what} is not compared: {problem}")
     description = benchmark.device_description(device)
     print(f"fastpeft bench on {description}, {args.dtype or dtype}, {rounds} rounds")
     sections = []
@@ -119,9 +123,6 @@ def bench(args) -> int:
         sections.append(("DoRA", benchmark.format_table(results, reference=benchmark.DORA_REFERENCE) + "\n\n"
                          + benchmark.format_saved_table(saved)))
     if args.only in (None, "qlora"):
-        if not benchmark.bnb_available():
-            print("note: bitsandbytes is not installed, so PEFT over its 4-bit layers is not compared "
-                  "(pip install 'fastpeft[bench]')")
         results, sizes = benchmark.run_nf4(shapes[:1] if args.quick else shapes, dtype, device, dropouts, rounds)
         sections.append(("QLoRA (LoRA over an NF4 base)", benchmark.format_table(
             results, reference=benchmark.NF4_REFERENCE) + "\n\n" + benchmark.format_weight_bytes(sizes)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import math
 import os
 import statistics
@@ -68,12 +69,26 @@ ADAPTER_GPU_SHAPES = [AdapterShape(8192, 4096, 64), AdapterShape(8192, 4096, 256
 MODES = ("fwd", "fwd+bwd")
 
 
-def peft_available() -> bool:
+def import_problem(module: str) -> str | None:
+    """Why ``module`` cannot be imported here, or None when it can: "not installed" only when the module itself is
+    absent; otherwise the error its import raised (a broken install, or a dependency missing or shadowed)."""
     try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 (a package failing at import time in any way is one we cannot compare)
+        if isinstance(err, ModuleNotFoundError) and err.name == module:
+            return f"{module} is not installed (pip install 'fastpeft[bench]')"
+        return f"`import {module}` failed: {type(err).__name__}: {err}"
+    return None
+
+
+def peft_available() -> bool:
+    """Whether HF PEFT imports here (:func:`import_problem` says why not)."""
+    return import_problem("peft") is None
+
+
+def bnb_available() -> bool:
+    """Whether bitsandbytes imports here (:func:`import_problem` says why not)."""
+    return import_problem("bitsandbytes") is None
 
 
 def _timeable(backend: str, tensor: torch.Tensor) -> bool:
@@ -398,14 +413,6 @@ def format_saved_table(saved: list[SavedResult], reference: str = DORA_REFERENCE
 # QLoRA: LoRA over a 4-bit (NF4) base, beside PEFT over bitsandbytes' Linear4bit, LoRA over the dense base and the
 # dense base alone, all from one weight and one adapter.
 NF4_REFERENCE = "peft+bnb QLoRA"
-
-
-def bnb_available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def make_nf4_candidates(shape: Shape, dtype, device, dropout: float, seed: int = 0) -> dict[str, nn.Module]:

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+from fastpeft import benchmark
 from fastpeft.__main__ import main
 
 
@@ -42,7 +43,6 @@ def test_bench_command_keeps_stderr_clean(tmp_path):
 
 
 def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
-    from fastpeft import benchmark
     results = benchmark.run_overhead(rounds=2, tokens=(1, 4), log=lambda *_: None)
     cases = {(r.shape, r.mode) for r in results}
     assert cases == {(benchmark.OVERHEAD_SHAPE, mode) for mode in benchmark.OVERHEAD_MODES} | {
@@ -64,7 +64,6 @@ def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
 
 
 def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
-    from fastpeft import benchmark
     shape = benchmark.Shape(96, 40, 48, 4)
     results, saved = benchmark.run_dora([shape], dropouts=(0.0, 0.1), rounds=3, log=lambda *_: None)
     candidates = {"nn.Linear", "fastpeft LoRA[torch]", "fastpeft DoRA[torch]"}
@@ -96,7 +95,6 @@ def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
 
 
 def test_the_qlora_table_holds_every_candidate_and_ratios_of_their_medians():
-    from fastpeft import benchmark
     shape = benchmark.Shape(96, 64, 48, 4)
     results, sizes = benchmark.run_nf4([shape], dropouts=(0.0,), rounds=3, log=lambda *_: None)
     candidates = {"nn.Linear", "fastpeft LoRA[torch]", "fastpeft QLoRA[torch]"}
@@ -123,7 +121,6 @@ def test_the_qlora_table_holds_every_candidate_and_ratios_of_their_medians():
 
 
 def test_the_mixed_batch_table_holds_every_candidate_and_ratios_of_their_medians():
-    from fastpeft import benchmark
     results = benchmark.run_mixed((1, 4), K=64, N=48, r=4, rounds=2, log=lambda *_: None)
     serving = {"nn.Linear", "fastpeft mixed"} | ({benchmark.MIXED_REFERENCE} if benchmark.peft_available() else set())
     for n in (1, 4):
@@ -142,3 +139,43 @@ def test_the_mixed_batch_table_holds_every_candidate_and_ratios_of_their_medians
         else:
             ref = training["fastpeft 4 adapters one after the other"]
             assert cells[5] == f"{r.ms / ref.ms:.2f}"
+
+
+def unimportable(monkeypatch, tmp_path, name: str, source: str) -> None:
+    """Make ``import name`` run ``source`` as the package's code (a broken install or a shadowed dependency),
+    for this test only."""
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text(source)
+    for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_import_problem_tells_a_missing_package_from_one_whose_import_fails(monkeypatch, tmp_path):
+    assert benchmark.import_problem("json") is None
+    assert benchmark.import_problem("fastpeft_absent_package") == (
+        "fastpeft_absent_package is not installed (pip install 'fastpeft[bench]')")
+    monkeypatch.setitem(sys.modules, "fastpeft_blocked_package", None)  # how Python marks a module as unimportable
+    assert "fastpeft_blocked_package is not installed" in benchmark.import_problem("fastpeft_blocked_package")
+    # A missing dependency is no missing package: its ModuleNotFoundError names the dependency.
+    unimportable(monkeypatch, tmp_path, "fastpeft_broken_a", "import fastpeft_missing_dependency\n")
+    assert benchmark.import_problem("fastpeft_broken_a") == (
+        "`import fastpeft_broken_a` failed: ModuleNotFoundError: No module named 'fastpeft_missing_dependency'")
+    unimportable(monkeypatch, tmp_path, "fastpeft_broken_b", "raise RuntimeError('wrong CUDA runtime')\n")
+    assert benchmark.import_problem("fastpeft_broken_b") == (
+        "`import fastpeft_broken_b` failed: RuntimeError: wrong CUDA runtime")
+
+
+def test_bench_says_why_peft_and_bitsandbytes_are_not_compared(capsys, monkeypatch, tmp_path):
+    unimportable(monkeypatch, tmp_path, "peft", "raise ImportError(\"cannot import name 'X' from 'Y'\")\n")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert not benchmark.peft_available() and not benchmark.bnb_available()
+    assert main(["bench", "--shape", "32,64,16,2", "--rounds", "1", "--dropout", "0", "--only", "qlora"]) == 0
+    printed = capsys.readouterr().out
+    notes = [line for line in printed.splitlines() if line.startswith("note:")]
+    assert notes == ["note: HF PEFT is not compared: `import peft` failed: ImportError: cannot import name 'X' from "
+                     "'Y'",
+                     "note: PEFT over bitsandbytes' 4-bit layers is not compared: bitsandbytes is not installed "
+                     "(pip install 'fastpeft[bench]')"]
+    assert "| fastpeft QLoRA[torch] |" in printed
+    assert "peft+bnb QLoRA |" not in printed and "bnb Linear4bit |" not in printed
