@@ -87,66 +87,82 @@ def _device_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
 
 
+# What ``bench`` measures, in the order it runs them: the names --only takes, and each one's title.
+BENCH_SECTIONS = {"lora": "LoRA linear", "overhead": "Host overhead and the token sweep", "dora": "DoRA",
+                  "qlora": "QLoRA (LoRA over an NF4 base)", "mixed": "Mixed-adapter batches",
+                  "adapters": "Bottleneck adapter"}
+
+
 def bench(args) -> int:
     from . import benchmark
 
     device = _device(args)
     if device is None:
         return 2
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     if args.shape:
         shapes = args.shape
     elif args.quick:
         shapes = benchmark.QUICK_SHAPES
     else:
-        shapes = benchmark.GPU_SHAPES if device.type == "cuda" else benchmark.CPU_SHAPES
+        shapes = benchmark.GPU_SHAPES if cuda else benchmark.CPU_SHAPES
     dropouts = args.dropout if args.dropout is not None else [0.0, 0.1]
-    rounds = args.rounds or ((5 if args.quick else 10) if device.type == "cuda" else (15 if args.quick else 30))
+    rounds = args.rounds or ((5 if args.quick else 10) if cuda else (15 if args.quick else 30))
+    chosen = [name for name in BENCH_SECTIONS if args.only in (None, name)]
     missing = [("HF PEFT", benchmark.import_problem("peft"))]
-    if args.only in (None, "qlora"):
+    if "qlora" in chosen:
         missing.append(("PEFT over bitsandbytes' 4-bit layers", benchmark.import_problem("bitsandbytes")))
     for what, problem in missing:
         if problem is not None:
             print(f"note: {what} is not compared: {problem}")
     description = benchmark.device_description(device)
-    print(f"fastpeft bench on {description}, {args.dtype or dtype}, {rounds} rounds")
-    sections = []
-    if args.only in (None, "lora"):
-        results = benchmark.run(shapes, dtype, device, dropouts, rounds)
-        sections.append(("LoRA linear", benchmark.format_table(results)))
-    if args.only in (None, "overhead"):
+    print(f"fastpeft bench on {description}, {args.dtype or dtype}, {rounds} rounds", flush=True)
+
+    def lora(progress):
+        return benchmark.format_table(benchmark.run(shapes, dtype, device, dropouts, rounds, progress=progress))
+
+    def overhead(progress):
         tokens = benchmark.SWEEP_TOKENS[:3] if args.quick else benchmark.SWEEP_TOKENS
-        results = benchmark.run_overhead(dtype, device, rounds, tokens)
-        sections.append(("Host overhead and the token sweep", benchmark.format_overhead_table(results)))
-    if args.only in (None, "dora"):
-        results, saved = benchmark.run_dora(shapes, dtype, device, dropouts, rounds)
-        sections.append(("DoRA", benchmark.format_table(results, reference=benchmark.DORA_REFERENCE) + "\n\n"
-                         + benchmark.format_saved_table(saved)))
-    if args.only in (None, "qlora"):
-        results, sizes = benchmark.run_nf4(shapes[:1] if args.quick else shapes, dtype, device, dropouts, rounds)
-        sections.append(("QLoRA (LoRA over an NF4 base)", benchmark.format_table(
-            results, reference=benchmark.NF4_REFERENCE) + "\n\n" + benchmark.format_weight_bytes(sizes)))
-    if args.only in (None, "mixed"):
-        if device.type == "cuda":  # the GPU target is at 64 adapters
+        return benchmark.format_overhead_table(benchmark.run_overhead(dtype, device, rounds, tokens, progress))
+
+    def dora(progress):
+        results, saved = benchmark.run_dora(shapes, dtype, device, dropouts, rounds, progress)
+        return (benchmark.format_table(results, reference=benchmark.DORA_REFERENCE) + "\n\n"
+                + benchmark.format_saved_table(saved))
+
+    def qlora(progress):
+        results, sizes = benchmark.run_nf4(shapes[:1] if args.quick else shapes, dtype, device, dropouts, rounds,
+                                           progress)
+        return (benchmark.format_table(results, reference=benchmark.NF4_REFERENCE) + "\n\n"
+                + benchmark.format_weight_bytes(sizes))
+
+    def mixed(progress):
+        if cuda:  # the GPU target is at 64 adapters
             counts = (64,) if args.quick else (1, 16, 64)
         else:
             counts = (16,) if args.quick else benchmark.MIXED_ADAPTER_COUNTS
         # a GPU: the issue's training shape, 64 sequences of 128 tokens (M=8192) at K=N=4096
-        width, sequences = (4096, 64) if device.type == "cuda" else (1024, benchmark.MIXED_SEQUENCES)
+        width, sequences = (4096, 64) if cuda else (1024, benchmark.MIXED_SEQUENCES)
         results = benchmark.run_mixed(counts, width, width, dtype=dtype, device=device, rounds=rounds,
-                                      sequences=sequences)
-        sections.append(("Mixed-adapter batches", benchmark.format_mixed_table(results, sequences)))
-    if args.only in (None, "adapters"):
-        if device.type == "cuda":
+                                      progress=progress, sequences=sequences)
+        return benchmark.format_mixed_table(results, sequences)
+
+    def adapters(progress):
+        if cuda:
             adapter_shapes = benchmark.ADAPTER_GPU_SHAPES[:1] if args.quick else benchmark.ADAPTER_GPU_SHAPES
         else:
             adapter_shapes = benchmark.ADAPTER_QUICK_SHAPES if args.quick else benchmark.ADAPTER_SHAPES
-        results = benchmark.run_adapters(adapter_shapes, dtype, device, rounds)
-        sections.append(("Bottleneck adapter", benchmark.format_table(
-            results, reference="unfused (AdapterHub way)", base_name="unfused (AdapterHub way)")))
+        return benchmark.format_table(benchmark.run_adapters(adapter_shapes, dtype, device, rounds, progress),
+                                      reference="unfused (AdapterHub way)", base_name="unfused (AdapterHub way)")
+
+    measure = {"lora": lora, "overhead": overhead, "dora": dora, "qlora": qlora, "mixed": mixed,
+               "adapters": adapters}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    for title, table in sections:
-        print(f"\n{title}\n\n{table}")
+    for i, name in enumerate(chosen, 1):
+        title = BENCH_SECTIONS[name]
+        table = measure[name](benchmark.progress_bar(f"[{i}/{len(chosen)}] {title}"))
+        print(f"\n{title}\n\n{table}", flush=True)
         if args.markdown:
             with open(args.markdown, "a") as f:
                 f.write(f"\n## {title}, {dtype}, {description}\n\n{stamp}; fastpeft {__version__}, "
@@ -199,8 +215,7 @@ def main(argv=None) -> int:
     b.add_argument("--dropout", type=float, action="append", help="repeatable; default 0 and 0.1")
     b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken)")
     b.add_argument("--markdown", metavar="PATH", help="append the tables to this markdown file")
-    b.add_argument("--only", choices=["lora", "overhead", "dora", "qlora", "mixed", "adapters"],
-                   help="run one of the benchmarks")
+    b.add_argument("--only", choices=list(BENCH_SECTIONS), help="run one of the benchmarks")
     rp = sub.add_parser("report", help="scaling sweeps (tokens, rank, width, dropout, adapters per batch) of every "
                                        "LoRA-family layer against the frozen base, HF PEFT's equivalent and a "
                                        "roofline estimate: PNG plots (with matplotlib) and a one-page markdown report")

@@ -91,6 +91,37 @@ def bnb_available() -> bool:
     return import_problem("bitsandbytes") is None
 
 
+def progress_bar(title: str):
+    """A ``progress`` (see :func:`_ticker`) shown on stderr under ``title``: tqdm's bar when tqdm is installed, else
+    a line at the start and one a case."""
+    def start(total: int):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(f"{title}: {total} cases", file=sys.stderr, flush=True)
+            done = 0
+
+            def line():
+                nonlocal done
+                done += 1
+                print(f"{title}: {done}/{total} cases done", file=sys.stderr, flush=True)
+            return line
+        bar = tqdm(total=total, desc=title, unit="case", file=sys.stderr)
+
+        def update():
+            bar.update()
+            if bar.n == total:
+                bar.close()
+        return update
+    return start
+
+
+def _ticker(progress, total: int):
+    """What to call as each of ``total`` cases is measured. A ``progress``, the argument of the ``run_*`` functions,
+    is called once with the number of cases and returns that callable; None shows nothing."""
+    return progress(total) if progress is not None else (lambda: None)
+
+
 def _timeable(backend: str, tensor: torch.Tensor) -> bool:
     """Whether to time ``backend`` here: it can run, and not through Triton's CPU interpreter (a test tool)."""
     return tensor.device.type == "cuda" and not not_supported_reasons(backend, [tensor])
@@ -159,15 +190,16 @@ def make_adapter_candidates(shape: AdapterShape, dtype, device, activation="relu
     return layers
 
 
-def run_adapters(shapes, dtype=torch.float32, device="cpu", rounds: int = 15, log=print) -> list[Result]:
+def run_adapters(shapes, dtype=torch.float32, device="cpu", rounds: int = 15, progress=None) -> list[Result]:
     """Adapters, side by side like :func:`run`: forward and forward+backward (weights and h trained)."""
     results = []
+    tick = _ticker(progress, len(shapes) * len(MODES))
     for shape in shapes:
         layers = make_adapter_candidates(shape, dtype, device)
         torch.manual_seed(1)
         h = torch.randn(shape.M, shape.d, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(shape.M, shape.d, device=device, dtype=dtype)
-        results += _measure(layers, h, dy, shape, 0.0, device, rounds, log)
+        results += _measure(layers, h, dy, shape, 0.0, device, rounds, tick)
     return results
 
 
@@ -275,18 +307,18 @@ class Result:
         return self.shape.flops(self.mode, self.candidate) / (self.ms * 1e-3) / 1e12
 
 
-def _measure(layers: dict, x, dy, shape, dropout: float, device, rounds: int, log) -> list[Result]:
-    """Every candidate layer in every mode on one input: interleaved medians, then each one's peak memory."""
+def _measure(layers: dict, x, dy, shape, dropout: float, device, rounds: int, tick) -> list[Result]:
+    """Every candidate layer in every mode on one input: interleaved medians, then each one's peak memory;
+    ``tick()`` after each mode."""
     results = []
     for mode in MODES:
         steps = {name: make_step(layer, x, dy, mode) for name, layer in layers.items()}
         times = interleaved_times(steps, device, rounds)
         for name, step in steps.items():
             _clear_grads(layers[name], x)
-            result = Result(shape, dropout, name, mode, statistics.median(times[name]), peak_memory_mb(step, device))
-            results.append(result)
-            log(f"  {shape}  {_dropout_label(result):12s} {mode:8s} {name:26s} {result.ms:9.3f} ms  "
-                f"{result.peak_mb:9.1f} MiB")
+            results.append(Result(shape, dropout, name, mode, statistics.median(times[name]),
+                                  peak_memory_mb(step, device)))
+        tick()
     return results
 
 
@@ -294,33 +326,28 @@ def _measure(layers: dict, x, dy, shape, dropout: float, device, rounds: int, lo
 NO_DROPOUT = ("nn.Linear", "bnb Linear4bit")
 
 
-def _dropout_label(result: Result) -> str:
-    if isinstance(result.shape, AdapterShape):
-        return ""
-    return "no dropout" if result.candidate in NO_DROPOUT else f"dropout={result.dropout:g}"
-
-
-def _cases(shapes, dropouts, make, dtype, device):
-    """(shape, dropout, layers, x, dy) for every shape and dropout: ``make``'s candidates, one input and one output
-    gradient shared by all of them."""
+def _cases(shapes, dropouts, make, dtype, device, progress):
+    """(shape, dropout, layers, x, dy, tick) for every shape and dropout: ``make``'s candidates, one input and one
+    output gradient shared by all of them, and the tick of ``progress`` for each of the modes measured on them."""
+    tick = _ticker(progress, len(shapes) * len(dropouts) * len(MODES))
     for shape in shapes:
         for dropout in dropouts:
             layers = make(shape, dtype, device, dropout)
             torch.manual_seed(1)
             x = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
             dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
-            yield shape, dropout, layers, x, dy
+            yield shape, dropout, layers, x, dy, tick
 
 
 def run(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int = 15, candidates=None,
-        log=print) -> list[Result]:
+        progress=None) -> list[Result]:
     """Measure every LoRA candidate on every shape, dropout and mode, side by side (:func:`interleaved_times`);
     each reported time is the median over the rounds."""
     results = []
-    for shape, dropout, layers, x, dy in _cases(shapes, dropouts, make_candidates, dtype, device):
+    for shape, dropout, layers, x, dy, tick in _cases(shapes, dropouts, make_candidates, dtype, device, progress):
         if candidates is not None:
             layers = {k: v for k, v in layers.items() if k in candidates}
-        results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
+        results += _measure(layers, x, dy, shape, dropout, device, rounds, tick)
     return results
 
 
@@ -385,12 +412,13 @@ class SavedResult:
 
 
 def run_dora(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0, 0.1), rounds: int = 15,
-             log=print) -> tuple[list[Result], list[SavedResult]]:
+             progress=None) -> tuple[list[Result], list[SavedResult]]:
     """DoRA side by side (:func:`interleaved_times`): every candidate of :func:`make_dora_candidates` in both modes,
     and what each keeps for backward."""
     results, saved = [], []
-    for shape, dropout, layers, x, dy in _cases(shapes, dropouts, make_dora_candidates, dtype, device):
-        results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
+    for shape, dropout, layers, x, dy, tick in _cases(shapes, dropouts, make_dora_candidates, dtype, device,
+                                                      progress):
+        results += _measure(layers, x, dy, shape, dropout, device, rounds, tick)
         for name, layer in layers.items():
             saved.append(SavedResult(shape, dropout, name, saved_mb(layer, x)))
             _clear_grads(layer, x)
@@ -405,9 +433,11 @@ def format_saved_table(saved: list[SavedResult], reference: str = DORA_REFERENCE
         dropout = "-" if r.candidate in NO_DROPOUT else f"{r.dropout:g}"
         lines.append(f"| {r.shape} | {dropout} | {r.candidate} | {r.saved_mb:.1f} | "
                      f"{_ratio(r.saved_mb, ref.saved_mb) if ref else '-'} |")
-    return "\n".join(lines) + ("\n\nsaved MiB: the distinct tensors autograd keeps for backward after one forward "
-                               "(the frozen weight included where a layer keeps it), counted with "
-                               "torch.autograd.graph.saved_tensors_hooks.")
+    return "\n".join(lines) + (
+        "\n\nLower is better. saved MiB: the distinct tensors autograd keeps for backward after one forward (the "
+        "frozen weight included where a layer keeps it), counted with torch.autograd.graph.saved_tensors_hooks; "
+        f"saved / {reference}: relative to HF PEFT's DoRA Linear on the same shape and dropout; dropout: as in the "
+        "table above.")
 
 
 # QLoRA: LoRA over a 4-bit (NF4) base, beside PEFT over bitsandbytes' Linear4bit, LoRA over the dense base and the
@@ -454,12 +484,12 @@ class WeightBytes:
 
 
 def run_nf4(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0,), rounds: int = 15,
-            log=print) -> tuple[list[Result], list[WeightBytes]]:
+            progress=None) -> tuple[list[Result], list[WeightBytes]]:
     """QLoRA side by side (:func:`interleaved_times`): every candidate of :func:`make_nf4_candidates` in both modes;
     and the base weight's bytes, dense against NF4 (first shape)."""
     results, sizes = [], []
-    for shape, dropout, layers, x, dy in _cases(shapes, dropouts, make_nf4_candidates, dtype, device):
-        results += _measure(layers, x, dy, shape, dropout, device, rounds, log)
+    for shape, dropout, layers, x, dy, tick in _cases(shapes, dropouts, make_nf4_candidates, dtype, device, progress):
+        results += _measure(layers, x, dy, shape, dropout, device, rounds, tick)
         if not sizes:
             dense = layers["nn.Linear"].weight
             nf4 = layers["fastpeft QLoRA[torch]"].base_layer.weight
@@ -473,7 +503,8 @@ def format_weight_bytes(sizes: list[WeightBytes]) -> str:
     bf16 = next(s.mib for s in sizes if s.candidate == "bf16")
     lines = ["| base weight | MiB | / bf16 |", "|---|---|---|"]
     lines += [f"| {s.candidate} | {s.mib:.3f} | {_ratio(s.mib, bf16)} |" for s in sizes]
-    return "\n".join(lines)
+    return "\n".join(lines) + ("\n\nLower is better. MiB: bytes of the frozen base weight (NF4: its 4-bit codes with "
+                               "their absmaxes, code book and scales); / bf16: relative to the same weight in bf16.")
 
 
 # Mixed-adapter batches: SEQUENCES sequences of TOKENS tokens, each sequence taking one of n adapters.
@@ -514,11 +545,12 @@ def _mixed_layers(K, N, r, n, dtype, device):
 
 
 def run_mixed(counts=MIXED_ADAPTER_COUNTS, K=1024, N=1024, r=16, dtype=torch.float32, device="cpu", rounds=15,
-              log=print, sequences=MIXED_SEQUENCES, tokens=MIXED_TOKENS) -> list[MixedResult]:
+              progress=None, sequences=MIXED_SEQUENCES, tokens=MIXED_TOKENS) -> list[MixedResult]:
     """Mixed batches side by side: forward (no grad) of nn.Linear, fastpeft's and PEFT's mixed batch at each number
     of adapters (sequence i takes adapter i mod n); then training 4 adapters: one forward+backward over the mixed
     batch against 4 steps, one per adapter on its own sequences."""
     results = []
+    tick = _ticker(progress, len(counts) + 1)
     x = torch.randn(sequences, tokens, K, device=device, dtype=dtype)
     for n in counts:
         layers = _mixed_layers(K, N, r, n, dtype, device)
@@ -534,7 +566,7 @@ def run_mixed(counts=MIXED_ADAPTER_COUNTS, K=1024, N=1024, r=16, dtype=torch.flo
         times = interleaved_times({name: serve(name, layer) for name, layer in layers.items()}, device, rounds)
         for name, t in times.items():
             results.append(MixedResult(n, "fwd, no grad", name, statistics.median(t)))
-            log(f"  {n:3d} adapters  fwd, no grad  {name:22s} {results[-1].ms:9.3f} ms")
+        tick()
     layer = _mixed_layers(K, N, r, 4, dtype, device)["fastpeft mixed"].train()
     names = [f"a{i % 4}" for i in range(sequences)]
     xg = x.detach().requires_grad_(True)
@@ -554,7 +586,7 @@ def run_mixed(counts=MIXED_ADAPTER_COUNTS, K=1024, N=1024, r=16, dtype=torch.flo
                                "fastpeft 4 adapters one after the other": separately}, device, rounds)
     for name, t in times.items():
         results.append(MixedResult(4, "fwd+bwd", name, statistics.median(t)))
-        log(f"    4 adapters  fwd+bwd       {name:40s} {results[-1].ms:9.3f} ms")
+    tick()
     return results
 
 
@@ -570,9 +602,10 @@ def format_mixed_table(results: list[MixedResult], sequences=MIXED_SEQUENCES, to
         lines.append(f"| {r.adapters} | {r.mode} | {r.candidate} | {r.ms:.3f} | "
                      f"{_ratio(r.ms, base.ms) if base else '-'} | {_ratio(r.ms, ref.ms) if ref else '-'} |")
     return "\n".join(lines) + (
-        f"\n\nLower is better. {sequences} sequences of {tokens} tokens, sequence i taking adapter i mod "
-        "n; fwd, no grad: serving (forward under torch.no_grad()); time / base: relative to the frozen nn.Linear; "
-        "time / peft mixed: relative to HF PEFT's adapter_names forward. fwd+bwd: training 4 adapters, one "
+        f"\n\nLower is better. adapters: n, the adapters in one batch of {sequences} sequences of {tokens} tokens, "
+        "sequence i taking adapter i mod n; median ms: median time of one call over rounds that interleave the "
+        "candidates; fwd, no grad: serving (forward under torch.no_grad()); time / base: relative to the frozen "
+        "nn.Linear; time / peft mixed: relative to HF PEFT's adapter_names forward. fwd+bwd: training 4 adapters, one "
         "forward+backward over the mixed batch against 4 steps each on its own sequences (the last column is relative "
         "to the 4 steps).")
 
@@ -678,12 +711,13 @@ def _per_call_us(steps: dict, device, rounds: int, calls: int) -> dict[str, floa
 
 
 def run_overhead(dtype=torch.float32, device="cpu", rounds: int = 15, tokens=SWEEP_TOKENS,
-                 log=print) -> list[OverheadResult]:
+                 progress=None) -> list[OverheadResult]:
     """Per-call time of nn.Linear, fastpeft's LoraLinear (each usable backend) and HF PEFT's LoRA Linear: the tiny
     layer in every mode, then forward+backward over ``tokens`` at K=N=1024, r=16."""
     cases = [(OVERHEAD_SHAPE, mode) for mode in OVERHEAD_MODES]
     cases += [(Shape(m, 1024, 1024, 16), "fwd+bwd") for m in tokens]
     results = []
+    tick = _ticker(progress, len(cases))
     for shape, mode in cases:
         layers = make_candidates(shape, dtype, device, 0.0)
         torch.manual_seed(1)
@@ -692,7 +726,7 @@ def run_overhead(dtype=torch.float32, device="cpu", rounds: int = 15, tokens=SWE
         steps = {name: _overhead_step(layer, x, mode) for name, layer in layers.items()}
         for name, us in _per_call_us(steps, device, rounds, calls).items():
             results.append(OverheadResult(shape, mode, name, us))
-            log(f"  {shape}  {mode:12s} {name:16s} {us:10.1f} us")
+        tick()
     return results
 
 

@@ -1,16 +1,31 @@
-"""The main job's command line runs end to end (tiny shapes) and prints its ratio tables, cleanly."""
+"""The main job's command line runs end to end (tiny shapes) and prints its ratio tables once, each with its legend,
+with progress on stderr, and says why a comparison is missing."""
 import subprocess
 import sys
 
 from fastpeft import benchmark
-from fastpeft.__main__ import main
+from fastpeft.__main__ import BENCH_SECTIONS, main
+
+
+def counting_progress():
+    """A ``progress`` for the ``run_*`` functions that records the total it is started on and the ticks it gets."""
+    seen = {"total": None, "ticks": 0}
+
+    def start(total):
+        seen["total"] = total
+
+        def tick():
+            seen["ticks"] += 1
+        return tick
+    return seen, start
 
 
 def test_bench_command_prints_every_table(capsys, tmp_path):
     out_file = tmp_path / "results.md"
     assert main(["bench", "--shape", "64,40,48,4", "--rounds", "2", "--dropout", "0.1", "--quick",
                  "--markdown", str(out_file)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| M=64 K=40 N=48 r=4 | 0.1 | fwd+bwd | fastpeft[torch] |" in printed
     assert "| M=64 K=40 N=48 r=4 | 0.1 | fwd | peft |" in printed
     # The base layer has no dropout: its rows say so instead of repeating the LoRA setting.
@@ -25,7 +40,22 @@ def test_bench_command_prints_every_table(capsys, tmp_path):
     assert "| 4 | fwd+bwd | fastpeft 4 adapters together |" in printed
     assert "| M=64 K=40 N=48 r=4 | 0.1 | fwd+bwd | fastpeft QLoRA[torch] |" in printed
     assert "| NF4, double-quantised absmax |" in printed
-    assert printed.count("Lower is better") == 6 and "time / base: time relative to nn.Linear" in printed
+    assert "time / base: time relative to nn.Linear" in printed
+    # Results are printed once, as tables: each title once, and no result outside a table row.
+    for title in BENCH_SECTIONS.values():
+        assert printed.count(f"\n{title}\n") == 1, title
+    results = [line for line in printed.splitlines()
+               if "M=64 K=40 N=48 r=4" in line or "fastpeft mixed" in line or "fastpeft 4 adapters" in line]
+    assert results and all(line.startswith("| ") for line in results), results
+    # Every table is followed by its legend.
+    blocks = printed.split("\n\n")
+    tables = [i for i, block in enumerate(blocks) if block.startswith("|")]
+    assert len(tables) == 8  # DoRA adds what each keeps for backward, QLoRA the base weight's bytes
+    for i in tables:
+        assert blocks[i + 1].startswith("Lower is better"), blocks[i]
+    # Progress goes to stderr, one bar (or line) per section, numbered.
+    for i, title in enumerate(BENCH_SECTIONS.values(), 1):
+        assert f"[{i}/{len(BENCH_SECTIONS)}] {title}" in captured.err
     written = out_file.read_text()
     assert "## LoRA linear" in written and "## Bottleneck adapter" in written and "Lower is better" in written
     assert "## DoRA" in written and "time / peft DoRA" in written
@@ -43,7 +73,8 @@ def test_bench_command_keeps_stderr_clean(tmp_path):
 
 
 def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
-    results = benchmark.run_overhead(rounds=2, tokens=(1, 4), log=lambda *_: None)
+    seen, progress = counting_progress()
+    results = benchmark.run_overhead(rounds=2, tokens=(1, 4), progress=progress)
     cases = {(r.shape, r.mode) for r in results}
     assert cases == {(benchmark.OVERHEAD_SHAPE, mode) for mode in benchmark.OVERHEAD_MODES} | {
         (benchmark.Shape(m, 1024, 1024, 16), "fwd+bwd") for m in (1, 4)}
@@ -51,6 +82,7 @@ def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
     for case in cases:
         assert {r.candidate for r in results if (r.shape, r.mode) == case} == candidates
     assert all(r.us > 0 for r in results)
+    assert seen == {"total": len(cases), "ticks": len(cases)}
     table = benchmark.format_overhead_table(results)
     for r in results:
         row = next(line for line in table.splitlines()
@@ -65,7 +97,9 @@ def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
 
 def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
     shape = benchmark.Shape(96, 40, 48, 4)
-    results, saved = benchmark.run_dora([shape], dropouts=(0.0, 0.1), rounds=3, log=lambda *_: None)
+    seen, progress = counting_progress()
+    results, saved = benchmark.run_dora([shape], dropouts=(0.0, 0.1), rounds=3, progress=progress)
+    assert seen == {"total": 2 * len(benchmark.MODES), "ticks": 2 * len(benchmark.MODES)}
     candidates = {"nn.Linear", "fastpeft LoRA[torch]", "fastpeft DoRA[torch]"}
     candidates |= {benchmark.DORA_REFERENCE} if benchmark.peft_available() else set()
     for dropout in (0.0, 0.1):
@@ -96,7 +130,7 @@ def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
 
 def test_the_qlora_table_holds_every_candidate_and_ratios_of_their_medians():
     shape = benchmark.Shape(96, 64, 48, 4)
-    results, sizes = benchmark.run_nf4([shape], dropouts=(0.0,), rounds=3, log=lambda *_: None)
+    results, sizes = benchmark.run_nf4([shape], dropouts=(0.0,), rounds=3)
     candidates = {"nn.Linear", "fastpeft LoRA[torch]", "fastpeft QLoRA[torch]"}
     if benchmark.peft_available() and benchmark.bnb_available():
         candidates |= {"bnb Linear4bit", benchmark.NF4_REFERENCE}
@@ -121,7 +155,9 @@ def test_the_qlora_table_holds_every_candidate_and_ratios_of_their_medians():
 
 
 def test_the_mixed_batch_table_holds_every_candidate_and_ratios_of_their_medians():
-    results = benchmark.run_mixed((1, 4), K=64, N=48, r=4, rounds=2, log=lambda *_: None)
+    seen, progress = counting_progress()
+    results = benchmark.run_mixed((1, 4), K=64, N=48, r=4, rounds=2, progress=progress)
+    assert seen == {"total": 3, "ticks": 3}  # serving at each count, then training
     serving = {"nn.Linear", "fastpeft mixed"} | ({benchmark.MIXED_REFERENCE} if benchmark.peft_available() else set())
     for n in (1, 4):
         assert {r.candidate for r in results if (r.adapters, r.mode) == (n, "fwd, no grad")} == serving
@@ -139,6 +175,15 @@ def test_the_mixed_batch_table_holds_every_candidate_and_ratios_of_their_medians
         else:
             ref = training["fastpeft 4 adapters one after the other"]
             assert cells[5] == f"{r.ms / ref.ms:.2f}"
+
+
+def test_without_tqdm_progress_is_plain_lines(capsys, monkeypatch):
+    benchmark.peft_available()  # its first import needs tqdm (through huggingface_hub)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert main(["bench", "--shape", "32,24,16,2", "--rounds", "1", "--dropout", "0", "--only", "lora"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert err == ["[1/1] LoRA linear: 2 cases", "[1/1] LoRA linear: 1/2 cases done",
+                   "[1/1] LoRA linear: 2/2 cases done"]
 
 
 def unimportable(monkeypatch, tmp_path, name: str, source: str) -> None:
