@@ -91,22 +91,22 @@ def bnb_available() -> bool:
     return import_problem("bitsandbytes") is None
 
 
-def progress_bar(title: str):
+def progress_bar(title: str, unit: str = "case"):
     """A ``progress`` (see :func:`_ticker`) shown on stderr under ``title``: tqdm's bar when tqdm is installed, else
-    a line at the start and one a case."""
+    a line at the start and one a ``unit`` done."""
     def start(total: int):
         try:
             from tqdm import tqdm
         except ImportError:
-            print(f"{title}: {total} cases", file=sys.stderr, flush=True)
+            print(f"{title}: {total} {unit}s", file=sys.stderr, flush=True)
             done = 0
 
             def line():
                 nonlocal done
                 done += 1
-                print(f"{title}: {done}/{total} cases done", file=sys.stderr, flush=True)
+                print(f"{title}: {done}/{total} {unit}s done", file=sys.stderr, flush=True)
             return line
-        bar = tqdm(total=total, desc=title, unit="case", file=sys.stderr)
+        bar = tqdm(total=total, desc=title, unit=unit, file=sys.stderr)
 
         def update():
             bar.update()

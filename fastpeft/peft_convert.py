@@ -20,7 +20,9 @@ from .peft_io import peft_lora_config
 def _require_peft():
     try:
         import peft
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if err.name != "peft":  # peft is there but broken: its own error says what to fix
+            raise
         raise ImportError("converting to or from HF PEFT needs the peft package (pip install peft)") from None
     return peft
 

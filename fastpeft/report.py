@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,7 +253,7 @@ def run_report(sweeps=QUICK_SWEEPS, dtype=torch.float32, device="cpu", rounds: i
                                                                            if k in s.fixed and k != s.axis}})
                   for s in sweeps]
     total = sum(len(s.values) for s in sweeps)
-    tick = _progress(total) if progress is None else progress
+    tick = benchmark.progress_bar("sweeps", unit="point")(total) if progress is None else progress
     peaks = measure_peaks(device, dtype)
     points = []
     for sweep in sweeps:
@@ -277,27 +276,6 @@ def _add_limits(points: list[Point], peaks: Peaks, element_size: int) -> None:
         at = next(i for i, p in enumerate(points) if (p.sweep, p.x) == (sweep, x)) + sum(
             1 for p in points if (p.sweep, p.x) == (sweep, x))
         points.insert(at, Point(sweep, x, LIMIT, bound, bound / base.ms, bound / base.ms, bound / base.ms))
-
-
-def _progress(total: int):
-    """A progress bar on stderr (tqdm's when installed)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        state = {"done": 0}
-
-        def tick():
-            state["done"] += 1
-            print(f"\r[{state['done']}/{total} sweep points]", end="\n" if state["done"] == total else "",
-                  file=sys.stderr, flush=True)
-        return tick
-    bar = tqdm(total=total, unit="point", desc="sweeps", file=sys.stderr)
-
-    def tick():
-        bar.update()
-        if bar.n == total:
-            bar.close()
-    return tick
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,7 +452,7 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
         ax.plot(xs, ys, zorder=3, gid=name, **look)
         ax.errorbar(xs, ys, yerr=[[p.ratio - p.low for p in rows], [p.high - p.ratio for p in rows]], fmt="none",
                     ecolor=look["color"], elinewidth=1.0, capsize=2.5, alpha=0.75, zorder=2)
-        flagged += [(x, y) for x, y, p in zip(xs, ys, rows) if unsettled(p)]
+        flagged += [(x, y) for x, y, p in zip(xs, ys, rows, strict=True) if unsettled(p)]
     if flagged:
         ax.scatter([x for x, _ in flagged], [y for _, y in flagged], s=260, facecolors="none", edgecolors="black",
                    linewidths=1.1, linestyles="--", zorder=4, gid="unsettled")

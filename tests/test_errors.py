@@ -155,3 +155,25 @@ def test_each_backends_reasons_come_once_per_call_and_once_each(monkeypatch):
     assert any("no dropout" in line for line in lines) and any("forward-only" in line for line in lines)
     fastpeft.lora_linear(**args, backend="auto")  # on CPU tensors auto never asks the cuda entry
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("body,error,match", [
+    (None, ImportError, "needs the peft package"),  # absent: say what to install
+    ("from transformers_missing_dependency import X\n", ModuleNotFoundError, "transformers_missing_dependency"),
+    ("raise ImportError(\"cannot import name 'CUDAProperties' from 'kernels'\")\n", ImportError, "CUDAProperties"),
+], ids=["absent", "dependency-missing", "broken"])
+def test_converting_says_why_peft_does_not_import(monkeypatch, tmp_path, body, error, match):
+    """"Install peft" only when peft itself is absent; a peft that is installed but fails to import raises its own
+    error, which says what to fix."""
+    if body is None:
+        monkeypatch.setitem(sys.modules, "peft", None)  # how Python marks a module as not importable
+    else:
+        (tmp_path / "peft").mkdir()
+        (tmp_path / "peft" / "__init__.py").write_text(body)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "peft", raising=False)
+    model = nn.Sequential(fastpeft.LoraLinear(nn.Linear(4, 4), r=2))
+    with pytest.raises(error, match=match):
+        fastpeft.to_peft(model)
+    with pytest.raises(error, match=match):
+        fastpeft.from_peft(model)

@@ -155,6 +155,7 @@ def test_fastpeft_kernels_still_import_as_fastpeft_kernels():
 def test_peft_transformers_and_bitsandbytes_import_from_the_source_root():
     """transformers >= 5.25 imports HF's ``kernels``; from the root it must get that package, not kernels/."""
     import importlib.util
+
     import pytest
     wanted = [m for m in ("kernels", "transformers", "peft", "bitsandbytes") if importlib.util.find_spec(m)]
     if "transformers" not in wanted:

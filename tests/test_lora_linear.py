@@ -3,8 +3,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import (DTYPE_NAMES, TOLERANCE, TRITON_DEVICE, backend_params, lora_linear_inputs, needs_triton,
-                      rel_err)
+from conftest import DTYPE_NAMES, TOLERANCE, TRITON_DEVICE, backend_params, lora_linear_inputs, needs_triton, rel_err
 
 import fastpeft
 from fastpeft.ops.lora_linear import lora_linear_reference
