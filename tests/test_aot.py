@@ -19,6 +19,7 @@ def report():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_every_config_compiles_for_both_archs(report):
     from fastpeft.kernels import adapter_bottleneck as adapter
     from fastpeft.kernels import lora_linear as lora
@@ -41,6 +42,7 @@ def test_every_config_compiles_for_both_archs(report):
                    for r in report)
 
 
+@pytest.mark.slow
 def test_gemm_uses_wgmma_on_hopper_and_mma_sync_on_ampere(report):
     gemm = [r for r in report if r["kernel"] in ("_lora_gemm_kernel", "_lora_gemm_tma_kernel", "_adapter_gemm_kernel")]
     assert gemm and all(r["wgmma"] for r in gemm if r["arch"] == 90)
@@ -50,6 +52,7 @@ def test_gemm_uses_wgmma_on_hopper_and_mma_sync_on_ampere(report):
     assert not any(r["tma"] for r in gemm if r["kernel"] != "_lora_gemm_tma_kernel")
 
 
+@pytest.mark.slow
 def test_shared_memory_fits_and_the_pruner_estimate_is_tight(report):
     """The pruner's estimate of every config (fp32 operands included, via the adapter's dh GEMM) is never below the
     compiled kernel's shared memory, so nothing it keeps fails to fit, and never more than 10% or 16 KiB above it,
@@ -88,6 +91,7 @@ def test_seeds_never_specialize_and_tuning_keys_on_size_classes():
     assert {"DROPOUT", "stride_ak", "stride_bk"} <= set(lora._gemm_tuned.keys)
 
 
+@pytest.mark.slow
 def test_no_kernel_spills(report):
     """ptxas -v on the PTX of every config of every kernel, both archs, in the launches that need the most registers
     (dropout, activation epilogues): no spills. Drawing one Philox number per element spilled 7-20 KB in 14 of the

@@ -12,8 +12,8 @@ from torch import nn
 
 import fastpeft
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="needs torch.distributed with gloo"), pytest.mark.slow]
 
 WORLD = 2
 STEPS = 3

@@ -17,6 +17,7 @@ def load(name):
     return module
 
 
+@pytest.mark.slow
 def test_finetune_tiny_llama_shortened(tmp_path):
     example = load("finetune_tiny_llama")
     result = example.main(["--steps", "40", "--quiet", "--out", str(tmp_path / "adapter")])

@@ -106,6 +106,7 @@ def _cuobjdump():
     return None
 
 
+@pytest.mark.slow
 def test_decode_kernels_load_16_bytes_and_never_spill():
     """The SASS of every decode kernel, sm_80 and sm_90a: the vector instances (VECTOR=true) stream W (an NF4 base's
     packed codes too) with 16-byte loads (LDG.E.128), and no instance uses local memory (a spill)."""

@@ -13,6 +13,7 @@ import pytest
 import fastpeft
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # builds an sdist and a wheel
 setuptools = pytest.importorskip("setuptools")
 if tuple(int(v) for v in setuptools.__version__.split(".")[:2]) < (77, 0):
     pytest.skip("building needs setuptools >= 77 (the license field)", allow_module_level=True)

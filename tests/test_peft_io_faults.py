@@ -13,7 +13,7 @@ from torch import nn
 
 import fastpeft
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"), pytest.mark.slow]
 
 LAYERS = 300  # enough that a save takes a while, so kills land in every phase of it
 TAGS = (3, 5)  # adapter "3": lora_alpha 3 and every weight 3.0; adapter "5" likewise

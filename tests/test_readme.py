@@ -21,17 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from markdown_it import MarkdownIt
 
 import fastpeft
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PYTHON_LANGUAGES = {"python", "py", "python3"}
 GPU_MARK = "gpu"
-
-# CommonMark fences: at most three spaces of indentation, then three or more backticks or tildes; a backtick fence's
-# info string cannot hold a backtick (that line is inline code, not a fence).
-OPEN_FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
-HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(?P<title>.*?)(?:[ \t]+#+)?[ \t]*$")
 
 
 @dataclass(frozen=True)
@@ -51,26 +47,14 @@ class CodeBlock:
 
 
 def code_blocks(text: str) -> list[CodeBlock]:
-    """The fenced code blocks of a Markdown text, in order; raises ValueError on a fence that is never closed."""
-    lines = text.splitlines()
-    blocks, section, i = [], "", 0
-    while i < len(lines):
-        opening = OPEN_FENCE.match(lines[i])
-        if opening and not (opening["fence"][0] == "`" and "`" in opening["info"]):
-            char, length, indent = opening["fence"][0], len(opening["fence"]), len(opening["indent"])
-            closing = re.compile(rf"^ {{0,3}}{re.escape(char)}{{{length},}}[ \t]*$")
-            start, body = i, []
-            i += 1
-            while i < len(lines) and not closing.match(lines[i]):
-                # Content lines lose up to the opening fence's indentation, as CommonMark renders them.
-                body.append(re.sub(rf"^ {{0,{indent}}}", "", lines[i]))
-                i += 1
-            if i == len(lines):
-                raise ValueError(f"line {start + 1}: code fence {opening['fence']!r} is never closed")
-            blocks.append(CodeBlock(section, start + 1, opening["info"].strip(), "\n".join(body) + "\n"))
-        elif heading := HEADING.match(lines[i]):
-            section = heading["title"]
-        i += 1
+    """The fenced code blocks of a Markdown text, in order, as a CommonMark renderer reads them."""
+    tokens = MarkdownIt("commonmark").parse(text)
+    blocks, section = [], ""
+    for token, following in zip(tokens, tokens[1:] + [None], strict=True):
+        if token.type == "heading_open":
+            section = following.content
+        elif token.type == "fence":
+            blocks.append(CodeBlock(section, token.map[0] + 1, token.info.strip(), token.content))
     return blocks
 
 
@@ -86,35 +70,10 @@ def block_id(index: int, block: CodeBlock) -> str:
 BLOCKS = python_blocks()
 
 
-def test_code_blocks_follows_commonmark_fences():
-    text = "\n".join([
-        "# Top",
-        "```python",
-        "a = 1",
-        "```",
-        "## Two words ##",
-        "~~~~ py gpu",
-        "```",  # the other fence character: content
-        "b = 2",
-        "~~~~~",
-        "``` not a fence: ``inline`` ```",
-        "  ```bash",
-        "  echo hi",
-        "    ```",  # indented four spaces: content, not a closing fence
-        "   ```",
-        "```",
-        "",
-        "```",
-    ])
-    blocks = code_blocks(text)
-    assert [(b.section, b.line, b.language, b.marks, b.code) for b in blocks] == [
-        ("Top", 2, "python", set(), "a = 1\n"),
-        ("Two words", 6, "py", {"gpu"}, "```\nb = 2\n"),
-        ("Two words", 11, "bash", set(), "echo hi\n  ```\n"),
-        ("Two words", 15, "", set(), "\n"),
-    ]
-    with pytest.raises(ValueError, match="line 18: code fence '```' is never closed"):
-        code_blocks(text + "\n```")
+def test_code_blocks_reads_sections_languages_and_marks():
+    text = "# Top\n```python\na = 1\n```\n## Two words\n~~~~ py gpu\n```\nb = 2\n~~~~\n"
+    assert [(b.section, b.line, b.language, b.marks, b.code) for b in code_blocks(text)] == [
+        ("Top", 2, "python", set(), "a = 1\n"), ("Two words", 6, "py", {"gpu"}, "```\nb = 2\n")]
 
 
 def test_readme_has_its_python_blocks():
@@ -176,6 +135,7 @@ def block_runs(request, tmp_path_factory):
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", BLOCKS, ids=[block_id(i, b) for i, b in enumerate(BLOCKS, 1)])
 def test_readme_block_runs(block, block_runs):
     if not runs_here(block):

@@ -136,6 +136,7 @@ def test_the_report_command_refuses_bad_arguments_before_measuring(args, message
     assert done.returncode == 2 and "cannot write a report there" in done.stderr and "sweeps" not in done.stderr
 
 
+@pytest.mark.slow
 def test_the_quick_report_command(tmp_path):
     import subprocess
     import sys
