@@ -198,7 +198,7 @@ def report(args) -> int:
     unsettled = sum(1 for p in points if sweeps.unsettled(p))
     if unsettled:
         print(f"warning: {unsettled} points are unsettled (their rounds disagree, or fastpeft's order against "
-              "PEFT's changes between rounds): marked in the report; more --rounds on an idle machine settle them",
+              "PEFT's is not established): marked in the report; more --rounds on an idle machine settle them",
               file=sys.stderr)
     return 0
 

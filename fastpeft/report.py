@@ -5,16 +5,16 @@ layer, HF PEFT's equivalent layer and the device's limit, as ratios measured sid
 
 Each sweep point times its candidates in interleaved rounds (:func:`fastpeft.benchmark.interleaved_times`); a ratio is
 the candidate's median over the base's median at that point, and its spread the lowest and highest of the per-round
-ratios. The limit is an estimate, stated as one: a roofline (FLOPs over the FLOP rate, bytes over the bandwidth,
-whichever is longer) from a large matmul's FLOP rate and a copy's bandwidth, both measured in the same run. A point
-whose rounds disagree, or whose order against PEFT's equivalent changes between rounds, is :func:`unsettled`: marked
-in the plots, the tables and the page's warning. Plots need matplotlib (``pip install 'fastpeft[plot]'``); without it
-the report has the tables alone and says so.
+ratios; against PEFT's equivalent, the spread is the middle half (quartiles) of the per-round ratios to it. The limit
+is an estimate, stated as one: a roofline (FLOPs over the FLOP rate, bytes over the bandwidth, whichever is longer)
+from a large matmul's FLOP rate and a copy's bandwidth, both measured in the same run. A point whose rounds disagree,
+or whose order against PEFT's equivalent is not established, is :func:`unsettled`: marked in the plots, the tables and
+the page's warning. Plots need matplotlib (``pip install 'fastpeft[plot]'``); without it the report has the tables
+alone and says so.
 """
 from __future__ import annotations
 
 import datetime
-import fractions
 import importlib
 import importlib.metadata
 import math
@@ -74,7 +74,7 @@ class Point:
     high: float
     peak_mb: float | None = None
     reference_ratio: float | None = None  # median / PEFT's equivalent's median, where there is one
-    reference_low: float | None = None  # lowest and highest per-round time / PEFT's equivalent's in that round
+    reference_low: float | None = None  # quartiles of the per-round time / PEFT's equivalent's in that round
     reference_high: float | None = None
     shape: Shape | None = None  # a LoRA-shaped point's sizes
 
@@ -107,9 +107,13 @@ def unsettled(p: Point) -> str | None:
 
     - its rounds disagree: its highest per-round ratio to the base exceeds its lowest by more than
       :data:`NOISY_FACTOR` (1.5x), so the machine's drift, not the layer, may have set its median; or
-    - it is a fastpeft layer whose order against PEFT's equivalent is not established: its per-round time over the
-      equivalent's in the same round (rounds are interleaved, so both saw the same load) is at or below 1 in some
-      round and at or above 1 in another, i.e. that ratio's spread exceeds its median's gap from parity.
+    - it is a fastpeft layer whose order against PEFT's equivalent is not established: the middle half of its
+      per-round times over the equivalent's in the same round (rounds are interleaved, so both saw the same load)
+      spans 1, i.e. it was the faster in a quarter of the rounds or more and the slower in a quarter or more: that
+      ratio's spread exceeds its median's gap from parity.
+
+    The order uses quartiles, not the extremes: more rounds then settle a real difference instead of widening the
+    range, and one disturbed round does not reverse it.
 
     The base (1 by definition) and the limit (an estimate, not timed) are never unsettled."""
     if p.candidate in (BASE, LIMIT):
@@ -119,7 +123,7 @@ def unsettled(p: Point) -> str | None:
         reasons.append(f"rounds {p.high / p.low:.1f}x apart ({p.low:.2f}-{p.high:.2f})")
     if p.reference_low is not None and p.reference_low <= 1 <= p.reference_high:
         equivalent = REFERENCES[p.candidate.split("[")[0]]
-        reasons.append(f"faster than {equivalent} in some rounds, not in others "
+        reasons.append(f"faster than {equivalent} in a quarter of the rounds or more, slower in as many "
                        f"({p.reference_low:.2f}-{p.reference_high:.2f})")
     return "; ".join(reasons) or None
 
@@ -168,6 +172,14 @@ def _lora_family(shape: Shape, dtype, device, dropout: float) -> dict:
     return layers
 
 
+def _middle_half(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of ``values`` (both the value itself for a single round)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return first, third
+
+
 def _points(sweep, x, steps, times) -> list[Point]:
     base = times[BASE]
     points = []
@@ -181,7 +193,7 @@ def _points(sweep, x, steps, times) -> list[Point]:
         if ref is not None:
             p.reference_ratio = p.ms / ref.ms
             paired = [t / r for t, r in zip(times[p.candidate], times[ref.candidate], strict=True)]
-            p.reference_low, p.reference_high = min(paired), max(paired)
+            p.reference_low, p.reference_high = _middle_half(paired)
     return points
 
 
@@ -395,13 +407,15 @@ def _log_ticks(low: float, high: float) -> list[float]:
 
 
 def _ratio_label(ratio: float) -> str:
-    """A ratio tick's label: "1024x", "1.5x", "0.375x", or a fraction ("1/16x", "3/64x") below a quarter, where a
-    decimal would run long."""
-    if ratio >= 10:
-        return f"{ratio:.0f}x"
-    if ratio < 0.25:
-        return f"{fractions.Fraction(ratio).limit_denominator(1 << 20)}x"
-    return f"{ratio:.4g}x"
+    """A ratio tick's label: "1024x", "1.5x", "0.375x", "0.0625x" (three significant digits at most)."""
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.3g}x"
+
+
+def _size_label(value) -> str:
+    """A size tick's label, short enough that neighbours on a log axis do not run together: 128, 1K, 8K."""
+    if isinstance(value, int) and value >= 1024 and value % 1024 == 0:
+        return f"{value // 1024}K"
+    return f"{value:g}"
 
 
 def _category_label(sweep: Sweep, value) -> str:
@@ -485,7 +499,7 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
         ax.set_xlim(-0.6, len(values) - 0.4)
     elif numeric and len(values) > 2 and min(values) > 0:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.set_xticks(values, [_size_label(v) for v in values])
         ax.xaxis.set_minor_locator(NullLocator())
     elif numeric:
         ax.set_xticks(values, [f"{v:g}" for v in values])
@@ -494,7 +508,7 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
     ax.set_xlabel(sweep.axis)
     timed = sum(1 for p in mine if p.candidate not in (BASE, LIMIT))
     ax.set_title(("peak memory vs tokens M" if memory else sweep.title)
-                 + (f"\n! {len(flagged)} of {timed} timed points unsettled (ringed): not results" if flagged else ""),
+                 + (f"\n! {len(flagged)} of {timed} timed points unsettled (ringed): see the page" if flagged else ""),
                  fontsize=10)
     ax.grid(True, alpha=0.3)
 
@@ -534,15 +548,17 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
              f"{versions}.", "",
              "**Measured**: every time, ratio and peak memory below, each point's candidates side by side in "
              f"{rounds} interleaved rounds (ratio = median / the frozen base's median at that point; spread = the "
-             "lowest and highest per-round ratio). **Estimated**: the LoRA limit line only, a roofline (a LoRA "
-             "forward+backward's FLOPs over the FLOP rate, or its least bytes over the bandwidth, whichever is "
+             "lowest and highest per-round ratio; against PEFT's, the first and third quartiles of the per-round "
+             "ratio to it). **Estimated**: the LoRA limit line only, a roofline (a LoRA forward+backward's FLOPs over "
+             "the FLOP rate, or its least bytes over the bandwidth, whichever is "
              f"longer) with the fastest FLOP rate seen in this run ({peaks.tflops:.3f} TFLOP/s: large matmuls' best "
              "rounds, or the base or a LoRA layer where one ran faster) and the fastest copy bandwidth "
              f"({peaks.gbs:.1f} GB/s). It bounds LoRA layers, not the bottleneck adapter (a different op).", "",
              f"**Unsettled** (⚠ in the tables, a dashed ring and \"!\" in the plots): a point whose rounds disagree, "
-             f"its highest per-round ratio more than {NOISY_FACTOR:g}x its lowest, or a fastpeft layer faster than "
-             "PEFT's equivalent in some rounds and not in others (its per-round time / PEFT's, taken within each "
-             "round, spans 1: the spread exceeds the median's gap from parity, so the order is not established). "
+             f"its highest per-round ratio more than {NOISY_FACTOR:g}x its lowest, or a fastpeft layer "
+             "faster than PEFT's equivalent in a quarter of the rounds or more and slower in as many (the middle half "
+             "of its per-round time / PEFT's, taken within each round, spans 1: the spread exceeds the median's gap "
+             "from parity, so the order is not established). "
              "Read such a point as unmeasured, not as a result.", ""]
     flagged = [p for p in points if unsettled(p)]
     if flagged:
