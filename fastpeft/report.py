@@ -5,12 +5,12 @@ layer, HF PEFT's equivalent layer and the device's limit, as ratios measured sid
 
 Each sweep point times its candidates in interleaved rounds (:func:`fastpeft.benchmark.interleaved_times`); a ratio is
 the candidate's median over the base's median at that point, and its spread the lowest and highest of the per-round
-ratios; against PEFT's equivalent, the spread is the middle half (quartiles) of the per-round ratios to it. The limit
-is an estimate, stated as one: a roofline (FLOPs over the FLOP rate, bytes over the bandwidth, whichever is longer)
-from a large matmul's FLOP rate and a copy's bandwidth, both measured in the same run. A point whose rounds disagree,
-or whose order against PEFT's equivalent is not established, is :func:`unsettled`: marked in the plots, the tables and
-the page's warning. Plots need matplotlib (``pip install 'fastpeft[plot]'``); without it the report has the tables
-alone and says so.
+ratios; against PEFT's equivalent, the ratio is the median of the per-round ratios to it and the spread their middle
+half (quartiles). The limit is an estimate, stated as one: a roofline (FLOPs over the FLOP rate, bytes over the
+bandwidth, whichever is longer) from a large matmul's FLOP rate and a copy's bandwidth, both measured in the same run.
+A point whose rounds disagree, or whose order against PEFT's equivalent is not established, is :func:`unsettled`:
+marked in the plots, the tables and the page's warning. Plots need matplotlib (``pip install 'fastpeft[plot]'``);
+without it the report has the tables alone and says so.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class Point:
     low: float  # lowest and highest per-round ratio to the base
     high: float
     peak_mb: float | None = None
-    reference_ratio: float | None = None  # median / PEFT's equivalent's median, where there is one
+    reference_ratio: float | None = None  # median of the per-round time / PEFT's equivalent's, where there is one
     reference_low: float | None = None  # quartiles of the per-round time / PEFT's equivalent's in that round
     reference_high: float | None = None
     shape: Shape | None = None  # a LoRA-shaped point's sizes
@@ -191,8 +191,10 @@ def _points(sweep, x, steps, times) -> list[Point]:
     for p in points:
         ref = by_name.get(REFERENCES.get(p.candidate.split("[")[0], ""))
         if ref is not None:
-            p.reference_ratio = p.ms / ref.ms
+            # Each round's own ratio (both saw that round's load), summarised as the spread is: so the figure shown
+            # always lies within its spread and reads the same way as the verdict drawn from it.
             paired = [t / r for t, r in zip(times[p.candidate], times[ref.candidate], strict=True)]
+            p.reference_ratio = statistics.median(paired)
             p.reference_low, p.reference_high = _middle_half(paired)
     return points
 
@@ -366,6 +368,8 @@ def _commit(out: Path | str | None = None, tree: Path | None = None) -> str:
     except GitError as err:
         return f"{head} (changes unknown: {err})"
     own = Path(out).resolve() if out is not None else None
+    if own is not None and _within(top, own):
+        own = None  # an --out at or above the tree's top (--out .) would excuse every change in it
     outside = [name for name in changed if name and not (own is not None and _within(top / name, own))]
     return head + (" (+ changes to tracked files)" if outside else "")
 
@@ -548,9 +552,10 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
              f"{versions}.", "",
              "**Measured**: every time, ratio and peak memory below, each point's candidates side by side in "
              f"{rounds} interleaved rounds (ratio = median / the frozen base's median at that point; spread = the "
-             "lowest and highest per-round ratio; against PEFT's, the first and third quartiles of the per-round "
-             "ratio to it). **Estimated**: the LoRA limit line only, a roofline (a LoRA forward+backward's FLOPs over "
-             "the FLOP rate, or its least bytes over the bandwidth, whichever is "
+             "lowest and highest per-round ratio; time / PEFT's = the median of the per-round ratios to PEFT's "
+             "equivalent in the same round, its spread their first and third quartiles). **Estimated**: the LoRA "
+             "limit line only, a roofline (a LoRA forward+backward's FLOPs over the FLOP rate, or its least bytes "
+             "over the bandwidth, whichever is "
              f"longer) with the fastest FLOP rate seen in this run ({peaks.tflops:.3f} TFLOP/s: large matmuls' best "
              "rounds, or the base or a LoRA layer where one ran faster) and the fastest copy bandwidth "
              f"({peaks.gbs:.1f} GB/s). It bounds LoRA layers, not the bottleneck adapter (a different op).", "",

@@ -12,14 +12,42 @@ if __name__ == "kernels":
     import os
     import sys
 
+    def _same(a: str, b: str) -> bool:
+        """Whether two paths name one file or folder: by identity, so that a bind mount, a case-insensitive file
+        system or any other second route into the tree counts as the tree."""
+        try:
+            return os.path.samefile(a, b)
+        except OSError:
+            return False
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _root = os.path.dirname(_here)
+
     def _elsewhere() -> list[str]:
         """``sys.path`` without the entries that lead to this source tree's root."""
-        root = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
-        return [entry for entry in sys.path
-                if not isinstance(entry, str) or os.path.realpath(entry or os.curdir) != root]
+        return [entry for entry in sys.path if not isinstance(entry, str) or not _same(entry or os.curdir, _root)]
 
-    del sys.modules[__name__]
-    _owner = importlib.machinery.PathFinder.find_spec(__name__, _elsewhere())
+    def _owner_spec():
+        """The spec the import system would find with the source root off ``sys.path``: every finder on
+        ``sys.meta_path`` asked in turn (an editable install's finder included), the path-based one over the rest of
+        ``sys.path``; a spec that leads back into this folder is never taken."""
+        for finder in sys.meta_path:
+            if finder is importlib.machinery.PathFinder:
+                spec = finder.find_spec(__name__, _elsewhere())
+            elif hasattr(finder, "find_spec"):
+                spec = finder.find_spec(__name__, None)
+            else:
+                continue
+            if spec is None:
+                continue
+            places = [os.path.dirname(spec.origin)] if spec.origin else list(spec.submodule_search_locations or [])
+            if any(_same(place, _here) for place in places):
+                continue
+            return spec
+        return None
+
+    sys.modules.pop(__name__, None)  # absent when a caller runs exec_module without registering the module
+    _owner = _owner_spec()
     if _owner is None or _owner.loader is None:
         raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
     _module = importlib.util.module_from_spec(_owner)

@@ -10,6 +10,8 @@ import ast
 import fnmatch
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import from its own layer or any lower one.
@@ -96,17 +98,18 @@ def test_imports_go_down_the_layers_and_never_cycle():
 # The folder kernels/ and the PyPI package "kernels" (Hugging Face's hub kernels, a dependency of transformers)
 # ----------------------------------------------------------------------------------------------------------
 
-def run_in_root(code: str, *, extra_path: list[str] = (), cwd=ROOT):
+def run_in_root(code: str, *, extra_path: list[str] = (), cwd=ROOT, site_packages=True):
     """Run ``python -c code`` from ``cwd`` (the source root by default), where ``''`` leads sys.path to kernels/, as
-    it does for ``python -c`` / ``python -m`` there; ``extra_path`` goes on PYTHONPATH."""
+    it does for ``python -c`` / ``python -m`` there; ``extra_path`` goes on PYTHONPATH; without ``site_packages``
+    (``python -S``) no installed package, HF's ``kernels`` included, is on sys.path."""
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if extra_path:
         env["PYTHONPATH"] = os.pathsep.join(map(str, extra_path))
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, *([] if site_packages else ["-S"]), "-c", code], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def fake_kernels(tmp_path):
@@ -146,7 +149,44 @@ def test_import_kernels_from_the_source_root_never_finds_the_folder():
         assert done.stdout.split() == ["absent", "kernels", "False"], done.stdout
 
 
+def test_an_owner_found_by_another_finder_is_imported(tmp_path):
+    """An owner that only a finder on sys.meta_path knows (an editable install's) is imported from the root too."""
+    site = fake_kernels(tmp_path)
+    done = run_in_root(
+        "import importlib.util, sys\n"
+        "class Editable:\n"
+        "    @classmethod\n"
+        "    def find_spec(cls, name, path=None, target=None):\n"
+        "        if name != 'kernels':\n"
+        "            return None\n"
+        f"        return importlib.util.spec_from_file_location(name, {str(site / 'kernels' / '__init__.py')!r},\n"
+        f"            submodule_search_locations=[{str(site / 'kernels')!r}])\n"
+        "sys.meta_path.append(Editable)\n"
+        "import kernels, kernels._internals; print(kernels.OWNER, kernels._internals.VALUE)", site_packages=False)
+    assert done.returncode == 0 and done.stdout.strip() == "someone else 42", done.stderr
+
+
+def test_a_second_route_into_the_tree_is_the_tree(tmp_path):
+    """The root bind-mounted elsewhere (a path no realpath maps back) and put on PYTHONPATH: the import must not
+    hand over to the folder again through it (it once recursed without end)."""
+    import shutil
+    import subprocess
+    import sys
+    site, mount = fake_kernels(tmp_path), tmp_path / "mount"
+    mount.mkdir()
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) for a private mount namespace")
+    script = (f"mount --bind {ROOT} {mount} && cd {ROOT} && PYTHONPATH={mount}:{site} {sys.executable} -c "
+              "'import kernels; print(kernels.OWNER)'")
+    done = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=300)
+    if done.returncode != 0 and "mount" in done.stderr and "kernels" not in done.stderr:
+        pytest.skip(f"cannot bind-mount in a private namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0 and done.stdout.strip() == "someone else", done.stderr[-3000:]
+
+
 def test_fastpeft_kernels_still_import_as_fastpeft_kernels():
+    pytest.importorskip("triton")
     done = run_in_root("import fastpeft.kernels.common as c, sys; print(c.__name__, 'kernels' in sys.modules)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["fastpeft.kernels.common", "False"]

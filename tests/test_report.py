@@ -59,8 +59,8 @@ def test_ratios_are_the_measured_medians_and_the_limit_an_estimate(measured):
     for p in points:  # fastpeft's against PEFT's equivalent, where measured
         ref = {"fastpeft LoRA": "peft LoRA", "fastpeft DoRA": "peft DoRA"}.get(p.candidate)
         other = next((b for b in points if (b.sweep, b.x, b.candidate) == (p.sweep, p.x, ref)), None)
-        if other is not None:
-            assert p.reference_ratio == pytest.approx(p.ms / other.ms)
+        if other is not None:  # the median of the per-round ratios, inside its own spread
+            assert p.reference_low <= p.reference_ratio <= p.reference_high
     # The limit, worked out here: fwd+bwd FLOPs (no dW) 2·M·N·K·2 + 2·M·r·(K+N)·3 over the FLOP rate, or the least
     # bytes (x, y, dY, dX once, W twice; fp32) over the bandwidth, whichever is longer.
     M, K, N, r = 32, 64, 64, 4
@@ -398,12 +398,18 @@ def out_case(case, root, monkeypatch):
         (root / "results" / "link").symlink_to(outside)
         (outside / "report.md").write_text("new\n")
         return root / "results" / "link"
+    if case == "the tree's top":  # --out . from the top: the report's folder is the whole tree, which excuses nothing
+        (root / "report.md").write_text("new\n")
+        monkeypatch.chdir(root)
+        return "."
+    if case == "above the tree":
+        return root.parent
     raise AssertionError(case)
 
 
 CASES = ("none", "outside", "outside, not made yet", "outside, relative", "inside, new files",
          "inside, over a committed report", "inside, not made yet", "inside, relative", "symlink outside to inside",
-         "symlink inside to outside")
+         "symlink inside to outside", "the tree's top", "above the tree")
 
 
 @pytest.mark.parametrize("case", CASES)
