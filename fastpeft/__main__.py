@@ -20,8 +20,12 @@ def info(_args) -> int:
     print(f"fastpeft {__version__}  torch {torch.__version__}  python {sys.version.split()[0]}")
     try:
         import triton
-        print(f"triton {triton.__version__}" + ("  (TRITON_INTERPRET=1: kernels run on the CPU interpreter)"
-                                                  if triton_interpreting() else ""))
+        interpreter = ""
+        if triton_interpreting():  # whether it can is the backend's to say (the reasons listed below)
+            runs = not backend_status()["triton"]
+            interpreter = ("  (TRITON_INTERPRET=1: kernels run on the CPU interpreter)" if runs
+                           else "  (TRITON_INTERPRET=1, but the interpreter cannot run here: see backends)")
+        print(f"triton {triton.__version__}{interpreter}")
     except ImportError:
         print("triton: not installed")
     if torch.cuda.is_available():
