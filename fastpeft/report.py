@@ -70,8 +70,10 @@ class Point:
     candidate: str
     ms: float  # median
     ratio: float  # median / the base's median
-    low: float  # lowest and highest per-round ratio to the base
+    low: float  # lowest and highest per-round ratio to the base (the plots' bars)
     high: float
+    middle_low: float | None = None  # first and third quartiles of the per-round ratios (None: judge on low, high)
+    middle_high: float | None = None
     peak_mb: float | None = None
     reference_ratio: float | None = None  # median of the per-round time / PEFT's equivalent's, where there is one
     reference_low: float | None = None  # quartiles of the per-round time / PEFT's equivalent's in that round
@@ -97,7 +99,7 @@ LOOKS = {"fastpeft LoRA": ("C0", "o"), "peft LoRA": ("C0", "o"), "fastpeft LoRA[
          "peft+bnb QLoRA": ("C3", "^"), "fastpeft adapter": ("C4", "D"), "unfused adapter": ("C4", "D"),
          "fastpeft mixed": ("C0", "o"), "peft mixed": ("C0", "o")}
 CATEGORICAL_AXES = {"dropout"}  # swept as a switch (off, on), not as a quantity: its points are not joined
-NOISY_FACTOR = 1.5  # a point whose highest per-round ratio exceeds its lowest by more than this is unsettled
+NOISY_FACTOR = 1.5  # a point whose middle half of rounds spans more than this factor is unsettled
 
 
 def unsettled(p: Point) -> str | None:
@@ -105,22 +107,23 @@ def unsettled(p: Point) -> str | None:
 
     A point is unsettled when either
 
-    - its rounds disagree: its highest per-round ratio to the base exceeds its lowest by more than
+    - its rounds disagree: the third quartile of its per-round ratios to the base exceeds the first by more than
       :data:`NOISY_FACTOR` (1.5x), so the machine's drift, not the layer, may have set its median; or
     - it is a fastpeft layer whose order against PEFT's equivalent is not established: the middle half of its
       per-round times over the equivalent's in the same round (rounds are interleaved, so both saw the same load)
       spans 1, i.e. it was the faster in a quarter of the rounds or more and the slower in a quarter or more: that
       ratio's spread exceeds its median's gap from parity.
 
-    The order uses quartiles, not the extremes: more rounds then settle a real difference instead of widening the
-    range, and one disturbed round does not reverse it.
+    Both use quartiles, not the extremes (the plots' bars): one disturbed round neither unsettles a point nor
+    reverses an order, and more rounds settle a real difference instead of widening the range.
 
     The base (1 by definition) and the limit (an estimate, not timed) are never unsettled."""
     if p.candidate in (BASE, LIMIT):
         return None
     reasons = []
-    if p.high > NOISY_FACTOR * p.low:
-        reasons.append(f"rounds {p.high / p.low:.1f}x apart ({p.low:.2f}-{p.high:.2f})")
+    first, third = (p.middle_low, p.middle_high) if p.middle_low is not None else (p.low, p.high)
+    if third > NOISY_FACTOR * first:
+        reasons.append(f"rounds {third / first:.1f}x apart ({first:.2f}-{third:.2f})")
     if p.reference_low is not None and p.reference_low <= 1 <= p.reference_high:
         equivalent = REFERENCES[p.candidate.split("[")[0]]
         reasons.append(f"faster than {equivalent} in a quarter of the rounds or more, slower in as many "
@@ -186,7 +189,8 @@ def _points(sweep, x, steps, times) -> list[Point]:
     for name in steps:
         ratios = [t / b for t, b in zip(times[name], base, strict=True)]
         ms = statistics.median(times[name])
-        points.append(Point(sweep, x, name, ms, ms / statistics.median(base), min(ratios), max(ratios)))
+        points.append(Point(sweep, x, name, ms, ms / statistics.median(base), min(ratios), max(ratios),
+                            *_middle_half(ratios)))
     by_name = {p.candidate: p for p in points}
     for p in points:
         ref = by_name.get(REFERENCES.get(p.candidate.split("[")[0], ""))
@@ -560,7 +564,7 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
              "rounds, or the base or a LoRA layer where one ran faster) and the fastest copy bandwidth "
              f"({peaks.gbs:.1f} GB/s). It bounds LoRA layers, not the bottleneck adapter (a different op).", "",
              f"**Unsettled** (⚠ in the tables, a dashed ring and \"!\" in the plots): a point whose rounds disagree, "
-             f"its highest per-round ratio more than {NOISY_FACTOR:g}x its lowest, or a fastpeft layer "
+             f"the middle half of its per-round ratios spanning more than {NOISY_FACTOR:g}x, or a fastpeft layer "
              "faster than PEFT's equivalent in a quarter of the rounds or more and slower in as many (the middle half "
              "of its per-round time / PEFT's, taken within each round, spans 1: the spread exceeds the median's gap "
              "from parity, so the order is not established). "
