@@ -1,8 +1,10 @@
 """torch.distributed on the CPU: a LoRA model (DoRA on some layers) trains under DDP and under FSDP2
 (``fully_shard``) with gloo, two processes on loopback, and its gradients and updated weights equal a
 single-process run on the whole batch."""
+import datetime
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_ava
 
 WORLD = 2
 STEPS = 3
+RANK_SECONDS = 300  # for every collective of a rank, and for the two ranks' whole run
 
 
 class Block(nn.Module):
@@ -60,7 +63,8 @@ def _full(t):
 
 
 def _worker(rank, mode, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=RANK_SECONDS))
     try:
         model = build_model()
         if mode == "ddp":
@@ -78,11 +82,18 @@ def _worker(rank, mode, init_file, out_file):
             params = {n.removeprefix("module."): p for n, p in params.items()}
         if rank == 0:
             torch.save({"grads": grads, "params": params}, out_file)
-        # Both ranks are done talking before either tears gloo down: a rank leaving while its peer's connection is
-        # still in use aborts the peer ("terminate called without an active exception").
+        # Both ranks are done talking before either leaves: a rank leaving while its peer's connection is still in
+        # use aborts the peer ("terminate called without an active exception").
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave without tearing gloo down: ProcessGroupGloo's destructor can deadlock against its own run-loop threads
+    # (seen here: the main thread, holding the GIL, joins a run-loop thread that waits for it), and the result is
+    # written. os._exit skips every destructor; the exit code 0 tells the parent this rank succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
@@ -93,7 +104,14 @@ def test_two_processes_match_one(mode, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # two ranks, a small machine
     if sys.platform == "linux":  # loopback, whatever the host name resolves to
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-    mp.spawn(_worker, args=(mode, str(tmp_path / "store"), str(out_file)), nprocs=WORLD, join=True)
+    ranks = mp.start_processes(_worker, args=(mode, str(tmp_path / "store"), str(out_file)), nprocs=WORLD,
+                               join=False, start_method="spawn")
+    deadline = time.monotonic() + RANK_SECONDS
+    while not ranks.join(timeout=1):  # raises with a rank's traceback when one fails
+        if time.monotonic() > deadline:  # a hang ends the test, never the whole run
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} ranks did not finish within {RANK_SECONDS} s")
     result = torch.load(out_file, weights_only=True)
 
     model = build_model()
