@@ -69,16 +69,27 @@ ADAPTER_GPU_SHAPES = [AdapterShape(8192, 4096, 64), AdapterShape(8192, 4096, 256
 MODES = ("fwd", "fwd+bwd")
 
 
-def import_problem(module: str) -> str | None:
-    """Why ``module`` cannot be imported here, or None when it can: "not installed" only when the module itself is
-    absent; otherwise the error its import raised (a broken install, or a dependency missing or shadowed)."""
+def try_import(module: str):
+    """``(the module, None)`` when ``module`` imports here; ``(None, None)`` when it is not installed (it, or a package
+    above it, is absent); ``(None, the error)`` when its import fails otherwise (a broken install, or a dependency
+    missing or shadowed), so that a broken install is never called an absent one."""
     try:
-        importlib.import_module(module)
-    except Exception as err:  # noqa: BLE001 (a package failing at import time in any way is one we cannot compare)
-        if isinstance(err, ModuleNotFoundError) and err.name == module:
-            return f"{module} is not installed (pip install 'fastpeft[bench]')"
-        return f"`import {module}` failed: {type(err).__name__}: {err}"
-    return None
+        return importlib.import_module(module), None
+    except Exception as err:  # noqa: BLE001 (a package failing at import time in any way is one we cannot use)
+        if isinstance(err, ModuleNotFoundError) and err.name is not None and (
+                module == err.name or module.startswith(err.name + ".")):
+            return None, None
+        return None, err
+
+
+def import_problem(module: str) -> str | None:
+    """Why ``module`` cannot be imported here (:func:`try_import`), as a sentence, or None when it can."""
+    imported, err = try_import(module)
+    if imported is not None:
+        return None
+    if err is None:
+        return f"{module} is not installed (pip install 'fastpeft[bench]')"
+    return f"`import {module}` failed: {type(err).__name__}: {err}"
 
 
 def peft_available() -> bool:

@@ -15,7 +15,6 @@ without it the report has the tables alone and says so.
 from __future__ import annotations
 
 import datetime
-import importlib
 import importlib.metadata
 import math
 import os
@@ -307,14 +306,9 @@ def _version_of(module: str) -> str:
     """``module``'s version; "not installed" when it (or a package above it) is absent, "broken: <exception type>:
     <message>" when importing it fails otherwise (a dependency of it missing, a bad build), so that a broken install
     is told from an absent one on the page."""
-    try:
-        imported = importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name is not None and (module == err.name or module.startswith(err.name + ".")):
-            return "not installed"
-        return _broken(err)
-    except Exception as err:  # noqa: BLE001 (whatever a broken install raises is what the page must show)
-        return _broken(err)
+    imported, err = benchmark.try_import(module)
+    if imported is None:
+        return "not installed" if err is None else _broken(err)
     version = getattr(imported, "__version__", None)
     if version is None:
         try:
