@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.nn.utils.parametrize
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
@@ -97,12 +98,28 @@ def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_
     return adapter
 
 
+# Optimizer steps taken in this process. In-place optimizer kernels (AdamW(fused=True), for one) change parameters
+# without bumping their version counters, so caches keyed on the versions of tensors that require grad are keyed on
+# this count too. Every optimizer derived from torch.optim.Optimizer runs the global step hooks.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_pre_hook(_count_optimizer_step)
+
+
 def _version_key(*tensors) -> tuple | None:
-    """What identifies the values of ``tensors`` while nothing bypasses autograd's version counters: storage,
-    version, shape, dtype and device of each; None for tensors without storage or version counter (functorch's,
-    inference-mode ones)."""
+    """What identifies the values of ``tensors`` while nothing bypasses both autograd's version counters and the
+    optimizers' step hooks: storage, version, shape, dtype and device of each, and for one that requires grad (an
+    optimizer may step it) the optimizer steps taken; None for tensors without storage or version counter
+    (functorch's, inference-mode ones)."""
     try:
-        return tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
+        return tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device, t.requires_grad and _optimizer_steps)
+                     for t in tensors)
     except RuntimeError:
         return None
 
@@ -162,9 +179,10 @@ class LoraAdapter(nn.Module):
 
     def dora_norm(self, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, backend=None
                   ) -> torch.Tensor:
-        """‖W + scaling·BA‖ per row, for eval mode: kept while W, A and B keep their storage and version counters,
-        until :meth:`forget_norm` (``LoraLinear.train()`` / ``eval()`` call it); computed afresh, and not kept, for
-        tensors that have neither (functorch's, inference-mode ones)."""
+        """‖W + scaling·BA‖ per row, for eval mode: kept while W, A and B keep their storage and version counters
+        and no optimizer steps them (see :func:`_version_key`), until :meth:`forget_norm` (``LoraLinear.train()`` /
+        ``eval()`` call it); computed afresh, and not kept, for tensors that have neither (functorch's,
+        inference-mode ones)."""
         key = _version_key(weight, lora_A, lora_B)
         cached = getattr(self, "_norm_cache", None)
         if key is not None and cached is not None and cached[0] == key + (self.scaling,):
@@ -175,7 +193,7 @@ class LoraAdapter(nn.Module):
 
     def weight_sq(self, weight: torch.Tensor) -> torch.Tensor | None:
         """‖W_i‖² of the frozen base weight, for the factored norm in training: kept while W keeps its storage and
-        version counter (until :meth:`forget_norm`); None for tensors that have neither."""
+        version counter and no optimizer steps (until :meth:`forget_norm`); None for tensors that have neither."""
         key = _version_key(weight)
         if key is None:
             return None
@@ -186,8 +204,8 @@ class LoraAdapter(nn.Module):
         return cached[1]
 
     def forget_norm(self) -> None:
-        """Drop the kept DoRA norm and ‖W‖²: the next call computes them (changes that bypass the version counters,
-        ``.data`` edits, are only seen after this)."""
+        """Drop the kept DoRA norm and ‖W‖²: the next call computes them (changes that bypass both the version
+        counters and the optimizers' step hooks, ``.data`` edits, are only seen after this)."""
         self._norm_cache = None
         self._weight_sq_cache = None
 

@@ -397,6 +397,41 @@ def test_training_in_eval_mode_with_a_fused_optimizer_uses_fresh_norms():
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_kept_norms_follow_an_optimizer_step(fused):
+    """Backward, a no-grad eval forward (keeps the norms), an optimizer step whose kernels leave version counters
+    alone (fused AdamW), another no-grad forward: the output is the reference's for the new A and B."""
+    torch.manual_seed(0)
+    layer = fastpeft.LoraLinear(nn.Linear(32, 24), r=4, use_dora=True, init_lora_weights=False).eval()
+    x = torch.randn(5, 32)
+    layer(x).pow(2).sum().backward()
+    with torch.no_grad():
+        layer(x)
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=fused,
+                                  foreach=None if fused else False)
+    optimizer.step()
+    a = layer.adapter
+    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                                    magnitude=a.lora_magnitude_vector)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_adapters_keep_their_norms_across_optimizer_steps():
+    """An optimizer stepping other parameters cannot change frozen A and B: their eval norms stay kept."""
+    torch.manual_seed(0)
+    layer = fastpeft.LoraLinear(nn.Linear(32, 24), r=4, use_dora=True, init_lora_weights=False).eval()
+    layer.requires_grad_(False)
+    x = torch.randn(5, 32)
+    layer(x)
+    kept = layer.adapter._norm_cache
+    other = nn.Parameter(torch.randn(3))
+    other.grad = torch.ones(3)
+    torch.optim.AdamW([other], fused=True).step()
+    layer(x)
+    assert layer.adapter._norm_cache is kept
+
+
 def test_flags_must_be_bools():
     with pytest.raises(TypeError, match="use_rslora must be a bool"):
         fastpeft.LoraLinear(nn.Linear(8, 4), r=4, use_rslora="false")
