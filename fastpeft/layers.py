@@ -23,6 +23,8 @@ BASE_ADAPTER = "__base__"  # in adapter_names: a sample that takes no adapter (H
 def _check_adapter_name(name) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+    if name == BASE_ADAPTER:
+        raise ValueError(f"adapter_name {name!r} is reserved: in adapter_names it means the base layer, no adapter")
 
 
 def _checked_backend(backend):

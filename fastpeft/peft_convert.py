@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import AdaptedModule, LoraAdapter, LoraLinear
+from .layers import BASE_ADAPTER, AdaptedModule, LoraAdapter, LoraLinear
 from .model import _set_submodule, lora_layers
 from .nf4 import NF4Linear, bnb_problem
 from .peft_io import peft_lora_config
@@ -109,6 +109,9 @@ def _model_problems(peft_model, model) -> list[str]:
         if peft_type != "LORA":
             problems.append(f"adapter {name!r} has tuner type {peft_type or type(config).__name__} "
                             "(fastpeft converts LoRA only)")
+        if name == BASE_ADAPTER:
+            problems.append(f"an adapter is named {name!r}, which fastpeft reserves for the base layer in "
+                            "adapter_names (rename it)")
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
             problems.append(f"{name}: {type(module).__name__} (modules_to_save / trainable_token_indices)")

@@ -599,23 +599,29 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         if m is not None and (isinstance(base, NF4Linear) or is_bnb_4bit(base)):
             problems.append(f"{name}: a DoRA adapter over a 4-bit base, which fastpeft does not run (LoRA over it "
                             "does)")
-        elif m is not None:
-            if tuple(m.shape) != (base.out_features,):
-                problems.append(f"{name}: lora_magnitude_vector {tuple(m.shape)} does not fit out_features="
-                                f"{base.out_features}")
-            # finite in the dtype the adapter will hold it in (fp32, or fp64 on an fp64 base); negative entries are
-            # a trained magnitude's right (PEFT writes them)
-            elif not torch.isfinite(m.to(torch.float64 if base.weight.dtype == torch.float64 else torch.float32)).all():
-                problems.append(f"{name}: lora_magnitude_vector holds values that are not finite in the adapter's "
-                                "dtype")
+            continue
+        if m is not None and tuple(m.shape) != (base.out_features,):
+            problems.append(f"{name}: lora_magnitude_vector {tuple(m.shape)} does not fit out_features="
+                            f"{base.out_features}")
+            continue
+        # Every tensor finite in the dtype the adapter holds it in (fp32, or fp64 on an fp64 base): a value past that
+        # dtype's range would load as inf. A magnitude's negative entries are a trained magnitude's right (PEFT
+        # writes them).
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+        infinite = [key for key, t in sorted(pair.items()) if not torch.isfinite(t.to(dtype)).all()]
+        if infinite:
+            problems.append(f"{name}: {', '.join(infinite)} hold values that are not finite in the adapter's dtype "
+                            f"{str(dtype).removeprefix('torch.')} (NaN, inf, or past its range)")
     return pairs, problems
 
 
 def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=None) -> nn.Module:
     """Load a PEFT LoRA adapter (from ``save_pretrained`` or :func:`save_adapter`) into ``model``, in place.
 
-    Each ``nn.Linear`` named in the file becomes a :class:`LoraLinear` (an existing LoraLinear's adapter of that
-    name is replaced); other parameters are frozen. ``backend`` (when given) is set on every layer loaded into.
+    Each ``nn.Linear`` named in the file becomes a :class:`LoraLinear` running the loaded adapter; a LoraLinear
+    gets it as one more adapter (or has its adapter of that name replaced) and keeps its active adapter, as PEFT's
+    ``load_adapter`` and :func:`apply_lora` do (:func:`fastpeft.set_adapter` activates it). Other parameters are
+    frozen. ``backend`` (when given) is set on every layer loaded into.
     Every argument, the config, every key, dtype and shape are checked first: anything fastpeft cannot honour
     exactly as PEFT would raises :class:`AdapterFileError` (or ``ValueError`` for a bad argument) with the model
     unchanged. Returns ``model``.
@@ -655,7 +661,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
     _freeze_all_but_adapters(model)
     for name, (module, adapter) in built.items():
         if isinstance(module, LoraLinear):
-            if module.merged:
+            if module.merged_adapter == adapter_name:  # its weights are about to be replaced
                 module.unmerge()
             layer = module
             if backend is not None:
@@ -663,7 +669,6 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
         else:
             layer = LoraLinear(module, adapter.r, adapter.lora_alpha, adapter_name=adapter_name, backend=backend)
             _set_submodule(model, name, layer)
-        layer.adapters[adapter_name] = adapter
-        layer.active_adapter = adapter_name
+        layer.adapters[adapter_name] = adapter  # a layer that had LoRA keeps its active adapter, as in PEFT
         adapter.requires_grad_(True)
     return model

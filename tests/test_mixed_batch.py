@@ -201,6 +201,28 @@ def test_bad_adapter_names_are_named(call, error, match):
         call(layer, torch.randn(3, 16))
 
 
+def test_the_base_name_is_no_adapter_name():
+    """"__base__" in adapter_names means the base layer, so no adapter may carry that name, by any way of adding one."""
+    match = "adapter_name '__base__' is reserved"
+    base = nn.Linear(16, 12)
+    with pytest.raises(ValueError, match=match):
+        fastpeft.LoraLinear(base, r=2, adapter_name="__base__")
+    layer = fastpeft.LoraLinear(base, r=2, adapter_name="a")
+    with pytest.raises(ValueError, match=match):
+        layer.add_adapter("__base__", r=2)
+    with pytest.raises(ValueError, match=match):
+        fastpeft.LoraLinear.from_adapters(base, {"__base__": layer.adapters["a"]}, "__base__")
+    model = nn.Sequential(nn.Linear(16, 12), nn.Linear(12, 12))
+    with pytest.raises(ValueError, match=match):
+        fastpeft.apply_lora(model, ["0"], r=2, adapter_name="__base__")
+    assert all(type(m) is nn.Linear for m in model)
+    fastpeft.apply_lora(model, ["0"], r=2, adapter_name="a")
+    with pytest.raises(ValueError, match=match):
+        fastpeft.apply_lora(model, ["0", "1"], r=2, adapter_name="__base__")
+    assert list(model[0].adapters) == ["a"] and type(model[1]) is nn.Linear
+    assert list(layer.adapters) == ["a"]
+
+
 def test_bad_functional_input_is_named_and_changes_nothing():
     K, N = 8, 6
     x, w = torch.randn(4, K), torch.randn(N, K)

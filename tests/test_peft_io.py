@@ -332,6 +332,30 @@ def test_bad_json_raises_adapter_file_errors(saved, text, match):
     assert_refused(Net(), copy_with("json", config_text=text), match)
 
 
+@pytest.mark.parametrize("key,value", [("q_proj.lora_A.weight", 1e39), ("mlp.0.lora_B.weight", -1e39),
+                                       ("q_proj.lora_B.weight", float("nan")), ("mlp.0.lora_A.weight", float("inf"))])
+def test_values_past_the_adapters_dtype_are_refused(saved, key, value):
+    """An fp64 file whose value overflows fp32 (the adapter's dtype over an fp32 base) would load as inf."""
+    _, copy_with = saved
+
+    def edit(tensors):
+        full = f"base_model.model.{key}"
+        tensors = {k: v.double() for k, v in tensors.items()}
+        tensors[full] = tensors[full].index_fill(1, torch.tensor([1]), value)
+        return tensors
+    name = key.rsplit(".", 1)[0].rpartition(".")[0]
+    assert_refused(Net(), copy_with("huge", tensors_edit=edit),
+                   rf"{name}: {key.split('.')[-2]} hold values that are not finite in the adapter's dtype float32")
+    assert_refused(fastpeft.apply_lora(Net(), ["q_proj"], r=2), copy_with("huge2", tensors_edit=edit), "not finite")
+
+
+def test_an_fp64_file_in_range_loads_into_fp32(saved):
+    _, copy_with = saved
+    folder = copy_with("fp64", tensors_edit=lambda tensors: {k: v.double() for k, v in tensors.items()})
+    model = fastpeft.load_adapter(Net(), folder)
+    assert model.q_proj.adapters["default"].lora_A.dtype == torch.float32
+
+
 def test_safetensors_garbage_names_the_file(saved):
     _, copy_with = saved
     folder = copy_with("garbage", weights_bytes=(WEIGHTS, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" * 3))
@@ -341,6 +365,7 @@ def test_safetensors_garbage_names_the_file(saved):
 @pytest.mark.parametrize("kwargs,match", [
     ({"adapter_name": "x.y"}, "adapter_name must be a non-empty string without '.'"),
     ({"adapter_name": ""}, "adapter_name must be a non-empty string"),
+    ({"adapter_name": "__base__"}, "adapter_name '__base__' is reserved"),
     ({"backend": "bogus"}, "bogus"),
 ])
 def test_bad_arguments_change_nothing(saved, kwargs, match):
@@ -361,7 +386,7 @@ def test_backend_applies_to_layers_that_had_lora_already(saved):
     model = fastpeft.apply_lora(Net(), ["q_proj"], r=2)
     fastpeft.load_adapter(model, good, adapter_name="loaded", backend="torch")
     assert model.q_proj.backend == "torch" and model.mlp[0].backend == "torch"
-    assert model.q_proj.active_adapter == "loaded"
+    assert model.q_proj.active_adapter == "default" and model.mlp[0].active_adapter == "loaded"
 
 
 @pytest.mark.parametrize("alpha_pattern,rank_pattern", [
@@ -638,7 +663,30 @@ def test_loading_a_name_the_model_has_on_other_layers_is_refused(saved):
     assert all(torch.equal(before[k], v) for k, v in state(model).items()) and not isinstance(model.mlp[0],
                                                                                             fastpeft.LoraLinear)
     fastpeft.load_adapter(model, good, adapter_name="loaded")  # under another name it loads beside it
-    assert model.v_proj.active_adapter == "default" and model.q_proj.active_adapter == "loaded"
+    assert model.v_proj.active_adapter == "default" and model.q_proj.active_adapter == "default"
+
+
+def test_loading_keeps_the_active_adapter_as_peft_does(saved, tmp_path):
+    """Adapter "a" active on q and v; a file covering q (and a layer without LoRA) loaded as "b": q and v keep
+    running "a" and give the same outputs, the new layer runs "b", and set_adapter switches q to "b"."""
+    good, _ = saved
+    model = fastpeft.apply_lora(Net(), ["q_proj", "v_proj"], r=3, adapter_name="a", init_lora_weights=False)
+    x = torch.randn(2, 5, 24)
+    before = {n: m(x) for n, m in (("q_proj", model.q_proj), ("v_proj", model.v_proj))}
+    fastpeft.load_adapter(model, good, adapter_name="b")
+    assert model.q_proj.active_adapter == "a" and model.v_proj.active_adapter == "a"
+    assert sorted(model.q_proj.adapters) == ["a", "b"] and model.mlp[0].active_adapter == "b"
+    for name, want in before.items():
+        assert torch.equal(model.get_submodule(name)(x), want)
+    model.q_proj.merge()  # a merged adapter other than the one loaded stays merged
+    fastpeft.load_adapter(model, good, adapter_name="c")
+    assert model.q_proj.merged_adapter == "a"
+    model.q_proj.unmerge()
+    fastpeft.set_adapter(model, "b")
+    assert model.q_proj.active_adapter == "b" and model.v_proj.active_adapter == "a"
+    q, b = model.q_proj, model.q_proj.adapters["b"]
+    want = fastpeft.lora_linear_reference(x, q.weight, q.bias, b.lora_A, b.lora_B, b.scaling)
+    torch.testing.assert_close(q(x), want)
 
 
 def test_loading_keeps_other_adapters_trainable(saved):
