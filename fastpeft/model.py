@@ -34,10 +34,11 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
 
     A string is a regular expression matched against the whole qualified name (``re.fullmatch``); a list of
     strings selects names equal to an entry or ending in ``"." + entry`` (``"q_proj"`` matches
-    ``"layers.0.attn.q_proj"``). Modules inside existing LoRA layers are not candidates. Raises ``ValueError``
-    when the pattern, or any entry of the list, matches nothing.
+    ``"layers.0.attn.q_proj"``). Modules inside existing LoRA layers are not candidates. A module used at several
+    places of the model is selected by any of its names, and every name that matches is listed. Raises
+    ``ValueError`` when the pattern, or any entry of the list, matches nothing.
     """
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a module used at two places has both names
     lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
     names = [n for n in modules if n and not _inside_lora_layer(n, lora_prefixes)]
     linear_names = [n for n in names if isinstance(modules[n], (nn.Linear, NF4Linear))]
@@ -85,6 +86,23 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _one_name_each(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` with one name per module: a module used at several places is selected once."""
+    first: dict[int, str] = {}
+    for name in names:
+        first.setdefault(id(model.get_submodule(name)), name)
+    return list(first.values())
+
+
+def _replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
+    """Put each new module where the module at its name is, at every path that reaches that module: a module used
+    at several places of the model is replaced at all of them, so no call site keeps running the old one."""
+    new = {id(model.get_submodule(name)): module for name, module in replacements.items()}
+    paths = [(name, new[id(m)]) for name, m in model.named_modules(remove_duplicate=False) if name and id(m) in new]
+    for name, module in sorted(paths, key=lambda item: -item[0].count(".")):  # innermost first: paths stay valid
+        _set_submodule(model, name, module)
+
+
 def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                init_lora_weights=True, *, adapter_name="default", autocast_adapter_dtype=True,
                backend=None, use_dora=False) -> nn.Module:
@@ -99,7 +117,7 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     """
     if backend is not None:
         requested_backend(backend)
-    names = find_targets(model, target_modules)
+    names = _one_name_each(model, find_targets(model, target_modules))
     bad = {}
     for name in names:
         module = model.get_submodule(name)
@@ -125,8 +143,8 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
             param.requires_grad_(flag)
         raise
     _freeze_all_but_adapters(model)
-    for name, layer in new_layers.items():
-        _set_submodule(model, name, layer)
+    _replace_modules(model, new_layers)
+    for layer in new_layers.values():
         layer.adapters.requires_grad_(True)
     for name, adapter in new_adapters.items():  # the active adapter stays
         layer = model.get_submodule(name)
@@ -265,9 +283,7 @@ def quantize_nf4(module: nn.Module | Tensor, *, blocksize: int = DEFAULT_BLOCKSI
             built[key] = NF4Linear.from_linear(m, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
         except (TypeError, ValueError) as err:
             raise type(err)(f"quantize_nf4: {places[key][0]}: {err} (nothing was changed)") from None
-    for key, layer in built.items():
-        for name in places[key]:
-            _set_submodule(module, name, layer)
+    _replace_modules(module, {places[key][0]: layer for key, layer in built.items()})
     return module
 
 
@@ -285,8 +301,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = lora_layers(model)
     dense = {name: _dequantized_merged(layer) for name, layer in layers.items() if isinstance(layer.base_layer,
                                                                                                NF4Linear)}
-    for name, layer in layers.items():
-        _set_submodule(model, name, dense[name] if name in dense else _merged_base(layer))
+    _replace_modules(model, {name: dense[name] if name in dense else _merged_base(layer)
+                             for name, layer in layers.items()})
     return model
 
 
@@ -377,7 +393,7 @@ def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden
     cfg = _adapter_config(config)
     # The parts of an AdaptedModule (its .module and .adapter) are not candidates: the module carries one already.
     adapted = {n for n, m in model.named_modules() if isinstance(m, AdaptedModule)}
-    selected = find_targets(model, after_modules)
+    selected = _one_name_each(model, find_targets(model, after_modules))
     names = [n for n in selected if n.rpartition(".")[0] not in adapted]
     if not names:
         raise TypeError(f"apply_adapters: after_modules selects only parts of modules that carry an adapter "
@@ -406,8 +422,8 @@ def apply_adapters(model: nn.Module, after_modules, config="pfeiffer", *, hidden
                                     dtype=param.dtype if param is not None else None, backend=backend)
         wrapped[name] = AdaptedModule(module, adapter, cfg.mode)
     _freeze_all_but_adapters(model)
-    for name, module in wrapped.items():
-        _set_submodule(model, name, module)
+    _replace_modules(model, wrapped)
+    for module in wrapped.values():
         module.adapter.requires_grad_(True)
     return model
 
@@ -416,7 +432,5 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     """Take every bottleneck adapter out again, restoring the original modules (and so the original outputs)."""
     if isinstance(model, AdaptedModule):
         return model.module
-    adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, AdaptedModule)]
-    for name, module in sorted(adapted, key=lambda item: -item[0].count(".")):  # innermost first: paths stay valid
-        _set_submodule(model, name, module.module)
+    _replace_modules(model, {n: m.module for n, m in model.named_modules() if isinstance(m, AdaptedModule)})
     return model

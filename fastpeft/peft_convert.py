@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .layers import BASE_ADAPTER, AdaptedModule, LoraAdapter, LoraLinear
-from .model import _set_submodule, lora_layers
+from .model import _replace_modules, lora_layers
 from .nf4 import NF4Linear, bnb_problem
 from .peft_io import peft_lora_config
 
@@ -149,9 +149,7 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     if problems:
         raise ValueError("from_peft: the model uses PEFT features fastpeft does not support (nothing was "
                          "changed):\n  - " + "\n  - ".join(problems))
-    built = {name: _convert_layer(layer, backend) for name, layer in tuner_layers.items()}
-    for name, layer in built.items():
-        _set_submodule(model, name, layer)
+    _replace_modules(model, {name: _convert_layer(layer, backend) for name, layer in tuner_layers.items()})
     # PEFT's bookkeeping on the model it wrapped; stale now, and get_peft_model would read it as existing adapters.
     vars(model).pop("peft_config", None)
     return model
@@ -196,6 +194,14 @@ def to_peft(model: nn.Module):
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no fastpeft LoRA layers")
+    shared = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, LoraLinear):
+            shared.setdefault(id(m), []).append(name)
+    shared = [names for names in shared.values() if len(names) > 1]
+    if shared:
+        raise ValueError(f"the LoRA layers at {shared} are each one module used at several places; PEFT would wrap "
+                         "it at one place only, leaving the others without LoRA")
     bottlenecks = [name for name, m in model.named_modules() if isinstance(m, AdaptedModule)]
     if bottlenecks:
         raise ValueError(f"PEFT has no bottleneck adapters, so those at {bottlenecks} would be lost when PEFT saves "
@@ -218,8 +224,7 @@ def to_peft(model: nn.Module):
     # A 4-bit base goes to PEFT as the bitsandbytes Linear4bit over the same tensors (PEFT's LoRA layer for it).
     bases = {name: layer.base_layer.to_bnb() if isinstance(layer.base_layer, NF4Linear) else layer.base_layer
              for name, layer in layers.items()}
-    for name, base in bases.items():
-        _set_submodule(model, name, base)
+    _replace_modules(model, bases)
     try:
         first, *others = adapter_names
         peft_model = peft.get_peft_model(model, configs[first], adapter_name=first)
@@ -244,8 +249,7 @@ def to_peft(model: nn.Module):
                 target.enable_adapters(False)
             target.train(layer.training)
     except BaseException:
-        for name, layer in layers.items():
-            _set_submodule(model, name, layer)
+        _replace_modules(model, layers)
         raise
     finally:
         for param, flag in requires_grad:  # PEFT's set_adapter / enable_adapters retoggle them

@@ -31,7 +31,7 @@ from torch import nn
 from .backends import requested_backend
 from .checks import is_finite_number, is_positive_int, is_probability
 from .layers import LoraLinear, _check_adapter_name, _checked_base, _new_adapter
-from .model import _freeze_all_but_adapters, _set_submodule, layers_with_adapter, lora_layers, lora_wrap_problem
+from .model import _freeze_all_but_adapters, _replace_modules, layers_with_adapter, lora_layers, lora_wrap_problem
 from .nf4 import NF4Linear, is_bnb_4bit
 
 try:
@@ -555,8 +555,9 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         pairs.setdefault(key[len(_PREFIX):-len(suffix)], {})[suffix.split(".")[1]] = tensor
     if not pairs and not problems:
         problems.append("the adapter weights hold no LoRA tensors")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # a module used at two places has both names
     lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
+    named: dict[int, str] = {}  # module -> the first key naming it
     targets, excluded = _field(config, "target_modules"), _field(config, "exclude_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _all_linear(model, config)
@@ -576,6 +577,10 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         base = module.base_layer if isinstance(module, LoraLinear) else module
         if module is None:
             problems.append(f"{name}: no module of that name in the model")
+            continue
+        if named.setdefault(id(module), name) != name:
+            problems.append(f"{name}: the same module as {named[id(module)]} (one module, used at two places, "
+                            "has one adapter)")
             continue
         if not isinstance(module, LoraLinear) and (why := lora_wrap_problem(module)) is not None:
             problems.append(f"{name}: {why}")
@@ -659,6 +664,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
             adapter.lora_magnitude_vector = nn.Parameter(pair["lora_magnitude_vector"].to(adapter.lora_A))
         built[name] = (module, adapter)
     _freeze_all_but_adapters(model)
+    new_layers = {}
     for name, (module, adapter) in built.items():
         if isinstance(module, LoraLinear):
             if module.merged_adapter == adapter_name:  # its weights are about to be replaced
@@ -667,8 +673,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
             if backend is not None:
                 layer.backend = backend
         else:
-            layer = LoraLinear(module, adapter.r, adapter.lora_alpha, adapter_name=adapter_name, backend=backend)
-            _set_submodule(model, name, layer)
+            layer = new_layers[name] = LoraLinear(module, adapter.r, adapter.lora_alpha, adapter_name=adapter_name,
+                                                  backend=backend)
         layer.adapters[adapter_name] = adapter  # a layer that had LoRA keeps its active adapter, as in PEFT
         adapter.requires_grad_(True)
+    _replace_modules(model, new_layers)
     return model

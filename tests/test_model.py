@@ -1,5 +1,6 @@
 """apply_lora / merge_and_unload over a small multi-layer model."""
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -269,3 +270,53 @@ def test_adapters_inside_adapters_are_refused_and_removed_innermost_first():
     model[0] = fastpeft.AdaptedModule(inner, fastpeft.BottleneckAdapter(8, bottleneck=2))
     fastpeft.remove_adapters(model)
     assert model[0] is inner and type(inner.ffn) is nn.Linear
+
+
+class Shared(nn.Module):
+    """One nn.Linear reachable under two names, run at both places."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a
+        self.c = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.c(self.b(torch.tanh(self.a(x))))
+
+
+@pytest.mark.parametrize("target", ["a", "b", ["a", "b"], r"(a|b)"])
+def test_a_layer_used_at_two_places_gets_lora_at_both(target):
+    """Targeting a shared layer by either name (or both) wraps it once, at every place: both call sites run LoRA."""
+    torch.manual_seed(0)
+    model = Shared()
+    x = torch.randn(3, 8)
+    fastpeft.apply_lora(model, target, r=2, init_lora_weights=False)
+    assert isinstance(model.a, fastpeft.LoraLinear) and model.a is model.b
+    layer = model.a
+    a = layer.adapter
+    def lora(h):
+        return fastpeft.lora_linear_reference(h, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling)
+    torch.testing.assert_close(model(x), model.c(lora(torch.tanh(lora(x)))))
+    fastpeft.merge_and_unload(model)
+    assert type(model.a) is nn.Linear and model.a is model.b
+
+
+def test_a_shared_layer_round_trips_through_files_and_peft(tmp_path):
+    torch.manual_seed(0)
+    base = Shared()
+    model = fastpeft.apply_lora(copy.deepcopy(base), ["b", "c"], r=2, init_lora_weights=False)
+    x = torch.randn(3, 8)
+    fastpeft.save_adapter(model, tmp_path)
+    fresh = copy.deepcopy(base)  # (a deep copy keeps the sharing)
+    loaded = fastpeft.load_adapter(fresh, tmp_path)
+    assert isinstance(loaded.b, fastpeft.LoraLinear) and loaded.a is loaded.b
+    torch.testing.assert_close(loaded(x), model(x))
+    fastpeft.apply_adapters(model, ["b"], config=dict(bottleneck=2))
+    assert isinstance(model.a, fastpeft.AdaptedModule) and model.a is model.b
+    fastpeft.remove_adapters(model)
+    assert isinstance(model.a, fastpeft.LoraLinear) and model.a is model.b
+    if importlib.util.find_spec("peft") is not None:
+        with pytest.raises(ValueError, match=r"\[\['a', 'b'\]\] are each one module used at several places"):
+            fastpeft.to_peft(model)
+        assert isinstance(model.a, fastpeft.LoraLinear) and model.a is model.b
