@@ -101,6 +101,40 @@ def _replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> No
     paths = [(name, new[id(m)]) for name, m in model.named_modules(remove_duplicate=False) if name and id(m) in new]
     for name, module in sorted(paths, key=lambda item: -item[0].count(".")):  # innermost first: paths stay valid
         _set_submodule(model, name, module)
+    if _is_transformers_model(model) and not isinstance(vars(model).get("save_pretrained"), _CheckedSavePretrained):
+        vars(model)["save_pretrained"] = _CheckedSavePretrained(model)
+
+
+def fastpeft_modules(model: nn.Module) -> list[str]:
+    """The names of the fastpeft layers in ``model`` (LoRA, bottleneck adapter and NF4 layers)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, AdaptedModule, NF4Linear))]
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(model).__mro__)
+
+
+class _CheckedSavePretrained:
+    """A transformers model's ``save_pretrained`` once fastpeft has put layers into it: refused while the model holds
+    them, since transformers would write the whole model under module names that ``from_pretrained`` cannot load
+    (``Trainer.save_model`` calls it too); the model's own once they are gone. An object rather than a function, so
+    that deep copies and pickles of the model keep calling their own model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        held = fastpeft_modules(self.model)
+        if held:
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise RuntimeError(
+                f"save_pretrained: the model holds fastpeft layers ({shown}), which transformers would save as a "
+                "whole model under names from_pretrained cannot load. Save LoRA adapters with "
+                "fastpeft.save_adapter(model, path) (PEFT's files: PeftModel.from_pretrained and "
+                "fastpeft.load_adapter load them), or fastpeft.to_peft(model) for a PeftModel; for a plain model, "
+                "fastpeft.merge_and_unload(model) (and remove_adapters for bottleneck adapters) first")
+        return type(self.model).save_pretrained(self.model, *args, **kwargs)
 
 
 def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,

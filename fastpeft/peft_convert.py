@@ -127,6 +127,11 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     its active adapter, merge and enable state and training mode. Anything fastpeft would run differently (LoRA biases,
     embeddings, quantized bases, other tuner types, modules_to_save, several active adapters, ...) is listed in a
     ``ValueError`` and nothing is changed. ``backend`` is set on the new layers.
+
+    The PeftModel keeps running the converted layers in its forward, but PEFT's adapter methods on it
+    (``save_pretrained``, ``state_dict``, ``add_adapter``, ``merge_and_unload``, ...) can no longer see them and
+    raise ``RuntimeError`` saying what to do; the returned model's ``save_pretrained`` (what ``Trainer.save_model``
+    calls) is refused while it holds fastpeft layers. Save with :func:`fastpeft.save_adapter`.
     """
     peft = _require_peft()
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -152,7 +157,42 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     _replace_modules(model, {name: _convert_layer(layer, backend) for name, layer in tuner_layers.items()})
     # PEFT's bookkeeping on the model it wrapped; stale now, and get_peft_model would read it as existing adapters.
     vars(model).pop("peft_config", None)
+    if isinstance(peft_model, peft.PeftModel):
+        _retire(peft_model)
     return model
+
+
+# What PEFT does with a PeftModel's adapters, on the PeftModel and on its tuner (peft_model.base_model). After
+# from_peft they would find no PEFT layer and silently do nothing or write nothing (an adapter file of 0 tensors).
+_PEFT_ADAPTER_METHODS = (
+    "save_pretrained", "push_to_hub", "load_adapter", "add_adapter", "set_adapter", "delete_adapter",
+    "disable_adapter", "enable_adapter_layers", "disable_adapter_layers", "merge_adapter", "unmerge_adapter",
+    "merge_and_unload", "unload", "add_weighted_adapter", "set_requires_grad", "get_layer_status",
+    "get_model_status", "create_or_update_model_card", "inject_adapter", "subtract_mutated_init", "state_dict",
+    "load_state_dict")
+
+
+class _Retired:
+    """A PEFT method of a PeftModel whose layers :func:`from_peft` moved out: a clear error instead of PEFT's code."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{self.name}: fastpeft.from_peft moved this PeftModel's LoRA layers into the model it returned "
+            f"(fastpeft LoraLinear layers), where PEFT's {self.name} cannot see them (a save would write an adapter "
+            "holding no tensors). Work on the returned model: fastpeft.save_adapter(model, path) writes PEFT's "
+            "adapter files, fastpeft.set_adapter / delete_adapter / merge_and_unload act on its adapters, and "
+            "fastpeft.to_peft(model) makes it a PeftModel again. Its forward still runs the adapters.")
+
+
+def _retire(peft_model) -> None:
+    """Make the adapter methods of ``peft_model`` (and of its tuner) raise; forward and generate keep working."""
+    for owner in (peft_model, peft_model.base_model):
+        for name in _PEFT_ADAPTER_METHODS:
+            if callable(getattr(type(owner), name, None)):
+                vars(owner)[name] = _Retired(name)
 
 
 def _magnitude(layer, name):

@@ -242,3 +242,73 @@ def test_bf16_base_with_fp32_adapters_stays_within_bf16_accuracy():
     exact = logits(copy.deepcopy(ours).double(), ids)  # bf16 weights are exact in float64
     assert our_logits.dtype == torch.bfloat16
     assert rel_err(our_logits, exact) < 2e-2 and rel_err(peft_logits, exact) < 2e-2
+
+
+def test_the_peftmodel_left_behind_refuses_instead_of_saving_nothing(tmp_path):
+    """After from_peft, PEFT's methods on the PeftModel cannot see the layers: saving, reading the state and
+    changing adapters raise and write nothing; its forward still runs the adapters."""
+    theirs = peft_llama()
+    ids = tokens()
+    want = logits(theirs, ids)
+    ours = fastpeft.from_peft(theirs)
+    assert close(logits(theirs, ids), want) and close(logits(ours, ids), want)
+    calls = {
+        "save_pretrained": lambda: theirs.save_pretrained(str(tmp_path / "saved")),
+        "state_dict": lambda: peft.get_peft_model_state_dict(theirs, adapter_name="task"),
+        "add_adapter": lambda: theirs.add_adapter("more", peft.LoraConfig(r=2, target_modules=["q_proj"])),
+        "set_adapter": lambda: theirs.set_adapter("other"),
+        "delete_adapter": lambda: theirs.delete_adapter("other"),
+        "disable_adapter": lambda: theirs.disable_adapter().__enter__(),
+        "merge_and_unload": lambda: theirs.merge_and_unload(),
+        "unload": lambda: theirs.base_model.unload(),
+        "merge_adapter": lambda: theirs.merge_adapter(),
+        "load_adapter": lambda: theirs.load_adapter(str(tmp_path), adapter_name="x"),
+        "add_weighted_adapter": lambda: theirs.add_weighted_adapter(["task"], [1.0], "w"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=rf"^{name}: fastpeft.from_peft moved .* fastpeft.save_adapter"):
+            call()
+    assert not (tmp_path / "saved").exists()
+    assert close(logits(ours, ids), want)
+    fastpeft.save_adapter(ours, tmp_path / "ours", adapter_name="task")
+    back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"), adapter_name="task").eval()
+    assert close(logits(back, ids), want)
+    again = fastpeft.to_peft(ours)  # a PeftModel that works again
+    again.save_pretrained(str(tmp_path / "again"))
+    assert any((tmp_path / "again").rglob("adapter_model.safetensors"))
+
+
+def test_save_pretrained_of_a_model_with_fastpeft_layers_is_refused_until_they_are_gone(tmp_path):
+    model = fastpeft.apply_lora(tiny_llama(), ["q_proj", "v_proj"], r=2, init_lora_weights=False)
+    with pytest.raises(RuntimeError, match=r"save_pretrained: the model holds fastpeft layers \(model.layers.0"):
+        model.save_pretrained(str(tmp_path / "whole"))
+    assert not (tmp_path / "whole").exists()
+    ids = tokens()
+    copied = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="holds fastpeft layers"):
+        copied.save_pretrained(str(tmp_path / "whole"))
+    want = logits(model, ids)
+    fastpeft.merge_and_unload(copied)
+    copied.save_pretrained(str(tmp_path / "merged"))  # the model's own save, once the layers are gone
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    assert torch.allclose(logits(reloaded, ids), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="holds fastpeft layers"):
+        model.save_pretrained(str(tmp_path / "whole"))  # the copy's merge did not touch the original
+
+
+@pytest.mark.parametrize("which", ["peft_model", "returned"])
+def test_trainer_after_from_peft_never_saves_a_wrong_model(tmp_path, which):
+    """Trainer.save_model on either object raises instead of writing an empty adapter or the whole base model."""
+    theirs = peft_llama()
+    ours = fastpeft.from_peft(theirs)
+    data = [{"input_ids": tokens(seed)[0], "labels": tokens(seed)[0]} for seed in range(4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+                                          save_strategy="no", report_to=[], use_cpu=True, logging_strategy="no")
+    trainer = transformers.Trainer(model=theirs if which == "peft_model" else ours, args=args, train_dataset=data)
+    trainer.train()
+    with pytest.raises(RuntimeError, match="fastpeft.save_adapter"):
+        trainer.save_model(str(tmp_path / "saved"))
+    assert not list(tmp_path.glob("saved/**/*.safetensors"))
+    fastpeft.save_adapter(ours, tmp_path / "adapter", adapter_name="task")
+    back = fastpeft.load_adapter(tiny_llama(), tmp_path / "adapter", adapter_name="task").eval()
+    assert close(logits(back, tokens()), logits(ours.eval(), tokens()))
