@@ -458,6 +458,52 @@ class NF4Linear(nn.Module):
             self.dtype = probe.dtype
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # torch copies every tensor it finds, casting it to the buffer's dtype, and reports missing or mismatched keys
+        # only afterwards: a state of another format (double quantisation or not, another blocksize or shape) would
+        # be half loaded, fp32 absmaxes cast into uint8 codes. Part of an NF4 weight means nothing, so the layer's
+        # whole state is checked first, and refused before anything is copied (strict or not: torch passes strict
+        # only at the end). Modules loaded before this one keep what they loaded.
+        problem = self._state_problem(state_dict, prefix)
+        if problem is not None:
+            raise RuntimeError(f"cannot load the NF4Linear's state (nothing of it was loaded): {problem}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _state_problem(self, state_dict, prefix) -> str | None:
+        """Why the layer cannot load its part of ``state_dict`` (None when it can, or when that holds none of the
+        weight's keys: torch then reports them missing, or without ``strict`` loads none)."""
+        ours = {name: t for name, t in self._buffers.items() if name.startswith("weight_") and t is not None}
+
+        def form(names):
+            if set(names) == {"weight_packed", *_STATS}:
+                return "with double quantisation"
+            return "without double quantisation" if set(names) == {"weight_packed", "weight_absmax"} else "incomplete"
+        if prefix + "weight" in state_dict:
+            return (f"{prefix}weight is a dense (or bitsandbytes) layer's weight, where this layer holds an NF4 weight "
+                    f"({', '.join(ours)}): load it into an nn.Linear and quantise that (fastpeft.quantize_nf4)")
+        given = [name for name in ("weight_packed", *_STATS) if prefix + name in state_dict]
+        if not given:
+            return None
+        for name in ("weight_packed", *_STATS):
+            if (name in ours) != (name in given):
+                return (f"{prefix}{name} is {'missing from' if name in ours else 'in'} the state, whose NF4 weight has "
+                        f"{', '.join(given)} ({form(given)}), where this layer's has {', '.join(ours)} "
+                        f"({form(ours)})")
+        for name in given:
+            t, want = state_dict[prefix + name], ours[name]
+            if not isinstance(t, Tensor):
+                return f"{prefix}{name}: expected a tensor, got {type(t).__name__}"
+            if t.dtype != want.dtype or t.shape != want.shape:
+                return (f"{prefix}{name}: expected {want.dtype} of shape {tuple(want.shape)}, got {t.dtype} of shape "
+                        f"{tuple(t.shape)}" + ("" if t.shape == want.shape else
+                                               " (the state of another shape or blocksize)"))
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is not None and bias is not None and getattr(bias, "shape", None) != self.bias.shape:
+            return f"{prefix}bias: expected shape {tuple(self.bias.shape)}, got {tuple(getattr(bias, 'shape', ()))}"
+        return None
+
     @torch.no_grad()
     def dequantized(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantised weight (in the compute dtype) and the same bias values."""

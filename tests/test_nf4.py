@@ -579,3 +579,95 @@ def test_the_cuda_decode_launch_reads_the_packed_codes(monkeypatch):
         with pytest.raises(ValueError, match="neither mixed adapters nor DoRA"):
             cuda_ext.lora_linear_decode(x, q, None, torch.randn(4, K), torch.randn(48, 4), 1.0,
                                         col_scale=torch.ones(48))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading a state: all of it or nothing
+# ----------------------------------------------------------------------------------------------------------
+
+def _snapshot(module):
+    return {n: t.clone() for n, t in module.state_dict().items()}
+
+
+def _unchanged(module, before):
+    """Every buffer and parameter bit for bit as before, in its dtype."""
+    after = module.state_dict()
+    return set(after) == set(before) and all(after[n].dtype == t.dtype and torch.equal(after[n], t)
+                                             for n, t in before.items())
+
+
+def _nf4_state(k=70, n=33, **kwargs):
+    return NF4Linear.from_linear(torch.nn.Linear(k, n), **kwargs).state_dict()
+
+
+def _state_with(state, **tensors):
+    state = dict(state)
+    state.update(tensors)
+    return state
+
+
+def _mismatched_states(double_quant):
+    """(state, the key the error names) that an NF4Linear(70 -> 33, blocksize 64, double_quant) cannot load."""
+    own = _nf4_state(double_quant=double_quant)
+    other = _nf4_state(double_quant=not double_quant)
+    partial = {n: t for n, t in own.items() if n != "weight_absmax"}
+    dense = torch.nn.Linear(70, 33).state_dict()
+    absmax = own["weight_absmax"]
+    return [(other, "weight_absmax_code"),  # the other absmax format: the double quantisation's keys
+            (_nf4_state(blocksize=128, double_quant=double_quant), "weight_absmax"),
+            (_nf4_state(64, 40, double_quant=double_quant), "weight_packed"),  # another layer's
+            (partial, "weight_absmax"),
+            (dense, "weight"),
+            # float absmaxes where uint8 codes are expected, and the reverse
+            (_state_with(own, weight_absmax=absmax.float() if double_quant else absmax.to(torch.uint8)),
+             "weight_absmax"),
+            (_state_with(own, weight_packed=own["weight_packed"].float()), "weight_packed"),
+            (_state_with(own, bias=torch.randn(34)), "bias")]
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "not-strict"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "plain"])
+def test_nf4_linear_loads_a_state_whole_or_not_at_all(double_quant, strict):
+    """A state of another NF4 format (double quantisation or not), blocksize, shape or dtype, a partial one or a dense
+    layer's is refused naming the key, the layer bit for bit as before (torch would copy what it can first); a state
+    of the same format loads, and one holding none of the layer's keys is nothing to load without strict."""
+    torch.manual_seed(0)
+    layer = NF4Linear.from_linear(torch.nn.Linear(70, 33), double_quant=double_quant)
+    x = torch.randn(5, 70)
+    y = layer(x)
+    before = _snapshot(layer)
+    for state, key in _mismatched_states(double_quant):
+        with pytest.raises(RuntimeError, match=f"{key}[ :]"):
+            layer.load_state_dict(state, strict=strict)
+        assert _unchanged(layer, before), key
+        assert torch.equal(layer(x), y), key
+    source = NF4Linear.from_linear(torch.nn.Linear(70, 33), double_quant=double_quant)
+    layer.load_state_dict(source.state_dict(), strict=strict)
+    assert torch.equal(layer(x), source(x)) and not torch.equal(layer(x), y)
+    meta = NF4Linear.from_linear(torch.nn.Linear(70, 33), double_quant=double_quant).to("meta")
+    meta.load_state_dict(source.state_dict(), strict=strict, assign=True)  # meta initialisation, then the state
+    assert torch.equal(meta(x), source(x))
+    if not strict:
+        before = _snapshot(layer)
+        layer.load_state_dict({}, strict=False)
+        assert _unchanged(layer, before)
+
+
+def test_a_model_over_nf4_layers_refuses_a_mismatched_state_unchanged():
+    """A LoRA layer over an NF4 base, and a model whose NF4 layer comes first, stay as they were when the base's state
+    is of another format: the base refuses before anything after it is loaded."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 70)
+    lora = fastpeft.LoraLinear(NF4Linear.from_linear(torch.nn.Linear(70, 33)), r=4, init_lora_weights=False)
+    other = fastpeft.LoraLinear(NF4Linear.from_linear(torch.nn.Linear(70, 33), double_quant=False), r=4,
+                                init_lora_weights=False)
+    model = torch.nn.Sequential(NF4Linear.from_linear(torch.nn.Linear(70, 33)), torch.nn.Linear(33, 8))
+    other_model = torch.nn.Sequential(NF4Linear.from_linear(torch.nn.Linear(70, 33), blocksize=128),
+                                      torch.nn.Linear(33, 8))
+    for module, state, key in ((lora, other.state_dict(), "base_layer.weight_absmax_code"),
+                               (model, other_model.state_dict(), "0.weight_absmax")):
+        y, before = module(x), _snapshot(module)
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match=key):
+                module.load_state_dict(state, strict=strict)
+            assert _unchanged(module, before) and torch.equal(module(x), y)
