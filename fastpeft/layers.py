@@ -174,6 +174,9 @@ class LoraAdapter(nn.Module):
     def init_magnitude(self, weight: torch.Tensor) -> None:
         """Make this a DoRA adapter over base ``weight`` (out, in): m = ‖W + scaling·BA‖ per row (HF PEFT's start,
         so the layer's output is unchanged), in the adapters' dtype."""
+        if isinstance(weight, NF4Weight):
+            raise ValueError("weight is a 4-bit NF4Weight: DoRA over a 4-bit base is not supported; use plain LoRA "
+                             "over it, or dequantise the base first (NF4Linear.dequantized())")
         norm = dora_weight_norm(weight.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling)
         self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype),
                                                   requires_grad=self.lora_A.requires_grad)
@@ -292,6 +295,10 @@ class LoraLinear(nn.Module):
             _check_adapter_name(name)
             if not isinstance(adapter, LoraAdapter):
                 raise TypeError(f"adapters[{name!r}] must be a LoraAdapter, got {type(adapter).__name__}")
+            if adapter.use_dora and isinstance(base, NF4Linear):  # as the constructor and add_adapter refuse it
+                raise ValueError(f"adapters[{name!r}] is a DoRA adapter: DoRA over a 4-bit (NF4) base is not "
+                                 "supported; use plain LoRA over it, or dequantise the base first "
+                                 "(NF4Linear.dequantized())")
             a, b = adapter.lora_A, adapter.lora_B
             m = adapter.lora_magnitude_vector
             if a.shape[1] != base.in_features or b.shape[0] != base.out_features or (

@@ -671,3 +671,44 @@ def test_a_model_over_nf4_layers_refuses_a_mismatched_state_unchanged():
             with pytest.raises(RuntimeError, match=key):
                 module.load_state_dict(state, strict=strict)
             assert _unchanged(module, before) and torch.equal(module(x), y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Every entry point that takes a weight, given a 4-bit one: runs it, or refuses before any work
+# ----------------------------------------------------------------------------------------------------------
+
+def test_dora_over_nf4_is_refused_on_every_path(tmp_path):
+    """DoRA over a 4-bit base is refused wherever it can come in (a layer's constructor, from_adapters, another
+    adapter added by apply_lora, an adapter file, the norm and the magnitude's initialisation), with nothing changed."""
+    torch.manual_seed(0)
+    nf4_base = NF4Linear.from_linear(torch.nn.Linear(32, 16))
+    dora = fastpeft.LoraLinear(torch.nn.Linear(32, 16), r=4, use_dora=True).adapter
+    with pytest.raises(ValueError, match=r"adapters\['d'\] is a DoRA adapter.*4-bit"):
+        fastpeft.LoraLinear.from_adapters(nf4_base, {"d": dora}, "d")
+    plain = fastpeft.LoraAdapter(32, 16, r=4)
+    fastpeft.LoraLinear.from_adapters(nf4_base, {"p": plain}, "p")  # plain LoRA over it is fine
+
+    def nf4_model():
+        return torch.nn.Sequential(NF4Linear.from_linear(torch.nn.Linear(32, 32)), torch.nn.ReLU(),
+                                   NF4Linear.from_linear(torch.nn.Linear(32, 16)))
+    dense = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    fastpeft.save_adapter(fastpeft.apply_lora(dense, ["0", "2"], r=4, use_dora=True), tmp_path / "dora")
+    bare, lora = nf4_model(), fastpeft.apply_lora(nf4_model(), ["0", "2"], r=4, init_lora_weights=False)
+    x = torch.randn(3, 32)
+    y = lora(x)
+    with pytest.raises(ValueError, match="DoRA .* over a 4-bit"):
+        fastpeft.apply_lora(lora, ["0", "2"], r=4, adapter_name="d", use_dora=True)
+    for model in (bare, lora):
+        with pytest.raises(fastpeft.AdapterFileError, match="0: a DoRA adapter over a 4-bit base"):
+            fastpeft.load_adapter(model, tmp_path / "dora", adapter_name="d")
+    assert type(bare[0]) is NF4Linear and [list(lora[i].adapters) for i in (0, 2)] == [["default"]] * 2
+    assert torch.equal(lora(x), y)
+
+    q = nf4_base.weight
+    a, b = torch.randn(4, 32), torch.randn(16, 4)
+    with pytest.raises(ValueError, match="weight is a 4-bit NF4Weight: DoRA"):
+        fastpeft.dora_weight_norm(q, a, b, 2.0)
+    with pytest.raises(ValueError, match="weight is a 4-bit NF4Weight: DoRA"):
+        plain.init_magnitude(q)
+    assert plain.lora_magnitude_vector is None
+

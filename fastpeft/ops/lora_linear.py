@@ -108,6 +108,9 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, *, weight_sq=None, backend
     known (W is frozen: :func:`weight_sq_norm` once; the kernel does not need it). Factored, a row's square carries
     an error of about 1e-7·‖W_i‖² in fp32, so a row that the update nearly cancels (‖W_i + s B_i A‖ below ~1e-2
     ‖W_i‖) loses digits there; the kernel's tiles do not cancel."""
+    if isinstance(weight, NF4Weight):
+        raise ValueError("weight is a 4-bit NF4Weight: DoRA over a 4-bit base is not supported; for the row norms "
+                         "of the dequantised weight, pass weight.dequantize()")
     _check_weights(weight, None, lora_A, lora_B, scaling)
     if weight_sq is not None:
         if (not isinstance(weight_sq, Tensor) or tuple(weight_sq.shape) != (weight.shape[0],)
