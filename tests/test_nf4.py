@@ -712,3 +712,27 @@ def test_dora_over_nf4_is_refused_on_every_path(tmp_path):
         plain.init_magnitude(q)
     assert plain.lora_magnitude_vector is None
 
+
+def test_ops_given_an_nf4_weight_run_it_or_refuse():
+    """The references run over an NF4 weight as over its dequantised weight (the op agrees with them); a mixed batch
+    over one is refused naming weight (under autocast too); an NF4Weight is a base weight, never an adapter's or a
+    bias."""
+    torch.manual_seed(0)
+    q = quantize_nf4(torch.randn(24, 40), double_quant=False)
+    x, bias, a, b = torch.randn(2, 3, 40), torch.randn(24), torch.randn(4, 40), torch.randn(24, 4)
+    ref = lora_linear_reference(x, q, bias, a, b, 0.5)
+    assert torch.equal(ref, lora_linear_reference(x, q.dequantize(), bias, a, b, 0.5))
+    assert rel_err(fastpeft.lora_linear(x, q, bias, a, b, 0.5, backend="torch"), ref) <= TOLERANCE[fp32]
+    index = torch.tensor([[0, -1, 1], [1, 0, 0]])
+    mixed = fastpeft.lora_linear_mixed_reference(x, q, bias, [a, a * 2], [b, b], [0.5, 1.0], index)
+    assert torch.equal(mixed, fastpeft.lora_linear_mixed_reference(x, q.dequantize(), bias, [a, a * 2], [b, b],
+                                                                   [0.5, 1.0], index))
+    with pytest.raises(ValueError, match="weight is a 4-bit NF4Weight: mixed-adapter batches"):
+        fastpeft.lora_linear_mixed(x, q, bias, [a, a * 2], [b, b], [0.5, 1.0], index)
+    with torch.autocast("cpu", dtype=bf16), pytest.raises(ValueError, match="weight is a 4-bit NF4Weight"):
+        fastpeft.lora_linear_mixed(x, q, bias, [a, a * 2], [b, b], [0.5, 1.0], index)
+    w = q.dequantize()
+    for name, args in (("lora_A", (x, w, bias, quantize_nf4(a), b)), ("lora_B", (x, w, bias, a, quantize_nf4(b))),
+                       ("bias", (x, w, quantize_nf4(bias[:, None]), a, b))):
+        with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got NF4Weight"):
+            fastpeft.lora_linear(*args, 0.5)

@@ -49,8 +49,11 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=No
 
     keep_mask: None (no dropout) or a bool tensor of x's shape (True = keep). Dropped elements are replaced
     by zero (so a NaN there does not reach the low-rank branch; it still reaches y through x Wᵀ).
-    Run it in float64 to get the reference outputs and gradients.
+    Run it in float64 to get the reference outputs and gradients. An :class:`fastpeft.nf4.NF4Weight` is dequantised
+    (to its dtype): the reference of LoRA over a 4-bit base.
     """
+    if isinstance(weight, NF4Weight):
+        weight = weight.dequantize()
     dropped = x if keep_mask is None else torch.where(keep_mask, x, 0.0) / (1.0 - dropout_p)
     y = x @ weight.t() + scaling * ((dropped @ lora_A.t()) @ lora_B.t())
     if magnitude is not None:
@@ -492,7 +495,7 @@ def _check_weights(weight, bias, lora_A, lora_B, scaling):
     named = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
-    _check_float_tensors({k: v for k, v in named.items() if not isinstance(v, NF4Weight)})
+    _check_float_tensors({k: v for k, v in named.items() if not (k == "weight" and isinstance(v, NF4Weight))})
     if weight.dim() != 2:
         raise ValueError(f"weight must have shape (out_features, in_features), got {tuple(weight.shape)}")
     n, k = weight.shape

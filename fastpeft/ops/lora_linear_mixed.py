@@ -29,6 +29,7 @@ from ..backends import (
     select_backend,
 )
 from ..checks import check_finite_number, check_probability, check_same_device
+from ..nf4 import NF4Weight
 from .lora_linear import (
     DROPOUT_SEED_LIMIT,
     LORA_LINEAR_BACKENDS,
@@ -50,7 +51,9 @@ def lora_linear_mixed_reference(x, weight, bias, lora_As, lora_Bs, scalings, ada
     """Each row through :func:`lora_linear_reference` with its own adapter (plain autograd ops; run it in float64).
 
     keep_masks: None, or per adapter None / a bool keep-mask of x's shape (True = keep) applied to that adapter's
-    rows."""
+    rows. An :class:`fastpeft.nf4.NF4Weight` is dequantised (to its dtype), as by :func:`lora_linear_reference`."""
+    if isinstance(weight, NF4Weight):
+        weight = weight.dequantize()
     x2d = x.reshape(-1, x.shape[-1])
     index = adapter_index.reshape(-1)
     y = x2d @ weight.t() + (bias if bias is not None else 0)
@@ -490,6 +493,9 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
     """
     if not isinstance(lora_As, (list, tuple)) or not isinstance(lora_Bs, (list, tuple)):
         raise TypeError("lora_As and lora_Bs must be lists of tensors, one per adapter")
+    if isinstance(weight, NF4Weight):  # (before autocast's cast, which an NF4Weight does not take)
+        raise ValueError("weight is a 4-bit NF4Weight: mixed-adapter batches over a 4-bit base are not supported; "
+                         "run one adapter at a time (fastpeft.lora_linear takes an NF4Weight)")
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):  # as lora_linear does
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
