@@ -384,6 +384,10 @@ class LoraLinear(nn.Module):
                 return self._lora_over_4bit(x, weight, bias, lora_A, lora_B, a)
             return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                                backend=self.backend)
+        if isinstance(weight, NF4Weight):  # (only an adapter put into `adapters` by hand gets here)
+            raise ValueError(f"adapter {self.active_adapter!r} is a DoRA adapter over a 4-bit (NF4) base, which is "
+                             "not supported; use plain LoRA over it, or dequantise the base first "
+                             "(NF4Linear.dequantized())")
         # DoRA. In eval mode, with A and B not being trained, the row norms are kept while W, A and B stay as they
         # are; otherwise they are computed each call (no (out, in) matrix; only the frozen W's ‖W‖² kept): A and B
         # may change every step, by optimizers whose in-place kernels leave version counters alone (fused AdamW). A

@@ -711,6 +711,11 @@ def test_dora_over_nf4_is_refused_on_every_path(tmp_path):
     with pytest.raises(ValueError, match="weight is a 4-bit NF4Weight: DoRA"):
         plain.init_magnitude(q)
     assert plain.lora_magnitude_vector is None
+    layer = fastpeft.LoraLinear.from_adapters(nf4_base, {"p": plain}, "p")
+    layer.adapters["d"] = dora  # by hand, past every check: refused when it would run
+    layer.set_adapter("d")
+    with pytest.raises(ValueError, match="adapter 'd' is a DoRA adapter over a 4-bit"):
+        layer(x)
 
 
 def test_ops_given_an_nf4_weight_run_it_or_refuse():
