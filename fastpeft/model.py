@@ -103,6 +103,18 @@ def _replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> No
         _set_submodule(model, name, module)
     if _is_transformers_model(model) and not isinstance(vars(model).get("save_pretrained"), _CheckedSavePretrained):
         vars(model)["save_pretrained"] = _CheckedSavePretrained(model)
+    if not any(h.hook is _check_nf4_states for h in model._load_state_dict_pre_hooks.values()):
+        model.register_load_state_dict_pre_hook(_check_nf4_states)
+
+
+def _check_nf4_states(model, state_dict, prefix, *_) -> None:
+    """Before a model loads a state dict: every NF4 layer's part of it checked, so a mismatch there refuses the load
+    before any module of the model has copied anything (NF4Linear's own check runs only when its turn comes)."""
+    for name, module in model.named_modules():
+        if isinstance(module, NF4Linear):
+            problem = module._state_problem(state_dict, f"{prefix}{name}." if name else prefix)
+            if problem is not None:
+                raise RuntimeError(f"cannot load the state into the model (nothing was loaded): {problem}")
 
 
 def fastpeft_modules(model: nn.Module) -> list[str]:

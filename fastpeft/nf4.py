@@ -464,7 +464,8 @@ class NF4Linear(nn.Module):
         # only afterwards: a state of another format (double quantisation or not, another blocksize or shape) would
         # be half loaded, fp32 absmaxes cast into uint8 codes. Part of an NF4 weight means nothing, so the layer's
         # whole state is checked first, and refused before anything is copied (strict or not: torch passes strict
-        # only at the end). Modules loaded before this one keep what they loaded.
+        # only at the end). A model fastpeft put NF4 layers into checks them all before any module loads
+        # (model._check_nf4_states).
         problem = self._state_problem(state_dict, prefix)
         if problem is not None:
             raise RuntimeError(f"cannot load the NF4Linear's state (nothing of it was loaded): {problem}")

@@ -741,3 +741,30 @@ def test_ops_given_an_nf4_weight_run_it_or_refuse():
                        ("bias", (x, w, quantize_nf4(bias[:, None]), a, b))):
         with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor, got NF4Weight"):
             fastpeft.lora_linear(*args, 0.5)
+
+
+def test_a_quantised_model_refuses_a_mismatched_state_before_any_module_loads():
+    """A model quantised by quantize_nf4 (or given LoRA over NF4 layers): a state whose later NF4 layer mismatches
+    leaves even the modules before it unchanged."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+
+    def build(**kwargs):
+        torch.manual_seed(1)
+        dense = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+        return fastpeft.quantize_nf4(dense, skip_modules=["0"], **kwargs)
+    model = build()
+    donor = build(double_quant=False)
+    with torch.no_grad():
+        donor[0].weight.add_(1.0)  # the dense layer first in the state differs
+    y, before = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"nothing was loaded\): 2.weight_absmax_code is missing"):
+            model.load_state_dict(donor.state_dict(), strict=strict)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and torch.equal(model(x), y)
+    lora = fastpeft.apply_lora(build(), ["0", "2"], r=2)
+    before = {k: v.clone() for k, v in lora.state_dict().items()}
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        lora.load_state_dict(fastpeft.apply_lora(donor, ["0", "2"], r=2).state_dict())
+    assert all(torch.equal(v, lora.state_dict()[k]) for k, v in before.items())
+    model.load_state_dict(build().state_dict())  # a matching state loads
