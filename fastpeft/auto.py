@@ -10,10 +10,13 @@ Triton, fastpeft, the extension), so later processes start with it: runs after t
   ``~/.cache/fastpeft``); set it empty to keep winners in memory only.
 
 The file is replaced whole (write a temporary file, fsync, rename) under an exclusive lock, merging what other
-processes stored meanwhile; a file that cannot be read or parsed is treated as empty and rewritten, and an entry that
-names no current candidate is measured again. Nothing is measured while torch.compile traces, while a CUDA graph
-captures, under saved-tensor hooks (activation checkpointing), or on fake tensors: those calls take the rule order,
-provisionally (the next call outside them measures).
+processes stored meanwhile. A lock held by another process for ``LOCK_WAIT`` seconds (one stopped while it holds
+it) is not waited for: the winner is kept in memory only, with one warning per process, and later stores of the
+process take the lock only if it is free at once, so a training job never hangs on the cache. A file that cannot be
+read or parsed is treated as empty and rewritten, and an entry that names no current candidate is measured again.
+Nothing is measured while torch.compile traces, while a CUDA graph captures, under saved-tensor hooks (activation
+checkpointing), or on fake tensors: those calls take the rule order, provisionally (the next call outside them
+measures).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,10 +40,12 @@ MEASURE_ENV = "FASTPEFT_AUTO_MEASURE"
 CACHE_DIR_ENV = "FASTPEFT_CACHE_DIR"
 FORMAT = 1
 ROUNDS = 7  # timed calls per candidate, after one untimed call (compiles, autotuning, allocator warm-up)
+LOCK_WAIT = 2.0  # seconds a store waits for the cache's lock (a writer holds it for milliseconds)
 
 # key -> winner, for this process; filled from the disk on first use.
 _winners: dict[str, str] = {}
 _loaded_files: set[Path] = set()
+_lock_timed_out = False  # a store of this process gave up on the lock: warned, and later stores do not wait
 
 
 def size_class(m: int) -> int:
@@ -115,11 +121,34 @@ def _load(path: Path | None) -> None:
             _winners.setdefault(key, winner)
 
 
+def _lock(lock, wait: float) -> bool:
+    """Take the exclusive lock on the open file ``lock``, waiting up to ``wait`` seconds: False when another process
+    holds it that long (a blocking lock would wait forever on a stopped process)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
 def _store(path: Path, key: str, winner: str) -> None:
-    """Add one winner to the file: under an exclusive lock, read what is there, merge, replace the file whole."""
+    """Add one winner to the file: under an exclusive lock, read what is there, merge, replace the file whole. Where
+    the lock is not had within ``LOCK_WAIT`` seconds nothing is stored (the caller keeps the winner in memory)."""
+    global _lock_timed_out
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        if not _lock(lock, 0.0 if _lock_timed_out else LOCK_WAIT):
+            if not _lock_timed_out:
+                _lock_timed_out = True
+                warnings.warn(f"fastpeft auto: the cache's lock {lock_path} is held by another process (waited "
+                              f"{LOCK_WAIT:g} s): this winner is kept in memory only, and later ones are stored only "
+                              "when the lock is free at once", RuntimeWarning, stacklevel=3)
+            return
         winners = _read(path)
         winners[key] = winner
         text = json.dumps({"format": FORMAT, "winners": winners}, indent=1, sort_keys=True)

@@ -9,7 +9,11 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -272,6 +276,70 @@ def test_concurrent_writers_merge_and_a_killed_writer_leaves_a_whole_file(tmp_pa
             assert {f"{p}{i}" for p in "ab" for i in range(40)} <= set(winners)
     finally:
         del os.environ[auto.CACHE_DIR_ENV]
+
+
+def decide(key, winner="b"):
+    """One ``auto`` decision between two backends that run nothing, ``winner`` the faster: measuring costs nothing,
+    so what a test times is the cache's own work."""
+    costs = {"a": 2e-3, "b": 1e-3} if winner == "b" else {"a": 1e-3, "b": 2e-3}
+    name = []
+
+    def timer(fn):
+        fn()
+        return costs[name[-1]]
+    return auto.fastest((key,), ["a", "b"], name.append, [torch.zeros(1)], timer=timer)
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path):
+    """A private cache folder and an empty memory; yields the cache file's path."""
+    monkeypatch.setenv(auto.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(auto.MEASURE_ENV, raising=False)
+    auto.forget()
+    yield auto.cache_path(torch.device("cpu"))
+    auto.forget()
+
+
+LOCK_HOLDER = """
+import fcntl, os, signal, sys
+lock = open(sys.argv[1], "a")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("locked", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)  # stopped while holding the lock (^Z, a debugger, a frozen container)
+"""
+
+
+def test_a_lock_held_by_a_stopped_process_delays_a_store_briefly_and_the_winner_stays_in_memory(cache, monkeypatch):
+    """A process stopped while it holds the cache's lock never hangs another: its store waits ``LOCK_WAIT`` seconds,
+    warns once, and keeps the winner in memory only; later stores do not wait again (nor warn), and store once the
+    lock is free."""
+    monkeypatch.setattr(auto, "_lock_timed_out", False)
+    lock_path = cache.with_name(cache.name + ".lock")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(lock_path)], stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(auto.LOCK_WAIT + 20, holder.kill)  # a store that blocks fails the test, not hangs
+    watchdog.start()
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.monotonic()
+            assert decide("first") == ("b", True)
+            first = time.monotonic() - start
+            start = time.monotonic()
+            assert decide("second", winner="a") == ("a", True)
+            second = time.monotonic() - start
+        assert first < auto.LOCK_WAIT + 5 and second < 1, (first, second)
+        assert [str(w.message) for w in caught] == [
+            f"fastpeft auto: the cache's lock {lock_path} is held by another process (waited {auto.LOCK_WAIT:g} s): "
+            "this winner is kept in memory only, and later ones are stored only when the lock is free at once"]
+        assert sorted(auto.stored_winners().values()) == ["a", "b"] and not cache.exists()
+    finally:
+        watchdog.cancel()
+        holder.send_signal(signal.SIGCONT)  # it runs on and exits: the lock is released
+        holder.wait(30)
+    assert decide("third") == ("b", True)
+    assert list(json.loads(cache.read_text())["winners"].values()) == ["b"]
 
 
 def test_winners_are_kept_per_candidate_set(clock, monkeypatch):
