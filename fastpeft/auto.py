@@ -7,7 +7,9 @@ Triton, fastpeft, the extension), so later processes start with it: runs after t
 
 - ``FASTPEFT_AUTO_MEASURE=0``: no measuring; ``auto`` takes the first candidate in its rule order.
 - ``FASTPEFT_CACHE_DIR``: the folder of the on-disk cache (default ``$XDG_CACHE_HOME/fastpeft`` or
-  ``~/.cache/fastpeft``); set it empty to keep winners in memory only.
+  ``~/.cache/fastpeft``); set it empty to keep winners in memory only. A relative path is taken from the working
+  directory at the time; a relative ``XDG_CACHE_HOME`` is ignored (as the XDG spec says). Where no home folder can
+  be found (no ``HOME``, no passwd entry for the uid) a path from ``~`` gives no cache: winners in memory only.
 
 The file is replaced whole (write a temporary file, fsync, rename) under an exclusive lock, merging what other
 processes stored meanwhile. A lock held by another process for ``LOCK_WAIT`` seconds (one stopped while it holds
@@ -90,15 +92,30 @@ def _device_name(device: torch.device) -> str:
     return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
 
 
+def _cache_folder() -> str | None:
+    """The cache's folder, always absolute; None when the disk cache is off or no absolute folder can be had."""
+    folder = os.environ.get(CACHE_DIR_ENV)
+    if folder is not None:
+        if not folder.strip():
+            return None
+        folder = os.path.expanduser(folder)
+        if folder.startswith("~"):  # no home folder to expand it to (no HOME, no passwd entry for the uid)
+            return None
+        return os.path.abspath(folder)  # a relative path: from the working directory
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):  # unset, empty or relative (which the XDG spec says to ignore)
+        home = os.path.expanduser("~")
+        if not os.path.isabs(home):  # "~" stays "~" without HOME and a passwd entry: never a "./~" folder
+            return None
+        base = os.path.join(home, ".cache")
+    return os.path.join(base, "fastpeft")
+
+
 def cache_path(device: torch.device) -> Path | None:
     """The on-disk cache file for ``device`` and this set of versions, or None when the disk cache is off."""
-    folder = os.environ.get(CACHE_DIR_ENV)
+    folder = _cache_folder()
     if folder is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        folder = os.path.join(base, "fastpeft")
-    if not folder.strip():
         return None
-    folder = os.path.expanduser(folder)
     identity = json.dumps({"device": _device_name(device), **_versions()}, sort_keys=True)
     return Path(folder) / f"auto-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
 

@@ -342,6 +342,60 @@ def test_a_lock_held_by_a_stopped_process_delays_a_store_briefly_and_the_winner_
     assert list(json.loads(cache.read_text())["winners"].values()) == ["b"]
 
 
+NO_HOME = """
+import os, pwd
+def no_entry(uid):
+    raise KeyError(f"getpwuid(): uid not found: {uid}")
+pwd.getpwuid = no_entry  # an arbitrary uid with no passwd entry, as some containers run
+import torch
+from fastpeft import auto
+assert os.path.expanduser("~") == "~"
+print(auto.cache_path(torch.device("cpu")))
+print(auto.fastest(("k",), ["a", "b"], lambda name: None, [torch.zeros(1)], timer=lambda fn: fn() or 1e-3))
+print(list(auto.stored_winners().values()))
+"""
+
+
+def test_without_a_home_folder_winners_are_kept_in_memory_only(tmp_path):
+    """With no HOME, no XDG_CACHE_HOME and no passwd entry for the uid there is no absolute cache folder: nothing is
+    written (no literal "~" folder in the working directory), the winner is kept in memory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_CACHE_HOME", auto.CACHE_DIR_ENV)}
+    out = subprocess.run([sys.executable, "-c", NO_HOME], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["None", "('a', True)", "['a']"]
+    assert not list(work.iterdir())
+
+
+def test_the_cache_folder_is_absolute(cache, monkeypatch, tmp_path):
+    """A relative XDG_CACHE_HOME is ignored (the XDG spec says so): the cache goes under $HOME/.cache. A relative
+    FASTPEFT_CACHE_DIR is taken from the working directory; one that names an unknown home ("~/...") keeps winners
+    in memory only."""
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    monkeypatch.delenv(auto.CACHE_DIR_ENV)
+    path = auto.cache_path(torch.device("cpu"))
+    assert path.parent == home / ".cache" / "fastpeft"
+    decide("k")
+    assert path.exists() and not list(work.iterdir())
+
+    monkeypatch.setenv(auto.CACHE_DIR_ENV, "winners")
+    assert auto.cache_path(torch.device("cpu")).parent == work / "winners"
+
+    monkeypatch.delenv("HOME")
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # no home folder to be found
+    for value in ("~/winners", "~"):
+        monkeypatch.setenv(auto.CACHE_DIR_ENV, value)
+        assert auto.cache_path(torch.device("cpu")) is None
+    monkeypatch.delenv(auto.CACHE_DIR_ENV)
+    assert auto.cache_path(torch.device("cpu")) is None
+
+
 def test_winners_are_kept_per_candidate_set(clock, monkeypatch):
     """A winner measured among fewer candidates (a GEMM variant fixed by hand) never stands for the full set."""
     monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "cublas")
