@@ -12,13 +12,13 @@ Triton, fastpeft, the extension), so later processes start with it: runs after t
   be found (no ``HOME``, no passwd entry for the uid) a path from ``~`` gives no cache: winners in memory only.
 
 The file is replaced whole (write a temporary file, fsync, rename) under an exclusive lock, merging what other
-processes stored meanwhile. A lock held by another process for ``LOCK_WAIT`` seconds (one stopped while it holds
-it) is not waited for: the winner is kept in memory only, with one warning per process, and later stores of the
-process take the lock only if it is free at once, so a training job never hangs on the cache. A file that cannot be
-read or parsed is treated as empty and rewritten, and an entry that names no current candidate is measured again.
-Nothing is measured while torch.compile traces, while a CUDA graph captures, under saved-tensor hooks (activation
-checkpointing), or on fake tensors: those calls take the rule order, provisionally (the next call outside them
-measures).
+processes stored meanwhile. A lock held by another process for ``LOCK_WAIT`` seconds (one stopped while it holds it)
+is not waited for: the winner is kept in memory only, with one warning per process, and later stores of the process
+take the lock only if it is free at once, so a training job never hangs on the cache. The file keeps the newest
+``MAX_ENTRIES`` winners. A file that cannot be read or parsed, or is larger than ``MAX_BYTES`` (not read then), is
+treated as empty and rewritten, and an entry that names no current candidate is measured again. Nothing is measured
+while torch.compile traces, while a CUDA graph captures, under saved-tensor hooks (activation checkpointing), or on
+fake tensors: those calls take the rule order, provisionally (the next call outside them measures).
 """
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ MEASURE_ENV = "FASTPEFT_AUTO_MEASURE"
 CACHE_DIR_ENV = "FASTPEFT_CACHE_DIR"
 FORMAT = 1
 ROUNDS = 7  # timed calls per candidate, after one untimed call (compiles, autotuning, allocator warm-up)
+# The file's bounds: one entry per shape class and candidate set (about 300 bytes) is a few hundred for a model; a
+# store keeps the newest MAX_ENTRIES, and a file past MAX_BYTES (not one fastpeft wrote) is treated as empty unread.
+MAX_ENTRIES = 4096
+MAX_BYTES = 4 << 20
 LOCK_WAIT = 2.0  # seconds a store waits for the cache's lock (a writer holds it for milliseconds)
 
 # key -> winner, for this process; filled from the disk on first use.
@@ -121,14 +125,20 @@ def cache_path(device: torch.device) -> Path | None:
 
 
 def _read(path: Path) -> dict[str, str]:
-    """The winners stored in ``path``; empty when it is missing, unreadable or not a cache of this format."""
+    """The newest ``MAX_ENTRIES`` winners stored in ``path``, oldest first; empty when it is missing, unreadable,
+    larger than ``MAX_BYTES`` or not a cache of this format."""
     try:
-        data = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            text = f.read(MAX_BYTES + 1)
+        if len(text) > MAX_BYTES:  # parsing it would cost seconds on every store
+            return {}
+        data = json.loads(text)
     except (OSError, ValueError, RecursionError):  # RecursionError: nested past what json parses
         return {}
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("winners"), dict):
         return {}
-    return {k: v for k, v in data["winners"].items() if isinstance(k, str) and isinstance(v, str)}
+    winners = [(k, v) for k, v in data["winners"].items() if isinstance(k, str) and isinstance(v, str)]
+    return dict(winners[-MAX_ENTRIES:])
 
 
 def _load(path: Path | None) -> None:
@@ -153,8 +163,9 @@ def _lock(lock, wait: float) -> bool:
 
 
 def _store(path: Path, key: str, winner: str) -> None:
-    """Add one winner to the file: under an exclusive lock, read what is there, merge, replace the file whole. Where
-    the lock is not had within ``LOCK_WAIT`` seconds nothing is stored (the caller keeps the winner in memory)."""
+    """Add one winner to the file: under an exclusive lock, read what is there, merge (the newest ``MAX_ENTRIES``
+    kept), replace the file whole. Where the lock is not had within ``LOCK_WAIT`` seconds nothing is stored (the
+    caller keeps the winner in memory)."""
     global _lock_timed_out
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
@@ -167,8 +178,10 @@ def _store(path: Path, key: str, winner: str) -> None:
                               "when the lock is free at once", RuntimeWarning, stacklevel=3)
             return
         winners = _read(path)
+        winners.pop(key, None)  # stored last: the newest entry, kept longest
         winners[key] = winner
-        text = json.dumps({"format": FORMAT, "winners": winners}, indent=1, sort_keys=True)
+        winners = dict(list(winners.items())[-MAX_ENTRIES:])
+        text = json.dumps({"format": FORMAT, "winners": winners}, indent=1)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(handle, "w") as f:

@@ -396,6 +396,34 @@ def test_the_cache_folder_is_absolute(cache, monkeypatch, tmp_path):
     assert auto.cache_path(torch.device("cpu")) is None
 
 
+def write_winners(path, count, key_width=60):
+    """A valid cache file of ``count`` entries, the oldest first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = ", ".join(f'"{i:0{key_width}d}": "torch"' for i in range(count))
+    path.write_text(f'{{"format": {auto.FORMAT}, "winners": {{{entries}}}}}')
+
+
+def test_a_huge_cache_file_slows_no_decision_and_is_bounded_by_the_next_store(cache):
+    """A file past ``MAX_BYTES`` (here 400k entries, 28 MB) is not parsed: each decision stays fast and the next
+    store rewrites it small. One within it but of more than ``MAX_ENTRIES`` entries keeps its newest."""
+    write_winners(cache, 400_000)
+    assert cache.stat().st_size > auto.MAX_BYTES
+    start = time.monotonic()
+    decide("new")
+    assert time.monotonic() - start < 1.0
+    assert len(json.loads(cache.read_text())["winners"]) == 1
+
+    write_winners(cache, auto.MAX_ENTRIES + 100)
+    assert cache.stat().st_size < auto.MAX_BYTES
+    new_process()
+    decide("newest")
+    winners = list(json.loads(cache.read_text())["winners"])
+    assert len(winners) == auto.MAX_ENTRIES and json.loads(winners[-1])[1] == "newest"
+    assert winners[0] == f"{101:060d}"  # the oldest 101 are dropped
+    decide("newest")  # stored already: nothing changes
+    assert list(json.loads(cache.read_text())["winners"]) == winners
+
+
 def test_winners_are_kept_per_candidate_set(clock, monkeypatch):
     """A winner measured among fewer candidates (a GEMM variant fixed by hand) never stands for the full set."""
     monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "cublas")
