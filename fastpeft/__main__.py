@@ -11,12 +11,17 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .backends import ENV_VAR, backend_status, requested_backend, triton_interpreting
+from .backends import ENV_VAR, backend_status, check_environment, requested_backend, triton_interpreting
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def info(_args) -> int:
+    try:
+        check_environment()
+    except ValueError as err:  # a bad setting: one line naming it, before anything else is printed
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"fastpeft {__version__}  torch {torch.__version__}  python {sys.version.split()[0]}")
     try:
         import triton

@@ -5,7 +5,8 @@ plus the device) runs each candidate backend on the call's own inputs a few time
 with the lowest median. The winner is kept in memory and in a small JSON file per device and set of versions (torch,
 Triton, fastpeft, the extension), so later processes start with it: runs after the first take the same backend.
 
-- ``FASTPEFT_AUTO_MEASURE=0``: no measuring; ``auto`` takes the first candidate in its rule order.
+- ``FASTPEFT_AUTO_MEASURE=0``: no measuring; ``auto`` takes the first candidate in its rule order. ``1`` (or unset,
+  or empty) measures; any other value raises ValueError naming the variable.
 - ``FASTPEFT_CACHE_DIR``: the folder of the on-disk cache (default ``$XDG_CACHE_HOME/fastpeft`` or
   ``~/.cache/fastpeft``); set it empty to keep winners in memory only. A relative path is taken from the working
   directory at the time; a relative ``XDG_CACHE_HOME`` is ignored (as the XDG spec says). Where no home folder can
@@ -38,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import env_switch
+
 MEASURE_ENV = "FASTPEFT_AUTO_MEASURE"
 CACHE_DIR_ENV = "FASTPEFT_CACHE_DIR"
 FORMAT = 1
@@ -60,7 +63,8 @@ def size_class(m: int) -> int:
 
 
 def measuring_enabled() -> bool:
-    return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    """``$FASTPEFT_AUTO_MEASURE``: 1 (or unset) measures, 0 takes the rule order; another value raises ValueError."""
+    return env_switch(MEASURE_ENV)
 
 
 @functools.cache

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from . import auto
-from .checks import cuda_device_reason, kernel_dtype_reason
+from .checks import (
+    AUTOTUNE_ENV,
+    cuda_device_reason,
+    env_switch,
+    gemm_variant_env,
+    kernel_dtype_reason,
+    triton_interpreting,
+)
 
 BACKENDS = ("torch", "triton", "cuda")
 # auto's rule order for CUDA tensors: the first backend with no reason against the call wins where nothing is
@@ -69,11 +76,6 @@ def autograd_backend(table: dict[str, Backend], name: str) -> Backend:
         usable = [n for n, e in table.items() if e.backward is not None and n in BACKENDS]
         raise ValueError(f"backend must be {' or '.join(map(repr, usable))} for the autograd op, got {name!r}")
     return entry
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 @functools.cache
@@ -164,6 +166,16 @@ def backend_status() -> dict[str, list[str]]:
 def available_backends() -> list[str]:
     """The backends that can run on this machine (for some inputs)."""
     return [name for name, reasons in backend_status().items() if not reasons]
+
+
+def check_environment() -> None:
+    """Read every setting fastpeft takes from the environment, raising ValueError naming the first bad one. Each is
+    also checked where it is used; this checks them all at once (``python -m fastpeft info``)."""
+    requested_backend(None)
+    triton_interpreting()
+    auto.measuring_enabled()
+    env_switch(AUTOTUNE_ENV)
+    gemm_variant_env()
 
 
 def requested_backend(backend: str | None) -> str:
@@ -270,12 +282,12 @@ def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict
         first = next((c for c in preference if not reasons_against(c)), None)
         if first is None:
             return chosen("torch")
-        if measure is None or not auto.measuring_enabled():
+        if measure is None:
             return chosen(first)
         candidates = [c for c in preference if not reasons_against(c)]
         if table is not None:  # a backend's variants share its reasons
             candidates = [v for c in candidates for v in (table[c].variants() or (c,))]
-        if len(candidates) == 1:
+        if len(candidates) == 1 or not auto.measuring_enabled():  # read only where there is something to measure
             return chosen(first)
         if torch.compiler.is_compiling():  # compiled code cannot trace the measurement or the winners' file
             return chosen(first, final=False)

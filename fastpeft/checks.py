@@ -1,10 +1,11 @@
-"""The bottom of the package: definitions every layer shares (dtypes, activation codes) and the argument checks used
-by the ops, the layers, the CUDA wrapper and the kernels' launchers. Each error names the argument and what was
-expected. Imports nothing from fastpeft."""
+"""The bottom of the package: definitions every layer shares (dtypes, activation codes), the argument checks used
+by the ops, the layers, the CUDA wrapper and the kernels' launchers, and the readers of the environment settings.
+Each error names the argument (or variable) and what was expected. Imports nothing from fastpeft."""
 from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -20,6 +21,51 @@ ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 # $FASTPEFT_GEMM_VARIANT fixes one by hand.
 GEMM_VARIANTS = ("prologue", "epilogue", "cublas", "tma")
 GEMM_VARIANT_ENV = "FASTPEFT_GEMM_VARIANT"
+# FASTPEFT_AUTOTUNE=0 launches each Triton kernel's default config instead of autotuning.
+AUTOTUNE_ENV = "FASTPEFT_AUTOTUNE"
+
+
+def env_switch(name: str) -> bool:
+    """An on/off setting from the environment: ``1`` (or unset, or empty) is on, ``0`` off. Anything else raises
+    ValueError naming the variable: "false", "off" or "disable" are no values of it, rather than read as on."""
+    value = os.environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be one of 1, 0 (or unset); got {value!r}")
+    return value != "0"
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run on the CPU through Triton's interpreter: ``TRITON_INTERPRET`` read as Triton
+    reads it (``1``, ``true`` or ``on`` in any case, and whatever else the installed Triton takes for on), so the
+    two never disagree. Off: unset, empty, ``0``, ``false`` or ``off`` in any case. Any other value, which Triton
+    reads as off (``" yes "``, ``"2"``), raises ValueError naming the variable: on was likely meant."""
+    value = os.environ.get("TRITON_INTERPRET", "")
+    if value in ("", "0", "1"):  # the usual values, read without asking Triton
+        return value == "1"
+    if _triton_reads_interpret_on(value):
+        return True
+    if value.lower() in ("0", "false", "off"):
+        return False
+    raise ValueError("TRITON_INTERPRET must be one of 1, true, on, 0, false, off (in any case, as Triton reads it); "
+                     f"got {value!r}")
+
+
+def _triton_reads_interpret_on(value: str) -> bool:
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton to ask: what every Triton fastpeft supports reads as on
+        return value.lower() in ("1", "true", "on")
+    return bool(knobs.runtime.interpret)  # what Triton's launcher reads
+
+
+def gemm_variant_env() -> str | None:
+    """The fused GEMM's variant fixed by ``$FASTPEFT_GEMM_VARIANT`` (in any case), None where it is unset or empty;
+    a value not in ``GEMM_VARIANTS`` raises ValueError naming the variable."""
+    value = os.environ.get(GEMM_VARIANT_ENV, "")
+    variant = value.strip().lower()
+    if variant and variant not in GEMM_VARIANTS:
+        raise ValueError(f"{GEMM_VARIANT_ENV} must be one of {', '.join(GEMM_VARIANTS)}, got {value!r}")
+    return variant or None
 
 
 def kernel_dtype_reason(dtype: torch.dtype) -> str | None:

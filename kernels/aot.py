@@ -283,9 +283,10 @@ def compile_one(job):
 
 def compile_all(archs=(80, 90), jobs=None):
     """Compile every kernel config for every arch, in parallel processes; returns the report rows."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset (the interpreter replaces "
-                           "the compiler)")
+    from fastpeft.checks import triton_interpreting
+    if triton_interpreting():
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET off (unset or 0: the interpreter "
+                           "replaces the compiler)")
     work = [(name, profile, example, config, arch)
             for name, profile, example, configs in _launches() for config in configs for arch in archs
             if not (name.endswith("_tma_kernel") and arch < 90)]  # TMA is Hopper's

@@ -11,16 +11,19 @@ scale).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from fastpeft.checks import new_output  # noqa: F401  (the kernels' launchers allocate through it)
+from fastpeft.checks import (
+    AUTOTUNE_ENV,
+    env_switch,
+    new_output,  # noqa: F401  (the kernels' launchers allocate through it)
+)
 
-# FASTPEFT_AUTOTUNE=0 launches each kernel's default config instead of autotuning (tests: fewer compiles).
-AUTOTUNE = os.environ.get("FASTPEFT_AUTOTUNE", "1") != "0"
+# FASTPEFT_AUTOTUNE=0 launches each kernel's default config instead of autotuning (tests: fewer compiles); read once,
+# when the kernels are first imported (a bad value is refused there).
+AUTOTUNE = env_switch(AUTOTUNE_ENV)
 
 
 def config(num_warps, num_stages, **blocks) -> triton.Config:

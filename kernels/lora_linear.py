@@ -25,14 +25,13 @@ memory.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from fastpeft.checks import GEMM_VARIANT_ENV, GEMM_VARIANTS
+from fastpeft.checks import GEMM_VARIANT_ENV, GEMM_VARIANTS, gemm_variant_env
 from fastpeft.nf4 import nf4_code, nf4_matmul, nf4_matmul_t
 
 from .common import (
@@ -563,7 +562,7 @@ def gemm_variant(variant=None) -> str:
     """The fused GEMM's variant: the argument, else ``$FASTPEFT_GEMM_VARIANT``, else "prologue"."""
     source = "variant"
     if variant is None:
-        variant, source = os.environ.get(GEMM_VARIANT_ENV, "").strip().lower() or "prologue", GEMM_VARIANT_ENV
+        variant, source = gemm_variant_env() or "prologue", GEMM_VARIANT_ENV
     if variant not in GEMM_VARIANTS:
         raise ValueError(f"{source} must be one of {', '.join(GEMM_VARIANTS)}, got {variant!r}")
     return variant

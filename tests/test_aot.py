@@ -179,3 +179,18 @@ def test_full_range_indices_meet_strides_in_64_bits():
                                 and not bounded(other, local):
                             unsafe.append(f"{module.__name__}.{fn.name}: {ast.unparse(node)}")
     assert not unsafe, unsafe
+
+
+def test_the_interpreter_is_refused_as_triton_reads_it(monkeypatch):
+    """The compile refuses to run under the interpreter exactly when Triton would use it: "false" is off and
+    compiles, "true" is on and is refused, and a value Triton reads as off but means on is refused by name."""
+    from fastpeft.kernels import aot
+    monkeypatch.setattr(aot, "_launches", lambda: [])  # nothing to compile: what is checked is the switch
+    monkeypatch.setenv("TRITON_INTERPRET", "false")
+    assert aot.compile_all(jobs=1) == []
+    monkeypatch.setenv("TRITON_INTERPRET", "true")
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET off"):
+        aot.compile_all(jobs=1)
+    monkeypatch.setenv("TRITON_INTERPRET", " yes ")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET must be one of"):
+        aot.compile_all(jobs=1)

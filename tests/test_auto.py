@@ -173,6 +173,22 @@ def test_switches_force_or_skip_the_measurement(clock, monkeypatch):
     assert clock.calls == {"torch": 2, "triton": 1} and not auto.stored_winners()
 
 
+@pytest.mark.parametrize("variable,value,message", [
+    ("FASTPEFT_AUTO_MEASURE", "disable", "FASTPEFT_AUTO_MEASURE must be one of 1, 0 (or unset); got 'disable'"),
+    ("FASTPEFT_GEMM_VARIANT", "sideways", "FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue, cublas, tma, "
+                                          "got 'sideways'"),
+])
+def test_a_bad_setting_is_refused_before_anything_is_measured(clock, monkeypatch, variable, value, message):
+    """Neither measures on regardless (a bad FASTPEFT_AUTO_MEASURE) nor fails each candidate that reads it while
+    measured (a bad FASTPEFT_GEMM_VARIANT, which would leave torch chosen with a warning): the call is refused."""
+    monkeypatch.setenv(variable, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError) as err:
+            lora_op.lora_linear(*lora_call()[0])
+    assert str(err.value) == message and clock.calls == {} and not auto.stored_winners()
+
+
 def test_the_disk_cache_can_be_off(clock, monkeypatch, tmp_path):
     monkeypatch.setenv(auto.CACHE_DIR_ENV, "")
     lora_op.lora_linear(*lora_call()[0])

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument and what was expected; backends explain themselves."""
+import os
 import subprocess
 import sys
 
@@ -67,6 +68,70 @@ def test_bad_environment_backend(monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
     assert backends.requested_backend(None) == "torch"
     assert backends.requested_backend("auto") == "auto"  # the argument wins over the environment
+
+
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch):
+    """fastpeft and Triton never disagree on TRITON_INTERPRET: a value is read as Triton's own parser reads it, and
+    one Triton would silently read as off but that is no off value (" yes ", "2") is refused by name before any
+    kernel runs."""
+    knobs = pytest.importorskip("triton.knobs")
+    for value in ("1", "0", "", "TRUE", "On", "true", "off", "False", "OFF"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert backends.triton_interpreting() == bool(knobs.runtime.interpret), value
+    for value in (" yes ", "1 ", "2", "enable", "no"):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert not knobs.runtime.interpret  # Triton reads it as off
+        message = ("TRITON_INTERPRET must be one of 1, true, on, 0, false, off (in any case, as Triton reads it); "
+                   f"got {value!r}")
+        with pytest.raises(ValueError) as err:
+            backends.triton_interpreting()
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match="TRITON_INTERPRET must be one of"):
+        fastpeft.lora_linear(**inputs(), backend="triton")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET must be one of"):
+        fastpeft.backend_status()
+
+
+@pytest.mark.parametrize("value", ["disable", "n", "None", "false", " 0", "on", "2"])
+def test_auto_measure_takes_1_or_0(monkeypatch, value):
+    from fastpeft import auto
+    for good, measures in (("1", True), ("0", False), ("", True)):
+        monkeypatch.setenv(auto.MEASURE_ENV, good)
+        assert auto.measuring_enabled() is measures
+    monkeypatch.setenv(auto.MEASURE_ENV, value)
+    with pytest.raises(ValueError) as err:
+        auto.measuring_enabled()
+    assert str(err.value) == f"FASTPEFT_AUTO_MEASURE must be one of 1, 0 (or unset); got {value!r}"
+
+
+def test_autotune_takes_1_or_0():
+    """FASTPEFT_AUTOTUNE is read when the kernels are first imported: a bad value is refused there, by name."""
+    pytest.importorskip("triton")
+    code = "from fastpeft.kernels import common; print(common.AUTOTUNE)"
+    for value, autotunes in (("0", "False"), ("1", "True")):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTPEFT_AUTOTUNE": value},
+                             capture_output=True, text=True, timeout=300)
+        assert out.stdout.split() == [autotunes], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTPEFT_AUTOTUNE": "yes"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert out.stderr.splitlines()[-1] == "ValueError: FASTPEFT_AUTOTUNE must be one of 1, 0 (or unset); got 'yes'"
+
+
+@pytest.mark.parametrize("variable,value,message", [
+    ("FASTPEFT_BACKEND", "fastest", "FASTPEFT_BACKEND must be one of auto, torch, triton, cuda; got 'fastest'"),
+    ("TRITON_INTERPRET", " yes ", "TRITON_INTERPRET must be one of 1, true, on, 0, false, off (in any case, as "
+                                  "Triton reads it); got ' yes '"),
+    ("FASTPEFT_AUTO_MEASURE", "disable", "FASTPEFT_AUTO_MEASURE must be one of 1, 0 (or unset); got 'disable'"),
+    ("FASTPEFT_AUTOTUNE", "off", "FASTPEFT_AUTOTUNE must be one of 1, 0 (or unset); got 'off'"),
+    ("FASTPEFT_GEMM_VARIANT", "sideways", "FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue, cublas, tma, "
+                                          "got 'sideways'"),
+])
+def test_info_names_a_bad_environment_value(variable, value, message):
+    """``python -m fastpeft info`` checks every variable fastpeft reads: a bad value is one line naming it."""
+    out = subprocess.run([sys.executable, "-m", "fastpeft", "info"], env={**os.environ, variable: value},
+                         capture_output=True, text=True, timeout=300)
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", f"error: {message}\n")
 
 
 def test_explicit_backend_lists_every_reason(monkeypatch):

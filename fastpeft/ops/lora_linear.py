@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 import threading
 
 import torch
@@ -30,11 +29,11 @@ from ..backends import (
 )
 from ..checks import (
     FLOAT_DTYPES,
-    GEMM_VARIANT_ENV,
     GEMM_VARIANTS,
     check_finite_number,
     check_probability,
     check_same_device,
+    gemm_variant_env,
 )
 from ..nf4 import NF4Weight, nf4_matmul, nf4_matmul_t
 
@@ -291,7 +290,7 @@ def _triton_entry(variant=None):
     default); the plain entry lists the others for ``auto`` to measure, unless that variable fixes one."""
     return Backend(forward=functools.partial(_triton_forward, variant=variant),
                    backward=functools.partial(_triton_backward, variant=variant), forward_fake=_triton_forward_fake,
-                   variants=(lambda: () if os.environ.get(GEMM_VARIANT_ENV, "").strip() else TRITON_VARIANTS)
+                   variants=(lambda: () if gemm_variant_env() else TRITON_VARIANTS)
                    if variant is None
                    else tuple)
 
