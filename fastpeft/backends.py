@@ -118,6 +118,7 @@ def _environment_reasons(name: str) -> list[str]:
         if not torch.cuda.is_available():
             reasons.append("no CUDA GPU (torch.cuda.is_available() is False)")
         return reasons
+    env_switch(AUTOTUNE_ENV)  # a bad value is refused here, not where the kernels are first imported (mid-measuring)
     reasons = []
     missing = _triton_missing()
     if missing:

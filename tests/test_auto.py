@@ -177,10 +177,12 @@ def test_switches_force_or_skip_the_measurement(clock, monkeypatch):
     ("FASTPEFT_AUTO_MEASURE", "disable", "FASTPEFT_AUTO_MEASURE must be one of 1, 0 (or unset); got 'disable'"),
     ("FASTPEFT_GEMM_VARIANT", "sideways", "FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue, cublas, tma, "
                                           "got 'sideways'"),
+    ("FASTPEFT_AUTOTUNE", "off", "FASTPEFT_AUTOTUNE must be one of 1, 0 (or unset); got 'off'"),
 ])
 def test_a_bad_setting_is_refused_before_anything_is_measured(clock, monkeypatch, variable, value, message):
     """Neither measures on regardless (a bad FASTPEFT_AUTO_MEASURE) nor fails each candidate that reads it while
-    measured (a bad FASTPEFT_GEMM_VARIANT, which would leave torch chosen with a warning): the call is refused."""
+    measured (a bad FASTPEFT_GEMM_VARIANT, or FASTPEFT_AUTOTUNE where the kernels are first imported then, which
+    would leave torch chosen with a warning): the call is refused."""
     monkeypatch.setenv(variable, value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
