@@ -17,11 +17,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def info(_args) -> int:
-    try:
-        check_environment()
-    except ValueError as err:  # a bad setting: one line naming it, before anything else is printed
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(f"fastpeft {__version__}  torch {torch.__version__}  python {sys.version.split()[0]}")
     try:
         import triton
@@ -53,6 +48,17 @@ def info(_args) -> int:
     for name, reasons in backend_status().items():
         print(f"  {name:7s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
     return 0
+
+
+def _check_environment(measuring: bool) -> None:
+    """Every setting fastpeft takes from the environment, checked before anything runs (ValueError naming a bad
+    one). ``bench`` and ``report`` (``measuring``) build layers on the backend $FASTPEFT_BACKEND names, which must
+    then be able to run here."""
+    check_environment()
+    name = requested_backend(None)
+    reasons = backend_status()[name] if measuring and name != "auto" else []
+    if reasons:
+        raise ValueError(f"{ENV_VAR}={name}, but the {name} backend cannot run here: " + "; ".join(reasons))
 
 
 def _positive_int(text: str) -> int:
@@ -238,6 +244,11 @@ def main(argv=None) -> int:
     rp.add_argument("--out", default="fastpeft-report", metavar="DIR",
                     help="folder for report.md and the PNGs (e.g. bench/results/<date>-cpu-report)")
     args = parser.parse_args(argv)
+    try:
+        _check_environment(measuring=args.command != "info")
+    except ValueError as err:  # a bad setting: one line naming it (no usage: it is no argument), before anything runs
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return {"info": info, "bench": bench, "report": report}[args.command](args)
 
 

@@ -1,7 +1,12 @@
 """The main job's command line runs end to end (tiny shapes) and prints its ratio tables once, each with its legend,
-with progress on stderr, and says why a comparison is missing."""
+with progress on stderr, and says why a comparison is missing; it refuses bad arguments and settings before it
+measures anything."""
+import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from fastpeft import benchmark
 from fastpeft.__main__ import BENCH_SECTIONS, main
@@ -224,3 +229,36 @@ def test_bench_says_why_peft_and_bitsandbytes_are_not_compared(capsys, monkeypat
                      "(pip install 'fastpeft[bench]')"]
     assert "| fastpeft QLoRA[torch] |" in printed
     assert "peft+bnb QLoRA |" not in printed and "bnb Linear4bit |" not in printed
+
+
+# A bench run that measures little, for the refusals below: each argument it is given after these replaces the one here
+# (--dropout adds to it).
+TINY_BENCH = ["bench", "--only", "lora", "--shape", "8,8,8,2", "--rounds", "1", "--dropout", "0"]
+
+
+def refused(*args, env=None) -> str:
+    """Runs ``python -m fastpeft *args``, which must refuse before measuring anything: exit 2, nothing on stdout (not
+    even the run's title), no traceback. Returns its stderr."""
+    done = subprocess.run([sys.executable, "-m", "fastpeft", *args], capture_output=True, text=True, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, (done.stdout, done.stderr)
+    return done.stderr
+
+
+@pytest.mark.parametrize("command", [TINY_BENCH, ["report", "--quick", "--rounds", "1"]])
+def test_bench_and_report_name_a_bad_backend_in_the_environment_before_measuring(command, tmp_path):
+    """As ``info`` does (tests/test_errors.py): one line, before anything runs."""
+    out = tmp_path / "report"
+    err = refused(*command, *(["--out", str(out)] if command[0] == "report" else []), env={"FASTPEFT_BACKEND": "bogus"})
+    assert err == "error: FASTPEFT_BACKEND must be one of auto, torch, triton, cuda; got 'bogus'\n"
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+@pytest.mark.parametrize("command", [[*TINY_BENCH, "--only", "dora"], ["report", "--quick", "--rounds", "1"]])
+def test_bench_and_report_refuse_a_backend_the_environment_names_that_cannot_run_here(command, tmp_path):
+    out = tmp_path / "report"
+    err = refused(*command, *(["--out", str(out)] if command[0] == "report" else []), env={"FASTPEFT_BACKEND": "cuda"})
+    assert err.startswith("error: FASTPEFT_BACKEND=cuda, but the cuda backend cannot run here: ") and \
+        "no CUDA GPU" in err and err.count("\n") == 1, err
+    assert not out.exists()
