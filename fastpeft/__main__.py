@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .backends import ENV_VAR, backend_status, check_environment, requested_backend, triton_interpreting
+from .checks import is_probability
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,6 +81,16 @@ def _shape(text: str):
     if min(M, K, N, r) < 1:
         raise argparse.ArgumentTypeError(f"M, K, N and r must be positive, got {text!r}")
     return Shape(M, K, N, r)
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if not is_probability(value):  # what the layers take as dropout
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
+    return value
 
 
 def _device(args) -> torch.device | None:
@@ -229,10 +240,10 @@ def main(argv=None) -> int:
                    help="one shape, no dropout, 5 rounds, smaller sweeps: under a minute on an idle 2-core CPU")
     _device_arguments(b)
     b.add_argument("--shape", type=_shape, action="append", metavar="M,K,N,r", help="repeatable")
-    b.add_argument("--dropout", type=float, action="append",
+    b.add_argument("--dropout", type=_probability, action="append",
                    help="repeatable; default 0 and 0.1 (0 alone with --quick)")
-    b.add_argument("--rounds", type=int, help="rounds of interleaved timing (median taken); default 30 on a CPU, "
-                                              "10 on a GPU, 5 with --quick")
+    b.add_argument("--rounds", type=_positive_int, help="rounds of interleaved timing (median taken); default 30 on "
+                                                        "a CPU, 10 on a GPU, 5 with --quick")
     b.add_argument("--markdown", metavar="PATH", help="append the tables to this markdown file")
     b.add_argument("--only", choices=list(BENCH_SECTIONS), help="run one of the benchmarks")
     rp = sub.add_parser("report", help="scaling sweeps (tokens, rank, width, dropout, adapters per batch) of every "

@@ -245,6 +245,19 @@ def refused(*args, env=None) -> str:
     return done.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
+    (["--rounds", "-1"], "argument --rounds: expected a positive integer, got '-1'"),
+    (["--dropout", "1.5"], "argument --dropout: expected a probability in [0, 1), got '1.5'"),
+    (["--dropout", "1"], "argument --dropout: expected a probability in [0, 1), got '1'"),
+    (["--dropout", "-0.1"], "argument --dropout: expected a probability in [0, 1), got '-0.1'"),
+    (["--dropout", "nan"], "argument --dropout: expected a probability in [0, 1), got 'nan'"),
+])
+def test_bench_refuses_a_bad_argument_before_measuring(args, message):
+    err = refused(*TINY_BENCH, *args)
+    assert err.startswith("usage: python -m fastpeft bench") and message in err, err
+
+
 @pytest.mark.parametrize("command", [TINY_BENCH, ["report", "--quick", "--rounds", "1"]])
 def test_bench_and_report_name_a_bad_backend_in_the_environment_before_measuring(command, tmp_path):
     """As ``info`` does (tests/test_errors.py): one line, before anything runs."""
