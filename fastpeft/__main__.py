@@ -93,23 +93,25 @@ def _probability(text: str) -> float:
     return value
 
 
-def _device(args) -> torch.device | None:
-    """``--device`` as a torch device, or None after saying on stderr why it cannot be used."""
+def _device(text: str) -> torch.device:
+    """``--device`` as a torch device this machine has."""
     try:
-        device = torch.device(args.device)
+        device = torch.device(text)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        print(f"error: --device must be cpu or cuda, got {args.device!r}", file=sys.stderr)
-        return None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device {args.device}, but torch sees no CUDA GPU", file=sys.stderr)
-        return None
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}, but torch sees no CUDA GPU")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}, but torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return device
 
 
 def _device_arguments(parser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default fp32 on CPU, bf16 on CUDA")
 
 
@@ -122,9 +124,7 @@ BENCH_SECTIONS = {"lora": "LoRA linear", "overhead": "Host overhead and the toke
 def bench(args) -> int:
     from . import benchmark
 
-    device = _device(args)
-    if device is None:
-        return 2
+    device = args.device
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     if args.shape:
@@ -201,9 +201,7 @@ def bench(args) -> int:
 def report(args) -> int:
     from . import report as sweeps
 
-    device = _device(args)
-    if device is None:
-        return 2
+    device = args.device
     out = Path(args.out)
     try:  # before minutes of sweeps: the folder must be one we can write
         out.mkdir(parents=True, exist_ok=True)

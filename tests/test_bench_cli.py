@@ -252,10 +252,23 @@ def refused(*args, env=None) -> str:
     (["--dropout", "1"], "argument --dropout: expected a probability in [0, 1), got '1'"),
     (["--dropout", "-0.1"], "argument --dropout: expected a probability in [0, 1), got '-0.1'"),
     (["--dropout", "nan"], "argument --dropout: expected a probability in [0, 1), got 'nan'"),
+    (["--device", "bogus"], "argument --device: expected cpu or cuda, got 'bogus'"),
+    (["--device", "cuda"], "argument --device: cuda, but torch sees no CUDA GPU"),
 ])
 def test_bench_refuses_a_bad_argument_before_measuring(args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is here")
     err = refused(*TINY_BENCH, *args)
     assert err.startswith("usage: python -m fastpeft bench") and message in err, err
+
+
+def test_bench_refuses_a_gpu_torch_does_not_see(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as exited:
+        main([*TINY_BENCH, "--device", "cuda:1"])
+    assert exited.value.code == 2
+    assert "argument --device: cuda:1, but torch sees 1 CUDA GPU(s), cuda:0 to cuda:0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [TINY_BENCH, ["report", "--quick", "--rounds", "1"]])
