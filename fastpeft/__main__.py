@@ -17,7 +17,7 @@ from .checks import is_probability
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def info(_args) -> int:
+def info(_args, _parser) -> int:
     print(f"fastpeft {__version__}  torch {torch.__version__}  python {sys.version.split()[0]}")
     try:
         import triton
@@ -121,9 +121,26 @@ BENCH_SECTIONS = {"lora": "LoRA linear", "overhead": "Host overhead and the toke
                   "adapters": "Bottleneck adapter"}
 
 
-def bench(args) -> int:
+def _cannot_write(path: Path) -> str | None:
+    """Why ``path`` cannot be written (None when it can), found by opening it for append: that changes no file
+    already there, and a file it creates is removed again."""
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    if not existed:
+        os.remove(path)
+    return None
+
+
+def bench(args, parser) -> int:
     from . import benchmark
 
+    # The tables are appended after each benchmark: a file found unwritable only then would lose the results.
+    if args.markdown and (reason := _cannot_write(Path(args.markdown))):
+        parser.error(f"argument --markdown: cannot append to {args.markdown}: {reason}")
     device = args.device
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
@@ -198,7 +215,7 @@ def bench(args) -> int:
     return 0
 
 
-def report(args) -> int:
+def report(args, _parser) -> int:
     from . import report as sweeps
 
     device = args.device
@@ -258,7 +275,7 @@ def main(argv=None) -> int:
     except ValueError as err:  # a bad setting: one line naming it (no usage: it is no argument), before anything runs
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return {"info": info, "bench": bench, "report": report}[args.command](args)
+    return {"info": info, "bench": bench, "report": report}[args.command](args, sub.choices[args.command])
 
 
 if __name__ == "__main__":

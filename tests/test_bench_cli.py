@@ -271,6 +271,19 @@ def test_bench_refuses_a_gpu_torch_does_not_see(capsys, monkeypatch):
     assert "argument --device: cuda:1, but torch sees 1 CUDA GPU(s), cuda:0 to cuda:0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["missing/results.md", "a-folder", "a-file/results.md", "/proc/version"])
+def test_bench_refuses_a_markdown_file_it_cannot_append_to(where, tmp_path):
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("")
+    if where.startswith("/") and not os.path.exists(where):
+        pytest.skip(f"no {where} here")
+    path = where if where.startswith("/") else str(tmp_path / where)
+    err = refused(*TINY_BENCH, "--markdown", path)
+    assert err.startswith("usage: python -m fastpeft bench"), err
+    assert f"argument --markdown: cannot append to {path}: " in err, err
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "a-folder"]
+
+
 @pytest.mark.parametrize("command", [TINY_BENCH, ["report", "--quick", "--rounds", "1"]])
 def test_bench_and_report_name_a_bad_backend_in_the_environment_before_measuring(command, tmp_path):
     """As ``info`` does (tests/test_errors.py): one line, before anything runs."""
