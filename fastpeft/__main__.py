@@ -215,21 +215,20 @@ def bench(args, parser) -> int:
     return 0
 
 
-def report(args, _parser) -> int:
+def report(args, parser) -> int:
     from . import report as sweeps
 
     device = args.device
-    out = Path(args.out)
-    try:  # before minutes of sweeps: the folder must be one we can write
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".fastpeft-report-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        print(f"error: --out {args.out}: cannot write a report there ({err.strerror or err})", file=sys.stderr)
-        return 2
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     chosen = sweeps.QUICK_SWEEPS if args.quick else sweeps.FULL_SWEEPS
+    out = Path(args.out)
+    try:  # before minutes of sweeps: the folder, and each file the report writes there, must be one we can write
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"argument --out: cannot write a report there: {args.out}: {err.strerror or err}")
+    for name in sweeps.written_files(chosen):
+        if reason := _cannot_write(out / name):
+            parser.error(f"argument --out: cannot write a report there: {out / name}: {reason}")
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     print(f"fastpeft report on {sweeps.benchmark.device_description(device)}, {dtype}, {rounds} rounds a point",
           flush=True)

@@ -535,6 +535,13 @@ def plot(points: list[Point], sweep: Sweep, path: Path, memory: bool = False) ->
     figure(points, sweep, memory).savefig(path)
 
 
+def written_files(sweeps) -> list[str]:
+    """The names of the files :func:`write_report` may write in its folder for ``sweeps`` (the PNGs only when
+    matplotlib is installed): the command line checks each can be written before it measures."""
+    plots = [f"{sweep.name}.png" for sweep in sweeps] + ["memory.png"] * any(s.name == "tokens" for s in sweeps)
+    return ["report.md", "report.md.tmp", *plots]
+
+
 def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, dtype, rounds: int) -> Path:
     """``out``/report.md and one PNG per sweep (plus memory.png) when matplotlib is installed; returns the page."""
     out = Path(out)

@@ -101,6 +101,8 @@ def test_the_report_page_and_its_plots(measured, tmp_path):
         png = tmp_path / "out" / f"{sweep.name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "out" / "memory.png").exists()
+    # what the command line checks it can write before measuring: all the report wrote
+    assert {f.name for f in (tmp_path / "out").iterdir()} <= set(report.written_files(TINY))
     for p in points:  # every point is a row, with its ratio as measured
         assert f"| {p.x} | {p.candidate} | {p.ms:.3f} | {p.ratio:.2f} |" in text
 
@@ -134,6 +136,16 @@ def test_the_report_command_refuses_bad_arguments_before_measuring(args, message
     done = subprocess.run([sys.executable, "-m", "fastpeft", "report", "--quick", "--out", str(blocked)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "cannot write a report there" in done.stderr and "sweeps" not in done.stderr
+
+
+@pytest.mark.parametrize("blocked", ["report.md", "tokens.png"])
+def test_the_report_command_checks_every_file_it_writes_before_measuring(blocked, tmp_path):
+    (tmp_path / blocked).mkdir()
+    done = subprocess.run([sys.executable, "-m", "fastpeft", "report", "--quick", "--rounds", "1", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
+    assert f"argument --out: cannot write a report there: {tmp_path / blocked}: " in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [blocked]  # and the files tried are not left behind
 
 
 @pytest.mark.slow
