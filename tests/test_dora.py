@@ -183,3 +183,16 @@ def test_bad_dora_input_is_named(change, error, match):
     kwargs = {"backend": "torch", **change}
     with pytest.raises(error, match=match):
         fastpeft.lora_linear(x, w, b, a, bb, 1.0, **kwargs)
+
+
+def test_the_norms_under_the_cuda_backend_are_computed_the_torch_way(monkeypatch):
+    """The cuda backend's decode kernel takes DoRA's norms as its column scale and has no kernel for them: asked for
+    cuda (by argument or environment), the norms come from the torch formulation instead of a TypeError."""
+    torch.manual_seed(0)
+    w, a, b = torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    want = fastpeft.dora_weight_norm(w, a, b, 1.5, backend="torch")
+    assert torch.equal(fastpeft.dora_weight_norm(w, a, b, 1.5, backend="cuda"), want)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+    assert torch.equal(fastpeft.dora_weight_norm(w, a, b, 1.5), want)
+    layer = fastpeft.LoraLinear(torch.nn.Linear(8, 6), r=2, use_dora=True)  # its magnitude starts from the norms
+    assert layer.lora_magnitude_vector.shape == (6,)

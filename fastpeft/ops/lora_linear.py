@@ -121,7 +121,11 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling, *, weight_sq=None, backend
                              f"(‖W_i‖² per row), got {getattr(weight_sq, 'shape', type(weight_sq).__name__)} "
                              f"{getattr(weight_sq, 'dtype', '')}")
         _check_values("weight_sq", weight_sq, "squared row norms of W")
-    name = select_backend(backend, [weight, lora_A, lora_B], LORA_LINEAR_BACKENDS)
+    # The norms have a Triton kernel and the torch formulation. The cuda backend's decode kernel takes them as its
+    # column scale and has no kernel for them, so its calls compute them the torch way.
+    if requested_backend(backend) == "cuda":
+        backend = "torch"
+    name = select_backend(backend, [weight, lora_A, lora_B], DORA_NORM_BACKENDS)
     with torch.no_grad():
         return _dora_norm_on(name, weight, lora_A, lora_B, float(scaling), weight_sq)
 
@@ -319,6 +323,8 @@ LORA_LINEAR_BACKENDS = {
     # The fused GEMM's variants, for auto to measure (a user picks one with $FASTPEFT_GEMM_VARIANT).
     **{name: _triton_entry(name.partition(":")[2]) for name in TRITON_VARIANTS},
 }
+# What computes DoRA's norms (dora_weight_norm): each runs on the inputs its lora_linear entry runs on.
+DORA_NORM_BACKENDS = {name: LORA_LINEAR_BACKENDS[name] for name in ("torch", "triton")}
 
 
 # ----------------------------------------------------------------------------------------------------------
