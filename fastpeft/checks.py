@@ -36,25 +36,29 @@ def env_switch(name: str) -> bool:
 
 def triton_interpreting() -> bool:
     """True when Triton kernels run on the CPU through Triton's interpreter: ``TRITON_INTERPRET`` read as Triton
-    reads it (``1``, ``true`` or ``on`` in any case, and whatever else the installed Triton takes for on), so the
-    two never disagree. Off: unset, empty, ``0``, ``false`` or ``off`` in any case. Any other value, which Triton
-    reads as off (``" yes "``, ``"2"``), raises ValueError naming the variable: on was likely meant."""
+    reads it (``1``, ``true``, ``on``, ``yes`` or ``y`` in any case, and whatever else the installed Triton takes for
+    on), so the two never disagree. Off: unset, empty, ``0``, ``false``, ``off``, ``no`` or ``n`` in any case. Any
+    other value, which Triton reads as off (``" yes "``, ``"2"``), raises ValueError naming the variable: on was
+    likely meant."""
     value = os.environ.get("TRITON_INTERPRET", "")
     if value in ("", "0", "1"):  # the usual values, read without asking Triton
         return value == "1"
     if _triton_reads_interpret_on(value):
         return True
-    if value.lower() in ("0", "false", "off"):
+    if value.lower() in _INTERPRET_OFF:
         return False
-    raise ValueError("TRITON_INTERPRET must be one of 1, true, on, 0, false, off (in any case, as Triton reads it); "
-                     f"got {value!r}")
+    raise ValueError("TRITON_INTERPRET must be one of 1, true, on, yes, y, 0, false, off, no, n (in any case, as "
+                     f"Triton reads it); got {value!r}")
+
+
+_INTERPRET_OFF = ("0", "false", "off", "no", "n")
 
 
 def _triton_reads_interpret_on(value: str) -> bool:
     try:
         from triton import knobs
     except ImportError:  # no Triton to ask: what every Triton fastpeft supports reads as on
-        return value.lower() in ("1", "true", "on")
+        return value.lower() in ("1", "true", "on", "yes", "y")
     return bool(knobs.runtime.interpret)  # what Triton's launcher reads
 
 

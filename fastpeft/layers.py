@@ -8,7 +8,7 @@ import warnings
 import torch
 import torch.nn.utils.parametrize
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
@@ -111,7 +111,9 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps += 1
 
 
+# Before and after: a forward inside a step's closure (after its backward, before the update) is also followed.
 register_optimizer_step_pre_hook(_count_optimizer_step)
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _version_key(*tensors) -> tuple | None:

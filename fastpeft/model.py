@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -86,6 +87,28 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def unwrap_converted(model: nn.Module) -> nn.Module:
+    """The model itself; for a PeftModel whose layers :func:`fastpeft.from_peft` converted, the model it returned
+    (whose module names are those PEFT's files and :func:`fastpeft.to_peft` use)."""
+    return model.get_base_model() if vars(model).get("_fastpeft_converted", False) else model
+
+
+def shared_places(model: nn.Module, kinds) -> list[list[str]]:
+    """The names of each module of the types ``kinds`` that the model uses at several places."""
+    places: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, kinds):
+            places.setdefault(id(m), []).append(name)
+    return [names for names in places.values() if len(names) > 1]
+
+
+def _inside_lora(model: nn.Module) -> dict[int, str]:
+    """The modules inside LoRA layers (their bases), by identity, with a path there: one of them reachable at another
+    place too must not be wrapped there (a LoRA layer inside a LoRA layer) nor quantised."""
+    prefixes = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoraLinear)]
+    return {id(m): n for n, m in model.named_modules(remove_duplicate=False) if _inside_lora_layer(n, prefixes)}
+
+
 def _one_name_each(model: nn.Module, names: list[str]) -> list[str]:
     """``names`` with one name per module: a module used at several places is selected once."""
     first: dict[int, str] = {}
@@ -101,8 +124,10 @@ def _replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> No
     paths = [(name, new[id(m)]) for name, m in model.named_modules(remove_duplicate=False) if name and id(m) in new]
     for name, module in sorted(paths, key=lambda item: -item[0].count(".")):  # innermost first: paths stay valid
         _set_submodule(model, name, module)
-    if _is_transformers_model(model) and not isinstance(vars(model).get("save_pretrained"), _CheckedSavePretrained):
-        vars(model)["save_pretrained"] = _CheckedSavePretrained(model)
+    for inner in model.modules():  # the model and every transformers model inside it (model.model, a backbone)
+        if _is_transformers_model(inner) and not isinstance(vars(inner).get("save_pretrained"),
+                                                            _CheckedSavePretrained):
+            vars(inner)["save_pretrained"] = _CheckedSavePretrained(inner)
     if not any(h.hook is _check_nf4_states for h in model._load_state_dict_pre_hooks.values()):
         model.register_load_state_dict_pre_hook(_check_nf4_states)
 
@@ -130,23 +155,39 @@ def _is_transformers_model(model: nn.Module) -> bool:
 class _CheckedSavePretrained:
     """A transformers model's ``save_pretrained`` once fastpeft has put layers into it: refused while the model holds
     them, since transformers would write the whole model under module names that ``from_pretrained`` cannot load
-    (``Trainer.save_model`` calls it too); the model's own once they are gone. An object rather than a function, so
-    that deep copies and pickles of the model keep calling their own model."""
+    (``Trainer.save_model`` calls it too); the model's own once they are gone. It holds the model weakly (no cycle
+    keeps a deleted model alive) and follows it through deep copies and pickles."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model = weakref.ref(model)
 
     def __call__(self, *args, **kwargs):
-        held = fastpeft_modules(self.model)
+        model = self.model()
+        held = {n: type(m).__name__ for n, m in model.named_modules()
+                if isinstance(m, (LoraLinear, AdaptedModule, NF4Linear))}
         if held:
-            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            shown = ", ".join(list(held)[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            kinds = set(held.values())
+            remedies = []
+            if "LoraLinear" in kinds:
+                remedies.append("save LoRA adapters with fastpeft.save_adapter(model, path) (PEFT's files: "
+                                "PeftModel.from_pretrained and fastpeft.load_adapter load them), or "
+                                "fastpeft.merge_and_unload(model) first for a plain model")
+            if "AdaptedModule" in kinds:
+                remedies.append("take bottleneck adapters out with fastpeft.remove_adapters(model)")
+            if "NF4Linear" in kinds:
+                remedies.append("NF4 layers have no transformers format: replace each by its .dequantized() "
+                                "nn.Linear to save a dense model")
             raise RuntimeError(
                 f"save_pretrained: the model holds fastpeft layers ({shown}), which transformers would save as a "
-                "whole model under names from_pretrained cannot load. Save LoRA adapters with "
-                "fastpeft.save_adapter(model, path) (PEFT's files: PeftModel.from_pretrained and "
-                "fastpeft.load_adapter load them), or fastpeft.to_peft(model) for a PeftModel; for a plain model, "
-                "fastpeft.merge_and_unload(model) (and remove_adapters for bottleneck adapters) first")
-        return type(self.model).save_pretrained(self.model, *args, **kwargs)
+                f"whole model under names from_pretrained cannot load; {'; '.join(remedies)}")
+        return type(model).save_pretrained(model, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        return _CheckedSavePretrained(memo.get(id(self.model()), self.model()))
+
+    def __reduce__(self):
+        return _CheckedSavePretrained, (self.model(),)
 
 
 def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
@@ -164,10 +205,13 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
     if backend is not None:
         requested_backend(backend)
     names = _one_name_each(model, find_targets(model, target_modules))
+    inside = _inside_lora(model)
     bad = {}
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, LoraLinear):
+        if id(module) in inside:
+            bad[name] = f"is also the base layer at {inside[id(module)]} (a LoRA layer inside a LoRA layer never runs)"
+        elif isinstance(module, LoraLinear):
             if adapter_name in module.adapters:
                 bad[name] = f"already has an adapter named {adapter_name!r}"
             elif module.merged and use_dora:  # DoRA's magnitude starts from the unmerged weight
@@ -312,12 +356,13 @@ def quantize_nf4(module: nn.Module | Tensor, *, blocksize: int = DEFAULT_BLOCKSI
         return NF4Linear.from_linear(module, blocksize=blocksize, double_quant=double_quant, dtype=dtype)
     skip = () if skip_modules is None else (skip_modules,) if isinstance(skip_modules, str) else tuple(skip_modules)
     lora = [n for n, m in module.named_modules() if isinstance(m, LoraLinear)]
+    inside = _inside_lora(module)
     places: dict[int, list[str]] = {}  # each layer's names (a shared layer has several)
     layers: dict[int, nn.Linear] = {}
     for name, m in module.named_modules(remove_duplicate=False):
         if (isinstance(m, nn.Linear) and dense_linear_problem(m) is None
                 and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)
-                and not any(name.startswith(p + ".") for p in lora)
+                and not any(name.startswith(p + ".") for p in lora) and id(m) not in inside
                 and name not in skip and name.rpartition(".")[2] not in skip):
             places.setdefault(id(m), []).append(name)
             layers[id(m)] = m

@@ -7,12 +7,13 @@ Everything is checked before the model changes: a PEFT feature fastpeft lacks is
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
 
 from .layers import BASE_ADAPTER, AdaptedModule, LoraAdapter, LoraLinear
-from .model import _replace_modules, lora_layers
+from .model import _replace_modules, lora_layers, shared_places, unwrap_converted
 from .nf4 import NF4Linear, bnb_problem
 from .peft_io import peft_lora_config
 
@@ -137,6 +138,20 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     from peft.tuners.tuners_utils import BaseTunerLayer
     if not isinstance(peft_model, nn.Module):
         raise TypeError(f"peft_model must be a peft.PeftModel or an nn.Module, got {type(peft_model).__name__}")
+    if _is_retired(peft_model):
+        raise ValueError("from_peft: this PeftModel was converted already; its model is "
+                         "peft_model.get_base_model()")
+    from peft.tuners.tuners_utils import BaseTuner
+    wrapped_by = ("a PeftMixedModel (get_peft_model(mixed=True))" if type(peft_model).__name__ == "PeftMixedModel"
+                  else "the tuner of a PeftModel (peft_model.base_model)" if isinstance(peft_model, BaseTuner)
+                  else "the model inside a PeftModel (PEFT's peft_config is on it)"
+                  if "peft_config" in vars(peft_model) and not getattr(peft_model, "_hf_peft_config_loaded", False)
+                  else None)
+    if wrapped_by is not None:
+        # The PeftModel around it cannot be reached from here, and its PEFT methods would find no PEFT layers left:
+        # a save_pretrained would write an adapter of no tensors.
+        raise TypeError(f"from_peft: peft_model is {wrapped_by}; pass the PeftModel itself "
+                        "(fastpeft.from_peft(peft_model)), so that its PEFT methods are told the layers moved")
     model = peft_model.get_base_model() if isinstance(peft_model, peft.PeftModel) else peft_model
     if isinstance(model, BaseTunerLayer):
         raise TypeError("peft_model is itself a PEFT layer; pass the model that contains it")
@@ -158,7 +173,10 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     # PEFT's bookkeeping on the model it wrapped; stale now, and get_peft_model would read it as existing adapters.
     vars(model).pop("peft_config", None)
     if isinstance(peft_model, peft.PeftModel):
-        _retire(peft_model)
+        _retire((peft_model, peft_model.base_model), _PEFT_ADAPTER_METHODS)
+        vars(peft_model)["_fastpeft_converted"] = True
+    elif getattr(model, "_hf_peft_config_loaded", False):  # transformers' own PEFT methods, on the model itself
+        _retire((model,), _TRANSFORMERS_ADAPTER_METHODS)
     return model
 
 
@@ -168,31 +186,55 @@ _PEFT_ADAPTER_METHODS = (
     "save_pretrained", "push_to_hub", "load_adapter", "add_adapter", "set_adapter", "delete_adapter",
     "disable_adapter", "enable_adapter_layers", "disable_adapter_layers", "merge_adapter", "unmerge_adapter",
     "merge_and_unload", "unload", "add_weighted_adapter", "set_requires_grad", "get_layer_status",
-    "get_model_status", "create_or_update_model_card", "inject_adapter", "subtract_mutated_init", "state_dict",
-    "load_state_dict")
+    "get_model_status", "create_or_update_model_card", "inject_adapter", "subtract_mutated_init", "state_dict")
+# transformers' PEFT integration (model.add_adapter(LoraConfig(...))): the same methods on the model itself.
+_TRANSFORMERS_ADAPTER_METHODS = (
+    "load_adapter", "add_adapter", "set_adapter", "disable_adapters", "enable_adapters", "active_adapters",
+    "get_adapter_state_dict", "delete_adapter")
+_INSTEAD = {
+    "disable_adapter": "layer.disable_adapters() on each of fastpeft.lora_layers(model) runs the bases alone",
+    "disable_adapters": "layer.disable_adapters() on each of fastpeft.lora_layers(model) runs the bases alone",
+}
 
 
 class _Retired:
-    """A PEFT method of a PeftModel whose layers :func:`from_peft` moved out: a clear error instead of PEFT's code."""
+    """A PEFT method of a model whose PEFT layers :func:`from_peft` converted: a clear error instead of PEFT's code,
+    which would find no PEFT layer. ``state_dict`` stays the module's own when a containing module collects it (a
+    prefix given: DDP, a value-head wrapper); asked for directly (``get_peft_model_state_dict``) it is refused."""
 
-    def __init__(self, name: str):
+    def __init__(self, owner: nn.Module, name: str):
+        self.owner = weakref.ref(owner)
         self.name = name
 
     def __call__(self, *args, **kwargs):
+        if self.name == "state_dict" and (kwargs.get("prefix") or (len(args) > 1 and args[1])):
+            return type(self.owner()).state_dict(self.owner(), *args, **kwargs)
+        instead = _INSTEAD.get(self.name, "fastpeft.set_adapter / delete_adapter / merge_and_unload act on its "
+                                          "adapters")
         raise RuntimeError(
-            f"{self.name}: fastpeft.from_peft moved this PeftModel's LoRA layers into the model it returned "
-            f"(fastpeft LoraLinear layers), where PEFT's {self.name} cannot see them (a save would write an adapter "
-            "holding no tensors). Work on the returned model: fastpeft.save_adapter(model, path) writes PEFT's "
-            "adapter files, fastpeft.set_adapter / delete_adapter / merge_and_unload act on its adapters, and "
-            "fastpeft.to_peft(model) makes it a PeftModel again. Its forward still runs the adapters.")
+            f"{self.name}: fastpeft.from_peft converted this model's PEFT LoRA layers into fastpeft LoraLinear "
+            f"layers, which PEFT's {self.name} cannot see (a save would write an adapter holding no tensors). Work "
+            "on the model from_peft returned: fastpeft.save_adapter(model, path) writes PEFT's adapter files, "
+            f"{instead}, and fastpeft.to_peft(model) makes it a PeftModel again. Its forward still runs the "
+            "adapters.")
+
+    def __deepcopy__(self, memo):
+        return _Retired(memo.get(id(self.owner()), self.owner()), self.name)
+
+    def __reduce__(self):
+        return _Retired, (self.owner(), self.name)
 
 
-def _retire(peft_model) -> None:
-    """Make the adapter methods of ``peft_model`` (and of its tuner) raise; forward and generate keep working."""
-    for owner in (peft_model, peft_model.base_model):
-        for name in _PEFT_ADAPTER_METHODS:
+def _retire(owners, names) -> None:
+    """Make the PEFT adapter methods ``names`` of each of ``owners`` raise; forward and generate keep working."""
+    for owner in owners:
+        for name in names:
             if callable(getattr(type(owner), name, None)):
-                vars(owner)[name] = _Retired(name)
+                vars(owner)[name] = _Retired(owner, name)
+
+
+def _is_retired(model) -> bool:
+    return isinstance(model, nn.Module) and vars(model).get("_fastpeft_converted", False)
 
 
 def _magnitude(layer, name):
@@ -231,14 +273,11 @@ def to_peft(model: nn.Module):
     peft = _require_peft()
     if isinstance(model, LoraLinear) or not isinstance(model, nn.Module):
         raise TypeError(f"model must be a module containing LoraLinear layers, got {type(model).__name__}")
+    model = unwrap_converted(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no fastpeft LoRA layers")
-    shared = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, LoraLinear):
-            shared.setdefault(id(m), []).append(name)
-    shared = [names for names in shared.values() if len(names) > 1]
+    shared = shared_places(model, LoraLinear)
     if shared:
         raise ValueError(f"the LoRA layers at {shared} are each one module used at several places; PEFT would wrap "
                          "it at one place only, leaving the others without LoRA")

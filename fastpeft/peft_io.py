@@ -31,7 +31,16 @@ from torch import nn
 from .backends import requested_backend
 from .checks import is_finite_number, is_positive_int, is_probability
 from .layers import LoraLinear, _check_adapter_name, _checked_base, _new_adapter
-from .model import _freeze_all_but_adapters, _replace_modules, layers_with_adapter, lora_layers, lora_wrap_problem
+from .model import (
+    _freeze_all_but_adapters,
+    _inside_lora,
+    _replace_modules,
+    layers_with_adapter,
+    lora_layers,
+    lora_wrap_problem,
+    shared_places,
+    unwrap_converted,
+)
 from .nf4 import NF4Linear, is_bnb_4bit
 
 try:
@@ -504,6 +513,12 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
         raise ValueError("save_adapter needs a model that contains LoRA layers: PEFT's files name each layer by its "
                          "path in the model, and a bare LoraLinear has none (put it in a module, e.g. "
                          "nn.Sequential(layer), and load into the same structure)")
+    model = unwrap_converted(model)
+    shared = [names for names in shared_places(model, LoraLinear)
+              if adapter_name in model.get_submodule(names[0]).adapters]
+    if shared:
+        raise ValueError(f"the LoRA layers at {shared} are each one module used at several places; PEFT's files name "
+                         "one place per layer, and PEFT loading them would put LoRA at that place only")
     layers = layers_with_adapter(model, adapter_name)
     if not layers:
         raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r}")
@@ -558,6 +573,7 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
     modules = dict(model.named_modules(remove_duplicate=False))  # a module used at two places has both names
     lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
     named: dict[int, str] = {}  # module -> the first key naming it
+    inside = _inside_lora(model)
     targets, excluded = _field(config, "target_modules"), _field(config, "exclude_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = _all_linear(model, config)
@@ -577,6 +593,10 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         base = module.base_layer if isinstance(module, LoraLinear) else module
         if module is None:
             problems.append(f"{name}: no module of that name in the model")
+            continue
+        if id(module) in inside:
+            problems.append(f"{name}: also the base layer at {inside[id(module)]} (a LoRA layer inside a LoRA layer "
+                            "never runs)")
             continue
         if named.setdefault(id(module), name) != name:
             problems.append(f"{name}: the same module as {named[id(module)]} (one module, used at two places, "
@@ -615,7 +635,8 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
         infinite = [key for key, t in sorted(pair.items()) if not torch.isfinite(t.to(dtype)).all()]
         if infinite:
-            problems.append(f"{name}: {', '.join(infinite)} hold values that are not finite in the adapter's dtype "
+            problems.append(f"{name}: {', '.join(infinite)} {'hold' if len(infinite) > 1 else 'holds'} values "
+                            "that are not finite in the adapter's dtype "
                             f"{str(dtype).removeprefix('torch.')} (NaN, inf, or past its range)")
     return pairs, problems
 
@@ -639,6 +660,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
     if isinstance(model, nn.Linear):
         raise ValueError("load_adapter loads into a model, in place; a bare nn.Linear cannot become a LoraLinear in "
                          "place (put it in a module, e.g. nn.Sequential(layer))")
+    model = unwrap_converted(model)
     config, tensors = _read(Path(path))
     pairs, problems = _key_problems(config, tensors, model)
     if problems:

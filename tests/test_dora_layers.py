@@ -417,6 +417,28 @@ def test_kept_norms_follow_an_optimizer_step(fused):
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
 
 
+def test_kept_norms_follow_a_step_whose_closure_runs_the_layer():
+    """A no-grad forward inside ``step(closure)`` (logging a metric) keeps norms of the weights before the update."""
+    torch.manual_seed(0)
+    layer = fastpeft.LoraLinear(nn.Linear(16, 12), r=4, use_dora=True, init_lora_weights=False).eval()
+    x = torch.randn(5, 16)
+    optimizer = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=True)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = layer(x).pow(2).sum()
+        loss.backward()
+        with torch.no_grad():
+            layer(x)
+        return loss
+    optimizer.step(closure)
+    a = layer.adapter
+    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                                    magnitude=a.lora_magnitude_vector)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_adapters_keep_their_norms_across_optimizer_steps():
     """An optimizer stepping other parameters cannot change frozen A and B: their eval norms stay kept."""
     torch.manual_seed(0)

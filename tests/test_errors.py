@@ -75,14 +75,14 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch):
     one Triton would silently read as off but that is no off value (" yes ", "2") is refused by name before any
     kernel runs."""
     knobs = pytest.importorskip("triton.knobs")
-    for value in ("1", "0", "", "TRUE", "On", "true", "off", "False", "OFF"):
+    for value in ("1", "0", "", "TRUE", "On", "true", "off", "False", "OFF", "yes", "Y", "no", "N"):
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert backends.triton_interpreting() == bool(knobs.runtime.interpret), value
-    for value in (" yes ", "1 ", "2", "enable", "no"):
+    for value in (" yes ", "1 ", "2", "enable", "nope"):
         monkeypatch.setenv("TRITON_INTERPRET", value)
         assert not knobs.runtime.interpret  # Triton reads it as off
-        message = ("TRITON_INTERPRET must be one of 1, true, on, 0, false, off (in any case, as Triton reads it); "
-                   f"got {value!r}")
+        message = ("TRITON_INTERPRET must be one of 1, true, on, yes, y, 0, false, off, no, n (in any case, as "
+                   f"Triton reads it); got {value!r}")
         with pytest.raises(ValueError) as err:
             backends.triton_interpreting()
         assert str(err.value) == message
@@ -120,8 +120,8 @@ def test_autotune_takes_1_or_0():
 
 @pytest.mark.parametrize("variable,value,message", [
     ("FASTPEFT_BACKEND", "fastest", "FASTPEFT_BACKEND must be one of auto, torch, triton, cuda; got 'fastest'"),
-    ("TRITON_INTERPRET", " yes ", "TRITON_INTERPRET must be one of 1, true, on, 0, false, off (in any case, as "
-                                  "Triton reads it); got ' yes '"),
+    ("TRITON_INTERPRET", " yes ", "TRITON_INTERPRET must be one of 1, true, on, yes, y, 0, false, off, no, n (in "
+                                  "any case, as Triton reads it); got ' yes '"),
     ("FASTPEFT_AUTO_MEASURE", "disable", "FASTPEFT_AUTO_MEASURE must be one of 1, 0 (or unset); got 'disable'"),
     ("FASTPEFT_AUTOTUNE", "off", "FASTPEFT_AUTOTUNE must be one of 1, 0 (or unset); got 'off'"),
     ("FASTPEFT_GEMM_VARIANT", "sideways", "FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue, cublas, tma, "

@@ -302,16 +302,18 @@ def test_a_layer_used_at_two_places_gets_lora_at_both(target):
     assert type(model.a) is nn.Linear and model.a is model.b
 
 
-def test_a_shared_layer_round_trips_through_files_and_peft(tmp_path):
+def test_a_shared_layer_loads_from_files_and_peft(tmp_path):
     torch.manual_seed(0)
     base = Shared()
-    model = fastpeft.apply_lora(copy.deepcopy(base), ["b", "c"], r=2, init_lora_weights=False)
-    x = torch.randn(3, 8)
-    fastpeft.save_adapter(model, tmp_path)
-    fresh = copy.deepcopy(base)  # (a deep copy keeps the sharing)
-    loaded = fastpeft.load_adapter(fresh, tmp_path)
+    unshared = copy.deepcopy(base)
+    unshared.b = nn.Linear(8, 8)
+    fastpeft.save_adapter(fastpeft.apply_lora(unshared, ["a", "c"], r=2, init_lora_weights=False), tmp_path)
+    loaded = fastpeft.load_adapter(copy.deepcopy(base), tmp_path)  # (a deep copy keeps the sharing)
     assert isinstance(loaded.b, fastpeft.LoraLinear) and loaded.a is loaded.b
-    torch.testing.assert_close(loaded(x), model(x))
+    x = torch.randn(3, 8)
+    lora_a = unshared.a
+    torch.testing.assert_close(loaded(x), unshared.c(lora_a(torch.tanh(lora_a(x)))))
+    model = loaded
     fastpeft.apply_adapters(model, ["b"], config=dict(bottleneck=2))
     assert isinstance(model.a, fastpeft.AdaptedModule) and model.a is model.b
     fastpeft.remove_adapters(model)
@@ -320,3 +322,24 @@ def test_a_shared_layer_round_trips_through_files_and_peft(tmp_path):
         with pytest.raises(ValueError, match=r"\[\['a', 'b'\]\] are each one module used at several places"):
             fastpeft.to_peft(model)
         assert isinstance(model.a, fastpeft.LoraLinear) and model.a is model.b
+    with pytest.raises(ValueError, match=r"\[\['a', 'b'\]\] are each one module used at several places; PEFT's"):
+        fastpeft.save_adapter(model, tmp_path / "refused")  # PEFT would load it at one place only
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_layer_that_is_also_a_lora_base_is_not_wrapped_again(tmp_path):
+    """PEFT's layout of a shared layer targeted at one name: ``a`` is LoRA over it, ``b`` the bare layer. Wrapping
+    ``b`` would put a LoRA layer inside ``a``'s (whose merge_and_unload would leave one behind): refused."""
+    model = Shared()
+    linear = model.a
+    model.a = fastpeft.LoraLinear(linear, r=2)
+    before = {n: type(m) for n, m in model.named_modules(remove_duplicate=False)}
+    with pytest.raises(TypeError, match=r"b: is also the base layer at a.base_layer"):
+        fastpeft.apply_lora(model, ["b"], r=2, adapter_name="x")
+    other = fastpeft.apply_lora(Shared(), ["c"], r=2)
+    other.b = nn.Linear(8, 8)  # (a file with a key for b, saved from a model where b is its own layer)
+    fastpeft.save_adapter(fastpeft.apply_lora(other, ["b"], r=2, adapter_name="default"), tmp_path)
+    with pytest.raises(fastpeft.AdapterFileError, match=r"b: also the base layer at a.base_layer"):
+        fastpeft.load_adapter(model, tmp_path)
+    fastpeft.quantize_nf4(model)  # the LoRA layer's base is not quantised through its other name either
+    assert {n: type(m) for n, m in model.named_modules(remove_duplicate=False)} == {**before, "c": fastpeft.NF4Linear}

@@ -266,14 +266,28 @@ def test_the_peftmodel_left_behind_refuses_instead_of_saving_nothing(tmp_path):
         "add_weighted_adapter": lambda: theirs.add_weighted_adapter(["task"], [1.0], "w"),
     }
     for name, call in calls.items():
-        with pytest.raises(RuntimeError, match=rf"^{name}: fastpeft.from_peft moved .* fastpeft.save_adapter"):
+        with pytest.raises(RuntimeError, match=rf"^{name}: fastpeft.from_peft converted .* fastpeft.save_adapter"):
             call()
     assert not (tmp_path / "saved").exists()
     assert close(logits(ours, ids), want)
+
+    class ValueHead(torch.nn.Module):  # a module holding the wrapper collects its state as before
+        def __init__(self):
+            super().__init__()
+            self.pretrained_model, self.v_head = theirs, torch.nn.Linear(32, 1)
+    assert len(ValueHead().state_dict()) == len(ours.state_dict()) + 2
+    copied = copy.deepcopy(theirs)
+    with pytest.raises(RuntimeError, match="^save_pretrained: fastpeft.from_peft converted"):
+        copied.save_pretrained(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="converted already"):
+        fastpeft.from_peft(theirs)
+    fastpeft.save_adapter(theirs, tmp_path / "via-wrapper", adapter_name="task")  # fastpeft's own tools see through it
     fastpeft.save_adapter(ours, tmp_path / "ours", adapter_name="task")
-    back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"), adapter_name="task").eval()
-    assert close(logits(back, ids), want)
-    again = fastpeft.to_peft(ours)  # a PeftModel that works again
+    for folder in ("ours", "via-wrapper"):
+        back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / folder), adapter_name="task").eval()
+        assert close(logits(back, ids), want)
+    again = fastpeft.to_peft(theirs)  # a PeftModel that works again (given the old one, its model)
+    assert again.get_base_model() is ours
     again.save_pretrained(str(tmp_path / "again"))
     assert any((tmp_path / "again").rglob("adapter_model.safetensors"))
 
@@ -312,3 +326,48 @@ def test_trainer_after_from_peft_never_saves_a_wrong_model(tmp_path, which):
     fastpeft.save_adapter(ours, tmp_path / "adapter", adapter_name="task")
     back = fastpeft.load_adapter(tiny_llama(), tmp_path / "adapter", adapter_name="task").eval()
     assert close(logits(back, tokens()), logits(ours.eval(), tokens()))
+
+
+@pytest.mark.parametrize("part", ["base_model", "get_base_model"])
+def test_from_peft_on_a_part_of_a_peftmodel_is_refused(part):
+    """The PeftModel around a part cannot be reached to tell its methods the layers moved: refused, nothing changed."""
+    theirs = peft_llama()
+    inner = theirs.base_model if part == "base_model" else theirs.get_base_model()
+    before = {n: type(m) for n, m in theirs.named_modules()}
+    with pytest.raises(TypeError, match="pass the PeftModel itself"):
+        fastpeft.from_peft(inner)
+    assert {n: type(m) for n, m in theirs.named_modules()} == before
+
+
+def test_converted_models_are_freed_when_deleted():
+    """The guards hold their models weakly: a deleted model is freed at once, without the cycle collector."""
+    import gc
+    import weakref
+
+    def freed(build):
+        model = build()
+        ref = weakref.ref(model)
+        del model
+        return ref() is None
+    gc.disable()
+    try:
+        assert freed(lambda: fastpeft.apply_lora(tiny_llama(), ["q_proj"], r=2))
+        assert freed(lambda: fastpeft.from_peft(peft_llama()))
+        peft_model = peft_llama()
+        fastpeft.from_peft(peft_model)
+        ref = weakref.ref(peft_model)
+        del peft_model
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_inner_transformers_models_refuse_save_pretrained_too(tmp_path):
+    model = fastpeft.apply_lora(tiny_llama(), ["q_proj"], r=2)
+    with pytest.raises(RuntimeError, match="holds fastpeft layers"):
+        model.model.save_pretrained(str(tmp_path / "inner"))
+    nf4 = fastpeft.quantize_nf4(tiny_llama())
+    with pytest.raises(RuntimeError, match=r"NF4 layers have no transformers format: replace each by its "
+                                           r"\.dequantized\(\)"):
+        nf4.save_pretrained(str(tmp_path / "nf4"))
+    assert not (tmp_path / "inner").exists() and not (tmp_path / "nf4").exists()

@@ -345,7 +345,7 @@ def test_values_past_the_adapters_dtype_are_refused(saved, key, value):
         return tensors
     name = key.rsplit(".", 1)[0].rpartition(".")[0]
     assert_refused(Net(), copy_with("huge", tensors_edit=edit),
-                   rf"{name}: {key.split('.')[-2]} hold values that are not finite in the adapter's dtype float32")
+                   rf"{name}: {key.split('.')[-2]} holds values that are not finite in the adapter's dtype float32")
     assert_refused(fastpeft.apply_lora(Net(), ["q_proj"], r=2), copy_with("huge2", tensors_edit=edit), "not finite")
 
 
