@@ -52,6 +52,20 @@ def backend_params():
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def refused_by_cli(capsys, *args) -> str:
+    """``python -m fastpeft *args``, run in this process (a subprocess would spend seconds importing torch), must
+    refuse before doing anything: exit status 2, nothing on stdout. Returns what it wrote to stderr."""
+    from fastpeft.__main__ import main
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exit:  # argparse's parser.error
+        code = exit.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", (code, out, err)
+    return err
+
+
 def tiny_llama(seed=0):
     """A two-block transformers Llama built from a config (no download), in eval mode."""
     import transformers

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import refused_by_cli
 
 from fastpeft import benchmark
 from fastpeft.__main__ import BENCH_SECTIONS, main
@@ -236,15 +237,6 @@ def test_bench_says_why_peft_and_bitsandbytes_are_not_compared(capsys, monkeypat
 TINY_BENCH = ["bench", "--only", "lora", "--shape", "8,8,8,2", "--rounds", "1", "--dropout", "0"]
 
 
-def refused(*args, env=None) -> str:
-    """Runs ``python -m fastpeft *args``, which must refuse before measuring anything: exit 2, nothing on stdout (not
-    even the run's title), no traceback. Returns its stderr."""
-    done = subprocess.run([sys.executable, "-m", "fastpeft", *args], capture_output=True, text=True, timeout=120,
-                          env=None if env is None else {**os.environ, **env})
-    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, (done.stdout, done.stderr)
-    return done.stderr
-
-
 @pytest.mark.parametrize("args,message", [
     (["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
     (["--rounds", "-1"], "argument --rounds: expected a positive integer, got '-1'"),
@@ -255,10 +247,10 @@ def refused(*args, env=None) -> str:
     (["--device", "bogus"], "argument --device: expected cpu or cuda, got 'bogus'"),
     (["--device", "cuda"], "argument --device: cuda, but torch sees no CUDA GPU"),
 ])
-def test_bench_refuses_a_bad_argument_before_measuring(args, message):
+def test_bench_refuses_a_bad_argument_before_measuring(capsys, args, message):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    err = refused(*TINY_BENCH, *args)
+    err = refused_by_cli(capsys, *TINY_BENCH, *args)
     assert err.startswith("usage: python -m fastpeft bench") and message in err, err
 
 
@@ -272,32 +264,36 @@ def test_bench_refuses_a_gpu_torch_does_not_see(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["missing/results.md", "a-folder", "a-file/results.md", "/proc/version"])
-def test_bench_refuses_a_markdown_file_it_cannot_append_to(where, tmp_path):
+def test_bench_refuses_a_markdown_file_it_cannot_append_to(capsys, where, tmp_path):
     (tmp_path / "a-folder").mkdir()
     (tmp_path / "a-file").write_text("")
     if where.startswith("/") and not os.path.exists(where):
         pytest.skip(f"no {where} here")
     path = where if where.startswith("/") else str(tmp_path / where)
-    err = refused(*TINY_BENCH, "--markdown", path)
+    err = refused_by_cli(capsys, *TINY_BENCH, "--markdown", path)
     assert err.startswith("usage: python -m fastpeft bench"), err
     assert f"argument --markdown: cannot append to {path}: " in err, err
     assert sorted(os.listdir(tmp_path)) == ["a-file", "a-folder"]
 
 
 @pytest.mark.parametrize("command", [TINY_BENCH, ["report", "--quick", "--rounds", "1"]])
-def test_bench_and_report_name_a_bad_backend_in_the_environment_before_measuring(command, tmp_path):
+def test_bench_and_report_name_a_bad_backend_in_the_environment_before_measuring(capsys, monkeypatch, command,
+                                                                                 tmp_path):
     """As ``info`` does (tests/test_errors.py): one line, before anything runs."""
     out = tmp_path / "report"
-    err = refused(*command, *(["--out", str(out)] if command[0] == "report" else []), env={"FASTPEFT_BACKEND": "bogus"})
+    monkeypatch.setenv("FASTPEFT_BACKEND", "bogus")
+    err = refused_by_cli(capsys, *command, *(["--out", str(out)] if command[0] == "report" else []))
     assert err == "error: FASTPEFT_BACKEND must be one of auto, torch, triton, cuda; got 'bogus'\n"
     assert not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
 @pytest.mark.parametrize("command", [[*TINY_BENCH, "--only", "dora"], ["report", "--quick", "--rounds", "1"]])
-def test_bench_and_report_refuse_a_backend_the_environment_names_that_cannot_run_here(command, tmp_path):
+def test_bench_and_report_refuse_a_backend_the_environment_names_that_cannot_run_here(capsys, monkeypatch, command,
+                                                                                       tmp_path):
     out = tmp_path / "report"
-    err = refused(*command, *(["--out", str(out)] if command[0] == "report" else []), env={"FASTPEFT_BACKEND": "cuda"})
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+    err = refused_by_cli(capsys, *command, *(["--out", str(out)] if command[0] == "report" else []))
     assert err.startswith("error: FASTPEFT_BACKEND=cuda, but the cuda backend cannot run here: ") and \
         "no CUDA GPU" in err and err.count("\n") == 1, err
     assert not out.exists()

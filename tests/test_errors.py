@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import lora_linear_inputs
+from conftest import lora_linear_inputs, refused_by_cli
 from torch import nn
 
 import fastpeft
@@ -104,18 +104,24 @@ def test_auto_measure_takes_1_or_0(monkeypatch, value):
     assert str(err.value) == f"FASTPEFT_AUTO_MEASURE must be one of 1, 0 (or unset); got {value!r}"
 
 
+AUTOTUNE_READS = """
+import importlib, os
+from fastpeft.kernels import common
+for value in ("0", "1", "yes"):
+    os.environ["FASTPEFT_AUTOTUNE"] = value
+    try:
+        print(importlib.reload(common).AUTOTUNE)
+    except ValueError as err:
+        print(err)
+"""
+
+
 def test_autotune_takes_1_or_0():
     """FASTPEFT_AUTOTUNE is read when the kernels are first imported: a bad value is refused there, by name."""
     pytest.importorskip("triton")
-    code = "from fastpeft.kernels import common; print(common.AUTOTUNE)"
-    for value, autotunes in (("0", "False"), ("1", "True")):
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTPEFT_AUTOTUNE": value},
-                             capture_output=True, text=True, timeout=300)
-        assert out.stdout.split() == [autotunes], out.stderr
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTPEFT_AUTOTUNE": "yes"},
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0
-    assert out.stderr.splitlines()[-1] == "ValueError: FASTPEFT_AUTOTUNE must be one of 1, 0 (or unset); got 'yes'"
+    out = subprocess.run([sys.executable, "-c", AUTOTUNE_READS], capture_output=True, text=True, timeout=300)
+    refusal = "FASTPEFT_AUTOTUNE must be one of 1, 0 (or unset); got 'yes'"
+    assert out.stdout.splitlines() == ["False", "True", refusal], out.stderr
 
 
 @pytest.mark.parametrize("variable,value,message", [
@@ -127,11 +133,17 @@ def test_autotune_takes_1_or_0():
     ("FASTPEFT_GEMM_VARIANT", "sideways", "FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue, cublas, tma, "
                                           "got 'sideways'"),
 ])
-def test_info_names_a_bad_environment_value(variable, value, message):
+def test_info_names_a_bad_environment_value(capsys, monkeypatch, variable, value, message):
     """``python -m fastpeft info`` checks every variable fastpeft reads: a bad value is one line naming it."""
-    out = subprocess.run([sys.executable, "-m", "fastpeft", "info"], env={**os.environ, variable: value},
+    monkeypatch.setenv(variable, value)
+    assert refused_by_cli(capsys, "info") == f"error: {message}\n"
+
+
+def test_info_names_a_bad_environment_value_as_a_command():
+    out = subprocess.run([sys.executable, "-m", "fastpeft", "info"], env={**os.environ, "FASTPEFT_AUTOTUNE": "off"},
                          capture_output=True, text=True, timeout=300)
-    assert (out.returncode, out.stdout, out.stderr) == (2, "", f"error: {message}\n")
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2, "", "error: FASTPEFT_AUTOTUNE must be one of 1, 0 (or unset); got 'off'\n")
 
 
 def test_explicit_backend_lists_every_reason(monkeypatch):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import refused_by_cli
 
 from fastpeft import benchmark, report
 from fastpeft.report import BASE, LIMIT, Sweep
@@ -123,28 +124,21 @@ def test_without_matplotlib_the_report_has_tables_only(measured, tmp_path, monke
 
 @pytest.mark.parametrize("args,message", [(["--rounds", "0"], "positive integer"), (["--rounds", "-1"], "positive"),
                                           (["--device", "bogus"], "--device"), (["--device", "cuda:0"], "CUDA")])
-def test_the_report_command_refuses_bad_arguments_before_measuring(args, message, tmp_path):
-    import subprocess
-    import sys
+def test_the_report_command_refuses_bad_arguments_before_measuring(capsys, args, message, tmp_path):
     if "cuda" in args[-1] and torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    done = subprocess.run([sys.executable, "-m", "fastpeft", "report", "--quick", "--out", str(tmp_path), *args],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert message in refused_by_cli(capsys, "report", "--quick", "--out", str(tmp_path), *args)
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    done = subprocess.run([sys.executable, "-m", "fastpeft", "report", "--quick", "--out", str(blocked)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "cannot write a report there" in done.stderr and "sweeps" not in done.stderr
+    err = refused_by_cli(capsys, "report", "--quick", "--out", str(blocked))
+    assert "cannot write a report there" in err and "sweeps" not in err
 
 
 @pytest.mark.parametrize("blocked", ["report.md", "tokens.png"])
-def test_the_report_command_checks_every_file_it_writes_before_measuring(blocked, tmp_path):
+def test_the_report_command_checks_every_file_it_writes_before_measuring(capsys, blocked, tmp_path):
     (tmp_path / blocked).mkdir()
-    done = subprocess.run([sys.executable, "-m", "fastpeft", "report", "--quick", "--rounds", "1", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stdout == "" and "Traceback" not in done.stderr, done.stderr
-    assert f"argument --out: cannot write a report there: {tmp_path / blocked}: " in done.stderr, done.stderr
+    err = refused_by_cli(capsys, "report", "--quick", "--rounds", "1", "--out", str(tmp_path))
+    assert f"argument --out: cannot write a report there: {tmp_path / blocked}: " in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == [blocked]  # and the files tried are not left behind
 
 
