@@ -11,6 +11,8 @@ scale).
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -230,7 +232,23 @@ def _shared_memory_pruner(kernel_name):
     return prune
 
 
+def launch_constexprs(kernel, configs) -> list[str]:
+    """The constexpr parameters of ``kernel`` (a JIT function, or one under ``triton.heuristics``) that its launches
+    set, rather than its ``configs``."""
+    tuned = {name for config in configs for name in config.kwargs}
+    while not inspect.isfunction(kernel):  # down through heuristics and the JIT (or interpreter) wrapper
+        kernel = kernel.fn
+    # (annotations are strings in modules with postponed evaluation)
+    return [name for name, p in inspect.signature(kernel).parameters.items()
+            if name not in tuned and (p.annotation is tl.constexpr or str(p.annotation).endswith("constexpr"))]
+
+
 def autotuned(kernel, configs, key, kernel_name):
+    """``kernel`` autotuned over ``configs`` per ``key``, and per every constexpr its launches set: each value of one
+    compiles another kernel, and the pruner's shared-memory and spill models read them, so no launch (DoRA's column
+    scale, a mixed batch) inherits a winner measured for another, least of all one its pruner drops. (A constexpr
+    a heuristic sets is not among the launch's arguments; the autotuner skips it.)"""
+    key = list(dict.fromkeys([*key, *launch_constexprs(kernel, configs)]))
     return triton.autotune(configs=configs, key=key,
                            prune_configs_by={"early_config_prune": _shared_memory_pruner(kernel_name)})(kernel)
 

@@ -194,3 +194,34 @@ def test_the_interpreter_is_refused_as_triton_reads_it(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", " yes ")
     with pytest.raises(ValueError, match="TRITON_INTERPRET must be one of"):
         aot.compile_all(jobs=1)
+
+
+def test_every_autotuned_kernel_tunes_per_constexpr_its_launches_set():
+    """A winner is kept per value of every constexpr a launch sets: DoRA's COL_SCALE / STORE_PRE launches never take
+    plain LoRA's winner (a config DoRA's pruner drops for spilling), nor a mixed batch a plain GEMM's."""
+    import importlib
+    import inspect
+
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    found = 0
+    for module_name in ("fastpeft.kernels.lora_linear", "fastpeft.kernels.adapter_bottleneck"):
+        module = importlib.import_module(module_name)
+        for name, tuned in vars(module).items():
+            if not isinstance(tuned, Autotuner):
+                continue
+            found += 1
+            tuned_by_configs = {k for c in tuned.configs for k in c.kwargs}
+            by_heuristics, fn = set(), tuned.fn
+            while not inspect.isfunction(fn):  # down to the kernel's Python function
+                if isinstance(fn, Heuristics):
+                    by_heuristics |= set(fn.values)
+                fn = fn.fn
+            constexprs = {n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
+            launched = constexprs - tuned_by_configs - by_heuristics
+            assert "COMPUTE" in constexprs or "BLOCK_R" in constexprs, name
+            assert launched <= set(tuned.keys), (name, launched - set(tuned.keys))
+    assert found >= 8
+    from fastpeft.kernels import lora_linear
+    for tuned in (lora_linear._gemm_tuned, lora_linear._tma_tuned):
+        assert {"COL_SCALE", "STORE_PRE"} <= set(tuned.keys)
