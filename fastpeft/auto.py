@@ -23,22 +23,19 @@ fake tensors: those calls take the rule order, provisionally (the next call outs
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import importlib.util
 import json
 import os
 import statistics
-import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from .atomic_files import LockTimeout, locked, write_file_atomically
 from .checks import env_switch
 
 MEASURE_ENV = "FASTPEFT_AUTO_MEASURE"
@@ -152,20 +149,6 @@ def _load(path: Path | None) -> None:
             _winners.setdefault(key, winner)
 
 
-def _lock(lock, wait: float) -> bool:
-    """Take the exclusive lock on the open file ``lock``, waiting up to ``wait`` seconds: False when another process
-    holds it that long (a blocking lock would wait forever on a stopped process)."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
-
-
 def _store(path: Path, key: str, winner: str) -> None:
     """Add one winner to the file: under an exclusive lock, read what is there, merge (the newest ``MAX_ENTRIES``
     kept), replace the file whole. Where the lock is not had within ``LOCK_WAIT`` seconds nothing is stored (the
@@ -173,30 +156,20 @@ def _store(path: Path, key: str, winner: str) -> None:
     global _lock_timed_out
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a") as lock:
-        if not _lock(lock, 0.0 if _lock_timed_out else LOCK_WAIT):
-            if not _lock_timed_out:
-                _lock_timed_out = True
-                warnings.warn(f"fastpeft auto: the cache's lock {lock_path} is held by another process (waited "
-                              f"{LOCK_WAIT:g} s): this winner is kept in memory only, and later ones are stored only "
-                              "when the lock is free at once", RuntimeWarning, stacklevel=3)
-            return
-        winners = _read(path)
-        winners.pop(key, None)  # stored last: the newest entry, kept longest
-        winners[key] = winner
-        winners = dict(list(winners.items())[-MAX_ENTRIES:])
-        text = json.dumps({"format": FORMAT, "winners": winners}, indent=1)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(handle, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+    try:
+        with locked(lock_path, timeout=0.0 if _lock_timed_out else LOCK_WAIT):
+            winners = _read(path)
+            winners.pop(key, None)  # stored last: the newest entry, kept longest
+            winners[key] = winner
+            winners = dict(list(winners.items())[-MAX_ENTRIES:])
+            text = json.dumps({"format": FORMAT, "winners": winners}, indent=1)
+            write_file_atomically(path, text.encode(), mode=0o600)  # readable by its owner only
+    except LockTimeout:
+        if not _lock_timed_out:
+            _lock_timed_out = True
+            warnings.warn(f"fastpeft auto: the cache's lock {lock_path} is held by another process (waited "
+                          f"{LOCK_WAIT:g} s): this winner is kept in memory only, and later ones are stored only "
+                          "when the lock is free at once", RuntimeWarning, stacklevel=3)
 
 
 def cuda_timer(fn: Callable[[], None]) -> float:
