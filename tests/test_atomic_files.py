@@ -131,7 +131,7 @@ def test_a_lock_with_a_timeout_gives_up_promptly_while_another_process_holds_it(
             with pytest.raises(LockTimeout, match="locked by another process"):
                 with take(path, timeout=timeout):
                     pass
-            assert timeout <= time.monotonic() - start < timeout + 0.5
+            assert timeout <= time.monotonic() - start < timeout + 2
     finally:
         os.kill(pid, signal.SIGKILL)  # the kernel drops its lock
         os.waitpid(pid, 0)
@@ -142,7 +142,7 @@ def test_a_lock_with_a_timeout_gives_up_promptly_while_another_process_holds_it(
                 pass
     with take(path):  # released on leaving the block
         pass
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 2
     assert path.is_dir() if folder else path.is_file()  # a lock file stays
 
 
