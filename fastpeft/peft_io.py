@@ -6,6 +6,7 @@ whole, atomically), reading and checking a folder, then ``save_adapter`` and ``l
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -28,6 +29,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .atomic_files import FILE_LOCKS, fsync_dir, locked_folder, write_file_atomically, write_new_file
 from .backends import requested_backend
 from .checks import is_finite_number, is_positive_int, is_probability
 from .layers import LoraLinear, _check_adapter_name, _checked_base, _new_adapter
@@ -42,11 +44,6 @@ from .model import (
     unwrap_converted,
 )
 from .nf4 import NF4Linear, is_bnb_4bit
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: saving refuses (see _publish), loading works
-    fcntl = None
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -214,28 +211,6 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _lock(folder: Path) -> int:
-    """An exclusive lock on ``folder`` (a file descriptor to close); retaken if a save swapped the folder meanwhile,
-    so that the lock is always on the folder the path names now."""
-    while True:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(folder)):
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-
-
 def _link_or_copy(src, dst) -> None:
     try:
         os.link(src, dst)
@@ -259,14 +234,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _build_staging(folder: Path, staging: Path, files: dict[str, bytes]) -> None:
     """The folder's next version in ``staging``: ``files``, and links to (or copies of) every other entry of
     ``folder`` but the old adapter's pickled weights and the hidden folders of unfinished saves."""
@@ -281,31 +248,26 @@ def _build_staging(folder: Path, staging: Path, files: dict[str, bytes]) -> None
             else:
                 _link_or_copy(entry.path, staging / entry.name)
     for name, data in files.items():
-        _write_file(staging / name, data)
+        write_new_file(staging / name, data)  # mode 0o666 less the umask
     if folder.is_dir():
         os.chmod(staging, stat.S_IMODE(folder.stat().st_mode))
-    _fsync_dir(staging)
+    fsync_dir(staging)
 
 
 def _publish_in_place(folder: Path, files: dict[str, bytes]) -> None:
-    """Replace each file atomically on its own (weights first): for folders that cannot be swapped."""
-    lock = _lock(folder)
-    try:
+    """Replace each file atomically on its own (weights first): for folders that cannot be swapped. Temporary files
+    are hidden (``_HIDDEN``): loads never see them, and the next save deletes those that killed saves left."""
+    with locked_folder(folder):
         for leftover in folder.glob(glob.escape(_HIDDEN) + "*"):
             _remove(leftover)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            tmp = folder / f"{_HIDDEN}{secrets.token_hex(8)}"
-            _write_file(tmp, files[name])
-            os.replace(tmp, folder / name)
-        _fsync_dir(folder)
-    finally:
-        os.close(lock)
+            write_file_atomically(folder / name, files[name], prefix=_HIDDEN)
 
 
 def _publish(folder, files: dict[str, bytes]) -> None:
     """Make ``files`` (the two adapter files) the adapter of ``folder`` in one atomic step, keeping its other
     entries."""
-    if fcntl is None:
+    if not FILE_LOCKS:
         raise OSError("save_adapter needs a POSIX system (file locks)")
     folder = Path(os.path.realpath(folder))  # a linked folder: replace the folder it points to
     if folder.exists() and not folder.is_dir():
@@ -317,10 +279,9 @@ def _publish(folder, files: dict[str, bytes]) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     if folder.is_dir() and (os.path.ismount(folder) or not os.access(parent, os.W_OK | os.X_OK)):
         return _publish_in_place(folder, files)
-    parent_lock = _lock(parent)
-    try:
-        folder_lock = _lock(folder) if folder.is_dir() else None  # holds off saves into its subfolders
-        try:
+    with locked_folder(parent):
+        # The folder's own lock holds off saves into its subfolders.
+        with locked_folder(folder) if folder.is_dir() else contextlib.nullcontext():
             prefix = _staging_prefix(folder)
             for leftover in parent.glob(glob.escape(prefix) + "*"):
                 _remove(leftover)
@@ -353,12 +314,7 @@ def _publish(folder, files: dict[str, bytes]) -> None:
                 _remove(staging)  # now the old folder
             if cwd is not None and (cwd == str(folder) or cwd.startswith(str(folder) + os.sep)):
                 os.chdir(cwd)  # this process worked in the old folder: move it to the same place in the new one
-            _fsync_dir(parent)
-        finally:
-            if folder_lock is not None:
-                os.close(folder_lock)
-    finally:
-        os.close(parent_lock)
+            fsync_dir(parent)
 
 
 def _read_version(folder: Path) -> dict[str, bytes] | None:
