@@ -1,14 +1,15 @@
-"""Every ```python block of README.md runs as written, each alone in a fresh interpreter.
+"""Every ```python block of README.md and of each docs/*.md page runs as written, each alone in a fresh interpreter;
+every relative link in them points to a file (and heading) that exists.
 
 A block runs with the interpreter running the tests, in an empty temporary working directory (adapter folders and
 checkpoints it writes land there), with the Hugging Face hub offline, so a block that would download fails here.
-Blocks are self-contained: none relies on names defined by an earlier block.
+Blocks are self-contained: none relies on names or files from an earlier block, of its page or another.
 
 Marking a block: a block that needs a CUDA GPU opens with the fence ```python gpu (GitHub highlights it as Python
 still); it is skipped, saying so, where torch sees no GPU. Other fences (```bash, plain ```) are not run.
 
-A failure shows the block's stderr. Its traceback's line numbers are README.md's own: the block is run from a file
-named README.md with the code at the lines it has in the real one.
+A failure shows the block's stderr. Its traceback's file and line numbers are the page's own: the block is run from a
+file of the page's name (README.md, docs/api.md, ...) with the code at the lines it has in the real one.
 """
 import os
 import re
@@ -25,7 +26,10 @@ from markdown_it import MarkdownIt
 
 import fastpeft
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [README, *DOCS]  # the Markdown pages whose blocks run and whose links are checked
 PYTHON_LANGUAGES = {"python", "py", "python3"}
 GPU_MARK = "gpu"
 
@@ -33,9 +37,10 @@ GPU_MARK = "gpu"
 @dataclass(frozen=True)
 class CodeBlock:
     section: str  # the heading above the block ("" before the first)
-    line: int  # README line of the opening fence, 1-based
+    line: int  # the page's line of the opening fence, 1-based
     info: str  # the fence's info string: language, then marks
     code: str
+    page: str = ""  # the page's path from the repository root, "/"-separated: README.md, docs/api.md, ...
 
     @property
     def language(self) -> str:
@@ -46,7 +51,7 @@ class CodeBlock:
         return set(self.info.split()[1:])
 
 
-def code_blocks(text: str) -> list[CodeBlock]:
+def code_blocks(text: str, page: str = "") -> list[CodeBlock]:
     """The fenced code blocks of a Markdown text, in order, as a CommonMark renderer reads them."""
     tokens = MarkdownIt("commonmark").parse(text)
     blocks, section = [], ""
@@ -54,17 +59,27 @@ def code_blocks(text: str) -> list[CodeBlock]:
         if token.type == "heading_open":
             section = following.content
         elif token.type == "fence":
-            blocks.append(CodeBlock(section, token.map[0] + 1, token.info.strip(), token.content))
+            blocks.append(CodeBlock(section, token.map[0] + 1, token.info.strip(), token.content, page))
     return blocks
 
 
+def page_name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
 def python_blocks() -> list[CodeBlock]:
-    return [b for b in code_blocks(README.read_text(encoding="utf-8")) if b.language in PYTHON_LANGUAGES]
+    return [b for path in PAGES for b in code_blocks(path.read_text(encoding="utf-8"), page_name(path))
+            if b.language in PYTHON_LANGUAGES]
 
 
-def block_id(index: int, block: CodeBlock) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", block.section.lower()).strip("-") or "top"
-    return f"{index}-{slug}"
+def block_ids(blocks: list[CodeBlock]) -> list[str]:
+    """page-index-section, the index counting the page's Python blocks from 1: README-2-a-tour, api-1-top, ..."""
+    ids, counts = [], {}
+    for block in blocks:
+        counts[block.page] = counts.get(block.page, 0) + 1
+        slug = re.sub(r"[^a-z0-9]+", "-", block.section.lower()).strip("-") or "top"
+        ids.append(f"{Path(block.page).stem}-{counts[block.page]}-{slug}")
+    return ids
 
 
 BLOCKS = python_blocks()
@@ -76,9 +91,9 @@ def test_code_blocks_reads_sections_languages_and_marks():
         ("Top", 2, "python", set(), "a = 1\n"), ("Two words", 6, "py", {"gpu"}, "```\nb = 2\n")]
 
 
-def test_readme_has_its_python_blocks():
-    # A parser that found nothing would pass every block test vacuously.
-    assert len(BLOCKS) >= 7, [b.line for b in BLOCKS]
+def test_readme_and_docs_have_their_python_blocks():
+    # A parser or a glob that found nothing would pass every block test vacuously.
+    assert len(BLOCKS) >= 7, [(b.page, b.line) for b in BLOCKS]
     assert all(b.code.strip() for b in BLOCKS)
 
 
@@ -96,7 +111,8 @@ def block_env() -> dict[str, str]:
 
 
 def run_block(block: CodeBlock, directory: Path) -> subprocess.CompletedProcess:
-    script = directory / "README.md"
+    script = directory / block.page
+    script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text("\n" * block.line + block.code, encoding="utf-8")
     cwd = directory / "cwd"
     cwd.mkdir()
@@ -123,7 +139,7 @@ def block_runs(request, tmp_path_factory):
 
     def start(block):
         if block not in futures:
-            directory = tmp_path_factory.mktemp(f"readme-line{block.line}-")
+            directory = tmp_path_factory.mktemp(f"{Path(block.page).stem}-line{block.line}-")
             futures[block] = pool.submit(run_block, block, directory)
         return futures[block]
 
@@ -136,11 +152,69 @@ def block_runs(request, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", BLOCKS, ids=[block_id(i, b) for i, b in enumerate(BLOCKS, 1)])
+@pytest.mark.parametrize("block", BLOCKS, ids=block_ids(BLOCKS))
 def test_readme_block_runs(block, block_runs):
     if not runs_here(block):
-        pytest.skip(f"README.md line {block.line} ({block.section}): fence marked '{GPU_MARK}', and no CUDA GPU here")
+        pytest.skip(f"{block.page} line {block.line} ({block.section}): fence marked '{GPU_MARK}', and no CUDA GPU "
+                    f"here")
     result = block_runs(block).result()
     if result.returncode != 0:
-        pytest.fail(f"README.md line {block.line} ({block.section}) exited with {result.returncode}; stderr:\n"
+        pytest.fail(f"{block.page} line {block.line} ({block.section}) exited with {result.returncode}; stderr:\n"
                     f"{result.stderr[-8000:]}", pytrace=False)
+
+
+# Links: every relative link or image of a page points to a file or folder of the tree, and an anchor (#part) to a
+# heading of the page it names, as GitHub names headings.
+LINK_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # https:, mailto:, ...
+
+
+def links(text: str) -> list[tuple[int, str]]:
+    """(line, target) of every link and image of a Markdown text, as a CommonMark renderer reads them."""
+    found = []
+    for token in MarkdownIt("commonmark").parse(text):
+        for child in token.children or []:
+            if child.type == "link_open":
+                found.append((token.map[0] + 1, child.attrs["href"]))
+            elif child.type == "image":
+                found.append((token.map[0] + 1, child.attrs["src"]))
+    return found
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: the heading's text in lower case, punctuation but '-' and '_'
+    dropped, spaces made '-'; a repeated one gets -1, -2, ..."""
+    anchors, seen = set(), {}
+    tokens = MarkdownIt("commonmark").parse(text)
+    for token, following in zip(tokens, tokens[1:] + [None], strict=True):
+        if token.type == "heading_open":
+            plain = "".join(c.content for c in following.children if c.type in ("text", "code_inline"))
+            slug = re.sub(r"[^\w\- ]", "", plain.strip().lower()).replace(" ", "-")
+            count = seen.get(slug, 0)
+            seen[slug] = count + 1
+            anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_links_reads_links_images_and_headings():
+    text = "# A `b`'s (c) d\n\nSee [x](docs/x.md#y), ![i](p.png) and <https://e.org>.\n\n## A `b`'s (c) d\n"
+    assert links(text) == [(3, "docs/x.md#y"), (3, "p.png"), (3, "https://e.org")]
+    assert heading_anchors(text) == {"a-bs-c-d", "a-bs-c-d-1"}
+
+
+LINK_PAGES = [README, *DOCS, ROOT / "bench" / "results" / "README.md"]
+
+
+@pytest.mark.parametrize("page", LINK_PAGES, ids=[page_name(p) for p in LINK_PAGES])
+def test_relative_links_resolve(page):
+    broken = []
+    for line, target in links(page.read_text(encoding="utf-8")):
+        if LINK_SCHEME.match(target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists() or ROOT not in file.parents:
+            broken.append(f"line {line}: {target} (no such file in the tree)")
+        elif anchor and (file.suffix != ".md" or anchor not in heading_anchors(file.read_text(encoding="utf-8"))):
+            broken.append(f"line {line}: {target} (no heading #{anchor} there)")
+    assert not broken, f"{page_name(page)}: " + "; ".join(broken)
+
