@@ -93,7 +93,10 @@ def test_code_blocks_reads_sections_languages_and_marks():
 
 def test_readme_and_docs_have_their_python_blocks():
     # A parser or a glob that found nothing would pass every block test vacuously.
-    assert len(BLOCKS) >= 7, [(b.page, b.line) for b in BLOCKS]
+    assert len(DOCS) >= 10, DOCS
+    readme = [b for b in BLOCKS if b.page == "README.md"]
+    assert len(readme) >= 3, [b.line for b in readme]
+    assert len(BLOCKS) >= 10, [(b.page, b.line) for b in BLOCKS]
     assert all(b.code.strip() for b in BLOCKS)
 
 
@@ -218,3 +221,23 @@ def test_relative_links_resolve(page):
             broken.append(f"line {line}: {target} (no heading #{anchor} there)")
     assert not broken, f"{page_name(page)}: " + "; ".join(broken)
 
+
+def test_readme_links_every_docs_page():
+    linked = {(README.parent / target.partition("#")[0]).resolve() for _, target in links(README.read_text("utf-8"))}
+    assert set(DOCS) - linked == set(), "docs pages the README does not link"
+
+
+def test_readme_is_a_front_door():
+    """Short (under 250 lines, no paragraph over 12), and it opens with the two commands: install and run the main
+    job, install and pass the tests."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 250
+    tokens = MarkdownIt("commonmark").parse(text)
+    paragraphs = [t.map for t in tokens if t.type == "paragraph_open"]
+    longest = max(paragraphs, key=lambda m: m[1] - m[0])
+    assert longest[1] - longest[0] <= 12, f"README.md lines {longest[0] + 1}-{longest[1]}"
+    first = code_blocks(text)[0]
+    assert first.language == "bash"
+    commands = [line for line in first.code.splitlines() if line and not line.startswith("#")]
+    assert commands == ['pip install torch==2.13.0 && pip install -e ".[bench]" && python -m fastpeft bench --quick',
+                        'pip install torch==2.13.0 && pip install -e ".[test]" && pytest']
