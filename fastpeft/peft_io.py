@@ -463,7 +463,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     ``peft.PeftModel.from_pretrained(base_model, path)`` loads it.
 
     Everything is built and checked in memory first; then both files replace the folder's adapter in one atomic
-    step (see the README: a reader sees the whole old or the whole new adapter, across kills and concurrent saves).
+    step (see docs/files.md: a reader sees the whole old or the whole new adapter, across kills and concurrent saves).
     """
     if isinstance(model, LoraLinear):
         raise ValueError("save_adapter needs a model that contains LoRA layers: PEFT's files name each layer by its "

@@ -231,7 +231,7 @@ def test_to_peft_refuses_what_peft_cannot_express():
 
 def test_bf16_base_with_fp32_adapters_stays_within_bf16_accuracy():
     """On half bases fastpeft runs the low-rank branch in the base dtype (fp32 accumulation) where PEFT upcasts x to
-    fp32: both stay within bf16 accuracy of float64, PEFT somewhat closer (README, "Coming from PEFT")."""
+    fp32: both stay within bf16 accuracy of float64, PEFT somewhat closer (docs/peft.md, "Numerics against PEFT")."""
     theirs = peft.get_peft_model(tiny_llama().to(torch.bfloat16),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
     ids = tokens()
