@@ -104,7 +104,7 @@ def extensions():
 
 
 setup(
-    packages=["fastpeft", "fastpeft.ops", "fastpeft.kernels"],
+    packages=["fastpeft", "fastpeft.ops", "fastpeft.benchmarks", "fastpeft.kernels"],
     package_dir={"fastpeft.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": CMakeBuild},

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from fastpeft import benchmark as cases
+from fastpeft.benchmarks import timing as cases
 
 DEVICE = os.environ.get("FASTPEFT_BENCH_DEVICE", "cpu")
 

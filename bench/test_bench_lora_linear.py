@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from fastpeft import benchmark as cases
+from fastpeft.benchmarks import timing as cases
 
 DEVICE = os.environ.get("FASTPEFT_BENCH_DEVICE", "cpu")
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[

@@ -73,7 +73,7 @@ def _positive_int(text: str) -> int:
 
 
 def _shape(text: str):
-    from .benchmark import Shape
+    from .benchmarks.timing import Shape
     try:
         M, K, N, r = (int(v) for v in text.split(","))
     except ValueError:
@@ -136,7 +136,7 @@ def _cannot_write(path: Path) -> str | None:
 
 
 def bench(args, parser) -> int:
-    from . import benchmark
+    from .benchmarks import timing
 
     # The tables are appended after each benchmark: a file found unwritable only then would lose the results.
     if args.markdown and (reason := _cannot_write(Path(args.markdown))):
@@ -147,57 +147,57 @@ def bench(args, parser) -> int:
     if args.shape:
         shapes = args.shape
     elif args.quick:
-        shapes = benchmark.QUICK_SHAPES
+        shapes = timing.QUICK_SHAPES
     else:
-        shapes = benchmark.GPU_SHAPES if cuda else benchmark.CPU_SHAPES
+        shapes = timing.GPU_SHAPES if cuda else timing.CPU_SHAPES
     # --quick keeps one dropout setting, the libraries' default: each setting times every LoRA-family candidate again.
     dropouts = args.dropout if args.dropout is not None else ([0.0] if args.quick else [0.0, 0.1])
     rounds = args.rounds or (5 if args.quick else 10 if cuda else 30)
     chosen = [name for name in BENCH_SECTIONS if args.only in (None, name)]
-    missing = [("HF PEFT", benchmark.import_problem("peft"))]
+    missing = [("HF PEFT", timing.import_problem("peft"))]
     if "qlora" in chosen:
-        missing.append(("PEFT over bitsandbytes' 4-bit layers", benchmark.import_problem("bitsandbytes")))
+        missing.append(("PEFT over bitsandbytes' 4-bit layers", timing.import_problem("bitsandbytes")))
     for what, problem in missing:
         if problem is not None:
             print(f"note: {what} is not compared: {problem}")
-    description = benchmark.device_description(device)
+    description = timing.device_description(device)
     print(f"fastpeft bench on {description}, {args.dtype or dtype}, {rounds} rounds", flush=True)
 
     def lora(progress):
-        return benchmark.format_table(benchmark.run(shapes, dtype, device, dropouts, rounds, progress=progress))
+        return timing.format_table(timing.run(shapes, dtype, device, dropouts, rounds, progress=progress))
 
     def overhead(progress):
-        tokens = benchmark.SWEEP_TOKENS[:3] if args.quick else benchmark.SWEEP_TOKENS
-        return benchmark.format_overhead_table(benchmark.run_overhead(dtype, device, rounds, tokens, progress))
+        tokens = timing.SWEEP_TOKENS[:3] if args.quick else timing.SWEEP_TOKENS
+        return timing.format_overhead_table(timing.run_overhead(dtype, device, rounds, tokens, progress))
 
     def dora(progress):
-        results, saved = benchmark.run_dora(shapes, dtype, device, dropouts, rounds, progress)
-        return (benchmark.format_table(results, reference=benchmark.DORA_REFERENCE) + "\n\n"
-                + benchmark.format_saved_table(saved))
+        results, saved = timing.run_dora(shapes, dtype, device, dropouts, rounds, progress)
+        return (timing.format_table(results, reference=timing.DORA_REFERENCE) + "\n\n"
+                + timing.format_saved_table(saved))
 
     def qlora(progress):
-        results, sizes = benchmark.run_nf4(shapes[:1] if args.quick else shapes, dtype, device, dropouts, rounds,
+        results, sizes = timing.run_nf4(shapes[:1] if args.quick else shapes, dtype, device, dropouts, rounds,
                                            progress)
-        return (benchmark.format_table(results, reference=benchmark.NF4_REFERENCE) + "\n\n"
-                + benchmark.format_weight_bytes(sizes))
+        return (timing.format_table(results, reference=timing.NF4_REFERENCE) + "\n\n"
+                + timing.format_weight_bytes(sizes))
 
     def mixed(progress):
         if cuda:  # the GPU target is at 64 adapters
             counts = (64,) if args.quick else (1, 16, 64)
         else:
-            counts = (16,) if args.quick else benchmark.MIXED_ADAPTER_COUNTS
+            counts = (16,) if args.quick else timing.MIXED_ADAPTER_COUNTS
         # a GPU: the issue's training shape, 64 sequences of 128 tokens (M=8192) at K=N=4096
-        width, sequences = (4096, 64) if cuda else (1024, benchmark.MIXED_SEQUENCES)
-        results = benchmark.run_mixed(counts, width, width, dtype=dtype, device=device, rounds=rounds,
+        width, sequences = (4096, 64) if cuda else (1024, timing.MIXED_SEQUENCES)
+        results = timing.run_mixed(counts, width, width, dtype=dtype, device=device, rounds=rounds,
                                       progress=progress, sequences=sequences)
-        return benchmark.format_mixed_table(results, sequences)
+        return timing.format_mixed_table(results, sequences)
 
     def adapters(progress):
         if cuda:
-            adapter_shapes = benchmark.ADAPTER_GPU_SHAPES[:1] if args.quick else benchmark.ADAPTER_GPU_SHAPES
+            adapter_shapes = timing.ADAPTER_GPU_SHAPES[:1] if args.quick else timing.ADAPTER_GPU_SHAPES
         else:
-            adapter_shapes = benchmark.ADAPTER_QUICK_SHAPES if args.quick else benchmark.ADAPTER_SHAPES
-        return benchmark.format_table(benchmark.run_adapters(adapter_shapes, dtype, device, rounds, progress),
+            adapter_shapes = timing.ADAPTER_QUICK_SHAPES if args.quick else timing.ADAPTER_SHAPES
+        return timing.format_table(timing.run_adapters(adapter_shapes, dtype, device, rounds, progress),
                                       reference="unfused (AdapterHub way)", base_name="unfused (AdapterHub way)")
 
     measure = {"lora": lora, "overhead": overhead, "dora": dora, "qlora": qlora, "mixed": mixed,
@@ -205,7 +205,7 @@ def bench(args, parser) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for i, name in enumerate(chosen, 1):
         title = BENCH_SECTIONS[name]
-        table = measure[name](benchmark.progress_bar(f"[{i}/{len(chosen)}] {title}"))
+        table = measure[name](timing.progress_bar(f"[{i}/{len(chosen)}] {title}"))
         print(f"\n{title}\n\n{table}", flush=True)
         if args.markdown:
             with open(args.markdown, "a") as f:
@@ -216,7 +216,7 @@ def bench(args, parser) -> int:
 
 
 def report(args, parser) -> int:
-    from . import report as sweeps
+    from .benchmarks import report as sweeps
 
     device = args.device
     chosen = sweeps.QUICK_SWEEPS if args.quick else sweeps.FULL_SWEEPS
@@ -230,7 +230,7 @@ def report(args, parser) -> int:
             parser.error(f"argument --out: cannot write a report there: {out / name}: {reason}")
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
-    print(f"fastpeft report on {sweeps.benchmark.device_description(device)}, {dtype}, {rounds} rounds a point",
+    print(f"fastpeft report on {sweeps.timing.device_description(device)}, {dtype}, {rounds} rounds a point",
           flush=True)
     points, peaks, measured = sweeps.run_report(chosen, dtype, device, rounds)
     page = sweeps.write_report(points, peaks, measured, out, device, dtype, rounds)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import refused_by_cli
 
-from fastpeft import benchmark
 from fastpeft.__main__ import BENCH_SECTIONS, main
+from fastpeft.benchmarks import timing
 
 
 def counting_progress():
@@ -80,16 +80,16 @@ def test_bench_command_keeps_stderr_clean(tmp_path):
 
 def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
     seen, progress = counting_progress()
-    results = benchmark.run_overhead(rounds=2, tokens=(1, 4), progress=progress)
+    results = timing.run_overhead(rounds=2, tokens=(1, 4), progress=progress)
     cases = {(r.shape, r.mode) for r in results}
-    assert cases == {(benchmark.OVERHEAD_SHAPE, mode) for mode in benchmark.OVERHEAD_MODES} | {
-        (benchmark.Shape(m, 1024, 1024, 16), "fwd+bwd") for m in (1, 4)}
-    candidates = {"nn.Linear", "fastpeft[torch]"} | ({"peft"} if benchmark.peft_available() else set())
+    assert cases == {(timing.OVERHEAD_SHAPE, mode) for mode in timing.OVERHEAD_MODES} | {
+        (timing.Shape(m, 1024, 1024, 16), "fwd+bwd") for m in (1, 4)}
+    candidates = {"nn.Linear", "fastpeft[torch]"} | ({"peft"} if timing.peft_available() else set())
     for case in cases:
         assert {r.candidate for r in results if (r.shape, r.mode) == case} == candidates
     assert all(r.us > 0 for r in results)
     assert seen == {"total": len(cases), "ticks": len(cases)}
-    table = benchmark.format_overhead_table(results)
+    table = timing.format_overhead_table(results)
     for r in results:
         row = next(line for line in table.splitlines()
                    if line.startswith(f"| {r.shape} | {r.mode} | {r.candidate} |"))
@@ -102,14 +102,14 @@ def test_the_overhead_table_holds_every_candidate_and_its_measured_ratios():
 
 
 def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
-    shape = benchmark.Shape(96, 40, 48, 4)
+    shape = timing.Shape(96, 40, 48, 4)
     seen, progress = counting_progress()
-    results, saved = benchmark.run_dora([shape], dropouts=(0.0, 0.1), rounds=3, progress=progress)
-    assert seen == {"total": 2 * len(benchmark.MODES), "ticks": 2 * len(benchmark.MODES)}
+    results, saved = timing.run_dora([shape], dropouts=(0.0, 0.1), rounds=3, progress=progress)
+    assert seen == {"total": 2 * len(timing.MODES), "ticks": 2 * len(timing.MODES)}
     candidates = {"nn.Linear", "fastpeft LoRA[torch]", "fastpeft DoRA[torch]"}
-    candidates |= {benchmark.DORA_REFERENCE} if benchmark.peft_available() else set()
+    candidates |= {timing.DORA_REFERENCE} if timing.peft_available() else set()
     for dropout in (0.0, 0.1):
-        for mode in benchmark.MODES:
+        for mode in timing.MODES:
             assert {r.candidate for r in results if (r.dropout, r.mode) == (dropout, mode)} == candidates
         assert {r.candidate for r in saved if r.dropout == dropout} == candidates
     kept = {(r.dropout, r.candidate): r.saved_mb for r in saved}
@@ -118,7 +118,7 @@ def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
         lora, dora = kept[(dropout, "fastpeft LoRA[torch]")], kept[(dropout, "fastpeft DoRA[torch]")]
         assert lora < dora <= lora + (96 * 48 * 4 + 64 * 48) / 2**20
     assert kept[(0.0, "nn.Linear")] == 48 * 40 * 4 / 2**20
-    table = benchmark.format_table(results, reference=benchmark.DORA_REFERENCE)
+    table = timing.format_table(results, reference=timing.DORA_REFERENCE)
     rows = table.splitlines()
     for i, r in enumerate(results):  # the table lists the results in order, one row each
         cells = [c.strip() for c in rows[i + 2].strip("|").split("|")]
@@ -126,50 +126,50 @@ def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
                              r.candidate]
         base = next(b for b in results if (b.dropout, b.mode, b.candidate) == (r.dropout, r.mode, "nn.Linear"))
         assert cells[4] == f"{r.ms:.3f}" and cells[7] == f"{r.ms / base.ms:.2f}"
-        if benchmark.peft_available():
+        if timing.peft_available():
             ref = next(b for b in results if (b.dropout, b.mode, b.candidate) == (r.dropout, r.mode,
-                                                                                   benchmark.DORA_REFERENCE))
+                                                                                   timing.DORA_REFERENCE))
             assert cells[8] == f"{r.ms / ref.ms:.2f}"
-    saved_table = benchmark.format_saved_table(saved)
+    saved_table = timing.format_saved_table(saved)
     assert all(f"| {r.candidate} | {r.saved_mb:.1f} |" in saved_table for r in saved)
 
 
 def test_the_qlora_table_holds_every_candidate_and_ratios_of_their_medians():
-    shape = benchmark.Shape(96, 64, 48, 4)
-    results, sizes = benchmark.run_nf4([shape], dropouts=(0.0,), rounds=3)
+    shape = timing.Shape(96, 64, 48, 4)
+    results, sizes = timing.run_nf4([shape], dropouts=(0.0,), rounds=3)
     candidates = {"nn.Linear", "fastpeft LoRA[torch]", "fastpeft QLoRA[torch]"}
-    if benchmark.peft_available() and benchmark.bnb_available():
-        candidates |= {"bnb Linear4bit", benchmark.NF4_REFERENCE}
-    for mode in benchmark.MODES:
+    if timing.peft_available() and timing.bnb_available():
+        candidates |= {"bnb Linear4bit", timing.NF4_REFERENCE}
+    for mode in timing.MODES:
         assert {r.candidate for r in results if r.mode == mode} == candidates
-    table = benchmark.format_table(results, reference=benchmark.NF4_REFERENCE)
+    table = timing.format_table(results, reference=timing.NF4_REFERENCE)
     rows = table.splitlines()
-    has_ref = benchmark.NF4_REFERENCE in candidates
+    has_ref = timing.NF4_REFERENCE in candidates
     for i, r in enumerate(results):
         cells = [c.strip() for c in rows[i + 2].strip("|").split("|")]
         assert cells[3] == r.candidate and cells[4] == f"{r.ms:.3f}"
         base = next(b for b in results if (b.mode, b.candidate) == (r.mode, "nn.Linear"))
         assert cells[7] == f"{r.ms / base.ms:.2f}"
         if has_ref:
-            ref = next(b for b in results if (b.mode, b.candidate) == (r.mode, benchmark.NF4_REFERENCE))
+            ref = next(b for b in results if (b.mode, b.candidate) == (r.mode, timing.NF4_REFERENCE))
             assert cells[8] == f"{r.ms / ref.ms:.2f}"
     mib = {s.candidate: s.mib for s in sizes}
     # codes, one uint8 absmax per 64 weights, the 256-entry code book, one scale per 256 absmaxes, the offset
     nf4_bytes = 64 * 48 // 2 + 64 * 48 // 64 + 256 * 4 + 4 + 4
     assert mib["bf16"] == 64 * 48 * 2 / 2**20 and mib["NF4, double-quantised absmax"] == nf4_bytes / 2**20
-    assert "| NF4, double-quantised absmax |" in benchmark.format_weight_bytes(sizes)
+    assert "| NF4, double-quantised absmax |" in timing.format_weight_bytes(sizes)
 
 
 def test_the_mixed_batch_table_holds_every_candidate_and_ratios_of_their_medians():
     seen, progress = counting_progress()
-    results = benchmark.run_mixed((1, 4), K=64, N=48, r=4, rounds=2, progress=progress)
+    results = timing.run_mixed((1, 4), K=64, N=48, r=4, rounds=2, progress=progress)
     assert seen == {"total": 3, "ticks": 3}  # serving at each count, then training
-    serving = {"nn.Linear", "fastpeft mixed"} | ({benchmark.MIXED_REFERENCE} if benchmark.peft_available() else set())
+    serving = {"nn.Linear", "fastpeft mixed"} | ({timing.MIXED_REFERENCE} if timing.peft_available() else set())
     for n in (1, 4):
         assert {r.candidate for r in results if (r.adapters, r.mode) == (n, "fwd, no grad")} == serving
     training = {r.candidate: r for r in results if r.mode == "fwd+bwd"}
     assert set(training) == {"fastpeft 4 adapters together", "fastpeft 4 adapters one after the other"}
-    table = benchmark.format_mixed_table(results)
+    table = timing.format_mixed_table(results)
     for r in results:
         row = next(line for line in table.splitlines()
                    if line.startswith(f"| {r.adapters} | {r.mode} | {r.candidate} |"))
@@ -184,7 +184,7 @@ def test_the_mixed_batch_table_holds_every_candidate_and_ratios_of_their_medians
 
 
 def test_without_tqdm_progress_is_plain_lines(capsys, monkeypatch):
-    benchmark.peft_available()  # its first import needs tqdm (through huggingface_hub)
+    timing.peft_available()  # its first import needs tqdm (through huggingface_hub)
     monkeypatch.setitem(sys.modules, "tqdm", None)
     assert main(["bench", "--shape", "32,24,16,2", "--rounds", "1", "--dropout", "0", "--only", "lora"]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
@@ -203,24 +203,24 @@ def unimportable(monkeypatch, tmp_path, name: str, source: str) -> None:
 
 
 def test_import_problem_tells_a_missing_package_from_one_whose_import_fails(monkeypatch, tmp_path):
-    assert benchmark.import_problem("json") is None
-    assert benchmark.import_problem("fastpeft_absent_package") == (
+    assert timing.import_problem("json") is None
+    assert timing.import_problem("fastpeft_absent_package") == (
         "fastpeft_absent_package is not installed (pip install 'fastpeft[bench]')")
     monkeypatch.setitem(sys.modules, "fastpeft_blocked_package", None)  # how Python marks a module as unimportable
-    assert "fastpeft_blocked_package is not installed" in benchmark.import_problem("fastpeft_blocked_package")
+    assert "fastpeft_blocked_package is not installed" in timing.import_problem("fastpeft_blocked_package")
     # A missing dependency is no missing package: its ModuleNotFoundError names the dependency.
     unimportable(monkeypatch, tmp_path, "fastpeft_broken_a", "import fastpeft_missing_dependency\n")
-    assert benchmark.import_problem("fastpeft_broken_a") == (
+    assert timing.import_problem("fastpeft_broken_a") == (
         "`import fastpeft_broken_a` failed: ModuleNotFoundError: No module named 'fastpeft_missing_dependency'")
     unimportable(monkeypatch, tmp_path, "fastpeft_broken_b", "raise RuntimeError('wrong CUDA runtime')\n")
-    assert benchmark.import_problem("fastpeft_broken_b") == (
+    assert timing.import_problem("fastpeft_broken_b") == (
         "`import fastpeft_broken_b` failed: RuntimeError: wrong CUDA runtime")
 
 
 def test_bench_says_why_peft_and_bitsandbytes_are_not_compared(capsys, monkeypatch, tmp_path):
     unimportable(monkeypatch, tmp_path, "peft", "raise ImportError(\"cannot import name 'X' from 'Y'\")\n")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    assert not benchmark.peft_available() and not benchmark.bnb_available()
+    assert not timing.peft_available() and not timing.bnb_available()
     assert main(["bench", "--shape", "32,64,16,2", "--rounds", "1", "--dropout", "0", "--only", "qlora"]) == 0
     printed = capsys.readouterr().out
     notes = [line for line in printed.splitlines() if line.startswith("note:")]

@@ -23,8 +23,8 @@ LAYERS = [
     ["fastpeft.layers"],
     ["fastpeft.model"],
     ["fastpeft.peft_io", "fastpeft.peft_convert"],
-    ["fastpeft.benchmark"],
-    ["fastpeft.report"],
+    ["fastpeft.benchmarks", "fastpeft.benchmarks.timing"],
+    ["fastpeft.benchmarks.report"],
     ["fastpeft", "fastpeft.__main__"],
 ]
 

@@ -51,6 +51,9 @@ def test_wheel_installs_the_kernels_under_fastpeft(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "fastpeft/kernels/__init__.py" in names and "fastpeft/ops/lora_linear.py" in names
+    sources = {f"fastpeft/{p.relative_to(ROOT / 'fastpeft').as_posix()}" for p in (ROOT / "fastpeft").rglob("*.py")
+               if "kernels" not in p.relative_to(ROOT / "fastpeft").parts}
+    assert sources <= set(names), sorted(sources - set(names))  # every subpackage is packaged
     assert not any(n.startswith("kernels/") for n in names)
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))

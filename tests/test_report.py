@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import refused_by_cli
 
-from fastpeft import benchmark, report
-from fastpeft.report import BASE, LIMIT, Sweep
+from fastpeft.benchmarks import report, timing
+from fastpeft.benchmarks.report import BASE, LIMIT, Sweep
 
 TINY = (
     Sweep("tokens", "M", (8, 32), "fwd+bwd time vs tokens M", dict(K=64, N=64, r=4)),
@@ -33,12 +33,12 @@ def measured():
 
 
 def expected_candidates(sweep):
-    peft = benchmark.peft_available()
+    peft = timing.peft_available()
     if sweep == "adapters":
         return {BASE, "fastpeft mixed"} | ({"peft mixed"} if peft else set())
     lora = {BASE, "fastpeft LoRA", "fastpeft DoRA", "fastpeft QLoRA", "fastpeft adapter", "unfused adapter", LIMIT}
     lora |= {"peft LoRA", "peft DoRA"} if peft else set()
-    return lora | ({"peft+bnb QLoRA"} if peft and benchmark.bnb_available() else set())
+    return lora | ({"peft+bnb QLoRA"} if peft and timing.bnb_available() else set())
 
 
 def test_every_candidate_at_every_point(measured):
@@ -85,7 +85,7 @@ def test_peak_memory_holds_what_a_step_must_allocate(measured):
 
 
 def test_the_adapters_sweep_uses_as_many_adapters_as_it_says():
-    from fastpeft import report as module
+    from fastpeft.benchmarks import report as module
     for sweep in (*module.QUICK_SWEEPS, *module.FULL_SWEEPS):
         if sweep.name == "adapters":
             assert max(sweep.values) <= sweep.fixed["sequences"]
@@ -95,7 +95,7 @@ def test_the_report_page_and_its_plots(measured, tmp_path):
     points, peaks = measured
     page = report.write_report(points, peaks, TINY, tmp_path / "out", "cpu", torch.float32, 3)
     text = page.read_text()
-    assert benchmark.device_description("cpu") in text and "commit " in text and "torch " in text
+    assert timing.device_description("cpu") in text and "commit " in text and "torch " in text
     assert "**Estimated**: the LoRA limit line only" in text and "**Measured**" in text
     for sweep in TINY:
         assert f"![{sweep.title}]({sweep.name}.png)" in text

@@ -3,7 +3,7 @@ layer, HF PEFT's equivalent layer and the device's limit, as ratios measured sid
 
     python -m fastpeft report [--quick] [--device cpu|cuda] [--out DIR]
 
-Each sweep point times its candidates in interleaved rounds (:func:`fastpeft.benchmark.interleaved_times`); a ratio is
+Each sweep point times its candidates in interleaved rounds (:func:`.timing.interleaved_times`); a ratio is
 the candidate's median over the base's median at that point, and its spread the lowest and highest of the per-round
 ratios; against PEFT's equivalent, the ratio is the median of the per-round ratios to it and the spread their middle
 half (quartiles). The limit is an estimate, stated as one: a roofline (FLOPs over the FLOP rate, bytes over the
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, benchmark
-from .benchmark import AdapterShape, Shape, make_step
+from .. import __version__
+from . import timing
+from .timing import AdapterShape, Shape, make_step
 
 BASE = "nn.Linear"
 
@@ -131,7 +132,7 @@ def unsettled(p: Point) -> str | None:
 
 
 def _best_ms(fn, device, rounds=7) -> float:
-    return min(benchmark.interleaved_times({"f": fn}, device, rounds)["f"])
+    return min(timing.interleaved_times({"f": fn}, device, rounds)["f"])
 
 
 def measure_peaks(device, dtype) -> Peaks:
@@ -162,15 +163,15 @@ def _lora_family(shape: Shape, dtype, device, dropout: float) -> dict:
     """The base, fastpeft's LoRA (torch path, and triton on a GPU), DoRA and QLoRA, and PEFT's of each, all over one
     base weight."""
     names = {"fastpeft[torch]": "fastpeft LoRA", "fastpeft[triton]": "fastpeft LoRA[triton]", "peft": "peft LoRA"}
-    layers = {names.get(k, k): v for k, v in benchmark.make_candidates(shape, dtype, device, dropout).items()}
-    dora = benchmark.make_dora_candidates(shape, dtype, device, dropout)
+    layers = {names.get(k, k): v for k, v in timing.make_candidates(shape, dtype, device, dropout).items()}
+    dora = timing.make_dora_candidates(shape, dtype, device, dropout)
     layers["fastpeft DoRA"] = dora["fastpeft DoRA[torch]"]
-    if benchmark.DORA_REFERENCE in dora:
-        layers["peft DoRA"] = dora[benchmark.DORA_REFERENCE]
-    qlora = benchmark.make_nf4_candidates(shape, dtype, device, dropout)
+    if timing.DORA_REFERENCE in dora:
+        layers["peft DoRA"] = dora[timing.DORA_REFERENCE]
+    qlora = timing.make_nf4_candidates(shape, dtype, device, dropout)
     layers["fastpeft QLoRA"] = qlora["fastpeft QLoRA[torch]"]
-    if benchmark.NF4_REFERENCE in qlora:
-        layers["peft+bnb QLoRA"] = qlora[benchmark.NF4_REFERENCE]
+    if timing.NF4_REFERENCE in qlora:
+        layers["peft+bnb QLoRA"] = qlora[timing.NF4_REFERENCE]
     return layers
 
 
@@ -220,20 +221,20 @@ def run_sweep(sweep: Sweep, dtype, device, rounds: int, progress) -> list[Point]
         dropout = x if sweep.name == "dropout" else 0.0
         layers = _lora_family(shape, dtype, device, dropout)
         if shape.K == shape.N:  # the bottleneck adapter (d = K=N, m = 64) beside LoRA
-            adapters = benchmark.make_adapter_candidates(AdapterShape(shape.M, shape.K, 64), dtype, device)
+            adapters = timing.make_adapter_candidates(AdapterShape(shape.M, shape.K, 64), dtype, device)
             layers["fastpeft adapter"] = adapters["fastpeft[torch]"]
             layers["unfused adapter"] = adapters["unfused (AdapterHub way)"]
         torch.manual_seed(1)
         x_in = torch.randn(shape.M, shape.K, device=device, dtype=dtype, requires_grad=True)
         dy = torch.randn(shape.M, shape.N, device=device, dtype=dtype)
         steps = {name: make_step(layer, x_in, dy, "fwd+bwd") for name, layer in layers.items()}
-        times = benchmark.interleaved_times(steps, device, rounds)
+        times = timing.interleaved_times(steps, device, rounds)
         new = _points(sweep.name, x, steps, times)
         if sweep.name == "tokens":  # peak memory against tokens, each from nothing left by another candidate
             for p in new:
                 for layer in layers.values():
-                    benchmark._clear_grads(layer, x_in)
-                p.peak_mb = benchmark.peak_memory_mb(steps[p.candidate], device)
+                    timing._clear_grads(layer, x_in)
+                p.peak_mb = timing.peak_memory_mb(steps[p.candidate], device)
         for p in new:
             p.shape = shape  # (for the limit, added once every point is measured)
         points += new
@@ -244,7 +245,7 @@ def run_sweep(sweep: Sweep, dtype, device, rounds: int, progress) -> list[Point]
 def _adapters_point(sweep, n, fixed, dtype, device, rounds) -> list[Point]:
     if n > fixed["sequences"]:
         raise ValueError(f"{n} adapters need at least as many sequences, got {fixed['sequences']}")
-    layers = benchmark._mixed_layers(fixed["K"], fixed["N"], fixed["r"], n, dtype, device)
+    layers = timing._mixed_layers(fixed["K"], fixed["N"], fixed["r"], n, dtype, device)
     names = [f"a{i % n}" for i in range(fixed["sequences"])]
     x = torch.randn(fixed["sequences"], fixed["tokens"], fixed["K"], device=device, dtype=dtype)
 
@@ -256,8 +257,8 @@ def _adapters_point(sweep, n, fixed, dtype, device, rounds) -> list[Point]:
     for layer in layers.values():
         layer.eval()
     steps = {name: serve(layer, name == BASE) for name, layer in layers.items()}
-    times = benchmark.interleaved_times(steps, device, rounds)
-    renamed = {BASE: BASE, "fastpeft mixed": "fastpeft mixed", benchmark.MIXED_REFERENCE: "peft mixed"}
+    times = timing.interleaved_times(steps, device, rounds)
+    renamed = {BASE: BASE, "fastpeft mixed": "fastpeft mixed", timing.MIXED_REFERENCE: "peft mixed"}
     return _points(sweep.name, n, {renamed[k]: v for k, v in steps.items()},
                    {renamed[k]: v for k, v in times.items()})
 
@@ -270,7 +271,7 @@ def run_report(sweeps=QUICK_SWEEPS, dtype=torch.float32, device="cpu", rounds: i
                                                                            if k in s.fixed and k != s.axis}})
                   for s in sweeps]
     total = sum(len(s.values) for s in sweeps)
-    tick = benchmark.progress_bar("sweeps", unit="point")(total) if progress is None else progress
+    tick = timing.progress_bar("sweeps", unit="point")(total) if progress is None else progress
     peaks = measure_peaks(device, dtype)
     points = []
     for sweep in sweeps:
@@ -306,7 +307,7 @@ def _version_of(module: str) -> str:
     """``module``'s version; "not installed" when it (or a package above it) is absent, "broken: <exception type>:
     <message>" when importing it fails otherwise (a dependency of it missing, a bad build), so that a broken install
     is told from an absent one on the page."""
-    imported, err = benchmark.try_import(module)
+    imported, err = timing.try_import(module)
     if imported is None:
         return "not installed" if err is None else _broken(err)
     version = getattr(imported, "__version__", None)
@@ -552,7 +553,7 @@ def write_report(points: list[Point], peaks: Peaks, sweeps, out: Path, device, d
     except ImportError:
         plots = False
     versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
-    lines = [f"# fastpeft scaling report: {benchmark.device_description(device)}", "",
+    lines = [f"# fastpeft scaling report: {timing.device_description(device)}", "",
              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}; {dtype}; commit {_commit(out)}; "
              f"{versions}.", "",
              "**Measured**: every time, ratio and peak memory below, each point's candidates side by side in "

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backends import not_supported_reasons
-from .layers import BottleneckAdapter, LoraLinear
+from ..backends import not_supported_reasons
+from ..layers import BottleneckAdapter, LoraLinear
 
 
 @dataclass(frozen=True)
@@ -460,7 +460,7 @@ def make_nf4_candidates(shape: Shape, dtype, device, dropout: float, seed: int =
     """nn.Linear (dense, ``dtype``), fastpeft's LoRA over it, fastpeft's LoRA over the same weight in NF4 (double
     quantised, computing in ``dtype``; each usable backend) and, with peft and bitsandbytes installed, bitsandbytes'
     Linear4bit alone and PEFT's LoRA over it (the same codes: converted from fastpeft's layer, not requantised)."""
-    from .nf4 import NF4Linear
+    from ..nf4 import NF4Linear
     torch.manual_seed(seed)
     base = nn.Linear(shape.K, shape.N, bias=True, device=device, dtype=dtype).requires_grad_(False)
     alpha = 2 * shape.r
