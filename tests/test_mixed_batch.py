@@ -2,6 +2,7 @@
 differ, DoRA, dropout, both ways of grouping rows), LoraLinear(x, adapter_names=...), fastpeft.mixed_batch on a tiny
 Llama against HF PEFT's adapter_names forward, several adapters trained at once, and bad input."""
 import copy
+import dataclasses
 import importlib
 
 import pytest
@@ -361,3 +362,23 @@ def test_the_cuda_decode_launch_gets_the_stacked_sizes(monkeypatch):
     assert y.shape == (5, N)
     launch = calls[-1]
     assert (launch["M"], launch["K"], launch["N"], launch["R"], launch["adapter_rank"]) == (5, K, N, 3 * 16, 16)
+
+
+def test_the_mixed_op_chooses_its_backend_from_its_table(monkeypatch):
+    """The backend of a mixed batch is decided by select_backend over MIXED_BACKENDS, as for every op: a reason the
+    table's entry gives is what refuses an explicit backend, and the entry's forward is what runs."""
+    K, N = 8, 6
+    x, w = torch.randn(4, K), torch.randn(N, K)
+    As, Bs = adapters(K, N, [2, 3])
+    index = torch.tensor([0, 1, -1, 1])
+    ran = []
+    entry = mixed.MIXED_BACKENDS["torch"]
+    monkeypatch.setitem(mixed.MIXED_BACKENDS, "torch", dataclasses.replace(
+        entry, forward=lambda call: ran.append(call.index.tolist()) or entry.forward(call),
+        reasons=lambda *call: ["refused by the table"] if len(call[1]) > 2 else []))
+    want = fastpeft.lora_linear_mixed_reference(x, w, None, As, Bs, [1.0, 2.0], index)
+    torch.testing.assert_close(fastpeft.lora_linear_mixed(x, w, None, As, Bs, [1.0, 2.0], index, backend="torch"), want)
+    assert ran == [[0, 1, -1, 1]]
+    As3, Bs3 = adapters(K, N, [2, 3, 1])
+    with pytest.raises(fastpeft.BackendUnavailableError, match="backend 'torch' cannot run this call:\n  - refused by"):
+        fastpeft.lora_linear_mixed(x, w, None, As3, Bs3, [1.0, 2.0, 3.0], index, backend="torch")

@@ -22,17 +22,14 @@ import torch
 from torch import Tensor
 
 from ..backends import (
-    BackendUnavailableError,
-    not_supported_reasons,
+    Backend,
     refuse_double_backward,
-    requested_backend,
     select_backend,
 )
 from ..checks import check_finite_number, check_probability, check_same_device
 from ..nf4 import NF4Weight
 from .lora_linear import (
     DROPOUT_SEED_LIMIT,
-    LORA_LINEAR_BACKENDS,
     _check_inputs,
     _dora_norm_on,
     _magnitude_grad,
@@ -406,15 +403,13 @@ def _stacked(lora_As, lora_Bs, dtype):
     return A_stack, B_stack
 
 
-def _decode_reasons(x2d, lora_As, index, dropout, dora, needs_grad) -> list[str]:
+def _decode_reasons(x2d, lora_As, index, dropout, dora) -> list[str]:
     """Why the CUDA decode kernel cannot run this mixed batch (beyond the device and the build); empty when it can.
     (It takes x, W and b contiguous, and stacks the adapters itself.)"""
     from .. import cuda_ext
     if x2d.shape[0] > cuda_ext.MAX_DECODE_ROWS:  # first: the rest reads the index
         return [f"the cuda decode kernel serves M <= {cuda_ext.MAX_DECODE_ROWS} rows, got M={x2d.shape[0]}"]
     reasons = []
-    if needs_grad:
-        reasons.append("the cuda backend is forward-only (inference): inputs require grad")
     if dropout:
         reasons.append("the cuda backend has no dropout (inference): use training=False")
     if dora:
@@ -446,6 +441,77 @@ def _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index):
     return cuda_ext.lora_linear_decode(x2d.contiguous(), weight.contiguous(),
                                        bias.contiguous() if bias is not None else None, A_stack.view(-1, K),
                                        B_stack.view(-1, rank), 1.0, row_adapter=row_adapter, adapter_rank=rank)
+
+
+@dataclass
+class _Call:
+    """One mixed-batch call, its arguments checked: x as 2-D rows, each row's adapter (``index``), dropout
+    probabilities already 0 outside training."""
+
+    x2d: Tensor
+    weight: Tensor
+    bias: Tensor | None
+    lora_As: list
+    lora_Bs: list
+    magnitudes: list
+    scalings: list
+    ps: list
+    seed: int
+    index: Tensor
+    adapter_index: Tensor
+
+    def dora_norms(self):
+        """Each DoRA adapter's row norms and column scale (None for plain LoRA adapters)."""
+        n = len(self.lora_As)
+        norms, scales = [None] * n, [None] * n
+        for a, m in enumerate(self.magnitudes):
+            if m is not None:
+                norms[a] = _dora_norm_on("torch", self.weight, self.lora_As[a].detach(), self.lora_Bs[a].detach(),
+                                         self.scalings[a])
+                scales[a] = dora_scale(m.detach(), norms[a])
+        return norms, scales
+
+
+def _cuda_mixed(call: _Call) -> Tensor:
+    return _decode(call.x2d, call.weight, call.bias, call.lora_As, call.lora_Bs, call.scalings, call.index)
+
+
+def _triton_mixed(call: _Call) -> Tensor:
+    from ..kernels import lora_linear as kernels
+    n = len(call.lora_As)
+    norms, scales = call.dora_norms()
+    meta = _Meta([], call.scalings, call.ps, call.seed, scales, norms,
+                 tiles=kernels.mixed_tiles(call.index, n, call.x2d.device))
+    return _MixedLoraLinearTriton.apply(call.x2d, call.weight, call.bias, meta, *call.lora_As, *call.lora_Bs,
+                                       *call.magnitudes)
+
+
+def _torch_mixed(call: _Call) -> Tensor:
+    norms, scales = call.dora_norms()
+    args = (call.x2d, call.weight, call.bias)
+    adapters = (*call.lora_As, *call.lora_Bs, *call.magnitudes)
+    if all(m is None for m in call.magnitudes) and bool((call.index != BASE_INDEX).any()):
+        block = sample_blocks(call.adapter_index)
+        if block is not None:  # one adapter per sample of >= MIN_BLOCK_ROWS rows: batched GEMMs
+            samples = call.adapter_index.reshape(call.adapter_index.shape[0], -1)[:, 0].to(torch.long)
+            meta = _Meta([], call.scalings, call.ps, call.seed, scales, norms, block, samples)
+            return _MixedLoraLinearBlocks.apply(*args, meta, *adapters)
+    meta = _Meta(group_rows(call.index), call.scalings, call.ps, call.seed, scales, norms)
+    return _MixedLoraLinear.apply(*args, meta, *adapters)
+
+
+def _triton_mixed_reasons(x2d, lora_As, index, dropout, dora) -> list[str]:
+    return ["DoRA adapters in a mixed batch run on the torch backend"] if dora else []
+
+
+# The mixed op's backends, chosen by select_backend like every op's. auto on CUDA tensors takes the first that can
+# run the call, in backends.CUDA_PREFERENCE: the decode kernel for a few inference rows, the fused kernels, torch.
+# (The table's backward entries only mark which backends train: each forward builds its own autograd node.)
+MIXED_BACKENDS = {
+    "torch": Backend(forward=_torch_mixed, backward=_torch_mixed),
+    "triton": Backend(forward=_triton_mixed, backward=_triton_mixed, reasons=_triton_mixed_reasons),
+    "cuda": Backend(forward=_cuda_mixed, reasons=_decode_reasons),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -522,51 +588,16 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
             raise type(err)(f"adapter {a}: {err}") from None
     _check_index(adapter_index, x, n)
     check_same_device({"x": x, "adapter_index": adapter_index})
-    backend = requested_backend(backend)
     tensors = [x, weight, *lora_As, *lora_Bs] + ([bias] if bias is not None else [])
     dora = any(m is not None for m in magnitudes)
     x2d = x.reshape(-1, x.shape[-1])
     index = adapter_index.reshape(-1).to(torch.long)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (x, bias, *lora_As, *lora_Bs, *magnitudes))
-    if backend == "cuda" or (backend == "auto" and x.device.type == "cuda"):
-        reasons = not_supported_reasons("cuda", tensors) + _decode_reasons(
-            x2d, lora_As, index, training and max(dropout_ps) > 0.0, dora, needs_grad)
-        if backend == "cuda" and reasons:
-            raise BackendUnavailableError("backend 'cuda' cannot run this call:\n  - " + "\n  - ".join(reasons))
-        if not reasons:
-            y = _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index)
-            return y.reshape(*x.shape[:-1], weight.shape[0])
-    if backend == "triton":
-        if dora:
-            raise BackendUnavailableError("backend 'triton' cannot run this call:\n  - DoRA adapters in a mixed "
-                                          "batch run on the torch backend")
-        name = select_backend("triton", tensors, LORA_LINEAR_BACKENDS)
-    elif backend == "auto" and x.device.type == "cuda" and not dora \
-            and not not_supported_reasons("triton", tensors):
-        name = "triton"
-    else:
-        name = select_backend("torch", tensors, LORA_LINEAR_BACKENDS)
     ps = [float(p) if training else 0.0 for p in dropout_ps]
-    seed = _seed_to_use(-1 if dropout_seed is None else int(dropout_seed), max(ps))
-    norms, scales = [None] * n, [None] * n
-    for a in range(n):
-        if magnitudes[a] is not None:
-            norms[a] = _dora_norm_on("torch", weight, lora_As[a].detach(), lora_Bs[a].detach(), float(scalings[a]))
-            scales[a] = dora_scale(magnitudes[a].detach(), norms[a])
-    block = None
-    if all(m is None for m in magnitudes) and bool((index != BASE_INDEX).any()):
-        block = sample_blocks(adapter_index)
-    if name == "triton":
-        from ..kernels import lora_linear as kernels
-        meta = _Meta([], [float(s) for s in scalings], ps, seed, scales, norms,
-                     tiles=kernels.mixed_tiles(index, n, x.device))
-        y = _MixedLoraLinearTriton.apply(x2d, weight, bias, meta, *lora_As, *lora_Bs, *magnitudes)
-    elif block is not None:  # one adapter per sample of >= MIN_BLOCK_ROWS rows: batched GEMMs
-        samples = adapter_index.reshape(adapter_index.shape[0], -1)[:, 0].to(torch.long)
-        meta = _Meta([], [float(s) for s in scalings], ps, seed, scales, norms, block, samples)
-        y = _MixedLoraLinearBlocks.apply(x2d, weight, bias, meta, *lora_As, *lora_Bs, *magnitudes)
-    else:
-        meta = _Meta(group_rows(index), [float(s) for s in scalings], ps, seed, scales, norms)
-        y = _MixedLoraLinear.apply(x2d, weight, bias, meta, *lora_As, *lora_Bs, *magnitudes)
+    name = select_backend(backend, tensors, MIXED_BACKENDS, call=(x2d, lora_As, index, max(ps) > 0.0, dora),
+                          needs_grad=needs_grad)
+    call = _Call(x2d, weight, bias, list(lora_As), list(lora_Bs), list(magnitudes), [float(s) for s in scalings], ps,
+                 _seed_to_use(-1 if dropout_seed is None else int(dropout_seed), max(ps)), index, adapter_index)
+    y = MIXED_BACKENDS[name].forward(call)
     return y.reshape(*x.shape[:-1], weight.shape[0])
