@@ -536,65 +536,63 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
     for name, pair in pairs.items():
         module = modules.get(name)
         if name == "":
-            problems.append("a key names no module (saved from a bare layer, not a model)")
+            problem = "a key names no module (saved from a bare layer, not a model)"
+        elif any(name.startswith(prefix + ".") for prefix in (*lora_prefixes, *pairs)):
+            problem = f"{name}: inside a LoRA layer (a LoRA on the base layer of a LoRA never runs)"
+        elif targets is not None and not _selects(targets, name) or excluded is not None and _selects(excluded, name):
+            problem = (f"{name}: not selected by the config's target_modules / exclude_modules (PEFT would ignore "
+                       "these weights)")
+        elif module is None:
+            problem = f"{name}: no module of that name in the model"
+        elif id(module) in inside:
+            problem = (f"{name}: also the base layer at {inside[id(module)]} (a LoRA layer inside a LoRA layer never "
+                       "runs)")
+        elif named.setdefault(id(module), name) != name:
+            problem = (f"{name}: the same module as {named[id(module)]} (one module, used at two places, has one "
+                       "adapter)")
+        elif not isinstance(module, LoraLinear) and (why := lora_wrap_problem(module)) is not None:
+            problem = f"{name}: {why}"
+        else:
+            problems += _tensor_problems(config, name, pair, module.base_layer if isinstance(module, LoraLinear)
+                                         else module)
             continue
-        if any(name.startswith(prefix + ".") for prefix in (*lora_prefixes, *pairs)):
-            problems.append(f"{name}: inside a LoRA layer (a LoRA on the base layer of a LoRA never runs)")
-            continue
-        if targets is not None and not _selects(targets, name) \
-                or excluded is not None and _selects(excluded, name):
-            problems.append(f"{name}: not selected by the config's target_modules / exclude_modules "
-                            "(PEFT would ignore these weights)")
-            continue
-        base = module.base_layer if isinstance(module, LoraLinear) else module
-        if module is None:
-            problems.append(f"{name}: no module of that name in the model")
-            continue
-        if id(module) in inside:
-            problems.append(f"{name}: also the base layer at {inside[id(module)]} (a LoRA layer inside a LoRA layer "
-                            "never runs)")
-            continue
-        if named.setdefault(id(module), name) != name:
-            problems.append(f"{name}: the same module as {named[id(module)]} (one module, used at two places, "
-                            "has one adapter)")
-            continue
-        if not isinstance(module, LoraLinear) and (why := lora_wrap_problem(module)) is not None:
-            problems.append(f"{name}: {why}")
-            continue
-        want = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if _field(config, "use_dora") else set())
-        if set(pair) != want:
-            problems.append(f"{name}: needs {' and '.join(sorted(want))} (use_dora={_field(config, 'use_dora')}), got "
-                            f"{sorted(pair)}")
-            continue
-        a, b = pair["lora_A"], pair["lora_B"]
-        r = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or b.dim() != 2 or r < 1 or a.shape[1] != base.in_features \
-                or tuple(b.shape) != (base.out_features, r):
-            problems.append(f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a LoRA of "
-                            f"{base.in_features} -> {base.out_features}")
-            continue
-        want_r = _pattern_value(_field(config, "rank_pattern"), name, _field(config, "r"))
-        if r != want_r:
-            problems.append(f"{name}: the weights have rank {r}, the config gives it rank {want_r}")
-        m = pair.get("lora_magnitude_vector")
-        if m is not None and (isinstance(base, NF4Linear) or is_bnb_4bit(base)):
-            problems.append(f"{name}: a DoRA adapter over a 4-bit base, which fastpeft does not run (LoRA over it "
-                            "does)")
-            continue
-        if m is not None and tuple(m.shape) != (base.out_features,):
-            problems.append(f"{name}: lora_magnitude_vector {tuple(m.shape)} does not fit out_features="
-                            f"{base.out_features}")
-            continue
-        # Every tensor finite in the dtype the adapter holds it in (fp32, or fp64 on an fp64 base): a value past that
-        # dtype's range would load as inf. A magnitude's negative entries are a trained magnitude's right (PEFT
-        # writes them).
-        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
-        infinite = [key for key, t in sorted(pair.items()) if not torch.isfinite(t.to(dtype)).all()]
-        if infinite:
-            problems.append(f"{name}: {', '.join(infinite)} {'hold' if len(infinite) > 1 else 'holds'} values "
-                            "that are not finite in the adapter's dtype "
-                            f"{str(dtype).removeprefix('torch.')} (NaN, inf, or past its range)")
+        problems.append(problem)
     return pairs, problems
+
+
+def _tensor_problems(config: dict, name: str, pair: dict[str, torch.Tensor], base: nn.Module) -> list[str]:
+    """Why the tensors a file holds for the layer ``name`` (over ``base``) do not fit it; empty when they do."""
+    want = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if _field(config, "use_dora") else set())
+    if set(pair) != want:
+        return [f"{name}: needs {' and '.join(sorted(want))} (use_dora={_field(config, 'use_dora')}), got "
+                f"{sorted(pair)}"]
+    a, b = pair["lora_A"], pair["lora_B"]
+    r = a.shape[0] if a.dim() == 2 else -1
+    if a.dim() != 2 or b.dim() != 2 or r < 1 or a.shape[1] != base.in_features \
+            or tuple(b.shape) != (base.out_features, r):
+        return [f"{name}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit a LoRA of "
+                f"{base.in_features} -> {base.out_features}"]
+    problems = []
+    want_r = _pattern_value(_field(config, "rank_pattern"), name, _field(config, "r"))
+    if r != want_r:
+        problems.append(f"{name}: the weights have rank {r}, the config gives it rank {want_r}")
+    m = pair.get("lora_magnitude_vector")
+    if m is not None and (isinstance(base, NF4Linear) or is_bnb_4bit(base)):
+        return [*problems, f"{name}: a DoRA adapter over a 4-bit base, which fastpeft does not run (LoRA over it "
+                           "does)"]
+    if m is not None and tuple(m.shape) != (base.out_features,):
+        return [*problems, f"{name}: lora_magnitude_vector {tuple(m.shape)} does not fit out_features="
+                           f"{base.out_features}"]
+    # Every tensor finite in the dtype the adapter holds it in (fp32, or fp64 on an fp64 base): a value past that
+    # dtype's range would load as inf. A magnitude's negative entries are a trained magnitude's right (PEFT writes
+    # them).
+    dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32
+    infinite = [key for key, t in sorted(pair.items()) if not torch.isfinite(t.to(dtype)).all()]
+    if infinite:
+        problems.append(f"{name}: {', '.join(infinite)} {'hold' if len(infinite) > 1 else 'holds'} values that are "
+                        f"not finite in the adapter's dtype {str(dtype).removeprefix('torch.')} (NaN, inf, or past "
+                        "its range)")
+    return problems
 
 
 def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=None) -> nn.Module:
