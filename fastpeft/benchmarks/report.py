@@ -433,8 +433,6 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
     per-round range, and a dashed black ring around each :func:`unsettled` point. A categorical sweep
     (:data:`CATEGORICAL_AXES`) draws its candidates side by side within each category, unconnected."""
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     fig = Figure(figsize=(8.6, 4.3), dpi=100, layout="constrained")
     ax = fig.add_subplot()
@@ -443,6 +441,23 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
     values = list(dict.fromkeys(p.x for p in mine))
     categorical = sweep.axis in CATEGORICAL_AXES and not memory
     numeric = not categorical and all(isinstance(x, (int, float)) for x in values)
+    flagged = _draw_candidates(ax, mine, names, values, memory, categorical, numeric)
+    if memory:
+        _memory_axis(ax, mine)
+    else:
+        _ratio_axis(ax, mine)
+    _swept_axis(ax, sweep, values, categorical, numeric)
+    timed = sum(1 for p in mine if p.candidate not in (BASE, LIMIT))
+    ax.set_title(("peak memory vs tokens M" if memory else sweep.title)
+                 + (f"\n! {len(flagged)} of {timed} timed points unsettled (ringed): see the page" if flagged else ""),
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    _legend(ax, names, flagged, memory, categorical)
+    return fig
+
+
+def _draw_candidates(ax, mine, names, values, memory, categorical, numeric) -> list[tuple]:
+    """Each candidate's line (and bars), the roofline; returns the unsettled points, ringed."""
     group = 0.76  # the width of a category's points side by side
     dodged = [n for n in names if n not in (BASE, LIMIT)]
     offset = {n: group * ((i + 0.5) / len(dodged) - 0.5) for i, n in enumerate(dodged)}
@@ -476,27 +491,36 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
         for x, y in flagged:
             ax.annotate("!", (x, y), xytext=(7, 5), textcoords="offset points", fontsize=10, fontweight="bold",
                         zorder=4)
+    return flagged
 
-    if memory:
-        peaks = [p.peak_mb for p in mine if p.peak_mb > 0]
-        if peaks and max(peaks) >= 10 * min(peaks):  # a linear axis would flatten the smaller candidates to 0
-            ax.set_yscale("log", base=10)
-            ax.yaxis.set_major_locator(FixedLocator([m * 10.0 ** k for k in range(-3, 7) for m in (1, 2, 5)]))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_locator(NullLocator())
-        ax.set_ylabel("peak MiB (fwd+bwd)" + (", log scale" if ax.get_yscale() == "log" else ""))
-    else:
-        ax.axhline(1.0, gid="base", zorder=1, **_look(BASE))
-        measured = [p for p in mine if p.candidate != BASE]
-        low = min([1.0] + [min(p.low, p.ratio) for p in measured]) / 1.15
-        high = max([1.0] + [max(p.high, p.ratio) for p in measured]) * 1.15
-        ax.set_yscale("log", base=2)
-        ax.set_ylim(low, high)
-        ax.yaxis.set_major_locator(FixedLocator(_log_ticks(low, high)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _ratio_label(v)))
+
+def _memory_axis(ax, mine) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    peaks = [p.peak_mb for p in mine if p.peak_mb > 0]
+    if peaks and max(peaks) >= 10 * min(peaks):  # a linear axis would flatten the smaller candidates to 0
+        ax.set_yscale("log", base=10)
+        ax.yaxis.set_major_locator(FixedLocator([m * 10.0 ** k for k in range(-3, 7) for m in (1, 2, 5)]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_locator(NullLocator())
-        ax.set_ylabel(f"time / {BASE}, log scale\n(median; bars: per-round range)")
+    ax.set_ylabel("peak MiB (fwd+bwd)" + (", log scale" if ax.get_yscale() == "log" else ""))
 
+
+def _ratio_axis(ax, mine) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    ax.axhline(1.0, gid="base", zorder=1, **_look(BASE))
+    measured = [p for p in mine if p.candidate != BASE]
+    low = min([1.0] + [min(p.low, p.ratio) for p in measured]) / 1.15
+    high = max([1.0] + [max(p.high, p.ratio) for p in measured]) * 1.15
+    ax.set_yscale("log", base=2)
+    ax.set_ylim(low, high)
+    ax.yaxis.set_major_locator(FixedLocator(_log_ticks(low, high)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _ratio_label(v)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylabel(f"time / {BASE}, log scale\n(median; bars: per-round range)")
+
+
+def _swept_axis(ax, sweep: Sweep, values, categorical, numeric) -> None:
+    from matplotlib.ticker import NullLocator
     if categorical:
         ax.set_xticks(range(len(values)), [_category_label(sweep, v) for v in values])
         ax.set_xlim(-0.6, len(values) - 0.4)
@@ -509,12 +533,10 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
     else:
         ax.set_xticks(range(len(values)), [str(v) for v in values])
     ax.set_xlabel(sweep.axis)
-    timed = sum(1 for p in mine if p.candidate not in (BASE, LIMIT))
-    ax.set_title(("peak memory vs tokens M" if memory else sweep.title)
-                 + (f"\n! {len(flagged)} of {timed} timed points unsettled (ringed): see the page" if flagged else ""),
-                 fontsize=10)
-    ax.grid(True, alpha=0.3)
 
+
+def _legend(ax, names, flagged, memory, categorical) -> None:
+    from matplotlib.lines import Line2D
     handles = []
     for name in names:
         if name == BASE and not memory:
@@ -528,7 +550,6 @@ def figure(points: list[Point], sweep: Sweep, memory: bool = False):
            "fastpeft: filled, solid\nPEFT / unfused: hollow, dashed")
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, handlelength=3.4,
               frameon=False, title=key, title_fontsize=8)
-    return fig
 
 
 def plot(points: list[Point], sweep: Sweep, path: Path, memory: bool = False) -> None:
