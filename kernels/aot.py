@@ -39,7 +39,8 @@ def _launches():
     import triton.language as tl
 
     from . import adapter_bottleneck as adapter
-    from . import lora_linear as lora
+    from . import lora_tuning as lora
+    from .lora_dora import NORM_BLOCKS
 
     # the base weight's quantisation arguments: none (dense), or NF4 with double-quantised absmaxes
     dense_weight = dict(absmax_ptr="fp32", code_ptr="fp32", absmax_code_ptr="fp32", absmax_scale_ptr="fp32",
@@ -57,7 +58,7 @@ def _launches():
                         EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
                         MIXED=False, **dense))
     # a 4-bit (NF4, double-quantised) base: W's packed codes dequantised as the K loop loads them
-    exact_absmax = dict(enable_fp_fusion=False)  # the launch options of NF4 kernels (see lora_linear._exact_absmax)
+    exact_absmax = dict(enable_fp_fusion=False)  # the launch options of NF4 kernels (see lora_nf4._exact_absmax)
     nf4_gemm_fwd = dict(bf16_gemm_fwd, **nf4_weight, constexprs=dict(bf16_gemm_fwd["constexprs"], **nf4),
                         options=exact_absmax)
     # a mixed-adapter batch: row tiles read through the tables, each tile's adapter from the stack
@@ -99,7 +100,7 @@ def _launches():
     mixed_bwd_dy = dict(bwd_dy, constexprs=dict(bwd_dy["constexprs"], BLOCK_M=lora.MIXED_TILE, MIXED=True))
     dora_norm = dict(w_ptr="bf16", a_ptr="fp32", b_ptr="fp32", sq_part_ptr="fp32", N=N, K=K, R=R, cols_per_split=512,
                      stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1, scaling=2.0,
-                     constexprs=dict(DOT_PRECISION="ieee", BLOCK_R=16, **lora.NORM_BLOCKS))
+                     constexprs=dict(DOT_PRECISION="ieee", BLOCK_R=16, **NORM_BLOCKS))
     bwd_da = dict(
         x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
         M=M, K=K, R=R, M_BUCKET=M, rows_per_split=1024, stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
@@ -246,17 +247,31 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int | None, int | None]:
         os.unlink(f.name)
 
 
+def kernel_modules() -> list:
+    """Every module of the kernels package (this one aside), imported."""
+    import importlib
+    import pkgutil
+    return [importlib.import_module(f"{__package__}.{info.name}")
+            for info in pkgutil.iter_modules([os.path.dirname(__file__)]) if info.name != "aot"]
+
+
+def kernel_named(name: str):
+    """The Triton kernel called ``name``, from the module of the kernels package that defines it."""
+    for module in kernel_modules():
+        if name in vars(module):
+            return vars(module)[name]
+    raise LookupError(f"no kernel named {name!r} in the kernels package")
+
+
 def compile_one(job):
     """Compile one (kernel, profile, example, config, arch) job; returns its report row."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import adapter_bottleneck as adapter
     from . import common
-    from . import lora_linear as lora
 
     name, profile, example, config, arch = job
-    kernel = getattr(adapter if name.startswith("_adapter") else lora, name)
+    kernel = kernel_named(name)
     signature, constexprs, attrs = _specialize(kernel, example, config)
     start = time.perf_counter()
     compiled = triton.compile(

@@ -22,7 +22,7 @@ def report():
 @pytest.mark.slow
 def test_every_config_compiles_for_both_archs(report):
     from fastpeft.kernels import adapter_bottleneck as adapter
-    from fastpeft.kernels import lora_linear as lora
+    from fastpeft.kernels import lora_tuning as lora
     expected = {"_lora_gemm_kernel": lora.GEMM_CONFIGS + lora.LOWRANK_PASS_CONFIGS,
                 "_lora_gemm_tma_kernel": lora.TMA_GEMM_CONFIGS,
                 "_lora_shrink_kernel": lora.SHRINK_CONFIGS, "_lora_bwd_dy_kernel": lora.DY_CONFIGS,
@@ -75,10 +75,12 @@ def test_seeds_never_specialize_and_tuning_keys_on_size_classes():
     import ast
     import inspect
 
-    from fastpeft.kernels import lora_linear as lora
+    from fastpeft.kernels import aot
+    from fastpeft.kernels import lora_tuning as lora
     # Read from the source: under the interpreter triton.jit keeps no specialization settings.
     seeded = 0
-    for node in ast.walk(ast.parse(inspect.getsource(lora))):
+    nodes = [node for module in aot.kernel_modules() for node in ast.walk(ast.parse(inspect.getsource(module)))]
+    for node in nodes:
         if isinstance(node, ast.FunctionDef) and "seed" in [a.arg for a in node.args.args] and node.decorator_list:
             decorator = ast.unparse(node.decorator_list[0])
             if decorator.startswith("triton.jit") and node.name.endswith("_kernel"):
@@ -122,9 +124,8 @@ def test_the_pruner_keeps_what_fits_the_device(monkeypatch):
     import torch
 
     from fastpeft.kernels import common
-    from fastpeft.kernels import lora_linear as lora
 
-    def run(arch, limit, dtype, configs=lora.GEMM_CONFIGS):
+    def run(arch, limit, dtype, configs=common.GEMM_CONFIGS):
         props = type("Props", (), {"shared_memory_per_block_optin": limit})()
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (arch // 10, 0))
@@ -133,10 +134,10 @@ def test_the_pruner_keeps_what_fits_the_device(monkeypatch):
         prune = common._shared_memory_pruner("_lora_gemm_kernel")
         return prune(configs, args, BLOCK_R=64, HAS_BIAS=False)
 
-    every = lora.GEMM_CONFIGS
+    every = common.GEMM_CONFIGS
     assert run(90, 232448, torch.bfloat16) == every
     kept = run(80, 166912, torch.float32)
-    assert every[0] not in kept and every[1] not in kept and lora.GEMM_DEFAULT in kept
+    assert every[0] not in kept and every[1] not in kept and common.GEMM_DEFAULT in kept
     assert all(common.shared_memory_estimate("_lora_gemm_kernel", {**c.kwargs, "BLOCK_R": 64}, c.num_stages,
                                              {"a_ptr": 4, "b_ptr": 4, "out_ptr": 4}, 80) <= 166912 for c in kept)
     assert run(80, 1024, torch.float32) == [every[-1]]
@@ -151,7 +152,7 @@ def test_full_range_indices_meet_strides_in_64_bits():
     import ast
     import inspect
 
-    from fastpeft.kernels import adapter_bottleneck, common, lora_linear
+    from fastpeft.kernels import aot
 
     def bounded(node, local):
         if isinstance(node, ast.Subscript):
@@ -165,7 +166,7 @@ def test_full_range_indices_meet_strides_in_64_bits():
         return ".to(tl.int64)" in ast.unparse(node)
 
     unsafe = []
-    for module in (common, lora_linear, adapter_bottleneck):
+    for module in aot.kernel_modules():
         for fn in ast.walk(ast.parse(inspect.getsource(module))):
             if not (isinstance(fn, ast.FunctionDef) and any("triton.jit" in ast.unparse(d)
                                                             for d in fn.decorator_list)):
@@ -199,18 +200,17 @@ def test_the_interpreter_is_refused_as_triton_reads_it(monkeypatch):
 def test_every_autotuned_kernel_tunes_per_constexpr_its_launches_set():
     """A winner is kept per value of every constexpr a launch sets: DoRA's COL_SCALE / STORE_PRE launches never take
     plain LoRA's winner (a config DoRA's pruner drops for spilling), nor a mixed batch a plain GEMM's."""
-    import importlib
     import inspect
 
     from triton.runtime.autotuner import Autotuner, Heuristics
 
-    found = 0
-    for module_name in ("fastpeft.kernels.lora_linear", "fastpeft.kernels.adapter_bottleneck"):
-        module = importlib.import_module(module_name)
+    from fastpeft.kernels import aot
+    found = set()
+    for module in aot.kernel_modules():
         for name, tuned in vars(module).items():
-            if not isinstance(tuned, Autotuner):
+            if not isinstance(tuned, Autotuner) or id(tuned) in found:
                 continue
-            found += 1
+            found.add(id(tuned))
             tuned_by_configs = {k for c in tuned.configs for k in c.kwargs}
             by_heuristics, fn = set(), tuned.fn
             while not inspect.isfunction(fn):  # down to the kernel's Python function
@@ -221,7 +221,7 @@ def test_every_autotuned_kernel_tunes_per_constexpr_its_launches_set():
             launched = constexprs - tuned_by_configs - by_heuristics
             assert "COMPUTE" in constexprs or "BLOCK_R" in constexprs, name
             assert launched <= set(tuned.keys), (name, launched - set(tuned.keys))
-    assert found >= 8
-    from fastpeft.kernels import lora_linear
-    for tuned in (lora_linear._gemm_tuned, lora_linear._tma_tuned):
+    assert len(found) >= 8
+    from fastpeft.kernels import lora_tuning
+    for tuned in (lora_tuning._gemm_tuned, lora_tuning._tma_tuned):
         assert {"COL_SCALE", "STORE_PRE"} <= set(tuned.keys)

@@ -65,7 +65,7 @@ def lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, keep_mask=No
 # DoRA's row norm ‖W + s·BA‖ (per output row), never building the N×K matrix. W is frozen, so ‖W_i‖² can be kept by
 # a layer; the rest factors: ‖W_i + s B_i A‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ, one skinny GEMM W Aᵀ
 # (N×r) and A Aᵀ (r×r). Computed in fp32 (fp64 for fp64 inputs). The Triton backend forms W + s·BA tile by tile
-# instead (kernels/lora_linear.py: ``dora_norm``): the same single read of W, and no cancellation.
+# instead (kernels/lora_dora.py: ``dora_norm``): the same single read of W, and no cancellation.
 # ----------------------------------------------------------------------------------------------------------
 
 # Norms below this count as this: a zero row of W with B's row zero (they exist in real models) gives a finite output

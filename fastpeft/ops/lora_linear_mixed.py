@@ -363,7 +363,7 @@ class _MixedLoraLinearTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, meta, *adapter_tensors):
-        from ..kernels import lora_linear as kernels
+        from ..kernels import lora_mixed as kernels
         n = len(meta.scalings)
         lora_As, lora_Bs = adapter_tensors[:n], adapter_tensors[n:2 * n]
         A_stack, B_stack = _stacked(lora_As, lora_Bs, x.dtype)
@@ -376,7 +376,7 @@ class _MixedLoraLinearTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from ..kernels import lora_linear as kernels
+        from ..kernels import lora_mixed as kernels
         refuse_double_backward("lora_linear_mixed", "run one adapter at a time (lora_linear), or ")
         meta = ctx.meta
         n = len(meta.scalings)
@@ -477,7 +477,7 @@ def _cuda_mixed(call: _Call) -> Tensor:
 
 
 def _triton_mixed(call: _Call) -> Tensor:
-    from ..kernels import lora_linear as kernels
+    from ..kernels import lora_mixed as kernels
     n = len(call.lora_As)
     norms, scales = call.dora_norms()
     meta = _Meta([], call.scalings, call.ps, call.seed, scales, norms,

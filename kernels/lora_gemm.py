@@ -1,0 +1,161 @@
+"""The fused LoRA GEMM: ``out = a · b + lr_scale · [mask ⊙] (l · u) + bias``, one kernel for forward's Y and
+backward's dX.
+
+Written as a low-rank prologue, the base K loop (``common.gemm_k_loop``; a 4-bit base dequantises W's tiles as it
+loads them) and an epilogue: the seams where the LoRA-family variants plug in as constexpr switches. DoRA scales
+columns in the epilogue, mixed-adapter batches pick each row tile's adapter in the prologue, and the schedule
+variants (``GEMM_VARIANTS``) move the low-rank term after the K loop, leave the base product to cuBLAS, or read the
+operands by TMA on a persistent grid (``_lora_gemm_tma_kernel``, Hopper).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import gemm_k_loop, tile_indices
+from .lora_dropout import _dropout_keep
+
+
+@triton.jit
+def _mixed_tile(rows_ptr, tile_adapter_ptr, tile, BLOCK_M: tl.constexpr):
+    """A mixed batch's row tile ``tile``: its rows (int64; -1 pads), which of them exist, its adapter (-1: base)."""
+    rows = tl.load(rows_ptr + tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return rows, rows >= 0, tl.load(tile_adapter_ptr + tile)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_gemm_kernel(
+    a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr, scale_ptr, pre_ptr,
+    rows_ptr, tile_adapter_ptr, tile_scale_ptr, tile_p_ptr,
+    absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+    M, N, K, R, M_BUCKET, TILED_M,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_lm, stride_lr, stride_ur, stride_un, stride_ua,
+    stride_om, stride_on,
+    lr_scale, seed, p,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr, BASE_IN_OUT: tl.constexpr,
+    COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, MIXED: tl.constexpr,
+    NF4: tl.constexpr, NESTED: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """out (M, N) = [scale (N) ⊙] (a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) [+ out]) + bias (N).
+
+    Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lr_scale = s. Backward: a = dY, b = W, l = dS, u = A,
+    lr_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
+    LOWRANK_LAST picks the variant: False seeds the accumulator with the low-rank dot before the K loop; True loads
+    the low-rank operands before the loop but adds their dot after it, so the pipeline's first loads wait on
+    nothing (which one is faster is for a GPU to measure: see ``GEMM_VARIANTS``). BASE_IN_OUT: out already holds
+    the base product (the "cublas" variant: cuBLAS wrote it), so there is no K loop and the term is added onto out.
+    COL_SCALE (DoRA): the columns are scaled (fp32 scale) before the bias, and STORE_PRE writes the unscaled sum to
+    pre (out's shape and strides), which backward's dm needs.
+    MIXED (a mixed-adapter batch, prologue order): the grid walks TILED_M rows of tiles; tile i holds the rows
+    listed at rows_ptr (-1 pads) and one adapter, ``tile_adapter[i]`` (u at u_ptr + adapter·stride_ua, scale
+    ``tile_scale[i]``, dropout rate ``tile_p[i]``; -1: the base alone), so a and out are read and written by row.
+    NF4 (a 4-bit base W): b_ptr holds W's packed codes, its tiles dequantised as the K loop loads them (the absmax
+    and code-book pointers, NESTED for double-quantised absmaxes, QBLOCK and QBLOCK2 the block sizes, ALIGNED how
+    the absmaxes are loaded: see ``common.nf4_b_tile``).
+    """
+    if MIXED:
+        pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), TILED_M, N, BLOCK_M, BLOCK_N,
+                                                              GROUP_M)
+        rows, m_ok, adapter = _mixed_tile(rows_ptr, tile_adapter_ptr, pid_m, BLOCK_M)
+        rm = tl.where(m_ok, rows, M)  # padding rows fall outside the epilogue's store mask
+        rm_load = tl.where(m_ok, rows, 0)
+        p = tl.load(tile_p_ptr + pid_m)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if adapter >= 0:
+            lo, up = _lowrank_operands(l_ptr, u_ptr + adapter.to(tl.int64) * stride_ua, rm_load, rn_load, R,
+                                       stride_lm, stride_lr, stride_ur, stride_un, tl.load(tile_scale_ptr + pid_m),
+                                       COMPUTE, BLOCK_R)
+            acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
+    else:
+        _, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
+                                   lr_scale, COMPUTE, BLOCK_R)
+        if LOWRANK_LAST:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
+
+    if not BASE_IN_OUT:  # the base K loop (NF4: W's tiles dequantised as they load)
+        acc = gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, stride_bk, stride_bn,
+                          COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K, absmax_ptr, code_ptr, absmax_code_ptr,
+                          absmax_scale_ptr, absmax_offset_ptr, NF4, NESTED, QBLOCK, QBLOCK2, ALIGNED)
+    if LOWRANK_LAST and not MIXED:
+        acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
+
+    _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS,
+                   BASE_IN_OUT, COL_SCALE, STORE_PRE)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_gemm_tma_kernel(
+    a_desc, b_desc, l_ptr, u_ptr, bias_ptr, out_ptr, scale_ptr, pre_ptr,
+    M, N, K, R, M_BUCKET,
+    stride_lm, stride_lr, stride_ur, stride_un,
+    stride_om, stride_on,
+    lr_scale, seed, p,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, B_KN: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
+):
+    """The "tma" variant of ``_lora_gemm_kernel`` (same result, Hopper only): a persistent grid, each program
+    walking output tiles, with a and b read by the Tensor Memory Accelerator through descriptors (a over (M, K); b
+    over (K, N) when B_KN, else over (N, K), i.e. W as stored, transposed in registers for free). Descriptors
+    zero-fill past the edges, so the K loop needs no masks; the low-rank term seeds the accumulator as in the
+    prologue variant."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
+                                   lr_scale, COMPUTE, BLOCK_R)
+        acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            if B_KN:
+                b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+            else:
+                b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
+            acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
+        _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
+                       HAS_BIAS, False, COL_SCALE, STORE_PRE)
+
+
+@triton.jit
+def _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un, lr_scale,
+                      COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This output tile's low-rank operands, lr_scale · l (BLOCK_M × R) and u (R × BLOCK_N), in the compute dtype
+    (a mixed batch passes its tile's adapter's u and scale, read from the tile tables)."""
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    lo = tl.load(l_ptr + rm_load[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
+    up = tl.load(u_ptr + rr[:, None] * stride_ur + rn_load[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
+    return (lo * lr_scale).to(COMPUTE), up.to(COMPUTE)
+
+
+@triton.jit
+def _lowrank_term(lo, up, rm, n0, N, seed, p, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """[mask ⊙] (lo · up) for the tile: one (BLOCK_M×R)·(R×BLOCK_N) dot, fp32."""
+    term = tl.dot(lo, up, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        term = tl.where(_dropout_keep(seed, p, rm, n0, N, BLOCK_N), term, 0.0)
+    return term
+
+
+@triton.jit
+def _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr):
+    """What out holds, DoRA's column scale (the unscaled tile kept in pre first), the bias, then the store."""
+    in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
+    offsets = rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
+    if ADD_OUT:
+        acc += tl.load(out_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    if COL_SCALE:
+        if STORE_PRE:
+            tl.store(pre_ptr + offsets, acc.to(pre_ptr.dtype.element_ty), mask=in_bounds)
+        acc = acc * tl.load(scale_ptr + rn_load)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)
