@@ -72,10 +72,10 @@ def _versions() -> dict[str, str]:
     versions = {"torch": torch.__version__, "cuda": str(torch.version.cuda),
                 "extension": "built" if cuda_ext.load()[0] is not None else "absent"}
     digest = hashlib.sha256()
-    for module in ("fastpeft.kernels.common", "fastpeft.kernels.lora_linear", "fastpeft.kernels.adapter_bottleneck"):
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin and os.path.exists(spec.origin):
-            digest.update(Path(spec.origin).read_bytes())
+    package = importlib.util.find_spec("fastpeft.kernels")
+    for folder in (package.submodule_search_locations or []) if package is not None else []:
+        for path in sorted(Path(folder).glob("*.py")):  # every module of the package, by name
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
     versions["kernels"] = digest.hexdigest()[:16]
     try:
         import triton
