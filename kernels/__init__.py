@@ -1,4 +1,6 @@
-"""Triton kernels of fastpeft, installed as ``fastpeft.kernels`` (one module per op).
+"""Triton kernels of fastpeft, installed as ``fastpeft.kernels``: ``common`` (what every op shares), ``lora_*`` (the
+fused LoRA linear, one module per concern, launched from ``lora_linear``), ``adapter_bottleneck``, ``aot`` (the
+ahead-of-time compile).
 
 The folder's name is also that of another PyPI package, Hugging Face's ``kernels`` (a dependency of transformers),
 and whenever the source tree's root is on ``sys.path`` (``python -c`` or ``python -m`` run there, ``PYTHONPATH`` set

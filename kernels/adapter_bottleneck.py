@@ -17,8 +17,10 @@ import triton.language as tl
 from fastpeft.checks import ACTIVATION_CODES
 
 from .common import (
+    AOT_M,
     GEMM_KEY,
     INTERPRET_GEMM,
+    aot_configs,
     autotuned,
     compute_dtype,
     config,
@@ -174,3 +176,34 @@ def adapter_bwd_inputs(g, w_down, w_up, pre, scaling, activation, residual_is_h,
                           res=g if residual_is_h else None)
     return dpre, dh
 
+
+def aot_launches() -> list:
+    """The adapter's GEMM as the ahead-of-time compile builds it, d=4096, m=64 (see ``common.AOT_M``): forward's
+    down GEMM (bias; pre and GELU(pre) written), up GEMM (bias, scale, residual epilogue), backward's dpre GEMM
+    (×act'(pre) epilogue, fp32 out) and dh GEMM (fp32 dpre · bf16 W_d)."""
+    M, d, m = AOT_M, 4096, 64
+    adapter_down = dict(
+        a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr="bf16", aux_ptr="bf16", out_ptr="bf16",
+        M=M, N=m, K=d, M_BUCKET=M, stride_am=d, stride_ak=1, stride_bk=1, stride_bn=d, stride_rm=0, stride_rn=0,
+        stride_xm=m, stride_xn=1, stride_om=m, stride_on=1, scale=1.0,
+        constexprs=dict(ACT=1, STORE_ACT=True, HAS_BIAS=True, HAS_RES=False, TIMES_ACT_GRAD=False,
+                        COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
+    adapter_up = dict(
+        a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr="bf16", aux_ptr="bf16", out_ptr="bf16",
+        M=M, N=d, K=m, M_BUCKET=M, stride_am=m, stride_ak=1, stride_bk=1, stride_bn=m, stride_rm=d, stride_rn=1,
+        stride_xm=0, stride_xn=0, stride_om=d, stride_on=1, scale=2.0,
+        constexprs=dict(ACT=1, STORE_ACT=False, HAS_BIAS=True, HAS_RES=True, TIMES_ACT_GRAD=False,
+                        COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
+    adapter_dpre = dict(
+        a_ptr="bf16", b_ptr="bf16", bias_ptr="fp32", res_ptr="fp32", aux_ptr="bf16", out_ptr="fp32",
+        M=M, N=m, K=d, M_BUCKET=M, stride_am=d, stride_ak=1, stride_bk=m, stride_bn=1, stride_rm=0, stride_rn=0,
+        stride_xm=m, stride_xn=1, stride_om=m, stride_on=1, scale=2.0,
+        constexprs=dict(ACT=2, STORE_ACT=False, HAS_BIAS=False, HAS_RES=False, TIMES_ACT_GRAD=True,
+                        COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
+    adapter_dh = dict(adapter_dpre, a_ptr="fp32", b_ptr="bf16", out_ptr="bf16", N=d, K=m, stride_am=m, stride_bk=d,
+                      stride_xm=0, stride_xn=0, stride_om=d,
+                      constexprs=dict(adapter_dpre["constexprs"], ACT=0, TIMES_ACT_GRAD=False))
+    configs = aot_configs(ADAPTER_GEMM_CONFIGS)
+    return [("_adapter_gemm_kernel", profile, example, configs)
+            for profile, example in [("adapter down", adapter_down), ("adapter up", adapter_up),
+                                     ("adapter dpre", adapter_dpre), ("adapter dh", adapter_dh)]]

@@ -1,7 +1,8 @@
 """What the Triton kernels of every op share: the GEMM tile configurations, autotuning and its shared-memory pruner,
 the launch switch (interpreter / autotuned / default config), the grouped tile order, and the dtype an op computes
-in. An op's module (``lora_linear.py``, ``adapter_bottleneck.py``) holds its kernels and launchers and registers the
-shared-memory need of each kernel here.
+in. An op's modules (the ``lora_*.py`` of the LoRA linear, ``adapter_bottleneck.py``) hold its kernels and launchers,
+register the shared-memory need of each kernel here and declare their ahead-of-time compile launches
+(``aot_launches``).
 
 How a LoRA-family variant plugs in (DoRA, mixed-adapter batches, a 4-bit base): as constexpr switches of the same
 kernels, not copies. ``_lora_gemm_kernel`` is split into seams for that: a prologue that seeds the accumulator with
@@ -22,6 +23,19 @@ from fastpeft.checks import (
     env_switch,
     new_output,  # noqa: F401  (the kernels' launchers allocate through it)
 )
+
+# The ahead-of-time compile (kernels/aot.py) builds every kernel for a typical training launch: bf16 base, fp32
+# adapters, these sizes. Each kernel module lists its launches in ``aot_launches()``: (kernel name, profile,
+# {arg: example value}, [configs]); an example value that is a string names a pointer's element type, an int or float
+# stands for a scalar argument, anything under "constexprs" is a compile-time constant, "options" holds the launch's
+# compile options.
+AOT_M, AOT_K, AOT_N, AOT_R = 8192, 4096, 4096, 16
+
+
+def aot_configs(configs) -> list[dict]:
+    """Autotuning configs as the ahead-of-time compile takes them."""
+    return [dict(kwargs=c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+
 
 # FASTPEFT_AUTOTUNE=0 launches each kernel's default config instead of autotuning (tests: fewer compiles); read once,
 # when the kernels are first imported (a bad value is refused there).

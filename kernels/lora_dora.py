@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, new_output
+from .common import AOT_K, AOT_N, AOT_R, dot_precision, new_output
 from .lora_tuning import _num_sms, _rank_block
 
 
@@ -67,3 +67,12 @@ def dora_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
             DOT_PRECISION=dot_precision(torch.float32), BLOCK_R=_rank_block(R), **blocks,
             **({} if on_cpu else dict(num_warps=4, num_stages=3)))
     return sq_part.sum(0).sqrt_()
+
+
+def aot_launches() -> list:
+    """This module's kernel as the ahead-of-time compile builds it (see ``common.AOT_M``)."""
+    K, N, R = AOT_K, AOT_N, AOT_R
+    norm = dict(w_ptr="bf16", a_ptr="fp32", b_ptr="fp32", sq_part_ptr="fp32", N=N, K=K, R=R, cols_per_split=512,
+                stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1, scaling=2.0,
+                constexprs=dict(DOT_PRECISION="ieee", BLOCK_R=16, **NORM_BLOCKS))
+    return [("_dora_norm_kernel", "DoRA norm", norm, [dict(kwargs={}, num_warps=4, num_stages=3)])]

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import new_output
+from .common import AOT_K, AOT_M, new_output
 
 
 @triton.jit
@@ -44,3 +44,9 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device) -> to
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
         _dropout_mask_kernel[grid](out, M, K, seed, p, **cfg)
     return out.bool()
+
+
+def aot_launches() -> list:
+    """The mask kernel as the ahead-of-time compile builds it (see ``common.AOT_M``)."""
+    mask = dict(out_ptr="i8", M=AOT_M, K=AOT_K, seed=12345, p=0.1, constexprs=dict(BLOCK_M=64, BLOCK_K=128))
+    return [("_dropout_mask_kernel", "mask", mask, [dict(kwargs={}, num_warps=4, num_stages=1)])]

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from fastpeft.nf4 import nf4_code
 
-from .common import compute_dtype, new_output, nf4_absmax, nf4_tile
+from .common import AOT_K, AOT_N, compute_dtype, new_output, nf4_absmax, nf4_tile
 
 
 @triton.jit
@@ -95,3 +95,13 @@ def _weight_operand(weight, transposed: bool):
     if isinstance(weight, torch.Tensor):
         return weight.t() if transposed else weight
     return NF4Operand(weight, transposed)
+
+
+def aot_launches() -> list:
+    """The "cublas" variant's chunks of an NF4 W, dequantised for cuBLAS, as the ahead-of-time compile builds them."""
+    chunk = AOT_N * AOT_K // 4
+    dequant = dict(packed_ptr="u8", absmax_ptr="u8", code_ptr="fp32", absmax_code_ptr="fp32",
+                   absmax_scale_ptr="fp32", absmax_offset_ptr="fp32", out_ptr="bf16", start=chunk, count=chunk,
+                   constexprs=dict(COMPUTE=tl.bfloat16, NESTED=True, QBLOCK=64, QBLOCK2=256, BLOCK=1024),
+                   options=_exact_absmax(True))
+    return [("_nf4_dequant_kernel", "NF4 chunk for cuBLAS", dequant, [dict(kwargs={}, num_warps=4, num_stages=1)])]

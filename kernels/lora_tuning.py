@@ -1,5 +1,6 @@
 """Launch configurations of the LoRA kernels: autotuning configs and defaults, the interpreter's configs, the
-shared-memory models and spill rules the autotuner's pruner applies, and the autotuned kernels.
+shared-memory models and spill rules the autotuner's pruner applies, the autotuned kernels, and the launches the
+ahead-of-time compile builds of the fused GEMM and the low-rank kernels (``aot_launches``).
 
 Tensors on the CPU run through Triton's interpreter (``TRITON_INTERPRET=1``, for tests) with one small fixed
 configuration; CUDA tensors use autotuned configs for Ampere and Hopper, pruned to what fits the device's shared
@@ -9,10 +10,16 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from .common import (
+    AOT_K,
+    AOT_M,
+    AOT_N,
+    AOT_R,
     GEMM_CONFIGS,
     GEMM_KEY,
+    aot_configs,
     autotuned,
     config,
     even_k,
@@ -190,3 +197,127 @@ def autotune_winners() -> dict[str, str]:
              "_lora_shrink_kernel": _shrink_tuned, "_lora_bwd_dy_kernel": _dy_tuned,
              "_lora_bwd_da_kernel": _da_tuned}
     return {name: str(getattr(kernel, "best_config", None)) for name, kernel in tuned.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ahead-of-time compile's launches of the fused GEMM and the low-rank kernels (see ``common.AOT_M``): beside
+# their configs, which the compile checks on both archs.
+# ----------------------------------------------------------------------------------------------------------
+
+def aot_launches() -> list:
+    """The GEMM's and the low-rank kernels' launches for the ahead-of-time compile (``kernels/aot.py``)."""
+    return _aot_gemm_launches() + _aot_lowrank_launches()
+
+
+def _aot_gemm_examples() -> dict:
+    """The GEMM's launches for the ahead-of-time compile, by profile (see ``common.aot_configs``)."""
+    M, K, N, R = AOT_M, AOT_K, AOT_N, AOT_R
+    # the base weight's quantisation arguments: none (dense), or NF4 with double-quantised absmaxes
+    dense_weight = dict(absmax_ptr="fp32", code_ptr="fp32", absmax_code_ptr="fp32", absmax_scale_ptr="fp32",
+                        absmax_offset_ptr="fp32")
+    dense = dict(NF4=False, NESTED=False, QBLOCK=64, QBLOCK2=256, ALIGNED=0)
+    nf4_weight = dict(dense_weight, b_ptr="u8", absmax_ptr="u8")
+    nf4 = dict(NF4=True, NESTED=True, QBLOCK=64, QBLOCK2=256, ALIGNED=1)
+    bf16_gemm_fwd = dict(
+        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
+        pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
+        **dense_weight, M=M, N=N, K=K, R=R, M_BUCKET=M, TILED_M=M,
+        stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
+        stride_ua=N * R, stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
+        constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
+                        MIXED=False, **dense))
+    bf16_gemm_dx = dict(
+        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
+        pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
+        **dense_weight, M=M, N=K, K=N, R=R, M_BUCKET=M, TILED_M=M,
+        stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_lm=R, stride_lr=1, stride_ur=K, stride_un=1,
+        stride_ua=R * K, stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
+        constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
+                        MIXED=False, **dense))
+    fwd, dx = bf16_gemm_fwd["constexprs"], bf16_gemm_dx["constexprs"]
+    exact_absmax = dict(enable_fp_fusion=False)  # the launch options of NF4 kernels (see lora_nf4._exact_absmax)
+    return {
+        "forward": bf16_gemm_fwd,
+        "forward r=64": dict(bf16_gemm_fwd, R=64, stride_lm=64, stride_un=64, constexprs=dict(fwd, BLOCK_R=64)),
+        "forward, low-rank term last": dict(bf16_gemm_fwd, constexprs=dict(fwd, LOWRANK_LAST=True)),
+        # DoRA: the column scale in the epilogue, the unscaled product kept for dm
+        "forward, DoRA": dict(bf16_gemm_fwd, constexprs=dict(fwd, COL_SCALE=True, STORE_PRE=True)),
+        # a mixed-adapter batch: row tiles read through the tables, each tile's adapter from the stack
+        "forward, mixed adapters": dict(bf16_gemm_fwd, TILED_M=M + 64 * 63, constexprs=dict(fwd, MIXED=True)),
+        "backward dX, mixed adapters": dict(bf16_gemm_dx, TILED_M=M + 64 * 63, constexprs=dict(dx, MIXED=True)),
+        "backward dX": bf16_gemm_dx,  # with dropout
+        # a 4-bit (NF4, double-quantised) base: W's packed codes dequantised as the K loop loads them
+        "forward, NF4 base": dict(bf16_gemm_fwd, **nf4_weight, constexprs=dict(fwd, **nf4), options=exact_absmax),
+        "backward dX, NF4 base": dict(bf16_gemm_dx, **nf4_weight, constexprs=dict(dx, **dict(nf4, ALIGNED=2)),
+                                      options=exact_absmax),
+        # The "cublas" variant's own launch: cuBLAS did the base product, the low-rank term is added onto out.
+        "low-rank pass onto cuBLAS": dict(bf16_gemm_fwd, constexprs=dict(fwd, HAS_BIAS=False, BASE_IN_OUT=True)),
+    }
+
+
+def _aot_tma_examples(gemm: dict) -> dict:
+    """The "tma" variant's launches (Hopper only): a and b as TMA descriptors (``("desc", dtype, block dims)``),
+    forward over W as stored and the dX GEMM with dropout over W as (K, N) rows."""
+    pointers = ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bk", "stride_bn")
+    tma_fwd = {k: v for k, v in gemm["forward"].items() if k not in pointers}
+    tma_fwd.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", ("BLOCK_N", "BLOCK_K")),
+                   constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee",
+                                   BLOCK_R=16, B_KN=False, COL_SCALE=False, STORE_PRE=False))
+    tma_dx = {k: v for k, v in gemm["backward dX"].items() if k not in pointers}
+    tma_dx.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", ("BLOCK_K", "BLOCK_N")),
+                  constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee",
+                                  BLOCK_R=16, B_KN=True, COL_SCALE=False, STORE_PRE=False))
+    return {"forward, tma": tma_fwd,
+            "forward, DoRA, tma": dict(tma_fwd, constexprs=dict(tma_fwd["constexprs"], COL_SCALE=True, STORE_PRE=True)),
+            "backward dX, tma": tma_dx}
+
+
+def _aot_gemm_launches() -> list:
+    """The fused GEMM's kernels (``lora_gemm``) as the ahead-of-time compile builds them."""
+    gemm = _aot_gemm_examples()
+    configs = {"forward, mixed adapters": MIXED_GEMM_CONFIGS, "backward dX, mixed adapters": MIXED_GEMM_CONFIGS,
+               "forward, NF4 base": NF4_GEMM_CONFIGS, "backward dX, NF4 base": NF4_GEMM_CONFIGS,
+               "low-rank pass onto cuBLAS": LOWRANK_PASS_CONFIGS}
+    return ([("_lora_gemm_kernel", profile, example, aot_configs(configs.get(profile, GEMM_CONFIGS)))
+             for profile, example in gemm.items()]
+            + [("_lora_gemm_tma_kernel", profile, example, aot_configs(TMA_GEMM_CONFIGS))
+               for profile, example in _aot_tma_examples(gemm).items()])
+
+
+def _aot_lowrank_launches() -> list:
+    """The low-rank kernels (``lora_lowrank``) as the ahead-of-time compile builds them."""
+    M, K, N, R = AOT_M, AOT_K, AOT_N, AOT_R
+    shrink = dict(
+        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
+        M=M, K=K, R=R, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_aa=R * K,
+        seed=12345, p=0.1, keep_scale=1.1,
+        constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16, MIXED=False))
+    bwd_dy = dict(
+        dy_ptr="bf16", b_ptr="fp32", s_ptr="fp32", ds_part_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
+        scale_ptr="fp32", pre_ptr="bf16", dm_part_ptr="fp32", dz_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32",
+        tile_scale_ptr="fp32",
+        M=M, N=N, R=R, M_BUCKET=M, cols_per_split=2048, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1,
+        stride_ba=N * R, scaling=2.0,
+        constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=DY_BLOCK_M,
+                        BLOCK_R=16, COL_SCALE=False, HAS_DM=False, WRITE_DZ=False, MIXED=False))
+    dora_bwd_dy = dict(bwd_dy, constexprs=dict(bwd_dy["constexprs"], COL_SCALE=True, HAS_DM=True, WRITE_DZ=True))
+    mixed_bwd_dy = dict(bwd_dy, constexprs=dict(bwd_dy["constexprs"], BLOCK_M=MIXED_TILE, MIXED=True))
+    bwd_da = dict(
+        x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
+        M=M, K=K, R=R, M_BUCKET=M, rows_per_split=1024, stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
+        constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16, MIXED=False))
+    # the mixed batch's fixed launches: one tile per program (lora_mixed_fwd / lora_mixed_bwd)
+    mixed_shrink = dict(shrink, constexprs=dict(shrink["constexprs"], MIXED=True))
+    mixed_da = dict(bwd_da, rows_per_split=MIXED_TILE, constexprs=dict(bwd_da["constexprs"], MIXED=True))
+    mixed_fixed = [dict(kwargs=dict(BLOCK_M=MIXED_TILE, BLOCK_K=64), num_warps=4, num_stages=3)]
+    return [
+        ("_lora_shrink_kernel", "forward", shrink, aot_configs(SHRINK_CONFIGS)),
+        ("_lora_bwd_dy_kernel", "backward", bwd_dy, aot_configs(DY_CONFIGS)),
+        ("_lora_bwd_dy_kernel", "backward, DoRA", dora_bwd_dy, aot_configs(DY_CONFIGS)),
+        ("_lora_bwd_dy_kernel", "backward, mixed adapters", mixed_bwd_dy, aot_configs(DY_CONFIGS)),
+        ("_lora_shrink_kernel", "forward, mixed adapters", mixed_shrink, mixed_fixed),
+        ("_lora_bwd_da_kernel", "backward, mixed adapters", mixed_da, mixed_fixed),
+        ("_lora_bwd_da_kernel", "backward", bwd_da, aot_configs(DA_CONFIGS)),
+    ]
