@@ -186,7 +186,7 @@ def bench(args, parser) -> int:
             counts = (64,) if args.quick else (1, 16, 64)
         else:
             counts = (16,) if args.quick else timing.MIXED_ADAPTER_COUNTS
-        # a GPU: the training shape, 64 sequences of 128 tokens (M=8192) at K=N=4096
+        # a GPU: the headline training shape, 64 sequences of 128 tokens (M=8192) at K=N=4096
         width, sequences = (4096, 64) if cuda else (1024, timing.MIXED_SEQUENCES)
         results = timing.run_mixed(counts, width, width, dtype=dtype, device=device, rounds=rounds,
                                       progress=progress, sequences=sequences)
