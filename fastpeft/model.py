@@ -152,17 +152,28 @@ def _is_transformers_model(model: nn.Module) -> bool:
                for c in type(model).__mro__)
 
 
-class _CheckedSavePretrained:
+class ModuleMethod:
+    """A callable put in a module's ``__dict__`` in place of one of its methods. It holds the module weakly (no
+    cycle keeps a deleted module alive) and follows it through deep copies and pickles; ``args`` are its own."""
+
+    def __init__(self, module: nn.Module, *args):
+        self.module = weakref.ref(module)
+        self.args = args
+
+    def __deepcopy__(self, memo):
+        return type(self)(memo.get(id(self.module()), self.module()), *self.args)
+
+    def __reduce__(self):
+        return type(self), (self.module(), *self.args)
+
+
+class _CheckedSavePretrained(ModuleMethod):
     """A transformers model's ``save_pretrained`` once fastpeft has put layers into it: refused while the model holds
     them, since transformers would write the whole model under module names that ``from_pretrained`` cannot load
-    (``Trainer.save_model`` calls it too); the model's own once they are gone. It holds the model weakly (no cycle
-    keeps a deleted model alive) and follows it through deep copies and pickles."""
-
-    def __init__(self, model: nn.Module):
-        self.model = weakref.ref(model)
+    (``Trainer.save_model`` calls it too); the model's own once they are gone."""
 
     def __call__(self, *args, **kwargs):
-        model = self.model()
+        model = self.module()
         held = {n: type(m).__name__ for n, m in model.named_modules()
                 if isinstance(m, (LoraLinear, AdaptedModule, NF4Linear))}
         if held:
@@ -183,11 +194,6 @@ class _CheckedSavePretrained:
                 f"whole model under names from_pretrained cannot load; {'; '.join(remedies)}")
         return type(model).save_pretrained(model, *args, **kwargs)
 
-    def __deepcopy__(self, memo):
-        return _CheckedSavePretrained(memo.get(id(self.model()), self.model()))
-
-    def __reduce__(self):
-        return _CheckedSavePretrained, (self.model(),)
 
 
 def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,

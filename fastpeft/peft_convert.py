@@ -7,13 +7,12 @@ Everything is checked before the model changes: a PEFT feature fastpeft lacks is
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
 
 from .layers import BASE_ADAPTER, AdaptedModule, LoraAdapter, LoraLinear
-from .model import _replace_modules, lora_layers, shared_places, unwrap_converted
+from .model import ModuleMethod, _replace_modules, lora_layers, shared_places, unwrap_converted
 from .nf4 import NF4Linear, bnb_problem
 from .peft_io import peft_lora_config
 
@@ -197,32 +196,22 @@ _INSTEAD = {
 }
 
 
-class _Retired:
+class _Retired(ModuleMethod):
     """A PEFT method of a model whose PEFT layers :func:`from_peft` converted: a clear error instead of PEFT's code,
     which would find no PEFT layer. ``state_dict`` stays the module's own when a containing module collects it (a
     prefix given: DDP, a value-head wrapper); asked for directly (``get_peft_model_state_dict``) it is refused."""
 
-    def __init__(self, owner: nn.Module, name: str):
-        self.owner = weakref.ref(owner)
-        self.name = name
-
     def __call__(self, *args, **kwargs):
-        if self.name == "state_dict" and (kwargs.get("prefix") or (len(args) > 1 and args[1])):
-            return type(self.owner()).state_dict(self.owner(), *args, **kwargs)
-        instead = _INSTEAD.get(self.name, "fastpeft.set_adapter / delete_adapter / merge_and_unload act on its "
-                                          "adapters")
+        owner, (name,) = self.module(), self.args
+        if name == "state_dict" and (kwargs.get("prefix") or (len(args) > 1 and args[1])):
+            return type(owner).state_dict(owner, *args, **kwargs)
+        instead = _INSTEAD.get(name, "fastpeft.set_adapter / delete_adapter / merge_and_unload act on its adapters")
         raise RuntimeError(
-            f"{self.name}: fastpeft.from_peft converted this model's PEFT LoRA layers into fastpeft LoraLinear "
-            f"layers, which PEFT's {self.name} cannot see (a save would write an adapter holding no tensors). Work "
+            f"{name}: fastpeft.from_peft converted this model's PEFT LoRA layers into fastpeft LoraLinear "
+            f"layers, which PEFT's {name} cannot see (a save would write an adapter holding no tensors). Work "
             "on the model from_peft returned: fastpeft.save_adapter(model, path) writes PEFT's adapter files, "
             f"{instead}, and fastpeft.to_peft(model) makes it a PeftModel again. Its forward still runs the "
             "adapters.")
-
-    def __deepcopy__(self, memo):
-        return _Retired(memo.get(id(self.owner()), self.owner()), self.name)
-
-    def __reduce__(self):
-        return _Retired, (self.owner(), self.name)
 
 
 def _retire(owners, names) -> None:

@@ -52,6 +52,23 @@ def backend_params():
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+def fork(work) -> int:
+    """Run ``work()`` in a forked child process that never returns into pytest (exit status 0 when it returns, 1 when
+    it raises, with the traceback printed); returns the child's pid."""
+    import traceback
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            work()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    return pid
+
+
 def refused_by_cli(capsys, *args) -> str:
     """``python -m fastpeft *args``, run in this process (a subprocess would spend seconds importing torch), must
     refuse before doing anything: exit status 2, nothing on stdout. Returns what it wrote to stderr."""

@@ -6,9 +6,9 @@ import signal
 import stat
 import threading
 import time
-import traceback
 
 import pytest
+from conftest import fork
 
 from fastpeft.atomic_files import (
     LockTimeout,
@@ -20,21 +20,6 @@ from fastpeft.atomic_files import (
 )
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-
-
-def fork(work):
-    """Run ``work()`` in a child process that never returns into pytest."""
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            work()
-            status = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(status)
-    return pid
 
 
 def test_a_write_killed_at_random_instants_leaves_the_old_or_the_new_content(tmp_path):

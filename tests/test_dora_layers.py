@@ -289,6 +289,13 @@ def test_compiled_dora_layer_has_no_graph_break_and_matches_eager(backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+def dora_reference(layer, x):
+    """The layer's output by the float reference, from its active adapter's tensors as they are now."""
+    a = layer.adapter
+    return op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
+                                    magnitude=a.lora_magnitude_vector)
+
+
 def test_eval_norms_follow_changes_that_bypass_version_counters():
     """A fused optimizer step (or a ``.data`` edit) changes A and B without bumping their version counters: the
     norms kept for eval mode are dropped whenever the layer switches mode, as training and evaluation alternate."""
@@ -302,16 +309,12 @@ def test_eval_norms_follow_changes_that_bypass_version_counters():
         layer.lora_B.data.add_(0.5)  # what a fused kernel does: new values, the same version
         layer.lora_A.data.mul_(2.0)
     layer.eval()
-    a = layer.adapter
-    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
-                                    magnitude=a.lora_magnitude_vector)
+    want = dora_reference(layer, x)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         layer.lora_B.data.mul_(3.0)  # in eval mode: seen after forget_norm (or a mode switch)
     layer.adapter.forget_norm()
-    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
-                                    magnitude=a.lora_magnitude_vector)
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x), dora_reference(layer, x), rtol=1e-5, atol=1e-6)
 
 
 def test_a_trained_magnitude_may_cross_zero_but_a_callers_may_not():
@@ -389,9 +392,7 @@ def test_training_in_eval_mode_with_a_fused_optimizer_uses_fresh_norms():
         optimizer.zero_grad()
         layer(x).pow(2).sum().backward()
         optimizer.step()
-    a = layer.adapter
-    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
-                                    magnitude=a.lora_magnitude_vector)
+    want = dora_reference(layer, x)
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
@@ -410,9 +411,7 @@ def test_kept_norms_follow_an_optimizer_step(fused):
     optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, fused=fused,
                                   foreach=None if fused else False)
     optimizer.step()
-    a = layer.adapter
-    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
-                                    magnitude=a.lora_magnitude_vector)
+    want = dora_reference(layer, x)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
 
@@ -432,9 +431,7 @@ def test_kept_norms_follow_a_step_whose_closure_runs_the_layer():
             layer(x)
         return loss
     optimizer.step(closure)
-    a = layer.adapter
-    want = op.lora_linear_reference(x, layer.weight, layer.bias, a.lora_A, a.lora_B, a.scaling,
-                                    magnitude=a.lora_magnitude_vector)
+    want = dora_reference(layer, x)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
 

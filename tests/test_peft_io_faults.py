@@ -5,10 +5,10 @@ import os
 import random
 import signal
 import time
-import traceback
 
 import pytest
 import torch
+from conftest import fork
 from torch import nn
 
 import fastpeft
@@ -37,21 +37,6 @@ def whole_adapter(folder, layers=LAYERS) -> int:
     tags |= {float(t) for layer in layers for weight in (layer.lora_A, layer.lora_B) for t in weight.detach().unique()}
     assert len(tags) == 1, f"a mix of adapters: {tags}"
     return int(tags.pop())
-
-
-def fork(work):
-    """Run ``work()`` in a child process that never returns into pytest."""
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            work()
-            status = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(status)
-    return pid
 
 
 def leftovers(tmp_path, folder):
