@@ -126,6 +126,12 @@ def check_probability(name: str, value) -> None:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
 
 
+def check_training(training) -> None:
+    if not isinstance(training, bool):
+        kind = type(training)
+        raise TypeError(f"training must be a Python bool, got {kind.__module__}.{kind.__qualname__}")
+
+
 def check_activation(activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")

@@ -14,7 +14,8 @@ from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
 from .nf4 import NF4Linear, NF4Weight, bnb_problem, is_bnb_4bit
 from .ops.adapter_bottleneck import adapter_bottleneck
-from .ops.lora_linear import DORA_EPS, dora_weight_norm, lora_linear, weight_sq_norm
+from .ops.lora_dora import DORA_EPS, dora_weight_norm, weight_sq_norm
+from .ops.lora_linear import lora_linear
 from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
 
 BASE_ADAPTER = "__base__"  # in adapter_names: a sample that takes no adapter (HF PEFT's name)

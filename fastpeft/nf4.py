@@ -30,6 +30,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from .quantized import QuantizedLinear, QuantizedWeight
+
 # The 16 NF4 values (quantiles of a standard normal, scaled to [-1, 1]), as fp32: bitsandbytes' table.
 NF4_CODE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -89,7 +91,7 @@ def _blocks(numel: int, blocksize: int) -> int:
     return -(-numel // blocksize)
 
 
-class NF4Weight:
+class NF4Weight(QuantizedWeight):
     """A frozen (out_features, in_features) weight in NF4 (see the module's docstring for the layout).
 
     ``packed``: uint8 (⌈N·K/2⌉,). ``absmax``: fp32 (⌈N·K/blocksize⌉,), or with double quantisation uint8 indices
@@ -101,7 +103,8 @@ class NF4Weight:
     ``requires_grad`` (always False) answer as a tensor's would; :meth:`dequantize` gives the full tensor.
     """
 
-    requires_grad = False
+    label = "4-bit NF4Weight"
+    base_name = "4-bit base"
 
     def __init__(self, packed: Tensor, absmax: Tensor, shape, dtype: torch.dtype, blocksize: int = DEFAULT_BLOCKSIZE,
                  *, absmax_code: Tensor | None = None, absmax_scale: Tensor | None = None,
@@ -148,8 +151,8 @@ class NF4Weight:
         """Whether the absmaxes are double-quantised."""
         return self.absmax_code is not None
 
-    def dim(self) -> int:
-        return 2
+    def signature(self) -> tuple:
+        return (self.shape, self.dtype, self.device, self.blocksize, self.nested, self.absmax_blocksize)
 
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
@@ -195,6 +198,12 @@ class NF4Weight:
     def __repr__(self) -> str:
         return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
                 f"double_quant={self.nested}, device={self.device})")
+
+    def matmul(self, x: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+        return nf4_matmul(x, self, bias, out)
+
+    def matmul_t(self, dy: Tensor, out: Tensor | None = None) -> Tensor:
+        return nf4_matmul_t(dy, self, out)
 
     # --- dequantisation ----------------------------------------------------------------------------------------
     def block_absmax(self, first: int = 0, stop: int | None = None) -> Tensor:
@@ -396,7 +405,7 @@ def nf4_linear(x: Tensor, weight: NF4Weight, bias: Tensor | None = None) -> Tens
 _STATS = ("weight_absmax", "weight_absmax_code", "weight_absmax_scale", "weight_absmax_offset")
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLinear):
     """``nn.Linear`` with its weight in NF4 (frozen): what :class:`fastpeft.LoraLinear` trains LoRA over.
 
     The weight's tensors are buffers (``weight_packed``, ``weight_absmax`` and, with double quantisation,

@@ -184,3 +184,60 @@ def test_compile_under_autocast_matches_eager():
     assert outputs[0].dtype == torch.bfloat16 and torch.equal(outputs[0], outputs[1])
     for name, g in gradients[1].items():
         assert torch.equal(gradients[0][name], g), name
+
+
+def mixed_call_inputs(device="cpu", dora=True):
+    """Three adapters of different ranks (the last a DoRA one) over x (2, 9, 24): rows of each, and base rows."""
+    gen = torch.Generator().manual_seed(5)
+    K, N = 24, 20
+    x = torch.randn(2, 9, K, generator=gen).to(device).requires_grad_()
+    w = torch.randn(N, K, generator=gen).to(device) / K**0.5
+    b = torch.randn(N, generator=gen).to(device).requires_grad_()
+    ranks = (4, 2, 3)
+    As = [torch.randn(r, K, generator=gen).to(device).requires_grad_() for r in ranks]
+    Bs = [torch.randn(N, r, generator=gen).to(device).requires_grad_() for r in ranks]
+    mags = [None, None, (torch.rand(N, generator=gen) + 0.5).to(device).requires_grad_() if dora else None]
+    index = torch.randint(-1, 3, (2, 9), generator=gen).to(device)
+    return x, w, b, As, Bs, mags, index
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_the_mixed_op_compiles_as_one_graph_and_matches_eager(backend, device, compiler):
+    """The mixed op is one registered op under torch.compile(fullgraph=True): outputs and every gradient as eager,
+    dropout's masks drawn from the same seed (its backward runs the forward again on that seed)."""
+    torch._dynamo.reset()
+    dora = backend == "torch"  # (the triton backend refuses DoRA adapters in a mixed batch)
+    x, w, b, As, Bs, mags, index = mixed_call_inputs(device, dora)
+
+    def call(x, b, As, Bs, mags):
+        return fastpeft.lora_linear_mixed(x, w, b, As, Bs, [0.5, 2.0, 1.0], index, [0.2, 0.0, 0.3], backend=backend,
+                                          magnitudes=mags, dropout_seed=None)
+
+    trained = [x, b, *As, *Bs] + [m for m in mags if m is not None]
+    results = []
+    for fn in (call, torch.compile(call, fullgraph=True, backend=compiler)):
+        for t in trained:
+            t.grad = None
+        torch.manual_seed(11)
+        y = fn(x, b, As, Bs, mags)
+        (y.square() * torch.linspace(0.5, 1.5, y.shape[-1], device=device)).sum().backward()
+        results.append((y.detach(), [t.grad.clone() for t in trained]))
+    (y_eager, g_eager), (y_compiled, g_compiled) = results
+    assert torch.isfinite(y_eager).all() and rel_err(y_compiled, y_eager) < 1e-5
+    for i, (got, want) in enumerate(zip(g_compiled, g_eager, strict=True)):
+        assert rel_err(got, want) < 1e-5, i
+
+
+def test_opcheck_mixed_ops():
+    from fastpeft.ops.lora_linear_mixed import lora_linear_mixed_backward, lora_linear_mixed_forward
+    x, w, b, As, Bs, mags, index = mixed_call_inputs()
+    x2d = x.reshape(-1, x.shape[-1])
+    args = (x2d, b, As, Bs, [mags[2]], w, [False, False, True], [0.5, 2.0, 1.0], [0.2, 0.0, 0.3], 7, index, "torch")
+    torch.library.opcheck(lora_linear_mixed_forward, args)
+    y, seed = lora_linear_mixed_forward(*args)
+    detached = [[t.detach() for t in ts] for ts in (As, Bs, [mags[2]])]
+    for needs in ([True] * 9, [False, True, True, False, False, True, False, True, False]):
+        torch.library.opcheck(lora_linear_mixed_backward,
+                              (torch.randn_like(y), x2d.detach(), b.detach(), *detached, w, [False, False, True],
+                               [0.5, 2.0, 1.0], [0.2, 0.0, 0.3], seed, index, "torch", needs))

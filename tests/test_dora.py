@@ -80,8 +80,7 @@ def test_row_norm_without_the_full_matrix(backend, device, dtype, adapter_dtype)
 
 def test_row_norm_converts_a_half_weight_in_bounded_chunks(monkeypatch):
     """A bf16 weight is converted to fp32 a chunk of rows at a time (never the whole layer at once)."""
-    op = importlib.import_module("fastpeft.ops.lora_linear")
-    monkeypatch.setattr(op, "_NORM_CHUNK", 70 * 8)
+    monkeypatch.setattr(importlib.import_module("fastpeft.ops.lora_dora"), "_NORM_CHUNK", 70 * 8)
     w = torch.randn(97, 70).to(bf16)
     a, bb = torch.randn(4, 70), torch.randn(97, 4)
     converted = []

@@ -5,9 +5,9 @@ from .adapter_bottleneck import (
     adapter_bottleneck_forward,
     adapter_bottleneck_reference,
 )
+from .lora_dora import dora_weight_norm
+from .lora_dropout import dropout_mask
 from .lora_linear import (
-    dora_weight_norm,
-    dropout_mask,
     lora_linear,
     lora_linear_backward,
     lora_linear_forward,

@@ -2,11 +2,13 @@
 
 Read top to bottom: activations with their derivatives, the reference, the backend table (torch, triton, and the
 forward-only cuda decode kernel), the torch.library ops running its autograd backends (autograd saves only the M×m
-pre-activation besides h), input checks, and the public ``adapter_bottleneck``. The Triton kernels live in
+pre-activation besides h), input checks, the op's declaration for the call frame (``frame.FusedOp``) and the
+public ``adapter_bottleneck``. The Triton kernels live in
 ``fastpeft.kernels.adapter_bottleneck``, the CUDA decode kernel in ``csrc/adapter_bottleneck_decode.cu``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,23 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..auto import size_class
-from ..backends import (
-    SMALL_CALL,
-    Backend,
-    autograd_backend,
-    decision,
-    refuse_double_backward,
-    remember_decision,
-    requested_backend,
-    select_backend,
-    settings,
-)
+from ..backends import SMALL_CALL, Backend, autograd_backend, refuse_double_backward
 from ..checks import (
     ACTIVATIONS,  # noqa: F401  (the op's activations, for ``from fastpeft.ops.adapter_bottleneck``)
     check_activation,
     check_finite_number,
     check_same_device,
 )
+from .frame import FusedOp
 
 
 def activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
@@ -115,7 +108,7 @@ def _cuda_forward(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
     # Eager calls go to the kernel directly: a custom op's dispatch costs about as much as a decode step.
     compiling = torch.compiler.is_compiling()
     decode = cuda_ext.adapter_bottleneck_decode_op if compiling else cuda_ext.adapter_bottleneck_decode
-    return decode(h, w_down, b_down, w_up, b_up, residual, float(scaling), activation)
+    return decode(h, w_down, b_down, w_up, b_up, residual, float(scaling), activation), None
 
 
 ADAPTER_BOTTLENECK_BACKENDS = {
@@ -267,6 +260,86 @@ def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
     check_activation(activation)
 
 
+@dataclasses.dataclass
+class BottleneckCall:
+    """One adapter_bottleneck call: its arguments as given (h of any leading dims until prepared as 2-D rows)."""
+    h: Tensor
+    w_down: Tensor
+    b_down: Tensor | None
+    w_up: Tensor
+    b_up: Tensor | None
+    residual: Tensor | None
+    scaling: float
+    activation: str
+    lead: tuple | None = dataclasses.field(default=None, metadata={"key": False})  # h's leading dims once prepared
+    # Under autocast, a residual wider than the autocast dtype: the update is added to it after the op.
+    wide_residual: Tensor | None = dataclasses.field(default=None, metadata={"key": False})
+
+
+class _AdapterBottleneck(FusedOp):
+    name = "adapter_bottleneck"
+    backends = None  # set below, once the table exists
+
+    def autocast(self, call, dtype):
+        cast = {f: getattr(call, f).to(dtype) if isinstance(getattr(call, f), Tensor) else getattr(call, f)
+                for f in ("h", "w_down", "b_down", "w_up", "b_up")}
+        base = call.h if call.residual is None else call.residual
+        if isinstance(base, Tensor) and base.dtype.is_floating_point and base.dtype.itemsize > dtype.itemsize:
+            return dataclasses.replace(call, **cast, residual=torch.zeros_like(cast["h"]), wide_residual=base)
+        residual = call.residual.to(dtype) if isinstance(call.residual, Tensor) else call.residual
+        return dataclasses.replace(call, **cast, residual=residual)
+
+    def check(self, call):
+        _check_inputs(call.h, call.w_down, call.b_down, call.w_up, call.b_up, call.residual, call.scaling,
+                      call.activation)
+
+    def prepare(self, call):
+        if call.h.dim() == 2:
+            return call
+        h2d = call.h.reshape(-1, call.h.shape[-1])
+        return dataclasses.replace(call, h=h2d, residual=None if call.residual is None else call.residual.reshape(
+            h2d.shape), lead=tuple(call.h.shape[:-1]))
+
+    def tensors(self, call):
+        return [t for t in (call.h, call.w_down, call.w_up, call.b_down, call.b_up, call.residual) if t is not None]
+
+    def reasons_call(self, call):
+        return call.h, call.w_down, call.b_down, call.w_up, call.b_up, call.residual
+
+    def trainable(self, call):
+        return [call.h, call.w_down, call.w_up, call.b_down, call.b_up, call.residual]
+
+    def measurement_key(self, call, needs_grad):
+        (M, d), m = call.h.shape, call.w_down.shape[0]
+        return ("adapter_bottleneck", call.h.dtype, size_class(M), d, m, call.activation, call.b_down is not None,
+                call.b_up is not None, call.residual is not None, needs_grad)
+
+    def small(self, call):
+        # (what autograd saves there beyond h and pre, act(pre), is small)
+        return call.h.numel() < SMALL_CALL
+
+    def _args(self, call):
+        return (call.h, call.w_down, call.b_down, call.w_up, call.b_up, call.residual, float(call.scaling),
+                call.activation)
+
+    def forward(self, entry, call):
+        return entry.forward(*self._args(call))[0]
+
+    def registered(self, name, call):
+        return adapter_bottleneck_forward(*self._args(call), name)[0]
+
+    def function(self, name, call):
+        return _EagerAdapterBottleneck.apply(*self._args(call), name)
+
+    def finish(self, call, out):
+        out = out if call.lead is None else out.reshape(*call.lead, out.shape[-1])
+        return out if call.wide_residual is None else call.wide_residual + out
+
+
+ADAPTER_BOTTLENECK = _AdapterBottleneck()
+ADAPTER_BOTTLENECK.backends = ADAPTER_BOTTLENECK_BACKENDS
+
+
 def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="relu", residual=None, backend=None):
     """``residual + scaling · (act(h W_dᵀ + b_d) W_uᵀ + b_u)``.
 
@@ -284,87 +357,4 @@ def adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling=1.0, activation="r
     would, and a residual wider than that dtype (an fp32 residual stream) keeps its precision: the update is added
     to it after the fused op, so the result has the residual's dtype, like ``h + adapter(h)`` written with nn.Linear.
     """
-    if isinstance(h, torch.Tensor) and torch.is_autocast_enabled(h.device.type):
-        dtype = torch.get_autocast_dtype(h.device.type)
-        base = h if residual is None else residual
-        cast = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (h, w_down, b_down, w_up, b_up)]
-        if isinstance(base, torch.Tensor) and base.dtype.is_floating_point and base.dtype.itemsize > dtype.itemsize:
-            update = _adapter_bottleneck(*cast, scaling, activation, torch.zeros_like(cast[0]), backend)
-            return base + update
-        residual = residual.to(dtype) if isinstance(residual, torch.Tensor) else residual
-        return _adapter_bottleneck(*cast, scaling, activation, residual, backend)
-    return _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, residual, backend)
-
-
-def _adapter_bottleneck(h, w_down, b_down, w_up, b_up, scaling, activation, residual, backend):
-    backend = requested_backend(backend)  # the environment read once: the signature and the choice agree
-    # Compiled code decides every trace anew: a guard on the decisions would recompile whenever one is added.
-    key = None if torch.compiler.is_compiling() else _signature(h, w_down, b_down, w_up, b_up, residual, scaling,
-                                                                activation, backend)
-    name = decision(key) if key is not None else None
-    if name is None:  # first call of this signature: every check, then (below) the backend
-        _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation)
-    if h.dim() == 2:
-        h2d, res2d = h, residual
-    else:
-        h2d = h.reshape(-1, h.shape[-1])
-        res2d = None if residual is None else residual.reshape(h2d.shape)
-    tensors = (h, w_down, w_up, b_down, b_up, residual)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if name is None:
-        name = select_backend(backend, [t for t in tensors if t is not None], ADAPTER_BOTTLENECK_BACKENDS,
-                              (h2d, w_down, b_down, w_up, b_up, res2d), needs_grad,
-                              lambda: _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation,
-                                                   needs_grad),
-                              None if key is None else lambda chosen: remember_decision(key, chosen))
-    out = _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, float(scaling), activation, needs_grad)
-    return out if h.dim() == 2 else out.reshape(h.shape)
-
-
-def _signature(h, w_down, b_down, w_up, b_up, residual, scaling, activation, backend):
-    """What every check and the backend decision of a call depend on, hashable; None when the inputs are not even
-    tensors (the full checks then say what is wrong)."""
-    def describe(t):
-        return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-    try:
-        return (describe(h), describe(w_down), describe(b_down), describe(w_up), describe(b_up), describe(residual),
-                type(scaling), scaling, type(activation), activation, torch.is_grad_enabled(),
-                settings(backend, h.device))
-    except (AttributeError, TypeError):
-        return None
-
-
-def _run_on(name, h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, needs_grad):
-    """The op on 2-D h on the table's entry ``name``, inputs checked: compiled graphs through the registered op,
-    eager calls straight to the entry's forward (no gradient needed) or through :class:`_EagerAdapterBottleneck`
-    (which saves h and pre only), without the custom op's dispatch; small calls on the torch path run its ops under
-    autograd, compiled or not."""
-    entry = ADAPTER_BOTTLENECK_BACKENDS[name]
-    if entry.backward is None:  # a forward-only kernel: no autograd op around it
-        return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation)
-    if name == "torch" and h2d.numel() < SMALL_CALL:
-        # A small call on the torch path, eager or compiled alike: autograd over its own ops costs less than a
-        # Python autograd node (and what it saves beyond h and pre, act(pre), is small there).
-        return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation)[0]
-    if torch.compiler.is_compiling():
-        return adapter_bottleneck_forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, name)[0]
-    if not needs_grad:
-        return entry.forward(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation)[0]
-    return _EagerAdapterBottleneck.apply(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, name)
-
-
-def _measurement(h2d, w_down, b_down, w_up, b_up, res2d, scaling, activation, needs_grad):
-    """(key, run) for ``auto``'s measurement of this call: the shape class, and one call on a given backend (forward,
-    and backward when training) on the same inputs, detached."""
-    (M, d), m = h2d.shape, w_down.shape[0]
-    key = ("adapter_bottleneck", h2d.dtype, size_class(M), d, m, activation, b_down is not None, b_up is not None,
-           res2d is not None, needs_grad)
-    inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-              for t in (h2d, w_down, b_down, w_up, b_up, res2d)]
-
-    def run(name):
-        with torch.enable_grad() if needs_grad else torch.no_grad():
-            out = _run_on(name, *inputs, float(scaling), activation, needs_grad)
-            if needs_grad:
-                out.backward(torch.ones_like(out))
-    return key, run
+    return ADAPTER_BOTTLENECK(BottleneckCall(h, w_down, b_down, w_up, b_up, residual, scaling, activation), backend)

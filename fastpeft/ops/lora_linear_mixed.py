@@ -15,30 +15,20 @@ stacking, checks and the public function.
 """
 from __future__ import annotations
 
-import numbers
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..backends import (
-    Backend,
-    refuse_double_backward,
-    select_backend,
-)
-from ..checks import check_finite_number, check_probability, check_same_device
-from ..nf4 import NF4Weight
-from .lora_linear import (
-    DROPOUT_SEED_LIMIT,
-    _check_inputs,
-    _dora_norm_on,
-    _magnitude_grad,
-    _seed_to_use,
-    dora_scale,
-    lora_linear_reference,
-    torch_drop_mask,
-    torch_uniform16,
-)
+from ..backends import Backend, autograd_backend, refuse_double_backward
+from ..checks import check_finite_number, check_probability, check_same_device, check_training
+from ..quantized import QuantizedWeight
+from .frame import FusedOp
+from .lora_checks import check_inputs
+from .lora_dora import dora_norm_on, dora_scale, magnitude_grad
+from .lora_dropout import DROPOUT_SEED_LIMIT, check_dropout_seed, seed_to_use, torch_drop_mask, torch_uniform16
+from .lora_linear import lora_linear_reference
 
 BASE_INDEX = -1  # rows that take no adapter
 
@@ -48,8 +38,9 @@ def lora_linear_mixed_reference(x, weight, bias, lora_As, lora_Bs, scalings, ada
     """Each row through :func:`lora_linear_reference` with its own adapter (plain autograd ops; run it in float64).
 
     keep_masks: None, or per adapter None / a bool keep-mask of x's shape (True = keep) applied to that adapter's
-    rows. An :class:`fastpeft.nf4.NF4Weight` is dequantised (to its dtype), as by :func:`lora_linear_reference`."""
-    if isinstance(weight, NF4Weight):
+    rows. A quantised weight (an :class:`fastpeft.nf4.NF4Weight`) is dequantised (to its dtype), as by
+    :func:`lora_linear_reference`."""
+    if isinstance(weight, QuantizedWeight):
         weight = weight.dequantize()
     x2d = x.reshape(-1, x.shape[-1])
     index = adapter_index.reshape(-1)
@@ -191,7 +182,7 @@ class _MixedLoraLinear(torch.autograd.Function):
                 rows_dy = _rows(dy, g.rows)
                 if pre is not None:
                     part = (rows_dy * pre).sum(0, dtype=torch.promote_types(dtype, torch.float32))
-                    dm = _magnitude_grad(part, meta.norms[a], magnitudes[a].dtype)
+                    dm = magnitude_grad(part, meta.norms[a], magnitudes[a].dtype)
                     grads_m[a] = dm if grads_m[a] is None else grads_m[a] + dm
                 scaled = rows_dy * meta.scales[a].to(dtype)
                 if isinstance(g.rows, slice):
@@ -444,21 +435,29 @@ def _decode(x2d, weight, bias, lora_As, lora_Bs, scalings, index):
 
 
 @dataclass
-class _Call:
-    """One mixed-batch call, its arguments checked: x as 2-D rows, each row's adapter (``index``), dropout
-    probabilities already 0 outside training."""
+class MixedCall:
+    """One mixed-batch call: its arguments as given (x of any leading dims until prepared as 2-D rows, with ``index``
+    then each row's adapter). Per adapter: A, B, scaling, dropout rate and magnitude (None for plain LoRA)."""
 
-    x2d: Tensor
+    x: Tensor
     weight: Tensor
     bias: Tensor | None
     lora_As: list
     lora_Bs: list
-    magnitudes: list
     scalings: list
-    ps: list
-    seed: int
-    index: Tensor
     adapter_index: Tensor
+    dropout_ps: list
+    training: bool
+    magnitudes: list
+    trained_magnitudes: bool = False
+    seed: int = -1  # the caller's dropout seed, -1: drawn per call
+    index: Tensor | None = None  # once prepared: adapter_index as one int64 row index
+    lead: tuple | None = None  # once prepared: x's leading dims
+
+    @property
+    def ps(self) -> list:
+        """Each adapter's dropout applied: none outside training."""
+        return [float(p) if self.training else 0.0 for p in self.dropout_ps]
 
     def dora_norms(self):
         """Each DoRA adapter's row norms and column scale (None for plain LoRA adapters)."""
@@ -466,38 +465,72 @@ class _Call:
         norms, scales = [None] * n, [None] * n
         for a, m in enumerate(self.magnitudes):
             if m is not None:
-                norms[a] = _dora_norm_on("torch", self.weight, self.lora_As[a].detach(), self.lora_Bs[a].detach(),
-                                         self.scalings[a])
+                norms[a] = dora_norm_on("torch", self.weight, self.lora_As[a].detach(), self.lora_Bs[a].detach(),
+                                        self.scalings[a])
                 scales[a] = dora_scale(m.detach(), norms[a])
         return norms, scales
 
 
-def _cuda_mixed(call: _Call) -> Tensor:
-    return _decode(call.x2d, call.weight, call.bias, call.lora_As, call.lora_Bs, call.scalings, call.index)
+# Each trainable backend plans a call as (autograd Function, its arguments). Eager calls apply the Function; the
+# registered op's backward (compiled graphs) runs the same Function's forward and backward outside autograd.
 
-
-def _triton_mixed(call: _Call) -> Tensor:
+def _triton_plan(call: MixedCall):
     from ..kernels import lora_mixed as kernels
     n = len(call.lora_As)
     norms, scales = call.dora_norms()
     meta = _Meta([], call.scalings, call.ps, call.seed, scales, norms,
-                 tiles=kernels.mixed_tiles(call.index, n, call.x2d.device))
-    return _MixedLoraLinearTriton.apply(call.x2d, call.weight, call.bias, meta, *call.lora_As, *call.lora_Bs,
-                                       *call.magnitudes)
+                 tiles=kernels.mixed_tiles(call.index, n, call.x.device))
+    return _MixedLoraLinearTriton, (call.x, call.weight, call.bias, meta, *call.lora_As, *call.lora_Bs,
+                                    *call.magnitudes)
 
 
-def _torch_mixed(call: _Call) -> Tensor:
+def _torch_plan(call: MixedCall):
     norms, scales = call.dora_norms()
-    args = (call.x2d, call.weight, call.bias)
+    args = (call.x, call.weight, call.bias)
     adapters = (*call.lora_As, *call.lora_Bs, *call.magnitudes)
     if all(m is None for m in call.magnitudes) and bool((call.index != BASE_INDEX).any()):
         block = sample_blocks(call.adapter_index)
         if block is not None:  # one adapter per sample of >= MIN_BLOCK_ROWS rows: batched GEMMs
             samples = call.adapter_index.reshape(call.adapter_index.shape[0], -1)[:, 0].to(torch.long)
             meta = _Meta([], call.scalings, call.ps, call.seed, scales, norms, block, samples)
-            return _MixedLoraLinearBlocks.apply(*args, meta, *adapters)
+            return _MixedLoraLinearBlocks, (*args, meta, *adapters)
     meta = _Meta(group_rows(call.index), call.scalings, call.ps, call.seed, scales, norms)
-    return _MixedLoraLinear.apply(*args, meta, *adapters)
+    return _MixedLoraLinear, (*args, meta, *adapters)
+
+
+class _Context:
+    """What the Functions' forward and backward read of ctx, to run both outside autograd."""
+
+    def __init__(self, needs_input_grad):
+        self.needs_input_grad = needs_input_grad
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _applied(plan):
+    def forward(call: MixedCall) -> Tensor:
+        function, args = plan(call)
+        return function.apply(*args)
+    return forward
+
+
+def _recomputed(plan):
+    def backward(call: MixedCall, dy: Tensor, needs: list[bool]) -> list:
+        """Gradients of [x, bias, *lora_As, *lora_Bs, *magnitudes] (None where not asked for): the forward again on
+        the call's seed (the same masks), then its backward."""
+        function, args = plan(call)
+        needs_x, needs_bias, *needs_adapters = needs
+        ctx = _Context((needs_x, False, needs_bias, False, *needs_adapters))
+        with torch.no_grad():
+            function.forward(ctx, *args)
+            grads = function.backward(ctx, dy)
+        return [grads[0], grads[2], *grads[4:]]
+    return backward
+
+
+def _cuda_mixed(call: MixedCall) -> Tensor:
+    return _decode(call.x, call.weight, call.bias, call.lora_As, call.lora_Bs, call.scalings, call.index)
 
 
 def _triton_mixed_reasons(x2d, lora_As, index, dropout, dora) -> list[str]:
@@ -506,17 +539,163 @@ def _triton_mixed_reasons(x2d, lora_As, index, dropout, dora) -> list[str]:
 
 # The mixed op's backends, chosen by select_backend like every op's. auto on CUDA tensors takes the first that can
 # run the call, in backends.CUDA_PREFERENCE: the decode kernel for a few inference rows, the fused kernels, torch.
-# (The table's backward entries only mark which backends train: each forward builds its own autograd node.)
 MIXED_BACKENDS = {
-    "torch": Backend(forward=_torch_mixed, backward=_torch_mixed),
-    "triton": Backend(forward=_triton_mixed, backward=_triton_mixed, reasons=_triton_mixed_reasons),
+    "torch": Backend(forward=_applied(_torch_plan), backward=_recomputed(_torch_plan)),
+    "triton": Backend(forward=_applied(_triton_plan), backward=_recomputed(_triton_plan),
+                      reasons=_triton_mixed_reasons),
     "cuda": Backend(forward=_cuda_mixed, reasons=_decode_reasons),
 }
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checks and the public function
+# torch.library ops (what compiled graphs keep): forward runs the backend's Function without autograd and returns the
+# seed it used; backward runs the Function's forward again on that seed, then its backward (one more forward than
+# eager autograd, which keeps the Function's own saved tensors: a compiled graph cannot hold them).
+# Per-adapter tensors come as lists; magnitudes only for the adapters marked in ``dora``.
 # ----------------------------------------------------------------------------------------------------------
+
+def _graph_call(x, weight, bias, lora_As, lora_Bs, magnitudes, dora, scalings, dropout_ps, seed, adapter_index):
+    given = iter(magnitudes)
+    mags = [next(given) if has else None for has in dora]
+    return MixedCall(x, weight, bias, list(lora_As), list(lora_Bs), list(scalings), adapter_index, list(dropout_ps),
+                     True, mags, True, seed, adapter_index.reshape(-1).to(torch.long))
+
+
+@torch.library.custom_op("fastpeft::lora_linear_mixed_forward", mutates_args=())
+def lora_linear_mixed_forward(x: Tensor, bias: Tensor | None, lora_As: list[Tensor], lora_Bs: list[Tensor],
+                              magnitudes: list[Tensor], weight: Tensor, dora: list[bool], scalings: list[float],
+                              dropout_ps: list[float], seed: int, adapter_index: Tensor, backend: str
+                              ) -> tuple[Tensor, Tensor]:
+    """``(y, seed)`` for 2-D x (M, K): the mixed batch on ``backend``, and the dropout seed used (a negative ``seed``
+    draws one here, inside the op, so a compiled graph draws it exactly like eager)."""
+    entry = autograd_backend(MIXED_BACKENDS, backend)
+    seed = seed_to_use(seed, max(dropout_ps))
+    call = _graph_call(x, weight, bias, lora_As, lora_Bs, magnitudes, dora, scalings, dropout_ps, seed, adapter_index)
+    with torch.no_grad():
+        y = entry.forward(call)
+    return y, torch.tensor(seed, dtype=torch.int64)
+
+
+@lora_linear_mixed_forward.register_fake
+def _(x, bias, lora_As, lora_Bs, magnitudes, weight, dora, scalings, dropout_ps, seed, adapter_index, backend):
+    autograd_backend(MIXED_BACKENDS, backend)
+    return x.new_empty((x.shape[0], weight.shape[0])), torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastpeft::lora_linear_mixed_backward", mutates_args=())
+def lora_linear_mixed_backward(dy: Tensor, x: Tensor, bias: Tensor | None, lora_As: list[Tensor],
+                               lora_Bs: list[Tensor], magnitudes: list[Tensor], weight: Tensor, dora: list[bool],
+                               scalings: list[float], dropout_ps: list[float], seed: Tensor, adapter_index: Tensor,
+                               backend: str, needs: list[bool]) -> list[Tensor]:
+    """Gradients of [x, bias, *lora_As, *lora_Bs, *magnitudes] for 2-D dy (M, N); empty where not asked for."""
+    entry = autograd_backend(MIXED_BACKENDS, backend)
+    call = _graph_call(x, weight, bias, lora_As, lora_Bs, magnitudes, dora, scalings, dropout_ps, int(seed),
+                       adapter_index)
+    n = len(lora_As)
+    given = iter(needs[2 + 2 * n:])
+    grads = entry.backward(call, dy, [*needs[:2 + 2 * n], *(next(given) if has else False for has in dora)])
+    dms = [dm for dm, has in zip(grads[2 + 2 * n:], dora, strict=True) if has]
+    # (an op's outputs may not alias one another: the adapters' gradients can be views of one stacked tensor)
+    return [dy.new_empty(0) if g is None else g.clone() if g._base is not None else g
+            for g in (*grads[:2 + 2 * n], *dms)]
+
+
+@lora_linear_mixed_backward.register_fake
+def _(dy, x, bias, lora_As, lora_Bs, magnitudes, weight, dora, scalings, dropout_ps, seed, adapter_index, backend,
+      needs):
+    autograd_backend(MIXED_BACKENDS, backend)
+    tensors = [x, bias, *lora_As, *lora_Bs, *magnitudes]
+    return [t.new_empty(t.shape) if need and t is not None else dy.new_empty(0)
+            for t, need in zip(tensors, needs, strict=True)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, lora_As, lora_Bs, magnitudes, weight, dora, scalings, dropout_ps, _, adapter_index, backend = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, bias, weight, adapter_index, output[1], *lora_As, *lora_Bs, *magnitudes)
+    ctx.n, ctx.dora, ctx.scalings, ctx.dropout_ps, ctx.backend = len(lora_As), dora, scalings, dropout_ps, backend
+
+
+def _backward(ctx, dy, unused):
+    n = ctx.n
+    needs_x, needs_bias, needs_As, needs_Bs, needs_mags = ctx.needs_input_grad[:5]  # (lists for list inputs)
+    needs = [bool(needs_x), bool(needs_bias), *needs_As, *needs_Bs, *needs_mags]
+    grads = [None] * len(needs)
+    if dy is not None:
+        x, bias, weight, adapter_index, seed, *adapters = ctx.saved_tensors
+        lora_As, lora_Bs, magnitudes = adapters[:n], adapters[n:2 * n], adapters[2 * n:]
+        grads = lora_linear_mixed_backward(dy, x, bias, lora_As, lora_Bs, magnitudes, weight, ctx.dora, ctx.scalings,
+                                           ctx.dropout_ps, seed, adapter_index, ctx.backend, needs)
+        grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
+    # (the gradients in the inputs' structure: a list for each list of tensors, None for the rest)
+    return (grads[0], grads[1], grads[2:2 + n], grads[2 + n:2 + 2 * n], grads[2 + 2 * n:], *[None] * 7)
+
+
+lora_linear_mixed_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The op in the call frame, checks and the public function
+# ----------------------------------------------------------------------------------------------------------
+
+class _LoraLinearMixed(FusedOp):
+    name = "lora_linear_mixed"
+    backends = MIXED_BACKENDS
+    cached = False  # the index's values decide the checks and the backends' reasons
+    measured = False  # auto takes the first backend that can run the call
+
+    def autocast(self, call, dtype):  # as lora_linear does
+        return dataclasses.replace(call, x=call.x.to(dtype), weight=call.weight.to(dtype),
+                                   bias=None if call.bias is None else call.bias.to(dtype))
+
+    def check(self, call):
+        for a in range(len(call.lora_As)):  # each adapter as lora_linear would check it, named by its position
+            try:
+                check_finite_number("scaling", call.scalings[a])
+                check_probability("dropout_p", call.dropout_ps[a])
+                check_inputs(call.x, call.weight, call.bias, call.lora_As[a], call.lora_Bs[a], call.scalings[a],
+                             call.dropout_ps[a], call.magnitudes[a], check_values=not call.trained_magnitudes)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"adapter {a}: {err}") from None
+        _check_index(call.adapter_index, call.x, len(call.lora_As))
+        check_same_device({"x": call.x, "adapter_index": call.adapter_index})
+
+    def prepare(self, call):
+        return dataclasses.replace(call, x=call.x.reshape(-1, call.x.shape[-1]), lead=tuple(call.x.shape[:-1]),
+                                   index=call.adapter_index.reshape(-1).to(torch.long),
+                                   scalings=[float(s) for s in call.scalings])
+
+    def tensors(self, call):
+        return [call.x, call.weight, *call.lora_As, *call.lora_Bs] + ([call.bias] if call.bias is not None else [])
+
+    def reasons_call(self, call):
+        return (call.x, call.lora_As, call.index, max(call.ps) > 0.0, any(m is not None for m in call.magnitudes))
+
+    def trainable(self, call):
+        return [call.x, call.bias, *call.lora_As, *call.lora_Bs, *call.magnitudes]
+
+    def _seeded(self, call):
+        return dataclasses.replace(call, seed=seed_to_use(call.seed, max(call.ps)))
+
+    def forward(self, entry, call):
+        return entry.forward(self._seeded(call))
+
+    def function(self, name, call):
+        return self.backends[name].forward(self._seeded(call))
+
+    def registered(self, name, call):
+        dora = [m is not None for m in call.magnitudes]
+        magnitudes = [m for m in call.magnitudes if m is not None]
+        return lora_linear_mixed_forward(call.x, call.bias, call.lora_As, call.lora_Bs, magnitudes, call.weight, dora,
+                                         call.scalings, call.ps, call.seed, call.adapter_index, name)[0]
+
+    def finish(self, call, out):
+        return out.reshape(*call.lead, out.shape[-1])
+
+
+LORA_LINEAR_MIXED = _LoraLinearMixed()
+
 
 def _as_list(name, value, n, default=None):
     if value is None:
@@ -534,7 +713,7 @@ def _check_index(adapter_index, x, n):
     if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per row), got "
                          f"{tuple(adapter_index.shape)}")
-    if adapter_index.numel():
+    if adapter_index.numel() and not torch.compiler.is_compiling():  # (a compiled graph cannot read values)
         low, high = int(adapter_index.min()), int(adapter_index.max())
         if low < BASE_INDEX or high >= n:
             raise ValueError(f"adapter_index values must be in [-1, {n - 1}] (-1: the base alone; {n} adapters), got "
@@ -552,52 +731,24 @@ def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index
             to that adapter's rows when ``training``.
         adapter_index: integer tensor of x's leading shape: the adapter of each row, -1 for the base alone.
         magnitudes: None, or one DoRA magnitude (N,) or None per adapter.
-        backend: "auto", "torch" (any device) or "triton" (the fused kernels, reading each tile's rows and adapter
-            from tables; not with DoRA adapters); auto takes triton for CUDA tensors where it can run. None reads
-            ``$FASTPEFT_BACKEND``.
+        backend: "auto", "torch" (any device), "triton" (the fused kernels, reading each tile's rows and adapter
+            from tables; not with DoRA adapters) or "cuda" (decode, inference only); auto takes the first of them
+            that can run the call on CUDA tensors, torch on the CPU. None reads ``$FASTPEFT_BACKEND``.
     Returns (..., N). Differentiable in x, bias and every adapter's tensors; rows of adapter a update adapter a only.
+    Under ``torch.compile`` the call is one registered op (its backward runs the forward again, on the same seed).
     """
     if not isinstance(lora_As, (list, tuple)) or not isinstance(lora_Bs, (list, tuple)):
         raise TypeError("lora_As and lora_Bs must be lists of tensors, one per adapter")
-    if isinstance(weight, NF4Weight):  # (before autocast's cast, which an NF4Weight does not take)
-        raise ValueError("weight is a 4-bit NF4Weight: mixed-adapter batches over a 4-bit base are not supported; "
-                         "run one adapter at a time (fastpeft.lora_linear takes an NF4Weight)")
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):  # as lora_linear does
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    if isinstance(weight, QuantizedWeight):  # (before autocast's cast, which a quantised weight does not take)
+        raise ValueError(f"weight is a {weight.label}: mixed-adapter batches over a {weight.base_name} are not "
+                         "supported; run one adapter at a time (fastpeft.lora_linear takes it)")
     n = len(lora_As)
     if n == 0 or len(lora_Bs) != n:
         raise ValueError(f"lora_As and lora_Bs must hold one tensor per adapter, at least one; got {len(lora_As)} "
                          f"and {len(lora_Bs)}")
-    scalings = _as_list("scalings", scalings, n)
-    dropout_ps = _as_list("dropout_ps", dropout_ps, n, 0.0)
-    magnitudes = _as_list("magnitudes", magnitudes, n)
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a Python bool, got {type(training).__name__}")
-    if dropout_seed is not None and (isinstance(dropout_seed, bool) or not isinstance(dropout_seed, numbers.Integral)
-                                     or not 0 <= dropout_seed < DROPOUT_SEED_LIMIT):
-        raise ValueError(f"dropout_seed must be None or an integer in [0, 2**32), got {dropout_seed!r}")
-    for a in range(n):  # each adapter as lora_linear would check it, named by its position
-        try:
-            check_finite_number("scaling", scalings[a])
-            check_probability("dropout_p", dropout_ps[a])
-            _check_inputs(x, weight, bias, lora_As[a], lora_Bs[a], scalings[a], dropout_ps[a], magnitudes[a],
-                          check_values=not _trained_magnitudes)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"adapter {a}: {err}") from None
-    _check_index(adapter_index, x, n)
-    check_same_device({"x": x, "adapter_index": adapter_index})
-    tensors = [x, weight, *lora_As, *lora_Bs] + ([bias] if bias is not None else [])
-    dora = any(m is not None for m in magnitudes)
-    x2d = x.reshape(-1, x.shape[-1])
-    index = adapter_index.reshape(-1).to(torch.long)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                 for t in (x, bias, *lora_As, *lora_Bs, *magnitudes))
-    ps = [float(p) if training else 0.0 for p in dropout_ps]
-    name = select_backend(backend, tensors, MIXED_BACKENDS, call=(x2d, lora_As, index, max(ps) > 0.0, dora),
-                          needs_grad=needs_grad)
-    call = _Call(x2d, weight, bias, list(lora_As), list(lora_Bs), list(magnitudes), [float(s) for s in scalings], ps,
-                 _seed_to_use(-1 if dropout_seed is None else int(dropout_seed), max(ps)), index, adapter_index)
-    y = MIXED_BACKENDS[name].forward(call)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    check_training(training)
+    check_dropout_seed(dropout_seed)
+    call = MixedCall(x, weight, bias, list(lora_As), list(lora_Bs), _as_list("scalings", scalings, n), adapter_index,
+                     _as_list("dropout_ps", dropout_ps, n, 0.0), training, _as_list("magnitudes", magnitudes, n),
+                     _trained_magnitudes, -1 if dropout_seed is None else int(dropout_seed))
+    return LORA_LINEAR_MIXED(call, backend)
