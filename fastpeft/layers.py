@@ -12,11 +12,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
-from .nf4 import NF4Linear, NF4Weight, bnb_problem, is_bnb_4bit
+from .nf4 import NF4Linear, bnb_problem, is_bnb_4bit
 from .ops.adapter_bottleneck import adapter_bottleneck
 from .ops.lora_dora import DORA_EPS, dora_weight_norm, weight_sq_norm
 from .ops.lora_linear import lora_linear
 from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
+from .quantized import QuantizedLinear, QuantizedWeight
 
 BASE_ADAPTER = "__base__"  # in adapter_names: a sample that takes no adapter (HF PEFT's name)
 
@@ -42,9 +43,11 @@ def linear_wrap_problem(module) -> str | None:
     same tensors)."""
     if is_bnb_4bit(module) or type(module).__module__.startswith("bitsandbytes"):
         problem = bnb_problem(module)
-    elif isinstance(module, NF4Linear):
-        problem = None if type(module).forward is NF4Linear.forward else (
-            f"a {type(module).__name__}, an NF4Linear subclass with its own forward (which LoRA would bypass)")
+    elif isinstance(module, QuantizedLinear):
+        # (the format's own layer, not a subclass of it computing something else)
+        layer = next(c for c in type(module).__mro__ if c.__module__.startswith("fastpeft."))
+        problem = None if type(module).forward is layer.forward else (
+            f"a {type(module).__name__}, an {layer.__name__} subclass with its own forward (which LoRA would bypass)")
     else:
         problem = dense_linear_problem(module)
     if problem is None and (module._forward_hooks or module._forward_pre_hooks):
@@ -88,7 +91,7 @@ def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_
     with ``use_dora``, DoRA's magnitude initialised from ``base``'s weight."""
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
-    if use_dora and isinstance(base, NF4Linear):
+    if use_dora and isinstance(base, QuantizedLinear):
         raise ValueError("DoRA (use_dora=True) over a 4-bit (NF4) base is not supported: use plain LoRA over it, or "
                          "dequantise the base first (NF4Linear.dequantized())")
     dtype = base.weight.dtype
@@ -177,7 +180,7 @@ class LoraAdapter(nn.Module):
     def init_magnitude(self, weight: torch.Tensor) -> None:
         """Make this a DoRA adapter over base ``weight`` (out, in): m = ‖W + scaling·BA‖ per row (HF PEFT's start,
         so the layer's output is unchanged), in the adapters' dtype."""
-        if isinstance(weight, NF4Weight):
+        if isinstance(weight, QuantizedWeight):
             raise ValueError("weight is a 4-bit NF4Weight: DoRA over a 4-bit base is not supported; use plain LoRA "
                              "over it, or dequantise the base first (NF4Linear.dequantized())")
         norm = dora_weight_norm(weight.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling)
@@ -298,7 +301,7 @@ class LoraLinear(nn.Module):
             _check_adapter_name(name)
             if not isinstance(adapter, LoraAdapter):
                 raise TypeError(f"adapters[{name!r}] must be a LoraAdapter, got {type(adapter).__name__}")
-            if adapter.use_dora and isinstance(base, NF4Linear):  # as the constructor and add_adapter refuse it
+            if adapter.use_dora and isinstance(base, QuantizedLinear):  # as the constructor and add_adapter refuse it
                 raise ValueError(f"adapters[{name!r}] is a DoRA adapter: DoRA over a 4-bit (NF4) base is not "
                                  "supported; use plain LoRA over it, or dequantise the base first "
                                  "(NF4Linear.dequantized())")
@@ -383,11 +386,11 @@ class LoraLinear(nn.Module):
         if magnitude is None:
             magnitude = a.lora_magnitude_vector  # None for plain LoRA; computed if parametrized or pruned
         if magnitude is None:
-            if isinstance(weight, NF4Weight):
+            if isinstance(weight, QuantizedWeight):
                 return self._lora_over_4bit(x, weight, bias, lora_A, lora_B, a)
             return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                                backend=self.backend)
-        if isinstance(weight, NF4Weight):  # (only an adapter put into `adapters` by hand gets here)
+        if isinstance(weight, QuantizedWeight):  # (only an adapter put into `adapters` by hand gets here)
             raise ValueError(f"adapter {self.active_adapter!r} is a DoRA adapter over a 4-bit (NF4) base, which is "
                              "not supported; use plain LoRA over it, or dequantise the base first "
                              "(NF4Linear.dequantized())")
@@ -439,7 +442,7 @@ class LoraLinear(nn.Module):
                              f"{BASE_ADAPTER!r} for none)")
         if self.merged:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before a mixed batch")
-        if isinstance(self.base_layer, NF4Linear):
+        if isinstance(self.base_layer, QuantizedLinear):
             raise ValueError("mixed-adapter batches over a 4-bit (NF4) base are not supported: run one adapter at a "
                              "time (set_adapter)")
         if not self.adapters_enabled:
@@ -537,7 +540,7 @@ class LoraLinear(nn.Module):
         if self.merged:
             warnings.warn("LoraLinear.merge: the adapter is already merged; nothing done", stacklevel=2)
             return
-        if isinstance(self.base_layer, NF4Linear):
+        if isinstance(self.base_layer, QuantizedLinear):
             raise RuntimeError("merging into a 4-bit (NF4) base would requantise it, losing the update's precision: "
                                "fastpeft.merge_and_unload gives an nn.Linear with the dequantised weight and the "
                                "adapter merged")

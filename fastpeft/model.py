@@ -24,6 +24,7 @@ from .layers import (
     linear_wrap_problem,
 )
 from .nf4 import DEFAULT_BLOCKSIZE, NF4Linear, quantize_nf4_weight
+from .quantized import QuantizedLinear
 
 
 def _inside_lora_layer(name: str, lora_prefixes: list[str]) -> bool:
@@ -42,7 +43,7 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
     modules = dict(model.named_modules(remove_duplicate=False))  # a module used at two places has both names
     lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
     names = [n for n in modules if n and not _inside_lora_layer(n, lora_prefixes)]
-    linear_names = [n for n in names if isinstance(modules[n], (nn.Linear, NF4Linear))]
+    linear_names = [n for n in names if isinstance(modules[n], (nn.Linear, QuantizedLinear))]
     hint = f" (the model's linear layers: {', '.join(linear_names[:12])}{', …' if len(linear_names) > 12 else ''})"
     if isinstance(target_modules, str):
         try:
@@ -128,23 +129,23 @@ def _replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> No
         if _is_transformers_model(inner) and not isinstance(vars(inner).get("save_pretrained"),
                                                             _CheckedSavePretrained):
             vars(inner)["save_pretrained"] = _CheckedSavePretrained(inner)
-    if not any(h.hook is _check_nf4_states for h in model._load_state_dict_pre_hooks.values()):
-        model.register_load_state_dict_pre_hook(_check_nf4_states)
+    if not any(h.hook is _check_quantized_states for h in model._load_state_dict_pre_hooks.values()):
+        model.register_load_state_dict_pre_hook(_check_quantized_states)
 
 
-def _check_nf4_states(model, state_dict, prefix, *_) -> None:
+def _check_quantized_states(model, state_dict, prefix, *_) -> None:
     """Before a model loads a state dict: every NF4 layer's part of it checked, so a mismatch there refuses the load
     before any module of the model has copied anything (NF4Linear's own check runs only when its turn comes)."""
     for name, module in model.named_modules():
-        if isinstance(module, NF4Linear):
-            problem = module._state_problem(state_dict, f"{prefix}{name}." if name else prefix)
+        if isinstance(module, QuantizedLinear):
+            problem = module.state_problem(state_dict, f"{prefix}{name}." if name else prefix)
             if problem is not None:
                 raise RuntimeError(f"cannot load the state into the model (nothing was loaded): {problem}")
 
 
 def fastpeft_modules(model: nn.Module) -> list[str]:
     """The names of the fastpeft layers in ``model`` (LoRA, bottleneck adapter and NF4 layers)."""
-    return [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, AdaptedModule, NF4Linear))]
+    return [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, AdaptedModule, QuantizedLinear))]
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -175,7 +176,7 @@ class _CheckedSavePretrained(ModuleMethod):
     def __call__(self, *args, **kwargs):
         model = self.module()
         held = {n: type(m).__name__ for n, m in model.named_modules()
-                if isinstance(m, (LoraLinear, AdaptedModule, NF4Linear))}
+                if isinstance(m, (LoraLinear, AdaptedModule, QuantizedLinear))}
         if held:
             shown = ", ".join(list(held)[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             kinds = set(held.values())
@@ -397,14 +398,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         return _merged_base(model)
     layers = lora_layers(model)
     dense = {name: _dequantized_merged(layer) for name, layer in layers.items() if isinstance(layer.base_layer,
-                                                                                               NF4Linear)}
+                                                                                               QuantizedLinear)}
     _replace_modules(model, {name: dense[name] if name in dense else _merged_base(layer)
                              for name, layer in layers.items()})
     return model
 
 
 def _merged_base(layer: LoraLinear) -> nn.Module:
-    if isinstance(layer.base_layer, NF4Linear):
+    if isinstance(layer.base_layer, QuantizedLinear):
         return _dequantized_merged(layer)
     if not layer.merged:
         layer.merge()

@@ -474,14 +474,14 @@ class NF4Linear(QuantizedLinear):
         # be half loaded, fp32 absmaxes cast into uint8 codes. Part of an NF4 weight means nothing, so the layer's
         # whole state is checked first, and refused before anything is copied (strict or not: torch passes strict
         # only at the end). A model fastpeft put NF4 layers into checks them all before any module loads
-        # (model._check_nf4_states).
-        problem = self._state_problem(state_dict, prefix)
+        # (model._check_quantized_states).
+        problem = self.state_problem(state_dict, prefix)
         if problem is not None:
             raise RuntimeError(f"cannot load the NF4Linear's state (nothing of it was loaded): {problem}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def _state_problem(self, state_dict, prefix) -> str | None:
+    def state_problem(self, state_dict, prefix) -> str | None:
         """Why the layer cannot load its part of ``state_dict`` (None when it can, or when that holds none of the
         weight's keys: torch then reports them missing, or without ``strict`` loads none)."""
         ours = {name: t for name, t in self._buffers.items() if name.startswith("weight_") and t is not None}

@@ -43,7 +43,8 @@ from .model import (
     shared_places,
     unwrap_converted,
 )
-from .nf4 import NF4Linear, is_bnb_4bit
+from .nf4 import is_bnb_4bit
+from .quantized import QuantizedLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -511,7 +512,8 @@ def _all_linear(model: nn.Module, config: dict) -> list[str]:
         if head is None and config.get("task_type") == "SEQ_CLS":
             head = next((getattr(model, n) for n in ("score", "classifier") if getattr(model, n, None) is not None),
                         None)
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear, NF4Linear)) and m is not head]
+    layers = (nn.Linear, LoraLinear, QuantizedLinear)
+    return [n for n, m in model.named_modules() if isinstance(m, layers) and m is not head]
 
 
 def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, list[str]]:
@@ -577,7 +579,7 @@ def _tensor_problems(config: dict, name: str, pair: dict[str, torch.Tensor], bas
     if r != want_r:
         problems.append(f"{name}: the weights have rank {r}, the config gives it rank {want_r}")
     m = pair.get("lora_magnitude_vector")
-    if m is not None and (isinstance(base, NF4Linear) or is_bnb_4bit(base)):
+    if m is not None and (isinstance(base, QuantizedLinear) or is_bnb_4bit(base)):
         return [*problems, f"{name}: a DoRA adapter over a 4-bit base, which fastpeft does not run (LoRA over it "
                            "does)"]
     if m is not None and tuple(m.shape) != (base.out_features,):

@@ -59,3 +59,8 @@ class QuantizedLinear(nn.Module):
     def dequantized(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the dequantised weight and the same bias."""
         raise NotImplementedError
+
+    def state_problem(self, state_dict: dict, prefix: str) -> str | None:
+        """Why this layer cannot load its part of ``state_dict`` (None when it can): checked before anything of a
+        model is copied, so a mismatched state is refused whole."""
+        raise NotImplementedError
