@@ -64,16 +64,16 @@ def measure(M, K, N, r, dtype, dropout):
         "fwd torch.mm (base)": (lambda: torch.mm(x, w.t()), 2 * M * N * K, (M * K + N * K + M * N) * es),
         "fwd fused triton": (lambda: fused.forward(x, w, None, a, b, s, dropout, seed),
                              2 * M * N * K + 2 * M * r * (K + N), (2 * M * K + N * K + M * N) * es),
-        "fwd fused GEMM alone": (lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, variant="prologue"),
+        "fwd fused GEMM alone": (lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, schedule="prologue"),
                                  2 * M * N * K + 2 * M * r * N, (M * K + N * K + M * N) * es),
         "fwd fused GEMM alone, low-rank term last": (
-            lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, variant="epilogue"),
+            lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, schedule="epilogue"),
             2 * M * N * K + 2 * M * r * N, (M * K + N * K + M * N) * es),
         "fwd GEMM alone, cuBLAS base + low-rank pass": (
-            lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, variant="cublas"),
+            lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, schedule="cublas"),
             2 * M * N * K + 2 * M * r * N, (M * K + N * K + 3 * M * N) * es),
         "fwd GEMM alone, persistent TMA": (
-            lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, variant="tma"),
+            lambda: kernels.lora_gemm(x, w.t(), S, b.t(), None, y, s, schedule="tma"),
             2 * M * N * K + 2 * M * r * N, (M * K + N * K + M * N) * es),
         "fwd fused triton, DoRA (scale + pre kept)": (
             lambda: fused.forward(x, w, None, a, b, s, dropout, seed, col_scale, True),
@@ -90,16 +90,17 @@ def measure(M, K, N, r, dtype, dropout):
                                    col_scale=col_scale, pre=pre),
             2 * M * N * K + 6 * M * r * (K + N), (4 * M * N + N * K + 2 * M * K) * es),
         "bwd dX GEMM alone": (lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout,
-                                                        variant="prologue"),
+                                                        schedule="prologue"),
                               2 * M * N * K + 2 * M * r * K, (M * N + N * K + M * K) * es),
         "bwd dX GEMM alone, low-rank term last": (
-            lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout, variant="epilogue"),
+            lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout,
+                                      schedule="epilogue"),
             2 * M * N * K + 2 * M * r * K, (M * N + N * K + M * K) * es),
         "bwd dX GEMM alone, cuBLAS base + low-rank pass": (
-            lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout, variant="cublas"),
+            lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout, schedule="cublas"),
             2 * M * N * K + 2 * M * r * K, (M * N + N * K + 3 * M * K) * es),
         "bwd dX GEMM alone, persistent TMA": (
-            lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout, variant="tma"),
+            lambda: kernels.lora_gemm(dy, w, dS, a, None, dx, 1.0 / (1.0 - dropout), seed, dropout, schedule="tma"),
             2 * M * N * K + 2 * M * r * K, (M * N + N * K + M * K) * es),
         "bwd unfused torch": (lambda: unfused.backward(dy, x, w, a, b, s_torch, drop, seed, s, dropout,
                                                        True, True, True, False),

@@ -198,7 +198,7 @@ def fastest(key: tuple, candidates: Sequence[str], run: Callable[[str], None], t
             timer: Callable[[Callable[[], None]], float] | None = None) -> tuple[str, bool]:
     """``(backend, final)``: the candidate that runs ``key``'s calls fastest here, stored or measured now with
     ``run(name)`` (one call of the op on backend ``name``) and stored. Winners are kept per set of candidates, so
-    one measured among fewer (a variant fixed by hand, a strided input the cuda kernel cannot take) never stands for
+    one measured among fewer (a schedule fixed by hand, a strided input the cuda kernel cannot take) never stands for
     the full set.
 
     Where nothing may be measured the answer is a stored winner, else the first candidate in rule order: final

@@ -29,9 +29,11 @@ import torch
 from . import auto
 from .checks import (
     AUTOTUNE_ENV,
+    GEMM_SCHEDULE_ENV,
+    GEMM_SCHEDULE_ENV_FORMER,
     cuda_device_reason,
     env_switch,
-    gemm_variant_env,
+    gemm_schedule_env,
     kernel_dtype_reason,
     triton_interpreting,
 )
@@ -59,14 +61,14 @@ class Backend:
     ``forward`` and ``backward`` run the op on this backend (``backward`` None: forward-only, so a call that needs
     gradients is refused). ``reasons(*call)`` says why this backend cannot run a given call, beyond what all ops
     share (the machine, the build, the devices and dtypes: :func:`not_supported_reasons`). ``forward_fake`` gives
-    the shapes and dtypes ``forward`` returns, for torch.compile. ``variants()`` names other entries of the table
+    the shapes and dtypes ``forward`` returns, for torch.compile. ``schedules()`` names other entries of the table
     ("triton:epilogue") that run this backend in other ways: ``auto`` measures those instead of this entry.
     """
     forward: Callable
     backward: Callable | None = None
     reasons: Callable[..., list[str]] = _no_reasons
     forward_fake: Callable | None = None
-    variants: Callable[[], tuple[str, ...]] = tuple
+    schedules: Callable[[], tuple[str, ...]] = tuple
 
 
 def autograd_backend(table: dict[str, Backend], name: str) -> Backend:
@@ -176,7 +178,7 @@ def check_environment() -> None:
     triton_interpreting()
     auto.measuring_enabled()
     env_switch(AUTOTUNE_ENV)
-    gemm_variant_env()
+    gemm_schedule_env()
 
 
 def requested_backend(backend: str | None) -> str:
@@ -199,7 +201,7 @@ SMALL_CALL = 32 * 1024
 # check runs on the first call of a signature; later calls of it skip them. Bounded: emptied when full.
 _decisions: dict = {}
 DECISIONS_LIMIT = 4096
-MEASURE_SETTINGS_ENV = ("FASTPEFT_GEMM_VARIANT", auto.MEASURE_ENV)
+MEASURE_SETTINGS_ENV = (GEMM_SCHEDULE_ENV, GEMM_SCHEDULE_ENV_FORMER, auto.MEASURE_ENV)
 
 
 def settings(backend: str | None, device: torch.device) -> tuple:
@@ -286,8 +288,8 @@ def select_backend(backend: str | None, tensors: list[torch.Tensor], table: dict
         if measure is None:
             return chosen(first)
         candidates = [c for c in preference if not reasons_against(c)]
-        if table is not None:  # a backend's variants share its reasons
-            candidates = [v for c in candidates for v in (table[c].variants() or (c,))]
+        if table is not None:  # a backend's schedules share its reasons
+            candidates = [v for c in candidates for v in (table[c].schedules() or (c,))]
         if len(candidates) == 1 or not auto.measuring_enabled():  # read only where there is something to measure
             return chosen(first)
         if torch.compiler.is_compiling():  # compiled code cannot trace the measurement or the winners' file

@@ -18,9 +18,10 @@ ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 # How the fused LoRA GEMM adds the low-rank term (kernels/lora_linear.py: ``lora_gemm``). ``auto`` measures each;
-# $FASTPEFT_GEMM_VARIANT fixes one by hand.
-GEMM_VARIANTS = ("prologue", "epilogue", "cublas", "tma")
-GEMM_VARIANT_ENV = "FASTPEFT_GEMM_VARIANT"
+# $FASTPEFT_GEMM_SCHEDULE fixes one by hand.
+GEMM_SCHEDULES = ("prologue", "epilogue", "cublas", "tma")
+GEMM_SCHEDULE_ENV = "FASTPEFT_GEMM_SCHEDULE"
+GEMM_SCHEDULE_ENV_FORMER = "FASTPEFT_GEMM_VARIANT"  # its former name, still read
 # FASTPEFT_AUTOTUNE=0 launches each Triton kernel's default config instead of autotuning.
 AUTOTUNE_ENV = "FASTPEFT_AUTOTUNE"
 
@@ -62,14 +63,22 @@ def _triton_reads_interpret_on(value: str) -> bool:
     return bool(knobs.runtime.interpret)  # what Triton's launcher reads
 
 
-def gemm_variant_env() -> str | None:
-    """The fused GEMM's variant fixed by ``$FASTPEFT_GEMM_VARIANT`` (in any case), None where it is unset or empty;
-    a value not in ``GEMM_VARIANTS`` raises ValueError naming the variable."""
-    value = os.environ.get(GEMM_VARIANT_ENV, "")
-    variant = value.strip().lower()
-    if variant and variant not in GEMM_VARIANTS:
-        raise ValueError(f"{GEMM_VARIANT_ENV} must be one of {', '.join(GEMM_VARIANTS)}, got {value!r}")
-    return variant or None
+def gemm_schedule_env() -> str | None:
+    """The fused GEMM's schedule fixed by ``$FASTPEFT_GEMM_SCHEDULE`` (or its former name ``$FASTPEFT_GEMM_VARIANT``;
+    in any case), None where both are unset or empty; a value not in ``GEMM_SCHEDULES``, or the two set to different
+    schedules, raises ValueError naming the variable."""
+    found = {}
+    for name in (GEMM_SCHEDULE_ENV, GEMM_SCHEDULE_ENV_FORMER):
+        value = os.environ.get(name, "")
+        schedule = value.strip().lower()
+        if schedule and schedule not in GEMM_SCHEDULES:
+            raise ValueError(f"{name} must be one of {', '.join(GEMM_SCHEDULES)}, got {value!r}")
+        if schedule:
+            found[name] = schedule
+    if len(set(found.values())) > 1:
+        raise ValueError(f"{GEMM_SCHEDULE_ENV}={found[GEMM_SCHEDULE_ENV]!r} and its former name "
+                         f"{GEMM_SCHEDULE_ENV_FORMER}={found[GEMM_SCHEDULE_ENV_FORMER]!r} disagree: set one")
+    return next(iter(found.values()), None)
 
 
 def kernel_dtype_reason(dtype: torch.dtype) -> str | None:

@@ -4,7 +4,7 @@ in. An op's modules (the ``lora_*.py`` of the LoRA linear, ``adapter_bottleneck.
 register the shared-memory need of each kernel here and declare their ahead-of-time compile launches
 (``aot_launches``).
 
-How a LoRA-family variant plugs in (DoRA, mixed-adapter batches, a 4-bit base): as constexpr switches of the same
+How a LoRA-family member plugs in (DoRA, mixed-adapter batches, a 4-bit base): as constexpr switches of the same
 kernels, not copies. ``_lora_gemm_kernel`` is split into seams for that: a prologue that seeds the accumulator with
 the low-rank product (MIXED: each row tile's rows and adapter read from tables), the K loop whose W tile load is the
 place a dequantising load goes, and an epilogue that scales, adds the bias and stores (COL_SCALE: DoRA's per-column

@@ -2,9 +2,9 @@
 backward's dX.
 
 Written as a low-rank prologue, the base K loop (``common.gemm_k_loop``; a 4-bit base dequantises W's tiles as it
-loads them) and an epilogue: the seams where the LoRA-family variants plug in as constexpr switches. DoRA scales
+loads them) and an epilogue: the seams where the LoRA-family members plug in as constexpr switches. DoRA scales
 columns in the epilogue, mixed-adapter batches pick each row tile's adapter in the prologue, and the schedule
-variants (``GEMM_VARIANTS``) move the low-rank term after the K loop, leave the base product to cuBLAS, or read the
+schedules (``GEMM_SCHEDULES``) move the low-rank term after the K loop, leave the base product to cuBLAS, or read the
 operands by TMA on a persistent grid (``_lora_gemm_tma_kernel``, Hopper).
 """
 from __future__ import annotations
@@ -43,10 +43,10 @@ def _lora_gemm_kernel(
 
     Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lr_scale = s. Backward: a = dY, b = W, l = dS, u = A,
     lr_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
-    LOWRANK_LAST picks the variant: False seeds the accumulator with the low-rank dot before the K loop; True loads
+    LOWRANK_LAST picks the schedule: False seeds the accumulator with the low-rank dot before the K loop; True loads
     the low-rank operands before the loop but adds their dot after it, so the pipeline's first loads wait on
-    nothing (which one is faster is for a GPU to measure: see ``GEMM_VARIANTS``). BASE_IN_OUT: out already holds
-    the base product (the "cublas" variant: cuBLAS wrote it), so there is no K loop and the term is added onto out.
+    nothing (which one is faster is for a GPU to measure: see ``GEMM_SCHEDULES``). BASE_IN_OUT: out already holds
+    the base product (the "cublas" schedule: cuBLAS wrote it), so there is no K loop and the term is added onto out.
     COL_SCALE (DoRA): the columns are scaled (fp32 scale) before the bias, and STORE_PRE writes the unscaled sum to
     pre (out's shape and strides), which backward's dm needs.
     MIXED (a mixed-adapter batch, prologue order): the grid walks TILED_M rows of tiles; tile i holds the rows
@@ -100,11 +100,11 @@ def _lora_gemm_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, B_KN: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
 ):
-    """The "tma" variant of ``_lora_gemm_kernel`` (same result, Hopper only): a persistent grid, each program
+    """The "tma" schedule of ``_lora_gemm_kernel`` (same result, Hopper only): a persistent grid, each program
     walking output tiles, with a and b read by the Tensor Memory Accelerator through descriptors (a over (M, K); b
     over (K, N) when B_KN, else over (N, K), i.e. W as stored, transposed in registers for free). Descriptors
     zero-fill past the edges, so the K loop needs no masks; the low-rank term seeds the accumulator as in the
-    prologue variant."""
+    prologue schedule."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)

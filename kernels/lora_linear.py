@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from fastpeft.checks import GEMM_VARIANT_ENV, GEMM_VARIANTS, gemm_variant_env
+from fastpeft.checks import GEMM_SCHEDULE_ENV, GEMM_SCHEDULES, gemm_schedule_env
 from fastpeft.nf4 import nf4_matmul, nf4_matmul_t
 
 from .common import GEMM_DEFAULT, INTERPRET_GEMM, compute_dtype, dot_precision, launch, new_output
@@ -61,22 +61,22 @@ from .lora_tuning import (
     autotune_winners,  # noqa: F401  (the op's entries, reached through this module)
 )
 
-# How the fused GEMM runs (GEMM_VARIANTS): "prologue" seeds the accumulator with the low-rank term before the K
+# How the fused GEMM runs (GEMM_SCHEDULES): "prologue" seeds the accumulator with the low-rank term before the K
 # loop, "epilogue" adds it after (its operands loaded before the loop), "cublas" leaves the base product to torch
 # (cuBLAS on a GPU) and adds the term in a second pass over the output (2·M·N more bytes moved; no K loop of ours),
-# "tma" is the prologue variant on a persistent grid reading a and b by TMA (Hopper; operands TMA cannot address,
+# "tma" is the prologue schedule on a persistent grid reading a and b by TMA (Hopper; operands TMA cannot address,
 # and older GPUs, run "prologue"). All are exact; which is fastest is for a GPU to measure (``auto`` times them, the
 # GPU check's headline too).
 
 
-def gemm_variant(variant=None) -> str:
-    """The fused GEMM's variant: the argument, else ``$FASTPEFT_GEMM_VARIANT``, else "prologue"."""
-    source = "variant"
-    if variant is None:
-        variant, source = gemm_variant_env() or "prologue", GEMM_VARIANT_ENV
-    if variant not in GEMM_VARIANTS:
-        raise ValueError(f"{source} must be one of {', '.join(GEMM_VARIANTS)}, got {variant!r}")
-    return variant
+def gemm_schedule(schedule=None) -> str:
+    """The fused GEMM's schedule: the argument, else ``$FASTPEFT_GEMM_SCHEDULE``, else "prologue"."""
+    source = "schedule"
+    if schedule is None:
+        schedule, source = gemm_schedule_env() or "prologue", GEMM_SCHEDULE_ENV
+    if schedule not in GEMM_SCHEDULES:
+        raise ValueError(f"{source} must be one of {', '.join(GEMM_SCHEDULES)}, got {schedule!r}")
+    return schedule
 
 
 @dataclass
@@ -92,42 +92,42 @@ class MixedLaunch:
     stride_ua: int
 
 
-def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0, variant=None, *,
+def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0, schedule=None, *,
               col_scale=None, pre=None, mixed: MixedLaunch | None = None):
     """out (M, N) = a (M, K) · b (K, N) + lr_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
     transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0.
-    ``variant``: one of ``GEMM_VARIANTS``; None takes ``$FASTPEFT_GEMM_VARIANT`` (default "prologue").
+    ``schedule``: one of ``GEMM_SCHEDULES``; None takes ``$FASTPEFT_GEMM_SCHEDULE`` (default "prologue").
     DoRA: ``col_scale`` (N,) fp32 scales the columns before the bias; ``pre`` (out's shape and strides), if given,
     receives the unscaled sum. ``mixed``: a mixed-adapter batch's tiles (``up`` is then adapter 0's of a stack,
     ``lr_scale`` and ``dropout_p`` per tile; prologue order). ``b`` may be an :class:`NF4Operand` (a 4-bit base),
     dequantised tile by tile in the K loop; "cublas" dequantises it instead a chunk of W's rows at a time
     (``NF4_GPU_CHUNK`` elements) for cuBLAS, and "tma", which needs a dense b, runs "prologue".
     """
-    variant = gemm_variant(variant)
+    schedule = gemm_schedule(schedule)
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
     on_cpu = a.device.type == "cpu"
     quant, quant_args, b_arg = _DENSE, (out,) * 5, b
     if isinstance(b, NF4Operand):
         quant, quant_args, b_arg = b.constexprs(), b.pointers(), b.weight.packed
-        variant = "prologue" if variant == "tma" else variant
+        schedule = "prologue" if schedule == "tma" else schedule
     if pre is not None and (pre.shape != out.shape or pre.stride() != out.stride()):
         raise ValueError("lora_gemm: pre must have out's shape and strides")
     dora = dict(COL_SCALE=col_scale is not None, STORE_PRE=pre is not None)
     scale_arg = col_scale if col_scale is not None else out
     pre_arg = pre if pre is not None else out
     if mixed is not None:
-        variant = "prologue"
-    if variant == "tma":
+        schedule = "prologue"
+    if schedule == "tma":
         if _tma_addressable(a, b):
             return _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg, pre_arg, dora)
-        variant = "prologue"  # what TMA cannot address runs the default variant
+        schedule = "prologue"  # what TMA cannot address runs the default schedule
     tuned, default = (_gemm_tuned, GEMM_DEFAULT) if mixed is None else (_mixed_gemm_tuned, MIXED_GEMM_DEFAULT)
     if quant["NF4"]:
         tuned, default = _nf4_gemm_tuned, NF4_GEMM_DEFAULT
     tables = (mixed.rows, mixed.tile_adapter, mixed.tile_scale, mixed.tile_p) if mixed is not None else (out,) * 4
     tiled_m = mixed.tiles * mixed.tile if mixed is not None else M
-    if variant == "cublas":  # the base product (and bias) by torch into out; the kernel adds the low-rank term
+    if schedule == "cublas":  # the base product (and bias) by torch into out; the kernel adds the low-rank term
         fold_bias = bias is not None and col_scale is None  # a scaled output gets its bias after the scale
         _base_product(a, b, out, bias if fold_bias else None)
         bias = None if fold_bias else bias
@@ -141,8 +141,8 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             up.stride(0), up.stride(1), mixed.stride_ua if mixed is not None else 0, out.stride(0), out.stride(1),
             lr_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
-            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=variant == "epilogue",
-            BASE_IN_OUT=variant == "cublas", MIXED=mixed is not None, **dora, **quant, **_exact_absmax(quant["NF4"]))
+            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=schedule == "epilogue",
+            BASE_IN_OUT=schedule == "cublas", MIXED=mixed is not None, **dora, **quant, **_exact_absmax(quant["NF4"]))
 
 
 # 8 MiB in bf16) for cuBLAS, so the layer is never whole in full precision.
@@ -197,14 +197,14 @@ def _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg
     return out
 
 
-def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, variant=None, *,
+def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed: int, schedule=None, *,
              col_scale=None, keep_pre=False):
     """Forward of the fused LoRA linear.
 
     x (M, K) fp16/bf16/fp32, any strides; weight (N, K) (or a 4-bit base's NF4Weight) and bias (N,) in x's dtype;
     lora_A (R, K) and
     lora_B (N, R) in any of those dtypes (computed in x's dtype, accumulated in fp32).
-    Returns y (M, N) in x's dtype, S = drop(x) Aᵀ (M, R) in fp32, which backward needs, and pre. ``variant``: the
+    Returns y (M, N) in x's dtype, S = drop(x) Aᵀ (M, R) in fp32, which backward needs, and pre. ``schedule``: the
     fused GEMM's (see ``lora_gemm``). DoRA: ``col_scale`` (N,) scales y's columns before the bias; with
     ``keep_pre`` pre is the unscaled x Wᵀ + s·S Bᵀ (M, N), else None.
     """
@@ -225,18 +225,18 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
             BLOCK_R=_rank_block(R), MIXED=False)
     if col_scale is not None:
         col_scale = col_scale.to(torch.float32).contiguous()
-    lora_gemm(x, _weight_operand(weight, True), s, lora_B.t(), bias, y, scaling, variant=variant,
+    lora_gemm(x, _weight_operand(weight, True), s, lora_B.t(), bias, y, scaling, schedule=schedule,
               col_scale=col_scale, pre=pre)
     return y, s, pre
 
 
 def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float, seed: int,
-             needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool, variant=None, *,
+             needs_dx: bool, needs_da: bool, needs_db: bool, needs_dbias: bool, schedule=None, *,
              col_scale=None, pre=None):
     """Backward of the fused LoRA linear: (dx, dA, dB, dbias, dm_sum), each None where not needed.
 
     dy (M, N) in the forward's dtype, any strides; x (M, K) as in forward (only read when dA is needed);
-    s = S from forward (M, R) fp32. dA, dB come back in the adapters' dtype, dx and dbias in x's dtype. ``variant``:
+    s = S from forward (M, R) fp32. dA, dB come back in the adapters' dtype, dx and dbias in x's dtype. ``schedule``:
     the dX GEMM's (see ``lora_gemm``). DoRA: ``col_scale`` (N,) as in forward; with ``pre`` (forward's, M×N),
     dm_sum = Σ_rows dY ⊙ pre (N,) fp32, which divided by the norm is dm.
     """
@@ -306,5 +306,5 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     if needs_dx:
         dx = new_output((M, K), dy.dtype, device)
         lora_gemm(dz if dz is not None else dy, _weight_operand(weight, False), ds, lora_A, None, dx, keep_scale, seed,
-                  dropout_p, variant=variant)
+                  dropout_p, schedule=schedule)
     return dx, da, db, dbias, dm

@@ -1,6 +1,6 @@
 """A 4-bit (NF4) base weight in the LoRA GEMM: the operand that describes it to the kernel (its tiles are dequantised
 by the K loop's load, ``common.nf4_b_tile``), and the kernel that dequantises W a chunk of rows at a time for the
-"cublas" variant.
+"cublas" schedule.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absma
                         out_ptr, start, count, COMPUTE: tl.constexpr, NESTED: tl.constexpr, QBLOCK: tl.constexpr,
                         QBLOCK2: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = element start + i of an NF4 weight, dequantised (as ``fastpeft.nf4``: bit for bit), i < count: the
-    "cublas" variant's chunks of W, dequantised once for cuBLAS."""
+    "cublas" schedule's chunks of W, dequantised once for cuBLAS."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < count
     idx = start + offs
@@ -98,7 +98,7 @@ def _weight_operand(weight, transposed: bool):
 
 
 def aot_launches() -> list:
-    """The "cublas" variant's chunks of an NF4 W, dequantised for cuBLAS, as the ahead-of-time compile builds them."""
+    """The "cublas" schedule's chunks of an NF4 W, dequantised for cuBLAS, as the ahead-of-time compile builds them."""
     chunk = AOT_N * AOT_K // 4
     dequant = dict(packed_ptr="u8", absmax_ptr="u8", code_ptr="fp32", absmax_code_ptr="fp32",
                    absmax_scale_ptr="fp32", absmax_offset_ptr="fp32", out_ptr="bf16", start=chunk, count=chunk,

@@ -41,7 +41,7 @@ DA_CONFIGS = [
     for bm, bk, w, s in [(64, 64, 4, 4), (128, 64, 8, 2), (64, 128, 4, 3), (128, 128, 4, 3)]
 ]
 
-# The "cublas" variant's pass adding the low-rank term onto out: no K loop (BLOCK_K unused), no pipeline.
+# The "cublas" schedule's pass adding the low-rank term onto out: no K loop (BLOCK_K unused), no pipeline.
 LOWRANK_PASS_CONFIGS = [config(w, 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=32, GROUP_M=8)
                         for bm, bn, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8)]]
 
@@ -54,7 +54,7 @@ def _tma_blocks(args):
     args["b_desc"].block_shape = [bk, bn] if args["B_KN"] else [bn, bk]
 
 
-# The "tma" variant's tiles: Hopper's (BLOCK_K=64 for wgmma), each setting the descriptors' block shapes.
+# The "tma" schedule's tiles: Hopper's (BLOCK_K=64 for wgmma), each setting the descriptors' block shapes.
 TMA_GEMM_CONFIGS = [
     triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8), num_warps=w, num_stages=s,
                   pre_hook=_tma_blocks)
@@ -91,7 +91,7 @@ def _gemm_shared(b, sizes, stages, arch):
         return b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"] + b["BLOCK_N"] * b["BLOCK_R"] * 4
     a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
     b_tile = b["BLOCK_K"] * b["BLOCK_N"] * sizes["b_ptr"]
-    # The epilogue variant keeps its low-rank operands across the K loop: Triton 3.6 stages them beside the
+    # The epilogue schedule keeps its low-rank operands across the K loop: Triton 3.6 stages them beside the
     # pipeline (2-8 KB more on both archs), Triton 3.9 does not.
     held = (b["BLOCK_M"] + b["BLOCK_N"]) * b["BLOCK_R"] * sizes["a_ptr"] if b.get("LOWRANK_LAST") else 0
     if arch >= 90:  # plus u's (R × BLOCK_N) tile in the compute dtype, for the wgmma of the low-rank term
@@ -193,7 +193,7 @@ def _num_sms(device: torch.device) -> int:
 def autotune_winners() -> dict[str, str]:
     """The config autotuning chose last for each tuned kernel (for the GPU check's report)."""
     tuned = {"_lora_gemm_kernel": _gemm_tuned, "_lora_gemm_tma_kernel": _tma_tuned,
-             "low-rank pass (cublas variant)": _lowrank_pass_tuned,
+             "low-rank pass (cublas schedule)": _lowrank_pass_tuned,
              "_lora_shrink_kernel": _shrink_tuned, "_lora_bwd_dy_kernel": _dy_tuned,
              "_lora_bwd_da_kernel": _da_tuned}
     return {name: str(getattr(kernel, "best_config", None)) for name, kernel in tuned.items()}
@@ -252,13 +252,13 @@ def _aot_gemm_examples() -> dict:
         "forward, NF4 base": dict(bf16_gemm_fwd, **nf4_weight, constexprs=dict(fwd, **nf4), options=exact_absmax),
         "backward dX, NF4 base": dict(bf16_gemm_dx, **nf4_weight, constexprs=dict(dx, **dict(nf4, ALIGNED=2)),
                                       options=exact_absmax),
-        # The "cublas" variant's own launch: cuBLAS did the base product, the low-rank term is added onto out.
+        # The "cublas" schedule's own launch: cuBLAS did the base product, the low-rank term is added onto out.
         "low-rank pass onto cuBLAS": dict(bf16_gemm_fwd, constexprs=dict(fwd, HAS_BIAS=False, BASE_IN_OUT=True)),
     }
 
 
 def _aot_tma_examples(gemm: dict) -> dict:
-    """The "tma" variant's launches (Hopper only): a and b as TMA descriptors (``("desc", dtype, block dims)``),
+    """The "tma" schedule's launches (Hopper only): a and b as TMA descriptors (``("desc", dtype, block dims)``),
     forward over W as stored and the dX GEMM with dropout over W as (K, N) rows."""
     pointers = ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bk", "stride_bn")
     tma_fwd = {k: v for k, v in gemm["forward"].items() if k not in pointers}

@@ -103,7 +103,7 @@ def test_no_kernel_spills(report):
         pytest.skip("no ptxas here reads Triton's PTX version")
     assert all(r["spills"] is not None for r in report)
     assert len([r for r in report if r["kernel"] == "_lora_gemm_kernel"]) == 5 * 2 * 10 + 2 * 4 + 2 * 2 * 2 + 2 * 2 * 6
-    # The "epilogue" variant keeps its low-rank operands in registers across the K loop: on Ampere, where mma.sync
+    # The "epilogue" schedule keeps its low-rank operands in registers across the K loop: on Ampere, where mma.sync
     # reads registers, large tiles spill 112-288 bytes; it is a candidate for Hopper (wgmma), measured there.
     # DoRA's epilogue (pre stored beside the scaled tile) spills in its largest tiles: the pruner drops those for
     # DoRA launches (``register_spilling``), and only those.

@@ -39,12 +39,12 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch, tmp_path):
-    """Two backends on the CPU (triton first in rule order; it has four GEMM variants), a fake timer, a private
+    """Two backends on the CPU (triton first in rule order; it has four GEMM schedules), a fake timer, a private
     cache folder, an empty memory; ``clock.cost`` sets what each table entry's forward costs (default 5 ms)."""
     fake = FakeClock()
     fake.cost = {"torch": 5e-3, "triton:prologue": 2e-3, "triton:epilogue": 1e-3, "triton:cublas": 3e-3}
     monkeypatch.setenv(auto.CACHE_DIR_ENV, str(tmp_path))
-    for variable in (auto.MEASURE_ENV, backends.ENV_VAR, "FASTPEFT_GEMM_VARIANT"):
+    for variable in (auto.MEASURE_ENV, backends.ENV_VAR, "FASTPEFT_GEMM_SCHEDULE"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setattr(backends, "auto_preference", lambda device: ("triton", "torch"))
     monkeypatch.setattr(auto, "cuda_timer", fake.timer)
@@ -79,8 +79,8 @@ def lora_call(m=24, k=32, n=48, r=4, dtype=torch.float32, grad=False, **kwargs):
 def test_measures_once_per_shape_class_and_keeps_the_fastest(clock):
     args, _ = lora_call()
     torch.testing.assert_close(lora_op.lora_linear(*args), lora_op.lora_linear_reference(*args), rtol=1e-5, atol=1e-5)
-    # One untimed and ROUNDS timed calls of each candidate (triton's four GEMM variants and torch), then the call
-    # itself on the winner; the plain "triton" entry is never measured, its variants are.
+    # One untimed and ROUNDS timed calls of each candidate (triton's four GEMM schedules and torch), then the call
+    # itself on the winner; the plain "triton" entry is never measured, its schedules are.
     once = 1 + auto.ROUNDS
     assert clock.calls == {"torch": once, "triton:prologue": once, "triton:epilogue": once + 1, "triton:cublas": once,
                            "triton:tma": once}
@@ -95,11 +95,11 @@ def test_measures_once_per_shape_class_and_keeps_the_fastest(clock):
     assert clock.calls["torch"] == 2 * once + 1
 
 
-def test_a_gemm_variant_fixed_by_hand_is_the_only_triton_candidate(clock, monkeypatch):
-    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "cublas")
+def test_a_gemm_schedule_fixed_by_hand_is_the_only_triton_candidate(clock, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_GEMM_SCHEDULE", "cublas")
     lora_op.lora_linear(*lora_call()[0])
     once = 1 + auto.ROUNDS
-    assert clock.calls == {"torch": once, "triton": once + 1}  # the plain entry runs $FASTPEFT_GEMM_VARIANT's
+    assert clock.calls == {"torch": once, "triton": once + 1}  # the plain entry runs $FASTPEFT_GEMM_SCHEDULE's
 
 
 def test_the_key_separates_training_dropout_dtype_and_sizes(clock):
@@ -168,13 +168,13 @@ def test_switches_force_or_skip_the_measurement(clock, monkeypatch):
 
 @pytest.mark.parametrize("variable,value,message", [
     ("FASTPEFT_AUTO_MEASURE", "disable", "FASTPEFT_AUTO_MEASURE must be one of 1, 0 (or unset); got 'disable'"),
-    ("FASTPEFT_GEMM_VARIANT", "sideways", "FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue, cublas, tma, "
+    ("FASTPEFT_GEMM_SCHEDULE", "sideways", "FASTPEFT_GEMM_SCHEDULE must be one of prologue, epilogue, cublas, tma, "
                                           "got 'sideways'"),
     ("FASTPEFT_AUTOTUNE", "off", "FASTPEFT_AUTOTUNE must be one of 1, 0 (or unset); got 'off'"),
 ])
 def test_a_bad_setting_is_refused_before_anything_is_measured(clock, monkeypatch, variable, value, message):
     """Neither measures on regardless (a bad FASTPEFT_AUTO_MEASURE) nor fails each candidate that reads it while
-    measured (a bad FASTPEFT_GEMM_VARIANT, or FASTPEFT_AUTOTUNE where the kernels are first imported then, which
+    measured (a bad FASTPEFT_GEMM_SCHEDULE, or FASTPEFT_AUTOTUNE where the kernels are first imported then, which
     would leave torch chosen with a warning): the call is refused."""
     monkeypatch.setenv(variable, value)
     with warnings.catch_warnings():
@@ -257,12 +257,12 @@ def test_nothing_is_measured_on_fake_tensors(clock):
 
 
 def test_winners_are_kept_per_candidate_set(clock, monkeypatch):
-    """A winner measured among fewer candidates (a GEMM variant fixed by hand) never stands for the full set."""
-    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "cublas")
-    clock.cost["triton"] = 9e-3  # the plain entry, running the variant fixed by hand: slower than torch's 5 ms
+    """A winner measured among fewer candidates (a GEMM schedule fixed by hand) never stands for the full set."""
+    monkeypatch.setenv("FASTPEFT_GEMM_SCHEDULE", "cublas")
+    clock.cost["triton"] = 9e-3  # the plain entry, running the schedule fixed by hand: slower than torch's 5 ms
     lora_op.lora_linear(*lora_call()[0])
     assert list(auto.stored_winners().values()) == ["torch"]
-    monkeypatch.delenv("FASTPEFT_GEMM_VARIANT")
+    monkeypatch.delenv("FASTPEFT_GEMM_SCHEDULE")
     before = clock.count("triton:")
     lora_op.lora_linear(*lora_call()[0])
     assert clock.count("triton:") > before  # the full set is measured, not the winner of the smaller one reused
@@ -285,7 +285,7 @@ def test_activation_checkpointing_gets_the_same_backend_in_forward_and_recomputa
     y = checkpoint(f, x, use_reentrant=False)
     f(x.detach().requires_grad_())  # the same signature, outside the checkpoint
     y.sum().backward()
-    assert set(clock.calls) == {"triton:prologue"} and not auto.stored_winners()  # rule order: the first variant
+    assert set(clock.calls) == {"triton:prologue"} and not auto.stored_winners()  # rule order: the first schedule
     keep = lora_op.dropout_mask(123, (16, 64), 0.5, "triton")
     ref_inputs = [t.detach().double().requires_grad_() for t in (x, a, b)]
     ref = lora_op.lora_linear_reference(ref_inputs[0], w.double(), None, ref_inputs[1], ref_inputs[2], 0.5, keep, 0.5)

@@ -53,15 +53,15 @@ def test_dora_matches_the_reference(backend, device, case):
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["prologue", "epilogue", "cublas", "tma"])
-def test_dora_in_every_gemm_variant(monkeypatch, variant):
-    """The column scale is the fused GEMM's epilogue in every variant (the cublas one adds the bias after scaling
+@pytest.mark.parametrize("schedule", ["prologue", "epilogue", "cublas", "tma"])
+def test_dora_in_every_gemm_schedule(monkeypatch, schedule):
+    """The column scale is the fused GEMM's epilogue in every schedule (the cublas one adds the bias after scaling
     torch's product), in forward and in dX."""
-    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", variant)
+    monkeypatch.setenv("FASTPEFT_GEMM_SCHEDULE", schedule)
     for case in (Case(70, 64, 48, 8, bf16, fp32, True, 0.2, "2d"), Case(33, 40, 24, 3, fp32, fp32, False, 0.0, "3d")):
         got, want = run_dora("triton", case, TRITON_DEVICE)
         errors = {name: rel_err(g, r) for name, g, r in zip(NAMES, got, want, strict=False)}
-        assert all(e <= TOLERANCE[case.dtype] for e in errors.values()), (variant, errors)
+        assert all(e <= TOLERANCE[case.dtype] for e in errors.values()), (schedule, errors)
 
 
 @pytest.mark.parametrize("backend,device", backend_params())

@@ -225,24 +225,41 @@ def test_kernel_outputs_start_poisoned_in_the_tests():
                                   Case(130, 100, 33, 16, bf16, fp32, False, 0.1, "3d"),
                                   Case(70, 64, 40, 8, bf16, fp32, True, 0.2, "2d"),
                                   Case(100, 48, 72, 16, fp32, fp32, False, 0.1, "3d")], ids=lambda c: c.id)
-def test_every_gemm_variant_matches_the_reference(monkeypatch, case):
+def test_every_gemm_schedule_matches_the_reference(monkeypatch, case):
     """The fused GEMM adds the low-rank term before the K loop ("prologue"), after it ("epilogue"), or onto torch's
     base product ("cublas"), or runs persistent with TMA reads ("tma"; where rows are 16-byte aligned, else as
     "prologue"): all exact, in forward and in the dX GEMM with dropout, so auto may pick any by speed."""
     from fastpeft.kernels import lora_linear as kernels
-    assert kernels.GEMM_VARIANTS == ("prologue", "epilogue", "cublas", "tma")
+    assert kernels.GEMM_SCHEDULES == ("prologue", "epilogue", "cublas", "tma")
     tma_calls = []
     real_tma = kernels._lora_gemm_tma
     monkeypatch.setattr(kernels, "_lora_gemm_tma", lambda *args: tma_calls.append(1) or real_tma(*args))
-    for variant in kernels.GEMM_VARIANTS:
-        monkeypatch.setenv(kernels.GEMM_VARIANT_ENV, variant)
+    for schedule in kernels.GEMM_SCHEDULES:
+        monkeypatch.setenv(kernels.GEMM_SCHEDULE_ENV, schedule)
         x, w, b, a, bb, dy = make_inputs(case, TRITON_DEVICE)
         got = run("triton", x, w, b, a, bb, dy, 2.0, case.p, 5)
         want = reference("triton", case, x, w, b, a, bb, dy, 2.0, 5, TRITON_DEVICE)
         errors = {name: rel_err(g, r) for name, g, r in zip(NAMES, got, want, strict=False)}
-        assert all(e <= TOLERANCE[case.dtype] for e in errors.values()), (variant, errors)
+        assert all(e <= TOLERANCE[case.dtype] for e in errors.values()), (schedule, errors)
     aligned = all(n * case.dtype.itemsize % 16 == 0 for n in (case.K, case.N))
     assert len(tma_calls) == (2 if aligned else 0)  # forward and dX ran on TMA where it can address them
-    monkeypatch.setenv(kernels.GEMM_VARIANT_ENV, "sideways")
-    with pytest.raises(ValueError, match="FASTPEFT_GEMM_VARIANT must be one of prologue, epilogue"):
-        kernels.gemm_variant()
+    monkeypatch.setenv(kernels.GEMM_SCHEDULE_ENV, "sideways")
+    with pytest.raises(ValueError, match="FASTPEFT_GEMM_SCHEDULE must be one of prologue, epilogue"):
+        kernels.gemm_schedule()
+
+
+def test_the_schedule_variable_keeps_its_former_name(monkeypatch):
+    """$FASTPEFT_GEMM_VARIANT, the variable's former name, still fixes the schedule; set beside the new name to
+    another schedule, both are refused by name."""
+    from fastpeft.checks import gemm_schedule_env
+    monkeypatch.delenv("FASTPEFT_GEMM_SCHEDULE", raising=False)
+    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "Epilogue")
+    assert gemm_schedule_env() == "epilogue"
+    monkeypatch.setenv("FASTPEFT_GEMM_SCHEDULE", "epilogue")
+    assert gemm_schedule_env() == "epilogue"
+    monkeypatch.setenv("FASTPEFT_GEMM_SCHEDULE", "cublas")
+    with pytest.raises(ValueError, match="FASTPEFT_GEMM_SCHEDULE='cublas' and its former name "
+                                         "FASTPEFT_GEMM_VARIANT='epilogue' disagree"):
+        gemm_schedule_env()
+    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "")
+    assert gemm_schedule_env() == "cublas"

@@ -195,13 +195,13 @@ def test_kernel_tiles_are_the_dequantised_weight_bit_for_bit(monkeypatch, dtype,
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["prologue", "epilogue", "cublas", "tma"])
-def test_lora_over_nf4_in_every_gemm_variant(monkeypatch, variant):
-    """Every fused-GEMM variant runs over an NF4 base: prologue and epilogue dequantise W's tiles in the K loop, cublas
+@pytest.mark.parametrize("schedule", ["prologue", "epilogue", "cublas", "tma"])
+def test_lora_over_nf4_in_every_gemm_schedule(monkeypatch, schedule):
+    """Every fused-GEMM schedule runs over an NF4 base: prologue and epilogue dequantise W's tiles in the K loop, cublas
     dequantises a chunk of W's rows at a time (here several chunks) for torch's GEMM, tma runs prologue. Forward and
     dX against float64, with bias and dropout."""
     from fastpeft.kernels import lora_linear as kernels
-    monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", variant)
+    monkeypatch.setenv("FASTPEFT_GEMM_SCHEDULE", schedule)
     monkeypatch.setattr(kernels, "NF4_GPU_CHUNK", 1500)
     case = CASES[6]  # bf16, fp32 adapters, dropout, 3-D x
     x, w, b, a, bb, dy = make_inputs(case, TRITON_DEVICE)

@@ -1,7 +1,7 @@
 """The fused LoRA linear op: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``; with a magnitude, DoRA.
 
 Read top to bottom: the float64-friendly reference, the torch backend, the backend table (torch, triton and its GEMM
-variants, and the forward-only cuda decode kernel), the torch.library ops (forward, backward, registered autograd)
+schedules, and the forward-only cuda decode kernel), the torch.library ops (forward, backward, registered autograd)
 and the eager autograd Function, then the op's declaration for the call frame (``frame.FusedOp``) and the public
 ``lora_linear``. Beside it: ``lora_checks`` (input checks), ``lora_dora`` (DoRA's norms and scale) and
 ``lora_dropout`` (the torch path's masks, the seeds). The Triton kernels live in ``fastpeft.kernels.lora_linear``,
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..auto import size_class
 from ..backends import SMALL_CALL, Backend, autograd_backend, refuse_double_backward
-from ..checks import GEMM_VARIANTS, check_training, gemm_variant_env
+from ..checks import GEMM_SCHEDULES, check_training, gemm_schedule_env
 from ..quantized import QuantizedWeight
 from .frame import FusedOp
 from .lora_checks import check_inputs
@@ -153,9 +153,9 @@ def _torch_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropo
 
 
 def _triton_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, col_scale=None, keep_pre=False,
-                    variant=None):
+                    schedule=None):
     from ..kernels import lora_linear as kernels
-    y, s, pre = kernels.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, variant,
+    y, s, pre = kernels.lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, schedule,
                                  col_scale=col_scale, keep_pre=keep_pre)
     return y, s, None, pre  # the mask is regenerated from the seed in backward, never stored
 
@@ -167,19 +167,19 @@ def _triton_forward_fake(x, weight, lora_A, dropout_p, keep_pre=False):
 
 
 def _triton_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, dropout_p, *needs, col_scale=None,
-                     pre=None, variant=None):
+                     pre=None, schedule=None):
     from ..kernels import lora_linear as kernels
-    return kernels.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed), *needs, variant=variant,
+    return kernels.lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, int(seed), *needs, schedule=schedule,
                             col_scale=col_scale, pre=pre)
 
 
-def _triton_entry(variant=None):
-    """The triton backend running the fused GEMM's ``variant`` (None: ``$FASTPEFT_GEMM_VARIANT``'s, else the
+def _triton_entry(schedule=None):
+    """The triton backend running the fused GEMM's ``schedule`` (None: ``$FASTPEFT_GEMM_SCHEDULE``'s, else the
     default); the plain entry lists the others for ``auto`` to measure, unless that variable fixes one."""
-    return Backend(forward=functools.partial(_triton_forward, variant=variant),
-                   backward=functools.partial(_triton_backward, variant=variant), forward_fake=_triton_forward_fake,
-                   variants=(lambda: () if gemm_variant_env() else TRITON_VARIANTS)
-                   if variant is None
+    return Backend(forward=functools.partial(_triton_forward, schedule=schedule),
+                   backward=functools.partial(_triton_backward, schedule=schedule), forward_fake=_triton_forward_fake,
+                   schedules=(lambda: () if gemm_schedule_env() else TRITON_SCHEDULES)
+                   if schedule is None
                    else tuple)
 
 
@@ -199,14 +199,14 @@ def _cuda_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, seed=
     return decode(x, weight, bias, lora_A, lora_B, float(scaling), col_scale), None, None, None
 
 
-TRITON_VARIANTS = tuple(f"triton:{variant}" for variant in GEMM_VARIANTS)
+TRITON_SCHEDULES = tuple(f"triton:{schedule}" for schedule in GEMM_SCHEDULES)
 LORA_LINEAR_BACKENDS = {
     "torch": Backend(forward=_torch_lora_fwd, backward=_torch_backward, forward_fake=_torch_forward_fake),
     "triton": _triton_entry(),
     # Decode (M <= 16 rows), inference only: the compiled kernel has a forward op of its own, no autograd.
     "cuda": Backend(forward=_cuda_forward, reasons=_cuda_reasons),
-    # The fused GEMM's variants, for auto to measure (a user picks one with $FASTPEFT_GEMM_VARIANT).
-    **{name: _triton_entry(name.partition(":")[2]) for name in TRITON_VARIANTS},
+    # The fused GEMM's schedules, for auto to measure (a user picks one with $FASTPEFT_GEMM_SCHEDULE).
+    **{name: _triton_entry(name.partition(":")[2]) for name in TRITON_SCHEDULES},
 }
 # What computes DoRA's norms (dora_weight_norm): each runs on the inputs its lora_linear entry runs on.
 
