@@ -13,6 +13,7 @@ scale).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -194,6 +195,59 @@ def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, st
 _SHARED_MEMORY = {}
 # kernel name -> spills(blocks, num_warps) -> a reason when a config spills registers for that launch, else None
 _SPILLING = {}
+
+
+@dataclass(frozen=True)
+class Member:
+    """A LoRA-family member (DoRA, a mixed-adapter batch, a 4-bit base) as a feature of an op's shared kernels,
+    declared once: what the tuning side and the ahead-of-time compile know of it derives from this.
+
+    ``switch``: the constexpr that marks the member on, in every kernel it touches. ``launches``: kernel name ->
+    the kernel's base AOT profile ("forward") -> what the member changes in that launch (``constexprs`` and any other
+    example argument); the compile builds each, named with the member after the profile's first part ("forward,
+    DoRA", "forward, DoRA, tma"). ``configs``: kernel name -> the configs its launches run, where not the kernel's
+    own. ``shared_memory``: kernel name -> its shared-memory model (see ``register_shared_memory``) where the member
+    changes the kernel's. ``spills``: ``(blocks, num_warps) -> reason or None``, the configs that spill registers
+    with the member on. The autotune key takes every constexpr a launch sets (``autotuned``), so a member's launches
+    never inherit another's winner.
+    """
+    name: str
+    switch: str
+    launches: dict
+    configs: dict = field(default_factory=dict)
+    shared_memory: dict = field(default_factory=dict)
+    spills: object = None
+
+    def on(self, blocks: dict) -> bool:
+        return bool(blocks.get(self.switch))
+
+    def profile(self, base: str) -> str:
+        first, _, rest = base.partition(", ")
+        return ", ".join(p for p in (first, self.name, rest) if p)
+
+    def example(self, base_example: dict, change: dict) -> dict:
+        """The base launch's example with this member on."""
+        change = dict(change)
+        constexprs = dict(base_example["constexprs"], **change.pop("constexprs", {}))
+        return dict(base_example, **change, constexprs=constexprs)
+
+
+def declare_members(members, models: dict) -> None:
+    """Register each kernel's shared-memory model (``models``: kernel name -> the base model) and spill rules with
+    the members' own folded in: a member's model replaces the base where the member is on."""
+    for kernel, base in models.items():
+        own = [(m, m.shared_memory[kernel]) for m in members if kernel in m.shared_memory]
+
+        def need(blocks, sizes, stages, arch, base=base, own=own):
+            model = next((f for m, f in own if m.on(blocks)), base)
+            return model(blocks, sizes, stages, arch)
+        register_shared_memory(kernel, need)
+    for kernel in {k for m in members for k in m.launches}:
+        rules = [m for m in members if m.spills is not None and kernel in m.launches]
+        if rules:
+            def spills(blocks, num_warps, rules=rules):
+                return next((r for m in rules if m.on(blocks) and (r := m.spills(blocks, num_warps))), None)
+            register_spilling(kernel, spills)
 
 
 def register_spilling(kernel_name: str, spills) -> None:

@@ -19,12 +19,12 @@ from .common import (
     AOT_R,
     GEMM_CONFIGS,
     GEMM_KEY,
+    Member,
     aot_configs,
     autotuned,
     config,
+    declare_members,
     even_k,
-    register_shared_memory,
-    register_spilling,
 )
 from .lora_gemm import _lora_gemm_kernel, _lora_gemm_tma_kernel
 from .lora_lowrank import _lora_bwd_da_kernel, _lora_bwd_dy_kernel, _lora_shrink_kernel
@@ -79,14 +79,6 @@ INTERPRET_DA = dict(BLOCK_M=32, BLOCK_K=32)
 # Shared memory of one config in bytes (see ``register_shared_memory``), fitted to the compiled kernels: the AOT
 # tests hold each within 10% or 16 KiB above the real figure of every config, on both archs.
 def _gemm_shared(b, sizes, stages, arch):
-    if b.get("NF4"):
-        # W's tile is staged as its bytes and as the gathered fp32 code-book values (about 5.25 bytes an element with
-        # the absmaxes broadcast; the per-element absmaxes of an unaligned W add theirs), beside x's tile; Hopper
-        # keeps one more x tile.
-        per_element = 5.25 + (0 if b.get("ALIGNED") else (9 if b.get("NESTED") else 4))
-        a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
-        staged = (stages - 1) * (a_tile + per_element * b["BLOCK_K"] * b["BLOCK_N"])
-        return int(staged + (a_tile if arch >= 90 else 0))
     if b.get("BASE_IN_OUT"):  # no K loop: converting the out tile and u's tile
         return b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"] + b["BLOCK_N"] * b["BLOCK_R"] * 4
     a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
@@ -109,22 +101,13 @@ def _shrink_shared(b, sizes, stages, arch):
 
 def _dy_shared(b, sizes, stages, arch):
     dy_tile = b["BLOCK_M"] * b["BLOCK_N"] * sizes["dy_ptr"]
-    s_tile = b["BLOCK_M"] * b["BLOCK_R"] * sizes["dy_ptr"]
-    if b.get("MIXED"):  # rows gathered through the tables: S's tile staged too, and on Hopper B's in fp32
-        if arch >= 90:
-            return stages * dy_tile + s_tile + b["BLOCK_N"] * b["BLOCK_R"] * 4 + 4096
-        return (stages - 1) * dy_tile + s_tile
-    # plus S's tile in the compute dtype, the operand of dB's wgmma (DoRA's dY, scaled in registers first, is laid
-    # out as on Ampere)
-    if arch >= 90 and not b.get("COL_SCALE"):
+    if arch >= 90:  # plus S's tile in the compute dtype, the operand of dB's wgmma
         return stages * dy_tile + b["BLOCK_M"] * b["BLOCK_R"] * sizes["dy_ptr"]
     return (stages - 1) * dy_tile
 
 
 def _da_shared(b, sizes, stages, arch):
     x_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["x_ptr"]
-    if b.get("MIXED"):  # one tile per program: nothing to pipeline
-        return x_tile + b["BLOCK_M"] * b["BLOCK_R"] * sizes["ds_ptr"]
     return stages * x_tile + (stages - 1) * b["BLOCK_M"] * b["BLOCK_R"] * sizes["ds_ptr"]
 
 
@@ -135,6 +118,77 @@ def _gemm_tma_shared(b, sizes, stages, arch):
     return stages * (a_tile + b_tile + 8) + b["BLOCK_N"] * b["BLOCK_R"] * sizes["a_desc"]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The LoRA-family members of these kernels, each declared once (``common.Member``): the switches each turns on in
+# which launch, the configs those run, where each changes a kernel's shared memory, and what spills with it on. The
+# pruner, the autotune key and the ahead-of-time compile's launches all derive from these declarations.
+# ----------------------------------------------------------------------------------------------------------
+
+def _nf4_gemm_shared(b, sizes, stages, arch):
+    # W's tile is staged as its bytes and as the gathered fp32 code-book values (about 5.25 bytes an element with the
+    # absmaxes broadcast; the per-element absmaxes of an unaligned W add theirs), beside x's tile; Hopper keeps one
+    # more x tile.
+    per_element = 5.25 + (0 if b.get("ALIGNED") else (9 if b.get("NESTED") else 4))
+    a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
+    staged = (stages - 1) * (a_tile + per_element * b["BLOCK_K"] * b["BLOCK_N"])
+    return int(staged + (a_tile if arch >= 90 else 0))
+
+
+# A 4-bit base: the dequantising load holds more registers and stages more per element (see ``_nf4_gemm_shared``);
+# the tiles kept are those that neither spill nor overflow an A100 (ptxas: 64-deep tiles of 128×256 and 256×128, and
+# 128×128 tiles on 4 warps, spill up to 11 KB, the dX GEMM's most).
+NF4_GEMM_CONFIGS = [c for c in GEMM_CONFIGS
+                    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_warps == 8
+                    and (c.kwargs["BLOCK_K"] == 32 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128)]
+NF4_GEMM_DEFAULT = next(c for c in NF4_GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 128))
+# the base weight's quantisation arguments in the AOT examples: NF4 with double-quantised absmaxes
+_NF4_LAUNCH = dict(b_ptr="u8", absmax_ptr="u8", options=dict(enable_fp_fusion=False),  # (lora_nf4._exact_absmax)
+                   constexprs=dict(NF4=True, NESTED=True, QBLOCK=64, QBLOCK2=256, ALIGNED=1))
+NF4_BASE = Member(
+    "NF4 base", "NF4",
+    launches={"_lora_gemm_kernel": {"forward": _NF4_LAUNCH,
+                                    "backward dX": dict(_NF4_LAUNCH, constexprs=dict(_NF4_LAUNCH["constexprs"],
+                                                                                     ALIGNED=2))}},
+    configs={"_lora_gemm_kernel": NF4_GEMM_CONFIGS},
+    shared_memory={"_lora_gemm_kernel": _nf4_gemm_shared})
+
+# Mixed batches: the GEMM's row tiles are the tables' tiles, so its configs share one BLOCK_M, MIXED_TILE; the shrink
+# and dA kernels run one fixed config, a tile per program (lora_mixed_fwd / lora_mixed_bwd).
+MIXED_TILE = 64
+MIXED_GEMM_CONFIGS = [c for c in GEMM_CONFIGS if c.kwargs["BLOCK_M"] == MIXED_TILE]
+MIXED_GEMM_DEFAULT = MIXED_GEMM_CONFIGS[0]
+_MIXED_FIXED = [config(4, 3, BLOCK_M=MIXED_TILE, BLOCK_K=64)]
+
+
+def _mixed_dy_shared(b, sizes, stages, arch):
+    # rows gathered through the tables: S's tile staged too, and on Hopper B's in fp32
+    dy_tile = b["BLOCK_M"] * b["BLOCK_N"] * sizes["dy_ptr"]
+    s_tile = b["BLOCK_M"] * b["BLOCK_R"] * sizes["dy_ptr"]
+    if arch >= 90:
+        return stages * dy_tile + s_tile + b["BLOCK_N"] * b["BLOCK_R"] * 4 + 4096
+    return (stages - 1) * dy_tile + s_tile
+
+
+def _mixed_da_shared(b, sizes, stages, arch):  # one tile per program: nothing to pipeline
+    return b["BLOCK_M"] * b["BLOCK_K"] * sizes["x_ptr"] + b["BLOCK_M"] * b["BLOCK_R"] * sizes["ds_ptr"]
+
+
+_MIXED_GEMM_LAUNCH = dict(TILED_M=AOT_M + MIXED_TILE * 63, constexprs=dict(MIXED=True))
+MIXED_BATCH = Member(
+    "mixed adapters", "MIXED",
+    launches={"_lora_gemm_kernel": {"forward": _MIXED_GEMM_LAUNCH, "backward dX": _MIXED_GEMM_LAUNCH},
+              "_lora_shrink_kernel": {"forward": dict(constexprs=dict(MIXED=True))},
+              "_lora_bwd_dy_kernel": {"backward": dict(constexprs=dict(BLOCK_M=MIXED_TILE, MIXED=True))},
+              "_lora_bwd_da_kernel": {"backward": dict(rows_per_split=MIXED_TILE, constexprs=dict(MIXED=True))}},
+    configs={"_lora_gemm_kernel": MIXED_GEMM_CONFIGS, "_lora_shrink_kernel": _MIXED_FIXED,
+             "_lora_bwd_da_kernel": _MIXED_FIXED},
+    shared_memory={"_lora_bwd_dy_kernel": _mixed_dy_shared, "_lora_bwd_da_kernel": _mixed_da_shared})
+
+
+def _dora_dy_shared(b, sizes, stages, arch):  # DoRA's dY, scaled in registers first, is laid out as on Ampere
+    return (stages - 1) * b["BLOCK_M"] * b["BLOCK_N"] * sizes["dy_ptr"]
+
+
 def _dora_epilogue_spills(b, num_warps):
     """DoRA's epilogue holds the unscaled tile for pre beside the scaled one: 256-row tiles, and TMA's 128×256, then
     spill 8-80 bytes (ptxas, sm_80 and sm_90); their 128×128 neighbours do not."""
@@ -143,13 +197,19 @@ def _dora_epilogue_spills(b, num_warps):
     return None
 
 
-register_spilling("_lora_gemm_kernel", _dora_epilogue_spills)
-register_spilling("_lora_gemm_tma_kernel", _dora_epilogue_spills)
+_DORA_EPILOGUE = dict(constexprs=dict(COL_SCALE=True, STORE_PRE=True))  # the unscaled product kept for dm
+DORA = Member(
+    "DoRA", "COL_SCALE",
+    launches={"_lora_gemm_kernel": {"forward": _DORA_EPILOGUE},
+              "_lora_gemm_tma_kernel": {"forward, tma": _DORA_EPILOGUE},
+              "_lora_bwd_dy_kernel": {"backward": dict(constexprs=dict(COL_SCALE=True, HAS_DM=True, WRITE_DZ=True))}},
+    shared_memory={"_lora_bwd_dy_kernel": _dora_dy_shared},
+    spills=_dora_epilogue_spills)
 
-for _name, _need in [("_lora_gemm_kernel", _gemm_shared), ("_lora_gemm_tma_kernel", _gemm_tma_shared),
-                     ("_lora_shrink_kernel", _shrink_shared),
-                     ("_lora_bwd_dy_kernel", _dy_shared), ("_lora_bwd_da_kernel", _da_shared)]:
-    register_shared_memory(_name, _need)
+MEMBERS = (NF4_BASE, MIXED_BATCH, DORA)
+declare_members(MEMBERS, {"_lora_gemm_kernel": _gemm_shared, "_lora_gemm_tma_kernel": _gemm_tma_shared,
+                          "_lora_shrink_kernel": _shrink_shared, "_lora_bwd_dy_kernel": _dy_shared,
+                          "_lora_bwd_da_kernel": _da_shared})
 
 _gemm = even_k(_lora_gemm_kernel)
 
@@ -160,19 +220,8 @@ _gemm_tuned = autotuned(_gemm, GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAS
                                                         "stride_bk"], "_lora_gemm_kernel")
 _tma_tuned = autotuned(_lora_gemm_tma_kernel, TMA_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "B_KN"], "_lora_gemm_tma_kernel")
 _lowrank_pass_tuned = autotuned(_gemm, LOWRANK_PASS_CONFIGS, GEMM_KEY + ["DROPOUT", "BASE_IN_OUT"], "_lora_gemm_kernel")
-# A 4-bit base: the dequantising load holds more registers and stages more per element (see ``_gemm_shared``); the
-# tiles kept are those that neither spill nor overflow an A100 (ptxas: 64-deep tiles of 128×256 and 256×128, and
-# 128×128 tiles on 4 warps, spill up to 11 KB, the dX GEMM's most).
-NF4_GEMM_CONFIGS = [c for c in GEMM_CONFIGS
-                    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128 or c.num_warps == 8
-                    and (c.kwargs["BLOCK_K"] == 32 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128)]
-NF4_GEMM_DEFAULT = next(c for c in NF4_GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 128))
 _nf4_gemm_tuned = autotuned(_gemm, NF4_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "LOWRANK_LAST", "stride_ak", "stride_bk",
                                                                 "NESTED", "ALIGNED"], "_lora_gemm_kernel")
-# Mixed batches: the GEMM's row tiles are the tables' tiles, so its configs share one BLOCK_M, MIXED_TILE.
-MIXED_TILE = 64
-MIXED_GEMM_CONFIGS = [c for c in GEMM_CONFIGS if c.kwargs["BLOCK_M"] == MIXED_TILE]
-MIXED_GEMM_DEFAULT = MIXED_GEMM_CONFIGS[0]
 _mixed_gemm_tuned = autotuned(_gemm, MIXED_GEMM_CONFIGS, GEMM_KEY + ["DROPOUT", "MIXED", "stride_ak", "stride_bk"],
                               "_lora_gemm_kernel")
 _shrink_tuned = autotuned(_lora_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "DROPOUT"], "_lora_shrink_kernel")
@@ -205,20 +254,29 @@ def autotune_winners() -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------
 
 def aot_launches() -> list:
-    """The GEMM's and the low-rank kernels' launches for the ahead-of-time compile (``kernels/aot.py``)."""
-    return _aot_gemm_launches() + _aot_lowrank_launches()
+    """The GEMM's and the low-rank kernels' launches for the ahead-of-time compile (``kernels/aot.py``): each
+    kernel's base profiles, then every member's launches of them."""
+    base = {**_aot_gemm_examples(), **_aot_lowrank_examples()}
+    launches = [(kernel, profile, example, aot_configs(configs)) for (kernel, profile), (example, configs)
+                in base.items()]
+    for member in MEMBERS:
+        for kernel, changes in member.launches.items():
+            for profile, change in changes.items():
+                example, configs = base[kernel, profile]
+                launches.append((kernel, member.profile(profile), member.example(example, change),
+                                 aot_configs(member.configs.get(kernel, configs))))
+    return launches
 
 
 def _aot_gemm_examples() -> dict:
-    """The GEMM's launches for the ahead-of-time compile, by profile (see ``common.aot_configs``)."""
+    """The fused GEMM's base launches (``lora_gemm``), (kernel, profile) -> (example, configs) (see
+    ``common.aot_configs``)."""
     M, K, N, R = AOT_M, AOT_K, AOT_N, AOT_R
-    # the base weight's quantisation arguments: none (dense), or NF4 with double-quantised absmaxes
+    # the base weight's quantisation arguments: none (dense)
     dense_weight = dict(absmax_ptr="fp32", code_ptr="fp32", absmax_code_ptr="fp32", absmax_scale_ptr="fp32",
                         absmax_offset_ptr="fp32")
     dense = dict(NF4=False, NESTED=False, QBLOCK=64, QBLOCK2=256, ALIGNED=0)
-    nf4_weight = dict(dense_weight, b_ptr="u8", absmax_ptr="u8")
-    nf4 = dict(NF4=True, NESTED=True, QBLOCK=64, QBLOCK2=256, ALIGNED=1)
-    bf16_gemm_fwd = dict(
+    fwd = dict(
         a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
         pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
         **dense_weight, M=M, N=N, K=K, R=R, M_BUCKET=M, TILED_M=M,
@@ -227,67 +285,37 @@ def _aot_gemm_examples() -> dict:
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
                         EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
                         MIXED=False, **dense))
-    bf16_gemm_dx = dict(
-        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
-        pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
-        **dense_weight, M=M, N=K, K=N, R=R, M_BUCKET=M, TILED_M=M,
-        stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_lm=R, stride_lr=1, stride_ur=K, stride_un=1,
+    dx = dict(  # with dropout
+        fwd, M=M, N=K, K=N, stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_ur=K, stride_un=1,
         stride_ua=R * K, stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
-        constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
-                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
-                        MIXED=False, **dense))
-    fwd, dx = bf16_gemm_fwd["constexprs"], bf16_gemm_dx["constexprs"]
-    exact_absmax = dict(enable_fp_fusion=False)  # the launch options of NF4 kernels (see lora_nf4._exact_absmax)
-    return {
-        "forward": bf16_gemm_fwd,
-        "forward r=64": dict(bf16_gemm_fwd, R=64, stride_lm=64, stride_un=64, constexprs=dict(fwd, BLOCK_R=64)),
-        "forward, low-rank term last": dict(bf16_gemm_fwd, constexprs=dict(fwd, LOWRANK_LAST=True)),
-        # DoRA: the column scale in the epilogue, the unscaled product kept for dm
-        "forward, DoRA": dict(bf16_gemm_fwd, constexprs=dict(fwd, COL_SCALE=True, STORE_PRE=True)),
-        # a mixed-adapter batch: row tiles read through the tables, each tile's adapter from the stack
-        "forward, mixed adapters": dict(bf16_gemm_fwd, TILED_M=M + 64 * 63, constexprs=dict(fwd, MIXED=True)),
-        "backward dX, mixed adapters": dict(bf16_gemm_dx, TILED_M=M + 64 * 63, constexprs=dict(dx, MIXED=True)),
-        "backward dX": bf16_gemm_dx,  # with dropout
-        # a 4-bit (NF4, double-quantised) base: W's packed codes dequantised as the K loop loads them
-        "forward, NF4 base": dict(bf16_gemm_fwd, **nf4_weight, constexprs=dict(fwd, **nf4), options=exact_absmax),
-        "backward dX, NF4 base": dict(bf16_gemm_dx, **nf4_weight, constexprs=dict(dx, **dict(nf4, ALIGNED=2)),
-                                      options=exact_absmax),
+        constexprs=dict(fwd["constexprs"], HAS_BIAS=False, DROPOUT=True))
+    gemm = "_lora_gemm_kernel"
+    examples = {
+        (gemm, "forward"): (fwd, GEMM_CONFIGS),
+        (gemm, "forward r=64"): (dict(fwd, R=64, stride_lm=64, stride_un=64,
+                                      constexprs=dict(fwd["constexprs"], BLOCK_R=64)), GEMM_CONFIGS),
+        (gemm, "forward, low-rank term last"): (dict(fwd, constexprs=dict(fwd["constexprs"], LOWRANK_LAST=True)),
+                                                GEMM_CONFIGS),
+        (gemm, "backward dX"): (dx, GEMM_CONFIGS),
         # The "cublas" schedule's own launch: cuBLAS did the base product, the low-rank term is added onto out.
-        "low-rank pass onto cuBLAS": dict(bf16_gemm_fwd, constexprs=dict(fwd, HAS_BIAS=False, BASE_IN_OUT=True)),
+        (gemm, "low-rank pass onto cuBLAS"): (dict(fwd, constexprs=dict(fwd["constexprs"], HAS_BIAS=False,
+                                                                        BASE_IN_OUT=True)), LOWRANK_PASS_CONFIGS),
     }
-
-
-def _aot_tma_examples(gemm: dict) -> dict:
-    """The "tma" schedule's launches (Hopper only): a and b as TMA descriptors (``("desc", dtype, block dims)``),
-    forward over W as stored and the dX GEMM with dropout over W as (K, N) rows."""
+    # The "tma" schedule (Hopper only): a and b as TMA descriptors (``("desc", dtype, block dims)``), forward over W
+    # as stored and the dX GEMM with dropout over W as (K, N) rows.
     pointers = ("a_ptr", "b_ptr", "stride_am", "stride_ak", "stride_bk", "stride_bn")
-    tma_fwd = {k: v for k, v in gemm["forward"].items() if k not in pointers}
-    tma_fwd.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", ("BLOCK_N", "BLOCK_K")),
-                   constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee",
-                                   BLOCK_R=16, B_KN=False, COL_SCALE=False, STORE_PRE=False))
-    tma_dx = {k: v for k, v in gemm["backward dX"].items() if k not in pointers}
-    tma_dx.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", ("BLOCK_K", "BLOCK_N")),
-                  constexprs=dict(HAS_BIAS=False, DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee",
-                                  BLOCK_R=16, B_KN=True, COL_SCALE=False, STORE_PRE=False))
-    return {"forward, tma": tma_fwd,
-            "forward, DoRA, tma": dict(tma_fwd, constexprs=dict(tma_fwd["constexprs"], COL_SCALE=True, STORE_PRE=True)),
-            "backward dX, tma": tma_dx}
+    tma_constexprs = dict(DOT_PRECISION="ieee", COMPUTE=tl.bfloat16, BLOCK_R=16, COL_SCALE=False, STORE_PRE=False)
+    for profile, example, b_block, b_kn in [("forward", fwd, ("BLOCK_N", "BLOCK_K"), False),
+                                            ("backward dX", dx, ("BLOCK_K", "BLOCK_N"), True)]:
+        tma = {k: v for k, v in example.items() if k not in pointers}
+        tma.update(a_desc=("desc", "bf16", ("BLOCK_M", "BLOCK_K")), b_desc=("desc", "bf16", b_block),
+                   constexprs=dict(tma_constexprs, HAS_BIAS=not b_kn, DROPOUT=b_kn, B_KN=b_kn))
+        examples["_lora_gemm_tma_kernel", f"{profile}, tma"] = (tma, TMA_GEMM_CONFIGS)
+    return examples
 
 
-def _aot_gemm_launches() -> list:
-    """The fused GEMM's kernels (``lora_gemm``) as the ahead-of-time compile builds them."""
-    gemm = _aot_gemm_examples()
-    configs = {"forward, mixed adapters": MIXED_GEMM_CONFIGS, "backward dX, mixed adapters": MIXED_GEMM_CONFIGS,
-               "forward, NF4 base": NF4_GEMM_CONFIGS, "backward dX, NF4 base": NF4_GEMM_CONFIGS,
-               "low-rank pass onto cuBLAS": LOWRANK_PASS_CONFIGS}
-    return ([("_lora_gemm_kernel", profile, example, aot_configs(configs.get(profile, GEMM_CONFIGS)))
-             for profile, example in gemm.items()]
-            + [("_lora_gemm_tma_kernel", profile, example, aot_configs(TMA_GEMM_CONFIGS))
-               for profile, example in _aot_tma_examples(gemm).items()])
-
-
-def _aot_lowrank_launches() -> list:
-    """The low-rank kernels (``lora_lowrank``) as the ahead-of-time compile builds them."""
+def _aot_lowrank_examples() -> dict:
+    """The low-rank kernels' base launches (``lora_lowrank``), (kernel, profile) -> (example, configs)."""
     M, K, N, R = AOT_M, AOT_K, AOT_N, AOT_R
     shrink = dict(
         x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
@@ -302,22 +330,10 @@ def _aot_lowrank_launches() -> list:
         stride_ba=N * R, scaling=2.0,
         constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=DY_BLOCK_M,
                         BLOCK_R=16, COL_SCALE=False, HAS_DM=False, WRITE_DZ=False, MIXED=False))
-    dora_bwd_dy = dict(bwd_dy, constexprs=dict(bwd_dy["constexprs"], COL_SCALE=True, HAS_DM=True, WRITE_DZ=True))
-    mixed_bwd_dy = dict(bwd_dy, constexprs=dict(bwd_dy["constexprs"], BLOCK_M=MIXED_TILE, MIXED=True))
     bwd_da = dict(
         x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
         M=M, K=K, R=R, M_BUCKET=M, rows_per_split=1024, stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16, MIXED=False))
-    # the mixed batch's fixed launches: one tile per program (lora_mixed_fwd / lora_mixed_bwd)
-    mixed_shrink = dict(shrink, constexprs=dict(shrink["constexprs"], MIXED=True))
-    mixed_da = dict(bwd_da, rows_per_split=MIXED_TILE, constexprs=dict(bwd_da["constexprs"], MIXED=True))
-    mixed_fixed = [dict(kwargs=dict(BLOCK_M=MIXED_TILE, BLOCK_K=64), num_warps=4, num_stages=3)]
-    return [
-        ("_lora_shrink_kernel", "forward", shrink, aot_configs(SHRINK_CONFIGS)),
-        ("_lora_bwd_dy_kernel", "backward", bwd_dy, aot_configs(DY_CONFIGS)),
-        ("_lora_bwd_dy_kernel", "backward, DoRA", dora_bwd_dy, aot_configs(DY_CONFIGS)),
-        ("_lora_bwd_dy_kernel", "backward, mixed adapters", mixed_bwd_dy, aot_configs(DY_CONFIGS)),
-        ("_lora_shrink_kernel", "forward, mixed adapters", mixed_shrink, mixed_fixed),
-        ("_lora_bwd_da_kernel", "backward, mixed adapters", mixed_da, mixed_fixed),
-        ("_lora_bwd_da_kernel", "backward", bwd_da, aot_configs(DA_CONFIGS)),
-    ]
+    return {("_lora_shrink_kernel", "forward"): (shrink, SHRINK_CONFIGS),
+            ("_lora_bwd_dy_kernel", "backward"): (bwd_dy, DY_CONFIGS),
+            ("_lora_bwd_da_kernel", "backward"): (bwd_da, DA_CONFIGS)}
