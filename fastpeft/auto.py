@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .atomic_files import LockTimeout, locked, write_file_atomically
-from .checks import env_switch
+from .environment import env_switch
 
 MEASURE_ENV = "FASTPEFT_AUTO_MEASURE"
 CACHE_DIR_ENV = "FASTPEFT_CACHE_DIR"

@@ -27,14 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from . import auto
-from .checks import (
+from .checks import cuda_device_reason, kernel_dtype_reason
+from .environment import (
     AUTOTUNE_ENV,
     GEMM_SCHEDULE_ENV,
     GEMM_SCHEDULE_ENV_FORMER,
-    cuda_device_reason,
     env_switch,
     gemm_schedule_env,
-    kernel_dtype_reason,
     triton_interpreting,
 )
 

@@ -1,11 +1,10 @@
-"""The bottom of the package: definitions every layer shares (dtypes, activation codes), the argument checks used
-by the ops, the layers, the CUDA wrapper and the kernels' launchers, and the readers of the environment settings.
-Each error names the argument (or variable) and what was expected. Imports nothing from fastpeft."""
+"""The bottom of the package: definitions every layer shares (dtypes, activation codes) and the argument checks used
+by the ops, the layers, the CUDA wrapper and the kernels' launchers (the settings read from the environment are
+``fastpeft.environment``'s). Each error names the argument and what was expected. Imports nothing from fastpeft."""
 from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 
@@ -16,70 +15,6 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Bottleneck-adapter activations; the codes are what the Triton and CUDA kernels switch on.
 ACTIVATIONS = ("relu", "gelu", "silu", "gelu_tanh")
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
-
-# How the fused LoRA GEMM adds the low-rank term (kernels/lora_linear.py: ``lora_gemm``). ``auto`` measures each;
-# $FASTPEFT_GEMM_SCHEDULE fixes one by hand.
-GEMM_SCHEDULES = ("prologue", "epilogue", "cublas", "tma")
-GEMM_SCHEDULE_ENV = "FASTPEFT_GEMM_SCHEDULE"
-GEMM_SCHEDULE_ENV_FORMER = "FASTPEFT_GEMM_VARIANT"  # its former name, still read
-# FASTPEFT_AUTOTUNE=0 launches each Triton kernel's default config instead of autotuning.
-AUTOTUNE_ENV = "FASTPEFT_AUTOTUNE"
-
-
-def env_switch(name: str) -> bool:
-    """An on/off setting from the environment: ``1`` (or unset, or empty) is on, ``0`` off. Anything else raises
-    ValueError naming the variable: "false", "off" or "disable" are no values of it, rather than read as on."""
-    value = os.environ.get(name, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{name} must be one of 1, 0 (or unset); got {value!r}")
-    return value != "0"
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU through Triton's interpreter: ``TRITON_INTERPRET`` read as Triton
-    reads it (``1``, ``true``, ``on``, ``yes`` or ``y`` in any case, and whatever else the installed Triton takes for
-    on), so the two never disagree. Off: unset, empty, ``0``, ``false``, ``off``, ``no`` or ``n`` in any case. Any
-    other value, which Triton reads as off (``" yes "``, ``"2"``), raises ValueError naming the variable: on was
-    likely meant."""
-    value = os.environ.get("TRITON_INTERPRET", "")
-    if value in ("", "0", "1"):  # the usual values, read without asking Triton
-        return value == "1"
-    if _triton_reads_interpret_on(value):
-        return True
-    if value.lower() in _INTERPRET_OFF:
-        return False
-    raise ValueError("TRITON_INTERPRET must be one of 1, true, on, yes, y, 0, false, off, no, n (in any case, as "
-                     f"Triton reads it); got {value!r}")
-
-
-_INTERPRET_OFF = ("0", "false", "off", "no", "n")
-
-
-def _triton_reads_interpret_on(value: str) -> bool:
-    try:
-        from triton import knobs
-    except ImportError:  # no Triton to ask: what every Triton fastpeft supports reads as on
-        return value.lower() in ("1", "true", "on", "yes", "y")
-    return bool(knobs.runtime.interpret)  # what Triton's launcher reads
-
-
-def gemm_schedule_env() -> str | None:
-    """The fused GEMM's schedule fixed by ``$FASTPEFT_GEMM_SCHEDULE`` (or its former name ``$FASTPEFT_GEMM_VARIANT``;
-    in any case), None where both are unset or empty; a value not in ``GEMM_SCHEDULES``, or the two set to different
-    schedules, raises ValueError naming the variable."""
-    found = {}
-    for name in (GEMM_SCHEDULE_ENV, GEMM_SCHEDULE_ENV_FORMER):
-        value = os.environ.get(name, "")
-        schedule = value.strip().lower()
-        if schedule and schedule not in GEMM_SCHEDULES:
-            raise ValueError(f"{name} must be one of {', '.join(GEMM_SCHEDULES)}, got {value!r}")
-        if schedule:
-            found[name] = schedule
-    if len(set(found.values())) > 1:
-        raise ValueError(f"{GEMM_SCHEDULE_ENV}={found[GEMM_SCHEDULE_ENV]!r} and its former name "
-                         f"{GEMM_SCHEDULE_ENV_FORMER}={found[GEMM_SCHEDULE_ENV_FORMER]!r} disagree: set one")
-    return next(iter(found.values()), None)
-
 
 def kernel_dtype_reason(dtype: torch.dtype) -> str | None:
     """Why the kernels cannot take a tensor of ``dtype`` (None when they can)."""

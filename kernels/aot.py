@@ -146,7 +146,7 @@ def compile_one(job):
 
 def compile_all(archs=(80, 90), jobs=None):
     """Compile every kernel config for every arch, in parallel processes; returns the report rows."""
-    from fastpeft.checks import triton_interpreting
+    from fastpeft.environment import triton_interpreting
     if triton_interpreting():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET off (unset or 0: the interpreter "
                            "replaces the compiler)")

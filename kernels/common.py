@@ -19,11 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.checks import (
-    AUTOTUNE_ENV,
-    env_switch,
-    new_output,  # noqa: F401  (the kernels' launchers allocate through it)
-)
+from fastpeft.checks import new_output  # noqa: F401  (the kernels' launchers allocate through it)
+from fastpeft.environment import AUTOTUNE_ENV, env_switch
 
 # The ahead-of-time compile (kernels/aot.py) builds every kernel for a typical training launch: bf16 base, fp32
 # adapters, these sizes. Each kernel module lists its launches in ``aot_launches()``: (kernel name, profile,

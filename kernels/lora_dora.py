@@ -11,7 +11,7 @@ from .lora_tuning import _num_sms, _rank_block
 
 @triton.jit
 def _dora_norm_kernel(
-    w_ptr, a_ptr, b_ptr, sq_part_ptr,
+    w_ptr, lora_a_ptr, lora_b_ptr, sq_part_ptr,
     N, K, R, cols_per_split,
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
@@ -25,7 +25,7 @@ def _dora_norm_kernel(
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn < N
     r_ok = rr < R
-    b = tl.load(b_ptr + rn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
+    b = tl.load(lora_b_ptr + rn[:, None].to(tl.int64) * stride_bn + rr[None, :] * stride_br,
                 mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32) * scaling
     k_begin = split * cols_per_split
     k_end = tl.minimum(k_begin + cols_per_split, K)
@@ -35,7 +35,7 @@ def _dora_norm_kernel(
         cols = (k0 + rk).to(tl.int64)
         w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + cols[None, :] * stride_wk,
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
+        a = tl.load(lora_a_ptr + rr[:, None] * stride_ar + cols[None, :] * stride_ak,
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         v = tl.dot(b, a, w, input_precision=DOT_PRECISION)  # W + s·B A, this tile
         sq += tl.sum(v * v, axis=1)
@@ -72,7 +72,8 @@ def dora_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
 def aot_launches() -> list:
     """This module's kernel as the ahead-of-time compile builds it (see ``common.AOT_M``)."""
     K, N, R = AOT_K, AOT_N, AOT_R
-    norm = dict(w_ptr="bf16", a_ptr="fp32", b_ptr="fp32", sq_part_ptr="fp32", N=N, K=K, R=R, cols_per_split=512,
-                stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1, scaling=2.0,
+    norm = dict(w_ptr="bf16", lora_a_ptr="fp32", lora_b_ptr="fp32", sq_part_ptr="fp32", N=N, K=K, R=R,
+                cols_per_split=512, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=R, stride_br=1,
+                scaling=2.0,
                 constexprs=dict(DOT_PRECISION="ieee", BLOCK_R=16, **NORM_BLOCKS))
     return [("_dora_norm_kernel", "DoRA norm", norm, [dict(kwargs={}, num_warps=4, num_stages=3)])]

@@ -1,4 +1,4 @@
-"""The fused LoRA GEMM: ``out = a · b + lr_scale · [mask ⊙] (l · u) + bias``, one kernel for forward's Y and
+"""The fused LoRA GEMM: ``out = a · b + lowrank_scale · [mask ⊙] (l · u) + bias``, one kernel for forward's Y and
 backward's dX.
 
 Written as a low-rank prologue, the base K loop (``common.gemm_k_loop``; a 4-bit base dequantises W's tiles as it
@@ -25,24 +25,25 @@ def _mixed_tile(rows_ptr, tile_adapter_ptr, tile, BLOCK_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_kernel(
-    a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr, scale_ptr, pre_ptr,
-    rows_ptr, tile_adapter_ptr, tile_scale_ptr, tile_p_ptr,
+    a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr, col_scale_ptr, pre_ptr,
+    rows_ptr, tile_adapter_ptr, tile_lowrank_scale_ptr, tile_p_ptr,
     absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
     M, N, K, R, M_BUCKET, TILED_M,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_ua,
     stride_om, stride_on,
-    lr_scale, seed, p,
+    lowrank_scale, seed, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr, BASE_IN_OUT: tl.constexpr,
     COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, MIXED: tl.constexpr,
     NF4: tl.constexpr, NESTED: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """out (M, N) = [scale (N) ⊙] (a (M, K) · b (K, N) + lr_scale · [mask ⊙] (l (M, R) · u (R, N)) [+ out]) + bias (N).
+    """out (M, N) = [scale (N) ⊙] (a (M, K) · b (K, N) + lowrank_scale · [mask ⊙] (l (M, R) · u (R, N)) [+ out])
+    + bias (N).
 
-    Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lr_scale = s. Backward: a = dY, b = W, l = dS, u = A,
-    lr_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
+    Forward: a = x, b = Wᵀ, l = S, u = Bᵀ, lowrank_scale = s. Backward: a = dY, b = W, l = dS, u = A,
+    lowrank_scale = 1/(1-p), and the dropout mask on the low-rank term. ``M_BUCKET`` is only an autotune key.
     LOWRANK_LAST picks the schedule: False seeds the accumulator with the low-rank dot before the K loop; True loads
     the low-rank operands before the loop but adds their dot after it, so the pipeline's first loads wait on
     nothing (which one is faster is for a GPU to measure: see ``GEMM_SCHEDULES``). BASE_IN_OUT: out already holds
@@ -51,7 +52,8 @@ def _lora_gemm_kernel(
     pre (out's shape and strides), which backward's dm needs.
     MIXED (a mixed-adapter batch, prologue order): the grid walks TILED_M rows of tiles; tile i holds the rows
     listed at rows_ptr (-1 pads) and one adapter, ``tile_adapter[i]`` (u at u_ptr + adapter·stride_ua, scale
-    ``tile_scale[i]``, dropout rate ``tile_p[i]``; -1: the base alone), so a and out are read and written by row.
+    ``tile_lowrank_scale[i]``, dropout rate ``tile_p[i]``; -1: the base alone), so a and out are read and written by
+    row.
     NF4 (a 4-bit base W): b_ptr holds W's packed codes, its tiles dequantised as the K loop loads them (the absmax
     and code-book pointers, NESTED for double-quantised absmaxes, QBLOCK and QBLOCK2 the block sizes, ALIGNED how
     the absmaxes are loaded: see ``common.nf4_b_tile``).
@@ -66,13 +68,14 @@ def _lora_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if adapter >= 0:
             lo, up = _lowrank_operands(l_ptr, u_ptr + adapter.to(tl.int64) * stride_ua, rm_load, rn_load, R,
-                                       stride_lm, stride_lr, stride_ur, stride_un, tl.load(tile_scale_ptr + pid_m),
+                                       stride_lm, stride_lr, stride_ur, stride_un,
+                                       tl.load(tile_lowrank_scale_ptr + pid_m),
                                        COMPUTE, BLOCK_R)
             acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
     else:
         _, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
-                                   lr_scale, COMPUTE, BLOCK_R)
+                                   lowrank_scale, COMPUTE, BLOCK_R)
         if LOWRANK_LAST:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
@@ -85,17 +88,17 @@ def _lora_gemm_kernel(
     if LOWRANK_LAST and not MIXED:
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
 
-    _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on, HAS_BIAS,
-                   BASE_IN_OUT, COL_SCALE, STORE_PRE)
+    _gemm_epilogue(acc, bias_ptr, out_ptr, col_scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
+                   HAS_BIAS, BASE_IN_OUT, COL_SCALE, STORE_PRE)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_gemm_tma_kernel(
-    a_desc, b_desc, l_ptr, u_ptr, bias_ptr, out_ptr, scale_ptr, pre_ptr,
+    a_desc, b_desc, l_ptr, u_ptr, bias_ptr, out_ptr, col_scale_ptr, pre_ptr,
     M, N, K, R, M_BUCKET,
     stride_lm, stride_lr, stride_ur, stride_un,
     stride_om, stride_on,
-    lr_scale, seed, p,
+    lowrank_scale, seed, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, B_KN: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
@@ -109,7 +112,7 @@ def _lora_gemm_tma_kernel(
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
-                                   lr_scale, COMPUTE, BLOCK_R)
+                                   lowrank_scale, COMPUTE, BLOCK_R)
         acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
@@ -118,20 +121,20 @@ def _lora_gemm_tma_kernel(
             else:
                 b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
             acc = tl.dot(a.to(COMPUTE), b.to(COMPUTE), acc, input_precision=DOT_PRECISION)
-        _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
+        _gemm_epilogue(acc, bias_ptr, out_ptr, col_scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
                        HAS_BIAS, False, COL_SCALE, STORE_PRE)
 
 
 @triton.jit
-def _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un, lr_scale,
+def _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un, lowrank_scale,
                       COMPUTE: tl.constexpr, BLOCK_R: tl.constexpr):
-    """This output tile's low-rank operands, lr_scale · l (BLOCK_M × R) and u (R × BLOCK_N), in the compute dtype
+    """This output tile's low-rank operands, lowrank_scale · l (BLOCK_M × R) and u (R × BLOCK_N), in the compute dtype
     (a mixed batch passes its tile's adapter's u and scale, read from the tile tables)."""
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
     lo = tl.load(l_ptr + rm_load[:, None] * stride_lm + rr[None, :] * stride_lr, mask=r_ok[None, :], other=0.0)
     up = tl.load(u_ptr + rr[:, None] * stride_ur + rn_load[None, :] * stride_un, mask=r_ok[:, None], other=0.0)
-    return (lo * lr_scale).to(COMPUTE), up.to(COMPUTE)
+    return (lo * lowrank_scale).to(COMPUTE), up.to(COMPUTE)
 
 
 @triton.jit
@@ -145,7 +148,7 @@ def _lowrank_term(lo, up, rm, n0, N, seed, p, DROPOUT: tl.constexpr, DOT_PRECISI
 
 
 @triton.jit
-def _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
+def _gemm_epilogue(acc, bias_ptr, out_ptr, col_scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
                    HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr):
     """What out holds, DoRA's column scale (the unscaled tile kept in pre first), the bias, then the store."""
     in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
@@ -155,7 +158,7 @@ def _gemm_epilogue(acc, bias_ptr, out_ptr, scale_ptr, pre_ptr, rm, rn, rn_load, 
     if COL_SCALE:
         if STORE_PRE:
             tl.store(pre_ptr + offsets, acc.to(pre_ptr.dtype.element_ty), mask=in_bounds)
-        acc = acc * tl.load(scale_ptr + rn_load)[None, :]
+        acc = acc * tl.load(col_scale_ptr + rn_load)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from fastpeft.checks import GEMM_SCHEDULE_ENV, GEMM_SCHEDULES, gemm_schedule_env
+from fastpeft.environment import GEMM_SCHEDULE_ENV, GEMM_SCHEDULES, gemm_schedule_env
 from fastpeft.nf4 import nf4_matmul, nf4_matmul_t
 
 from .common import GEMM_DEFAULT, INTERPRET_GEMM, compute_dtype, dot_precision, launch, new_output
@@ -85,21 +85,21 @@ class MixedLaunch:
     stacked adapters' ``up`` operands."""
     rows: torch.Tensor
     tile_adapter: torch.Tensor
-    tile_scale: torch.Tensor
+    tile_lowrank_scale: torch.Tensor
     tile_p: torch.Tensor
     tiles: int
     tile: int
     stride_ua: int
 
 
-def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p: float = 0.0, schedule=None, *,
+def lora_gemm(a, b, lo, up, bias, out, lowrank_scale: float, seed: int = 0, dropout_p: float = 0.0, schedule=None, *,
               col_scale=None, pre=None, mixed: MixedLaunch | None = None):
-    """out (M, N) = a (M, K) · b (K, N) + lr_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
+    """out (M, N) = a (M, K) · b (K, N) + lowrank_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
     transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0.
     ``schedule``: one of ``GEMM_SCHEDULES``; None takes ``$FASTPEFT_GEMM_SCHEDULE`` (default "prologue").
     DoRA: ``col_scale`` (N,) fp32 scales the columns before the bias; ``pre`` (out's shape and strides), if given,
     receives the unscaled sum. ``mixed``: a mixed-adapter batch's tiles (``up`` is then adapter 0's of a stack,
-    ``lr_scale`` and ``dropout_p`` per tile; prologue order). ``b`` may be an :class:`NF4Operand` (a 4-bit base),
+    ``lowrank_scale`` and ``dropout_p`` per tile; prologue order). ``b`` may be an :class:`NF4Operand` (a 4-bit base),
     dequantised tile by tile in the K loop; "cublas" dequantises it instead a chunk of W's rows at a time
     (``NF4_GPU_CHUNK`` elements) for cuBLAS, and "tma", which needs a dense b, runs "prologue".
     """
@@ -120,16 +120,17 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
         schedule = "prologue"
     if schedule == "tma":
         if _tma_addressable(a, b):
-            return _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg, pre_arg, dora)
+            return _lora_gemm_tma(a, b, lo, up, bias, out, lowrank_scale, seed, dropout_p, scale_arg, pre_arg, dora)
         schedule = "prologue"  # what TMA cannot address runs the default schedule
     tuned, default = (_gemm_tuned, GEMM_DEFAULT) if mixed is None else (_mixed_gemm_tuned, MIXED_GEMM_DEFAULT)
     if quant["NF4"]:
         tuned, default = _nf4_gemm_tuned, NF4_GEMM_DEFAULT
-    tables = (mixed.rows, mixed.tile_adapter, mixed.tile_scale, mixed.tile_p) if mixed is not None else (out,) * 4
+    tables = ((mixed.rows, mixed.tile_adapter, mixed.tile_lowrank_scale, mixed.tile_p) if mixed is not None
+              else (out,) * 4)
     tiled_m = mixed.tiles * mixed.tile if mixed is not None else M
     if schedule == "cublas":  # the base product (and bias) by torch into out; the kernel adds the low-rank term
         fold_bias = bias is not None and col_scale is None  # a scaled output gets its bias after the scale
-        _base_product(a, b, out, bias if fold_bias else None)
+        _cublas_base_product(a, b, out, bias if fold_bias else None)
         bias = None if fold_bias else bias
         tuned, default = _lowrank_pass_tuned, LOWRANK_PASS_DEFAULT
         quant, quant_args, b_arg = _DENSE, (out,) * 5, out  # (no K loop: b is not read)
@@ -139,7 +140,7 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
             *quant_args, M, N, K, R, triton.next_power_of_2(M), tiled_m,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), lo.stride(0), lo.stride(1),
             up.stride(0), up.stride(1), mixed.stride_ua if mixed is not None else 0, out.stride(0), out.stride(1),
-            lr_scale, seed, dropout_p,
+            lowrank_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
             DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=schedule == "epilogue",
             BASE_IN_OUT=schedule == "cublas", MIXED=mixed is not None, **dora, **quant, **_exact_absmax(quant["NF4"]))
@@ -149,7 +150,7 @@ def lora_gemm(a, b, lo, up, bias, out, lr_scale: float, seed: int = 0, dropout_p
 NF4_GPU_CHUNK = 1 << 22
 
 
-def _base_product(a, b, out, bias=None):
+def _cublas_base_product(a, b, out, bias=None):
     """out = a · b (+ bias) by torch (cuBLAS on a GPU); an NF4 b dequantised a chunk of W's rows at a time by
     ``_nf4_dequant_kernel``: columns of out for b = Wᵀ, a sum over chunks for b = W."""
     if not isinstance(b, NF4Operand):
@@ -171,7 +172,7 @@ def _tma_addressable(a, b) -> bool:
                for t in (a, b_rows))
 
 
-def _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg, pre_arg, dora):
+def _lora_gemm_tma(a, b, lo, up, bias, out, lowrank_scale, seed, dropout_p, scale_arg, pre_arg, dora):
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
@@ -191,7 +192,7 @@ def _lora_gemm_tma(a, b, lo, up, bias, out, lr_scale, seed, dropout_p, scale_arg
            a_desc, b_desc, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg,
            M, N, K, R, triton.next_power_of_2(M),
            lo.stride(0), lo.stride(1), up.stride(0), up.stride(1), out.stride(0), out.stride(1),
-           lr_scale, seed, dropout_p,
+           lowrank_scale, seed, dropout_p,
            HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), B_KN=b_kn, **dora)
     return out

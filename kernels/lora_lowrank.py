@@ -19,7 +19,7 @@ from .lora_gemm import _mixed_tile
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, s_ptr, rows_ptr, tile_adapter_ptr, tile_p_ptr,
+    x_ptr, lora_a_ptr, s_ptr, rows_ptr, tile_adapter_ptr, tile_p_ptr,
     M, K, R, M_BUCKET,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_aa,
     seed, p, keep_scale,
@@ -28,11 +28,11 @@ def _lora_shrink_kernel(
 ):
     """S (M, R) fp32 = drop(x (M, K)) · A (R, K)ᵀ; one program per BLOCK_M rows, looping over K.
     MIXED (a mixed-adapter batch): program i takes the rows listed for tile i (-1: padding), adapter
-    ``tile_adapter[i]`` (A at a_ptr + adapter·stride_aa; -1: the base, whose S is 0) and its dropout rate."""
+    ``tile_adapter[i]`` (A at lora_a_ptr + adapter·stride_aa; -1: the base, whose S is 0) and its dropout rate."""
     if MIXED:
         rows, m_ok, adapter = _mixed_tile(rows_ptr, tile_adapter_ptr, tl.program_id(0), BLOCK_M)
         rm = tl.where(m_ok, rows, 0)
-        a_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_aa
+        lora_a_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_aa
         p = tl.load(tile_p_ptr + tl.program_id(0))
         keep_scale = 1.0 / (1.0 - p)
     else:
@@ -42,17 +42,17 @@ def _lora_shrink_kernel(
     rk = tl.arange(0, BLOCK_K)
     r_ok = rr < R
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :] * stride_xk
-    a_ptrs = a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak  # the (BLOCK_K, BLOCK_R) tile of Aᵀ
+    lora_a_ptrs = lora_a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak  # the (BLOCK_K, BLOCK_R) tile of Aᵀ
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = rk < K - k0
         x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(COMPUTE)
-        a = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
+        a = tl.load(lora_a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
         if DROPOUT:
             x = tl.where(_dropout_keep(seed, p, rm, k0, K, BLOCK_K), x, 0.0)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+        lora_a_ptrs += BLOCK_K * stride_ak
     if DROPOUT:
         acc = acc * keep_scale
     if MIXED:
@@ -62,8 +62,8 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _lora_bwd_dy_kernel(
-    dy_ptr, b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr, scale_ptr, pre_ptr, dm_part_ptr, dz_ptr,
-    rows_ptr, tile_adapter_ptr, tile_scale_ptr,
+    dy_ptr, lora_b_ptr, s_ptr, ds_part_ptr, db_part_ptr, dbias_part_ptr, col_scale_ptr, pre_ptr, dm_part_ptr, dz_ptr,
+    rows_ptr, tile_adapter_ptr, tile_lowrank_scale_ptr,
     M, N, R, M_BUCKET, cols_per_split,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_ba,
     scaling,
@@ -76,15 +76,15 @@ def _lora_bwd_dy_kernel(
     dbias_part[i] = Σ_m dY[i, j] (N); summing the partials gives dS, dB and db.
     COL_SCALE (DoRA): dS and dB are taken of dZ = dY ⊙ scale (the bias's gradient of dY itself); HAS_DM adds the
     partials dm_part[i] = Σ_m dY ⊙ pre (N), WRITE_DZ writes dZ (M, N contiguous, dY's dtype) for the dX GEMM.
-    MIXED: row block i is the mixed batch's tile i (its listed rows, its adapter's B at b_ptr + adapter·stride_ba and
-    scale; base tiles give dS = 0 and dB partials 0), so the dB partials sum per adapter."""
+    MIXED: row block i is the mixed batch's tile i (its listed rows, its adapter's B at lora_b_ptr + adapter·stride_ba
+    and scale; base tiles give dS = 0 and dB partials 0), so the dB partials sum per adapter."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     if MIXED:
         rows, m_ok, adapter = _mixed_tile(rows_ptr, tile_adapter_ptr, pid_m, BLOCK_M)
         rm = tl.where(m_ok, rows, 0)
-        b_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_ba
-        scaling = tl.where(adapter >= 0, tl.load(tile_scale_ptr + pid_m), 0.0)
+        lora_b_ptr += tl.maximum(adapter, 0).to(tl.int64) * stride_ba
+        scaling = tl.where(adapter >= 0, tl.load(tile_lowrank_scale_ptr + pid_m), 0.0)
     else:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = rm < M
@@ -110,13 +110,13 @@ def _lora_bwd_dy_kernel(
             if HAS_DM:
                 pre = tl.load(pre_ptr + own, mask=tile_ok, other=0.0).to(tl.float32)
                 tl.store(dm_part_ptr + part + n0 + rn, tl.sum(dy_in.to(tl.float32) * pre, axis=0), mask=n_ok)
-            dz = dy_in.to(tl.float32) * tl.load(scale_ptr + n0 + rn, mask=n_ok, other=0.0)[None, :]
+            dz = dy_in.to(tl.float32) * tl.load(col_scale_ptr + n0 + rn, mask=n_ok, other=0.0)[None, :]
             if WRITE_DZ:
                 tl.store(dz_ptr + own, dz.to(dz_ptr.dtype.element_ty), mask=tile_ok)
             dy = dz.to(COMPUTE)
         else:
             dy = dy_in.to(COMPUTE)
-        b = tl.load(b_ptr + (n0 + rn).to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
+        b = tl.load(lora_b_ptr + (n0 + rn).to(tl.int64)[:, None] * stride_bn + rr[None, :] * stride_br,
                     mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(COMPUTE)
         ds = tl.dot(dy, b, ds, input_precision=DOT_PRECISION)
         db = tl.dot(tl.trans(dy), s, input_precision=DOT_PRECISION)

@@ -95,7 +95,7 @@ def _gemm_shared(b, sizes, stages, arch):
 
 def _shrink_shared(b, sizes, stages, arch):
     x_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["x_ptr"]
-    a_tile = b["BLOCK_K"] * b["BLOCK_R"] * sizes["a_ptr"]  # converted to the compute dtype in registers
+    a_tile = b["BLOCK_K"] * b["BLOCK_R"] * sizes["lora_a_ptr"]  # converted to the compute dtype in registers
     return stages * x_tile + (stages - 1) * a_tile + (b["BLOCK_K"] * b["BLOCK_R"] * sizes["x_ptr"] if arch >= 90 else 0)
 
 
@@ -277,17 +277,17 @@ def _aot_gemm_examples() -> dict:
                         absmax_offset_ptr="fp32")
     dense = dict(NF4=False, NESTED=False, QBLOCK=64, QBLOCK2=256, ALIGNED=0)
     fwd = dict(
-        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", scale_ptr="fp32",
-        pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_scale_ptr="fp32", tile_p_ptr="fp32",
+        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", col_scale_ptr="fp32",
+        pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_lowrank_scale_ptr="fp32", tile_p_ptr="fp32",
         **dense_weight, M=M, N=N, K=K, R=R, M_BUCKET=M, TILED_M=M,
         stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
-        stride_ua=N * R, stride_om=N, stride_on=1, lr_scale=2.0, seed=0, p=0.0,
+        stride_ua=N * R, stride_om=N, stride_on=1, lowrank_scale=2.0, seed=0, p=0.0,
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
                         EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
                         MIXED=False, **dense))
     dx = dict(  # with dropout
         fwd, M=M, N=K, K=N, stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_ur=K, stride_un=1,
-        stride_ua=R * K, stride_om=K, stride_on=1, lr_scale=1.25, seed=12345, p=0.2,
+        stride_ua=R * K, stride_om=K, stride_on=1, lowrank_scale=1.25, seed=12345, p=0.2,
         constexprs=dict(fwd["constexprs"], HAS_BIAS=False, DROPOUT=True))
     gemm = "_lora_gemm_kernel"
     examples = {
@@ -318,14 +318,14 @@ def _aot_lowrank_examples() -> dict:
     """The low-rank kernels' base launches (``lora_lowrank``), (kernel, profile) -> (example, configs)."""
     M, K, N, R = AOT_M, AOT_K, AOT_N, AOT_R
     shrink = dict(
-        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
+        x_ptr="bf16", lora_a_ptr="fp32", s_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
         M=M, K=K, R=R, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_aa=R * K,
         seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16, MIXED=False))
     bwd_dy = dict(
-        dy_ptr="bf16", b_ptr="fp32", s_ptr="fp32", ds_part_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
-        scale_ptr="fp32", pre_ptr="bf16", dm_part_ptr="fp32", dz_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32",
-        tile_scale_ptr="fp32",
+        dy_ptr="bf16", lora_b_ptr="fp32", s_ptr="fp32", ds_part_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
+        col_scale_ptr="fp32", pre_ptr="bf16", dm_part_ptr="fp32", dz_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32",
+        tile_lowrank_scale_ptr="fp32",
         M=M, N=N, R=R, M_BUCKET=M, cols_per_split=2048, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1,
         stride_ba=N * R, scaling=2.0,
         constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=DY_BLOCK_M,

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module may import from its own layer or any lower one.
 LAYERS = [
-    ["fastpeft.checks", "fastpeft.atomic_files", "fastpeft._C", "fastpeft.quantized", "fastpeft.nf4"],
+    ["fastpeft.checks", "fastpeft.environment", "fastpeft.atomic_files", "fastpeft._C", "fastpeft.quantized",
+     "fastpeft.nf4"],
     ["fastpeft.cuda_ext", "fastpeft.kernels", "fastpeft.kernels.*"],
     ["fastpeft.auto", "fastpeft.backends"],
     ["fastpeft.ops", "fastpeft.ops.*"],

@@ -251,7 +251,7 @@ def test_every_gemm_schedule_matches_the_reference(monkeypatch, case):
 def test_the_schedule_variable_keeps_its_former_name(monkeypatch):
     """$FASTPEFT_GEMM_VARIANT, the variable's former name, still fixes the schedule; set beside the new name to
     another schedule, both are refused by name."""
-    from fastpeft.checks import gemm_schedule_env
+    from fastpeft.environment import gemm_schedule_env
     monkeypatch.delenv("FASTPEFT_GEMM_SCHEDULE", raising=False)
     monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "Epilogue")
     assert gemm_schedule_env() == "epilogue"

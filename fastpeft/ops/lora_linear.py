@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..auto import size_class
 from ..backends import SMALL_CALL, Backend, autograd_backend, refuse_double_backward
-from ..checks import GEMM_SCHEDULES, check_training, gemm_schedule_env
+from ..checks import check_training
+from ..environment import GEMM_SCHEDULES, gemm_schedule_env
 from ..quantized import QuantizedWeight
 from .frame import FusedOp
 from .lora_checks import check_inputs
