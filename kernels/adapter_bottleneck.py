@@ -139,8 +139,7 @@ def adapter_gemm(a, b, out, *, bias=None, res=None, aux=None, act_out=None, scal
     on_cpu = a.device.type == "cpu"
     dtype = b.dtype
     side = aux if aux is not None else act_out  # the kernel's aux argument: read (aux) or written (act_out)
-    args = (a, b, bias if bias is not None else out, res if res is not None else out,
-            side if side is not None else out, out, M, N, K, triton.next_power_of_2(M),
+    args = (a, b, bias, res, side, out, M, N, K, triton.next_power_of_2(M),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             *(res.stride() if res is not None else (0, 0)), *(side.stride() if side is not None else (0, 0)),
             out.stride(0), out.stride(1), float(scale))
@@ -183,24 +182,25 @@ def aot_launches() -> list:
     (×act'(pre) epilogue, fp32 out) and dh GEMM (fp32 dpre · bf16 W_d)."""
     M, d, m = AOT_M, 4096, 64
     adapter_down = dict(
-        a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr="bf16", aux_ptr="bf16", out_ptr="bf16",
+        a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr=None, aux_ptr="bf16", out_ptr="bf16",
         M=M, N=m, K=d, M_BUCKET=M, stride_am=d, stride_ak=1, stride_bk=1, stride_bn=d, stride_rm=0, stride_rn=0,
         stride_xm=m, stride_xn=1, stride_om=m, stride_on=1, scale=1.0,
         constexprs=dict(ACT=1, STORE_ACT=True, HAS_BIAS=True, HAS_RES=False, TIMES_ACT_GRAD=False,
                         COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
     adapter_up = dict(
-        a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr="bf16", aux_ptr="bf16", out_ptr="bf16",
+        a_ptr="bf16", b_ptr="bf16", bias_ptr="bf16", res_ptr="bf16", aux_ptr=None, out_ptr="bf16",
         M=M, N=d, K=m, M_BUCKET=M, stride_am=m, stride_ak=1, stride_bk=1, stride_bn=m, stride_rm=d, stride_rn=1,
         stride_xm=0, stride_xn=0, stride_om=d, stride_on=1, scale=2.0,
         constexprs=dict(ACT=1, STORE_ACT=False, HAS_BIAS=True, HAS_RES=True, TIMES_ACT_GRAD=False,
                         COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
     adapter_dpre = dict(
-        a_ptr="bf16", b_ptr="bf16", bias_ptr="fp32", res_ptr="fp32", aux_ptr="bf16", out_ptr="fp32",
+        a_ptr="bf16", b_ptr="bf16", bias_ptr=None, res_ptr=None, aux_ptr="bf16", out_ptr="fp32",
         M=M, N=m, K=d, M_BUCKET=M, stride_am=d, stride_ak=1, stride_bk=m, stride_bn=1, stride_rm=0, stride_rn=0,
         stride_xm=m, stride_xn=1, stride_om=m, stride_on=1, scale=2.0,
         constexprs=dict(ACT=2, STORE_ACT=False, HAS_BIAS=False, HAS_RES=False, TIMES_ACT_GRAD=True,
                         COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", EVEN_K=True))
-    adapter_dh = dict(adapter_dpre, a_ptr="fp32", b_ptr="bf16", out_ptr="bf16", N=d, K=m, stride_am=m, stride_bk=d,
+    adapter_dh = dict(adapter_dpre, a_ptr="fp32", b_ptr="bf16", aux_ptr=None, out_ptr="bf16", N=d, K=m, stride_am=m,
+                      stride_bk=d,
                       stride_xm=0, stride_xn=0, stride_om=d,
                       constexprs=dict(adapter_dpre["constexprs"], ACT=0, TIMES_ACT_GRAD=False))
     configs = aot_configs(ADAPTER_GEMM_CONFIGS)

@@ -63,6 +63,9 @@ def _specialize(kernel, example: dict, config: dict):
             signature[name], constexprs[name] = "constexpr", fixed[name]
             continue
         value = example[name]
+        if value is None:  # an argument a launch leaves out (a feature's pointer, the feature off): a constant
+            signature[name], constexprs[name] = "constexpr", None
+            continue
         if name in unspecialized:  # do_not_specialize: neither a constant nor a divisibility hint, any value
             signature[name] = "fp32" if isinstance(value, float) else "i32"
             continue

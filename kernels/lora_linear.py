@@ -107,36 +107,34 @@ def lora_gemm(a, b, lo, up, bias, out, lowrank_scale: float, seed: int = 0, drop
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
     on_cpu = a.device.type == "cpu"
-    quant, quant_args, b_arg = _DENSE, (out,) * 5, b
+    quant, quant_args, b_arg = _DENSE, (None,) * 5, b
     if isinstance(b, NF4Operand):
         quant, quant_args, b_arg = b.constexprs(), b.pointers(), b.weight.packed
         schedule = "prologue" if schedule == "tma" else schedule
     if pre is not None and (pre.shape != out.shape or pre.stride() != out.stride()):
         raise ValueError("lora_gemm: pre must have out's shape and strides")
     dora = dict(COL_SCALE=col_scale is not None, STORE_PRE=pre is not None)
-    scale_arg = col_scale if col_scale is not None else out
-    pre_arg = pre if pre is not None else out
     if mixed is not None:
         schedule = "prologue"
     if schedule == "tma":
         if _tma_addressable(a, b):
-            return _lora_gemm_tma(a, b, lo, up, bias, out, lowrank_scale, seed, dropout_p, scale_arg, pre_arg, dora)
+            return _lora_gemm_tma(a, b, lo, up, bias, out, lowrank_scale, seed, dropout_p, col_scale, pre, dora)
         schedule = "prologue"  # what TMA cannot address runs the default schedule
     tuned, default = (_gemm_tuned, GEMM_DEFAULT) if mixed is None else (_mixed_gemm_tuned, MIXED_GEMM_DEFAULT)
     if quant["NF4"]:
         tuned, default = _nf4_gemm_tuned, NF4_GEMM_DEFAULT
     tables = ((mixed.rows, mixed.tile_adapter, mixed.tile_lowrank_scale, mixed.tile_p) if mixed is not None
-              else (out,) * 4)
+              else (None,) * 4)
     tiled_m = mixed.tiles * mixed.tile if mixed is not None else M
     if schedule == "cublas":  # the base product (and bias) by torch into out; the kernel adds the low-rank term
         fold_bias = bias is not None and col_scale is None  # a scaled output gets its bias after the scale
         _cublas_base_product(a, b, out, bias if fold_bias else None)
         bias = None if fold_bias else bias
         tuned, default = _lowrank_pass_tuned, LOWRANK_PASS_DEFAULT
-        quant, quant_args, b_arg = _DENSE, (out,) * 5, out  # (no K loop: b is not read)
+        quant, quant_args, b_arg = _DENSE, (None,) * 5, None  # (no K loop: b is not read)
     launch(tuned, _gemm, default, INTERPRET_GEMM,
             lambda c: (triton.cdiv(tiled_m, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
-            a, b_arg, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg, *tables,
+            a, b_arg, lo, up, None if bias is None else bias.contiguous(), out, col_scale, pre, *tables,
             *quant_args, M, N, K, R, triton.next_power_of_2(M), tiled_m,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), lo.stride(0), lo.stride(1),
             up.stride(0), up.stride(1), mixed.stride_ua if mixed is not None else 0, out.stride(0), out.stride(1),
@@ -172,7 +170,7 @@ def _tma_addressable(a, b) -> bool:
                for t in (a, b_rows))
 
 
-def _lora_gemm_tma(a, b, lo, up, bias, out, lowrank_scale, seed, dropout_p, scale_arg, pre_arg, dora):
+def _lora_gemm_tma(a, b, lo, up, bias, out, lowrank_scale, seed, dropout_p, col_scale, pre, dora):
     from triton.tools.tensor_descriptor import TensorDescriptor
     M, K = a.shape
     N, R = b.shape[1], lo.shape[1]
@@ -189,7 +187,7 @@ def _lora_gemm_tma(a, b, lo, up, bias, out, lowrank_scale, seed, dropout_p, scal
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count
     launch(_tma_tuned, _lora_gemm_tma_kernel, TMA_GEMM_DEFAULT, INTERPRET_GEMM,
            lambda c: (min(sms, triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])),), on_cpu,
-           a_desc, b_desc, lo, up, bias.contiguous() if bias is not None else out, out, scale_arg, pre_arg,
+           a_desc, b_desc, lo, up, None if bias is None else bias.contiguous(), out, col_scale, pre,
            M, N, K, R, triton.next_power_of_2(M),
            lo.stride(0), lo.stride(1), up.stride(0), up.stride(1), out.stride(0), out.stride(1),
            lowrank_scale, seed, dropout_p,
@@ -219,8 +217,8 @@ def lora_fwd(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, 
         return y, s, pre
     launch(_shrink_tuned, _lora_shrink_kernel, SHRINK_DEFAULT, INTERPRET_SHRINK,
             lambda c: (triton.cdiv(M, c["BLOCK_M"]),), on_cpu,
-            x, lora_A, s, s, s, s, M, K, R, triton.next_power_of_2(M), x.stride(0), x.stride(1), lora_A.stride(0),
-            lora_A.stride(1), 0,
+            x, lora_A, s, None, None, None, M, K, R, triton.next_power_of_2(M), x.stride(0), x.stride(1),
+            lora_A.stride(0), lora_A.stride(1), 0,
             seed, dropout_p, 1.0 / (1.0 - dropout_p),
             DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(x.dtype, on_cpu), DOT_PRECISION=dot_precision(x.dtype),
             BLOCK_R=_rank_block(R), MIXED=False)
@@ -268,17 +266,16 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
     col_splits = triton.cdiv(N, cols_per_split)
     ds_part = new_output((col_splits, M, R), torch.float32, device)
     db_part = new_output((row_blocks, N, R), torch.float32, device)
-    dbias_part = new_output((row_blocks, N), torch.float32, device) if needs_dbias else db_part
+    dbias_part = new_output((row_blocks, N), torch.float32, device) if needs_dbias else None
     # DoRA: the pass scales dY's columns, sums dm's partials beside db's, and writes dZ = dY ⊙ scale for dX's GEMM.
     dora = col_scale is not None
     if dora:
         col_scale = col_scale.to(torch.float32).contiguous()
-    dm_part = new_output((row_blocks, N), torch.float32, device) if pre is not None else db_part
+    dm_part = new_output((row_blocks, N), torch.float32, device) if pre is not None else None
     dz = new_output((M, N), dy.dtype, device) if dora and needs_dx else None
     launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (row_blocks, col_splits), on_cpu,
-            dy, lora_B, s, ds_part, db_part, dbias_part, col_scale if dora else db_part,
-            pre.contiguous() if pre is not None else db_part, dm_part, dz if dz is not None else db_part,
-            db_part, db_part, db_part,
+            dy, lora_B, s, ds_part, db_part, dbias_part, col_scale, None if pre is None else pre.contiguous(), dm_part,
+            dz, None, None, None,
             M, N, R, triton.next_power_of_2(M), cols_per_split,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), 0, scaling,
             HAS_DBIAS=needs_dbias, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_M=dy_block_m, BLOCK_R=block_r,
@@ -299,7 +296,7 @@ def lora_bwd(dy, x, weight, lora_A, lora_B, s, scaling: float, dropout_p: float,
         da_part = new_output((splits, R, K), torch.float32, device)
         launch(_da_tuned, _lora_bwd_da_kernel, DA_DEFAULT, INTERPRET_DA,
                 lambda c: (triton.cdiv(K, c["BLOCK_K"]), splits), on_cpu,
-                x, ds, da_part, da_part, da_part, da_part, M, K, R, triton.next_power_of_2(M), rows_per_split,
+                x, ds, da_part, None, None, None, M, K, R, triton.next_power_of_2(M), rows_per_split,
                 x.stride(0), x.stride(1), seed, dropout_p, keep_scale,
                 DROPOUT=dropout, COMPUTE=compute, DOT_PRECISION=precision, BLOCK_R=block_r, MIXED=False)
         da = da_part.sum(0).to(lora_A.dtype)

@@ -101,10 +101,10 @@ def lora_mixed_bwd(dy, x, weight, A_stack, B_stack, s, scalings, dropout_ps, see
     col_splits = triton.cdiv(N, cols_per_split)
     ds_part = new_output((col_splits, M, R), torch.float32, device)
     db_part = new_output((tiles.tiles, N, R), torch.float32, device)
-    dbias_part = new_output((tiles.tiles, N), torch.float32, device) if needs_dbias else db_part
+    dbias_part = new_output((tiles.tiles, N), torch.float32, device) if needs_dbias else None
     tile_lowrank_scale = _per_tile(tiles, scalings, device)
     launch(_dy_tuned, _lora_bwd_dy_kernel, DY_DEFAULT, INTERPRET_DY, lambda c: (tiles.tiles, col_splits), on_cpu,
-           dy, B_stack, s, ds_part, db_part, dbias_part, db_part, db_part, db_part, db_part,
+           dy, B_stack, s, ds_part, db_part, dbias_part, None, None, None, None,
            tiles.rows, tiles.tile_adapter, tile_lowrank_scale,
            M, N, R, triton.next_power_of_2(M), cols_per_split,
            dy.stride(0), dy.stride(1), B_stack.stride(1), B_stack.stride(2), B_stack.stride(0), 1.0,

@@ -51,8 +51,8 @@ class NF4Operand:
         """The kernel's absmax, code book, absmax code book, absmax scale and offset arguments."""
         w = self.weight
         code = nf4_code(w.device)
-        if not w.nested:
-            return w.absmax, code, code, code, code
+        if not w.nested:  # (the double quantisation's tables: none)
+            return w.absmax, code, None, None, None
         return w.absmax, code, w.absmax_code, w.absmax_scale, w.absmax_offset
 
     def constexprs(self) -> dict:

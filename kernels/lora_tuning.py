@@ -142,7 +142,8 @@ NF4_GEMM_CONFIGS = [c for c in GEMM_CONFIGS
                     and (c.kwargs["BLOCK_K"] == 32 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == 128 * 128)]
 NF4_GEMM_DEFAULT = next(c for c in NF4_GEMM_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 128))
 # the base weight's quantisation arguments in the AOT examples: NF4 with double-quantised absmaxes
-_NF4_LAUNCH = dict(b_ptr="u8", absmax_ptr="u8", options=dict(enable_fp_fusion=False),  # (lora_nf4._exact_absmax)
+_NF4_LAUNCH = dict(b_ptr="u8", absmax_ptr="u8", code_ptr="fp32", absmax_code_ptr="fp32", absmax_scale_ptr="fp32",
+                   absmax_offset_ptr="fp32", options=dict(enable_fp_fusion=False),  # (lora_nf4._exact_absmax)
                    constexprs=dict(NF4=True, NESTED=True, QBLOCK=64, QBLOCK2=256, ALIGNED=1))
 NF4_BASE = Member(
     "NF4 base", "NF4",
@@ -173,13 +174,17 @@ def _mixed_da_shared(b, sizes, stages, arch):  # one tile per program: nothing t
     return b["BLOCK_M"] * b["BLOCK_K"] * sizes["x_ptr"] + b["BLOCK_M"] * b["BLOCK_R"] * sizes["ds_ptr"]
 
 
-_MIXED_GEMM_LAUNCH = dict(TILED_M=AOT_M + MIXED_TILE * 63, constexprs=dict(MIXED=True))
+_TABLES = dict(rows_ptr="i32", tile_adapter_ptr="i32")  # each tile's rows and adapter
+_MIXED_GEMM_LAUNCH = dict(_TABLES, tile_lowrank_scale_ptr="fp32", tile_p_ptr="fp32", TILED_M=AOT_M + MIXED_TILE * 63,
+                          constexprs=dict(MIXED=True))
 MIXED_BATCH = Member(
     "mixed adapters", "MIXED",
     launches={"_lora_gemm_kernel": {"forward": _MIXED_GEMM_LAUNCH, "backward dX": _MIXED_GEMM_LAUNCH},
-              "_lora_shrink_kernel": {"forward": dict(constexprs=dict(MIXED=True))},
-              "_lora_bwd_dy_kernel": {"backward": dict(constexprs=dict(BLOCK_M=MIXED_TILE, MIXED=True))},
-              "_lora_bwd_da_kernel": {"backward": dict(rows_per_split=MIXED_TILE, constexprs=dict(MIXED=True))}},
+              "_lora_shrink_kernel": {"forward": dict(_TABLES, tile_p_ptr="fp32", constexprs=dict(MIXED=True))},
+              "_lora_bwd_dy_kernel": {"backward": dict(_TABLES, tile_lowrank_scale_ptr="fp32",
+                                                       constexprs=dict(BLOCK_M=MIXED_TILE, MIXED=True))},
+              "_lora_bwd_da_kernel": {"backward": dict(_TABLES, tile_p_ptr="fp32", rows_per_split=MIXED_TILE,
+                                                       constexprs=dict(MIXED=True))}},
     configs={"_lora_gemm_kernel": MIXED_GEMM_CONFIGS, "_lora_shrink_kernel": _MIXED_FIXED,
              "_lora_bwd_da_kernel": _MIXED_FIXED},
     shared_memory={"_lora_bwd_dy_kernel": _mixed_dy_shared, "_lora_bwd_da_kernel": _mixed_da_shared})
@@ -197,12 +202,15 @@ def _dora_epilogue_spills(b, num_warps):
     return None
 
 
-_DORA_EPILOGUE = dict(constexprs=dict(COL_SCALE=True, STORE_PRE=True))  # the unscaled product kept for dm
+_DORA_EPILOGUE = dict(col_scale_ptr="fp32", pre_ptr="bf16",  # the unscaled product kept for dm
+                      constexprs=dict(COL_SCALE=True, STORE_PRE=True))
 DORA = Member(
     "DoRA", "COL_SCALE",
     launches={"_lora_gemm_kernel": {"forward": _DORA_EPILOGUE},
               "_lora_gemm_tma_kernel": {"forward, tma": _DORA_EPILOGUE},
-              "_lora_bwd_dy_kernel": {"backward": dict(constexprs=dict(COL_SCALE=True, HAS_DM=True, WRITE_DZ=True))}},
+              "_lora_bwd_dy_kernel": {"backward": dict(col_scale_ptr="fp32", pre_ptr="bf16", dm_part_ptr="fp32",
+                                                       dz_ptr="bf16",
+                                                       constexprs=dict(COL_SCALE=True, HAS_DM=True, WRITE_DZ=True))}},
     shared_memory={"_lora_bwd_dy_kernel": _dora_dy_shared},
     spills=_dora_epilogue_spills)
 
@@ -272,21 +280,21 @@ def _aot_gemm_examples() -> dict:
     """The fused GEMM's base launches (``lora_gemm``), (kernel, profile) -> (example, configs) (see
     ``common.aot_configs``)."""
     M, K, N, R = AOT_M, AOT_K, AOT_N, AOT_R
-    # the base weight's quantisation arguments: none (dense)
-    dense_weight = dict(absmax_ptr="fp32", code_ptr="fp32", absmax_code_ptr="fp32", absmax_scale_ptr="fp32",
-                        absmax_offset_ptr="fp32")
+    # (a member's pointers, None while it is off: a dense W, no DoRA, one adapter)
+    members_off = dict(col_scale_ptr=None, pre_ptr=None, rows_ptr=None, tile_adapter_ptr=None,
+                       tile_lowrank_scale_ptr=None, tile_p_ptr=None, absmax_ptr=None, code_ptr=None,
+                       absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset_ptr=None)
     dense = dict(NF4=False, NESTED=False, QBLOCK=64, QBLOCK2=256, ALIGNED=0)
     fwd = dict(
-        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", col_scale_ptr="fp32",
-        pre_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32", tile_lowrank_scale_ptr="fp32", tile_p_ptr="fp32",
-        **dense_weight, M=M, N=N, K=K, R=R, M_BUCKET=M, TILED_M=M,
+        a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", **members_off,
+        M=M, N=N, K=K, R=R, M_BUCKET=M, TILED_M=M,
         stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
         stride_ua=N * R, stride_om=N, stride_on=1, lowrank_scale=2.0, seed=0, p=0.0,
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
                         EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
                         MIXED=False, **dense))
     dx = dict(  # with dropout
-        fwd, M=M, N=K, K=N, stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_ur=K, stride_un=1,
+        fwd, bias_ptr=None, M=M, N=K, K=N, stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_ur=K, stride_un=1,
         stride_ua=R * K, stride_om=K, stride_on=1, lowrank_scale=1.25, seed=12345, p=0.2,
         constexprs=dict(fwd["constexprs"], HAS_BIAS=False, DROPOUT=True))
     gemm = "_lora_gemm_kernel"
@@ -298,8 +306,9 @@ def _aot_gemm_examples() -> dict:
                                                 GEMM_CONFIGS),
         (gemm, "backward dX"): (dx, GEMM_CONFIGS),
         # The "cublas" schedule's own launch: cuBLAS did the base product, the low-rank term is added onto out.
-        (gemm, "low-rank pass onto cuBLAS"): (dict(fwd, constexprs=dict(fwd["constexprs"], HAS_BIAS=False,
-                                                                        BASE_IN_OUT=True)), LOWRANK_PASS_CONFIGS),
+        (gemm, "low-rank pass onto cuBLAS"): (
+            dict(fwd, b_ptr=None, bias_ptr=None, constexprs=dict(fwd["constexprs"], HAS_BIAS=False, BASE_IN_OUT=True)),
+            LOWRANK_PASS_CONFIGS),
     }
     # The "tma" schedule (Hopper only): a and b as TMA descriptors (``("desc", dtype, block dims)``), forward over W
     # as stored and the dX GEMM with dropout over W as (K, N) rows.
@@ -318,20 +327,20 @@ def _aot_lowrank_examples() -> dict:
     """The low-rank kernels' base launches (``lora_lowrank``), (kernel, profile) -> (example, configs)."""
     M, K, N, R = AOT_M, AOT_K, AOT_N, AOT_R
     shrink = dict(
-        x_ptr="bf16", lora_a_ptr="fp32", s_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
+        x_ptr="bf16", lora_a_ptr="fp32", s_ptr="fp32", rows_ptr=None, tile_adapter_ptr=None, tile_p_ptr=None,
         M=M, K=K, R=R, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_ar=K, stride_ak=1, stride_aa=R * K,
         seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16, MIXED=False))
     bwd_dy = dict(
         dy_ptr="bf16", lora_b_ptr="fp32", s_ptr="fp32", ds_part_ptr="fp32", db_part_ptr="fp32", dbias_part_ptr="fp32",
-        col_scale_ptr="fp32", pre_ptr="bf16", dm_part_ptr="fp32", dz_ptr="bf16", rows_ptr="i32", tile_adapter_ptr="i32",
-        tile_lowrank_scale_ptr="fp32",
+        col_scale_ptr=None, pre_ptr=None, dm_part_ptr=None, dz_ptr=None, rows_ptr=None, tile_adapter_ptr=None,
+        tile_lowrank_scale_ptr=None,
         M=M, N=N, R=R, M_BUCKET=M, cols_per_split=2048, stride_dym=N, stride_dyn=1, stride_bn=R, stride_br=1,
         stride_ba=N * R, scaling=2.0,
         constexprs=dict(HAS_DBIAS=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_M=DY_BLOCK_M,
                         BLOCK_R=16, COL_SCALE=False, HAS_DM=False, WRITE_DZ=False, MIXED=False))
     bwd_da = dict(
-        x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", rows_ptr="i32", tile_adapter_ptr="i32", tile_p_ptr="fp32",
+        x_ptr="bf16", ds_ptr="fp32", da_part_ptr="fp32", rows_ptr=None, tile_adapter_ptr=None, tile_p_ptr=None,
         M=M, K=K, R=R, M_BUCKET=M, rows_per_split=1024, stride_xm=K, stride_xk=1, seed=12345, p=0.1, keep_scale=1.1,
         constexprs=dict(DROPOUT=True, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16, MIXED=False))
     return {("_lora_shrink_kernel", "forward"): (shrink, SHRINK_CONFIGS),
