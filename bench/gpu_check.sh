@@ -77,7 +77,8 @@ gpu_tests() {
     > "$OUT/tests-gpu.log" 2>&1 &
   local a=$!
   FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_lora_linear.py \
-    tests/test_dora.py tests/test_lora_linear_mixed.py tests/test_nf4.py tests/test_adapter_bottleneck.py tests/test_compile.py \
+    tests/test_dora.py tests/test_lora_linear_mixed.py tests/test_nf4.py tests/test_nf4_models.py \
+    tests/test_adapter_bottleneck.py tests/test_compile.py \
     > "$OUT/tests-ops.log" 2>&1
   local rb=$?
   wait $a; local ra=$?
