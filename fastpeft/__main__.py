@@ -45,6 +45,10 @@ def info(_args, _parser) -> int:
         cache = auto.cache_path(torch.device("cuda"))
         where = f"; winners stored in {cache if cache else 'memory only'}"
     print(f"auto: the torch path on CPU tensors; on CUDA tensors {measuring}{where}")
+    from .environment import GEMM_SCHEDULE_ENV, GEMM_SCHEDULES, gemm_schedule_env
+    schedule = gemm_schedule_env()
+    print(f"triton's fused GEMM: {schedule} ({GEMM_SCHEDULE_ENV})" if schedule else
+          f"triton's fused GEMM: auto measures its schedules ({', '.join(GEMM_SCHEDULES)}); prologue by name")
     print("backends:")
     for name, reasons in backend_status().items():
         print(f"  {name:7s} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))

@@ -4,6 +4,7 @@ and a bad value raises ValueError naming the variable and what it takes (``pytho
 from __future__ import annotations
 
 import os
+import warnings
 
 # How the fused LoRA GEMM adds the low-rank term (kernels/lora_linear.py: ``lora_gemm``). ``auto`` measures each;
 # $FASTPEFT_GEMM_SCHEDULE fixes one by hand.
@@ -63,7 +64,19 @@ def gemm_schedule_env() -> str | None:
             raise ValueError(f"{name} must be one of {', '.join(GEMM_SCHEDULES)}, got {value!r}")
         if schedule:
             found[name] = schedule
+    if GEMM_SCHEDULE_ENV_FORMER in found and not _former_name_warned:
+        _warn_former_name()
     if len(set(found.values())) > 1:
         raise ValueError(f"{GEMM_SCHEDULE_ENV}={found[GEMM_SCHEDULE_ENV]!r} and its former name "
                          f"{GEMM_SCHEDULE_ENV_FORMER}={found[GEMM_SCHEDULE_ENV_FORMER]!r} disagree: set one")
     return next(iter(found.values()), None)
+
+
+_former_name_warned = False
+
+
+def _warn_former_name() -> None:
+    global _former_name_warned
+    _former_name_warned = True
+    warnings.warn(f"{GEMM_SCHEDULE_ENV_FORMER} is the former name of {GEMM_SCHEDULE_ENV}: set {GEMM_SCHEDULE_ENV} "
+                  "instead", DeprecationWarning, stacklevel=3)

@@ -44,8 +44,9 @@ def linear_wrap_problem(module) -> str | None:
     if is_bnb_4bit(module) or type(module).__module__.startswith("bitsandbytes"):
         problem = bnb_problem(module)
     elif isinstance(module, QuantizedLinear):
-        # (the format's own layer, not a subclass of it computing something else)
-        layer = next(c for c in type(module).__mro__ if c.__module__.startswith("fastpeft."))
+        # The format's own layer (the class right below QuantizedLinear), not a subclass of it computing otherwise.
+        mro = type(module).__mro__
+        layer = mro[mro.index(QuantizedLinear) - 1]
         problem = None if type(module).forward is layer.forward else (
             f"a {type(module).__name__}, an {layer.__name__} subclass with its own forward (which LoRA would bypass)")
     else:
@@ -92,8 +93,8 @@ def _new_adapter(base: nn.Linear, r, lora_alpha, lora_dropout, use_rslora, init_
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
     if use_dora and isinstance(base, QuantizedLinear):
-        raise ValueError("DoRA (use_dora=True) over a 4-bit (NF4) base is not supported: use plain LoRA over it, or "
-                         "dequantise the base first (NF4Linear.dequantized())")
+        raise ValueError(f"DoRA (use_dora=True) over a {base.weight.base_name} ({type(base).__name__}) is not "
+                         "supported: use plain LoRA over it, or dequantise the base first (its .dequantized())")
     dtype = base.weight.dtype
     if autocast_adapter_dtype and dtype in HALF_DTYPES:
         dtype = torch.float32
@@ -181,8 +182,8 @@ class LoraAdapter(nn.Module):
         """Make this a DoRA adapter over base ``weight`` (out, in): m = ‖W + scaling·BA‖ per row (HF PEFT's start,
         so the layer's output is unchanged), in the adapters' dtype."""
         if isinstance(weight, QuantizedWeight):
-            raise ValueError("weight is a 4-bit NF4Weight: DoRA over a 4-bit base is not supported; use plain LoRA "
-                             "over it, or dequantise the base first (NF4Linear.dequantized())")
+            raise ValueError(f"weight is a {weight.label}: DoRA over a {weight.base_name} is not supported; use plain "
+                             "LoRA over it, or dequantise the base first (its layer's .dequantized())")
         norm = dora_weight_norm(weight.detach(), self.lora_A.detach(), self.lora_B.detach(), self.scaling)
         self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype),
                                                   requires_grad=self.lora_A.requires_grad)
@@ -302,9 +303,9 @@ class LoraLinear(nn.Module):
             if not isinstance(adapter, LoraAdapter):
                 raise TypeError(f"adapters[{name!r}] must be a LoraAdapter, got {type(adapter).__name__}")
             if adapter.use_dora and isinstance(base, QuantizedLinear):  # as the constructor and add_adapter refuse it
-                raise ValueError(f"adapters[{name!r}] is a DoRA adapter: DoRA over a 4-bit (NF4) base is not "
-                                 "supported; use plain LoRA over it, or dequantise the base first "
-                                 "(NF4Linear.dequantized())")
+                raise ValueError(f"adapters[{name!r}] is a DoRA adapter: DoRA over a {base.weight.base_name} "
+                                 f"({type(base).__name__}) is not supported; use plain LoRA over it, or dequantise "
+                                 "the base first (its .dequantized())")
             a, b = adapter.lora_A, adapter.lora_B
             m = adapter.lora_magnitude_vector
             if a.shape[1] != base.in_features or b.shape[0] != base.out_features or (
@@ -391,9 +392,9 @@ class LoraLinear(nn.Module):
             return lora_linear(x, weight, bias, lora_A, lora_B, a.scaling, a.lora_dropout, self.training,
                                backend=self.backend)
         if isinstance(weight, QuantizedWeight):  # (only an adapter put into `adapters` by hand gets here)
-            raise ValueError(f"adapter {self.active_adapter!r} is a DoRA adapter over a 4-bit (NF4) base, which is "
+            raise ValueError(f"adapter {self.active_adapter!r} is a DoRA adapter over a {weight.base_name}, which is "
                              "not supported; use plain LoRA over it, or dequantise the base first "
-                             "(NF4Linear.dequantized())")
+                             "(base_layer.dequantized())")
         # DoRA. In eval mode, with A and B not being trained, the row norms are kept while W, A and B stay as they
         # are; otherwise they are computed each call (no (out, in) matrix; only the frozen W's ‖W‖² kept): A and B
         # may change every step, by optimizers whose in-place kernels leave version counters alone (fused AdamW). A
@@ -443,8 +444,8 @@ class LoraLinear(nn.Module):
         if self.merged:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before a mixed batch")
         if isinstance(self.base_layer, QuantizedLinear):
-            raise ValueError("mixed-adapter batches over a 4-bit (NF4) base are not supported: run one adapter at a "
-                             "time (set_adapter)")
+            raise ValueError(f"mixed-adapter batches over a {self.base_layer.weight.base_name} are not supported: "
+                             "run one adapter at a time (set_adapter)")
         if not self.adapters_enabled:
             return self.base_layer(x)
         used = [n for n in dict.fromkeys(adapter_names) if n in self.adapters]
@@ -541,7 +542,8 @@ class LoraLinear(nn.Module):
             warnings.warn("LoraLinear.merge: the adapter is already merged; nothing done", stacklevel=2)
             return
         if isinstance(self.base_layer, QuantizedLinear):
-            raise RuntimeError("merging into a 4-bit (NF4) base would requantise it, losing the update's precision: "
+            raise RuntimeError(f"merging into a {self.base_layer.weight.base_name} would requantise it, losing the "
+                               "update's precision: "
                                "fastpeft.merge_and_unload gives an nn.Linear with the dequantised weight and the "
                                "adapter merged")
         weight = self.base_layer.weight

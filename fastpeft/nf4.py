@@ -103,6 +103,7 @@ class NF4Weight(QuantizedWeight):
     ``requires_grad`` (always False) answer as a tensor's would; :meth:`dequantize` gives the full tensor.
     """
 
+    kernels = frozenset({"triton", "cuda"})
     label = "4-bit NF4Weight"
     base_name = "4-bit base"
 
@@ -152,7 +153,10 @@ class NF4Weight(QuantizedWeight):
         return self.absmax_code is not None
 
     def signature(self) -> tuple:
-        return (self.shape, self.dtype, self.device, self.blocksize, self.nested, self.absmax_blocksize)
+        key = (self.shape, self.dtype, self.device, self.blocksize, self.nested, self.absmax_blocksize)
+        if self.device.type == "cuda":  # the decode kernel's reasons read the codes' alignment
+            key += tuple(t.data_ptr() % 16 for t in self.tensors().values())
+        return key
 
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]

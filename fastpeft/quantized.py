@@ -3,7 +3,9 @@ a compressed format, so that a format is one module per layer of the stack (this
 ``fastpeft``, a dequantising tile load in ``kernels``, a decode reader in ``csrc``), not edits across it.
 
 NF4 (``fastpeft.nf4``: :class:`~fastpeft.nf4.NF4Weight`, :class:`~fastpeft.nf4.NF4Linear`) is the implementation.
-Code outside a format's own modules reads only what is declared here.
+The ops, the layers, the model tools and PEFT interop read only what is declared here; a format's own kernels (its
+tile load, its decode reader, named in ``kernels``) read its fields. A format without kernels runs on the torch
+backend; the others refuse it with the reason.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class QuantizedWeight:
     answer as a tensor's would. A format implements the methods below."""
 
     requires_grad = False
+    kernels: frozenset = frozenset()  # the backends whose kernels read this format ("triton", "cuda"); torch runs any
     label = "quantised weight"  # how messages name the format ("4-bit NF4Weight")
     base_name = "quantised base"  # and a layer over it ("4-bit base")
     shape: torch.Size

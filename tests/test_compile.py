@@ -241,3 +241,15 @@ def test_opcheck_mixed_ops():
         torch.library.opcheck(lora_linear_mixed_backward,
                               (torch.randn_like(y), x2d.detach(), b.detach(), *detached, w, [False, False, True],
                                [0.5, 2.0, 1.0], [0.2, 0.0, 0.3], seed, index, "torch", needs))
+
+
+def test_a_compiled_mixed_call_still_refuses_indices_out_of_range():
+    """Traced, the index's values cannot be read: the registered op checks them when it runs, with eager's message."""
+    torch._dynamo.reset()
+    x, w, b, As, Bs, _, _ = mixed_call_inputs(dora=False)
+    compiled = torch.compile(lambda x, index: fastpeft.lora_linear_mixed(x, w, None, As, Bs, [0.5, 2.0, 1.0], index,
+                                                                         training=False, backend="torch"),
+                             fullgraph=True, backend="aot_eager")
+    for bad in (-2, 3):
+        with pytest.raises(ValueError, match=r"adapter_index values must be in \[-1, 2\]"):
+            compiled(x.detach(), torch.full((2, 9), bad))

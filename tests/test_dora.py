@@ -1,5 +1,6 @@
 """DoRA through lora_linear(magnitude=...): every backend against the float64 reference (outputs and the gradients
 of x, A, B, m and bias), the factored row norm, zero rows, what backward keeps, and bad input."""
+import dataclasses
 import importlib
 
 import pytest
@@ -160,6 +161,24 @@ def test_backward_keeps_lora_s_tensors_plus_one_product(backend, device):
                                                       magnitude=m.detach()))
     assert frozen <= lora + 16 * N
     assert trained <= lora + M * N * 4 + 16 * N
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_an_untrained_magnitude_keeps_no_unscaled_product(monkeypatch, backend, device):
+    """Without the magnitude's gradient (no grad, a frozen magnitude) the forward scales in place: no pre (M×N)."""
+    op = importlib.import_module("fastpeft.ops.lora_linear")
+    kept = []
+    for name in [n for n in op.LORA_LINEAR_BACKENDS if n.partition(":")[0] == backend]:
+        entry = op.LORA_LINEAR_BACKENDS[name]
+        monkeypatch.setitem(op.LORA_LINEAR_BACKENDS, name, dataclasses.replace(
+            entry, forward=lambda *args, real=entry.forward: kept.append(args[9]) or real(*args)))
+    case = Case(300, 64, 48, 4, fp32, fp32, True, 0.0, "2d")
+    x, w, b, a, bb, _ = make_inputs(case, device)
+    m = magnitude_for(case, w, device)
+    with torch.no_grad():
+        fastpeft.lora_linear(x, w, b, a, bb, 1.0, backend=backend, magnitude=m)
+    fastpeft.lora_linear(x.detach(), w, b.detach(), a.detach(), bb.detach(), 1.0, backend=backend, magnitude=m.detach())
+    assert kept == [False, False]
 
 
 @pytest.mark.parametrize("change,error,match", [

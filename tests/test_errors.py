@@ -41,10 +41,49 @@ def call(**overrides):
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\)"),
     (dict(dropout_p=-0.1), ValueError, "dropout_p"),
     (dict(weight=torch.randn(7, 12, requires_grad=True)), ValueError, "weight must be frozen"),
+    (dict(weight=torch.randn(7, 12).to_sparse()), TypeError, r"weight must be a dense \(strided\) tensor"),
 ])
 def test_bad_inputs(overrides, error, match):
     with pytest.raises(error, match=match):
         call(**overrides)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(weight=[[1.0] * 12] * 7), TypeError, "weight must be a torch.Tensor, got list"),
+    (dict(x=torch.ones(5, 12, dtype=torch.int64)), TypeError, "x must be a float16"),
+    (dict(bias=[0.0] * 7), TypeError, "bias must be a torch.Tensor"),
+])
+def test_autocast_casts_only_what_it_would_and_the_checks_judge_the_rest(overrides, error, match):
+    """Under autocast the op casts float tensors only, as torch.autocast does; anything else reaches the checks."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(error, match=match):
+        call(**overrides)
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs().items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fastpeft.lora_linear(**wide, backend="torch").dtype == torch.float64  # float64 is not autocast's
+
+
+def test_bottleneck_inputs_are_checked_under_autocast_too():
+    h = torch.randn(5, 8)
+    wd, wu = torch.randn(3, 8), torch.randn(8, 3)
+    with pytest.raises(TypeError, match="w_down must be a torch.Tensor, got NoneType"):
+        fastpeft.adapter_bottleneck(h, None, None, wu, None)
+    with pytest.raises(TypeError, match="w_up must be a torch.Tensor, got NoneType"):
+        fastpeft.adapter_bottleneck(h, wd, None, None, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for residual in (torch.randn(1, 8), torch.randn(5, 1), torch.randn(2, 5, 8)):
+            with pytest.raises(ValueError, match=r"residual must have h's shape \(5, 8\)"):
+                fastpeft.adapter_bottleneck(h, wd, None, wu, None, residual=residual)
+        with pytest.raises(TypeError, match="residual must be a floating-point tensor, got torch.int64"):
+            fastpeft.adapter_bottleneck(h, wd, None, wu, None, residual=torch.ones(5, 8, dtype=torch.int64))
+
+
+def test_dropout_mask_arguments():
+    import numpy
+    mask = fastpeft.ops.dropout_mask(3, (4, 8), 0.5)
+    assert torch.equal(fastpeft.ops.dropout_mask(numpy.int64(3), (4, 8), 0.5), mask)
+    for device in ("meta", None, "nowhere", 1.5):
+        with pytest.raises(ValueError, match="device must be a CPU or CUDA device"):
+            fastpeft.ops.dropout_mask(3, (4, 8), 0.5, device=device)
 
 
 def test_unknown_backend_names():

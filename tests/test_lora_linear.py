@@ -254,7 +254,9 @@ def test_the_schedule_variable_keeps_its_former_name(monkeypatch):
     from fastpeft.environment import gemm_schedule_env
     monkeypatch.delenv("FASTPEFT_GEMM_SCHEDULE", raising=False)
     monkeypatch.setenv("FASTPEFT_GEMM_VARIANT", "Epilogue")
-    assert gemm_schedule_env() == "epilogue"
+    monkeypatch.setattr("fastpeft.environment._former_name_warned", False)
+    with pytest.warns(DeprecationWarning, match="FASTPEFT_GEMM_VARIANT is the former name of FASTPEFT_GEMM_SCHEDULE"):
+        assert gemm_schedule_env() == "epilogue"
     monkeypatch.setenv("FASTPEFT_GEMM_SCHEDULE", "epilogue")
     assert gemm_schedule_env() == "epilogue"
     monkeypatch.setenv("FASTPEFT_GEMM_SCHEDULE", "cublas")

@@ -23,7 +23,7 @@ from ..checks import (
     check_finite_number,
     check_same_device,
 )
-from .frame import FusedOp
+from .frame import FusedOp, autocast_cast
 
 
 def activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
@@ -231,10 +231,12 @@ class _EagerAdapterBottleneck(torch.autograd.Function):
 
 def _check_inputs(h, w_down, b_down, w_up, b_up, residual, scaling, activation):
     named = {"h": h, "w_down": w_down, "w_up": w_up, "b_down": b_down, "b_up": b_up, "residual": residual}
-    named = {k: v for k, v in named.items() if v is not None}
+    named = {k: v for k, v in named.items() if v is not None or k in ("h", "w_down", "w_up")}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if t.dtype != h.dtype:
@@ -281,13 +283,14 @@ class _AdapterBottleneck(FusedOp):
     backends = None  # set below, once the table exists
 
     def autocast(self, call, dtype):
-        cast = {f: getattr(call, f).to(dtype) if isinstance(getattr(call, f), Tensor) else getattr(call, f)
-                for f in ("h", "w_down", "b_down", "w_up", "b_up")}
+        cast = {f: autocast_cast(getattr(call, f), dtype) for f in ("h", "w_down", "b_down", "w_up", "b_up")}
         base = call.h if call.residual is None else call.residual
-        if isinstance(base, Tensor) and base.dtype.is_floating_point and base.dtype.itemsize > dtype.itemsize:
+        # A residual wider than the autocast dtype keeps its precision: the update is added to it after the op (one
+        # that is not h's shape, or not floating point, goes on to the checks as it is).
+        if (isinstance(base, Tensor) and isinstance(call.h, Tensor) and base.shape == call.h.shape
+                and base.dtype in (torch.float32, torch.float64) and base.dtype.itemsize > dtype.itemsize):
             return dataclasses.replace(call, **cast, residual=torch.zeros_like(cast["h"]), wide_residual=base)
-        residual = call.residual.to(dtype) if isinstance(call.residual, Tensor) else call.residual
-        return dataclasses.replace(call, **cast, residual=residual)
+        return dataclasses.replace(call, **cast, residual=autocast_cast(call.residual, dtype))
 
     def check(self, call):
         _check_inputs(call.h, call.w_down, call.b_down, call.w_up, call.b_up, call.residual, call.scaling,

@@ -26,12 +26,28 @@ from torch import Tensor
 from ..backends import Backend, decision, remember_decision, requested_backend, select_backend, settings
 
 
+def autocast_cast(value, dtype: torch.dtype):
+    """An argument as ``torch.autocast`` casts it for a matmul: a float32, float16 or bfloat16 tensor to ``dtype``;
+    anything else (float64, integers, what is no tensor) as it is, for the checks to judge."""
+    if isinstance(value, Tensor) and value.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return value.to(dtype)
+    return value
+
+
+def _autocast_dtype(value) -> torch.dtype | None:
+    """The dtype autocast computes in for ``value``'s device, None where it is off (or the device has none)."""
+    if not isinstance(value, Tensor) or value.device.type not in ("cpu", "cuda", "xpu", "mps"):
+        return None
+    return torch.get_autocast_dtype(value.device.type) if torch.is_autocast_enabled(value.device.type) else None
+
+
 def _describe(value):
-    """A call argument's part of a signature: tensors by shape, dtype, device, requires_grad (and strides on CUDA,
-    where the kernels' reasons read layouts), lists item by item, other objects by type and value."""
+    """A call argument's part of a signature: tensors by layout, shape, dtype, device, requires_grad (and on CUDA,
+    where the kernels' reasons read layouts, strides and 16-byte alignment), lists item by item, other objects by type
+    and value."""
     if isinstance(value, Tensor):
-        key = (value.shape, value.dtype, value.device, value.requires_grad)
-        return key + (value.stride(),) if value.is_cuda else key
+        key = (value.layout, value.shape, value.dtype, value.device, value.requires_grad)
+        return key + (value.stride(), value.data_ptr() % 16) if value.is_cuda else key
     if isinstance(value, (list, tuple)):
         return (type(value), *map(_describe, value))
     if hasattr(value, "signature"):  # a quantised weight: its format and geometry
@@ -55,7 +71,10 @@ class FusedOp:
 
     name: str
     backends: dict[str, Backend]
-    cached = True  # whether a call's checks and decision depend only on its signature (not on tensor values)
+    # Whether a call's checks and decision may be kept for its signature: the checks that read tensor values (DoRA's
+    # magnitudes, finite and >= 0) then run on a signature's first call only, as reading values costs a device sync
+    # per call. An op whose decision reads values (the mixed op's index) sets False: every call is checked.
+    cached = True
     measured = True  # whether auto may measure the runnable backends (else the first in preference order runs)
 
     # -- what an op declares ------------------------------------------------------------------------------------
@@ -116,9 +135,9 @@ class FusedOp:
 
     # -- the frame ----------------------------------------------------------------------------------------------
     def __call__(self, call, backend: str | None):
-        first = self.tensors_of(call)
-        if isinstance(first, Tensor) and torch.is_autocast_enabled(first.device.type):
-            call = self.autocast(call, torch.get_autocast_dtype(first.device.type))
+        dtype = _autocast_dtype(self.tensors_of(call))
+        if dtype is not None:
+            call = self.autocast(call, dtype)
         backend = requested_backend(backend)  # the environment read once: the signature and the choice agree
         key = None if torch.compiler.is_compiling() or not self.cached else self.signature(call, backend)
         name = decision(key) if key is not None else None

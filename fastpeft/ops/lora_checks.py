@@ -39,6 +39,8 @@ def check_float_tensors(named):
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
                             + (" (a 4-bit weight goes in as a fastpeft.nf4.NF4Weight)" if name == "weight" else ""))
@@ -63,8 +65,8 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude=
                          "(and bias), never the base weight")
     if magnitude is not None:
         if isinstance(weight, QuantizedWeight):
-            raise ValueError("DoRA (magnitude) over a 4-bit (NF4) base weight is not supported: dequantise the base "
-                             "(NF4Linear.dequantized()) or use plain LoRA over it")
+            raise ValueError(f"DoRA (magnitude) over a {weight.base_name} ({weight.label}) is not supported: "
+                             "dequantise the base (its layer's .dequantized()) or use plain LoRA over it")
         check_magnitude(magnitude, weight, lora_A, check_values)
     if weight_norm is not None:
         if magnitude is None:

@@ -86,9 +86,15 @@ def dropout_mask(seed: int, shape, p: float, backend: str = "torch", device="cpu
     check_probability("p", p)
     if backend not in _KEEP_MASKS:
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
-    device = torch.device(device)
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError):
+        where = None
+    if where is None or where.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device (a torch.device or its name), got {device!r}")
+    device = where
     select_backend(backend, [torch.empty(0, device=device)])  # one that cannot run says why
-    return _KEEP_MASKS[backend](seed, tuple(int(n) for n in shape), float(p), device)
+    return _KEEP_MASKS[backend](int(seed), tuple(int(n) for n in shape), float(p), device)
 
 
 def _triton_keep_mask(seed, shape, p, device):

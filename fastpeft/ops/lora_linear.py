@@ -20,7 +20,7 @@ from ..backends import SMALL_CALL, Backend, autograd_backend, refuse_double_back
 from ..checks import check_training
 from ..environment import GEMM_SCHEDULES, gemm_schedule_env
 from ..quantized import QuantizedWeight
-from .frame import FusedOp
+from .frame import FusedOp, autocast_cast
 from .lora_checks import check_inputs
 from .lora_dora import DORA_EPS, dora_norm_on, dora_scale, dora_weight_norm, magnitude_grad, weight_sq_norm
 from .lora_dropout import DROPOUT_SEED_LIMIT, check_dropout_seed, dropout_mask, seed_to_use, torch_drop_mask
@@ -174,11 +174,24 @@ def _triton_backward(dy, x, weight, lora_A, lora_B, s, drop, seed, scaling, drop
                             col_scale=col_scale, pre=pre)
 
 
+def _format_reasons(backend: str, weight) -> list[str]:
+    """A quantised base whose format has no kernel of ``backend`` (its ``kernels``) runs on the others."""
+    if isinstance(weight, QuantizedWeight) and backend not in weight.kernels:
+        return [f"the {backend} backend has no kernel for a {weight.label} base (its format's kernels: "
+                f"{', '.join(sorted(weight.kernels)) or 'none'}; the torch backend runs any)"]
+    return []
+
+
+def _triton_reasons(x, weight, bias, lora_A, lora_B, dropout_p):
+    return _format_reasons("triton", weight)
+
+
 def _triton_entry(schedule=None):
     """The triton backend running the fused GEMM's ``schedule`` (None: ``$FASTPEFT_GEMM_SCHEDULE``'s, else the
     default); the plain entry lists the others for ``auto`` to measure, unless that variable fixes one."""
     return Backend(forward=functools.partial(_triton_forward, schedule=schedule),
                    backward=functools.partial(_triton_backward, schedule=schedule), forward_fake=_triton_forward_fake,
+                   reasons=_triton_reasons,
                    schedules=(lambda: () if gemm_schedule_env() else TRITON_SCHEDULES)
                    if schedule is None
                    else tuple)
@@ -186,6 +199,9 @@ def _triton_entry(schedule=None):
 
 def _cuda_reasons(x, weight, bias, lora_A, lora_B, dropout_p):
     from .. import cuda_ext
+    reasons = _format_reasons("cuda", weight)
+    if reasons:
+        return reasons
     reasons = cuda_ext.decode_reasons(x, weight, bias, lora_A, lora_B)
     if dropout_p > 0.0:
         reasons.append("the cuda backend has no dropout (inference): use training=False or dropout_p=0")
@@ -209,7 +225,6 @@ LORA_LINEAR_BACKENDS = {
     # The fused GEMM's schedules, for auto to measure (a user picks one with $FASTPEFT_GEMM_SCHEDULE).
     **{name: _triton_entry(name.partition(":")[2]) for name in TRITON_SCHEDULES},
 }
-# What computes DoRA's norms (dora_weight_norm): each runs on the inputs its lora_linear entry runs on.
 
 # ----------------------------------------------------------------------------------------------------------
 # torch.library ops: what autograd and torch.compile see. Each op is opaque to the compiler (the kernels inside
@@ -390,9 +405,9 @@ class _LoraLinear(FusedOp):
 
     def autocast(self, call, dtype):
         weight = call.weight
-        return dataclasses.replace(call, x=call.x.to(dtype), bias=None if call.bias is None else call.bias.to(dtype),
+        return dataclasses.replace(call, x=autocast_cast(call.x, dtype), bias=autocast_cast(call.bias, dtype),
                                    weight=weight.with_dtype(dtype) if isinstance(weight, QuantizedWeight)
-                                   else weight.to(dtype))
+                                   else autocast_cast(weight, dtype))
 
     def check(self, call):
         check_inputs(call.x, call.weight, call.bias, call.lora_A, call.lora_B, call.scaling, call.dropout_p,
@@ -440,8 +455,7 @@ class _LoraLinear(FusedOp):
     def forward(self, entry, call):
         # (differentiable in the magnitude through the scale where autograd runs over the torch path's ops)
         return entry.forward(call.x, call.weight, call.bias, call.lora_A, call.lora_B, float(call.scaling), call.p,
-                             seed_to_use(call.seed, call.p), call.col_scale(),
-                             call.magnitude is not None and torch.is_grad_enabled())[0]
+                             seed_to_use(call.seed, call.p), call.col_scale(), call.keep_pre)[0]
 
     def registered(self, name, call):
         return lora_linear_forward(call.x, call.weight, call.bias, call.lora_A, call.lora_B, float(call.scaling),

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..backends import Backend, autograd_backend
 from ..checks import check_finite_number, check_probability, check_same_device, check_training
 from ..quantized import QuantizedWeight
-from .frame import FusedOp
+from .frame import FusedOp, autocast_cast
 from .lora_checks import check_inputs
 from .lora_dora import dora_norm_on, dora_scale
 from .lora_dropout import check_dropout_seed, seed_to_use
@@ -249,6 +249,7 @@ def lora_linear_mixed_forward(x: Tensor, bias: Tensor | None, lora_As: list[Tens
     """``(y, seed)`` for 2-D x (M, K): the mixed batch on ``backend``, and the dropout seed used (a negative ``seed``
     draws one here, inside the op, so a compiled graph draws it exactly like eager)."""
     entry = autograd_backend(MIXED_BACKENDS, backend)
+    _check_index_values(adapter_index, len(lora_As))  # (a compiled caller's checks could not read the values)
     seed = seed_to_use(seed, max(dropout_ps))
     call = _graph_call(x, weight, bias, lora_As, lora_Bs, magnitudes, dora, scalings, dropout_ps, seed, adapter_index)
     with torch.no_grad():
@@ -326,8 +327,8 @@ class _LoraLinearMixed(FusedOp):
     measured = False  # auto takes the first backend that can run the call
 
     def autocast(self, call, dtype):  # as lora_linear does
-        return dataclasses.replace(call, x=call.x.to(dtype), weight=call.weight.to(dtype),
-                                   bias=None if call.bias is None else call.bias.to(dtype))
+        return dataclasses.replace(call, x=autocast_cast(call.x, dtype), weight=autocast_cast(call.weight, dtype),
+                                   bias=autocast_cast(call.bias, dtype))
 
     def check(self, call):
         for a in range(len(call.lora_As)):  # each adapter as lora_linear would check it, named by its position
@@ -361,7 +362,7 @@ class _LoraLinearMixed(FusedOp):
     def forward(self, entry, call):
         return entry.forward(self._seeded(call))
 
-    def function(self, name, call):
+    def function(self, name, call):  # (each backend's forward applies its own autograd Function, as with no grad)
         return self.backends[name].forward(self._seeded(call))
 
     def registered(self, name, call):
@@ -393,7 +394,12 @@ def _check_index(adapter_index, x, n):
     if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per row), got "
                          f"{tuple(adapter_index.shape)}")
-    if adapter_index.numel() and not torch.compiler.is_compiling():  # (a compiled graph cannot read values)
+    if not torch.compiler.is_compiling():  # (traced, the values are checked inside the registered op)
+        _check_index_values(adapter_index, n)
+
+
+def _check_index_values(adapter_index, n):
+    if adapter_index.numel():
         low, high = int(adapter_index.min()), int(adapter_index.max())
         if low < BASE_INDEX or high >= n:
             raise ValueError(f"adapter_index values must be in [-1, {n - 1}] (-1: the base alone; {n} adapters), got "
