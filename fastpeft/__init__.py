@@ -33,6 +33,7 @@ from .ops import (
     lora_linear_reference,
 )
 from .peft_convert import from_peft, to_peft
+from .peft_fuse import fuse, fuse_report, unfuse
 from .peft_io import AdapterFileError, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -41,9 +42,9 @@ __all__ = [
     "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError",
     "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear", "NF4Linear", "NF4Weight",
     "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
-    "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets", "from_peft",
+    "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets", "from_peft", "fuse",
+    "fuse_report",
     "load_adapter", "lora_layers", "lora_linear", "lora_linear_mixed", "lora_linear_mixed_reference",
     "lora_linear_reference", "merge_and_unload", "mixed_batch", "quantize_nf4", "remove_adapters", "save_adapter",
-    "set_adapter",
-    "to_peft",
+    "set_adapter", "to_peft", "unfuse",
 ]

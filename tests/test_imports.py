@@ -23,7 +23,7 @@ LAYERS = [
     ["fastpeft.ops", "fastpeft.ops.*"],
     ["fastpeft.layers"],
     ["fastpeft.model"],
-    ["fastpeft.peft_io", "fastpeft.peft_convert"],
+    ["fastpeft.peft_io", "fastpeft.peft_convert", "fastpeft.peft_fuse"],
     ["fastpeft.benchmarks", "fastpeft.benchmarks.measure", "fastpeft.benchmarks.timing"],
     ["fastpeft.benchmarks.report"],
     ["fastpeft", "fastpeft.__main__"],

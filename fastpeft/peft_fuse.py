@@ -1,0 +1,156 @@
+"""fastpeft inside the user's own PeftModel: :func:`fuse` makes every PEFT LoRA layer that fastpeft can run exactly run
+its forward and backward through fastpeft's fused op, in place. The model stays PEFT's: the same object, module tree,
+parameters, names and ``state_dict``, so PEFT's methods, ``save_pretrained`` and the trainers keep working.
+
+Each fused layer gets a forward of its own (an instance attribute over PEFT's method). Per call it runs fastpeft's op
+when the call is one fastpeft runs exactly, and PEFT's own forward otherwise: adapters disabled or merged, several
+active adapters, ``adapter_names=`` mixed batches, a base that is not a plain ``nn.Linear`` (offloaded, quantised,
+sharded), a PEFT feature fastpeft lacks (LoRA bias, other LoRA variants, scales changed by hand, ...). Why a layer
+falls back is what :func:`fuse_report` lists.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .model import ModuleMethod
+from .ops.lora_linear import lora_linear
+from .peft_convert import _dropout_p, _layer_problems
+
+
+def _peft_lora_layers(peft_model, fusable: bool = True) -> dict[str, nn.Module]:
+    """PEFT's LoRA layers of ``peft_model`` by name: those on linear bases that fastpeft fuses (``fusable``), or all."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    from peft.tuners.lora.layer import LoraLayer
+    kind = PeftLoraLinear if fusable else LoraLayer
+    return {name: m for name, m in peft_model.named_modules() if isinstance(m, kind)}
+
+
+def _check_peft_model(peft_model) -> None:
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise ImportError(f"fastpeft.fuse needs HF PEFT (pip install peft): {err}") from None
+    if not isinstance(peft_model, PeftModel):
+        raise TypeError(f"peft_model must be a peft.PeftModel (from get_peft_model or PeftModel.from_pretrained), got "
+                        f"{type(peft_model).__name__}")
+
+
+def _call_problem(layer, args, kwargs) -> str | None:
+    """Why this call of a PEFT LoRA layer runs PEFT's code, or None when fastpeft runs it exactly."""
+    if args or kwargs:
+        return "the call passes arguments beyond x (adapter_names: a mixed batch)"
+    if layer.disable_adapters:
+        return "adapters are disabled"
+    if layer.merged:
+        return "an adapter is merged"
+    problems = _layer_problems(layer)
+    if problems:
+        return "; ".join(problems)
+    return None
+
+
+class _FusedForward(ModuleMethod):
+    """A PEFT LoRA layer's forward once fused: fastpeft's op for the calls it runs exactly, PEFT's forward for the
+    rest. The layer's state decides per call (adapters may be added, switched, merged or disabled at any time); the
+    checks of a state already seen are kept, keyed by what they read."""
+
+    def __init__(self, module, *args):
+        super().__init__(module, *args)
+        self.decided: dict = {}
+
+    def _state(self, layer):
+        active = tuple(layer.active_adapters)
+        return (active, tuple(layer.merged_adapters), layer.disable_adapters, layer.training,
+                *((name, id(layer.lora_A[name].weight), id(layer.lora_B[name].weight), layer.scaling[name],
+                   id(layer.lora_dropout[name]), id(layer.get_base_layer().weight))
+                  for name in active if name in layer.lora_A))
+
+    def __call__(self, x, *args, **kwargs):
+        layer = self.module()
+        peft_forward = type(layer).forward
+        if args or kwargs:
+            return peft_forward(layer, x, *args, **kwargs)
+        state = self._state(layer)
+        problem = self.decided.get(state, False)
+        if problem is False:
+            problem = _call_problem(layer, args, kwargs)
+            if len(self.decided) > 64:
+                self.decided.clear()
+            self.decided[state] = problem
+        if problem is not None:
+            return peft_forward(layer, x, *args, **kwargs)
+        return _fused(layer, x)
+
+
+def _fused(layer, x):
+    """The active adapter of a PEFT LoRA layer through fastpeft's op, on PEFT's own tensors."""
+    name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else next(
+        n for n in layer.active_adapters if n in layer.lora_A)
+    base = layer.get_base_layer()
+    magnitude = None
+    if layer.use_dora.get(name):
+        magnitude = layer.lora_magnitude_vector[name].weight
+    return lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                       layer.scaling[name], _dropout_p(layer.lora_dropout[name]), layer.training,
+                       magnitude=magnitude, _trained_magnitude=magnitude is not None)
+
+
+class _FusingAfter(ModuleMethod):
+    """A PeftModel method that adds layers (``add_adapter``, ``load_adapter``): PEFT's, then the new layers fused."""
+
+    def __call__(self, *args, **kwargs):
+        model = self.module()
+        result = getattr(type(model), self.args[0])(model, *args, **kwargs)
+        _fuse_layers(model)
+        return result
+
+
+_ADDING_METHODS = ("add_adapter", "load_adapter")
+
+
+def _fuse_layers(peft_model) -> None:
+    for layer in _peft_lora_layers(peft_model).values():
+        if not isinstance(layer.__dict__.get("forward"), _FusedForward):
+            layer.__dict__["forward"] = _FusedForward(layer)
+
+
+def fuse(peft_model):
+    """Run the forward and backward of every LoRA layer of ``peft_model`` that fastpeft can run exactly through
+    fastpeft's fused op, in place, and return the same PeftModel. Its parameters, names, ``state_dict`` and methods
+    stay PEFT's; a call fastpeft cannot run exactly runs PEFT's own code (:func:`fuse_report` says which layers and
+    why). Adapters added later (``add_adapter``, ``load_adapter``) are fused too. :func:`unfuse` undoes it."""
+    _check_peft_model(peft_model)
+    _fuse_layers(peft_model)
+    for method in _ADDING_METHODS:
+        if not isinstance(peft_model.__dict__.get(method), _FusingAfter):
+            peft_model.__dict__[method] = _FusingAfter(peft_model, method)
+    return peft_model
+
+
+def unfuse(peft_model):
+    """Undo :func:`fuse`: every layer runs PEFT's own forward again. Returns the same PeftModel."""
+    _check_peft_model(peft_model)
+    for layer in _peft_lora_layers(peft_model).values():
+        if isinstance(layer.__dict__.get("forward"), _FusedForward):
+            del layer.__dict__["forward"]
+    for method in _ADDING_METHODS:
+        if isinstance(peft_model.__dict__.get(method), _FusingAfter):
+            del peft_model.__dict__[method]
+    return peft_model
+
+
+def fuse_report(peft_model) -> dict[str, str | None]:
+    """For each PEFT LoRA layer of ``peft_model`` (by module name): None where its calls run fused now, else why they
+    run PEFT's code (not fused, disabled or merged adapters, or a PEFT feature fastpeft lacks)."""
+    _check_peft_model(peft_model)
+    fusable = _peft_lora_layers(peft_model)
+    report = {}
+    for name, layer in _peft_lora_layers(peft_model, fusable=False).items():
+        if name not in fusable:
+            report[name] = (f"a {type(layer).__module__}.{type(layer).__qualname__} layer (fastpeft fuses PEFT's "
+                            "LoRA Linear layers)")
+        elif not isinstance(layer.__dict__.get("forward"), _FusedForward):
+            report[name] = "not fused (fastpeft.fuse(peft_model) fuses it)"
+        else:
+            report[name] = _call_problem(layer, (), {})
+    return report

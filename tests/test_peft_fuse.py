@@ -1,0 +1,161 @@
+"""fastpeft.fuse: the user's own PeftModel, its LoRA layers running fastpeft's op in place. The fused model against
+its unfused twin: outputs, gradients, the files save_pretrained writes, PEFT's adapter methods, Trainer; the calls
+that run PEFT's own code; unfuse."""
+import copy
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import tiny_llama
+
+import fastpeft
+from fastpeft import peft_fuse
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tokens(seed=1):
+    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(seed))
+
+
+def twins(dropout=0.0, **extra):
+    """A PEFT Llama and a fused copy of it (same weights)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False,
+                             **extra)
+    torch.manual_seed(3)
+    plain = peft.get_peft_model(tiny_llama(), config)
+    fused = copy.deepcopy(plain)
+    assert fastpeft.fuse(fused) is fused
+    return plain, fused
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How many calls ran fastpeft's op."""
+    calls = []
+    real = peft_fuse.lora_linear
+    monkeypatch.setattr(peft_fuse, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True}, {"use_dora": True}])
+def test_fused_outputs_and_gradients_are_peft_s(counted, extra):
+    plain, fused = twins(**extra)
+    ids = tokens()
+    for model in (plain, fused):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(counted) == 2 * 7  # every LoRA layer of both blocks ran fused
+    want, got = trainable_grads(plain), trainable_grads(fused)
+    assert want.keys() == got.keys() and len(want) == 14 * (3 if extra.get("use_dora") else 2)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.eval()(input_ids=ids).logits, plain.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_stays_peft_s_and_saves_peft_s_files(tmp_path):
+    plain, fused = twins(use_dora=True)
+    assert type(fused) is type(plain) and fused.state_dict().keys() == plain.state_dict().keys()
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in plain.named_modules()]
+    plain.save_pretrained(str(tmp_path / "plain"))
+    fused.save_pretrained(str(tmp_path / "fused"))
+    want = safetensors.torch.load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    got = safetensors.torch.load_file(tmp_path / "fused" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and len(got) == 14 * 3
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "fused")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=tokens()).logits, plain.eval()(input_ids=tokens()).logits)
+
+
+def test_peft_s_methods_keep_working_and_new_adapters_run_fused(counted):
+    plain, fused = twins()
+    ids = tokens()
+    for model in (plain, fused):
+        torch.manual_seed(7)  # the same new weights in both
+        model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+        model.set_adapter("second")
+        model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+        assert len(counted) == 2 * 2  # the new adapter's layers, fused
+        counted.clear()
+        with fused.disable_adapter(), plain.disable_adapter():  # PEFT's own code: the base alone
+            torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+        assert not counted
+        fused.set_adapter("default")
+        plain.set_adapter("default")
+        fused.merge_adapter()
+        merged = fused(input_ids=ids).logits
+        assert not counted  # merged: the base (holding the update) alone, as PEFT runs it
+        fused.unmerge_adapter()
+        torch.testing.assert_close(merged, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+        assert len(counted) == 2 * 7
+        mixed = ["default", "second"]
+        torch.testing.assert_close(fused(input_ids=ids, adapter_names=mixed).logits,
+                                   plain(input_ids=ids, adapter_names=mixed).logits)
+        unloaded = fused.merge_and_unload()
+        torch.testing.assert_close(unloaded(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_report_says_which_layers_run_fused_and_why_not():
+    plain, fused = twins()
+    assert fastpeft.fuse_report(fused) == {n: None for n in fastpeft.fuse_report(fused)}
+    assert len(fastpeft.fuse_report(fused)) == 14
+    assert set(fastpeft.fuse_report(plain).values()) == {"not fused (fastpeft.fuse(peft_model) fuses it)"}
+    with fused.disable_adapter():
+        assert set(fastpeft.fuse_report(fused).values()) == {"adapters are disabled"}
+    biased = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    fastpeft.fuse(biased)
+    assert all("LoRA bias" in why for why in fastpeft.fuse_report(biased).values())
+    with torch.no_grad():  # PEFT's own code runs it
+        biased(input_ids=tokens())
+
+
+def test_unfuse_restores_peft_s_forward(counted):
+    plain, fused = twins()
+    assert fastpeft.unfuse(fused) is fused
+    fused.eval()(input_ids=tokens())
+    assert not counted
+    assert not any("forward" in m.__dict__ for m in fused.modules())
+    assert "add_adapter" not in fused.__dict__
+
+
+def test_fuse_takes_a_peft_model_only():
+    for bad in (tiny_llama(), torch.nn.Linear(2, 2), None):
+        with pytest.raises(TypeError, match="peft_model must be a peft.PeftModel"):
+            fastpeft.fuse(bad)
+    plain, fused = twins()
+    with pytest.raises(TypeError, match="peft_model must be a peft.PeftModel"):
+        fastpeft.fuse(fused.base_model)
+
+
+def test_trainer_trains_and_saves_the_fused_model_as_peft_s(tmp_path):
+    """transformers.Trainer on the fused model: PEFT's losses, and save_model writes the adapter PEFT would."""
+    data = [{"input_ids": tokens(seed)[0], "labels": tokens(seed)[0]} for seed in range(4)]
+    losses, saved = {}, {}
+    for which, model in zip(("plain", "fused"), twins(), strict=True):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / which), max_steps=3, learning_rate=1e-2,
+                                              per_device_train_batch_size=2, save_strategy="no", report_to=[],
+                                              use_cpu=True, logging_steps=1, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses[which] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        trainer.save_model(str(tmp_path / which / "final"))
+        saved[which] = safetensors.torch.load_file(tmp_path / which / "final" / "adapter_model.safetensors")
+    assert len(losses["fused"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["plain"]), rtol=1e-4, atol=0)
+    assert saved["fused"].keys() == saved["plain"].keys() and len(saved["fused"]) == 14 * 2
+    for key, tensor in saved["plain"].items():
+        torch.testing.assert_close(saved["fused"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
