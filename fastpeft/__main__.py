@@ -122,7 +122,7 @@ def _device_arguments(parser) -> None:
 # What ``bench`` measures, in the order it runs them: the names --only takes, and each one's title.
 BENCH_SECTIONS = {"lora": "LoRA linear", "overhead": "Host overhead and the token sweep", "dora": "DoRA",
                   "qlora": "QLoRA (LoRA over an NF4 base)", "mixed": "Mixed-adapter batches",
-                  "adapters": "Bottleneck adapter"}
+                  "adapters": "Bottleneck adapter", "peft-step": "A PeftModel's training step, fused"}
 
 
 def _cannot_write(path: Path) -> str | None:
@@ -204,8 +204,15 @@ def bench(args, parser) -> int:
         return timing.format_table(timing.run_adapters(adapter_shapes, dtype, device, rounds, progress),
                                       reference="unfused (AdapterHub way)", base_name="unfused (AdapterHub way)")
 
+    def peft_step(progress):
+        from .benchmarks import peft_step as step
+        if (problem := timing.import_problem("peft")) is not None:
+            return f"Not measured: {problem}."
+        shape = step.GPU_STEP if cuda else step.QUICK_STEP if args.quick else step.CPU_STEP
+        return step.format_step_table(step.run_peft_step(shape, dtype, device, rounds, progress))
+
     measure = {"lora": lora, "overhead": overhead, "dora": dora, "qlora": qlora, "mixed": mixed,
-               "adapters": adapters}
+               "adapters": adapters, "peft-step": peft_step}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for i, name in enumerate(chosen, 1):
         title = BENCH_SECTIONS[name]

@@ -56,7 +56,8 @@ def test_bench_command_prints_every_table(capsys, tmp_path):
     # Every table is followed by its legend.
     blocks = printed.split("\n\n")
     tables = [i for i, block in enumerate(blocks) if block.startswith("|")]
-    assert len(tables) == 8  # DoRA adds what each keeps for backward, QLoRA the base weight's bytes
+    assert len(tables) == 9  # DoRA adds what each keeps for backward, QLoRA the base weight's bytes
+    assert "| Llama, hidden 256, 2 layers, seq 128, batch 2 | peft + fastpeft.fuse |" in printed
     for i in tables:
         assert blocks[i + 1].startswith("Lower is better"), blocks[i]
     # Progress goes to stderr, one bar (or line) per section, numbered.

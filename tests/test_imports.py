@@ -24,7 +24,8 @@ LAYERS = [
     ["fastpeft.layers"],
     ["fastpeft.model"],
     ["fastpeft.peft_io", "fastpeft.peft_convert", "fastpeft.peft_fuse"],
-    ["fastpeft.benchmarks", "fastpeft.benchmarks.measure", "fastpeft.benchmarks.timing"],
+    ["fastpeft.benchmarks", "fastpeft.benchmarks.measure", "fastpeft.benchmarks.timing",
+     "fastpeft.benchmarks.peft_step"],
     ["fastpeft.benchmarks.report"],
     ["fastpeft", "fastpeft.__main__"],
 ]
