@@ -46,8 +46,9 @@ def _peft_4bit_layer(layer) -> bool:
     return kind.__module__ == "peft.tuners.lora.bnb" and kind.__name__ == "Linear4bit"
 
 
-def _layer_problems(layer) -> list[str]:
-    """Why a PEFT tuner layer cannot become a LoraLinear with identical behaviour; empty when it can."""
+def _layer_problems(layer, active_only: bool = True) -> list[str]:
+    """Why a PEFT tuner layer cannot become a LoraLinear with identical behaviour; empty when it can. Without
+    ``active_only``, what its active and merged adapters are is left out (a mixed batch names its own)."""
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     if type(layer) is not PeftLoraLinear and not _peft_4bit_layer(layer):
         return [f"{type(layer).__module__}.{type(layer).__qualname__} (fastpeft converts LoRA on nn.Linear and on "
@@ -90,6 +91,8 @@ def _layer_problems(layer) -> list[str]:
         if not math.isclose(layer.scaling[name], expected, rel_tol=1e-12, abs_tol=0.0):
             problems.append(f"adapter {name!r} has scaling {layer.scaling[name]} instead of lora_alpha/r = {expected} "
                             "(changed by set_scale or scale_layer)")
+    if not active_only:
+        return problems
     active = _active_adapters(layer)
     if len(active) > 1:
         problems.append(f"{len(active)} active adapters {active} (fastpeft runs one at a time)")

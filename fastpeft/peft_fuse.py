@@ -3,17 +3,19 @@ its forward and backward through fastpeft's fused op, in place. The model stays 
 parameters, names and ``state_dict``, so PEFT's methods, ``save_pretrained`` and the trainers keep working.
 
 Each fused layer gets a forward of its own (an instance attribute over PEFT's method). Per call it runs fastpeft's op
-when the call is one fastpeft runs exactly, and PEFT's own forward otherwise: adapters disabled or merged, several
-active adapters, ``adapter_names=`` mixed batches, a base that is not a plain ``nn.Linear`` (offloaded, quantised,
-sharded), a PEFT feature fastpeft lacks (LoRA bias, other LoRA variants, scales changed by hand, ...). Why a layer
-falls back is what :func:`fuse_report` lists.
+(``adapter_names=`` mixed batches: its mixed op) when the call is one fastpeft runs exactly, and PEFT's own forward
+otherwise: adapters disabled or merged, several active adapters, a base that is not a plain ``nn.Linear``
+(offloaded, quantised, sharded), a PEFT feature fastpeft lacks (LoRA bias, other LoRA variants, scales changed by
+hand, ...). Why a layer falls back is what :func:`fuse_report` lists.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .model import ModuleMethod
 from .ops.lora_linear import lora_linear
+from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
 from .peft_convert import _dropout_p, _layer_problems
 
 
@@ -37,13 +39,14 @@ def _check_peft_model(peft_model) -> None:
 
 def _call_problem(layer, args, kwargs) -> str | None:
     """Why this call of a PEFT LoRA layer runs PEFT's code, or None when fastpeft runs it exactly."""
-    if args or kwargs:
-        return "the call passes arguments beyond x (adapter_names: a mixed batch)"
+    mixed = set(kwargs) == {"adapter_names"}
+    if args or (kwargs and not mixed):
+        return "the call passes arguments beyond x and adapter_names"
     if layer.disable_adapters:
         return "adapters are disabled"
     if layer.merged:
         return "an adapter is merged"
-    problems = _layer_problems(layer)
+    problems = _layer_problems(layer, active_only=not mixed)
     if problems:
         return "; ".join(problems)
     return None
@@ -68,9 +71,11 @@ class _FusedForward(ModuleMethod):
     def __call__(self, x, *args, **kwargs):
         layer = self.module()
         peft_forward = type(layer).forward
-        if args or kwargs:
+        if args or (kwargs and set(kwargs) != {"adapter_names"}):
             return peft_forward(layer, x, *args, **kwargs)
-        state = self._state(layer)
+        if kwargs:
+            layer._check_forward_args(x, **kwargs)  # PEFT's own refusals of a mixed batch, in its words
+        state = (bool(kwargs), *self._state(layer))
         problem = self.decided.get(state, False)
         if problem is False:
             problem = _call_problem(layer, args, kwargs)
@@ -79,6 +84,8 @@ class _FusedForward(ModuleMethod):
             self.decided[state] = problem
         if problem is not None:
             return peft_forward(layer, x, *args, **kwargs)
+        if kwargs:
+            return _fused_mixed(layer, x, kwargs["adapter_names"])
         return _fused(layer, x)
 
 
@@ -93,6 +100,21 @@ def _fused(layer, x):
     return lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
                        layer.scaling[name], _dropout_p(layer.lora_dropout[name]), layer.training,
                        magnitude=magnitude, _trained_magnitude=magnitude is not None)
+
+
+def _fused_mixed(layer, x, adapter_names):
+    """A mixed batch (PEFT's ``adapter_names``: one adapter per sample, "__base__" or a name the layer lacks for the
+    base alone) through fastpeft's mixed op, on PEFT's own tensors."""
+    present = [n for n in dict.fromkeys(adapter_names) if n in layer.lora_A]
+    if not present:
+        return layer.get_base_layer()(x)
+    position = {name: i for i, name in enumerate(present)}
+    per_sample = torch.tensor([position.get(n, BASE_INDEX) for n in adapter_names], device=x.device)
+    index = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+    base = layer.get_base_layer()
+    return lora_linear_mixed(x, base.weight, base.bias, [layer.lora_A[n].weight for n in present],
+                             [layer.lora_B[n].weight for n in present], [layer.scaling[n] for n in present], index,
+                             [_dropout_p(layer.lora_dropout[n]) for n in present], layer.training)
 
 
 class _FusingAfter(ModuleMethod):

@@ -36,8 +36,9 @@ def twins(dropout=0.0, **extra):
 def counted(monkeypatch):
     """How many calls ran fastpeft's op."""
     calls = []
-    real = peft_fuse.lora_linear
-    monkeypatch.setattr(peft_fuse, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("lora_linear", "lora_linear_mixed"):
+        real = getattr(peft_fuse, name)
+        monkeypatch.setattr(peft_fuse, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -103,8 +104,10 @@ def test_peft_s_methods_keep_working_and_new_adapters_run_fused(counted):
         torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
         assert len(counted) == 2 * 7
         mixed = ["default", "second"]
+        counted.clear()
         torch.testing.assert_close(fused(input_ids=ids, adapter_names=mixed).logits,
                                    plain(input_ids=ids, adapter_names=mixed).logits)
+        assert len(counted) == 2 * 7  # a mixed batch, fused
         unloaded = fused.merge_and_unload()
         torch.testing.assert_close(unloaded(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -159,3 +162,28 @@ def test_trainer_trains_and_saves_the_fused_model_as_peft_s(tmp_path):
     assert saved["fused"].keys() == saved["plain"].keys() and len(saved["fused"]) == 14 * 2
     for key, tensor in saved["plain"].items():
         torch.testing.assert_close(saved["fused"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_mixed_batches_run_fused_with_peft_s_results_and_refusals(counted):
+    """adapter_names: each sample through its adapter ("__base__", or a name a layer lacks: the base), fused, with
+    PEFT's outputs and gradients, and PEFT's own refusals of a bad batch."""
+    plain, fused = twins()
+    for model in (plain, fused):
+        torch.manual_seed(7)
+        model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+        model.eval()  # (PEFT refuses adapter_names in training mode; gradients still flow)
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(2))  # samples of >= 16 tokens too
+    names = ["second", "__base__", "default"]
+    for model in (plain, fused):
+        model(input_ids=ids, labels=ids, adapter_names=names).loss.backward()
+    assert len(counted) == 2 * 7
+    want, got = trainable_grads(plain), trainable_grads(fused)
+    assert want.keys() == got.keys()
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="Length of `adapter_names` should be the same"):
+        fused(input_ids=ids, adapter_names=names[:2])
+    fused.merge_adapter()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged adapters"):
+        fused(input_ids=ids, adapter_names=names)
