@@ -14,17 +14,19 @@ import torch
 from torch import nn
 
 from .model import ModuleMethod
+from .nf4 import NF4Linear, is_bnb_4bit
 from .ops.lora_linear import lora_linear
 from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
-from .peft_convert import _dropout_p, _layer_problems
+from .peft_convert import _dropout_p, _layer_problems, _peft_4bit_layer
 
 
 def _peft_lora_layers(peft_model, fusable: bool = True) -> dict[str, nn.Module]:
-    """PEFT's LoRA layers of ``peft_model`` by name: those on linear bases that fastpeft fuses (``fusable``), or all."""
+    """PEFT's LoRA layers of ``peft_model`` by name: those fastpeft fuses (``fusable``: on nn.Linear and bitsandbytes
+    4-bit bases), or all."""
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     from peft.tuners.lora.layer import LoraLayer
-    kind = PeftLoraLinear if fusable else LoraLayer
-    return {name: m for name, m in peft_model.named_modules() if isinstance(m, kind)}
+    return {name: m for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+            and (not fusable or isinstance(m, PeftLoraLinear) or _peft_4bit_layer(m))}
 
 
 def _check_peft_model(peft_model) -> None:
@@ -47,6 +49,8 @@ def _call_problem(layer, args, kwargs) -> str | None:
     if layer.merged:
         return "an adapter is merged"
     problems = _layer_problems(layer, active_only=not mixed)
+    if mixed and is_bnb_4bit(layer.get_base_layer()):
+        problems.append("a mixed batch over a 4-bit base (fastpeft's mixed op takes dense bases)")
     if problems:
         return "; ".join(problems)
     return None
@@ -60,6 +64,7 @@ class _FusedForward(ModuleMethod):
     def __init__(self, module, *args):
         super().__init__(module, *args)
         self.decided: dict = {}
+        self.nf4 = None  # a bitsandbytes 4-bit base's NF4 view, over its own tensors: (key, NF4Linear)
 
     def _state(self, layer):
         active = tuple(layer.active_adapters)
@@ -86,13 +91,43 @@ class _FusedForward(ModuleMethod):
             return peft_forward(layer, x, *args, **kwargs)
         if kwargs:
             return _fused_mixed(layer, x, kwargs["adapter_names"])
+        base = layer.get_base_layer()
+        if is_bnb_4bit(base):
+            return _fused_over_4bit(layer, x, self.nf4_view(base))
         return _fused(layer, x)
+
+    def nf4_view(self, base) -> NF4Linear:
+        """The NF4Linear over a bitsandbytes 4-bit base's own tensors (no copy), made again when they change."""
+        state = base.weight.quant_state
+        key = (id(base.weight), base.weight.data_ptr(), id(state), base.compute_dtype)
+        if self.nf4 is None or self.nf4[0] != key:
+            self.nf4 = (key, NF4Linear.from_bnb(base))
+        return self.nf4[1]
+
+
+def _active(layer) -> str:
+    return layer.active_adapters[0] if len(layer.active_adapters) == 1 else next(
+        n for n in layer.active_adapters if n in layer.lora_A)
+
+
+def _fused_over_4bit(layer, x, nf4: NF4Linear):
+    """LoRA over a bitsandbytes 4-bit base, as bitsandbytes runs its layer: x and the bias in the compute dtype, the
+    output back in x's dtype (autocast, where on, decides both instead)."""
+    name = _active(layer)
+    weight, bias, out_dtype = nf4.weight, layer.get_base_layer().bias, None
+    if not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != weight.dtype and x.dtype.is_floating_point:
+            out_dtype, x = x.dtype, x.to(weight.dtype)
+        if bias is not None and bias.dtype != weight.dtype:
+            bias = bias.to(weight.dtype)
+    y = lora_linear(x, weight, bias, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
+                    _dropout_p(layer.lora_dropout[name]), layer.training)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def _fused(layer, x):
     """The active adapter of a PEFT LoRA layer through fastpeft's op, on PEFT's own tensors."""
-    name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else next(
-        n for n in layer.active_adapters if n in layer.lora_A)
+    name = _active(layer)
     base = layer.get_base_layer()
     magnitude = None
     if layer.use_dora.get(name):
