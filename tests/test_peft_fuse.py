@@ -223,3 +223,74 @@ def test_lora_over_bitsandbytes_4bit_layers_runs_fused(counted):
         fused.eval()(x, adapter_names=["default"])
     assert "a mixed batch over a 4-bit base" in peft_fuse._call_problem(fused.base_model.model[0], (),
                                                                         {"adapter_names": ["default"] * 6})
+
+
+def _word_tokenizer():
+    """A word-level tokenizer over the tiny Llama's 97 ids, built in memory (nothing to download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"w{i}": i for i in range(96)}
+    vocab["[UNK]"] = 96
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="w0",
+                                                eos_token="w1")
+
+
+def test_trl_sft_trainer_with_fuse_trains_and_saves_a_loadable_adapter(tmp_path):
+    """TRL's SFTTrainer given a peft_config, its PeftModel then fused: PEFT's losses and adapter files, which PEFT
+    reloads to the same logits. (B starts non-zero: from B = 0, Adam's first step is about lr·sign(g), so elements
+    whose gradient is ~0 would take ±lr on a rounding difference, in PEFT's own reruns with other kernels too.)"""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    texts = [" ".join(f"w{(i * 7 + j) % 90 + 2}" for j in range(12)) for i in range(8)]
+    losses = {}
+    for which in ("plain", "fused"):
+        args = trl.SFTConfig(output_dir=str(tmp_path / which), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+                             max_length=16, seed=0, bf16=False)  # (TRL's default is bf16 autocast: fp32 compares)
+        torch.manual_seed(5)
+        trainer = trl.SFTTrainer(model=tiny_llama(), args=args, processing_class=_word_tokenizer(),
+                                 train_dataset=datasets.Dataset.from_dict({"text": texts}),
+                                 peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                             init_lora_weights=False))
+        if which == "fused":
+            assert fastpeft.fuse(trainer.model) is trainer.model
+        trainer.train()
+        losses[which] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        trainer.save_model(str(tmp_path / which / "final"))
+    assert len(losses["fused"]) == 3
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["plain"]), rtol=1e-4, atol=0)
+    saved = {which: safetensors.torch.load_file(tmp_path / which / "final" / "adapter_model.safetensors")
+             for which in losses}
+    assert saved["fused"].keys() == saved["plain"].keys() and len(saved["fused"]) == 14 * 2
+    for key, tensor in saved["plain"].items():
+        torch.testing.assert_close(saved["fused"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    ids = tokens()
+    with torch.no_grad():
+        reloaded = {which: peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / which / "final")).eval()(
+            input_ids=ids).logits for which in losses}
+    torch.testing.assert_close(reloaded["fused"], reloaded["plain"], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_delete_adapter_and_generate_on_a_fused_model(counted):
+    plain, fused = twins()
+    ids = tokens()
+    for model in (plain, fused):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert counted  # ran fused (and again in the recomputation)
+    want, got = trainable_grads(plain), trainable_grads(fused)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for model in (plain, fused):
+        model.eval()
+        torch.manual_seed(7)
+        model.add_adapter("gone", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        model.delete_adapter("gone")
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():
+        out = {name: model.generate(input_ids=ids[:, :4], max_new_tokens=5, do_sample=False)
+               for name, model in (("plain", plain), ("fused", fused))}
+    assert torch.equal(out["fused"], out["plain"])
