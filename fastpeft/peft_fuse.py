@@ -39,6 +39,11 @@ def _check_peft_model(peft_model) -> None:
                         f"{type(peft_model).__name__}")
 
 
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a distributed tensor (torch.distributed.tensor.DTensor): fastpeft's op takes local tensors."""
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
 def _call_problem(layer, args, kwargs) -> str | None:
     """Why this call of a PEFT LoRA layer runs PEFT's code, or None when fastpeft runs it exactly."""
     mixed = set(kwargs) == {"adapter_names"}
@@ -48,6 +53,8 @@ def _call_problem(layer, args, kwargs) -> str | None:
         return "adapters are disabled"
     if layer.merged:
         return "an adapter is merged"
+    if _is_dtensor(layer.get_base_layer().weight):
+        return "the base weight is a DTensor here (sharded outside its module's forward)"
     problems = _layer_problems(layer, active_only=not mixed)
     if mixed and is_bnb_4bit(layer.get_base_layer()):
         problems.append("a mixed batch over a 4-bit base (fastpeft's mixed op takes dense bases)")
@@ -69,6 +76,7 @@ class _FusedForward(ModuleMethod):
     def _state(self, layer):
         active = tuple(layer.active_adapters)
         return (active, tuple(layer.merged_adapters), layer.disable_adapters, layer.training,
+                type(layer.get_base_layer().weight),
                 *((name, id(layer.lora_A[name].weight), id(layer.lora_B[name].weight), layer.scaling[name],
                    id(layer.lora_dropout[name]), id(layer.get_base_layer().weight))
                   for name in active if name in layer.lora_A))
@@ -76,7 +84,7 @@ class _FusedForward(ModuleMethod):
     def __call__(self, x, *args, **kwargs):
         layer = self.module()
         peft_forward = type(layer).forward
-        if args or (kwargs and set(kwargs) != {"adapter_names"}):
+        if args or (kwargs and set(kwargs) != {"adapter_names"}) or _is_dtensor(x):
             return peft_forward(layer, x, *args, **kwargs)
         if kwargs:
             layer._check_forward_args(x, **kwargs)  # PEFT's own refusals of a mixed batch, in its words

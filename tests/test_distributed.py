@@ -39,6 +39,16 @@ def build_model():
     return fastpeft.apply_adapters(model, ["1"], {"bottleneck": 6}, hidden_size=24, backend="torch")
 
 
+def build_peft_model(fused):
+    """The same blocks with HF PEFT's LoRA on both projections, fused by fastpeft or not."""
+    import peft
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block(), nn.Linear(24, 5))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=False)
+    model = peft.get_peft_model(model, config)
+    return fastpeft.fuse(model) if fused else model
+
+
 def batch():
     g = torch.Generator().manual_seed(1)
     return torch.randn(8, 24, generator=g), torch.randint(0, 5, (8,), generator=g)
@@ -66,12 +76,18 @@ def _worker(rank, mode, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=RANK_SECONDS))
     try:
-        model = build_model()
+        calls = []
+        if mode == "fsdp2-fused-peft":  # count the calls that ran fastpeft's op
+            from fastpeft import peft_fuse
+            real = peft_fuse.lora_linear
+            peft_fuse.lora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+        model = build_peft_model(fused=True) if mode == "fsdp2-fused-peft" else build_model()
+        blocks = list(model.base_model.model)[:2] if mode == "fsdp2-fused-peft" else list(model)[:2]
         if mode == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
         else:
             from torch.distributed.fsdp import fully_shard
-            for block in list(model)[:2]:
+            for block in blocks:  # per block, as accelerate's FSDP2 plugin wraps decoder layers
                 fully_shard(block)
             wrapped = fully_shard(model)
             assert all(hasattr(p, "full_tensor") for p in wrapped.parameters())  # every parameter is sharded
@@ -81,7 +97,7 @@ def _worker(rank, mode, init_file, out_file):
             grads = {n.removeprefix("module."): g for n, g in grads.items()}
             params = {n.removeprefix("module."): p for n, p in params.items()}
         if rank == 0:
-            torch.save({"grads": grads, "params": params}, out_file)
+            torch.save({"grads": grads, "params": params, "fused_calls": len(calls)}, out_file)
         # Both ranks are done talking before either leaves: a rank leaving while its peer's connection is still in
         # use aborts the peer ("terminate called without an active exception").
         dist.barrier()
@@ -96,10 +112,14 @@ def _worker(rank, mode, init_file, out_file):
     os._exit(0)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2-fused-peft"])
 def test_two_processes_match_one(mode, tmp_path, monkeypatch):
-    if mode == "fsdp2":
+    """Two ranks against one process on the whole batch; fsdp2-fused-peft: a PEFT model fused by fastpeft under
+    fully_shard per block, against its unfused PEFT twin in one process."""
+    if mode.startswith("fsdp2"):
         pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    if mode == "fsdp2-fused-peft":
+        pytest.importorskip("peft")
     out_file = tmp_path / "rank0.pt"
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # two ranks, a small machine
     if sys.platform == "linux":  # loopback, whatever the host name resolves to
@@ -114,12 +134,16 @@ def test_two_processes_match_one(mode, tmp_path, monkeypatch):
             pytest.fail(f"the {WORLD} ranks did not finish within {RANK_SECONDS} s")
     result = torch.load(out_file, weights_only=True)
 
-    model = build_model()
+    model = build_peft_model(fused=False) if mode == "fsdp2-fused-peft" else build_model()
     want_grads, want_params = train(model, *batch())
-    assert sorted(result["grads"]) == sorted(want_grads) and len(want_grads) == 14  # two DoRA magnitudes
+    assert sorted(result["grads"]) == sorted(want_grads)
+    if mode == "fsdp2-fused-peft":
+        assert result["fused_calls"] == 4 * STEPS  # every LoRA layer ran fused on every step, sharded around it
+    assert len(want_grads) == (8 if mode == "fsdp2-fused-peft" else 14)  # (build_model: two DoRA magnitudes)
     for name, grad in want_grads.items():
         assert torch.allclose(result["grads"][name], grad, rtol=1e-5, atol=1e-6), name
     for name, param in want_params.items():
         assert torch.allclose(result["params"][name], param, rtol=1e-5, atol=1e-6), name
-    initial = {n: p for n, p in build_model().named_parameters() if p.requires_grad}
+    rebuilt = build_peft_model(fused=False) if mode == "fsdp2-fused-peft" else build_model()
+    initial = {n: p for n, p in rebuilt.named_parameters() if p.requires_grad}
     assert all(not torch.equal(want_params[n], initial[n]) for n in initial)  # training moved every parameter
