@@ -294,3 +294,65 @@ def test_gradient_checkpointing_delete_adapter_and_generate_on_a_fused_model(cou
         out = {name: model.generate(input_ids=ids[:, :4], max_new_tokens=5, do_sample=False)
                for name, model in (("plain", plain), ("fused", fused))}
     assert torch.equal(out["fused"], out["plain"])
+
+
+def test_trainer_resumes_a_fused_model_from_its_checkpoint_as_peft_s(tmp_path, counted):
+    """Checkpoints of a fused model are PEFT's; resumed from one, it trains on fused and ends where its unfused twin,
+    resumed the same way, ends."""
+    data = [{"input_ids": tokens(seed)[0], "labels": tokens(seed)[0]} for seed in range(8)]
+
+    def trainer(model, out, steps):
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=steps, learning_rate=1e-2,
+                                              per_device_train_batch_size=2, save_strategy="steps", save_steps=2,
+                                              report_to=[], use_cpu=True, logging_strategy="no", seed=0)
+        return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+    final = {}
+    for which, model in zip(("plain", "fused"), twins(), strict=True):
+        trainer(model, tmp_path / which, 2).train()
+        counted.clear()
+        trainer(model, tmp_path / which, 4).train(resume_from_checkpoint=str(tmp_path / which / "checkpoint-2"))
+        assert bool(counted) == (which == "fused")  # still fused after PEFT loaded the checkpoint into it
+        final[which] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert final["fused"].keys() == final["plain"].keys()
+    for name, param in final["plain"].items():
+        torch.testing.assert_close(final["fused"][name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_accelerate_s_loop_trains_a_fused_model_as_peft_s():
+    accelerate = pytest.importorskip("accelerate")
+    losses = {}
+    for which, model in zip(("plain", "fused"), twins(), strict=True):
+        accelerator = accelerate.Accelerator(cpu=True)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        model.train()
+        losses[which] = []
+        for seed in range(3):
+            ids = tokens(seed)
+            loss = model(input_ids=ids, labels=ids).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[which].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["plain"]), rtol=1e-4, atol=0)
+
+
+def test_more_of_peft_s_methods_on_a_fused_model(capsys):
+    plain, fused = twins()
+    for model in (plain, fused):
+        model.print_trainable_parameters()
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[0] == printed[1]
+    for model in (plain, fused):
+        torch.manual_seed(7)
+        model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False))
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "merged", combination_type="linear")
+        model.set_adapter("merged")
+        model.eval()
+    ids = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+        unloaded = {name: model.unload() for name, model in (("plain", plain), ("fused", fused))}
+        assert not any("forward" in m.__dict__ for m in unloaded["fused"].modules())  # PEFT's layers are gone
+        torch.testing.assert_close(unloaded["fused"](input_ids=ids).logits, unloaded["plain"](input_ids=ids).logits)
