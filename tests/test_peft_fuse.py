@@ -356,3 +356,27 @@ def test_more_of_peft_s_methods_on_a_fused_model(capsys):
         unloaded = {name: model.unload() for name, model in (("plain", plain), ("fused", fused))}
         assert not any("forward" in m.__dict__ for m in unloaded["fused"].modules())  # PEFT's layers are gone
         torch.testing.assert_close(unloaded["fused"](input_ids=ids).logits, unloaded["plain"](input_ids=ids).logits)
+
+
+def test_a_loaded_peft_model_fuses_and_loads_more_adapters_fused(tmp_path, counted):
+    """PeftModel.from_pretrained, then fuse; load_adapter of another saved adapter runs fused too, with PEFT's
+    results."""
+    plain, _ = twins()
+    plain.save_pretrained(str(tmp_path / "a"))
+    torch.manual_seed(9)
+    other = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
+                                                              init_lora_weights=False))
+    other.save_pretrained(str(tmp_path / "b"))
+    loaded = {}
+    for which in ("plain", "fused"):
+        model = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+        if which == "fused":
+            fastpeft.fuse(model)
+        model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+        model.set_adapter("b")
+        loaded[which] = model.eval()
+    counted.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded["fused"](input_ids=tokens()).logits,
+                                   loaded["plain"](input_ids=tokens()).logits)
+    assert len(counted) == 2 * 2  # adapter b's layers (q_proj, o_proj of both blocks), fused
