@@ -46,13 +46,15 @@ def _peft_4bit_layer(layer) -> bool:
     return kind.__module__ == "peft.tuners.lora.bnb" and kind.__name__ == "Linear4bit"
 
 
-def _layer_problems(layer, active_only: bool = True) -> list[str]:
+def _layer_problems(layer, active_only: bool = True, adapters=None) -> list[str]:
     """Why a PEFT tuner layer cannot become a LoraLinear with identical behaviour; empty when it can. Without
-    ``active_only``, what its active and merged adapters are is left out (a mixed batch names its own)."""
+    ``active_only``, what its active and merged adapters are is left out (a mixed batch names its own); ``adapters``:
+    the adapters whose own features are checked (default: every adapter of the layer)."""
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     if type(layer) is not PeftLoraLinear and not _peft_4bit_layer(layer):
         return [f"{type(layer).__module__}.{type(layer).__qualname__} (fastpeft converts LoRA on nn.Linear and on "
                 "bitsandbytes NF4 layers only)"]
+    adapters = list(layer.lora_A) if adapters is None else [n for n in adapters if n in layer.lora_A]
     problems = []
     base = layer.base_layer
     # (PEFT wraps a bitsandbytes layer in its generic Linear on a CPU, in its bnb.Linear4bit on a GPU)
@@ -74,9 +76,11 @@ def _layer_problems(layer, active_only: bool = True) -> list[str]:
     if len(layer.lora_embedding_A):
         problems.append("LoRA on embeddings")
     for variant_name, variant in getattr(layer, "lora_variant", {}).items():
+        if variant_name not in adapters:
+            continue
         if type(variant).__name__ != "DoraLinearVariant":  # DoRA on a Linear is fastpeft's too
             problems.append(f"adapter {variant_name!r} uses the LoRA variant {type(variant).__name__}")
-    for name in layer.lora_A:
+    for name in adapters:
         if layer.use_dora.get(name) and name in layer.merged_adapters:
             norm = getattr(layer, "_caches", {}).get(f"{name}-weight_norm")
             if norm is None or not bool((layer.lora_magnitude_vector[name].weight != 0).all()):

@@ -44,6 +44,13 @@ def _is_dtensor(t) -> bool:
     return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
 
 
+def _call_adapters(layer, kwargs) -> tuple:
+    """The adapters a call runs: a mixed batch's named ones, else the active ones."""
+    if kwargs:
+        return tuple(sorted({n for n in kwargs["adapter_names"] if n in layer.lora_A}))
+    return tuple(layer.active_adapters)
+
+
 def _call_problem(layer, args, kwargs) -> str | None:
     """Why this call of a PEFT LoRA layer runs PEFT's code, or None when fastpeft runs it exactly."""
     mixed = set(kwargs) == {"adapter_names"}
@@ -55,7 +62,11 @@ def _call_problem(layer, args, kwargs) -> str | None:
         return "an adapter is merged"
     if _is_dtensor(layer.get_base_layer().weight):
         return "the base weight is a DTensor here (sharded outside its module's forward)"
-    problems = _layer_problems(layer, active_only=not mixed)
+    adapters = _call_adapters(layer, kwargs) if mixed else None
+    problems = _layer_problems(layer, active_only=not mixed, adapters=adapters or tuple(layer.active_adapters))
+    problems += [f"adapter {n!r} has dropout p={layer.lora_dropout[n].p} (fastpeft's dropout takes p < 1)"
+                 for n in (adapters or layer.active_adapters)
+                 if n in layer.lora_dropout and (_dropout_p(layer.lora_dropout[n]) or 0.0) >= 1.0]
     if mixed and is_bnb_4bit(layer.get_base_layer()):
         problems.append("a mixed batch over a 4-bit base (fastpeft's mixed op takes dense bases)")
     if problems:
@@ -73,13 +84,14 @@ class _FusedForward(ModuleMethod):
         self.decided: dict = {}
         self.nf4 = None  # a bitsandbytes 4-bit base's NF4 view, over its own tensors: (key, NF4Linear)
 
-    def _state(self, layer):
-        active = tuple(layer.active_adapters)
-        return (active, tuple(layer.merged_adapters), layer.disable_adapters, layer.training,
-                type(layer.get_base_layer().weight),
-                *((name, id(layer.lora_A[name].weight), id(layer.lora_B[name].weight), layer.scaling[name],
-                   id(layer.lora_dropout[name]), id(layer.get_base_layer().weight))
-                  for name in active if name in layer.lora_A))
+    def _state(self, layer, kwargs):
+        """Everything the checks of a call read: the adapters it runs, each with what is checked of it, the base
+        weight, and the layer's merged and disabled adapters."""
+        names = _call_adapters(layer, kwargs)
+        weight = layer.get_base_layer().weight
+        return (bool(kwargs), names, tuple(layer.active_adapters), tuple(layer.merged_adapters),
+                layer.disable_adapters, type(weight), id(weight), weight.requires_grad, weight.dtype,
+                *(_adapter_key(layer, name) for name in names if name in layer.lora_A))
 
     def __call__(self, x, *args, **kwargs):
         layer = self.module()
@@ -88,7 +100,7 @@ class _FusedForward(ModuleMethod):
             return peft_forward(layer, x, *args, **kwargs)
         if kwargs:
             layer._check_forward_args(x, **kwargs)  # PEFT's own refusals of a mixed batch, in its words
-        state = (bool(kwargs), *self._state(layer))
+        state = self._state(layer, kwargs)
         problem = self.decided.get(state, False)
         if problem is False:
             problem = _call_problem(layer, args, kwargs)
@@ -111,6 +123,13 @@ class _FusedForward(ModuleMethod):
         if self.nf4 is None or self.nf4[0] != key:
             self.nf4 = (key, NF4Linear.from_bnb(base))
         return self.nf4[1]
+
+
+def _adapter_key(layer, name) -> tuple:
+    a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    return (name, id(a.weight), id(b.weight), a.bias is not None, b.bias is not None, layer.scaling[name],
+            id(dropout), getattr(dropout, "p", None), bool(layer.use_dora.get(name)),
+            bool(layer.lora_bias.get(name)), name in getattr(layer, "lora_variant", {}))
 
 
 def _active(layer) -> str:

@@ -380,3 +380,43 @@ def test_a_loaded_peft_model_fuses_and_loads_more_adapters_fused(tmp_path, count
         torch.testing.assert_close(loaded["fused"](input_ids=tokens()).logits,
                                    loaded["plain"](input_ids=tokens()).logits)
     assert len(counted) == 2 * 2  # adapter b's layers (q_proj, o_proj of both blocks), fused
+
+
+def _one_layer(**config):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    plain = peft.get_peft_model(net, peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, **config))
+    return plain, fastpeft.fuse(copy.deepcopy(plain))
+
+
+def test_a_decision_follows_every_change_the_checks_read(counted):
+    """What a call's checks read is in its cache key: an adapter added after a mixed batch was decided, a base weight
+    unfrozen after the first call. Each call runs as a freshly fused model would run it."""
+    plain, fused = _one_layer()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        fused.eval()(x, adapter_names=["default", "__base__"])  # decided: fused
+        for model in (plain, fused):
+            torch.manual_seed(3)
+            model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["0"], lora_bias=True))
+            model.base_model.model[0].lora_B["b"].bias.fill_(1.0)
+        torch.testing.assert_close(fused.eval()(x, adapter_names=["b", "b"]), plain.eval()(x, adapter_names=["b", "b"]))
+        # an inactive adapter with a LoRA bias does not stop the active one running fused
+        counted.clear()
+        torch.testing.assert_close(fused(x), plain(x))
+        assert counted and fastpeft.fuse_report(fused) == {"base_model.model.0": None}
+    layer = fused.base_model.model[0]
+    layer.train()
+    layer(x).sum().backward()
+    layer.base_layer.weight.requires_grad_(True)  # PEFT trains it; fastpeft's op never does: PEFT's code runs
+    layer(x).sum().backward()
+    assert layer.base_layer.weight.grad is not None
+    assert "base weight is trainable" in fastpeft.fuse_report(fused)["base_model.model.0"]
+
+
+def test_dropout_fastpeft_cannot_draw_runs_peft_s_code():
+    plain, fused = _one_layer(lora_dropout=1.0)
+    assert "dropout p=1.0" in fastpeft.fuse_report(fused)["base_model.model.0"]
+    x = torch.randn(2, 16)
+    for mode in ("train", "eval"):
+        torch.testing.assert_close(getattr(fused, mode)()(x), getattr(plain, mode)()(x))
