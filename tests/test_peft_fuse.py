@@ -78,13 +78,14 @@ def test_the_model_stays_peft_s_and_saves_peft_s_files(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=tokens()).logits, plain.eval()(input_ids=tokens()).logits)
 
 
-def test_peft_s_methods_keep_working_and_new_adapters_run_fused(counted):
-    plain, fused = twins()
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_s_methods_keep_working_and_new_adapters_run_fused(counted, dora):
+    plain, fused = twins(use_dora=dora)
     ids = tokens()
     for model in (plain, fused):
         torch.manual_seed(7)  # the same new weights in both
         model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                                    init_lora_weights=False))
+                                                    init_lora_weights=False, use_dora=dora))
         model.set_adapter("second")
         model.eval()
     with torch.no_grad():
@@ -105,9 +106,14 @@ def test_peft_s_methods_keep_working_and_new_adapters_run_fused(counted):
         assert len(counted) == 2 * 7
         mixed = ["default", "second"]
         counted.clear()
-        torch.testing.assert_close(fused(input_ids=ids, adapter_names=mixed).logits,
-                                   plain(input_ids=ids, adapter_names=mixed).logits)
-        assert len(counted) == 2 * 7  # a mixed batch, fused
+        if dora:  # PEFT refuses DoRA in a mixed batch, fused or not, in its own words (on copies: PEFT leaves its
+            for model in (plain, fused):  # adapter_names hooks behind after that error)
+                with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+                    copy.deepcopy(model)(input_ids=ids, adapter_names=mixed)
+        else:
+            torch.testing.assert_close(fused(input_ids=ids, adapter_names=mixed).logits,
+                                       plain(input_ids=ids, adapter_names=mixed).logits)
+            assert len(counted) == 2 * 7  # a mixed batch, fused
         unloaded = fused.merge_and_unload()
         torch.testing.assert_close(unloaded(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
