@@ -51,11 +51,10 @@ def _call_adapters(layer, kwargs) -> tuple:
     return tuple(layer.active_adapters)
 
 
-def _call_problem(layer, args, kwargs) -> str | None:
-    """Why this call of a PEFT LoRA layer runs PEFT's code, or None when fastpeft runs it exactly."""
-    mixed = set(kwargs) == {"adapter_names"}
-    if args or (kwargs and not mixed):
-        return "the call passes arguments beyond x and adapter_names"
+def _call_problem(layer, kwargs) -> str | None:
+    """Why a call of a PEFT LoRA layer (``kwargs``: none, or a mixed batch's ``adapter_names``) runs PEFT's code, or
+    None when fastpeft runs it exactly."""
+    mixed = bool(kwargs)
     if layer.disable_adapters:
         return "adapters are disabled"
     if layer.merged:
@@ -103,7 +102,7 @@ class _FusedForward(ModuleMethod):
         state = self._state(layer, kwargs)
         problem = self.decided.get(state, False)
         if problem is False:
-            problem = _call_problem(layer, args, kwargs)
+            problem = _call_problem(layer, kwargs)
             if len(self.decided) > 64:
                 self.decided.clear()
             self.decided[state] = problem
@@ -236,5 +235,5 @@ def fuse_report(peft_model) -> dict[str, str | None]:
         elif not isinstance(layer.__dict__.get("forward"), _FusedForward):
             report[name] = "not fused (fastpeft.fuse(peft_model) fuses it)"
         else:
-            report[name] = _call_problem(layer, (), {})
+            report[name] = _call_problem(layer, {})
     return report

@@ -83,6 +83,19 @@ def refused_by_cli(capsys, *args) -> str:
     return err
 
 
+def bnb_nf4_mlp():
+    """Two bitsandbytes NF4 layers (bf16 compute; the second double-quantised) around a ReLU, 64 -> 64 -> 48."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48)).to(torch.bfloat16)
+    for i in (0, 2):
+        q = bnb.nn.Linear4bit(64, model[i].out_features, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=bool(i))
+        q.load_state_dict(model[i].state_dict())
+        model[i] = q.to("cpu")
+    return model
+
+
 def tiny_llama(seed=0):
     """A two-block transformers Llama built from a config (no download), in eval mode."""
     import transformers

@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from conftest import TOLERANCE, rel_err
+from conftest import TOLERANCE, bnb_nf4_mlp, rel_err
 
 import fastpeft
 from fastpeft import NF4Linear, quantize_nf4
@@ -63,13 +63,7 @@ def test_peft_over_bitsandbytes_converts_both_ways():
     PEFT's outputs and gradients (bf16 budget); to_peft gives PEFT back its bitsandbytes layers."""
     peft = pytest.importorskip("peft")
     bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48)).to(bf16)
-    for i in (0, 2):
-        q = bnb.nn.Linear4bit(64, model[i].out_features, compute_dtype=bf16, quant_type="nf4",
-                              compress_statistics=bool(i))
-        q.load_state_dict(model[i].state_dict())
-        model[i] = q.to("cpu")
+    model = bnb_nf4_mlp()
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
                                                             init_lora_weights=False))
     x = torch.randn(6, 64, dtype=bf16, requires_grad=True)

@@ -198,16 +198,9 @@ def test_mixed_batches_run_fused_with_peft_s_results_and_refusals(counted):
 def test_lora_over_bitsandbytes_4bit_layers_runs_fused(counted):
     """PEFT over bitsandbytes NF4 layers: the fused layers read the packed codes in place (an NF4 view over the same
     tensors), with PEFT's outputs and gradients (bf16 budget)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    from conftest import TOLERANCE, rel_err
+    from conftest import TOLERANCE, bnb_nf4_mlp, rel_err
     bf16 = torch.bfloat16
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48)).to(bf16)
-    for i in (0, 2):
-        q = bnb.nn.Linear4bit(64, model[i].out_features, compute_dtype=bf16, quant_type="nf4",
-                              compress_statistics=bool(i))
-        q.load_state_dict(model[i].state_dict())
-        model[i] = q.to("cpu")
+    model = bnb_nf4_mlp()
     plain = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
                                                        init_lora_weights=False))
     fused = fastpeft.fuse(copy.deepcopy(plain))
@@ -227,7 +220,7 @@ def test_lora_over_bitsandbytes_4bit_layers_runs_fused(counted):
         assert rel_err(got, want) <= 2 * TOLERANCE[bf16]
     with pytest.raises(ValueError, match="Length of `adapter_names`"):  # PEFT's check; a 4-bit mixed batch: PEFT's code
         fused.eval()(x, adapter_names=["default"])
-    assert "a mixed batch over a 4-bit base" in peft_fuse._call_problem(fused.base_model.model[0], (),
+    assert "a mixed batch over a 4-bit base" in peft_fuse._call_problem(fused.base_model.model[0],
                                                                         {"adapter_names": ["default"] * 6})
 
 

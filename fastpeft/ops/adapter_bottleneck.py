@@ -23,7 +23,7 @@ from ..checks import (
     check_finite_number,
     check_same_device,
 )
-from .frame import FusedOp, autocast_cast
+from .frame import FusedOp, autocast_cast, unkeyed
 
 
 def activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
@@ -273,9 +273,9 @@ class BottleneckCall:
     residual: Tensor | None
     scaling: float
     activation: str
-    lead: tuple | None = dataclasses.field(default=None, metadata={"key": False})  # h's leading dims once prepared
+    lead: tuple | None = unkeyed()  # h's leading dims once prepared
     # Under autocast, a residual wider than the autocast dtype: the update is added to it after the op.
-    wide_residual: Tensor | None = dataclasses.field(default=None, metadata={"key": False})
+    wide_residual: Tensor | None = unkeyed()
 
 
 class _AdapterBottleneck(FusedOp):

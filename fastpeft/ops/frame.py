@@ -26,6 +26,12 @@ from torch import Tensor
 from ..backends import Backend, decision, remember_decision, requested_backend, select_backend, settings
 
 
+def unkeyed(default=None):
+    """A call field the signature leaves out: it changes from call to call and no check reads it (a dropout seed), or
+    the frame sets it once the call is checked (x's leading dims)."""
+    return dataclasses.field(default=default, metadata={"key": False})
+
+
 def autocast_cast(value, dtype: torch.dtype):
     """An argument as ``torch.autocast`` casts it for a matmul: a float32, float16 or bfloat16 tensor to ``dtype``;
     anything else (float64, integers, what is no tensor) as it is, for the checks to judge."""

@@ -20,7 +20,7 @@ from ..backends import SMALL_CALL, Backend, autograd_backend, refuse_double_back
 from ..checks import check_training
 from ..environment import GEMM_SCHEDULES, gemm_schedule_env
 from ..quantized import QuantizedWeight
-from .frame import FusedOp, autocast_cast
+from .frame import FusedOp, autocast_cast, unkeyed
 from .lora_checks import check_inputs
 from .lora_dora import DORA_EPS, dora_norm_on, dora_scale, dora_weight_norm, magnitude_grad, weight_sq_norm
 from .lora_dropout import DROPOUT_SEED_LIMIT, check_dropout_seed, dropout_mask, seed_to_use, torch_drop_mask
@@ -365,9 +365,6 @@ class _EagerLoraLinear(torch.autograd.Function):
 # The op in the call frame, and the public function
 # ----------------------------------------------------------------------------------------------------------
 
-_NOT_KEYED = {"key": False}  # a field the signature leaves out: it changes from call to call and no check reads it
-
-
 @dataclasses.dataclass
 class LoraCall:
     """One lora_linear call: its arguments as given (x of any leading dims until prepared as 2-D rows)."""
@@ -382,8 +379,8 @@ class LoraCall:
     magnitude: Tensor | None
     weight_norm: Tensor | None
     trained_magnitude: bool
-    seed: int = dataclasses.field(default=-1, metadata=_NOT_KEYED)  # the caller's dropout seed, -1: drawn per call
-    lead: tuple | None = dataclasses.field(default=None, metadata=_NOT_KEYED)  # x's leading dims once prepared
+    seed: int = unkeyed(-1)  # the caller's dropout seed, -1: drawn per call
+    lead: tuple | None = unkeyed()  # x's leading dims once prepared
 
     @property
     def p(self) -> float:
