@@ -6,14 +6,17 @@
 The Triton kernels are imported on first use, so ``import fastpeft`` stays light on CPU-only machines.
 """
 from .backends import BackendUnavailableError, available_backends, backend_status
-from .layers import AdaptedModule, BottleneckAdapter, LoraAdapter, LoraLinear
+from .layers import AdaptedModule, BottleneckAdapter, Ia3Linear, LoraAdapter, LoraLinear
 from .model import (
     ADAPTER_CONFIGS,
     AdapterConfig,
+    adapter_layers,
     apply_adapters,
+    apply_ia3,
     apply_lora,
     delete_adapter,
     find_targets,
+    ia3_layers,
     lora_layers,
     merge_and_unload,
     mixed_batch,
@@ -27,6 +30,8 @@ from .ops import (
     adapter_bottleneck_reference,
     dora_weight_norm,
     dropout_mask,
+    ia3_linear,
+    ia3_linear_reference,
     lora_linear,
     lora_linear_mixed,
     lora_linear_mixed_reference,
@@ -39,12 +44,12 @@ from .peft_io import AdapterFileError, load_adapter, save_adapter
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError",
-    "BackendUnavailableError", "BottleneckAdapter", "LoraAdapter", "LoraLinear", "NF4Linear", "NF4Weight",
-    "adapter_bottleneck", "adapter_bottleneck_reference", "apply_adapters", "apply_lora", "available_backends",
-    "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets", "from_peft", "fuse",
-    "fuse_report",
-    "load_adapter", "lora_layers", "lora_linear", "lora_linear_mixed", "lora_linear_mixed_reference",
-    "lora_linear_reference", "merge_and_unload", "mixed_batch", "quantize_nf4", "remove_adapters", "save_adapter",
-    "set_adapter", "to_peft", "unfuse",
+    "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError", "BackendUnavailableError",
+    "BottleneckAdapter", "Ia3Linear", "LoraAdapter", "LoraLinear", "NF4Linear", "NF4Weight", "adapter_bottleneck",
+    "adapter_bottleneck_reference", "adapter_layers", "apply_adapters", "apply_ia3", "apply_lora",
+    "available_backends", "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets",
+    "ia3_layers", "ia3_linear", "ia3_linear_reference", "from_peft", "fuse", "fuse_report", "load_adapter",
+    "lora_layers", "lora_linear", "lora_linear_mixed", "lora_linear_mixed_reference", "lora_linear_reference",
+    "merge_and_unload", "mixed_batch", "quantize_nf4", "remove_adapters", "save_adapter", "set_adapter", "to_peft",
+    "unfuse",
 ]

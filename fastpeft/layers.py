@@ -1,4 +1,5 @@
-"""nn.Modules: ``LoraLinear``, a drop-in for ``nn.Linear`` that runs the fused LoRA op."""
+"""nn.Modules: ``LoraLinear``, a drop-in for ``nn.Linear`` that runs the fused LoRA op; ``Ia3Linear``, the same for
+(IA)³; ``BottleneckAdapter`` and ``AdaptedModule`` for bottleneck adapters."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ from .backends import requested_backend
 from .checks import HALF_DTYPES, check_activation, check_finite_number, check_positive_int, check_probability
 from .nf4 import NF4Linear, bnb_problem, is_bnb_4bit
 from .ops.adapter_bottleneck import adapter_bottleneck
+from .ops.ia3_linear import ia3_linear
 from .ops.lora_dora import DORA_EPS, dora_weight_norm, weight_sq_norm
 from .ops.lora_linear import lora_linear
 from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
@@ -588,6 +590,190 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"active_adapter={self.active_adapter!r}, merged_adapter={self.merged_adapter!r}, "
                 f"adapters_enabled={self.adapters_enabled}, backend={self.backend!r}")
+
+
+class Ia3Linear(nn.Module):
+    """``nn.Linear`` with (IA)³, computed by one fused op: ``y = (x Wᵀ + b) ⊙ l`` (an output scale: keys, values), or
+    ``y = (x ⊙ l) Wᵀ + b`` with ``feedforward=True`` (an input scale: PEFT's ``feedforward_modules``).
+
+    Wraps ``base`` (sharing its frozen weight and bias) and holds one learned vector per adapter name in ``ia3_l``,
+    shaped as HF PEFT keeps it, (out_features, 1) or (1, in_features), so parameter names and state-dict keys are
+    PEFT's (``ia3_l.<adapter>``). The vectors start at ones (``init_ia3_weights=True``; False: random, for tests)
+    and are fp32 on a float16/bfloat16 base when ``autocast_adapter_dtype`` (PEFT's default); ``ia3_l_vector`` is
+    the active one, flattened. ``backend`` as for :class:`LoraLinear`.
+    """
+
+    def __init__(self, base: nn.Linear, feedforward: bool = False, init_ia3_weights: bool = True, *,
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True, backend=None):
+        super().__init__()
+        base = _checked_base(base)
+        if not isinstance(feedforward, bool):
+            raise TypeError(f"feedforward must be a bool, got {feedforward!r}")
+        _check_adapter_name(adapter_name)
+        self.base_layer = base
+        self.feedforward = feedforward
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.ia3_l = nn.ParameterDict({adapter_name: self._new_vector(init_ia3_weights, autocast_adapter_dtype)})
+        self.active_adapter = adapter_name
+        self.merged_adapter: str | None = None
+        self.adapters_enabled = True
+        self.backend = _checked_backend(backend)
+        self.batch_adapter_names: list[str] | None = None  # set by fastpeft.mixed_batch for a whole model
+        base.requires_grad_(False)
+        self.train(base.training)
+
+    def _new_vector(self, init_ia3_weights, autocast_adapter_dtype) -> nn.Parameter:
+        if not isinstance(init_ia3_weights, bool):
+            raise TypeError(f"init_ia3_weights must be a bool, got {init_ia3_weights!r}")
+        weight = self.base_layer.weight
+        dtype = weight.dtype
+        if autocast_adapter_dtype and dtype in HALF_DTYPES or not dtype.is_floating_point:
+            dtype = torch.float32  # (a 4-bit base's dtype is its compute dtype)
+        shape = (1, self.in_features) if self.feedforward else (self.out_features, 1)
+        vector = torch.ones(shape) if init_ia3_weights else torch.randn(shape)
+        return nn.Parameter(vector.to(device=weight.device, dtype=dtype))
+
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+    adapters = property(lambda self: self.ia3_l, doc="The vectors by adapter name (PEFT's shapes).")
+    merged = property(lambda self: self.merged_adapter is not None)
+    ia3_l_vector = property(lambda self: self.ia3_l[self.active_adapter].view(-1),
+                            doc="The active adapter's vector, flattened: (out_features,) or (in_features,).")
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """``x (..., in_features)``. ``adapter_names``: one adapter name per sample (``"__base__"`` for none): a batch
+        of (IA)³ tasks, each sample scaled by its own task's vector in the same fused GEMM."""
+        if adapter_names is not None or self.batch_adapter_names is not None:
+            return self._mixed_forward(x, adapter_names if adapter_names is not None else self.batch_adapter_names,
+                                       strict=adapter_names is not None)
+        if not self.adapters_enabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if self.merged:
+            return self.base_layer(x)
+        base = self.base_layer
+        for hook in list(base._forward_pre_hooks.values()):  # (its forward never runs)
+            hook(base, (x,))
+        weight, bias = base.weight, base.bias
+        if isinstance(weight, QuantizedWeight) and not torch.is_autocast_enabled(x.device.type) \
+                and x.dtype != weight.dtype:  # as bitsandbytes runs its layer: computed in its dtype, returned in x's
+            out = ia3_linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype),
+                             self.ia3_l_vector, self.feedforward, self.backend)
+            return out.to(x.dtype)
+        return ia3_linear(x, weight, bias, self.ia3_l_vector, self.feedforward, self.backend)
+
+    def _mixed_forward(self, x, adapter_names, strict):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            raise ValueError("a mixed batch needs x of shape (batch, ..., in_features), with adapter_names naming one "
+                             f"adapter per sample, got {getattr(x, 'shape', type(x).__name__)}")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names must name one adapter per sample: x has {x.shape[0]} samples, "
+                             f"adapter_names has {len(adapter_names)}")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.ia3_l})
+        if strict and unknown:
+            raise ValueError(f"adapter_names has {unknown}, not adapters of this layer ({list(self.ia3_l)}; "
+                             f"{BASE_ADAPTER!r} for none)")
+        if self.merged:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before a mixed batch")
+        if not self.adapters_enabled:
+            return self.base_layer(x)
+        used = [n for n in dict.fromkeys(adapter_names) if n in self.ia3_l]
+        if not used:
+            return self.base_layer(x)
+        position = {n: i for i, n in enumerate(used)}
+        per_sample = torch.tensor([position.get(n, BASE_INDEX) for n in adapter_names], device=x.device)
+        index = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        return ia3_linear(x, self.weight, self.bias, [self.ia3_l[n].view(-1) for n in used], self.feedforward,
+                          self.backend, adapter_index=index)
+
+    def add_adapter(self, adapter_name: str, init_ia3_weights: bool = True, *,
+                    autocast_adapter_dtype: bool | None = None) -> nn.Parameter:
+        """Add another named vector; the active adapter does not change."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.ia3_l:
+            raise ValueError(f"adapter {adapter_name!r} exists already (adapters: {list(self.ia3_l)})")
+        autocast = self.autocast_adapter_dtype if autocast_adapter_dtype is None else autocast_adapter_dtype
+        self.ia3_l[adapter_name] = vector = self._new_vector(init_ia3_weights, autocast)
+        return vector
+
+    set_adapter_problem = LoraLinear.set_adapter_problem
+    set_adapter = LoraLinear.set_adapter
+    delete_adapter_problem = LoraLinear.delete_adapter_problem
+    delete_adapter = LoraLinear.delete_adapter
+    disable_adapters = LoraLinear.disable_adapters
+    enable_adapters = LoraLinear.enable_adapters
+
+    def _scales(self, name):
+        """The vector of ``name`` as it scales W: a column (rows of W, output scale) or a row (columns, input)."""
+        return self.ia3_l[name].detach()
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Fold the active vector into the base: W's rows (output scale, and the bias with them, as PEFT does) or its
+        columns (input scale) multiplied in fp32 and rounded once to the weight's dtype; forward then runs the base
+        alone. ``safe=True`` checks the rounded result first (NaN/Inf raises ``ValueError``, nothing changed)."""
+        if self.merged:
+            warnings.warn("Ia3Linear.merge: the adapter is already merged; nothing done", stacklevel=2)
+            return
+        if isinstance(self.base_layer, QuantizedLinear):
+            raise RuntimeError(f"merging into a {self.base_layer.weight.base_name} would requantise it: "
+                               "fastpeft.merge_and_unload gives an nn.Linear with the dequantised weight and the "
+                               "vector merged")
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        scale = self._scales(self.active_adapter)
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        merged = (weight.to(wide) * scale.to(wide)).to(weight.dtype)
+        merged_bias = None
+        if bias is not None and not self.feedforward:
+            merged_bias = (bias.to(wide) * scale.view(-1).to(wide)).to(bias.dtype)
+        if safe and not (torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())):
+            raise ValueError(f"Ia3Linear.merge(safe=True): the merged weight would contain NaN/Inf in {weight.dtype}; "
+                             "the weight was left unchanged")
+        weight.copy_(merged)
+        if merged_bias is not None:
+            bias.copy_(merged_bias)
+        self.merged_adapter = self.active_adapter
+
+    def unmerge_problem(self) -> str | None:
+        """Why :meth:`unmerge` would refuse (None when it would not): a zero in the merged vector zeroed W's rows or
+        columns, which cannot be divided back out."""
+        if not self.merged:
+            return None
+        zeros = (self._scales(self.merged_adapter).view(-1) == 0).nonzero().flatten()
+        if zeros.numel():
+            side = "columns" if self.feedforward else "rows"
+            return (f"adapter {self.merged_adapter!r} has zeros at {zeros[:8].tolist()}"
+                    f"{'…' if zeros.numel() > 8 else ''}: merging zeroed those {side} of the weight, which cannot be "
+                    "recovered; reload the base weights instead")
+        return None
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Divide the merged vector back out (in fp32, rounded once: the weight as it was, up to that rounding);
+        refused, changing nothing, where the vector has zeros (:meth:`unmerge_problem`)."""
+        if not self.merged:
+            warnings.warn("Ia3Linear.unmerge: the adapter is not merged; nothing done", stacklevel=2)
+            return
+        problem = self.unmerge_problem()
+        if problem is not None:
+            raise ValueError(f"Ia3Linear.unmerge refused: {problem}")
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        scale = self._scales(self.merged_adapter)
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        weight.copy_((weight.to(wide) / scale.to(wide)).to(weight.dtype))
+        if bias is not None and not self.feedforward:
+            bias.copy_((bias.to(wide) / scale.view(-1).to(wide)).to(bias.dtype))
+        self.merged_adapter = None
+
+    def extra_repr(self) -> str:
+        return (f"feedforward={self.feedforward}, active_adapter={self.active_adapter!r}, "
+                f"merged_adapter={self.merged_adapter!r}, adapters_enabled={self.adapters_enabled}, "
+                f"backend={self.backend!r}")
 
 
 class BottleneckAdapter(nn.Module):

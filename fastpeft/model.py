@@ -1,4 +1,4 @@
-"""Whole-model helpers: put LoRA on chosen ``nn.Linear`` layers and merge it back out; insert bottleneck
+"""Whole-model helpers: put LoRA or (IA)³ on chosen ``nn.Linear`` layers and merge them back out; insert bottleneck
 adapters after or beside chosen modules and take them out again."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .layers import (
     BASE_ADAPTER,
     AdaptedModule,
     BottleneckAdapter,
+    Ia3Linear,
     LoraAdapter,
     LoraLinear,
     _check_adapter_name,
@@ -25,6 +26,9 @@ from .layers import (
 )
 from .nf4 import DEFAULT_BLOCKSIZE, NF4Linear, quantize_nf4_weight
 from .quantized import QuantizedLinear
+
+# The layers that hold named adapters over a base layer (which is inside them: never a target of its own).
+ADAPTER_LAYERS = (LoraLinear, Ia3Linear)
 
 
 def _inside_lora_layer(name: str, lora_prefixes: list[str]) -> bool:
@@ -41,7 +45,7 @@ def find_targets(model: nn.Module, target_modules) -> list[str]:
     ``ValueError`` when the pattern, or any entry of the list, matches nothing.
     """
     modules = dict(model.named_modules(remove_duplicate=False))  # a module used at two places has both names
-    lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
+    lora_prefixes = [n for n, m in modules.items() if isinstance(m, ADAPTER_LAYERS)]
     names = [n for n in modules if n and not _inside_lora_layer(n, lora_prefixes)]
     linear_names = [n for n in names if isinstance(modules[n], (nn.Linear, QuantizedLinear))]
     hint = f" (the model's linear layers: {', '.join(linear_names[:12])}{', …' if len(linear_names) > 12 else ''})"
@@ -70,6 +74,7 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
     """Freeze the model's own parameters; the adapters already in it (LoRA or bottleneck) keep their flags."""
     keep = [(p, p.requires_grad) for m in model.modules() if isinstance(m, (LoraAdapter, BottleneckAdapter))
             for p in m.parameters()]
+    keep += [(p, p.requires_grad) for m in model.modules() if isinstance(m, Ia3Linear) for p in m.ia3_l.values()]
     model.requires_grad_(False)
     for param, flag in keep:
         param.requires_grad_(flag)
@@ -106,7 +111,7 @@ def shared_places(model: nn.Module, kinds) -> list[list[str]]:
 def _inside_lora(model: nn.Module) -> dict[int, str]:
     """The modules inside LoRA layers (their bases), by identity, with a path there: one of them reachable at another
     place too must not be wrapped there (a LoRA layer inside a LoRA layer) nor quantised."""
-    prefixes = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LoraLinear)]
+    prefixes = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, ADAPTER_LAYERS)]
     return {id(m): n for n, m in model.named_modules(remove_duplicate=False) if _inside_lora_layer(n, prefixes)}
 
 
@@ -218,6 +223,8 @@ def apply_lora(model: nn.Module, target_modules, r=8, lora_alpha=8, lora_dropout
         module = model.get_submodule(name)
         if id(module) in inside:
             bad[name] = f"is also the base layer at {inside[id(module)]} (a LoRA layer inside a LoRA layer never runs)"
+        elif isinstance(module, Ia3Linear):
+            bad[name] = "an (IA)³ layer already (one method per layer)"
         elif isinstance(module, LoraLinear):
             if adapter_name in module.adapters:
                 bad[name] = f"already has an adapter named {adapter_name!r}"
@@ -266,9 +273,100 @@ def _build_lora(model, names, new_layers, new_adapters, r, lora_alpha, lora_drop
                                           backend=backend, use_dora=use_dora)
 
 
-def layers_with_adapter(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear]:
-    """The LoRA layers of ``model`` that have an adapter named ``adapter_name``, by qualified name."""
-    return {n: m for n, m in lora_layers(model).items() if adapter_name in m.adapters}
+def apply_ia3(model: nn.Module, target_modules, feedforward_modules=None, init_ia3_weights=True, *,
+              adapter_name="default", autocast_adapter_dtype=True, backend=None) -> nn.Module:
+    """Replace every selected ``nn.Linear`` of ``model`` with an :class:`Ia3Linear`, in place, as HF PEFT's IA3 does;
+    a selected layer that is an Ia3Linear already gets ``adapter_name`` as one more named vector.
+
+    ``target_modules`` as in :func:`find_targets`. ``feedforward_modules`` picks the targets whose input is scaled
+    (the rest scale their output), as PEFT reads it: a regex string matched against the whole qualified name, or a
+    list of names each target's name may end with; every feed-forward module must be a target. The model's own
+    parameters are frozen. Everything is checked and built before the model changes. Returns ``model``.
+    """
+    if backend is not None:
+        requested_backend(backend)
+    names = _one_name_each(model, find_targets(model, target_modules))
+    feedforward = {name: _is_feedforward(name, feedforward_modules) for name in names}
+    if feedforward_modules is not None and not isinstance(feedforward_modules, str):
+        stray = [f for f in feedforward_modules if not any(name.endswith(f) for name in names)]
+        if stray:
+            raise ValueError(f"feedforward_modules {stray} select no target module: feedforward_modules must be a "
+                             "subset of target_modules (as in PEFT's IA3Config)")
+    inside = _inside_lora(model)
+    bad = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if id(module) in inside:
+            bad[name] = f"is also the base layer at {inside[id(module)]}"
+        elif isinstance(module, Ia3Linear):
+            if adapter_name in module.ia3_l:
+                bad[name] = f"already has an adapter named {adapter_name!r}"
+            elif module.feedforward != feedforward[name]:
+                bad[name] = (f"is an (IA)³ layer scaling its {'input' if module.feedforward else 'output'}; "
+                             "feedforward_modules would make the new vector scale the other side")
+        elif isinstance(module, LoraLinear):
+            bad[name] = "a LoRA layer already (one method per layer)"
+        elif (problem := lora_wrap_problem(module)) is not None:
+            bad[name] = problem
+    if bad:
+        listed = "; ".join(f"{n}: {why}" for n, why in bad.items())
+        raise TypeError(f"apply_ia3: target_modules selected modules it cannot wrap ({listed})")
+    new_layers, new_vectors = {}, {}
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for name in names:
+            module = model.get_submodule(name)
+            if isinstance(module, Ia3Linear):
+                _check_adapter_name(adapter_name)
+                new_vectors[name] = module._new_vector(init_ia3_weights, autocast_adapter_dtype)
+            else:
+                new_layers[name] = Ia3Linear(module, feedforward[name], init_ia3_weights, adapter_name=adapter_name,
+                                             autocast_adapter_dtype=autocast_adapter_dtype, backend=backend)
+    except BaseException:
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        raise
+    _freeze_all_but_adapters(model)
+    _replace_modules(model, new_layers)
+    for layer in new_layers.values():
+        layer.ia3_l.requires_grad_(True)
+    for name, vector in new_vectors.items():
+        layer = model.get_submodule(name)
+        layer.ia3_l[adapter_name] = vector
+        if backend is not None:
+            layer.backend = backend
+    return model
+
+
+def _is_feedforward(name: str, feedforward_modules) -> bool:
+    """PEFT's rule: a regex string matches the whole name; a list entry the name ends with (no dot needed)."""
+    if feedforward_modules is None:
+        return False
+    if isinstance(feedforward_modules, str):
+        try:
+            return re.fullmatch(feedforward_modules, name) is not None
+        except re.error as err:
+            raise ValueError(f"feedforward_modules {feedforward_modules!r} is not a valid regular expression: "
+                             f"{err}") from None
+    if not isinstance(feedforward_modules, Iterable) or not all(isinstance(f, str) and f for f in feedforward_modules):
+        raise ValueError(f"feedforward_modules must be a regex string or a list of module names, got "
+                         f"{feedforward_modules!r}")
+    return any(name.endswith(f) for f in feedforward_modules)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, LoraLinear | Ia3Linear]:
+    """Every fastpeft layer holding named adapters (:class:`LoraLinear`, :class:`Ia3Linear`), by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS)}
+
+
+def ia3_layers(model: nn.Module) -> dict[str, Ia3Linear]:
+    """Every :class:`Ia3Linear` in ``model``, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Ia3Linear)}
+
+
+def layers_with_adapter(model: nn.Module, adapter_name: str) -> dict[str, LoraLinear | Ia3Linear]:
+    """The adapter layers (LoRA or (IA)³) of ``model`` that have an adapter named ``adapter_name``, by name."""
+    return {n: m for n, m in adapter_layers(model).items() if adapter_name in m.adapters}
 
 
 def _layers_checked(model: nn.Module, adapter_name: str, action: str, error) -> list[LoraLinear]:
@@ -276,7 +374,7 @@ def _layers_checked(model: nn.Module, adapter_name: str, action: str, error) -> 
     layer raises ``error`` listing them all, before any layer changes."""
     layers = layers_with_adapter(model, adapter_name)
     if not layers:
-        raise KeyError(f"no LoRA layer has an adapter named {adapter_name!r}")
+        raise KeyError(f"no LoRA layer has an adapter named {adapter_name!r} (nor any (IA)³ layer)")
     problems = {name: getattr(layer, f"{action}_problem")(adapter_name) for name, layer in layers.items()}
     problems = {name: why for name, why in problems.items() if why is not None}
     if problems:
@@ -286,7 +384,7 @@ def _layers_checked(model: nn.Module, adapter_name: str, action: str, error) -> 
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Activate ``adapter_name`` in every LoRA layer that has it; raises if none does, or (changing nothing) if
+    """Activate ``adapter_name`` in every LoRA or (IA)³ layer that has it; raises if none does, or (changing nothing) if
     any of them has another adapter merged."""
     for layer in _layers_checked(model, adapter_name, "set_adapter", RuntimeError):
         layer.set_adapter(adapter_name)
@@ -294,7 +392,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Delete ``adapter_name`` from every LoRA layer that has it; raises if none does, or (changing nothing) if
+    """Delete ``adapter_name`` from every LoRA or (IA)³ layer that has it; raises if none does, or (changing nothing) if
     it is the only adapter of any of them."""
     for layer in _layers_checked(model, adapter_name, "delete_adapter", ValueError):
         layer.delete_adapter(adapter_name)
@@ -317,9 +415,9 @@ def mixed_batch(model: nn.Module, adapter_names):
     block too."""
     if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     if not layers:
-        raise ValueError("model has no fastpeft LoRA layers")
+        raise ValueError("model has no fastpeft LoRA or (IA)³ layers")
     known = {n for layer in layers.values() for n in layer.adapters}
     unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in known})
     if unknown:
@@ -386,7 +484,7 @@ def quantize_nf4(module: nn.Module | Tensor, *, blocksize: int = DEFAULT_BLOCKSI
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every LoRA layer's update into its base weight and put the plain ``nn.Linear`` back.
+    """Merge every LoRA or (IA)³ layer's update into its base weight and put the plain ``nn.Linear`` back.
 
     Returns the model (or the bare ``nn.Linear`` when ``model`` itself is a LoraLinear). Base parameters
     stay frozen, as they were under LoRA. A 4-bit (NF4) base is dequantised, not requantised: its layer becomes an
@@ -394,9 +492,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     LoRA update's precision; :func:`quantize_nf4` does it on request). Those dense layers are all built before the
     model changes.
     """
-    if isinstance(model, LoraLinear):
+    if isinstance(model, ADAPTER_LAYERS):
         return _merged_base(model)
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     dense = {name: _dequantized_merged(layer) for name, layer in layers.items() if isinstance(layer.base_layer,
                                                                                                QuantizedLinear)}
     _replace_modules(model, {name: dense[name] if name in dense else _merged_base(layer)
@@ -412,10 +510,14 @@ def _merged_base(layer: LoraLinear) -> nn.Module:
     return layer.base_layer
 
 
-def _dequantized_merged(layer: LoraLinear) -> nn.Linear:
+def _dequantized_merged(layer: LoraLinear | Ia3Linear) -> nn.Linear:
     """An nn.Linear with a 4-bit layer's weight dequantised and its active adapter merged (the layer unchanged)."""
     dense = layer.base_layer.dequantized()
-    merged = LoraLinear.from_adapters(dense, dict(layer.adapters), layer.active_adapter)
+    if isinstance(layer, Ia3Linear):
+        merged = Ia3Linear(dense, layer.feedforward)
+        merged.ia3_l["default"].data.copy_(layer.ia3_l[layer.active_adapter].detach())
+    else:
+        merged = LoraLinear.from_adapters(dense, dict(layer.adapters), layer.active_adapter)
     merged.merge()
     return dense
 

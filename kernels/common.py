@@ -109,16 +109,20 @@ def nf4_tile(packed_ptr, idx, mask, absmax, code_ptr, W_DTYPE: tl.constexpr, COM
     first) of byte i // 2."""
     byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0)
     nibble = (byte >> ((1 - (idx & 1)) * 4).to(tl.uint8)) & 15
-    w = tl.load(code_ptr + nibble) * absmax
-    if W_DTYPE == tl.bfloat16 and COMPUTE == tl.float32:
-        # Only under the interpreter (which computes bf16 in fp32): its fp32 -> bf16 cast truncates, a GPU's rounds to
-        # nearest even; round by hand, so the tile is the same bits on both.
-        bits = w.to(tl.uint32, bitcast=True)
+    return rounded(tl.load(code_ptr + nibble) * absmax, W_DTYPE, COMPUTE)
+
+
+@triton.jit
+def rounded(v, DTYPE: tl.constexpr, COMPUTE: tl.constexpr):
+    """fp32 ``v`` rounded to DTYPE (to nearest even), held in COMPUTE: DTYPE itself on a GPU; under the interpreter,
+    which computes bf16 in fp32 and whose fp32 -> bf16 cast truncates, rounded by hand so the bits are a GPU's."""
+    if DTYPE == tl.bfloat16 and COMPUTE == tl.float32:
+        bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        tile = bits.to(tl.float32, bitcast=True)
+        out = bits.to(tl.float32, bitcast=True)
     else:
-        tile = w.to(W_DTYPE)
-    return tile
+        out = v.to(DTYPE)
+    return out
 
 
 @triton.jit
@@ -155,12 +159,16 @@ def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, st
                 COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                 absmax_ptr=None, code_ptr=None, absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset_ptr=None,
                 NF4: tl.constexpr = False, NESTED: tl.constexpr = False, QBLOCK: tl.constexpr = 64,
-                QBLOCK2: tl.constexpr = 256, ALIGNED: tl.constexpr = 0):
+                QBLOCK2: tl.constexpr = 256, ALIGNED: tl.constexpr = 0,
+                in_scale_ptr=None, scale_rows=None, stride_st=0, IN_SCALE: tl.constexpr = 0):
     """acc += a[rm_load, :K] · b[:K, rn_load], tiles multiplied in COMPUTE, accumulated in fp32: the K loop of every
     GEMM kernel here (rm_load/rn_load are int64 row and column indices, wrapped into range so that loads need no
     row or column masks; EVEN_K: K is a multiple of BLOCK_K, so they need no K masks either).
     NF4 (a 4-bit base): b_ptr is the packed codes of W, and b's tile is dequantised as it loads (:func:`nf4_b_tile`);
     b is Wᵀ or W with the strides a dense contiguous W would have, which are what give each element's flat index.
+    IN_SCALE ((IA)³ on a feed-forward layer): a's columns are scaled as its tiles load, a ⊙ s rounded to a's dtype
+    (what PEFT's scaled copy of x holds) — 1: s = in_scale (K,) for every row; 2: each row its own, row
+    ``scale_rows[i]`` of the table at in_scale_ptr (rows ``stride_st`` apart; -1: no scale).
     """
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
@@ -174,6 +182,13 @@ def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, st
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if IN_SCALE == 1:
+            scale = tl.load(in_scale_ptr + k * BLOCK_K + rk, mask=k_ok, other=0.0)[None, :]
+            a = rounded(a.to(tl.float32) * scale, a_ptr.dtype.element_ty, COMPUTE)
+        elif IN_SCALE == 2:
+            scale = tl.load(in_scale_ptr + scale_rows[:, None] * stride_st + (k * BLOCK_K + rk)[None, :],
+                            mask=(scale_rows >= 0)[:, None] & k_ok[None, :], other=1.0)
+            a = rounded(a.to(tl.float32) * scale, a_ptr.dtype.element_ty, COMPUTE)
         if NF4:
             b = nf4_b_tile(b_ptr, k * BLOCK_K, rk, rn_load, n0, k_ok, stride_bk, stride_bn, absmax_ptr, code_ptr,
                            absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, a_ptr.dtype.element_ty, COMPUTE,
@@ -196,7 +211,7 @@ _SPILLING = {}
 
 @dataclass(frozen=True)
 class Member:
-    """A LoRA-family member (DoRA, a mixed-adapter batch, a 4-bit base) as a feature of an op's shared kernels,
+    """A LoRA-family member (DoRA, a mixed-adapter batch, a 4-bit base, (IA)³) as a feature of an op's shared kernels,
     declared once: what the tuning side and the ahead-of-time compile know of it derives from this.
 
     ``switch``: the constexpr that marks the member on, in every kernel it touches. ``launches``: kernel name ->
@@ -214,9 +229,10 @@ class Member:
     configs: dict = field(default_factory=dict)
     shared_memory: dict = field(default_factory=dict)
     spills: object = None
+    inverted: bool = False  # on where the switch is off ((IA)³: LOWRANK, the GEMM without its low-rank term)
 
     def on(self, blocks: dict) -> bool:
-        return bool(blocks.get(self.switch))
+        return bool(blocks.get(self.switch, not self.inverted)) != self.inverted
 
     def profile(self, base: str) -> str:
         first, _, rest = base.partition(", ")

@@ -3,7 +3,8 @@ backward's dX.
 
 Written as a low-rank prologue, the base K loop (``common.gemm_k_loop``; a 4-bit base dequantises W's tiles as it
 loads them) and an epilogue: the seams where the LoRA-family members plug in as constexpr switches. DoRA scales
-columns in the epilogue, mixed-adapter batches pick each row tile's adapter in the prologue, and the schedule
+columns in the epilogue; (IA)³, with the low-rank term off, scales a's columns in the K loop or out's columns in the
+epilogue; mixed-adapter batches pick each row tile's adapter in the prologue; and the
 schedules (``GEMM_SCHEDULES``) move the low-rank term after the K loop, leave the base product to cuBLAS, or read the
 operands by TMA on a persistent grid (``_lora_gemm_tma_kernel``, Hopper).
 """
@@ -28,16 +29,18 @@ def _lora_gemm_kernel(
     a_ptr, b_ptr, l_ptr, u_ptr, bias_ptr, out_ptr, col_scale_ptr, pre_ptr,
     rows_ptr, tile_adapter_ptr, tile_lowrank_scale_ptr, tile_p_ptr,
     absmax_ptr, code_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr,
+    in_scale_ptr, scale_rows_ptr, dot_ptr, dot_part_ptr,
     M, N, K, R, M_BUCKET, TILED_M,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_lm, stride_lr, stride_ur, stride_un, stride_ua,
-    stride_om, stride_on,
+    stride_om, stride_on, stride_st, stride_dm, stride_dn,
     lowrank_scale, seed, p,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, LOWRANK_LAST: tl.constexpr, BASE_IN_OUT: tl.constexpr,
     COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr, MIXED: tl.constexpr,
     NF4: tl.constexpr, NESTED: tl.constexpr, QBLOCK: tl.constexpr, QBLOCK2: tl.constexpr, ALIGNED: tl.constexpr,
+    LOWRANK: tl.constexpr, IN_SCALE: tl.constexpr, BIAS_FIRST: tl.constexpr, COL_DOT: tl.constexpr,
 ):
     """out (M, N) = [scale (N) ⊙] (a (M, K) · b (K, N) + lowrank_scale · [mask ⊙] (l (M, R) · u (R, N)) [+ out])
     + bias (N).
@@ -57,6 +60,12 @@ def _lora_gemm_kernel(
     NF4 (a 4-bit base W): b_ptr holds W's packed codes, its tiles dequantised as the K loop loads them (the absmax
     and code-book pointers, NESTED for double-quantised absmaxes, QBLOCK and QBLOCK2 the block sizes, ALIGNED how
     the absmaxes are loaded: see ``common.nf4_b_tile``).
+    (IA)³, with LOWRANK off (no low-rank term: l, u and their scale are not read): IN_SCALE scales a's columns in the
+    K loop (``common.gemm_k_loop``; 2: each row i by row ``scale_rows[i]`` of the table at in_scale_ptr, rows
+    ``stride_st`` apart, -1 none); COL_SCALE 2 scales out's columns likewise by rows of the table at col_scale_ptr;
+    BIAS_FIRST adds the bias before the scale ((x Wᵀ + b) ⊙ l); COL_DOT writes, before the scale, the column sums of
+    acc ⊙ dot (dot of out's shape, strides stride_dm, stride_dn) over each DOT_ROWS rows to dot_part (rows
+    ``cdiv(M, DOT_ROWS)``, N columns): dl of an input scale, where dY W is at hand.
     """
     if MIXED:
         pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), TILED_M, N, BLOCK_M, BLOCK_N,
@@ -73,23 +82,31 @@ def _lora_gemm_kernel(
                                        COMPUTE, BLOCK_R)
             acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
     else:
-        _, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
-                                   lowrank_scale, COMPUTE, BLOCK_R)
-        if LOWRANK_LAST:
+        pid_m, pid_n, rm, rn, rm_load, rn_load = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        if LOWRANK:
+            lo, up = _lowrank_operands(l_ptr, u_ptr, rm_load, rn_load, R, stride_lm, stride_lr, stride_ur, stride_un,
+                                       lowrank_scale, COMPUTE, BLOCK_R)
+        if LOWRANK_LAST or not LOWRANK:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
             acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
+    scale_rows = rm_load
+    if IN_SCALE == 2 or COL_SCALE == 2:  # (IA)³ mixed: each row's vector, -1 for none
+        scale_rows = tl.load(scale_rows_ptr + rm_load).to(tl.int64)
 
     if not BASE_IN_OUT:  # the base K loop (NF4: W's tiles dequantised as they load)
         acc = gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, stride_bk, stride_bn,
                           COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K, absmax_ptr, code_ptr, absmax_code_ptr,
-                          absmax_scale_ptr, absmax_offset_ptr, NF4, NESTED, QBLOCK, QBLOCK2, ALIGNED)
-    if LOWRANK_LAST and not MIXED:
+                          absmax_scale_ptr, absmax_offset_ptr, NF4, NESTED, QBLOCK, QBLOCK2, ALIGNED,
+                          in_scale_ptr, scale_rows, stride_st, IN_SCALE)
+    if LOWRANK_LAST and LOWRANK and not MIXED:
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
+    if COL_DOT:
+        _column_dot(acc, dot_ptr, dot_part_ptr, rm, rn, rm_load, rn_load, pid_m, M, N, stride_dm, stride_dn,
+                    BLOCK_M)
 
     _gemm_epilogue(acc, bias_ptr, out_ptr, col_scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
-                   HAS_BIAS, BASE_IN_OUT, COL_SCALE, STORE_PRE)
+                   HAS_BIAS, BASE_IN_OUT, COL_SCALE, STORE_PRE, scale_rows, stride_st, BIAS_FIRST)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -147,18 +164,44 @@ def _lowrank_term(lo, up, rm, n0, N, seed, p, DROPOUT: tl.constexpr, DOT_PRECISI
     return term
 
 
+# The rows each partial of COL_DOT's column sums covers: every config's BLOCK_M is a multiple, so every config writes
+# every partial (the buffer is sized before autotuning picks one, and no stale partial survives a config change).
+DOT_ROWS = 32
+_DOT_ROWS = tl.constexpr(DOT_ROWS)  # (the kernels' copy)
+
+
+@triton.jit
+def _column_dot(acc, dot_ptr, dot_part_ptr, rm, rn, rm_load, rn_load, pid_m, M, N, stride_dm, stride_dn,
+                BLOCK_M: tl.constexpr):
+    """dot_part[pid_m·(BLOCK_M/DOT_ROWS) + j, n] = Σ over rows j·DOT_ROWS.. of this tile of acc ⊙ dot (fp32)."""
+    other = tl.load(dot_ptr + rm_load[:, None] * stride_dm + rn_load[None, :] * stride_dn).to(tl.float32)
+    product = tl.where((rm < M)[:, None], acc * other, 0.0)
+    parts = tl.sum(tl.reshape(product, (BLOCK_M // _DOT_ROWS, _DOT_ROWS, product.shape[1])), axis=1)
+    prow = pid_m * (BLOCK_M // _DOT_ROWS) + tl.arange(0, BLOCK_M // _DOT_ROWS)
+    tl.store(dot_part_ptr + prow[:, None].to(tl.int64) * N + rn[None, :], parts,
+             mask=(prow < tl.cdiv(M, _DOT_ROWS))[:, None] & (rn < N)[None, :])
+
+
 @triton.jit
 def _gemm_epilogue(acc, bias_ptr, out_ptr, col_scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
-                   HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr):
-    """What out holds, DoRA's column scale (the unscaled tile kept in pre first), the bias, then the store."""
+                   HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
+                   scale_rows=None, stride_st=0, BIAS_FIRST: tl.constexpr = False):
+    """What out holds, the column scale (DoRA's, or (IA)³'s: 2 gathers each row's from a table by ``scale_rows``;
+    the unscaled tile kept in pre first), the bias (BIAS_FIRST: before the scale), then the store."""
     in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
     offsets = rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
     if ADD_OUT:
         acc += tl.load(out_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
+    if HAS_BIAS and BIAS_FIRST:
+        acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
     if COL_SCALE:
         if STORE_PRE:
             tl.store(pre_ptr + offsets, acc.to(pre_ptr.dtype.element_ty), mask=in_bounds)
-        acc = acc * tl.load(col_scale_ptr + rn_load)[None, :]
-    if HAS_BIAS:
+        if COL_SCALE == 2:
+            acc = acc * tl.load(col_scale_ptr + scale_rows[:, None] * stride_st + rn_load[None, :],
+                                mask=(scale_rows >= 0)[:, None], other=1.0).to(tl.float32)
+        else:
+            acc = acc * tl.load(col_scale_ptr + rn_load).to(tl.float32)[None, :]
+    if HAS_BIAS and not BIAS_FIRST:
         acc += tl.load(bias_ptr + rn_load).to(tl.float32)[None, :]
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=in_bounds)

@@ -92,8 +92,21 @@ class MixedLaunch:
     stride_ua: int
 
 
+@dataclass
+class ScaleLaunch:
+    """(IA)³'s part of one GEMM launch (no low-rank term): ``in_scale`` scales a's columns as the K loop loads them,
+    ``col_scale`` (the launch's) out's columns, both fp32 vectors, or with ``scale_rows`` (M,) int32 tables whose row
+    ``scale_rows[i]`` scales row i (-1: none); ``bias_first`` adds the bias before the column scale; ``dot`` (out's
+    shape) asks for ``dot_part`` (cdiv(M, DOT_ROWS), N) fp32, the column sums of (a · b) ⊙ dot per DOT_ROWS rows."""
+    in_scale: torch.Tensor | None = None
+    scale_rows: torch.Tensor | None = None
+    bias_first: bool = False
+    dot: torch.Tensor | None = None
+    dot_part: torch.Tensor | None = None
+
+
 def lora_gemm(a, b, lo, up, bias, out, lowrank_scale: float, seed: int = 0, dropout_p: float = 0.0, schedule=None, *,
-              col_scale=None, pre=None, mixed: MixedLaunch | None = None):
+              col_scale=None, pre=None, mixed: MixedLaunch | None = None, scales: ScaleLaunch | None = None):
     """out (M, N) = a (M, K) · b (K, N) + lowrank_scale · [keep ⊙] (lo (M, R) · up (R, N)) + bias — any strides, so
     transposed views (Wᵀ, Bᵀ) cost nothing. The keep-mask of ``seed`` applies when ``dropout_p`` > 0.
     ``schedule``: one of ``GEMM_SCHEDULES``; None takes ``$FASTPEFT_GEMM_SCHEDULE`` (default "prologue").
@@ -102,10 +115,14 @@ def lora_gemm(a, b, lo, up, bias, out, lowrank_scale: float, seed: int = 0, drop
     ``lowrank_scale`` and ``dropout_p`` per tile; prologue order). ``b`` may be an :class:`NF4Operand` (a 4-bit base),
     dequantised tile by tile in the K loop; "cublas" dequantises it instead a chunk of W's rows at a time
     (``NF4_GPU_CHUNK`` elements) for cuBLAS, and "tma", which needs a dense b, runs "prologue".
+    ``scales`` ((IA)³): ``lo`` and ``up`` are None (no low-rank term), the GEMM runs the "prologue" schedule (no
+    low-rank term to place), see :class:`ScaleLaunch`.
     """
     schedule = gemm_schedule(schedule)
     M, K = a.shape
-    N, R = b.shape[1], lo.shape[1]
+    N, R = b.shape[1], (lo.shape[1] if lo is not None else 0)
+    if scales is not None:
+        schedule = "prologue"
     on_cpu = a.device.type == "cpu"
     quant, quant_args, b_arg = _DENSE, (None,) * 5, b
     if isinstance(b, NF4Operand):
@@ -113,7 +130,12 @@ def lora_gemm(a, b, lo, up, bias, out, lowrank_scale: float, seed: int = 0, drop
         schedule = "prologue" if schedule == "tma" else schedule
     if pre is not None and (pre.shape != out.shape or pre.stride() != out.stride()):
         raise ValueError("lora_gemm: pre must have out's shape and strides")
-    dora = dict(COL_SCALE=col_scale is not None, STORE_PRE=pre is not None)
+    scales = scales or ScaleLaunch()
+    table = scales.scale_rows is not None
+    dora = dict(COL_SCALE=(2 if table else 1) if col_scale is not None else 0, STORE_PRE=pre is not None)
+    ia3 = dict(LOWRANK=lo is not None, IN_SCALE=(2 if table else 1) if scales.in_scale is not None else 0,
+               BIAS_FIRST=scales.bias_first, COL_DOT=scales.dot is not None)
+    stride_st = next((t.stride(0) for t in (scales.in_scale, col_scale) if t is not None and t.dim() == 2), 0)
     if mixed is not None:
         schedule = "prologue"
     if schedule == "tma":
@@ -135,13 +157,17 @@ def lora_gemm(a, b, lo, up, bias, out, lowrank_scale: float, seed: int = 0, drop
     launch(tuned, _gemm, default, INTERPRET_GEMM,
             lambda c: (triton.cdiv(tiled_m, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),), on_cpu,
             a, b_arg, lo, up, None if bias is None else bias.contiguous(), out, col_scale, pre, *tables,
-            *quant_args, M, N, K, R, triton.next_power_of_2(M), tiled_m,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), lo.stride(0), lo.stride(1),
-            up.stride(0), up.stride(1), mixed.stride_ua if mixed is not None else 0, out.stride(0), out.stride(1),
+            *quant_args, scales.in_scale, scales.scale_rows, scales.dot, scales.dot_part,
+            M, N, K, R, triton.next_power_of_2(M), tiled_m,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), *(lo.stride() if lo is not None else (0, 0)),
+            *(up.stride() if up is not None else (0, 0)), mixed.stride_ua if mixed is not None else 0,
+            out.stride(0), out.stride(1), stride_st,
+            *(scales.dot.stride() if scales.dot is not None else (0, 0)),
             lowrank_scale, seed, dropout_p,
             HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0, COMPUTE=compute_dtype(a.dtype, on_cpu),
-            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(R), LOWRANK_LAST=schedule == "epilogue",
-            BASE_IN_OUT=schedule == "cublas", MIXED=mixed is not None, **dora, **quant, **_exact_absmax(quant["NF4"]))
+            DOT_PRECISION=dot_precision(a.dtype), BLOCK_R=_rank_block(max(R, 1)), LOWRANK_LAST=schedule == "epilogue",
+            BASE_IN_OUT=schedule == "cublas", MIXED=mixed is not None, **dora, **quant, **_exact_absmax(quant["NF4"]),
+            **ia3)
 
 
 # 8 MiB in bf16) for cuBLAS, so the layer is never whole in full precision.

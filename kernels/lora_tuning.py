@@ -203,7 +203,7 @@ def _dora_epilogue_spills(b, num_warps):
 
 
 _DORA_EPILOGUE = dict(col_scale_ptr="fp32", pre_ptr="bf16",  # the unscaled product kept for dm
-                      constexprs=dict(COL_SCALE=True, STORE_PRE=True))
+                      constexprs=dict(COL_SCALE=1, STORE_PRE=True))
 DORA = Member(
     "DoRA", "COL_SCALE",
     launches={"_lora_gemm_kernel": {"forward": _DORA_EPILOGUE},
@@ -214,7 +214,53 @@ DORA = Member(
     shared_memory={"_lora_bwd_dy_kernel": _dora_dy_shared},
     spills=_dora_epilogue_spills)
 
-MEMBERS = (NF4_BASE, MIXED_BATCH, DORA)
+# (IA)³: the GEMM without its low-rank term (l, u off). Its input-side scale multiplies a's tiles in the K loop (an
+# input scale's forward, an output scale's dX); its epilogue-side scale is the column scale (an output scale's
+# forward, the bias added first and the unscaled tile kept for dl; an input scale's dX, with dl's column sums).
+_NO_LOWRANK = dict(l_ptr=None, u_ptr=None, R=0, stride_lm=0, stride_lr=0, stride_ur=0, stride_un=0, stride_ua=0,
+                   lowrank_scale=1.0, seed=0, p=0.0)
+
+
+def _ia3_in_scale_shared(b, sizes, stages, arch):
+    # a's tile scaled in registers (fitted to ptxas, both archs): staged num_stages - 1 times with the scale's
+    # BLOCK_K fp32 values, and on Hopper b's tile once more
+    a_tile = b["BLOCK_M"] * b["BLOCK_K"] * sizes["a_ptr"]
+    b_tile = b["BLOCK_K"] * b["BLOCK_N"] * sizes["b_ptr"]
+    staged = (stages - 1) * (a_tile + b_tile + b["BLOCK_K"] * 4)
+    if arch >= 90:
+        return staged + b_tile
+    return max(staged, b["BLOCK_M"] * b["BLOCK_N"] * sizes["out_ptr"])
+
+
+def _ia3_epilogue_spills(b, num_warps):
+    """The (IA)³ epilogues hold a second tile beside the accumulator (pre's store; dl's products): tiles of 128×256
+    or more spill on both archs, and 128×128 on 4 warps up to 48 bytes (ptxas, sm_80 and sm_90)."""
+    if not (b.get("STORE_PRE") or b.get("COL_DOT")):
+        return None
+    area = b["BLOCK_M"] * b["BLOCK_N"]
+    if area >= 128 * 256 or area >= 128 * 128 and num_warps == 4:
+        return "the (IA)³ epilogue spills registers in tiles of 128×256, and of 128×128 on 4 warps"
+    return None
+
+
+IA3_IN_SCALE = Member(
+    "(IA)³ K-loop scale", "IN_SCALE",
+    launches={"_lora_gemm_kernel": {
+        "forward": dict(_NO_LOWRANK, in_scale_ptr="fp32", constexprs=dict(LOWRANK=False, IN_SCALE=1)),
+        "backward dX": dict(_NO_LOWRANK, in_scale_ptr="fp32", constexprs=dict(LOWRANK=False, IN_SCALE=1,
+                                                                               DROPOUT=False))}},
+    shared_memory={"_lora_gemm_kernel": _ia3_in_scale_shared})
+IA3_EPILOGUE = Member(
+    "(IA)³ epilogue scale", "LOWRANK", inverted=True,
+    launches={"_lora_gemm_kernel": {
+        "forward": dict(_NO_LOWRANK, col_scale_ptr="fp32", pre_ptr="bf16",
+                        constexprs=dict(LOWRANK=False, COL_SCALE=1, STORE_PRE=True, BIAS_FIRST=True)),
+        "backward dX": dict(_NO_LOWRANK, col_scale_ptr="fp32", dot_ptr="bf16", dot_part_ptr="fp32",
+                            stride_dm=AOT_K, stride_dn=1,
+                            constexprs=dict(LOWRANK=False, COL_SCALE=1, COL_DOT=True, DROPOUT=False))}},
+    spills=_ia3_epilogue_spills)
+
+MEMBERS = (NF4_BASE, MIXED_BATCH, IA3_IN_SCALE, IA3_EPILOGUE, DORA)
 declare_members(MEMBERS, {"_lora_gemm_kernel": _gemm_shared, "_lora_gemm_tma_kernel": _gemm_tma_shared,
                           "_lora_shrink_kernel": _shrink_shared, "_lora_bwd_dy_kernel": _dy_shared,
                           "_lora_bwd_da_kernel": _da_shared})
@@ -283,7 +329,9 @@ def _aot_gemm_examples() -> dict:
     # (a member's pointers, None while it is off: a dense W, no DoRA, one adapter)
     members_off = dict(col_scale_ptr=None, pre_ptr=None, rows_ptr=None, tile_adapter_ptr=None,
                        tile_lowrank_scale_ptr=None, tile_p_ptr=None, absmax_ptr=None, code_ptr=None,
-                       absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset_ptr=None)
+                       absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset_ptr=None,
+                       in_scale_ptr=None, scale_rows_ptr=None, dot_ptr=None, dot_part_ptr=None,
+                       stride_st=0, stride_dm=0, stride_dn=0)
     dense = dict(NF4=False, NESTED=False, QBLOCK=64, QBLOCK2=256, ALIGNED=0)
     fwd = dict(
         a_ptr="bf16", b_ptr="bf16", l_ptr="fp32", u_ptr="fp32", bias_ptr="bf16", out_ptr="bf16", **members_off,
@@ -291,8 +339,8 @@ def _aot_gemm_examples() -> dict:
         stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_lm=R, stride_lr=1, stride_ur=1, stride_un=R,
         stride_ua=N * R, stride_om=N, stride_on=1, lowrank_scale=2.0, seed=0, p=0.0,
         constexprs=dict(HAS_BIAS=True, DROPOUT=False, COMPUTE=tl.bfloat16, DOT_PRECISION="ieee", BLOCK_R=16,
-                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=False, STORE_PRE=False,
-                        MIXED=False, **dense))
+                        EVEN_K=True, LOWRANK_LAST=False, BASE_IN_OUT=False, COL_SCALE=0, STORE_PRE=False,
+                        MIXED=False, LOWRANK=True, IN_SCALE=0, BIAS_FIRST=False, COL_DOT=False, **dense))
     dx = dict(  # with dropout
         fwd, bias_ptr=None, M=M, N=K, K=N, stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_ur=K, stride_un=1,
         stride_ua=R * K, stride_om=K, stride_on=1, lowrank_scale=1.25, seed=12345, p=0.2,

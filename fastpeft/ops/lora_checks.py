@@ -60,9 +60,7 @@ def check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p, magnitude=
         raise TypeError(f"x has dtype {x.dtype} but weight has {weight.dtype}; they must match")
     check_same_device({"x": x, "weight": weight})
     check_probability("dropout_p", dropout_p)
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("weight must be frozen (requires_grad=False): lora_linear trains lora_A, lora_B "
-                         "(and bias), never the base weight")
+    check_frozen_base(weight, "lora_linear trains lora_A, lora_B (and bias)")
     if magnitude is not None:
         if isinstance(weight, QuantizedWeight):
             raise ValueError(f"DoRA (magnitude) over a {weight.base_name} ({weight.label}) is not supported: "
@@ -101,3 +99,32 @@ def check_finite_nonnegative(name, t, what):
     if bad.any():
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name} must be finite and >= 0 ({what}), got {t[i].item()} at row {i}")
+
+
+def check_frozen_base(weight, trains: str) -> None:
+    """The base weight takes no gradient: ``trains`` says what the op does train."""
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"weight must be frozen (requires_grad=False): {trains}, never the base weight")
+
+
+BASE_INDEX = -1  # an adapter index meaning "the base alone"
+
+
+def check_adapter_index(adapter_index, x) -> None:
+    """A mixed batch's adapter_index: an integer tensor of x's leading shape (its values: see below)."""
+    if not isinstance(adapter_index, torch.Tensor):
+        raise TypeError(f"adapter_index must be an integer tensor, got {type(adapter_index).__name__}")
+    if adapter_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"adapter_index must be an integer tensor, got {adapter_index.dtype}")
+    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per row), got "
+                         f"{tuple(adapter_index.shape)}")
+
+
+def check_adapter_index_values(adapter_index, n) -> None:
+    """Every index in [-1, n): an adapter, or -1 for the base alone (reads the values: a device sync)."""
+    if adapter_index.numel():
+        low, high = int(adapter_index.min()), int(adapter_index.max())
+        if low < BASE_INDEX or high >= n:
+            raise ValueError(f"adapter_index values must be in [-1, {n - 1}] (-1: the base alone; {n} adapters), got "
+                             f"values from {low} to {high}")

@@ -25,7 +25,7 @@ from ..backends import Backend, autograd_backend
 from ..checks import check_finite_number, check_probability, check_same_device, check_training
 from ..quantized import QuantizedWeight
 from .frame import FusedOp, autocast_cast
-from .lora_checks import check_inputs
+from .lora_checks import check_adapter_index, check_adapter_index_values, check_inputs
 from .lora_dora import dora_norm_on, dora_scale
 from .lora_dropout import check_dropout_seed, seed_to_use
 from .lora_linear import lora_linear_reference
@@ -387,23 +387,12 @@ def _as_list(name, value, n, default=None):
 
 
 def _check_index(adapter_index, x, n):
-    if not isinstance(adapter_index, Tensor):
-        raise TypeError(f"adapter_index must be an integer tensor, got {type(adapter_index).__name__}")
-    if adapter_index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"adapter_index must be an integer tensor, got {adapter_index.dtype}")
-    if tuple(adapter_index.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"adapter_index must have x's leading shape {tuple(x.shape[:-1])} (one adapter per row), got "
-                         f"{tuple(adapter_index.shape)}")
+    check_adapter_index(adapter_index, x)
     if not torch.compiler.is_compiling():  # (traced, the values are checked inside the registered op)
         _check_index_values(adapter_index, n)
 
 
-def _check_index_values(adapter_index, n):
-    if adapter_index.numel():
-        low, high = int(adapter_index.min()), int(adapter_index.max())
-        if low < BASE_INDEX or high >= n:
-            raise ValueError(f"adapter_index values must be in [-1, {n - 1}] (-1: the base alone; {n} adapters), got "
-                             f"values from {low} to {high}")
+_check_index_values = check_adapter_index_values
 
 
 def lora_linear_mixed(x, weight, bias, lora_As, lora_Bs, scalings, adapter_index, dropout_ps=None, training=True,

@@ -11,11 +11,9 @@ import torch
 from torch import Tensor
 
 from ..backends import refuse_double_backward
+from .lora_checks import BASE_INDEX  # (rows that take no adapter)
 from .lora_dora import magnitude_grad
 from .lora_dropout import DROPOUT_SEED_LIMIT, torch_drop_mask, torch_uniform16
-
-BASE_INDEX = -1  # rows that take no adapter
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Grouping: the rows of each adapter, as contiguous runs (views) or as one gathered set per adapter.

@@ -1,0 +1,162 @@
+"""Ia3Linear and apply_ia3 against HF PEFT's IA3 on the same weights (outputs and every vector's gradient), named
+adapters, merge/unmerge, mixed batches of tasks, and what is refused."""
+import copy
+
+import pytest
+import torch
+from conftest import rel_err
+from torch import nn
+
+import fastpeft
+
+peft = pytest.importorskip("peft")
+
+
+class Block(nn.Module):
+    def __init__(self, d=16, h=24, bias=True):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, h, bias=bias), nn.Linear(d, h, bias=bias), nn.Linear(d, h, bias=bias)
+        self.up = nn.Linear(h, 2 * h, bias=bias)
+        self.down = nn.Linear(2 * h, d, bias=bias)
+
+    def forward(self, x):
+        h = torch.tanh(self.q(x)) * self.k(x) + self.v(x)
+        return self.down(torch.relu(self.up(h)))
+
+
+def twins(seed, target, feedforward, dtype=torch.float32, bias=True):
+    """A PEFT IA3 model and fastpeft's over the same weights, PEFT's random vectors copied into fastpeft's."""
+    torch.manual_seed(seed)
+    model = Block(bias=bias).to(dtype)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.IA3Config(
+        target_modules=target, feedforward_modules=feedforward, init_ia3_weights=False))
+    ours = fastpeft.apply_ia3(copy.deepcopy(model), target, feedforward, init_ia3_weights=False)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                ours.get_parameter(name.removeprefix("base_model.model.")).copy_(p)
+    return peft_model, ours
+
+
+CONFIGS = [(["q", "k", "v", "up", "down"], ["down"]), (["k", "v", "up"], ["up"]), (r".*\.?(k|down)", r".*down"),
+           (["v", "down"], [])]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("target,feedforward", CONFIGS, ids=["all", "kv-up", "regex", "no-ff"])
+def test_matches_peft_ia3(seed, target, feedforward):
+    peft_model, ours = twins(seed, target, feedforward, bias=seed != 1)
+    x = torch.randn(3, 7, 16)
+    want, got = peft_model(x), ours(x)
+    assert rel_err(got, want) <= 1e-6
+    want.square().mean().backward()
+    got.square().mean().backward()
+    ours_params = dict(ours.named_parameters())
+    trained = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trained and sorted(n.removeprefix("base_model.model.") for n, _ in trained) == sorted(
+        n for n, p in ours.named_parameters() if p.requires_grad)
+    for name, p in trained:
+        mine = ours_params[name.removeprefix("base_model.model.")]
+        assert mine.shape == p.shape
+        assert rel_err(mine.grad, p.grad) <= 1e-5, name
+
+
+def test_bf16_base_keeps_fp32_vectors_like_peft():
+    peft_model, ours = twins(3, ["k", "down"], ["down"], dtype=torch.bfloat16)
+    assert ours.k.ia3_l["default"].dtype == torch.float32
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    assert rel_err(ours(x), peft_model(x)) <= 1e-2
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_merge_and_unmerge(feedforward):
+    torch.manual_seed(0)
+    layer = fastpeft.Ia3Linear(nn.Linear(12, 10), feedforward, init_ia3_weights=False)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    x = torch.randn(5, 12)
+    y = layer(x)
+    layer.merge()
+    assert layer.merged and rel_err(layer(x), y) <= 1e-6
+    assert rel_err(layer.bias, b if feedforward else b * layer.ia3_l_vector) <= 1e-7
+    layer.unmerge()
+    assert not layer.merged and rel_err(layer.weight, w) <= 1e-7 and rel_err(layer.bias, b) <= 1e-7
+    assert rel_err(layer(x), y) <= 1e-6
+
+
+def test_unmerge_refused_where_the_vector_has_zeros():
+    layer = fastpeft.Ia3Linear(nn.Linear(6, 4))
+    with torch.no_grad():
+        layer.ia3_l["default"][2] = 0.0
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"zeros at \[2\].*rows of the weight"):
+        layer.unmerge()
+    assert layer.merged and torch.equal(layer.weight, merged)
+
+
+def test_safe_merge_refuses_overflow_and_changes_nothing():
+    base = nn.Linear(4, 3).half()
+    with torch.no_grad():
+        base.weight.fill_(60000.0)
+    layer = fastpeft.Ia3Linear(base)
+    with torch.no_grad():
+        layer.ia3_l["default"].fill_(2.0)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        layer.merge(safe=True)
+    assert not layer.merged and (layer.weight == 60000.0).all()
+
+
+def test_named_adapters_and_model_tools():
+    torch.manual_seed(1)
+    model = fastpeft.apply_ia3(Block(), ["k", "down"], ["down"], init_ia3_weights=False)
+    fastpeft.apply_ia3(model, ["k", "down"], ["down"], init_ia3_weights=False, adapter_name="other")
+    assert list(model.k.ia3_l) == ["default", "other"] and model.k.active_adapter == "default"
+    assert set(fastpeft.ia3_layers(model)) == {"k", "down"} and set(fastpeft.adapter_layers(model)) == {"k", "down"}
+    x = torch.randn(2, 3, 16)
+    y_default = model(x)
+    fastpeft.set_adapter(model, "other")
+    y_other = model(x)
+    assert not torch.allclose(y_default, y_other)
+    with fastpeft.mixed_batch(model, ["default", "other"]):
+        mixed = model(x)
+    assert rel_err(mixed[0], y_default[0]) <= 1e-6 and rel_err(mixed[1], y_other[1]) <= 1e-6
+    fastpeft.delete_adapter(model, "other")
+    assert list(model.k.ia3_l) == ["default"] and rel_err(model(x), y_default) <= 1e-6
+    model.k.disable_adapters()
+    assert rel_err(model.k(x), model.k.base_layer(x)) == 0
+    model.k.enable_adapters()
+    merged = fastpeft.merge_and_unload(model)
+    assert type(merged.k) is nn.Linear and rel_err(merged(x), y_default) <= 1e-6
+
+
+def test_only_vectors_train():
+    model = fastpeft.apply_ia3(Block(), ["q", "up"], ["up"])
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trained == ["q.ia3_l.default", "up.ia3_l.default"]
+    assert model.q.ia3_l["default"].shape == (24, 1) and model.up.ia3_l["default"].shape == (1, 24)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: fastpeft.apply_ia3(m, ["k"], ["up"]), r"feedforward_modules \['up'\] select no target"),
+    (lambda m: fastpeft.apply_ia3(m, ["nope"]), "match no module"),
+    (lambda m: fastpeft.apply_ia3(fastpeft.apply_lora(m, ["k"]), ["k"]), "a LoRA layer already"),
+    (lambda m: fastpeft.apply_ia3(fastpeft.apply_ia3(m, ["k"]), ["k"]), "already has an adapter named 'default'"),
+    (lambda m: fastpeft.apply_ia3(fastpeft.apply_ia3(m, ["k"]), ["k"], ["k"], adapter_name="x"), "other side"),
+    (lambda m: fastpeft.apply_ia3(m, ["k"], "("), "not a valid regular expression"),
+])
+def test_bad_targets_are_refused_with_the_model_unchanged(call, match):
+    model = Block()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises((TypeError, ValueError), match=match):
+        call(model)
+    if "LoRA" not in match and "already has" not in match and "other side" not in match:
+        assert model.state_dict().keys() == before.keys()
+        assert all(p.requires_grad for p in model.parameters())
+
+
+def test_mixed_batch_names_checked():
+    layer = fastpeft.Ia3Linear(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="not adapters of this layer"):
+        layer(torch.randn(2, 3, 8), adapter_names=["default", "zzz"])
+    with pytest.raises(ValueError, match="one adapter per sample"):
+        layer(torch.randn(2, 3, 8), adapter_names=["default"])
