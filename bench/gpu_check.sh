@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-shot GPU check, in stages ordered by value: environment -> fastpeft._C for sm_90a -> GPU correctness
-# tests -> decode timings -> the training-shape headline -> DoRA beside LoRA -> mixed batches -> QLoRA -> a decode step
-# under CUDA graphs -> layer benchmark if time is left.
+# tests -> decode timings -> the training-shape headline -> DoRA beside LoRA -> mixed batches -> (IA)³ -> QLoRA -> a
+# decode step under CUDA graphs -> layer benchmark if time is left.
 #
 # Runs from the source tree on a CUDA machine that has torch, triton, peft, pytest, CMake, ninja and pybind11, with
 # no network and no pip install (kernels/ is reached as fastpeft.kernels through a link, fastpeft._C is built with
@@ -78,7 +78,7 @@ gpu_tests() {
   local a=$!
   FASTPEFT_AUTOTUNE=0 python -m pytest -q -p no:cacheprovider -k "cuda or triton" tests/test_lora_linear.py \
     tests/test_dora.py tests/test_lora_linear_mixed.py tests/test_nf4.py tests/test_nf4_models.py \
-    tests/test_adapter_bottleneck.py tests/test_compile.py \
+    tests/test_adapter_bottleneck.py tests/test_compile.py tests/test_ia3_linear.py \
     > "$OUT/tests-ops.log" 2>&1
   local rb=$?
   wait $a; local ra=$?
@@ -103,6 +103,11 @@ publish
 
 # Mixed-adapter batches (the torch path on the GPU: batched GEMMs per sample), M=8192, K=N=4096, 64 adapters.
 stage mixed 45 python -m fastpeft bench --device cuda --only mixed --quick --rounds 3 --markdown "$summary"
+publish
+
+# (IA)³: fastpeft's layer (triton: the fused GEMM's K-loop and epilogue scales) beside HF PEFT's IA3 Linear and the
+# frozen base, output and input scales, M=8192; target: fwd+bwd time and saved bytes <= PEFT's.
+stage ia3 45 python -m fastpeft bench --device cuda --only ia3 --rounds 5 --markdown "$summary"
 publish
 
 # QLoRA: the fused NF4 forward against torch.mm on the bf16 weight (target <= 1.15x), the NF4 decode's bandwidth

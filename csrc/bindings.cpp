@@ -31,10 +31,12 @@ PYBIND11_MODULE(_C, m) {
          int64_t k_split, int64_t k_chunk, float scaling, int dtype, int adapter_dtype, bool vector, int device,
          uintptr_t stream, uintptr_t col_scale, uintptr_t row_adapter, int64_t adapter_rank, uintptr_t nf4_code,
          uintptr_t nf4_absmax, uintptr_t nf4_absmax_code, uintptr_t nf4_absmax_scale, uintptr_t nf4_absmax_offset,
-         int64_t nf4_block, int64_t nf4_block2) {
+         int64_t nf4_block, int64_t nf4_block2, uintptr_t in_scale, int64_t stride_in_scale,
+         int64_t stride_col_scale, bool bias_first) {
         fastpeft::DecodeArgs args{x, w, bias, a, b, s, counters, y, col_scale, row_adapter, adapter_rank,
                                   nf4_code, nf4_absmax, nf4_absmax_code, nf4_absmax_scale, nf4_absmax_offset,
-                                  nf4_block, nf4_block2, M, K, N, R, stride_xm, stride_ym, k_split, k_chunk, scaling,
+                                  nf4_block, nf4_block2, in_scale, stride_in_scale, stride_col_scale, bias_first,
+                                  M, K, N, R, stride_xm, stride_ym, k_split, k_chunk, scaling,
                                   dtype, adapter_dtype, vector, device, stream};
         py::gil_scoped_release release;
         fastpeft::lora_linear_decode(args);
@@ -46,8 +48,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device"), py::arg("stream"), py::arg("col_scale") = 0, py::arg("row_adapter") = 0,
       py::arg("adapter_rank") = 0, py::arg("nf4_code") = 0, py::arg("nf4_absmax") = 0, py::arg("nf4_absmax_code") = 0,
       py::arg("nf4_absmax_scale") = 0, py::arg("nf4_absmax_offset") = 0, py::arg("nf4_block") = 0,
-      py::arg("nf4_block2") = 0,
-      "Fused LoRA linear for M <= 16 rows (see csrc/lora_linear_decode.h); launches asynchronously on `stream`.");
+      py::arg("nf4_block2") = 0, py::arg("in_scale") = 0, py::arg("stride_in_scale") = 0,
+      py::arg("stride_col_scale") = 0, py::arg("bias_first") = false,
+      "Fused LoRA linear (or, with R = 0, (IA)^3) for M <= 16 rows (see csrc/lora_linear_decode.h); launches "
+      "asynchronously on `stream`.");
   m.def(
       "adapter_bottleneck_decode",
       [](uintptr_t h, uintptr_t w_down, uintptr_t b_down, uintptr_t w_up, uintptr_t b_up, uintptr_t res,

@@ -58,6 +58,21 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// An optional scale of x's columns, applied as x is read ((IA)^3's input scale): row m of x times scale[m * stride +
+// k] (stride 0: one vector), each product rounded to x's type, as a scaled copy of x would hold it.
+struct XScale {
+  const float* scale = nullptr;
+  int64_t stride = 0;
+
+  template <typename TX, int VEC>
+  __device__ __forceinline__ void apply(float (&xv)[VEC], int m, int64_t k) const {
+    if (scale == nullptr) return;  // (uniform: no divergence)
+    const float* s = scale + m * stride + k;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) xv[v] = to_float(from_float<TX>(xv[v] * s[v]));
+  }
+};
+
 // acc[i][m] = sum_{k in [k_begin, k_end)} x[m, k] * w[row0 + i, k] for this warp's rows (rows of w are K long),
 // every lane holding the full sums. VECTOR: 16-byte loads of w (needs K and k_begin multiples of VEC and aligned
 // rows); otherwise one element per load.
@@ -65,7 +80,7 @@ template <typename TX, typename TW, int MAXM, bool VECTOR>
 __device__ __forceinline__ void warp_rows_dot(const TX* __restrict__ x, int64_t stride_xm, int M,
                                               const TW* __restrict__ w, int64_t K, int64_t row0, int64_t rows,
                                               float (&acc)[kRowsPerWarp][MAXM], int64_t k_begin = 0,
-                                              int64_t k_end = -1) {
+                                              int64_t k_end = -1, const XScale& x_scale = XScale{}) {
   if (k_end < 0) k_end = K;
   constexpr int VEC = VECTOR ? 16 / sizeof(TW) : 1;
   const int lane = threadIdx.x % 32;
@@ -91,6 +106,7 @@ __device__ __forceinline__ void warp_rows_dot(const TX* __restrict__ x, int64_t 
       if (m < M) {
         float xv[VEC];
         load_floats<TX, VEC>(x + m * stride_xm + k, xv);
+        x_scale.apply<TX, VEC>(xv, m, k);
 #pragma unroll
         for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll

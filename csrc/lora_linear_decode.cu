@@ -1,5 +1,7 @@
 // Fused LoRA linear for decode shapes (M <= 16 rows), in one launch:
-//     y = x W^T + b + s * (x A^T) B^T,   or for DoRA   y = c * (x W^T + s * (x A^T) B^T) + b   (c per column)
+//     y = x W^T + b + s * (x A^T) B^T,   or for DoRA   y = c * (x W^T + s * (x A^T) B^T) + b   (c per column),
+// or (IA)^3 with no low-rank term (R = 0)   y = (x W^T + b) * l   or   y = (x * l) W^T + b   (l per row of the batch
+// when each row has its own task)
 // (W may be a 4-bit NF4 base, its packed codes read and dequantised in the GEMV), or, for a mixed batch, each row m with its own adapter a_m of a stack: y_m = x_m W^T + b + (x_m A_{a_m}^T) B_{a_m}^T
 // (B pre-scaled). The S blocks then compute x A^T against every stacked adapter's rows (at most 256 in all) and each
 // row keeps its own adapter's part.
@@ -47,7 +49,7 @@ template <typename T, int MAXM>
 __device__ __forceinline__ void warp_rows_dot_nf4(const T* __restrict__ x, int64_t stride_xm, int M,
                                                   const uint8_t* __restrict__ codes, const Nf4& q,
                                                   const float* code, int64_t K, int64_t row0, int64_t rows,
-                                                  float (&acc)[kRowsPerWarp][MAXM]) {
+                                                  float (&acc)[kRowsPerWarp][MAXM], const XScale& in_scale) {
   constexpr int VEC = 32;  // elements per load
   constexpr int XVEC = 16 / sizeof(T);  // x's elements per 16-byte load
   const int lane = threadIdx.x % 32;
@@ -83,6 +85,7 @@ __device__ __forceinline__ void warp_rows_dot_nf4(const T* __restrict__ x, int64
         for (int v0 = 0; v0 < VEC; v0 += XVEC) {
           float xv[XVEC];
           load_floats<T, XVEC>(x + m * stride_xm + k + v0, xv);
+          in_scale.apply<T, XVEC>(xv, m, k + v0);
 #pragma unroll
           for (int i = 0; i < kRowsPerWarp; ++i)
 #pragma unroll
@@ -107,6 +110,10 @@ struct Params {
   int* counters;     // [ticket, S tiles done, blocks finished], zero between launches
   void* y;
   const float* col_scale;  // nullptr: no column scale (plain LoRA)
+  int64_t stride_col_scale;  // 0: one vector; else each row's own, rows this far apart
+  const float* in_scale;   // (IA)^3's input scale, nullptr: none (see DecodeArgs)
+  int64_t stride_in_scale;
+  bool bias_first;
   const int* row_adapter;  // nullptr: one adapter; else (M,) adapter of each row of the stacks (-1: base)
   int64_t adapter_rank;    // with row_adapter: the rank of each stacked adapter (R = adapters * adapter_rank)
   Nf4 nf4;                 // a 4-bit base (the NF4 instantiation reads w as its packed codes)
@@ -144,14 +151,17 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
   } else {
     __shared__ float s_sum[kMaxDecodeRows * kMaxDecodeRank];
     const int64_t row0 = int64_t(tile - p.s_tiles) * kRowsPerBlock + warp * kRowsPerWarp;
+    // (IA)^3's input scale multiplies x as the GEMV reads it (XScale), no scaled copy of x.
+    const XScale in_scale{p.in_scale, p.stride_in_scale};
     if constexpr (NF4) {
       __shared__ float code[16];
       if (threadIdx.x < 16) code[threadIdx.x] = p.nf4.code[threadIdx.x];
       __syncthreads();
       warp_rows_dot_nf4<T, MAXM>(x, p.stride_xm, M, static_cast<const uint8_t*>(p.w), p.nf4, code, p.K,
-                                         row0, p.N, acc);
+                                 row0, p.N, acc, in_scale);
     } else {
-      warp_rows_dot<T, T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const T*>(p.w), p.K, row0, p.N, acc);
+      warp_rows_dot<T, T, MAXM, VECTOR>(x, p.stride_xm, M, static_cast<const T*>(p.w), p.K, row0, p.N, acc, 0, -1,
+                                        in_scale);
     }
     wait_published(p.counters, p.s_tiles);
     for (int64_t idx = threadIdx.x; idx < p.M * p.R; idx += kThreads) {
@@ -189,10 +199,12 @@ __global__ void __launch_bounds__(kThreads, 1) lora_linear_decode_kernel(Params 
         }
       }
       const float bias_n = bias != nullptr ? to_float(bias[n]) : 0.f;
-      const float scale_n = p.col_scale != nullptr ? p.col_scale[n] : 1.f;
 #pragma unroll
       for (int m = 0; m < MAXM; ++m) {
-        const float total = fmaf(acc[i][m] + p.scaling * warp_sum(low[m]), scale_n, bias_n);
+        // (each row's own column scale when its rows are strided: (IA)^3 tasks)
+        const float scale_n = p.col_scale != nullptr ? p.col_scale[(m < M ? m : 0) * p.stride_col_scale + n] : 1.f;
+        const float sum = acc[i][m] + p.scaling * warp_sum(low[m]);
+        const float total = p.bias_first ? (sum + bias_n) * scale_n : fmaf(sum, scale_n, bias_n);
         if (lane == m && m < M) y[m * p.stride_ym + n] = from_float<T>(total);
       }
     }
@@ -235,7 +247,10 @@ int device_count() {
 
 void lora_linear_decode(const DecodeArgs& args) {
   if (args.M < 1 || args.M > kMaxDecodeRows) throw std::invalid_argument("fastpeft._C.lora_linear_decode: M must be in [1, 16]");
-  if (args.R < 1 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_linear_decode: r must be in [1, 256]");
+  if (args.R < 0 || args.R > kMaxDecodeRank) throw std::invalid_argument("fastpeft._C.lora_linear_decode: r must be in [0, 256]");
+  if (args.R == 0 && (args.row_adapter != 0 || (args.in_scale == 0 && args.col_scale == 0))) {
+    throw std::invalid_argument("fastpeft._C.lora_linear_decode: r = 0 is (IA)^3: an in_scale or col_scale, no row_adapter");
+  }
   if (args.K < 1 || args.N < 1) throw std::invalid_argument("fastpeft._C.lora_linear_decode: K and N must be positive");
   if (args.row_adapter != 0 && (args.adapter_rank < 1 || args.R % args.adapter_rank != 0)) {
     throw std::invalid_argument("fastpeft._C.lora_linear_decode: R must be a whole number of adapters of adapter_rank");
@@ -243,7 +258,8 @@ void lora_linear_decode(const DecodeArgs& args) {
   if (args.nf4_code != 0 && (args.nf4_absmax == 0 || args.nf4_block < 32 || (args.nf4_block & (args.nf4_block - 1)) ||
                             (args.nf4_absmax_code != 0 && (args.nf4_absmax_scale == 0 || args.nf4_absmax_offset == 0 ||
                                                            args.nf4_block2 < 1)) ||
-                            !args.vector || args.K % 32 != 0 || args.row_adapter != 0 || args.col_scale != 0)) {
+                            !args.vector || args.K % 32 != 0 || args.row_adapter != 0 ||
+                            (args.col_scale != 0 && args.R != 0))) {
     throw std::invalid_argument("fastpeft._C.lora_linear_decode: inconsistent NF4 arguments");
   }
   if (args.k_split < 1 || args.k_chunk < 1 || args.k_split * args.k_chunk < args.K ||
@@ -262,6 +278,10 @@ void lora_linear_decode(const DecodeArgs& args) {
   p.counters = reinterpret_cast<int*>(args.counters);
   p.y = reinterpret_cast<void*>(args.y);
   p.col_scale = reinterpret_cast<const float*>(args.col_scale);
+  p.stride_col_scale = args.stride_col_scale;
+  p.in_scale = reinterpret_cast<const float*>(args.in_scale);
+  p.stride_in_scale = args.stride_in_scale;
+  p.bias_first = args.bias_first;
   p.row_adapter = reinterpret_cast<const int*>(args.row_adapter);
   p.adapter_rank = args.adapter_rank;
   p.nf4 = Nf4{reinterpret_cast<const float*>(args.nf4_code), reinterpret_cast<const void*>(args.nf4_absmax),

@@ -29,6 +29,13 @@ struct DecodeArgs {
   // code[q] * absmax in fp32, rounded to dtype, as the weight would be dequantised.
   uintptr_t nf4_code, nf4_absmax, nf4_absmax_code, nf4_absmax_scale, nf4_absmax_offset;
   int64_t nf4_block, nf4_block2;
+  // (IA)^3 (R = 0: no low-rank term, a and b unused): in_scale, fp32 rows of stride_in_scale (0: one vector for every
+  // row), multiplies x's columns as they are read, each product rounded to dtype (PEFT's scaled copy of x);
+  // col_scale's rows are stride_col_scale apart (0: one vector); bias_first adds the bias before the column scale,
+  // y = col_scale * (x w^T + bias).
+  uintptr_t in_scale;
+  int64_t stride_in_scale, stride_col_scale;
+  bool bias_first;
   int64_t M, K, N, R, stride_xm, stride_ym;
   int64_t k_split, k_chunk;  // S = x a^T is summed from k_split partials over K chunks of k_chunk (multiples of
                              // 16/sizeof(adapter dtype) when vector)
@@ -45,7 +52,8 @@ struct DecodeArgs {
 int device_count();
 
 // y = [col_scale *] (x w^T + scaling * (x a^T) b^T) + bias for M <= 16 rows, one kernel launch on `stream`; with
-// row_adapter, row m takes adapter row_adapter[m] of the stacks.
+// row_adapter, row m takes adapter row_adapter[m] of the stacks; with R = 0, (IA)^3: y = ([x * in_scale] w^T + bias)
+// [* col_scale] (bias_first), each row with its own scales when their row strides are not 0.
 void lora_linear_decode(const DecodeArgs& args);
 
 }  // namespace fastpeft

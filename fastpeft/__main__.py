@@ -122,7 +122,8 @@ def _device_arguments(parser) -> None:
 # What ``bench`` measures, in the order it runs them: the names --only takes, and each one's title.
 BENCH_SECTIONS = {"lora": "LoRA linear", "overhead": "Host overhead and the token sweep", "dora": "DoRA",
                   "qlora": "QLoRA (LoRA over an NF4 base)", "mixed": "Mixed-adapter batches",
-                  "adapters": "Bottleneck adapter", "peft-step": "A PeftModel's training step, fused"}
+                  "adapters": "Bottleneck adapter", "ia3": "(IA)³",
+                  "peft-step": "A PeftModel's training step, fused"}
 
 
 def _cannot_write(path: Path) -> str | None:
@@ -204,6 +205,17 @@ def bench(args, parser) -> int:
         return timing.format_table(timing.run_adapters(adapter_shapes, dtype, device, rounds, progress),
                                       reference="unfused (AdapterHub way)", base_name="unfused (AdapterHub way)")
 
+    def ia3(progress):
+        from .benchmarks import ia3 as bench_ia3
+        if args.shape:  # each given shape with both scales (r is not used)
+            ia3_shapes = [bench_ia3.Ia3Shape(s.M, s.K, s.N, ff) for s in args.shape for ff in (False, True)]
+        else:
+            ia3_shapes = (bench_ia3.IA3_GPU_SHAPES if cuda else bench_ia3.IA3_QUICK_SHAPES if args.quick
+                          else bench_ia3.IA3_CPU_SHAPES)
+        results, saved = bench_ia3.run_ia3(ia3_shapes, dtype, device, rounds, progress)
+        return (timing.format_table(results, reference=bench_ia3.IA3_REFERENCE) + "\n\n"
+                + timing.format_saved_table(saved, reference=bench_ia3.IA3_REFERENCE))
+
     def peft_step(progress):
         from .benchmarks import peft_step as step
         if (problem := timing.import_problem("peft")) is not None:
@@ -212,7 +224,7 @@ def bench(args, parser) -> int:
         return step.format_step_table(step.run_peft_step(shape, dtype, device, rounds, progress))
 
     measure = {"lora": lora, "overhead": overhead, "dora": dora, "qlora": qlora, "mixed": mixed,
-               "adapters": adapters, "peft-step": peft_step}
+               "adapters": adapters, "ia3": ia3, "peft-step": peft_step}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for i, name in enumerate(chosen, 1):
         title = BENCH_SECTIONS[name]

@@ -44,21 +44,23 @@ def status() -> str:
     return f"built for {module.cuda_archs}; {devices} CUDA device(s)"
 
 
-def decode_reasons(x, weight, bias, lora_A, lora_B) -> list[str]:
-    """Why the decode kernel cannot run these (2-D x) inputs; empty when it can."""
+def decode_reasons(x, weight, bias, lora_A=None, lora_B=None) -> list[str]:
+    """Why the decode kernel cannot run these (2-D x) inputs; empty when it can. Without lora_A and lora_B: (IA)³,
+    the kernel with no low-rank term."""
     reasons = list(filter(None, [cuda_device_reason(x.device), kernel_dtype_reason(x.dtype)]))
     if isinstance(weight, NF4Weight):
         if weight.dtype != x.dtype:
             reasons.append(f"the NF4 weight computes in {weight.dtype}, x is {x.dtype}")
-        if not (x.shape[-1] % 32 == 0 and _vector_ok(x.dtype, x.shape[-1], (x, x.stride(0)), (lora_A, x.shape[-1]))
+        if not (x.shape[-1] % 32 == 0 and _vector_ok(x.dtype, x.shape[-1], (x, x.stride(0)),
+                                                      *([(lora_A, x.shape[-1])] if lora_A is not None else []))
                 and weight.packed.data_ptr() % 16 == 0 and weight.blocksize >= 32):
             reasons.append("over a 4-bit (NF4) base the cuda decode kernel loads 16 bytes of codes at a time: it needs "
                            "K a multiple of 32 and 16-byte aligned rows of x and lora_A")
-    if x.dtype in _DTYPE_CODES and lora_A.dtype not in (x.dtype, torch.float32):
+    if lora_A is not None and x.dtype in _DTYPE_CODES and lora_A.dtype not in (x.dtype, torch.float32):
         reasons.append(f"adapter dtype {lora_A.dtype} must be {x.dtype} or float32")
     if x.shape[0] > MAX_DECODE_ROWS:
         reasons.append(f"the cuda decode kernel serves M <= {MAX_DECODE_ROWS} rows, got M={x.shape[0]}")
-    if lora_A.shape[0] > MAX_DECODE_RANK:
+    if lora_A is not None and lora_A.shape[0] > MAX_DECODE_RANK:
         reasons.append(f"the cuda decode kernel serves r <= {MAX_DECODE_RANK}, got r={lora_A.shape[0]}")
     if x.dim() == 2 and (x.shape[1] == 0 or weight.shape[0] == 0):
         reasons.append("the cuda decode kernel needs K and N of at least 1")
@@ -190,6 +192,72 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
         row_adapter=row_adapter.data_ptr() if row_adapter is not None else 0,
         adapter_rank=adapter_rank if row_adapter is not None else 0, **quant)
     return y
+
+
+def ia3_linear_decode(x, weight, bias, scale, feedforward: bool, index=None) -> torch.Tensor:
+    """(IA)³ for 2-D x with M <= 16 rows, by the decode kernel with no low-rank term (forward only):
+    ``(x Wᵀ + b) ⊙ l`` (``feedforward=False``) or ``(x ⊙ l) Wᵀ + b``, x ⊙ l rounded to x's dtype as it is read.
+
+    x (M, K) with unit inner stride; weight (N, K) contiguous (or an NF4Weight in x's dtype), bias (N,) or None;
+    scale l (N,) or (K,), any float dtype; with ``index`` (M,) a table (T, F) whose row index[i] scales row i
+    (-1: none). Returns y (M, N) in x's dtype.
+    """
+    module, reason = load()
+    if module is None:
+        raise RuntimeError(reason)
+    reasons = decode_reasons(x, weight, bias)
+    features = x.shape[1] if feedforward else weight.shape[0]
+    if scale.shape[-1] != features or scale.device != x.device:
+        reasons.append(f"the (IA)³ scale must have {features} entries on {x.device}, got {tuple(scale.shape)} on "
+                       f"{scale.device}")
+    if index is not None and (tuple(index.shape) != (x.shape[0],) or index.device != x.device):
+        reasons.append(f"index must be ({x.shape[0]},) on {x.device}")
+    if reasons:
+        raise ValueError("fastpeft cuda decode kernel: " + "; ".join(reasons))
+    M, K = x.shape
+    N = weight.shape[0]
+    y = new_output((M, N), x.dtype, x.device)
+    if M == 0:
+        return y
+    scale = scale.to(torch.float32)
+    if index is not None:  # each row's own vector (ones for -1): M <= 16 rows of F, gathered here
+        scale = torch.cat([torch.ones_like(scale[:1]), scale])[index.long() + 1]
+    scale = scale.contiguous()
+    row_stride = scale.shape[-1] if index is not None else 0
+    nf4 = isinstance(weight, NF4Weight)
+    if nf4:
+        quant = dict(nf4_code=nf4_code(x.device).data_ptr(), nf4_absmax=weight.absmax.data_ptr(),
+                     nf4_block=weight.blocksize, nf4_block2=weight.absmax_blocksize)
+        if weight.nested:
+            quant.update(nf4_absmax_code=weight.absmax_code.data_ptr(),
+                         nf4_absmax_scale=weight.absmax_scale.data_ptr(),
+                         nf4_absmax_offset=weight.absmax_offset.data_ptr())
+        vector = True
+    else:
+        quant, vector = {}, _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K))
+    sides = dict(in_scale=scale.data_ptr(), stride_in_scale=row_stride) if feedforward else dict(
+        col_scale=scale.data_ptr(), stride_col_scale=row_stride, bias_first=True)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    module.lora_linear_decode(
+        x=x.data_ptr(), w=weight.packed.data_ptr() if nf4 else weight.data_ptr(),
+        bias=bias.data_ptr() if bias is not None else 0, a=0, b=0, s=0,
+        counters=_counters(x.device, stream).data_ptr(), y=y.data_ptr(),
+        M=M, K=K, N=N, R=0, stride_xm=x.stride(0), stride_ym=y.stride(0), k_split=1, k_chunk=K, scaling=0.0,
+        dtype=_DTYPE_CODES[x.dtype], adapter_dtype=_DTYPE_CODES[x.dtype], vector=vector,
+        device=x.device.index, stream=stream, **sides, **quant)
+    return y
+
+
+@torch.library.custom_op("fastpeft::ia3_linear_decode", mutates_args=())
+def ia3_linear_decode_op(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, feedforward: bool,
+                         index: Tensor | None = None) -> Tensor:
+    """:func:`ia3_linear_decode` as a torch.library op, for compiled graphs (forward only)."""
+    return ia3_linear_decode(x, weight, bias, scale, feedforward, index)
+
+
+@ia3_linear_decode_op.register_fake
+def _(x, weight, bias, scale, feedforward, index=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @torch.library.custom_op("fastpeft::lora_linear_decode", mutates_args=())

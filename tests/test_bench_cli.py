@@ -56,7 +56,9 @@ def test_bench_command_prints_every_table(capsys, tmp_path):
     # Every table is followed by its legend.
     blocks = printed.split("\n\n")
     tables = [i for i, block in enumerate(blocks) if block.startswith("|")]
-    assert len(tables) == 9  # DoRA adds what each keeps for backward, QLoRA the base weight's bytes
+    assert len(tables) == 11  # DoRA and (IA)³ add what each keeps for backward, QLoRA the base weight's bytes
+    assert "| M=64 K=40 N=48, input scale | fwd+bwd | fastpeft (IA)³[torch] |" in printed
+    assert "| M=64 K=40 N=48, output scale | fastpeft (IA)³[torch] |" in printed  # its saved-for-backward row
     assert "| Llama, hidden 256, 2 layers, seq 128, batch 2 | peft + fastpeft.fuse |" in printed
     for i in tables:
         assert blocks[i + 1].startswith("Lower is better"), blocks[i]
@@ -133,6 +135,28 @@ def test_the_dora_tables_hold_every_candidate_and_ratios_of_their_medians():
             assert cells[8] == f"{r.ms / ref.ms:.2f}"
     saved_table = timing.format_saved_table(saved)
     assert all(f"| {r.candidate} | {r.saved_mb:.1f} |" in saved_table for r in saved)
+
+
+def test_the_ia3_tables_hold_every_candidate_and_what_each_keeps():
+    from fastpeft.benchmarks import ia3
+    shapes = [ia3.Ia3Shape(96, 40, 48, False), ia3.Ia3Shape(96, 40, 48, True)]
+    seen, progress = counting_progress()
+    results, saved = ia3.run_ia3(shapes, rounds=2, progress=progress)
+    assert seen == {"total": 2 * len(timing.MODES), "ticks": 2 * len(timing.MODES)}
+    candidates = {"nn.Linear", "fastpeft (IA)³[torch]"} | ({ia3.IA3_REFERENCE} if timing.peft_available() else set())
+    for shape in shapes:
+        for mode in timing.MODES:
+            assert {r.candidate for r in results if (r.shape, r.mode) == (shape, mode)} == candidates
+    kept = {(r.shape.feedforward, r.candidate): r.saved_mb for r in saved}
+    weight = 48 * 40 * 4 / 2**20
+    # one activation besides W: the unscaled output (output scale) or x (input scale), as PEFT keeps
+    assert kept[(False, "fastpeft (IA)³[torch]")] == weight + 96 * 48 * 4 / 2**20 + 48 * 4 / 2**20
+    assert kept[(True, "fastpeft (IA)³[torch]")] == weight + 96 * 40 * 4 / 2**20 + 40 * 4 / 2**20
+    if timing.peft_available():
+        for ff in (False, True):
+            assert kept[(ff, "fastpeft (IA)³[torch]")] <= kept[(ff, ia3.IA3_REFERENCE)]
+    table = timing.format_saved_table(saved, reference=ia3.IA3_REFERENCE)
+    assert "| M=96 K=40 N=48, output scale | fastpeft (IA)³[torch] |" in table and "| dropout |" not in table
 
 
 def test_the_qlora_table_holds_every_candidate_and_ratios_of_their_medians():

@@ -434,3 +434,41 @@ def test_nf4_decode_kernel_reads_the_packed_weight(M, K, N, r, dtype, double_qua
         with pytest.raises(fastpeft.BackendUnavailableError, match="multiple of 32"):
             with torch.no_grad():
                 fastpeft.lora_linear(x[:, :70], q70, b, a[:, :70], bb, 1.5, backend="cuda")
+
+
+@decode
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 4096), (16, 1000, 333), (3, 37, 19)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output-scale", "input-scale"])
+def test_decode_kernel_runs_ia3(M, K, N, dtype, feedforward):
+    """(IA)³ in the decode kernel: no low-rank term, the input scale applied to x as the GEMV reads it, the output
+    scale after the bias; a mixed batch of tasks gathers each row's vector."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, device="cuda", generator=g).to(dtype)
+    vectors = [torch.rand(K if feedforward else N, device="cuda", generator=g) + 0.5 for _ in range(3)]
+    y = fastpeft.ia3_linear(x, w, b, vectors[0], feedforward, backend="cuda")
+    ref = fastpeft.ia3_linear_reference(x.double(), w.double(), b.double(), vectors[0].double(), feedforward)
+    assert rel_err(y, ref) <= TOLERANCE[dtype]
+    index = torch.randint(-1, 3, (M,), device="cuda", generator=g)
+    y = fastpeft.ia3_linear(x, w, b, vectors, feedforward, backend="cuda", adapter_index=index)
+    ref = fastpeft.ia3_linear_reference(x.double(), w.double(), b.double(), [v.double() for v in vectors],
+                                        feedforward, adapter_index=index)
+    assert rel_err(y, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output-scale", "input-scale"])
+def test_ia3_training_shape_on_triton(feedforward):
+    M, K, N = 4096, 4096, 1024
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16)
+    vec = (torch.rand(K if feedforward else N, device="cuda") + 0.5).requires_grad_()
+    y = fastpeft.ia3_linear(x, w, None, vec, feedforward, backend="triton")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, v64 = x.detach().double().requires_grad_(), vec.detach().double().requires_grad_()
+    ref = fastpeft.ia3_linear_reference(x64, w.double(), None, v64, feedforward)
+    ref.backward(dy.double())
+    for got, want in ((y, ref), (x.grad, x64.grad), (vec.grad, v64.grad)):
+        assert rel_err(got, want) <= TOLERANCE[torch.bfloat16]

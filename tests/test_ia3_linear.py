@@ -182,3 +182,40 @@ def test_bad_input_is_named(change, match):
     with pytest.raises((TypeError, ValueError), match=match):
         fastpeft.ia3_linear(args["x"], args["weight"], args["bias"], args["ia3_l"], args["feedforward"], "torch",
                             adapter_index=args["adapter_index"])
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output-scale", "input-scale"])
+def test_over_a_4bit_base(backend, device, feedforward):
+    """(IA)³ over an NF4 base: the torch path's format product, triton's dequantising K loop; gradients of x and l."""
+    case = Case(24, 64, 128, bf16, fp32, True, False)
+    x, w, b, l_vec, dy = inputs(case, device, feedforward, seed=9)
+    b = b.detach()
+    weight = fastpeft.quantize_nf4(w, blocksize=64)
+    y = fastpeft.ia3_linear(x, weight, b, l_vec, feedforward, backend)
+    y.backward(dy)
+    x64, l64 = f64(x), f64(l_vec)
+    ref = ia3_linear_reference(x64, weight.dequantize().double().cpu(), b.double().cpu(), l64, feedforward)
+    ref.backward(dy.double().cpu())
+    for got, want in ((y, ref), (x.grad, x64.grad), (l_vec.grad, l64.grad)):
+        assert rel_err(got, want) <= TOLERANCE[bf16]
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_compiled_graph_keeps_the_fused_op(backend, device):
+    """Under torch.compile the call is the registered op with its autograd: same outputs and gradients as eager."""
+    case = CASES[0]
+    for feedforward in (False, True):
+        x, w, b, l_vec, dy = inputs(case, device, feedforward, seed=10)
+        eager = fastpeft.ia3_linear(x, w, b, l_vec, feedforward, backend)
+        eager.backward(dy)
+        grads = [t.grad.clone() for t in (x, b, l_vec)]
+        for t in (x, b, l_vec):
+            t.grad = None
+        compiled = torch.compile(lambda x, w, b, v, ff=feedforward: fastpeft.ia3_linear(x, w, b, v, ff, backend),
+                                 backend="aot_eager", fullgraph=True)
+        out = compiled(x, w, b, l_vec)
+        out.backward(dy)
+        assert rel_err(out, eager) <= 1e-6
+        for t, g in zip((x, b, l_vec), grads, strict=True):
+            assert rel_err(t.grad, g) <= 1e-6

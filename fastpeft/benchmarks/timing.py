@@ -292,17 +292,19 @@ def run_dora(shapes, dtype=torch.float32, device="cpu", dropouts=(0.0, 0.1), rou
 
 def format_saved_table(saved: list[SavedResult], reference: str = DORA_REFERENCE) -> str:
     by_key = {(r.shape, r.dropout, r.candidate): r for r in saved}
-    lines = ["| shape | dropout | candidate | saved MiB | saved / " + reference + " |", "|---|---|---|---|---|"]
+    show_dropout = any(isinstance(r.shape, Shape) for r in saved)  # (LoRA-family shapes have a dropout)
+    lines = ["| shape |" + (" dropout |" if show_dropout else "") + " candidate | saved MiB | saved / " + reference
+             + " |", "|---|" + ("---|" if show_dropout else "") + "---|---|---|"]
     for r in saved:
         ref = by_key.get((r.shape, r.dropout, reference))
-        dropout = "-" if r.candidate in NO_DROPOUT else f"{r.dropout:g}"
-        lines.append(f"| {r.shape} | {dropout} | {r.candidate} | {r.saved_mb:.1f} | "
-                     f"{_ratio(r.saved_mb, ref.saved_mb) if ref else '-'} |")
+        dropout = ("-" if r.candidate in NO_DROPOUT else f"{r.dropout:g}") if show_dropout else None
+        lines.append(f"| {r.shape} |" + (f" {dropout} |" if show_dropout else "") + f" {r.candidate} | "
+                     f"{r.saved_mb:.1f} | {_ratio(r.saved_mb, ref.saved_mb) if ref else '-'} |")
     return "\n".join(lines) + (
         "\n\nLower is better. saved MiB: the distinct tensors autograd keeps for backward after one forward (the "
         "frozen weight included where a layer keeps it), counted with torch.autograd.graph.saved_tensors_hooks; "
-        f"saved / {reference}: relative to HF PEFT's DoRA Linear on the same shape and dropout; dropout: as in the "
-        "table above.")
+        f"saved / {reference}: relative to it on the same shape" + (
+            " and dropout (as in the table above)." if show_dropout else "."))
 
 
 # QLoRA: LoRA over a 4-bit (NF4) base, beside PEFT over bitsandbytes' Linear4bit, LoRA over the dense base and the
@@ -516,7 +518,8 @@ def _legend(reference: str | None, base_name: str | None, show_dropout: bool) ->
         lines.append(f"time / base: time relative to {base_name}, the frozen base layer without LoRA "
                      "(1.00 would be LoRA at no cost).")
     if reference is not None:
-        what = {"peft": "HF PEFT's LoRA Linear", DORA_REFERENCE: "HF PEFT's DoRA Linear"}.get(reference, reference)
+        what = {"peft": "HF PEFT's LoRA Linear", DORA_REFERENCE: "HF PEFT's DoRA Linear",
+                "peft IA3": "HF PEFT's IA3 Linear"}.get(reference, reference)
         lines.append(f"time / {reference}, memory / {reference}: relative to {what} on the same shape"
                      + (" and dropout" if show_dropout else "") + " (below 1.00: smaller than it).")
     if show_dropout:

@@ -401,7 +401,14 @@ def ia3_linear(x, weight, bias, ia3_l, feedforward=False, backend=None, *, adapt
 
     Returns (..., N) in x's dtype; differentiable in x, bias and the vector(s) (their gradients in their dtype).
     The input scale rounds ``x ⊙ l`` to x's dtype before the product, as PEFT's scaled copy of x does; the triton
-    backend applies it to x's tiles as its GEMM loads them, and the output scale in the GEMM's epilogue.
+    backend applies it to x's tiles as its GEMM loads them, and the output scale in the GEMM's epilogue. Over a
+    quantised base under ``torch.compile`` the call runs outside the graph (eagerly).
     """
+    if isinstance(weight, QuantizedWeight) and torch.compiler.is_compiling():
+        return _ia3_linear_eager(x, weight, bias, ia3_l, feedforward, backend, adapter_index=adapter_index)
     call = Ia3Call(x, weight, bias, list(ia3_l) if isinstance(ia3_l, tuple) else ia3_l, feedforward, adapter_index)
     return IA3_LINEAR(call, backend)
+
+
+# A call over a quantised base under torch.compile: a graph break, then the eager op (the weight is no tensor).
+_ia3_linear_eager = torch.compiler.disable(lambda *args, **kwargs: ia3_linear(*args, **kwargs))
