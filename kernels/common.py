@@ -160,7 +160,7 @@ def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, st
                 absmax_ptr=None, code_ptr=None, absmax_code_ptr=None, absmax_scale_ptr=None, absmax_offset_ptr=None,
                 NF4: tl.constexpr = False, NESTED: tl.constexpr = False, QBLOCK: tl.constexpr = 64,
                 QBLOCK2: tl.constexpr = 256, ALIGNED: tl.constexpr = 0,
-                in_scale_ptr=None, scale_rows=None, stride_st=0, IN_SCALE: tl.constexpr = 0):
+                in_scale_ptr=None, scale_rows_load=None, stride_st=0, IN_SCALE: tl.constexpr = 0):
     """acc += a[rm_load, :K] · b[:K, rn_load], tiles multiplied in COMPUTE, accumulated in fp32: the K loop of every
     GEMM kernel here (rm_load/rn_load are int64 row and column indices, wrapped into range so that loads need no
     row or column masks; EVEN_K: K is a multiple of BLOCK_K, so they need no K masks either).
@@ -168,7 +168,7 @@ def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, st
     b is Wᵀ or W with the strides a dense contiguous W would have, which are what give each element's flat index.
     IN_SCALE ((IA)³ on a feed-forward layer): a's columns are scaled as its tiles load, a ⊙ s rounded to a's dtype
     (what PEFT's scaled copy of x holds) — 1: s = in_scale (K,) for every row; 2: each row its own, row
-    ``scale_rows[i]`` of the table at in_scale_ptr (rows ``stride_st`` apart; -1: no scale).
+    ``scale_rows_load[i]`` of the table at in_scale_ptr (rows ``stride_st`` apart; -1: no scale).
     """
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :] * stride_ak
@@ -186,8 +186,8 @@ def gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, st
             scale = tl.load(in_scale_ptr + k * BLOCK_K + rk, mask=k_ok, other=0.0)[None, :]
             a = rounded(a.to(tl.float32) * scale, a_ptr.dtype.element_ty, COMPUTE)
         elif IN_SCALE == 2:
-            scale = tl.load(in_scale_ptr + scale_rows[:, None] * stride_st + (k * BLOCK_K + rk)[None, :],
-                            mask=(scale_rows >= 0)[:, None] & k_ok[None, :], other=1.0)
+            scale = tl.load(in_scale_ptr + scale_rows_load[:, None] * stride_st + (k * BLOCK_K + rk)[None, :],
+                            mask=(scale_rows_load >= 0)[:, None] & k_ok[None, :], other=1.0)  # (rows: int64)
             a = rounded(a.to(tl.float32) * scale, a_ptr.dtype.element_ty, COMPUTE)
         if NF4:
             b = nf4_b_tile(b_ptr, k * BLOCK_K, rk, rn_load, n0, k_ok, stride_bk, stride_bn, absmax_ptr, code_ptr,
@@ -232,7 +232,7 @@ class Member:
     inverted: bool = False  # on where the switch is off ((IA)³: LOWRANK, the GEMM without its low-rank term)
 
     def on(self, blocks: dict) -> bool:
-        return bool(blocks.get(self.switch, not self.inverted)) != self.inverted
+        return bool(blocks.get(self.switch, self.inverted)) != self.inverted  # (absent: off)
 
     def profile(self, base: str) -> str:
         first, _, rest = base.partition(", ")

@@ -36,14 +36,15 @@ def _ia3_col_sums_kernel(a_ptr, b_ptr, ab_part_ptr, a_part_ptr, M, N, stride_am,
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
+    cols = rn.to(tl.int64)[None, :]
     sum_ab = tl.zeros((BLOCK_N,), dtype=tl.float32)
     sum_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for i in range(0, BLOCK_M, ROWS):
         rm = pid_m * BLOCK_M + i + tl.arange(0, ROWS)
         ok = (rm < M)[:, None] & n_ok[None, :]
         rows = rm.to(tl.int64)[:, None]
-        a = tl.load(a_ptr + rows * stride_am + rn[None, :] * stride_an, mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + rows * stride_bm + rn[None, :] * stride_bn, mask=ok, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + rows * stride_am + cols * stride_an, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rows * stride_bm + cols * stride_bn, mask=ok, other=0.0).to(tl.float32)
         sum_ab += tl.sum(a * b, axis=0)
         sum_a += tl.sum(a, axis=0)
     tl.store(ab_part_ptr + pid_m * N + rn, sum_ab, mask=n_ok)

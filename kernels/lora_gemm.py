@@ -90,15 +90,15 @@ def _lora_gemm_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
             acc = _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
-    scale_rows = rm_load
+    scale_rows_load = rm_load
     if IN_SCALE == 2 or COL_SCALE == 2:  # (IA)³ mixed: each row's vector, -1 for none
-        scale_rows = tl.load(scale_rows_ptr + rm_load).to(tl.int64)
+        scale_rows_load = tl.load(scale_rows_ptr + rm_load).to(tl.int64)
 
     if not BASE_IN_OUT:  # the base K loop (NF4: W's tiles dequantised as they load)
         acc = gemm_k_loop(acc, a_ptr, b_ptr, rm_load, rn_load, K, stride_am, stride_ak, stride_bk, stride_bn,
                           COMPUTE, DOT_PRECISION, BLOCK_K, EVEN_K, absmax_ptr, code_ptr, absmax_code_ptr,
                           absmax_scale_ptr, absmax_offset_ptr, NF4, NESTED, QBLOCK, QBLOCK2, ALIGNED,
-                          in_scale_ptr, scale_rows, stride_st, IN_SCALE)
+                          in_scale_ptr, scale_rows_load, stride_st, IN_SCALE)
     if LOWRANK_LAST and LOWRANK and not MIXED:
         acc += _lowrank_term(lo, up, rm, pid_n * BLOCK_N, N, seed, p, DROPOUT, DOT_PRECISION, BLOCK_N)
     if COL_DOT:
@@ -106,7 +106,7 @@ def _lora_gemm_kernel(
                     BLOCK_M)
 
     _gemm_epilogue(acc, bias_ptr, out_ptr, col_scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
-                   HAS_BIAS, BASE_IN_OUT, COL_SCALE, STORE_PRE, scale_rows, stride_st, BIAS_FIRST)
+                   HAS_BIAS, BASE_IN_OUT, COL_SCALE, STORE_PRE, scale_rows_load, stride_st, BIAS_FIRST)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -185,9 +185,10 @@ def _column_dot(acc, dot_ptr, dot_part_ptr, rm, rn, rm_load, rn_load, pid_m, M, 
 @triton.jit
 def _gemm_epilogue(acc, bias_ptr, out_ptr, col_scale_ptr, pre_ptr, rm, rn, rn_load, M, N, stride_om, stride_on,
                    HAS_BIAS: tl.constexpr, ADD_OUT: tl.constexpr, COL_SCALE: tl.constexpr, STORE_PRE: tl.constexpr,
-                   scale_rows=None, stride_st=0, BIAS_FIRST: tl.constexpr = False):
-    """What out holds, the column scale (DoRA's, or (IA)³'s: 2 gathers each row's from a table by ``scale_rows``;
-    the unscaled tile kept in pre first), the bias (BIAS_FIRST: before the scale), then the store."""
+                   scale_rows_load=None, stride_st=0, BIAS_FIRST: tl.constexpr = False):
+    """What out holds, the column scale (DoRA's, or (IA)³'s: 2 gathers each row's from a table, row
+    ``scale_rows_load[i]`` (int64) for row i; the unscaled tile kept in pre first), the bias (BIAS_FIRST: before the
+    scale), then the store."""
     in_bounds = (rm < M)[:, None] & (rn < N)[None, :]
     offsets = rm[:, None].to(tl.int64) * stride_om + rn[None, :].to(tl.int64) * stride_on
     if ADD_OUT:
@@ -198,8 +199,8 @@ def _gemm_epilogue(acc, bias_ptr, out_ptr, col_scale_ptr, pre_ptr, rm, rn, rn_lo
         if STORE_PRE:
             tl.store(pre_ptr + offsets, acc.to(pre_ptr.dtype.element_ty), mask=in_bounds)
         if COL_SCALE == 2:
-            acc = acc * tl.load(col_scale_ptr + scale_rows[:, None] * stride_st + rn_load[None, :],
-                                mask=(scale_rows >= 0)[:, None], other=1.0).to(tl.float32)
+            acc = acc * tl.load(col_scale_ptr + scale_rows_load[:, None] * stride_st + rn_load[None, :],
+                                mask=(scale_rows_load >= 0)[:, None], other=1.0).to(tl.float32)
         else:
             acc = acc * tl.load(col_scale_ptr + rn_load).to(tl.float32)[None, :]
     if HAS_BIAS and not BIAS_FIRST:

@@ -38,6 +38,7 @@ from .lora_tuning import (
     DY_BLOCK_M,
     DY_CONFIGS,
     DY_DEFAULT,
+    IA3_GEMM_DEFAULT,
     INTERPRET_DA,
     INTERPRET_DY,
     INTERPRET_DY_BLOCK_M,
@@ -143,6 +144,8 @@ def lora_gemm(a, b, lo, up, bias, out, lowrank_scale: float, seed: int = 0, drop
             return _lora_gemm_tma(a, b, lo, up, bias, out, lowrank_scale, seed, dropout_p, col_scale, pre, dora)
         schedule = "prologue"  # what TMA cannot address runs the default schedule
     tuned, default = (_gemm_tuned, GEMM_DEFAULT) if mixed is None else (_mixed_gemm_tuned, MIXED_GEMM_DEFAULT)
+    if lo is None:
+        default = IA3_GEMM_DEFAULT
     if quant["NF4"]:
         tuned, default = _nf4_gemm_tuned, NF4_GEMM_DEFAULT
     tables = ((mixed.rows, mixed.tile_adapter, mixed.tile_lowrank_scale, mixed.tile_p) if mixed is not None

@@ -250,6 +250,12 @@ IA3_IN_SCALE = Member(
         "backward dX": dict(_NO_LOWRANK, in_scale_ptr="fp32", constexprs=dict(LOWRANK=False, IN_SCALE=1,
                                                                                DROPOUT=False))}},
     shared_memory={"_lora_gemm_kernel": _ia3_in_scale_shared})
+# The configs the epilogue scale runs: those its spill rule keeps (the pruner drops the rest for these launches).
+IA3_EPILOGUE_CONFIGS = [c for c in GEMM_CONFIGS
+                        if not _ia3_epilogue_spills(dict(c.kwargs, STORE_PRE=True), c.num_warps)]
+# Without autotuning, (IA)³ launches run one config neither of its members spills in (GEMM_DEFAULT's 128×128 on 4
+# warps spills in the epilogue's).
+IA3_GEMM_DEFAULT = next(c for c in IA3_EPILOGUE_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (64, 128))
 IA3_EPILOGUE = Member(
     "(IA)³ epilogue scale", "LOWRANK", inverted=True,
     launches={"_lora_gemm_kernel": {
@@ -258,6 +264,7 @@ IA3_EPILOGUE = Member(
         "backward dX": dict(_NO_LOWRANK, col_scale_ptr="fp32", dot_ptr="bf16", dot_part_ptr="fp32",
                             stride_dm=AOT_K, stride_dn=1,
                             constexprs=dict(LOWRANK=False, COL_SCALE=1, COL_DOT=True, DROPOUT=False))}},
+    configs={"_lora_gemm_kernel": IA3_EPILOGUE_CONFIGS},
     spills=_ia3_epilogue_spills)
 
 MEMBERS = (NF4_BASE, MIXED_BATCH, IA3_IN_SCALE, IA3_EPILOGUE, DORA)
