@@ -592,6 +592,15 @@ class LoraLinear(nn.Module):
                 f"adapters_enabled={self.adapters_enabled}, backend={self.backend!r}")
 
 
+def ia3_vector_dtype(weight_dtype: torch.dtype, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of an (IA)³ vector over a base weight of ``weight_dtype``: float32 on a float16/bfloat16 base when
+    ``autocast_adapter_dtype`` (HF PEFT's default) and on a 4-bit base (whose dtype is its compute dtype, or its
+    packed bytes'), the weight's own dtype otherwise."""
+    if autocast_adapter_dtype and weight_dtype in HALF_DTYPES or not weight_dtype.is_floating_point:
+        return torch.float32
+    return weight_dtype
+
+
 class Ia3Linear(nn.Module):
     """``nn.Linear`` with (IA)³, computed by one fused op: ``y = (x Wᵀ + b) ⊙ l`` (an output scale: keys, values), or
     ``y = (x ⊙ l) Wᵀ + b`` with ``feedforward=True`` (an input scale: PEFT's ``feedforward_modules``).
@@ -626,12 +635,10 @@ class Ia3Linear(nn.Module):
         if not isinstance(init_ia3_weights, bool):
             raise TypeError(f"init_ia3_weights must be a bool, got {init_ia3_weights!r}")
         weight = self.base_layer.weight
-        dtype = weight.dtype
-        if autocast_adapter_dtype and dtype in HALF_DTYPES or not dtype.is_floating_point:
-            dtype = torch.float32  # (a 4-bit base's dtype is its compute dtype)
         shape = (1, self.in_features) if self.feedforward else (self.out_features, 1)
         vector = torch.ones(shape) if init_ia3_weights else torch.randn(shape)
-        return nn.Parameter(vector.to(device=weight.device, dtype=dtype))
+        return nn.Parameter(vector.to(device=weight.device, dtype=ia3_vector_dtype(weight.dtype,
+                                                                                    autocast_adapter_dtype)))
 
     in_features = property(lambda self: self.base_layer.in_features)
     out_features = property(lambda self: self.base_layer.out_features)

@@ -1,8 +1,9 @@
-"""LoRA adapter files in Hugging Face PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""LoRA and (IA)³ adapter files in Hugging Face PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-Keys follow PEFT's ``save_pretrained``: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the
-adapter name is not in the key). Read top to bottom: the config fields and their checks, the adapter folder (replaced
-whole, atomically), reading and checking a folder, then ``save_adapter`` and ``load_adapter``.
+Keys follow PEFT's ``save_pretrained``: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` for LoRA,
+``base_model.model.<module>.ia3_l`` for (IA)³ (the adapter name is not in the key). Read top to bottom: the config
+fields and their checks, the adapter folder (replaced whole, atomically), reading and checking a folder, then
+``save_adapter`` and ``load_adapter``, whose (IA)³ half is the last section.
 """
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ from torch import nn
 from .atomic_files import FILE_LOCKS, fsync_dir, locked_folder, write_file_atomically, write_new_file
 from .backends import requested_backend
 from .checks import is_finite_number, is_positive_int, is_probability
-from .layers import LoraLinear, _check_adapter_name, _checked_base, _new_adapter
+from .layers import Ia3Linear, LoraLinear, _check_adapter_name, _checked_base, _new_adapter, ia3_vector_dtype
 from .model import (
+    ADAPTER_LAYERS,
     _freeze_all_but_adapters,
     _inside_lora,
+    _is_feedforward,
     _replace_modules,
+    adapter_layers,
     layers_with_adapter,
-    lora_layers,
     lora_wrap_problem,
     shared_places,
     unwrap_converted,
@@ -69,7 +72,7 @@ def _is_names(v):
 
 # field: (check, what it must be)
 _HONOURED = {
-    "peft_type": (lambda v: v == "LORA", "'LORA'"),
+    "peft_type": (lambda v: v == "LORA", "'LORA' or 'IA3'"),  # (an IA3 config is checked by _ia3_config_problems)
     "r": (is_positive_int, "a positive integer"),
     "lora_alpha": (is_finite_number, "a finite number"),
     "lora_dropout": (is_probability, "a number in [0, 1)"),
@@ -122,7 +125,9 @@ def _config_problems(config) -> list[str]:
     if not isinstance(config, dict):
         return [f"expected a JSON object, got {type(config).__name__}"]
     if "peft_type" not in config:
-        return ["it has no peft_type (expected 'LORA')"]
+        return ["it has no peft_type (expected 'LORA' or 'IA3')"]
+    if config["peft_type"] == "IA3":
+        return _ia3_config_problems(config)
     problems = [f"{field} must be {what}, got {config[field]!r}" for field, (check, what) in _HONOURED.items()
                 if field in config and not check(config[field])]
     if not problems:  # the regular expressions, as PEFT will use them
@@ -403,10 +408,10 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     not_dense = {k: f"{v.layout}, {v.device}" for k, v in tensors.items()
                  if v.layout != torch.strided or v.is_nested or v.device.type != "cpu"}
     if not_dense:
-        raise AdapterFileError(f"{weights_path}: LoRA weights must be dense tensors, got {not_dense}")
+        raise AdapterFileError(f"{weights_path}: adapter weights must be dense tensors, got {not_dense}")
     not_float = {k: str(v.dtype) for k, v in tensors.items() if not v.dtype.is_floating_point}
     if not_float:
-        raise AdapterFileError(f"{weights_path}: LoRA weights must be floating point, got {not_float}")
+        raise AdapterFileError(f"{weights_path}: adapter weights must be floating point, got {not_float}")
     return config, tensors
 
 
@@ -443,7 +448,7 @@ def peft_lora_config(model: nn.Module, adapter_name: str) -> dict:
     alpha = max(set(alphas.values()), key=list(alphas.values()).count)
     names = sorted(adapters, key=lambda n: (-len(n), n))
     collide = {x for m in names for n in names if m != n and m.endswith("." + n) for x in (m, n)}
-    lora_prefixes = list(lora_layers(model))
+    lora_prefixes = list(adapter_layers(model))  # (their bases are plain layers in the model PEFT loads into)
     others = [n for n, _ in model.named_modules() if n not in adapters
               and not any(n.startswith(prefix + ".") for prefix in lora_prefixes)]
     suffix_clash = any(other.endswith("." + name) for name in adapters for other in others)
@@ -460,17 +465,28 @@ def peft_lora_config(model: nn.Module, adapter_name: str) -> dict:
 
 
 def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
-    """Write the LoRA adapter ``adapter_name`` of every LoraLinear in ``model`` to the folder ``path``, so that
-    ``peft.PeftModel.from_pretrained(base_model, path)`` loads it.
+    """Write the adapter ``adapter_name`` of ``model`` to the folder ``path`` in PEFT's format, so that
+    ``peft.PeftModel.from_pretrained(base_model, path)`` loads it: a LoRA adapter (its LoraLinear layers) as PEFT's
+    LORA files, an (IA)³ adapter (its Ia3Linear layers) as PEFT's IA3 files. One name on layers of both kinds is
+    refused (PEFT's files hold one tuner type).
 
     Everything is built and checked in memory first; then both files replace the folder's adapter in one atomic
     step (see docs/files.md: a reader sees the whole old or the whole new adapter, across kills and concurrent saves).
     """
-    if isinstance(model, LoraLinear):
-        raise ValueError("save_adapter needs a model that contains LoRA layers: PEFT's files name each layer by its "
-                         "path in the model, and a bare LoraLinear has none (put it in a module, e.g. "
-                         "nn.Sequential(layer), and load into the same structure)")
+    if isinstance(model, ADAPTER_LAYERS):
+        raise ValueError(f"save_adapter needs a model that contains LoRA or (IA)³ layers: PEFT's files name each "
+                         f"layer by its path in the model, and a bare {type(model).__name__} has none (put it in a "
+                         "module, e.g. nn.Sequential(layer), and load into the same structure)")
     model = unwrap_converted(model)
+    kinds: dict[str, list[str]] = {}
+    for name, layer in layers_with_adapter(model, adapter_name).items():
+        kinds.setdefault("LoRA" if isinstance(layer, LoraLinear) else "(IA)³", []).append(name)
+    if len(kinds) > 1:
+        raise ValueError(f"adapter {adapter_name!r} is LoRA on {kinds['LoRA']} and (IA)³ on {kinds['(IA)³']}; PEFT's "
+                         "files hold one tuner type per adapter: give the two parts different adapter names")
+    if "(IA)³" in kinds:
+        _publish(path, _ia3_files(model, adapter_name))
+        return
     shared = [names for names in shared_places(model, LoraLinear)
               if adapter_name in model.get_submodule(names[0]).adapters]
     if shared:
@@ -478,7 +494,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
                          "one place per layer, and PEFT loading them would put LoRA at that place only")
     layers = layers_with_adapter(model, adapter_name)
     if not layers:
-        raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r}")
+        raise ValueError(f"model has no LoRA layers with an adapter named {adapter_name!r} (nor (IA)³ layers)")
     not_float = {f"{name}.{t}": str(getattr(layer.adapters[adapter_name], t).dtype)
                  for name, layer in layers.items() for t in ("lora_A", "lora_B", "lora_magnitude_vector")
                  if getattr(layer.adapters[adapter_name], t) is not None
@@ -512,7 +528,7 @@ def _all_linear(model: nn.Module, config: dict) -> list[str]:
         if head is None and config.get("task_type") == "SEQ_CLS":
             head = next((getattr(model, n) for n in ("score", "classifier") if getattr(model, n, None) is not None),
                         None)
-    layers = (nn.Linear, LoraLinear, QuantizedLinear)
+    layers = (nn.Linear, *ADAPTER_LAYERS, QuantizedLinear)
     return [n for n, m in model.named_modules() if isinstance(m, layers) and m is not head]
 
 
@@ -529,7 +545,7 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
     if not pairs and not problems:
         problems.append("the adapter weights hold no LoRA tensors")
     modules = dict(model.named_modules(remove_duplicate=False))  # a module used at two places has both names
-    lora_prefixes = [n for n, m in modules.items() if isinstance(m, LoraLinear)]
+    lora_prefixes = [n for n, m in modules.items() if isinstance(m, ADAPTER_LAYERS)]
     named: dict[int, str] = {}  # module -> the first key naming it
     inside = _inside_lora(model)
     targets, excluded = _field(config, "target_modules"), _field(config, "exclude_modules")
@@ -540,7 +556,9 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         if name == "":
             problem = "a key names no module (saved from a bare layer, not a model)"
         elif any(name.startswith(prefix + ".") for prefix in (*lora_prefixes, *pairs)):
-            problem = f"{name}: inside a LoRA layer (a LoRA on the base layer of a LoRA never runs)"
+            kind = "an (IA)³" if any(name.startswith(p + ".") and isinstance(modules[p], Ia3Linear)
+                                     for p in lora_prefixes) else "a LoRA"
+            problem = f"{name}: inside {kind} layer (a LoRA on the base layer of {kind} layer never runs)"
         elif targets is not None and not _selects(targets, name) or excluded is not None and _selects(excluded, name):
             problem = (f"{name}: not selected by the config's target_modules / exclude_modules (PEFT would ignore "
                        "these weights)")
@@ -552,6 +570,8 @@ def _key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, 
         elif named.setdefault(id(module), name) != name:
             problem = (f"{name}: the same module as {named[id(module)]} (one module, used at two places, has one "
                        "adapter)")
+        elif isinstance(module, Ia3Linear):
+            problem = f"{name}: an (IA)³ layer already (one method per layer)"
         elif not isinstance(module, LoraLinear) and (why := lora_wrap_problem(module)) is not None:
             problem = f"{name}: {why}"
         else:
@@ -598,11 +618,13 @@ def _tensor_problems(config: dict, name: str, pair: dict[str, torch.Tensor], bas
 
 
 def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=None) -> nn.Module:
-    """Load a PEFT LoRA adapter (from ``save_pretrained`` or :func:`save_adapter`) into ``model``, in place.
+    """Load a PEFT LoRA or IA3 adapter (from ``save_pretrained`` or :func:`save_adapter`) into ``model``, in place.
 
-    Each ``nn.Linear`` named in the file becomes a :class:`LoraLinear` running the loaded adapter; a LoraLinear
+    LoRA: each ``nn.Linear`` named in the file becomes a :class:`LoraLinear` running the loaded adapter; a LoraLinear
     gets it as one more adapter (or has its adapter of that name replaced) and keeps its active adapter, as PEFT's
-    ``load_adapter`` and :func:`apply_lora` do (:func:`fastpeft.set_adapter` activates it). Other parameters are
+    ``load_adapter`` and :func:`apply_lora` do (:func:`fastpeft.set_adapter` activates it). IA3: the same with
+    :class:`Ia3Linear`, each scaling its input where the config's ``feedforward_modules`` select it, else its output
+    (see :func:`_load_ia3` for what the file must agree with). Other parameters are
     frozen. ``backend`` (when given) is set on every layer loaded into.
     Every argument, the config, every key, dtype and shape are checked first: anything fastpeft cannot honour
     exactly as PEFT would raises :class:`AdapterFileError` (or ``ValueError`` for a bad argument) with the model
@@ -618,6 +640,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
                          "place (put it in a module, e.g. nn.Sequential(layer))")
     model = unwrap_converted(model)
     config, tensors = _read(Path(path))
+    if config["peft_type"] == "IA3":
+        return _load_ia3(model, path, config, tensors, adapter_name, backend)
     pairs, problems = _key_problems(config, tensors, model)
     if problems:
         raise AdapterFileError(f"adapter in {path} does not match the model: " + "; ".join(problems))
@@ -656,4 +680,283 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
         layer.adapters[adapter_name] = adapter  # a layer that had LoRA keeps its active adapter, as in PEFT
         adapter.requires_grad_(True)
     _replace_modules(model, new_layers)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (IA)³: PEFT's IA3 files. One vector per layer, ``base_model.model.<module>.ia3_l``, shaped (out_features, 1) (an
+# output scale) or (1, in_features) (an input scale). PEFT decides which layers get a vector from target_modules /
+# exclude_modules and which side each scales from feedforward_modules, so a file is checked against both: every layer
+# the config selects has its vector, every vector its layer, each of the shape its side gives it.
+# ----------------------------------------------------------------------------------------------------------
+
+_IA3_SUFFIX = ".ia3_l"
+_NAMES = "null, a regex string or a list of module names"
+_IA3_HONOURED = {
+    "peft_type": (lambda v: v == "IA3", "'IA3'"),
+    "target_modules": (_is_names, _NAMES),
+    "exclude_modules": (_is_names, _NAMES),
+    "feedforward_modules": (_is_names, _NAMES),
+    "init_ia3_weights": (lambda v: isinstance(v, bool), "true or false"),
+    **{field: _HONOURED[field] for field in ("inference_mode", "task_type", "base_model_name_or_path", "revision",
+                                             "peft_version", "auto_mapping")},
+}
+# PEFT features that change what the adapter computes, with their "off" value: transformers' Conv1D layers (weights
+# stored transposed), and whole modules trained and saved beside the vectors.
+_IA3_UNSUPPORTED = {"fan_in_fan_out": False, "modules_to_save": None}
+_IA3_FIELDS = ("target_modules", "feedforward_modules")
+
+
+def _ia3_config_problems(config: dict) -> list[str]:
+    """Everything wrong with a parsed IA3 adapter_config.json (empty when fastpeft can honour it)."""
+    problems = [f"{field} must be {what}, got {config[field]!r}" for field, (check, what) in _IA3_HONOURED.items()
+                if field in config and not check(config[field])]
+    if not problems:
+        regexes = [config[f] for f in ("target_modules", "exclude_modules", "feedforward_modules")
+                   if isinstance(config.get(f), str)]
+        problems += [f"{regex!r} is not a valid regular expression" for regex in regexes if not _compiles(regex)]
+        targets, feedforward = config.get("target_modules"), config.get("feedforward_modules")
+        if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+            problems.append(f"feedforward_modules must be a subset of target_modules (PEFT's IA3Config refuses the "
+                            f"config otherwise): {sorted(set(feedforward) - set(targets))} are not targets")
+    unsupported = {f: config[f] for f, off in _IA3_UNSUPPORTED.items()
+                   if f in config and config[f] != off and not (f == "modules_to_save" and config[f] == [])}
+    if unsupported:
+        why = (" (fan_in_fan_out: transformers' Conv1D layers, GPT-2 style, whose weights are stored transposed; "
+               "fastpeft's (IA)³ layers wrap nn.Linear)" if "fan_in_fan_out" in unsupported else "")
+        problems.append(f"it uses PEFT features fastpeft does not implement for (IA)³: {unsupported}{why}")
+    unknown = {f: v for f, v in config.items()
+               if f not in _IA3_HONOURED and f not in _IA3_UNSUPPORTED and v not in (None, False)}
+    if unknown:
+        problems.append(f"it sets fields fastpeft does not know for IA3 (they may change the computation): {unknown}")
+    return problems
+
+
+def _model_type(model: nn.Module):
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _ia3_modules(config: dict, model: nn.Module, field: str):
+    """The config's ``target_modules`` / ``feedforward_modules`` as PEFT uses them with ``model``: as given, or for
+    null PEFT's own table by the transformers model type; None where it has none (PEFT then refuses the config)."""
+    if config.get(field) is not None:
+        return config[field]
+    try:
+        from peft.utils import constants
+    except ModuleNotFoundError as err:
+        if err.name != "peft":  # peft is there but broken: its own error says what to fix
+            raise
+        return None
+    table = (constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if field == "target_modules"
+             else constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING)
+    return list(table[_model_type(model)]) if _model_type(model) in table else None
+
+
+def _full_names(names: list[str], clash: bool):
+    """Module names as a PEFT config lists them: the list itself, or where a listed name would also select some
+    other module, one regular expression matching exactly these names whole."""
+    return "|".join(re.escape(n) for n in names) if clash else names
+
+
+def peft_ia3_config(model: nn.Module, adapter_name: str) -> dict:
+    """PEFT's IA3Config fields (every one PEFT writes) for the (IA)³ adapter ``adapter_name`` of ``model``, such that
+    PEFT wraps exactly its Ia3Linear layers, each scaling the side it scales here.
+
+    ``target_modules`` lists the full names (PEFT also matches them as suffixes after a dot), or is one regular
+    expression naming them whole where a listed name ends the name of some other module of the model.
+    ``feedforward_modules`` likewise lists the input-scaling layers (PEFT matches each as a plain suffix of a target's
+    name, dot or not), or is a regular expression where one of them ends the name of an output-scaling target.
+    """
+    layers = layers_with_adapter(model, adapter_name)
+    targets = sorted(layers)
+    prefixes = list(adapter_layers(model))  # (their bases are plain layers in the model PEFT loads into)
+    others = [n for n, _ in model.named_modules()
+              if n not in layers and not any(n.startswith(prefix + ".") for prefix in prefixes)]
+    feedforward = [n for n in targets if layers[n].feedforward]
+    outputs = [n for n in targets if not layers[n].feedforward]
+    return {
+        "peft_type": "IA3", "task_type": None, "auto_mapping": None, "base_model_name_or_path": None,
+        "revision": None, "peft_version": None, "inference_mode": True,  # (PEFT fills in its version on load)
+        "target_modules": _full_names(targets, any(o.endswith("." + t) for t in targets for o in others)),
+        "exclude_modules": None,
+        "feedforward_modules": _full_names(feedforward, any(n.endswith(f) for f in feedforward for n in outputs)),
+        "init_ia3_weights": True,  # (how a new vector starts: this one is in the file)
+        **_IA3_UNSUPPORTED,
+    }
+
+
+def _ia3_files(model: nn.Module, adapter_name: str) -> dict[str, bytes]:
+    """The two files of the (IA)³ adapter ``adapter_name`` of ``model`` (every layer holding it is an Ia3Linear)."""
+    shared = [names for names in shared_places(model, Ia3Linear)
+              if adapter_name in model.get_submodule(names[0]).ia3_l]
+    if shared:
+        raise ValueError(f"the (IA)³ layers at {shared} are each one module used at several places; PEFT's files name "
+                         "one place per layer, and PEFT loading them would put (IA)³ at that place only")
+    vectors = {name: layer.ia3_l[adapter_name] for name, layer in layers_with_adapter(model, adapter_name).items()}
+    not_float = {name: str(v.dtype) for name, v in vectors.items() if not v.dtype.is_floating_point}
+    if not_float:
+        raise ValueError(f"adapter {adapter_name!r} has vectors PEFT's files cannot hold (floating point only): "
+                         f"{not_float}")
+    config = peft_ia3_config(model, adapter_name)
+    problems = _ia3_config_problems(config)
+    if problems:
+        raise ValueError(f"adapter {adapter_name!r} cannot be saved in PEFT's format: " + "; ".join(problems))
+    # (copies: safetensors refuses tensors sharing memory, as tied vectors would)
+    tensors = {f"{_PREFIX}{name}{_IA3_SUFFIX}": v.detach().cpu().clone() for name, v in vectors.items()}
+    return {CONFIG_NAME: (json.dumps(config, indent=2, allow_nan=False) + "\n").encode(),
+            WEIGHTS_NAME: save_safetensors(tensors, metadata={"format": "pt"})}
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' Conv1D (GPT-2's linear layers, weights stored (in, out))."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _ia3_key_problems(config: dict, tensors: dict, model: nn.Module) -> tuple[dict, list[str]]:
+    """The file's vectors by module name, each as ``(tensor, feedforward)``, and every reason the file does not fit
+    ``model``."""
+    vectors: dict[str, torch.Tensor] = {}
+    problems = []
+    for key, tensor in tensors.items():
+        if not key.startswith(_PREFIX) or not key.endswith(_IA3_SUFFIX):
+            problems.append(f"unexpected key {key!r} (an IA3 file holds (IA)³ vectors only, "
+                            f"'{_PREFIX}<module>{_IA3_SUFFIX}')")
+            continue
+        vectors[key[len(_PREFIX):-len(_IA3_SUFFIX)]] = tensor
+    if not vectors and not problems:
+        problems.append("the adapter weights hold no (IA)³ vectors")
+    targets, feedforward = (_ia3_modules(config, model, field) for field in _IA3_FIELDS)
+    for field, value in zip(_IA3_FIELDS, (targets, feedforward), strict=True):
+        if value is None:
+            kind = f"model type {_model_type(model)!r}" if _model_type(model) else "this model (not a transformers one)"
+            problems.append(f"the config's {field} is null: PEFT then takes them from its table by the transformers "
+                            f"model type, which has no entry for {kind}; name them in the config")
+    if targets is None or feedforward is None:
+        return {}, problems
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = _all_linear(model, config)
+    excluded = config.get("exclude_modules")
+
+    def selected(name):
+        return _selects(targets, name) and not (excluded is not None and _selects(excluded, name))
+
+    modules = dict(model.named_modules(remove_duplicate=False))  # a module used at two places has both names
+    prefixes = [n for n, m in modules.items() if isinstance(m, ADAPTER_LAYERS)]
+    inside = _inside_lora(model)
+    named: dict[int, str] = {}  # module -> the first key naming it
+    plan = {}
+    for name, vector in vectors.items():
+        module = modules.get(name)
+        if name == "":
+            problem = "a key names no module (saved from a bare layer, not a model)"
+        elif any(name.startswith(prefix + ".") for prefix in (*prefixes, *vectors)):
+            problem = f"{name}: inside an adapter layer (a vector on the base layer of an adapter layer never runs)"
+        elif not selected(name):
+            problem = (f"{name}: not selected by the config's target_modules / exclude_modules (PEFT would ignore this "
+                       "vector)")
+        elif module is None:
+            problem = f"{name}: no module of that name in the model"
+        elif id(module) in inside:
+            problem = f"{name}: also the base layer at {inside[id(module)]} (an adapter inside an adapter never runs)"
+        elif named.setdefault(id(module), name) != name:
+            problem = (f"{name}: the same module as {named[id(module)]} (one module, used at two places, has one "
+                       "adapter)")
+        elif isinstance(module, LoraLinear):
+            problem = f"{name}: a LoRA layer already (one method per layer)"
+        elif _is_conv1d(module):
+            problem = (f"{name}: a transformers Conv1D (GPT-2 style, weights stored transposed: PEFT's "
+                       "fan_in_fan_out), which fastpeft's (IA)³ layers do not wrap")
+        elif not isinstance(module, Ia3Linear) and (why := lora_wrap_problem(module)) is not None:
+            problem = f"{name}: {why}"
+        else:
+            plan[name] = (vector, _is_feedforward(name, feedforward))
+            problems += _ia3_vector_problems(name, vector, module, plan[name][1])
+            continue
+        problems.append(problem)
+    # PEFT gives every module the config selects a vector; one the file lacks would start afresh there (ones, or
+    # random numbers without init_ia3_weights), not as the adapter was saved.
+    missing = [n for n, _ in model.named_modules() if n and n not in vectors and selected(n)
+               and not any(n.startswith(prefix + ".") for prefix in prefixes)]
+    problems += [f"{n}: selected by the config's target_modules, but the file holds no vector for it (PEFT would give "
+                 "it a vector of its own making)" for n in missing]
+    return plan, problems
+
+
+def _ia3_vector_problems(name: str, vector: torch.Tensor, module: nn.Module, feedforward: bool) -> list[str]:
+    """Why the file's vector for the layer ``name`` (``module``: a plain layer or an Ia3Linear) does not fit it as the
+    config's side (``feedforward``: an input scale) gives it; empty when it does."""
+    base = module.base_layer if isinstance(module, Ia3Linear) else module
+    n_in, n_out = base.in_features, base.out_features
+    side = "an input scale (feedforward_modules)" if feedforward else "an output scale"
+    if isinstance(module, Ia3Linear) and module.feedforward != feedforward:
+        return [f"{name}: the config makes it {side}, but the model's (IA)³ layer there scales its "
+                f"{'input' if module.feedforward else 'output'} (feedforward={module.feedforward})"]
+    want, flipped = ((1, n_in), (n_out, 1)) if feedforward else ((n_out, 1), (1, n_in))
+    if tuple(vector.shape) != want:
+        why = ("the other side's shape: the config's feedforward_modules disagree with the vectors"
+               if tuple(vector.shape) == flipped else "no vector of this layer")
+        return [f"{name}: ia3_l has shape {tuple(vector.shape)}, but as {side} of a {n_in} -> {n_out} layer it needs "
+                f"{want} ({why})"]
+    # Finite in the dtype the layer holds it in: a value past that dtype's range would load as inf.
+    weight = module.base_layer.weight if isinstance(module, Ia3Linear) else _checked_base(module).weight
+    autocast = module.autocast_adapter_dtype if isinstance(module, Ia3Linear) else True
+    dtype = ia3_vector_dtype(weight.dtype, autocast)
+    if not torch.isfinite(vector.to(dtype)).all():
+        return [f"{name}: ia3_l holds values that are not finite in the vector's dtype "
+                f"{str(dtype).removeprefix('torch.')} (NaN, inf, or past its range)"]
+    return []
+
+
+def _load_ia3(model: nn.Module, path, config: dict, tensors: dict, adapter_name: str, backend) -> nn.Module:
+    """:func:`load_adapter` for an IA3 file (``config`` and ``tensors`` read and checked as files already).
+
+    Every vector must fit its layer and the config's ``feedforward_modules`` (an Ia3Linear already there must scale
+    the same side), and every layer the config selects must have its vector. A plain ``nn.Linear`` becomes an
+    :class:`Ia3Linear` running the loaded vector; an Ia3Linear gets it as one more named vector (or has the vector of
+    that name replaced, unmerged first when merged) and keeps its active adapter, as PEFT does. Everything is built
+    before the model changes."""
+    plan, problems = _ia3_key_problems(config, tensors, model)
+    for name in plan:
+        module = model.get_submodule(name)
+        if isinstance(module, Ia3Linear) and module.merged_adapter == adapter_name \
+                and (why := module.unmerge_problem()) is not None:
+            problems.append(f"{name}: its adapter {adapter_name!r}, to be replaced, is merged and cannot be unmerged: "
+                            f"{why}")
+    if problems:
+        raise AdapterFileError(f"adapter in {path} does not match the model: " + "; ".join(problems))
+    elsewhere = sorted(set(layers_with_adapter(model, adapter_name)) - set(plan))
+    if elsewhere:
+        raise ValueError(f"the model has an adapter named {adapter_name!r} on layers the file does not hold "
+                         f"({', '.join(elsewhere)}); loading would leave a mix of two adapters under one name: "
+                         f"delete_adapter(model, {adapter_name!r}) first, or load under another adapter_name")
+    new_layers, vectors = {}, {}
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]  # (an Ia3Linear freezes its base when made)
+    try:
+        for name, (tensor, feedforward) in plan.items():
+            module = model.get_submodule(name)
+            if isinstance(module, Ia3Linear):
+                vector = module._new_vector(True, module.autocast_adapter_dtype)
+            else:
+                layer = new_layers[name] = Ia3Linear(module, feedforward, adapter_name=adapter_name, backend=backend)
+                vector = layer.ia3_l[adapter_name]
+            with torch.no_grad():
+                vector.copy_(tensor)
+            vectors[name] = vector
+    except BaseException:
+        for param, flag in requires_grad:
+            param.requires_grad_(flag)
+        raise
+    _freeze_all_but_adapters(model)
+    for name, vector in vectors.items():
+        if name in new_layers:
+            continue
+        layer = model.get_submodule(name)
+        if layer.merged_adapter == adapter_name:  # its vector is about to be replaced
+            layer.unmerge()
+        layer.ia3_l[adapter_name] = vector  # a layer that had (IA)³ keeps its active adapter, as in PEFT
+        if backend is not None:
+            layer.backend = backend
+    _replace_modules(model, new_layers)
+    for vector in vectors.values():
+        vector.requires_grad_(True)
     return model

@@ -100,7 +100,7 @@ def test_bad_files_leave_the_model_unchanged(tmp_path):
                       "not a valid safetensors file"),
         "no weights": (lambda f: (f / weights).unlink(), "neither"),
         "bad json": (lambda f: (f / "adapter_config.json").write_text("{"), "not valid JSON"),
-        "not lora": (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "IA3"}'), "LORA"),
+        "not lora": (lambda f: (f / "adapter_config.json").write_text('{"peft_type": "LOHA"}'), "'LORA' or 'IA3'"),
         "dora": (lambda f: (f / "adapter_config.json").write_text(
             json.dumps({**json.loads((good / "adapter_config.json").read_text()), "use_dora": True})),
             "needs lora_A and lora_B and lora_magnitude_vector"),
@@ -203,7 +203,8 @@ def assert_refused(model, folder, match, **kwargs):
     ({"fan_in_fan_out": True, "modules_to_save": ["head"]}, r"'fan_in_fan_out': True, 'modules_to_save'"),
     ({"init_lora_weights": "pissa_niter_4"}, r"does not implement: \{'init_lora_weights': 'pissa_niter_4'"),
     ({"future_feature": {"on": 1}}, r"fields fastpeft does not know .*'future_feature'"),
-    ({"peft_type": "IA3"}, r"peft_type must be 'LORA'"),
+    ({"peft_type": "LOHA"}, r"peft_type must be 'LORA' or 'IA3', got 'LOHA'"),
+    ({"peft_type": "IA3"}, r"fields fastpeft does not know for IA3 .*'r': 2"),  # LoRA's fields in an IA3 config
     ({"r": 3}, r"the weights have rank 2, the config gives it rank 3"),
     ({"target_modules": ["q_proj"]}, r"mlp\.0: not selected by the config's target_modules"),
     ({"exclude_modules": r"mlp\..*"}, r"mlp\.0: not selected"),
