@@ -1,6 +1,6 @@
-"""Hugging Face PEFT models in memory: ``from_peft`` swaps PEFT's LoRA layers for :class:`LoraLinear` holding the very
-same parameters; ``to_peft`` builds a ``PeftModel`` around fastpeft's parameters. Neither copies a weight, so an
-optimizer made before a conversion keeps training the converted model.
+"""Hugging Face PEFT models in memory: ``from_peft`` swaps PEFT's LoRA layers for :class:`LoraLinear` and its IA3
+layers for :class:`Ia3Linear`, holding the very same parameters; ``to_peft`` builds a ``PeftModel`` around fastpeft's
+parameters. Neither copies a weight, so an optimizer made before a conversion keeps training the converted model.
 
 Everything is checked before the model changes: a PEFT feature fastpeft lacks is named in the error, never dropped.
 """
@@ -11,10 +11,10 @@ import math
 import torch
 from torch import nn
 
-from .layers import BASE_ADAPTER, AdaptedModule, LoraAdapter, LoraLinear
-from .model import ModuleMethod, _replace_modules, lora_layers, shared_places, unwrap_converted
+from .layers import BASE_ADAPTER, AdaptedModule, Ia3Linear, LoraAdapter, LoraLinear, dense_linear_problem
+from .model import ADAPTER_LAYERS, ModuleMethod, _replace_modules, adapter_layers, shared_places, unwrap_converted
 from .nf4 import NF4Linear, bnb_problem
-from .peft_io import peft_lora_config
+from .peft_io import peft_ia3_config, peft_lora_config
 
 
 def _require_peft():
@@ -108,14 +108,59 @@ def _layer_problems(layer, active_only: bool = True, adapters=None) -> list[str]
     return problems
 
 
+def _is_peft_ia3(layer) -> bool:
+    """Whether ``layer`` is one of PEFT's IA3 layers (any kind: Linear, Conv2d, bitsandbytes, ...)."""
+    from peft.tuners.ia3.layer import IA3Layer
+    return isinstance(layer, IA3Layer)
+
+
+def _ia3_active(layer) -> list[str]:
+    """The adapters a PEFT IA3 layer runs (their vectors multiplied): the model-wide active names it has."""
+    return [name for name in layer.active_adapters if name in layer.ia3_l]
+
+
+def _ia3_layer_problems(layer, active_only: bool = True) -> list[str]:
+    """Why a PEFT IA3 layer cannot become an Ia3Linear with identical behaviour; empty when it can. Without
+    ``active_only``, what its active and merged adapters are is left out (:func:`fastpeft.fuse` runs several active
+    vectors as their product, and decides merged or disabled layers per call)."""
+    from peft.tuners.ia3.layer import Linear as PeftIa3Linear
+    if type(layer) is not PeftIa3Linear:
+        return [f"{type(layer).__module__}.{type(layer).__qualname__} (fastpeft converts (IA)³ on a plain nn.Linear "
+                "only)"]
+    problems = []
+    base = layer.base_layer
+    if layer.fan_in_fan_out or getattr(layer, "is_target_conv_1d_layer", False):
+        problems.append("fan_in_fan_out=True (transformers' Conv1D weights, stored transposed)")
+    elif isinstance(base, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        problems.append("base layer is the out_proj of an nn.MultiheadAttention, which bypasses its forward")
+    elif (why := dense_linear_problem(base)) is not None:
+        problems.append(f"(IA)³ base layer is {why} (fastpeft converts (IA)³ over a plain nn.Linear)")
+    elif not base.weight.dtype.is_floating_point:
+        problems.append(f"base weight has dtype {base.weight.dtype} (quantized bases are not supported)")
+    elif base.weight.requires_grad:
+        problems.append("base weight is trainable (fastpeft keeps it frozen)")
+    if not active_only:
+        return problems
+    active = _ia3_active(layer)
+    if len(active) > 1:
+        problems.append(f"{len(active)} active adapters {active} (an Ia3Linear runs one at a time; PEFT multiplies "
+                        "their vectors)")
+    elif not active:
+        problems.append(f"none of the active adapters {list(layer.active_adapters)} is on the layer")
+    merged = list(layer.merged_adapters)
+    if len(merged) > 1 or (merged and merged != active):
+        problems.append(f"merged adapters {merged} with active {active} (fastpeft merges the active adapter only)")
+    return problems
+
+
 def _model_problems(peft_model, model) -> list[str]:
     from peft.utils.other import AuxiliaryTrainingWrapper
     problems = []
     for name, config in (getattr(peft_model, "peft_config", None) or {}).items():
         peft_type = getattr(getattr(config, "peft_type", None), "value", None)
-        if peft_type != "LORA":
+        if peft_type not in ("LORA", "IA3"):
             problems.append(f"adapter {name!r} has tuner type {peft_type or type(config).__name__} "
-                            "(fastpeft converts LoRA only)")
+                            "(fastpeft converts LoRA and IA3)")
         if name == BASE_ADAPTER:
             problems.append(f"an adapter is named {name!r}, which fastpeft reserves for the base layer in "
                             "adapter_names (rename it)")
@@ -126,14 +171,16 @@ def _model_problems(peft_model, model) -> list[str]:
 
 
 def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
-    """Swap every PEFT LoRA ``Linear`` in ``peft_model`` for a :class:`LoraLinear`, in place, and return the model.
+    """Swap every PEFT LoRA ``Linear`` in ``peft_model`` for a :class:`LoraLinear` and every PEFT IA3 ``Linear`` for
+    an :class:`Ia3Linear`, in place, and return the model.
 
     ``peft_model`` is a ``peft.PeftModel`` (the underlying model, ``peft_model.get_base_model()``, is converted and
-    returned) or any module holding PEFT LoRA layers. Each new layer holds PEFT's own ``lora_A``/``lora_B``
-    parameters and base layer: same tensors, same outputs, with every adapter of the layer (DoRA's magnitude too),
-    its active adapter, merge and enable state and training mode. Anything fastpeft would run differently (LoRA biases,
-    embeddings, quantized bases, other tuner types, modules_to_save, several active adapters, ...) is listed in a
-    ``ValueError`` and nothing is changed. ``backend`` is set on the new layers.
+    returned) or any module holding PEFT LoRA or IA3 layers. Each new layer holds PEFT's own parameters
+    (``lora_A``/``lora_B``, DoRA's magnitude; or the ``ia3_l`` vectors, with the layer's feed-forward side) and base
+    layer: same tensors, same outputs, with every adapter of the layer, its active adapter, merge and enable state
+    and training mode. Anything fastpeft would run differently (LoRA biases, embeddings, quantized bases, other tuner
+    types, modules_to_save, several active adapters, ``fan_in_fan_out``, ...) is listed in a ``ValueError`` and
+    nothing is changed. ``backend`` is set on the new layers.
 
     The PeftModel keeps running the converted layers in its forward, but PEFT's adapter methods on it
     (``save_pretrained``, ``state_dict``, ``add_adapter``, ``merge_and_unload``, ...) can no longer see them and
@@ -167,7 +214,7 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     problems = _model_problems(peft_model, model)
     where: dict[str, list[str]] = {}  # each problem once, with the layers that have it
     for name, layer in tuner_layers.items():
-        for problem in _layer_problems(layer):
+        for problem in _ia3_layer_problems(layer) if _is_peft_ia3(layer) else _layer_problems(layer):
             where.setdefault(problem, []).append(name)
     for problem, names in where.items():
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -175,7 +222,8 @@ def from_peft(peft_model: nn.Module, *, backend=None) -> nn.Module:
     if problems:
         raise ValueError("from_peft: the model uses PEFT features fastpeft does not support (nothing was "
                          "changed):\n  - " + "\n  - ".join(problems))
-    _replace_modules(model, {name: _convert_layer(layer, backend) for name, layer in tuner_layers.items()})
+    _replace_modules(model, {name: _convert_ia3_layer(layer, backend) if _is_peft_ia3(layer)
+                             else _convert_layer(layer, backend) for name, layer in tuner_layers.items()})
     # PEFT's bookkeeping on the model it wrapped; stale now, and get_peft_model would read it as existing adapters.
     vars(model).pop("peft_config", None)
     if isinstance(peft_model, peft.PeftModel):
@@ -198,8 +246,8 @@ _TRANSFORMERS_ADAPTER_METHODS = (
     "load_adapter", "add_adapter", "set_adapter", "disable_adapters", "enable_adapters", "active_adapters",
     "get_adapter_state_dict", "delete_adapter")
 _INSTEAD = {
-    "disable_adapter": "layer.disable_adapters() on each of fastpeft.lora_layers(model) runs the bases alone",
-    "disable_adapters": "layer.disable_adapters() on each of fastpeft.lora_layers(model) runs the bases alone",
+    "disable_adapter": "layer.disable_adapters() on each of fastpeft.adapter_layers(model) runs the bases alone",
+    "disable_adapters": "layer.disable_adapters() on each of fastpeft.adapter_layers(model) runs the bases alone",
 }
 
 
@@ -214,9 +262,9 @@ class _Retired(ModuleMethod):
             return type(owner).state_dict(owner, *args, **kwargs)
         instead = _INSTEAD.get(name, "fastpeft.set_adapter / delete_adapter / merge_and_unload act on its adapters")
         raise RuntimeError(
-            f"{name}: fastpeft.from_peft converted this model's PEFT LoRA layers into fastpeft LoraLinear "
-            f"layers, which PEFT's {name} cannot see (a save would write an adapter holding no tensors). Work "
-            "on the model from_peft returned: fastpeft.save_adapter(model, path) writes PEFT's adapter files, "
+            f"{name}: fastpeft.from_peft converted this model's PEFT layers into fastpeft LoraLinear / "
+            f"Ia3Linear layers, which PEFT's {name} cannot see (a save would write an adapter holding no tensors). "
+            "Work on the model from_peft returned: fastpeft.save_adapter(model, path) writes PEFT's adapter files, "
             f"{instead}, and fastpeft.to_peft(model) makes it a PeftModel again. Its forward still runs the "
             "adapters.")
 
@@ -256,32 +304,64 @@ def _convert_layer(layer, backend) -> LoraLinear:
     return new
 
 
-def to_peft(model: nn.Module):
-    """Wrap ``model``'s fastpeft LoRA layers as a ``peft.PeftModel`` holding the same parameters; returns it.
+def _convert_ia3_layer(layer, backend) -> Ia3Linear:
+    """An Ia3Linear holding a PEFT IA3 Linear's base layer and its own vector parameters, in PEFT's order."""
+    active = _ia3_active(layer)[0]
+    new = Ia3Linear(layer.base_layer, layer.is_feedforward, adapter_name=active, backend=backend)
+    new.ia3_l = nn.ParameterDict(layer.ia3_l)  # the same Parameters (not copies), in PEFT's order
+    new.merged_adapter = layer.merged_adapters[0] if layer.merged_adapters else None
+    new.adapters_enabled = not layer.disable_adapters
+    new.train(layer.training)
+    return new
 
-    Every named adapter becomes a PEFT adapter (``LoraConfig`` with per-layer rank/alpha patterns); active adapter,
-    merge and enable state and ``requires_grad`` carry over. PEFT activates one adapter for the whole model, and
-    has one dropout and one ``use_rslora`` per adapter: layers that disagree raise ``ValueError`` with the model
-    unchanged (:func:`fastpeft.set_adapter` aligns the active adapters), and so do bottleneck adapters, which PEFT
-    lacks. ``model`` is changed in place: it becomes the PeftModel's base model, whose layers run PEFT's code (a
-    layer's fastpeft ``backend`` has no PEFT counterpart). :func:`from_peft` converts back.
+
+def _shown(names) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def to_peft(model: nn.Module):
+    """Wrap ``model``'s fastpeft LoRA layers, or its (IA)³ layers, as a ``peft.PeftModel`` holding the same
+    parameters; returns it.
+
+    Every named adapter becomes a PEFT adapter (``LoraConfig`` with per-layer rank/alpha patterns, or ``IA3Config``
+    naming the layers and which of them scale their input); active adapter, merge and enable state and
+    ``requires_grad`` carry over. PEFT activates one adapter for the whole model, holds one tuner type, and has one
+    dropout and one ``use_rslora`` per LoRA adapter: a model whose layers disagree, or holds LoRA and (IA)³ layers
+    both, raises ``ValueError`` with the model unchanged (:func:`fastpeft.set_adapter` aligns the active adapters),
+    and so do bottleneck adapters, which PEFT lacks. ``model`` is changed in place: it becomes the PeftModel's base
+    model, whose layers run PEFT's code (a layer's fastpeft ``backend`` has no PEFT counterpart). :func:`from_peft`
+    converts back.
     """
     peft = _require_peft()
-    if isinstance(model, LoraLinear) or not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a module containing LoraLinear layers, got {type(model).__name__}")
+    if isinstance(model, ADAPTER_LAYERS) or not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a module containing LoraLinear or Ia3Linear layers, got {type(model).__name__}")
     model = unwrap_converted(model)
-    layers = lora_layers(model)
+    layers = adapter_layers(model)
     if not layers:
-        raise ValueError("model has no fastpeft LoRA layers")
-    shared = shared_places(model, LoraLinear)
+        raise ValueError("model has no fastpeft LoRA layers (nor (IA)³ layers)")
+    lora = [name for name, layer in layers.items() if isinstance(layer, LoraLinear)]
+    ia3 = [name for name, layer in layers.items() if isinstance(layer, Ia3Linear)]
+    if lora and ia3:
+        raise ValueError(f"a PeftModel holds adapters of one tuner type, and this model has LoRA layers "
+                         f"({_shown(lora)}) and (IA)³ layers ({_shown(ia3)}); save each adapter with "
+                         "fastpeft.save_adapter (PEFT loads each kind into a PeftModel of its own)")
+    kind, word = (Ia3Linear, "(IA)³") if ia3 else (LoraLinear, "LoRA")
+    shared = shared_places(model, kind)
     if shared:
-        raise ValueError(f"the LoRA layers at {shared} are each one module used at several places; PEFT would wrap "
-                         "it at one place only, leaving the others without LoRA")
+        raise ValueError(f"the {word} layers at {shared} are each one module used at several places; PEFT would wrap "
+                         f"it at one place only, leaving the others without {word}")
     bottlenecks = [name for name, m in model.named_modules() if isinstance(m, AdaptedModule)]
     if bottlenecks:
         raise ValueError(f"PEFT has no bottleneck adapters, so those at {bottlenecks} would be lost when PEFT saves "
                          "the model; take them out first (fastpeft.remove_adapters)")
-    lost = [name for name, layer in layers.items() if layer._dora_merge is not None and len(layer._dora_merge[1])]
+    if ia3:
+        # (PEFT's IA3 layer over a 4-bit base is its bitsandbytes one, which computes otherwise)
+        quantized = [name for name, layer in layers.items() if dense_linear_problem(layer.base_layer) is not None]
+        if quantized:
+            raise ValueError(f"the (IA)³ layers at {quantized} are over a base that is not a plain nn.Linear (a 4-bit "
+                             "or quantised one); fastpeft converts (IA)³ over plain nn.Linear bases only")
+    lost = [name for name, layer in layers.items()
+            if kind is LoraLinear and layer._dora_merge is not None and len(layer._dora_merge[1])]
     if lost:
         raise ValueError(f"the DoRA adapters merged at {lost} have rows of magnitude 0, which PEFT's unmerge cannot "
                          "restore; unmerge them first")
@@ -292,9 +372,9 @@ def to_peft(model: nn.Module):
     adapter_names = list(dict.fromkeys(name for layer in layers.values() for name in layer.adapters))
     configs = {}
     for adapter_name in adapter_names:
-        fields = peft_lora_config(model, adapter_name)
+        fields = (peft_ia3_config if ia3 else peft_lora_config)(model, adapter_name)
         fields = {k: v for k, v in fields.items() if k != "peft_type"}
-        configs[adapter_name] = peft.LoraConfig(**{**fields, "inference_mode": False})
+        configs[adapter_name] = (peft.IA3Config if ia3 else peft.LoraConfig)(**{**fields, "inference_mode": False})
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     # A 4-bit base goes to PEFT as the bitsandbytes Linear4bit over the same tensors (PEFT's LoRA layer for it).
     bases = {name: layer.base_layer.to_bnb() if isinstance(layer.base_layer, NF4Linear) else layer.base_layer
@@ -308,18 +388,9 @@ def to_peft(model: nn.Module):
         peft_model.set_adapter(next(iter(active.values())))
         for name, layer in layers.items():
             target = model.get_submodule(name)
-            for adapter_name, adapter in layer.adapters.items():
-                target.lora_A[adapter_name].weight = adapter.lora_A
-                target.lora_B[adapter_name].weight = adapter.lora_B
-                if adapter.use_dora:
-                    target.lora_magnitude_vector[adapter_name].weight = adapter.lora_magnitude_vector
-                if not math.isclose(target.scaling[adapter_name], adapter.scaling, rel_tol=1e-12):
-                    raise RuntimeError(f"{name}: PEFT built scaling {target.scaling[adapter_name]} for adapter "
-                                       f"{adapter_name!r}, fastpeft has {adapter.scaling}")
+            (_attach_ia3 if ia3 else _attach_lora)(name, target, layer)
             if layer.merged:
                 target.merged_adapters = [layer.merged_adapter]
-                if layer._dora_merge is not None:  # the norms PEFT's DoRA unmerge divides by
-                    target._cache_store(f"{layer.merged_adapter}-weight_norm", layer._dora_merge[3])
             if not layer.adapters_enabled:
                 target.enable_adapters(False)
             target.train(layer.training)
@@ -330,3 +401,29 @@ def to_peft(model: nn.Module):
         for param, flag in requires_grad:  # PEFT's set_adapter / enable_adapters retoggle them
             param.requires_grad_(flag)
     return peft_model
+
+
+def _attach_lora(name: str, target, layer: LoraLinear) -> None:
+    """Give the PEFT LoRA layer ``target`` that PEFT built at ``name`` the parameters of ``layer``."""
+    for adapter_name, adapter in layer.adapters.items():
+        target.lora_A[adapter_name].weight = adapter.lora_A
+        target.lora_B[adapter_name].weight = adapter.lora_B
+        if adapter.use_dora:
+            target.lora_magnitude_vector[adapter_name].weight = adapter.lora_magnitude_vector
+        if not math.isclose(target.scaling[adapter_name], adapter.scaling, rel_tol=1e-12):
+            raise RuntimeError(f"{name}: PEFT built scaling {target.scaling[adapter_name]} for adapter "
+                               f"{adapter_name!r}, fastpeft has {adapter.scaling}")
+    if layer.merged and layer._dora_merge is not None:  # the norms PEFT's DoRA unmerge divides by
+        target._cache_store(f"{layer.merged_adapter}-weight_norm", layer._dora_merge[3])
+
+
+def _attach_ia3(name: str, target, layer: Ia3Linear) -> None:
+    """Give the PEFT IA3 layer ``target`` that PEFT built at ``name`` the vectors of ``layer``."""
+    if target.is_feedforward != layer.feedforward:
+        raise RuntimeError(f"{name}: PEFT built a layer with is_feedforward={target.is_feedforward}, fastpeft's has "
+                           f"feedforward={layer.feedforward}")
+    for adapter_name, vector in layer.ia3_l.items():
+        if target.ia3_l[adapter_name].shape != vector.shape:
+            raise RuntimeError(f"{name}: PEFT built ia3_l {tuple(target.ia3_l[adapter_name].shape)} for adapter "
+                               f"{adapter_name!r}, fastpeft has {tuple(vector.shape)}")
+        target.ia3_l[adapter_name] = vector

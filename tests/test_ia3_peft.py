@@ -332,6 +332,105 @@ def test_a_null_feedforward_modules_is_refused_where_peft_has_no_table(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Conversions: from_peft and to_peft
+# ----------------------------------------------------------------------------------------------------------
+
+def two_adapters(seed):
+    """A PEFT IA3 Llama with a second adapter on the same layers (other vectors), and its base. (A layer without the
+    active adapter runs its base alone in PEFT; the conversion refuses it, as for LoRA.)"""
+    theirs, base = peft_ia3(seed)
+    torch.manual_seed(seed + 200)
+    theirs.add_adapter("second", peft.IA3Config(**random_config(seed)))
+    return theirs, base
+
+
+def trainable(model) -> dict:
+    return {n.removeprefix(PREFIX): p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("seed", range(3), ids=lambda s: f"config{s}")
+def test_from_peft_and_to_peft_keep_the_parameters_logits_and_gradients(tmp_path, seed):
+    theirs, base = two_adapters(seed)
+    twin = copy.deepcopy(theirs)
+    params = dict(theirs.named_parameters())
+    model = fastpeft.from_peft(theirs)
+    assert ours_layers(model) == peft_layers(twin)
+    assert all(p is params[PREFIX + n] for n, p in model.named_parameters())  # PEFT's own tensors
+    assert trainable(model) == trainable(twin)
+    torch.testing.assert_close(logits(model), logits(twin), rtol=1e-6, atol=1e-6)
+    backward(model)
+    backward(twin)
+    want, got = vector_grads(twin), vector_grads(model)
+    assert got.keys() == want.keys() and all(rel_err(got[k], want[k]) <= 1e-5 for k in want)
+    # the old wrapper's save is refused; fastpeft's save of it writes what PEFT loads
+    with pytest.raises(RuntimeError, match="fastpeft.save_adapter"):
+        theirs.save_pretrained(str(tmp_path / "refused"))
+    fastpeft.save_adapter(theirs, tmp_path / "ours")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours"))
+    torch.testing.assert_close(logits(reloaded), logits(twin), rtol=1e-6, atol=1e-6)
+
+    back = fastpeft.to_peft(model)
+    assert isinstance(back, peft.PeftModel) and back.state_dict().keys() == twin.state_dict().keys()
+    assert all(p is params[n] for n, p in back.named_parameters())
+    assert peft_layers(back) == peft_layers(twin) and trainable(back) == trainable(twin)
+    torch.testing.assert_close(logits(back), logits(twin), rtol=1e-6, atol=1e-6)
+    for model in (back, twin):
+        model.set_adapter("second")
+    torch.testing.assert_close(logits(back), logits(twin), rtol=1e-6, atol=1e-6)
+    back.save_pretrained(str(tmp_path / "back"))
+    twin.save_pretrained(str(tmp_path / "twin"))
+    for sub in ("", "second"):
+        got = safetensors.torch.load_file(tmp_path / "back" / sub / WEIGHTS)
+        want = safetensors.torch.load_file(tmp_path / "twin" / sub / WEIGHTS)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_merged_and_disabled_layers_convert_both_ways():
+    theirs, _ = peft_ia3(4, target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                         init_ia3_weights=False)
+    theirs.merge_adapter()
+    twin = copy.deepcopy(theirs)
+    model = fastpeft.from_peft(theirs)
+    assert {layer.merged_adapter for layer in fastpeft.ia3_layers(model).values()} == {"default"}
+    torch.testing.assert_close(logits(model), logits(twin), rtol=1e-6, atol=1e-6)
+    back = fastpeft.to_peft(model)
+    assert all(m.merged_adapters == ["default"] for m in back.modules() if hasattr(m, "ia3_l"))
+    with pytest.warns(UserWarning, match="inaccurate"):  # PEFT's unmerge, as on the twin
+        back.unmerge_adapter()
+        twin.unmerge_adapter()
+    torch.testing.assert_close(logits(back), logits(twin), rtol=1e-6, atol=1e-6)
+
+    layer = back.base_model.model.model.layers[0].self_attn.k_proj
+    layer.enable_adapters(False)
+    converted = fastpeft.from_peft(back)
+    assert not converted.model.layers[0].self_attn.k_proj.adapters_enabled
+    assert fastpeft.to_peft(converted).base_model.model.model.layers[0].self_attn.k_proj.disable_adapters
+
+
+def test_conversions_refuse_what_the_other_side_cannot_run_the_same():
+    theirs, _ = two_adapters(1)
+    theirs.base_model.set_adapter(["default", "second"])  # PEFT multiplies the vectors; an Ia3Linear runs one
+    before = [(n, type(m)) for n, m in theirs.named_modules()]
+    with pytest.raises(ValueError, match=r"2 active adapters \['default', 'second'\]"):
+        fastpeft.from_peft(theirs)
+    assert [(n, type(m)) for n, m in theirs.named_modules()] == before
+    gpt2 = peft.get_peft_model(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32)), peft.IA3Config(
+        target_modules=["c_attn"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match=r"fan_in_fan_out=True \(transformers' Conv1D weights"):
+        fastpeft.from_peft(gpt2)
+
+    mixed = fastpeft.apply_ia3(fastpeft.apply_lora(tiny_llama(), ["q_proj"], r=2), ["k_proj"])
+    before = [(n, type(m)) for n, m in mixed.named_modules()]
+    with pytest.raises(ValueError, match=r"one tuner type.*LoRA layers \(model\.layers\.0\.self_attn\.q_proj"):
+        fastpeft.to_peft(mixed)
+    assert [(n, type(m)) for n, m in mixed.named_modules()] == before
+    split = fastpeft.apply_ia3(fastpeft.apply_ia3(tiny_llama(), ["k_proj"]), ["v_proj"], adapter_name="b")
+    with pytest.raises(ValueError, match="active adapters differ"):
+        fastpeft.to_peft(split)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # What saving refuses; saves killed midway
 # ----------------------------------------------------------------------------------------------------------
 

@@ -183,9 +183,8 @@ UNSUPPORTED = {
                   "peft.tuners.lora.layer.Embedding"),
     "modules_to_save": (lambda: peft.get_peft_model(tiny_llama(), peft.LoraConfig(
         r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])), "ModulesToSaveWrapper"),
-    "ia3": (lambda: peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"],
-                                                                      feedforward_modules=["down_proj"])),
-            "tuner type IA3"),
+    "loha": (lambda: peft.get_peft_model(tiny_llama(), peft.LoHaConfig(target_modules=["k_proj"])),
+             "tuner type LOHA"),
     "several_active": (_several_active, "2 active adapters"),
     "scaled": (_scaled, "set_scale"),
 }
