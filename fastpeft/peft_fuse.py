@@ -1,12 +1,13 @@
-"""fastpeft inside the user's own PeftModel: :func:`fuse` makes every PEFT LoRA layer that fastpeft can run exactly run
-its forward and backward through fastpeft's fused op, in place. The model stays PEFT's: the same object, module tree,
-parameters, names and ``state_dict``, so PEFT's methods, ``save_pretrained`` and the trainers keep working.
+"""fastpeft inside the user's own PeftModel: :func:`fuse` makes every PEFT LoRA or IA3 layer that fastpeft can run
+exactly run its forward and backward through fastpeft's fused op, in place. The model stays PEFT's: the same object,
+module tree, parameters, names and ``state_dict``, so PEFT's methods, ``save_pretrained`` and the trainers keep working.
 
 Each fused layer gets a forward of its own (an instance attribute over PEFT's method). Per call it runs fastpeft's op
 (``adapter_names=`` mixed batches: its mixed op) when the call is one fastpeft runs exactly, and PEFT's own forward
 otherwise: adapters disabled or merged, several active adapters, a base that is not a plain ``nn.Linear``
 (offloaded, quantised, sharded), a PEFT feature fastpeft lacks (LoRA bias, other LoRA variants, scales changed by
-hand, ...). Why a layer falls back is what :func:`fuse_report` lists.
+hand, ...). Why a layer falls back is what :func:`fuse_report` lists. An IA3 layer runs ``ia3_linear`` the same
+way (several active adapters as the product of their vectors, which is what PEFT scales by).
 """
 from __future__ import annotations
 
@@ -15,18 +16,26 @@ from torch import nn
 
 from .model import ModuleMethod
 from .nf4 import NF4Linear, is_bnb_4bit
+from .ops.ia3_linear import ia3_linear
 from .ops.lora_linear import lora_linear
 from .ops.lora_linear_mixed import BASE_INDEX, lora_linear_mixed
-from .peft_convert import _dropout_p, _layer_problems, _peft_4bit_layer
+from .peft_convert import _dropout_p, _ia3_active, _ia3_layer_problems, _layer_problems, _peft_4bit_layer
 
 
 def _peft_lora_layers(peft_model, fusable: bool = True) -> dict[str, nn.Module]:
-    """PEFT's LoRA layers of ``peft_model`` by name: those fastpeft fuses (``fusable``: on nn.Linear and bitsandbytes
-    4-bit bases), or all."""
+    """PEFT's LoRA and IA3 layers of ``peft_model`` by name: those fastpeft fuses (``fusable``: LoRA on nn.Linear and
+    bitsandbytes 4-bit bases, IA3's Linear), or all."""
+    from peft.tuners.ia3.layer import IA3Layer
+    from peft.tuners.ia3.layer import Linear as PeftIa3Linear
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     from peft.tuners.lora.layer import LoraLayer
-    return {name: m for name, m in peft_model.named_modules() if isinstance(m, LoraLayer)
-            and (not fusable or isinstance(m, PeftLoraLinear) or _peft_4bit_layer(m))}
+    return {name: m for name, m in peft_model.named_modules() if isinstance(m, (LoraLayer, IA3Layer))
+            and (not fusable or isinstance(m, PeftLoraLinear) or _peft_4bit_layer(m) or type(m) is PeftIa3Linear)}
+
+
+def _is_ia3(layer) -> bool:
+    from peft.tuners.ia3.layer import IA3Layer
+    return isinstance(layer, IA3Layer)
 
 
 def _check_peft_model(peft_model) -> None:
@@ -178,6 +187,69 @@ def _fused_mixed(layer, x, adapter_names):
                              [_dropout_p(layer.lora_dropout[n]) for n in present], layer.training)
 
 
+class _FusedIa3Forward(ModuleMethod):
+    """A PEFT IA3 Linear's forward once fused: fastpeft's ``ia3_linear`` for the calls it runs exactly, PEFT's forward
+    for the rest (extra arguments, which PEFT hands to the base layer; merged or disabled adapters; a base that is not
+    a plain frozen nn.Linear; an input in another dtype than the base's outside autocast), decided per call as for
+    LoRA."""
+
+    def __init__(self, module, *args):
+        super().__init__(module, *args)
+        self.decided: dict = {}
+
+    def __call__(self, x, *args, **kwargs):
+        layer = self.module()
+        peft_forward = type(layer).forward
+        if args or kwargs or not isinstance(x, torch.Tensor) or _is_dtensor(x):
+            return peft_forward(layer, x, *args, **kwargs)
+        base = layer.get_base_layer()
+        state = _ia3_state(layer, base)
+        problem = self.decided.get(state, False)
+        if problem is False:
+            problem = _ia3_call_problem(layer)
+            if len(self.decided) > 64:
+                self.decided.clear()
+            self.decided[state] = problem
+        if problem is not None or (x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return peft_forward(layer, x)  # (PEFT's own error, or its casts, for another dtype)
+        return _fused_ia3(layer, x, base)
+
+
+def _ia3_state(layer, base) -> tuple:
+    """Everything the checks of an IA3 call read: the adapters it runs, the layer's merged and disabled adapters, and
+    the base (its kind, hooks, weight identity, dtype and requires_grad)."""
+    weight = base.weight
+    return (tuple(layer.active_adapters), tuple(layer.merged_adapters), layer.disable_adapters,
+            layer.fan_in_fan_out, type(base), id(base), bool(base._forward_hooks or base._forward_pre_hooks),
+            "forward" in vars(base), type(weight), id(weight), weight.requires_grad, weight.dtype,
+            *((name, id(layer.ia3_l[name])) for name in _ia3_active(layer)))
+
+
+def _ia3_call_problem(layer) -> str | None:
+    """Why a call of a PEFT IA3 layer runs PEFT's code, or None when fastpeft runs it exactly."""
+    if layer.disable_adapters:
+        return "adapters are disabled"
+    if layer.merged:
+        return "an adapter is merged"
+    if _is_dtensor(layer.get_base_layer().weight):
+        return "the base weight is a DTensor here (sharded outside its module's forward)"
+    problems = _ia3_layer_problems(layer, active_only=False)
+    if not _ia3_active(layer):
+        problems.append(f"none of the active adapters {list(layer.active_adapters)} is on the layer (PEFT runs its "
+                        "base alone)")
+    return "; ".join(problems) or None
+
+
+def _fused_ia3(layer, x, base):
+    """The active vectors of a PEFT IA3 layer through fastpeft's op, on PEFT's own tensors: PEFT scales by the
+    product of the active adapters' vectors, taken here in its order, so gradients reach each of them."""
+    first, *others = _ia3_active(layer)
+    scale = layer.ia3_l[first].flatten()
+    for name in others:
+        scale = scale * layer.ia3_l[name].flatten()
+    return ia3_linear(x, base.weight, base.bias, scale, layer.is_feedforward)
+
+
 class _FusingAfter(ModuleMethod):
     """A PeftModel method that adds layers (``add_adapter``, ``load_adapter``): PEFT's, then the new layers fused."""
 
@@ -191,14 +263,17 @@ class _FusingAfter(ModuleMethod):
 _ADDING_METHODS = ("add_adapter", "load_adapter")
 
 
+_FUSED = (_FusedForward, _FusedIa3Forward)
+
+
 def _fuse_layers(peft_model) -> None:
     for layer in _peft_lora_layers(peft_model).values():
-        if not isinstance(layer.__dict__.get("forward"), _FusedForward):
-            layer.__dict__["forward"] = _FusedForward(layer)
+        if not isinstance(layer.__dict__.get("forward"), _FUSED):
+            layer.__dict__["forward"] = (_FusedIa3Forward if _is_ia3(layer) else _FusedForward)(layer)
 
 
 def fuse(peft_model):
-    """Run the forward and backward of every LoRA layer of ``peft_model`` that fastpeft can run exactly through
+    """Run the forward and backward of every LoRA or IA3 layer of ``peft_model`` that fastpeft can run exactly through
     fastpeft's fused op, in place, and return the same PeftModel. Its parameters, names, ``state_dict`` and methods
     stay PEFT's; a call fastpeft cannot run exactly runs PEFT's own code (:func:`fuse_report` says which layers and
     why). Adapters added later (``add_adapter``, ``load_adapter``) are fused too. :func:`unfuse` undoes it."""
@@ -214,7 +289,7 @@ def unfuse(peft_model):
     """Undo :func:`fuse`: every layer runs PEFT's own forward again. Returns the same PeftModel."""
     _check_peft_model(peft_model)
     for layer in _peft_lora_layers(peft_model).values():
-        if isinstance(layer.__dict__.get("forward"), _FusedForward):
+        if isinstance(layer.__dict__.get("forward"), _FUSED):
             del layer.__dict__["forward"]
     for method in _ADDING_METHODS:
         if isinstance(peft_model.__dict__.get(method), _FusingAfter):
@@ -223,17 +298,17 @@ def unfuse(peft_model):
 
 
 def fuse_report(peft_model) -> dict[str, str | None]:
-    """For each PEFT LoRA layer of ``peft_model`` (by module name): None where its calls run fused now, else why they
-    run PEFT's code (not fused, disabled or merged adapters, or a PEFT feature fastpeft lacks)."""
+    """For each PEFT LoRA or IA3 layer of ``peft_model`` (by module name): None where its calls run fused now, else
+    why they run PEFT's code (not fused, disabled or merged adapters, or a PEFT feature fastpeft lacks)."""
     _check_peft_model(peft_model)
     fusable = _peft_lora_layers(peft_model)
     report = {}
     for name, layer in _peft_lora_layers(peft_model, fusable=False).items():
         if name not in fusable:
             report[name] = (f"a {type(layer).__module__}.{type(layer).__qualname__} layer (fastpeft fuses PEFT's "
-                            "LoRA Linear layers)")
-        elif not isinstance(layer.__dict__.get("forward"), _FusedForward):
+                            "LoRA and IA3 Linear layers)")
+        elif not isinstance(layer.__dict__.get("forward"), _FUSED):
             report[name] = "not fused (fastpeft.fuse(peft_model) fuses it)"
         else:
-            report[name] = _call_problem(layer, {})
+            report[name] = _ia3_call_problem(layer) if _is_ia3(layer) else _call_problem(layer, {})
     return report

@@ -3,6 +3,7 @@ logits), the files fastpeft refuses with the model unchanged, and saves killed m
 random: which projections are targets, which of them scale their input (feedforward_modules), lists or regular
 expressions, biases or none, vectors away from their all-ones start."""
 import copy
+import importlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from conftest import fork, rel_err, tiny_llama
 from torch import nn
 
 import fastpeft
+from fastpeft import peft_fuse
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -428,6 +430,120 @@ def test_conversions_refuse_what_the_other_side_cannot_run_the_same():
     split = fastpeft.apply_ia3(fastpeft.apply_ia3(tiny_llama(), ["k_proj"]), ["v_proj"], adapter_name="b")
     with pytest.raises(ValueError, match="active adapters differ"):
         fastpeft.to_peft(split)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fuse: PEFT's IA3 model running fastpeft's op in place
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How many calls ran fastpeft's ia3_linear."""
+    calls = []
+    real = peft_fuse.ia3_linear
+    monkeypatch.setattr(peft_fuse, "ia3_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("seed", range(3), ids=lambda s: f"config{s}-{'bias' if s == 1 else 'nobias'}")
+def test_fused_ia3_logits_and_gradients_are_peft_s(counted, monkeypatch, seed):
+    # Calls this small are differentiated by autograd over the torch path's ops; make them run the op's own backward.
+    monkeypatch.setattr(importlib.import_module("fastpeft.ops.ia3_linear"), "SMALL_CALL", 0)
+    plain, _ = peft_ia3(seed, bias=seed == 1)
+    fused = copy.deepcopy(plain)
+    assert fastpeft.fuse(fused) is fused
+    layers = len(peft_layers(plain))
+    backward(plain)
+    backward(fused)
+    assert len(counted) == layers  # every layer ran fused
+    want, got = vector_grads(plain), vector_grads(fused)
+    assert got.keys() == want.keys() and len(want) == layers
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(logits(fused), logits(plain), rtol=1e-5, atol=1e-5)
+    report = fastpeft.fuse_report(fused)
+    assert len(report) == layers and set(report.values()) == {None}
+
+
+def test_each_call_follows_peft_s_state(counted):
+    """Several active adapters run fused as the product of their vectors; merged or disabled adapters, and a layer
+    without the active adapter, run PEFT's code; adapters added later run fused; unfuse restores PEFT's forward."""
+    plain, _ = two_adapters(2)
+    fused = fastpeft.fuse(copy.deepcopy(plain))
+    layers = len(peft_layers(plain))
+    for model in (plain, fused):
+        model.base_model.set_adapter(["default", "second"])
+    backward(plain)
+    backward(fused)
+    assert len(counted) == layers
+    want, got = vector_grads(plain), vector_grads(fused)
+    assert got.keys() == want.keys() and any("second" in k for k in want)
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(logits(fused), logits(plain), rtol=1e-5, atol=1e-5)
+    counted.clear()
+    for model in (plain, fused):
+        model.set_adapter("default")
+        model.merge_adapter()
+    torch.testing.assert_close(logits(fused), logits(plain), rtol=1e-5, atol=1e-5)
+    assert not counted and set(fastpeft.fuse_report(fused).values()) == {"an adapter is merged"}
+    with pytest.warns(UserWarning, match="inaccurate"):
+        for model in (plain, fused):
+            model.unmerge_adapter()
+    with fused.disable_adapter(), plain.disable_adapter():
+        torch.testing.assert_close(logits(fused), logits(plain), rtol=1e-5, atol=1e-5)
+        assert set(fastpeft.fuse_report(fused).values()) == {"adapters are disabled"}
+    assert not counted
+    for model in (plain, fused):
+        torch.manual_seed(5)  # the same new vectors in both
+        model.add_adapter("third", peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[],
+                                                  init_ia3_weights=False))
+        model.set_adapter("third")
+    torch.testing.assert_close(logits(fused), logits(plain), rtol=1e-5, atol=1e-5)
+    assert len(counted) == 2  # the new q_proj layers, fused; the others lack "third" and run their bases
+    report = fastpeft.fuse_report(fused)
+    assert [n for n, why in report.items() if why is None] == [f"{PREFIX}model.layers.{i}.self_attn.q_proj"
+                                                              for i in range(2)]
+    assert all("none of the active adapters ['third'] is on the layer" in why for why in report.values() if why)
+    counted.clear()
+    assert fastpeft.unfuse(fused) is fused
+    torch.testing.assert_close(logits(fused), logits(plain), rtol=1e-5, atol=1e-5)
+    assert not counted and not any("forward" in vars(m) for m in fused.modules())
+
+
+def test_conv1d_layers_run_peft_s_code_when_fused(counted):
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=32)
+    torch.manual_seed(0)
+    plain = peft.get_peft_model(transformers.GPT2LMHeadModel(config), peft.IA3Config(
+        target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], init_ia3_weights=False))
+    fused = fastpeft.fuse(copy.deepcopy(plain))
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(fused, ids), logits(plain, ids))
+    assert not counted
+    assert all("fan_in_fan_out=True" in why for why in fastpeft.fuse_report(fused).values())
+
+
+def test_trainer_trains_a_fused_ia3_model_as_peft_s(tmp_path):
+    """transformers.Trainer on the fused model: PEFT's losses, and save_model writes the adapter PEFT would."""
+    data = [{"input_ids": tokens(seed)[0], "labels": tokens(seed)[0]} for seed in range(4)]
+    plain, _ = peft_ia3(0, target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                        init_ia3_weights=False)
+    fused = fastpeft.fuse(copy.deepcopy(plain))
+    losses, saved = {}, {}
+    for which, model in (("plain", plain), ("fused", fused)):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / which), max_steps=3, learning_rate=1e-2,
+                                              per_device_train_batch_size=2, save_strategy="no", report_to=[],
+                                              use_cpu=True, logging_steps=1, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        losses[which] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        trainer.save_model(str(tmp_path / which / "final"))
+        saved[which] = safetensors.torch.load_file(tmp_path / which / "final" / WEIGHTS)
+    assert len(losses["fused"]) == 3 and losses["fused"][-1] != losses["fused"][0]
+    torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["plain"]), rtol=1e-4, atol=0)
+    assert saved["fused"].keys() == saved["plain"].keys() and len(saved["fused"]) == 6
+    for key, tensor in saved["plain"].items():
+        torch.testing.assert_close(saved["fused"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
 
 
 # ----------------------------------------------------------------------------------------------------------
