@@ -50,14 +50,15 @@ def linear_wrap_problem(module) -> str | None:
         mro = type(module).__mro__
         layer = mro[mro.index(QuantizedLinear) - 1]
         problem = None if type(module).forward is layer.forward else (
-            f"a {type(module).__name__}, an {layer.__name__} subclass with its own forward (which LoRA would bypass)")
+            f"a {type(module).__name__}, an {layer.__name__} subclass with its own forward (which the adapter layer "
+            "would bypass)")
     else:
         problem = dense_linear_problem(module)
     if problem is None and (module._forward_hooks or module._forward_pre_hooks):
-        return "a linear layer with forward hooks, which LoRA would bypass"
+        return "a linear layer with forward hooks, which the adapter layer would bypass"
     if problem is None and "forward" in vars(module):
-        return ("a linear layer whose forward was replaced on the instance (accelerate's hooks do that), which LoRA "
-                "would bypass")
+        return ("a linear layer whose forward was replaced on the instance (accelerate's hooks do that), which the "
+                "adapter layer would bypass")
     return problem
 
 
@@ -66,13 +67,13 @@ def dense_linear_problem(module) -> str | None:
     if not isinstance(module, nn.Linear):
         return f"a {type(module).__name__}, not an nn.Linear"
     if type(module).forward is not nn.Linear.forward:
-        return (f"a {type(module).__name__}, an nn.Linear subclass with its own forward (which LoRA would "
-                "bypass)")
+        return (f"a {type(module).__name__}, an nn.Linear subclass with its own forward (which the adapter layer "
+                "would bypass)")
     if "forward" in vars(module):
-        return ("an nn.Linear whose forward was replaced on the instance (accelerate's hooks do that), which LoRA "
-                "would bypass")
+        return ("an nn.Linear whose forward was replaced on the instance (accelerate's hooks do that), which the "
+                "adapter layer would bypass")
     if module._forward_hooks or module._forward_pre_hooks:
-        return "an nn.Linear with forward hooks, which LoRA would bypass"
+        return "an nn.Linear with forward hooks, which the adapter layer would bypass"
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "a parametrized nn.Linear (its weight is computed), which merging could not update"
     return None

@@ -134,7 +134,7 @@ def _ia3_layer_problems(layer, active_only: bool = True) -> list[str]:
     elif isinstance(base, nn.modules.linear.NonDynamicallyQuantizableLinear):
         problems.append("base layer is the out_proj of an nn.MultiheadAttention, which bypasses its forward")
     elif (why := dense_linear_problem(base)) is not None:
-        problems.append(f"(IA)³ base layer is {why} (fastpeft converts (IA)³ over a plain nn.Linear)")
+        problems.append(f"base layer is {why} (fastpeft runs (IA)³ over a plain nn.Linear)")
     elif not base.weight.dtype.is_floating_point:
         problems.append(f"base weight has dtype {base.weight.dtype} (quantized bases are not supported)")
     elif base.weight.requires_grad:

@@ -13,7 +13,7 @@ import time
 import pytest
 import safetensors.torch
 import torch
-from conftest import fork, rel_err, tiny_llama
+from conftest import bnb_nf4_mlp, fork, rel_err, tiny_llama
 from torch import nn
 
 import fastpeft
@@ -521,6 +521,19 @@ def test_conv1d_layers_run_peft_s_code_when_fused(counted):
     torch.testing.assert_close(logits(fused, ids), logits(plain, ids))
     assert not counted
     assert all("fan_in_fan_out=True" in why for why in fastpeft.fuse_report(fused).values())
+
+
+def test_4bit_bases_run_peft_s_code_when_fused_and_are_refused_by_from_peft(counted):
+    plain = peft.get_peft_model(bnb_nf4_mlp(), peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"],
+                                                              init_ia3_weights=False))
+    fused = fastpeft.fuse(copy.deepcopy(plain))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+    assert not counted
+    assert all(why.startswith("base layer is a Linear4bit") for why in fastpeft.fuse_report(fused).values())
+    with pytest.raises(ValueError, match=r"base layer is a Linear4bit.*fastpeft runs \(IA\)³ over a plain nn.Linear"):
+        fastpeft.from_peft(plain)
 
 
 def test_trainer_trains_a_fused_ia3_model_as_peft_s(tmp_path):
