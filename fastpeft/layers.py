@@ -667,7 +667,8 @@ class Ia3Linear(nn.Module):
             hook(base, (x,))
         weight, bias = base.weight, base.bias
         if isinstance(weight, QuantizedWeight) and not torch.is_autocast_enabled(x.device.type) \
-                and x.dtype != weight.dtype:  # as bitsandbytes runs its layer: computed in its dtype, returned in x's
+                and (x.dtype != weight.dtype or bias is not None and bias.dtype != weight.dtype):
+            # as bitsandbytes runs its layer (whose bias may stay fp32): computed in its dtype, returned in x's
             out = ia3_linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype),
                              self.ia3_l_vector, self.feedforward, self.backend)
             return out.to(x.dtype)

@@ -623,8 +623,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", backend=
     LoRA: each ``nn.Linear`` named in the file becomes a :class:`LoraLinear` running the loaded adapter; a LoraLinear
     gets it as one more adapter (or has its adapter of that name replaced) and keeps its active adapter, as PEFT's
     ``load_adapter`` and :func:`apply_lora` do (:func:`fastpeft.set_adapter` activates it). IA3: the same with
-    :class:`Ia3Linear`, each scaling its input where the config's ``feedforward_modules`` select it, else its output
-    (see :func:`_load_ia3` for what the file must agree with). Other parameters are
+    :class:`Ia3Linear`, each scaling its input where the config's ``feedforward_modules`` select it, else its output;
+    every layer the config selects must have its vector, of the shape its side gives it. Other parameters are
     frozen. ``backend`` (when given) is set on every layer loaded into.
     Every argument, the config, every key, dtype and shape are checked first: anything fastpeft cannot honour
     exactly as PEFT would raises :class:`AdapterFileError` (or ``ValueError`` for a bad argument) with the model
