@@ -662,6 +662,10 @@ class Ia3Linear(nn.Module):
             return self.base_layer(x)
         if self.merged:
             return self.base_layer(x)
+        return self._scaled(x, self.ia3_l_vector)
+
+    def _scaled(self, x, ia3_l, index=None):
+        """The op on the base's tensors: one vector, or with ``index`` a batch of tasks' vectors."""
         base = self.base_layer
         for hook in list(base._forward_pre_hooks.values()):  # (its forward never runs)
             hook(base, (x,))
@@ -669,10 +673,10 @@ class Ia3Linear(nn.Module):
         if isinstance(weight, QuantizedWeight) and not torch.is_autocast_enabled(x.device.type) \
                 and (x.dtype != weight.dtype or bias is not None and bias.dtype != weight.dtype):
             # as bitsandbytes runs its layer (whose bias may stay fp32): computed in its dtype, returned in x's
-            out = ia3_linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype),
-                             self.ia3_l_vector, self.feedforward, self.backend)
+            out = ia3_linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype), ia3_l,
+                             self.feedforward, self.backend, adapter_index=index)
             return out.to(x.dtype)
-        return ia3_linear(x, weight, bias, self.ia3_l_vector, self.feedforward, self.backend)
+        return ia3_linear(x, weight, bias, ia3_l, self.feedforward, self.backend, adapter_index=index)
 
     def _mixed_forward(self, x, adapter_names, strict):
         if not isinstance(x, torch.Tensor) or x.dim() < 2:
@@ -697,8 +701,7 @@ class Ia3Linear(nn.Module):
         position = {n: i for i, n in enumerate(used)}
         per_sample = torch.tensor([position.get(n, BASE_INDEX) for n in adapter_names], device=x.device)
         index = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
-        return ia3_linear(x, self.weight, self.bias, [self.ia3_l[n].view(-1) for n in used], self.feedforward,
-                          self.backend, adapter_index=index)
+        return self._scaled(x, [self.ia3_l[n].view(-1) for n in used], index)
 
     def add_adapter(self, adapter_name: str, init_ia3_weights: bool = True, *,
                     autocast_adapter_dtype: bool | None = None) -> nn.Parameter:

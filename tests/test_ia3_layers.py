@@ -160,3 +160,19 @@ def test_mixed_batch_names_checked():
         layer(torch.randn(2, 3, 8), adapter_names=["default", "zzz"])
     with pytest.raises(ValueError, match="one adapter per sample"):
         layer(torch.randn(2, 3, 8), adapter_names=["default"])
+
+
+def test_over_a_4bit_base_single_and_mixed():
+    """An (IA)³ layer over an NF4 base computes in the base's dtype (x and an fp32 bias cast, the output back), for
+    one task and for a batch of tasks alike."""
+    torch.manual_seed(2)
+    dense = nn.Linear(64, 32)
+    layer = fastpeft.Ia3Linear(fastpeft.quantize_nf4(dense, dtype=torch.bfloat16), init_ia3_weights=False)
+    layer.add_adapter("b", init_ia3_weights=False)
+    x = torch.randn(2, 5, 64)
+    w = layer.base_layer.weight.dequantize().float()
+    want = (torch.nn.functional.linear(x.bfloat16().float(), w, dense.bias.detach().bfloat16().float())
+            * layer.ia3_l_vector.detach())
+    assert layer(x).dtype == torch.float32 and rel_err(layer(x), want) <= 1e-2
+    mixed = layer(x, adapter_names=["default", "b"])
+    assert rel_err(mixed[0], want[0]) <= 1e-2
