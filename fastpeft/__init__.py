@@ -7,6 +7,7 @@ The Triton kernels are imported on first use, so ``import fastpeft`` stays light
 """
 from .backends import BackendUnavailableError, available_backends, backend_status
 from .layers import AdaptedModule, BottleneckAdapter, Ia3Linear, LoraAdapter, LoraLinear
+from .merging import add_weighted_adapter
 from .model import (
     ADAPTER_CONFIGS,
     AdapterConfig,
@@ -46,7 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError", "BackendUnavailableError",
     "BottleneckAdapter", "Ia3Linear", "LoraAdapter", "LoraLinear", "NF4Linear", "NF4Weight", "adapter_bottleneck",
-    "adapter_bottleneck_reference", "adapter_layers", "apply_adapters", "apply_ia3", "apply_lora",
+    "adapter_bottleneck_reference", "adapter_layers", "add_weighted_adapter", "apply_adapters", "apply_ia3", "apply_lora",
     "available_backends", "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets",
     "ia3_layers", "ia3_linear", "ia3_linear_reference", "from_peft", "fuse", "fuse_report", "load_adapter",
     "lora_layers", "lora_linear", "lora_linear_mixed", "lora_linear_mixed_reference", "lora_linear_reference",

@@ -24,8 +24,9 @@ LAYERS = [
     ["fastpeft.layers"],
     ["fastpeft.model"],
     ["fastpeft.peft_io", "fastpeft.peft_convert", "fastpeft.peft_fuse"],
+    ["fastpeft.merging"],
     ["fastpeft.benchmarks", "fastpeft.benchmarks.measure", "fastpeft.benchmarks.timing",
-     "fastpeft.benchmarks.peft_step"],
+     "fastpeft.benchmarks.peft_step", "fastpeft.benchmarks.merging"],
     ["fastpeft.benchmarks.report"],
     ["fastpeft", "fastpeft.__main__"],
 ]
