@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err, tiny_llama
+from conftest import TRITON_DEVICE, needs_triton, rel_err, tiny_llama
 from torch import nn
 
 import fastpeft
@@ -470,3 +470,43 @@ def test_a_failure_in_any_layer_leaves_no_layer_with_the_adapter(model_kind, mon
     monkeypatch.setattr(merging, "merge_lora_factors", real)
     fastpeft.add_weighted_adapter(model, ADAPTERS, WEIGHTS, "m")  # the name is free again
     assert len(deltas(model, "m")) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Triton kernel of the element-wise pass (the interpreter on a CPU), against the torch path.
+# ----------------------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("kind,density,method", [
+    ("svd", None, "total"), ("ties_svd", 0.4, "total"), ("ties_svd", 0.7, "frequency"),
+    ("magnitude_prune_svd", 0.3, "total"), ("ties_svd", 1.0, "total"),
+], ids=["svd", "ties_svd-d0.4-total", "ties_svd-d0.7-frequency", "magnitude_prune_svd-d0.3", "ties_svd-d1"])
+def test_the_triton_pass_gives_the_whole_matrix_merge(kind, density, method):
+    parts = [ops.Term(t.lora_A.to(TRITON_DEVICE), t.lora_B.to(TRITON_DEVICE), t.scaling, t.weight)
+             for t in terms((3, 5, 2), n=45, k=38, dtype=torch.float32)]
+    options = ops.MergeOptions(kind, 4, density, method)
+    got = ops.merged_delta(parts, options, backend="triton")
+    want = ops._merge_whole([(t.lora_B @ t.lora_A) * t.scaling for t in parts], [t.weight for t in parts], kind,
+                            density, method, None)
+    assert got.shape == (45, 38) and got.dtype == torch.float32
+    assert rel_err(got, want) < 1e-6
+    assert rel_err(got, ops.merged_delta(parts, options, backend="torch")) < 1e-6
+
+
+def test_the_triton_pass_refuses_dare_naming_why():
+    parts = terms((3, 3), dtype=torch.float32)
+    with pytest.raises(fastpeft.BackendUnavailableError, match="DARE's masks are PEFT's random numbers"):
+        ops.merged_delta(parts, ops.MergeOptions("dare_ties_svd", 3, 0.5), backend="triton")
+
+
+@needs_triton
+def test_the_triton_pass_leaves_ties_at_a_threshold_to_the_torch_path_s_row_order():
+    """Rows of B all alike make every column of a delta one value N times over: the threshold's ties are more than
+    the entries left to keep, and PEFT's choice among them (row order here) is the torch path's."""
+    parts = []
+    for t in terms((3, 4), n=20, k=30, dtype=torch.float32):
+        lora_B = t.lora_B[:1].expand(20, -1).contiguous().to(TRITON_DEVICE)
+        parts.append(ops.Term(t.lora_A.to(TRITON_DEVICE), lora_B, t.scaling, t.weight))
+    options = ops.MergeOptions("ties_svd", 4, 0.33)
+    got = ops.merged_delta(parts, options, backend="triton")
+    assert torch.equal(got, ops.merged_delta(parts, options, backend="torch"))

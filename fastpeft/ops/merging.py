@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..backends import Backend, requested_backend, select_backend
+
 COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                      "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 # Merged on A and on B separately: the adapters must have one rank, which the merged adapter keeps.
@@ -147,19 +149,29 @@ def _row_chunks(rows: int, columns: int, tasks: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def _magnitude_threshold(values: Tensor, density: float) -> tuple[Tensor, int]:
-    """PEFT keeps the k = int(density · numel) entries of largest magnitude (``torch.topk``). Returned: ``(t, ties)``
-    with k = #{|x| > t} + ties: every entry above t is kept, and the first ``ties`` entries equal to t in row-major
+@dataclass
+class _Threshold:
+    """Which entries of one task tensor magnitude pruning keeps. PEFT keeps the k = int(density · numel) entries of
+    largest magnitude (``torch.topk``): here every entry with |x| > ``value``, and of those with |x| = ``value`` all
+    (``all_equal``: there are exactly as many as k needs, the usual case) or else the first ``ties`` in row-major
     order (topk's choice among equal magnitudes is unspecified; continuous values have none)."""
+
+    value: Tensor
+    ties: int
+    all_equal: bool
+
+
+def _magnitude_threshold(values: Tensor, density: float) -> _Threshold:
     magnitudes = values.abs().flatten()
     count = magnitudes.numel()
     k = int(density * count)
     if k == 0:
-        return magnitudes.new_tensor(math.inf), 0
+        return _Threshold(magnitudes.new_tensor(math.inf), 0, False)
     if k >= count:
-        return magnitudes.new_tensor(-math.inf), 0
-    threshold = torch.kthvalue(magnitudes, count - k + 1).values
-    return threshold, k - int((magnitudes > threshold).sum())
+        return _Threshold(magnitudes.new_tensor(-math.inf), 0, False)
+    value = torch.kthvalue(magnitudes, count - k + 1).values
+    ties = k - int((magnitudes > value).sum())
+    return _Threshold(value, ties, ties == int((magnitudes == value).sum()))
 
 
 class _RandomMasks:
@@ -246,7 +258,7 @@ def merge_elementwise(rows: Callable[[int, int, int], Tensor], tasks: int, out: 
     weight = weight.view(-1, *([1] * len(shape)))
     thresholds = masks = None
     if prune == "magnitude":
-        thresholds = [list(_magnitude_threshold(rows(i, 0, shape[0]), density)) for i in range(tasks)]
+        thresholds = [_magnitude_threshold(rows(i, 0, shape[0]), density) for i in range(tasks)]
     elif prune == "random":
         masks = _RandomMasks(tasks, shape, chunks, density, dtype, device, generator, transposed)
     for r0, r1 in chunks:
@@ -272,17 +284,18 @@ def merge_elementwise(rows: Callable[[int, int, int], Tensor], tasks: int, out: 
     return out
 
 
-def _keep_largest(x: Tensor, threshold: list) -> Tensor:
-    """Which entries of a chunk magnitude pruning keeps; ``threshold`` is the task's ``[t, ties left]``, the ties
-    count going down as chunks (in row order) keep entries equal to t."""
-    t, ties = threshold
+def _keep_largest(x: Tensor, threshold: _Threshold) -> Tensor:
+    """Which entries of a chunk magnitude pruning keeps (chunks come in row order: the ties left go down as a chunk
+    keeps some)."""
     magnitude = x.abs()
-    keep = magnitude > t
-    if ties:
-        tie = magnitude == t
+    if threshold.all_equal:
+        return magnitude >= threshold.value
+    keep = magnitude > threshold.value
+    if threshold.ties:
+        tie = magnitude == threshold.value
         order = tie.flatten().cumsum(0).view(tie.shape)
-        keep |= tie & (order <= ties)
-        threshold[1] = max(0, ties - int(tie.sum()))
+        keep |= tie & (order <= threshold.ties)
+        threshold.ties = max(0, threshold.ties - int(tie.sum()))
     return keep
 
 
@@ -360,9 +373,7 @@ def _delta_rows(term: Term, dtype, transposed: bool) -> Callable[[int, int], Ten
     return lambda r0, r1: (lora_B[r0:r1] @ lora_A) * term.scaling
 
 
-def merged_delta(terms: Sequence[Term], options: MergeOptions, generator=None, transposed: bool = False) -> Tensor:
-    """The merged delta (N, K) of a ``*_svd`` type (or of ``svd``) before its truncation, as PEFT's merge of the
-    layer's ``get_delta_weight`` forms it, chunk by chunk (see :func:`merge_elementwise`)."""
+def _torch_merged_delta(terms: Sequence[Term], options: MergeOptions, generator, transposed: bool) -> Tensor:
     dtype = _compute_dtype(terms)
     n, k = terms[0].lora_B.shape[0], terms[0].lora_A.shape[1]
     out = torch.empty(n, k, dtype=dtype, device=terms[0].lora_A.device)
@@ -371,6 +382,61 @@ def merged_delta(terms: Sequence[Term], options: MergeOptions, generator=None, t
                       options.combination_type, [t.weight for t in terms], options.density,
                       options.majority_sign_method, generator, transposed)
     return out
+
+
+def _triton_merged_delta(terms: Sequence[Term], options: MergeOptions, generator, transposed: bool) -> Tensor:
+    """The kernel's pass (kernels/merging.py). Each adapter's threshold is found on its |delta| as the kernel forms
+    it (one N×K buffer, reused); where one needs PEFT's row order among entries tied at it, the torch path runs."""
+    from ..kernels import merging as kernels
+    prune, elect = RULES[options.combination_type]
+    if options.density is not None and options.density >= 1:
+        prune = None
+    stacked = kernels.Stacked([t.lora_A for t in terms], [t.lora_B for t in terms], [t.scaling for t in terms],
+                              [t.weight for t in terms])
+    thresholds = None
+    if prune == "magnitude":
+        scratch, values = None, []
+        for task in range(len(terms)):
+            scratch = kernels.delta_magnitudes(stacked, task, scratch)
+            threshold = _magnitude_threshold(scratch, options.density)
+            if threshold.all_equal:
+                values.append(threshold.value)
+            elif threshold.ties == 0:  # keep |x| > t: the kernel keeps |x| ≥ the next float above t
+                values.append(torch.nextafter(threshold.value, threshold.value.new_tensor(math.inf)))
+            else:
+                return _torch_merged_delta(terms, options, generator, transposed)
+        thresholds = torch.stack(values).float()
+        del scratch
+    mode = (kernels.WEIGHTED_SUM if not elect else
+            kernels.TIES_TOTAL if options.majority_sign_method == "total" else kernels.TIES_FREQUENCY)
+    return kernels.merge_deltas(stacked, mode, thresholds)
+
+
+def _triton_reasons(options: MergeOptions) -> list[str]:
+    if RULES[options.combination_type][0] == "random":
+        return ["DARE's masks are PEFT's random numbers, drawn by torch's generator (the torch path)"]
+    return []
+
+
+# The element-wise pass of the types that truncate a full matrix: the chunked torch path (any device), the Triton
+# kernel (CUDA; the CPU only under the interpreter, for tests), which forms every adapter's delta tile in registers.
+MERGE_BACKENDS = {
+    "torch": Backend(forward=_torch_merged_delta),
+    "triton": Backend(forward=_triton_merged_delta, reasons=_triton_reasons),
+}
+
+
+def merged_delta(terms: Sequence[Term], options: MergeOptions, generator=None, transposed: bool = False,
+                 backend: str | None = None) -> Tensor:
+    """The merged delta (N, K) of a ``*_svd`` type (or of ``svd``) before its truncation, as PEFT's merge of the
+    layer's ``get_delta_weight`` forms it: float32 (float64 for float64 adapters). ``backend`` as for
+    :func:`fastpeft.lora_linear` ("cuda" has no kernel here and runs the torch path): "torch" runs
+    :func:`merge_elementwise` over row chunks; "triton" the kernel (not DARE)."""
+    if requested_backend(backend) == "cuda":
+        backend = "torch"
+    factors = [f for t in terms for f in (t.lora_A, t.lora_B)]
+    name = select_backend(backend, factors, MERGE_BACKENDS, call=(options,))
+    return MERGE_BACKENDS[name].forward(terms, options, generator, transposed)
 
 
 def _factor_merge(terms: Sequence[Term], options: MergeOptions, generator) -> tuple[Tensor, Tensor]:
@@ -400,16 +466,17 @@ def _is_weighted_sum(options: MergeOptions) -> bool:
 
 
 def merge_lora_factors(terms: Sequence[Term], options: MergeOptions, generator: torch.Generator | None = None,
-                       transposed: bool = False) -> tuple[Tensor, Tensor]:
+                       transposed: bool = False, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """One layer's merged LoRA factors ``(A' (rank, K), B' (N, rank))`` from its adapters' ``terms``, as PEFT's
     ``add_weighted_adapter`` computes that layer's (see the module's docstring for each type).
 
     ``svd`` (and ``dare_linear_svd`` / ``magnitude_prune_svd`` at density 1), without ``svd_clamp``: the exact
     low-rank SVD (:func:`lowrank_svd`). The other ``*_svd`` types, and any clamp: PEFT's merged N×K delta, formed in
-    row chunks (:func:`merged_delta`), and its full SVD (:func:`truncated_svd`). ``generator``: DARE's random numbers
-    (None: the default generator, drawing what PEFT draws). ``transposed``: PEFT's delta of this layer is (B·A)ᵀ
-    (``fan_in_fan_out``, embeddings), which decides the order DARE's masks are drawn in. Float32 results (float64 for
-    float64 adapters); the factor types keep the adapters' dtype.
+    row chunks or by the Triton kernel (:func:`merged_delta`; ``backend`` picks), and its full SVD
+    (:func:`truncated_svd`). ``generator``: DARE's random numbers (None: the default generator, drawing what PEFT
+    draws). ``transposed``: PEFT's delta of this layer is (B·A)ᵀ (``fan_in_fan_out``, embeddings), which decides the
+    order DARE's masks are drawn in. Float32 results (float64 for float64 adapters); the factor types keep the
+    adapters' dtype.
     """
     kind, rank = options.combination_type, options.rank
     if kind == "cat":
@@ -420,5 +487,5 @@ def merge_lora_factors(terms: Sequence[Term], options: MergeOptions, generator: 
         return _factor_merge(terms, options, generator)
     if options.svd_clamp is None and _is_weighted_sum(options):
         return lowrank_svd(terms, rank)
-    delta = merged_delta(terms, options, generator, transposed)
+    delta = merged_delta(terms, options, generator, transposed, backend)
     return truncated_svd(delta, rank, options.svd_clamp, options.svd_full_matrices, options.svd_driver)
