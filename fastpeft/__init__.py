@@ -45,12 +45,12 @@ from .peft_io import AdapterFileError, load_adapter, save_adapter
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPTER_CONFIGS", "AdaptedModule", "AdapterConfig", "AdapterFileError", "BackendUnavailableError",
+    "AdaptedModule", "ADAPTER_CONFIGS", "AdapterConfig", "AdapterFileError", "BackendUnavailableError",
     "BottleneckAdapter", "Ia3Linear", "LoraAdapter", "LoraLinear", "NF4Linear", "NF4Weight", "adapter_bottleneck",
-    "adapter_bottleneck_reference", "adapter_layers", "add_weighted_adapter", "apply_adapters", "apply_ia3", "apply_lora",
-    "available_backends", "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask", "find_targets",
-    "ia3_layers", "ia3_linear", "ia3_linear_reference", "from_peft", "fuse", "fuse_report", "load_adapter",
-    "lora_layers", "lora_linear", "lora_linear_mixed", "lora_linear_mixed_reference", "lora_linear_reference",
-    "merge_and_unload", "mixed_batch", "quantize_nf4", "remove_adapters", "save_adapter", "set_adapter", "to_peft",
-    "unfuse",
+    "adapter_bottleneck_reference", "adapter_layers", "add_weighted_adapter", "apply_adapters", "apply_ia3",
+    "apply_lora", "available_backends", "backend_status", "delete_adapter", "dora_weight_norm", "dropout_mask",
+    "find_targets", "from_peft", "fuse", "fuse_report", "ia3_layers", "ia3_linear", "ia3_linear_reference",
+    "load_adapter", "lora_layers", "lora_linear", "lora_linear_mixed", "lora_linear_mixed_reference",
+    "lora_linear_reference", "merge_and_unload", "mixed_batch", "quantize_nf4", "remove_adapters", "save_adapter",
+    "set_adapter", "to_peft", "unfuse",
 ]

@@ -123,7 +123,8 @@ def _device_arguments(parser) -> None:
 BENCH_SECTIONS = {"lora": "LoRA linear", "overhead": "Host overhead and the token sweep", "dora": "DoRA",
                   "qlora": "QLoRA (LoRA over an NF4 base)", "mixed": "Mixed-adapter batches",
                   "adapters": "Bottleneck adapter", "ia3": "(IA)³",
-                  "peft-step": "A PeftModel's training step, fused"}
+                  "peft-step": "A PeftModel's training step, fused",
+                  "merging": "Merging adapters (add_weighted_adapter)"}
 
 
 def _cannot_write(path: Path) -> str | None:
@@ -223,8 +224,15 @@ def bench(args, parser) -> int:
         shape = step.GPU_STEP if cuda else step.QUICK_STEP if args.quick else step.CPU_STEP
         return step.format_step_table(step.run_peft_step(shape, dtype, device, rounds, progress))
 
+    def merging(progress):
+        from .benchmarks import merging as merges
+        if (problem := timing.import_problem("peft")) is not None:
+            return f"Not measured: {problem}."
+        cases = merges.QUICK_CASES if args.quick else merges.GPU_CASES if cuda else merges.CPU_CASES
+        return merges.format_merging_table(merges.run_merging(cases, dtype, device, rounds, progress))
+
     measure = {"lora": lora, "overhead": overhead, "dora": dora, "qlora": qlora, "mixed": mixed,
-               "adapters": adapters, "ia3": ia3, "peft-step": peft_step}
+               "adapters": adapters, "ia3": ia3, "peft-step": peft_step, "merging": merging}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     for i, name in enumerate(chosen, 1):
         title = BENCH_SECTIONS[name]

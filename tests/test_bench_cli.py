@@ -56,10 +56,11 @@ def test_bench_command_prints_every_table(capsys, tmp_path):
     # Every table is followed by its legend.
     blocks = printed.split("\n\n")
     tables = [i for i, block in enumerate(blocks) if block.startswith("|")]
-    assert len(tables) == 11  # DoRA and (IA)³ add what each keeps for backward, QLoRA the base weight's bytes
+    assert len(tables) == 12  # DoRA and (IA)³ add what each keeps for backward, QLoRA the base weight's bytes
     assert "| M=64 K=40 N=48, input scale | fwd+bwd | fastpeft (IA)³[torch] |" in printed
     assert "| M=64 K=40 N=48, output scale | fastpeft (IA)³[torch] |" in printed  # its saved-for-backward row
     assert "| Llama, hidden 256, 2 layers, seq 128, batch 2 | peft + fastpeft.fuse |" in printed
+    assert "| K=N=256, 4×r16, svd | fastpeft |" in printed
     for i in tables:
         assert blocks[i + 1].startswith("Lower is better"), blocks[i]
     # Progress goes to stderr, one bar (or line) per section, numbered.
