@@ -131,4 +131,9 @@ publish
 # batch 4) at bf16, LoRA r=16 on all seven projections.
 stage peft-step 60 python -m fastpeft bench --device cuda --only peft-step --rounds 5 --markdown "$summary"
 publish
+
+# Merging adapters against PEFT's add_weighted_adapter at K=N=4096 (svd's low-rank path; ties_svd through the Triton
+# kernel's element-wise pass; dare_ties_svd through the torch path).
+stage merging 60 python -m fastpeft bench --device cuda --only merging --rounds 3 --markdown "$summary"
+publish
 log "done in $(elapsed)s: $result"
