@@ -1,9 +1,10 @@
 """The tensor side of merging LoRA adapters (:func:`fastpeft.add_weighted_adapter` runs it per layer): one layer's
 merged factors from its adapters' factors, with HF PEFT's combination types and results.
 
-Read top to bottom: the reference (PEFT's semantics on whole matrices, float64); the element-wise merges of PEFT's
-``merge_utils`` (pruning, sign election, disjoint mean) run over row chunks; the exact low-rank SVD; one layer's merge
-(:func:`merge_lora_factors`).
+Read top to bottom: the reference (PEFT's semantics on whole matrices); the element-wise merges of PEFT's
+``merge_utils`` (pruning, sign election, disjoint mean) run over row chunks; the exact low-rank SVD, PEFT's full one,
+and the backend table of the full matrix's element-wise pass (its Triton kernel: kernels/merging.py); one layer's
+merge (:func:`merge_lora_factors`).
 
 What each type computes, per layer, for adapters i with factors Aᵢ (rᵢ, K), Bᵢ (N, rᵢ), scale sᵢ and weight wᵢ:
 
