@@ -1,8 +1,9 @@
-"""Merging LoRA adapters into a new one: :func:`add_weighted_adapter`, HF PEFT's ``add_weighted_adapter`` with its
+"""Merging adapters into a new one: :func:`add_weighted_adapter`, HF PEFT's ``add_weighted_adapter`` with its
 arguments, combination types and results, on a PeftModel (fused by :func:`fastpeft.fuse` or not) and on fastpeft's
-own models. What each combination type computes, and how, is :mod:`fastpeft.ops.merging`'s.
+own models. What each combination type of LoRA adapters computes, and how, is :mod:`fastpeft.ops.merging`'s; (IA)³
+adapters merge linearly, as PEFT's IA3 does: the new vector is Σ wᵢ lᵢ.
 
-Read top to bottom: the checks of the arguments; fastpeft's models; PEFT's models; the public function.
+Read top to bottom: the checks of the arguments; fastpeft's models; PEFT's models; (IA)³; the public function.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from functools import reduce
 import torch
 from torch import Tensor, nn
 
-from .layers import LoraAdapter, LoraLinear, _check_adapter_name, _new_adapter
-from .model import lora_layers, unwrap_converted
+from .layers import Ia3Linear, LoraAdapter, LoraLinear, _check_adapter_name, _new_adapter
+from .model import ia3_layers, lora_layers, unwrap_converted
 from .ops.merging import (
     COMBINATION_TYPES,
     FACTOR_TYPES,
@@ -208,10 +209,11 @@ def _peft_tuner(model: nn.Module):
     if not type(model).__module__.startswith("peft.") or vars(model).get("_fastpeft_converted", False):
         return None
     from peft import PeftModel
+    from peft.tuners.ia3 import IA3Model
     from peft.tuners.lora import LoraModel
     tuner = model.base_model if isinstance(model, PeftModel) else model
-    if not isinstance(tuner, LoraModel):
-        raise TypeError(f"add_weighted_adapter merges LoRA adapters; this PEFT model's tuner is a "
+    if not isinstance(tuner, (LoraModel, IA3Model)):
+        raise TypeError(f"add_weighted_adapter merges LoRA and (IA)³ adapters; this PEFT model's tuner is a "
                         f"{type(tuner).__name__} (use its own add_weighted_adapter)")
     return tuner
 
@@ -376,6 +378,80 @@ def _take_out(tuner, name: str, before: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# (IA)³: a weighted sum of vectors, as PEFT's IA3Model.add_weighted_adapter (which takes no combination type).
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_ia3_request(request: _Request, combination_type: str) -> None:
+    """(IA)³ merges linearly: the LoRA types' options are refused rather than ignored (the default type is let be)."""
+    given = {"svd_rank": request.svd_rank, "svd_clamp": request.svd_clamp, "density": request.density,
+             "seed": request.seed, "svd_driver": request.svd_driver}
+    given = [name for name, value in given.items() if value is not None]
+    if combination_type not in ("linear", "svd") or given:
+        what = [f"combination_type={combination_type!r}"] if combination_type not in ("linear", "svd") else []
+        raise ValueError(f"(IA)³ adapters merge linearly, as PEFT's IA3 does (the new vector is Σ wᵢ lᵢ): "
+                         f"{', '.join(what + [f'{n} given' for n in given])} does not apply (use "
+                         "combination_type='linear' and leave the SVD and pruning options out)")
+
+
+def _merge_fastpeft_ia3(layers: dict[str, Ia3Linear], request: _Request) -> None:
+    """The merged vector, Σ wᵢ lᵢ over the adapters each layer holds (in fp32, then the first one's dtype), added
+    frozen and not active to every Ia3Linear holding any of them; all built before the first is added."""
+    known = list(dict.fromkeys(n for layer in layers.values() for n in layer.ia3_l))
+    if request.adapter_name in known:
+        raise ValueError(f"adapter_name {request.adapter_name!r} is an adapter of the model already; pick a new name")
+    _check_adapter_name(request.adapter_name)
+    built = {}
+    for name, layer in layers.items():
+        held = [(layer.ia3_l[a], w) for a, w in zip(request.adapters, request.weights, strict=True)
+                if a in layer.ia3_l]
+        if not held:
+            continue
+        total = sum(v.detach().float() * w for v, w in held)
+        built[name] = torch.nn.Parameter(total.to(held[0][0].dtype), requires_grad=False)
+    for name, vector in built.items():
+        layers[name].ia3_l[request.adapter_name] = vector
+
+
+def _merge_peft_ia3(tuner, request: _Request) -> None:
+    """PEFT's own IA3 merge (its config, its layers, its sums), after fastpeft's checks, which refuse what PEFT lets
+    pass (an existing name, where PEFT returns silently; an unknown adapter); a failure takes the adapter out again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .peft_fuse import _fuse_layers, _FusedForward
+    unknown = [a for a in request.adapters if a not in tuner.peft_config]
+    if unknown:
+        raise ValueError(f"adapters {unknown} are not adapters of the model (it has {list(tuner.peft_config)})")
+    if request.adapter_name in tuner.peft_config:
+        raise ValueError(f"adapter_name {request.adapter_name!r} is an adapter of the model already; pick a new name")
+    before = {"layers": {id(m) for m in tuner.model.modules() if isinstance(m, BaseTunerLayer)},
+              "targeted": list(getattr(tuner, "targeted_module_names", [])),
+              "grad": [(p, p.requires_grad) for p in tuner.parameters()]}
+    try:
+        tuner.add_weighted_adapter(request.adapters, request.weights, request.adapter_name)
+    except BaseException:
+        _take_out(tuner, request.adapter_name, before)
+        raise
+    if any(isinstance(vars(m).get("forward"), _FusedForward) for m in tuner.modules()):
+        _fuse_layers(tuner)
+
+
+def _model_kind(model: nn.Module, adapters: list[str]) -> str:
+    """"ia3" where every named adapter is held by (IA)³ layers and none by LoRA layers, else "lora"."""
+    in_ia3 = {n for layer in ia3_layers(model).values() for n in layer.ia3_l}
+    in_lora = {n for layer in lora_layers(model).values() for n in layer.adapters}
+    if isinstance(model, Ia3Linear):
+        in_ia3 = set(model.ia3_l)
+    if any(a in in_ia3 for a in adapters):
+        both = [a for a in adapters if a in in_lora or a not in in_ia3]
+        if both:
+            ia3 = sorted(set(adapters) - set(both))
+            raise ValueError(f"adapters {both} are not (IA)³ adapters of the model while {ia3} are: LoRA and (IA)³ "
+                             "adapters cannot be merged into one (and every adapter must exist)")
+        return "ia3"
+    return "lora"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The public function.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -403,6 +479,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     PEFT the merged adapter is frozen and not made active, each layer merges the adapters it holds, and with use_dora
     its magnitude is left as PEFT's initialisation makes it.
 
+    (IA)³ adapters (a PEFT IA3 model, or fastpeft's Ia3Linear layers) merge linearly, as PEFT's IA3 does: each layer
+    holding any of the adapters gets Σ wᵢ lᵢ over those it holds; ``combination_type`` is then "linear" (or left at
+    its default) and the SVD and pruning options are refused.
+
     Refused, with the model unchanged (ValueError or TypeError naming the argument): an unknown adapter, an
     ``adapter_name`` in use (PEFT returns silently there), weights not one per adapter, an unknown type, a missing
     or out-of-range density, unequal ranks for the types merging A and B separately, layers PEFT cannot merge this
@@ -416,7 +496,17 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                         f"{type(model).__name__}")
     tuner = _peft_tuner(model)
     if tuner is not None:
-        _merge_peft(tuner, request)
+        from peft.tuners.ia3 import IA3Model
+        if isinstance(tuner, IA3Model):
+            _check_ia3_request(request, combination_type)
+            _merge_peft_ia3(tuner, request)
+        else:
+            _merge_peft(tuner, request)
+        return model
+    model_ = unwrap_converted(model)
+    if _model_kind(model_, request.adapters) == "ia3":
+        _check_ia3_request(request, combination_type)
+        _merge_fastpeft_ia3({"": model_} if isinstance(model_, Ia3Linear) else ia3_layers(model_), request)
     else:
-        _merge_fastpeft(unwrap_converted(model), request)
+        _merge_fastpeft(model_, request)
     return model

@@ -510,3 +510,59 @@ def test_the_triton_pass_leaves_ties_at_a_threshold_to_the_torch_path_s_row_orde
     options = ops.MergeOptions("ties_svd", 4, 0.33)
     got = ops.merged_delta(parts, options, backend="triton")
     assert torch.equal(got, ops.merged_delta(parts, options, backend="torch"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# (IA)³: PEFT's linear merge of vectors, on PEFT's IA3 models and on fastpeft's.
+# ----------------------------------------------------------------------------------------------------------
+
+def _ia3_twins(seed=0):
+    import copy
+
+    from peft import IA3Config, get_peft_model
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    config = dict(target_modules=["0", "2", "4"], feedforward_modules=["2"], init_ia3_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), IA3Config(**config))
+    peft_model.add_adapter("b", IA3Config(target_modules=["0", "2"], feedforward_modules=["2"],
+                                          init_ia3_weights=False))
+    ours = fastpeft.from_peft(copy.deepcopy(peft_model))
+    return peft_model, ours
+
+
+def test_ia3_linear_merge_matches_peft_on_both_kinds_of_model():
+    peft_model, ours = _ia3_twins()
+    peft_model.base_model.add_weighted_adapter(["default", "b"], [0.7, -0.4], "mixed")  # PEFT's own
+    fastpeft.add_weighted_adapter(ours, ["default", "b"], [0.7, -0.4], "mixed", combination_type="linear")
+    theirs = {k.removeprefix("base_model.model."): v for k, v in peft_model.state_dict().items() if ".mixed" in k}
+    mine = {k.removeprefix("base_model.model."): v for k, v in ours.state_dict().items() if ".mixed" in k}
+    assert theirs and theirs.keys() == mine.keys()
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-6, atol=1e-7)
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if ".mixed" in n)
+    peft_model.set_adapter("mixed")
+    fastpeft.set_adapter(ours, "mixed")
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-5, atol=1e-6)
+    # on a PeftModel: PEFT's own merge behind fastpeft's checks, the new vector frozen as PEFT freezes it
+    peft_twin, _ = _ia3_twins()
+    fastpeft.add_weighted_adapter(peft_twin, ["default", "b"], [0.7, -0.4], "mixed")
+    for key, value in peft_twin.state_dict().items():
+        if ".mixed" in key:
+            torch.testing.assert_close(value, theirs[key.removeprefix("base_model.model.")])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(combination_type="ties", density=0.5), "merge linearly"),
+    (dict(combination_type="linear", svd_rank=4), "svd_rank given"),
+    (dict(combination_type="linear", seed=3), "seed given"),
+])
+def test_ia3_merge_refuses_what_does_not_apply(kwargs, match):
+    peft_model, ours = _ia3_twins(1)
+    for model in (peft_model, ours):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            fastpeft.add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "merged", **kwargs)
+        assert model.state_dict().keys() == before.keys()
+    with pytest.raises(ValueError, match="already"):
+        fastpeft.add_weighted_adapter(ours, ["default", "b"], [0.5, 0.5], "b", combination_type="linear")
