@@ -148,9 +148,13 @@ def _check_quantized_states(model, state_dict, prefix, *_) -> None:
                 raise RuntimeError(f"cannot load the state into the model (nothing was loaded): {problem}")
 
 
+# The fastpeft layers a transformers checkpoint cannot hold: their module names are not the model's own.
+FASTPEFT_LAYERS = (LoraLinear, Ia3Linear, AdaptedModule, QuantizedLinear)
+
+
 def fastpeft_modules(model: nn.Module) -> list[str]:
-    """The names of the fastpeft layers in ``model`` (LoRA, bottleneck adapter and NF4 layers)."""
-    return [n for n, m in model.named_modules() if isinstance(m, (LoraLinear, AdaptedModule, QuantizedLinear))]
+    """The names of the fastpeft layers in ``model`` (LoRA, (IA)³, bottleneck adapter and NF4 layers)."""
+    return [n for n, m in model.named_modules() if isinstance(m, FASTPEFT_LAYERS)]
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
@@ -180,14 +184,13 @@ class _CheckedSavePretrained(ModuleMethod):
 
     def __call__(self, *args, **kwargs):
         model = self.module()
-        held = {n: type(m).__name__ for n, m in model.named_modules()
-                if isinstance(m, (LoraLinear, AdaptedModule, QuantizedLinear))}
+        held = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, FASTPEFT_LAYERS)}
         if held:
             shown = ", ".join(list(held)[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
             kinds = set(held.values())
             remedies = []
-            if "LoraLinear" in kinds:
-                remedies.append("save LoRA adapters with fastpeft.save_adapter(model, path) (PEFT's files: "
+            if kinds & {"LoraLinear", "Ia3Linear"}:
+                remedies.append("save LoRA and (IA)³ adapters with fastpeft.save_adapter(model, path) (PEFT's files: "
                                 "PeftModel.from_pretrained and fastpeft.load_adapter load them), or "
                                 "fastpeft.merge_and_unload(model) first for a plain model")
             if "AdaptedModule" in kinds:

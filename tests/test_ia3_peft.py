@@ -580,6 +580,31 @@ def test_save_refuses_one_name_on_lora_and_ia3_layers_and_bare_layers(tmp_path):
         fastpeft.save_adapter(model, tmp_path / "shared")
 
 
+@pytest.mark.parametrize("how", ["apply_ia3", "load_adapter", "from_peft"])
+def test_save_pretrained_of_a_model_with_ia3_layers_is_refused_until_they_are_gone(tmp_path, how):
+    """transformers would write the Ia3Linear layers under names from_pretrained cannot load (their weights then start
+    random, silently): refused, as for LoRA layers, for every way (IA)³ layers get into a model."""
+    if how == "apply_ia3":
+        model = fastpeft.apply_ia3(tiny_llama(), ["k_proj", "down_proj"], ["down_proj"], init_ia3_weights=False)
+    else:
+        theirs, _ = peft_ia3(0, target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                             init_ia3_weights=False)
+        if how == "from_peft":
+            model = fastpeft.from_peft(theirs)
+        else:
+            theirs.save_pretrained(str(tmp_path / "adapter"))
+            model = fastpeft.load_adapter(tiny_llama(), tmp_path / "adapter")
+    with pytest.raises(RuntimeError, match=r"save_pretrained: the model holds fastpeft layers \(model.layers.0.*"
+                                           r"fastpeft.save_adapter"):
+        model.save_pretrained(str(tmp_path / "whole"))
+    assert not (tmp_path / "whole").exists()
+    want = logits(model)
+    fastpeft.merge_and_unload(model)
+    model.save_pretrained(str(tmp_path / "merged"))  # the model's own save, once the layers are gone
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    torch.testing.assert_close(logits(reloaded), want, rtol=1e-5, atol=1e-5)
+
+
 LAYERS = 100
 TAGS = (3, 5)  # adapter "3": every layer an output scale, every entry 3.0; adapter "5": input scales of 5.0
 
