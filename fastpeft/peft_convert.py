@@ -307,7 +307,10 @@ def _convert_layer(layer, backend) -> LoraLinear:
 def _convert_ia3_layer(layer, backend) -> Ia3Linear:
     """An Ia3Linear holding a PEFT IA3 Linear's base layer and its own vector parameters, in PEFT's order."""
     active = _ia3_active(layer)[0]
+    flags = [(p, p.requires_grad) for p in layer.base_layer.parameters()]
     new = Ia3Linear(layer.base_layer, layer.is_feedforward, adapter_name=active, backend=backend)
+    for param, flag in flags:  # the constructor freezes its base: a bias PEFT trains keeps training (as for LoRA)
+        param.requires_grad_(flag)
     new.ia3_l = nn.ParameterDict(layer.ia3_l)  # the same Parameters (not copies), in PEFT's order
     new.merged_adapter = layer.merged_adapters[0] if layer.merged_adapters else None
     new.adapters_enabled = not layer.disable_adapters

@@ -409,6 +409,24 @@ def test_merged_and_disabled_layers_convert_both_ways():
     assert fastpeft.to_peft(converted).base_model.model.model.layers[0].self_attn.k_proj.disable_adapters
 
 
+def test_from_peft_keeps_a_trained_base_bias_training():
+    """A bias the user trains beside PEFT's vectors keeps requires_grad (Ia3Linear's constructor froze it), and gets
+    PEFT's gradient."""
+    theirs, _ = peft_ia3(2, bias=True, target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                         init_ia3_weights=False)
+    for name in ("self_attn.k_proj", "mlp.down_proj"):
+        theirs.get_base_model().model.layers[0].get_submodule(name).base_layer.bias.requires_grad_(True)
+    twin = copy.deepcopy(theirs)
+    want = {n.removeprefix(PREFIX): p.requires_grad for n, p in twin.named_parameters()}
+    model = fastpeft.from_peft(theirs)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == want
+    backward(model), backward(twin)
+    grads = {n.removeprefix(PREFIX): p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_conversions_refuse_what_the_other_side_cannot_run_the_same():
     theirs, _ = two_adapters(1)
     theirs.base_model.set_adapter(["default", "second"])  # PEFT multiplies the vectors; an Ia3Linear runs one
