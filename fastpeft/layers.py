@@ -715,8 +715,15 @@ class Ia3Linear(nn.Module):
 
     set_adapter_problem = LoraLinear.set_adapter_problem
     set_adapter = LoraLinear.set_adapter
-    delete_adapter_problem = LoraLinear.delete_adapter_problem
     delete_adapter = LoraLinear.delete_adapter
+
+    def delete_adapter_problem(self, adapter_name: str) -> str | None:
+        """Why :meth:`delete_adapter` would refuse ``adapter_name`` (None when it would not): as for LoRA, and a merged
+        adapter that cannot be unmerged (zeros in its vector), asked before any layer of a model changes."""
+        problem = LoraLinear.delete_adapter_problem(self, adapter_name)
+        if problem is None and self.merged_adapter == adapter_name:
+            problem = self.unmerge_problem()
+        return problem
     disable_adapters = LoraLinear.disable_adapters
     enable_adapters = LoraLinear.enable_adapters
 

@@ -94,6 +94,30 @@ def test_unmerge_refused_where_the_vector_has_zeros():
     assert layer.merged and torch.equal(layer.weight, merged)
 
 
+def test_deleting_a_merged_adapter_that_cannot_be_unmerged_changes_no_layer():
+    """fastpeft.delete_adapter asks every layer first: one layer's refusal (zeros in its merged vector) must not
+    leave the layers before it with the adapter deleted."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    fastpeft.apply_ia3(model, ["0", "1"])
+    fastpeft.apply_ia3(model, ["0", "1"], adapter_name="b")
+    fastpeft.set_adapter(model, "b")
+    with torch.no_grad():
+        model[0].ia3_l["b"].fill_(2.0)
+        model[1].ia3_l["b"][0] = 0.0
+    model[0].merge()
+    model[1].merge()
+    weights = [layer.weight.detach().clone() for layer in model]
+    with pytest.raises(ValueError, match=r"delete_adapter\('b'\) refused, model unchanged \(1: .*zeros at \[0\]"):
+        fastpeft.delete_adapter(model, "b")
+    for layer, weight in zip(model, weights, strict=True):
+        assert list(layer.ia3_l) == ["default", "b"] and layer.merged_adapter == "b"
+        assert torch.equal(layer.weight, weight)
+    with pytest.raises(ValueError, match=r"zeros at \[0\]"):
+        model[1].delete_adapter("b")
+    model[0].delete_adapter("b")  # (unmerged first)
+    assert list(model[0].ia3_l) == ["default"] and not model[0].merged
+
+
 def test_safe_merge_refuses_overflow_and_changes_nothing():
     base = nn.Linear(4, 3).half()
     with torch.no_grad():
