@@ -2,6 +2,7 @@
 x, the vector and bias), mixed batches of tasks, what backward keeps, autocast, compile, and bad input."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import DTYPE_NAMES, TOLERANCE, backend_params, rel_err
@@ -166,6 +167,7 @@ def test_autocast_and_compile():
     (dict(ia3_l=torch.ones(16, 1)), "flattened"),
     (dict(ia3_l=torch.ones(16, dtype=torch.int64)), "ia3_l must be a float16"),
     (dict(feedforward=1), "feedforward must be a bool"),
+    (dict(feedforward=np.bool_(True)), r"feedforward must be a bool .*got np.True_ \(numpy.bool"),  # (named "bool")
     (dict(x=torch.randn(3, 9)), r"x must have shape \(..., in_features=12\)"),
     (dict(bias=torch.ones(5)), "bias must have shape"),
     (dict(weight=torch.randn(16, 12, requires_grad=True)), "weight must be frozen"),

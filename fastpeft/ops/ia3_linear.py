@@ -342,8 +342,9 @@ IA3_LINEAR = _Ia3Linear()
 def check_ia3_inputs(x, weight, bias, ia3_l, feedforward, adapter_index=None):
     """Every input of an ia3_linear call, named with what was expected."""
     if not isinstance(feedforward, bool):
+        kind = f"{type(feedforward).__module__}.{type(feedforward).__qualname__}"
         raise TypeError(f"feedforward must be a bool (True: scale the input, PEFT's feedforward_modules; False: "
-                        f"the output), got {type(feedforward).__name__}")
+                        f"the output), got {feedforward!r} ({kind})")
     named = {"x": x}
     if bias is not None:
         named["bias"] = bias
