@@ -728,8 +728,10 @@ class Ia3Linear(nn.Module):
     enable_adapters = LoraLinear.enable_adapters
 
     def _scales(self, name):
-        """The vector of ``name`` as it scales W: a column (rows of W, output scale) or a row (columns, input)."""
-        return self.ia3_l[name].detach()
+        """The vector of ``name`` as it scales W: a column (rows of W, output scale) or a row (columns, input), whatever
+        shape it is held in (forward reads it flattened, so a flat vector must merge the same way)."""
+        vector = self.ia3_l[name].detach()
+        return vector.reshape(1, -1) if self.feedforward else vector.reshape(-1, 1)
 
     @torch.no_grad()
     def merge(self, safe: bool = False) -> None:

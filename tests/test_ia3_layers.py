@@ -118,6 +118,21 @@ def test_deleting_a_merged_adapter_that_cannot_be_unmerged_changes_no_layer():
     assert list(model[0].ia3_l) == ["default"] and not model[0].merged
 
 
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output-scale", "input-scale"])
+def test_a_flat_vector_merges_the_side_forward_scales(feedforward):
+    """Forward reads the vector flattened; merge must scale W's rows (output) or columns (input) with it too, also on
+    a square layer, where a flat (N,) vector would broadcast along the other side."""
+    layer = fastpeft.Ia3Linear(nn.Linear(4, 4), feedforward=feedforward)
+    layer.ia3_l["default"] = nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        want = layer(x)
+        layer.merge()
+        assert rel_err(layer(x), want) <= 1e-6
+        layer.unmerge()
+        assert rel_err(layer(x), want) <= 1e-6
+
+
 def test_safe_merge_refuses_overflow_and_changes_nothing():
     base = nn.Linear(4, 3).half()
     with torch.no_grad():
