@@ -26,7 +26,7 @@ LAYERS = [
     ["fastpeft.peft_io", "fastpeft.peft_convert", "fastpeft.peft_fuse"],
     ["fastpeft.merging"],
     ["fastpeft.benchmarks", "fastpeft.benchmarks.measure", "fastpeft.benchmarks.timing",
-     "fastpeft.benchmarks.peft_step", "fastpeft.benchmarks.merging"],
+     "fastpeft.benchmarks.peft_step", "fastpeft.benchmarks.merging", "fastpeft.benchmarks.ia3"],
     ["fastpeft.benchmarks.report"],
     ["fastpeft", "fastpeft.__main__"],
 ]
