@@ -635,6 +635,8 @@ class Ia3Linear(nn.Module):
     def _new_vector(self, init_ia3_weights, autocast_adapter_dtype) -> nn.Parameter:
         if not isinstance(init_ia3_weights, bool):
             raise TypeError(f"init_ia3_weights must be a bool, got {init_ia3_weights!r}")
+        if not isinstance(autocast_adapter_dtype, bool):
+            raise TypeError(f"autocast_adapter_dtype must be a bool, got {autocast_adapter_dtype!r}")
         weight = self.base_layer.weight
         shape = (1, self.in_features) if self.feedforward else (self.out_features, 1)
         vector = torch.ones(shape) if init_ia3_weights else torch.randn(shape)
@@ -747,6 +749,10 @@ class Ia3Linear(nn.Module):
                                "vector merged")
         weight, bias = self.base_layer.weight, self.base_layer.bias
         scale = self._scales(self.active_adapter)
+        if not self.adapters_enabled and bool((scale == 0).any()):  # (a disabled layer unmerges at its next call)
+            raise ValueError(f"Ia3Linear.merge: adapters are disabled, and adapter {self.active_adapter!r}'s vector "
+                             "has zeros: its next forward would have to unmerge what cannot be unmerged; enable "
+                             "adapters first (nothing was changed)")
         wide = torch.promote_types(weight.dtype, torch.float32)
         merged = (weight.to(wide) * scale.to(wide)).to(weight.dtype)
         merged_bias = None

@@ -364,9 +364,11 @@ def to_peft(model: nn.Module):
             raise ValueError(f"the (IA)³ layers at {quantized} are over a base that is not a plain nn.Linear (a 4-bit "
                              "or quantised one); fastpeft converts (IA)³ over plain nn.Linear bases only")
     lost = [name for name, layer in layers.items()
-            if kind is LoraLinear and layer._dora_merge is not None and len(layer._dora_merge[1])]
+            if kind is LoraLinear and layer._dora_merge is not None and len(layer._dora_merge[1])
+            or kind is not LoraLinear and layer.unmerge_problem() is not None]
     if lost:
-        raise ValueError(f"the DoRA adapters merged at {lost} have rows of magnitude 0, which PEFT's unmerge cannot "
+        what = "DoRA adapters merged" if kind is LoraLinear else "(IA)³ vectors merged"
+        raise ValueError(f"the {what} at {lost} have rows of magnitude 0 (zeros), which PEFT's unmerge cannot "
                          "restore; unmerge them first")
     active = {name: layer.active_adapter for name, layer in layers.items()}
     if len(set(active.values())) > 1:

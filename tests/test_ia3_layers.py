@@ -215,3 +215,43 @@ def test_over_a_4bit_base_single_and_mixed():
     assert layer(x).dtype == torch.float32 and rel_err(layer(x), want) <= 1e-2
     mixed = layer(x, adapter_names=["default", "b"])
     assert rel_err(mixed[0], want[0]) <= 1e-2
+
+
+def test_half_precision_base_with_fp32_vectors_rounds_once_as_peft():
+    """bf16 base, fp32 vectors that bf16 cannot hold: x ⊙ l and y ⊙ l are taken in fp32 and rounded once, as PEFT
+    computes them, so the torch path's outputs are PEFT's bit for bit."""
+    peft_model, ours = twins(4, ["k", "v", "down"], ["down"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(torch.rand_like(p, dtype=torch.float32) + 0.5)
+                ours.get_parameter(name.removeprefix("base_model.model.")).copy_(p)
+    for layer in fastpeft.ia3_layers(ours).values():
+        layer.backend = "torch"
+    assert {p.dtype for n, p in ours.named_parameters() if "ia3_l" in n} == {torch.float32}
+    x = torch.randn(3, 7, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name in ("k", "v"):
+            assert torch.equal(getattr(ours, name)(x), getattr(peft_model.base_model.model, name)(x)), name
+        h = torch.randn(3, 7, 48, dtype=torch.bfloat16)
+        assert torch.equal(ours.down(h), peft_model.base_model.model.down(h))
+
+
+def test_merge_while_disabled_is_refused_where_the_vector_has_zeros():
+    layer = fastpeft.Ia3Linear(nn.Linear(6, 4))
+    with torch.no_grad():
+        layer.ia3_l["default"][1] = 0.0
+    layer.disable_adapters()
+    with pytest.raises(ValueError, match="adapters are disabled"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer(torch.ones(1, 6)), layer.base_layer(torch.ones(1, 6)))
+
+
+def test_to_peft_refuses_a_merged_vector_with_zeros():
+    model = fastpeft.apply_ia3(Block(), ["k"])
+    with torch.no_grad():
+        model.k.ia3_l["default"][0] = 0.0
+    model.k.merge()
+    with pytest.raises(ValueError, match="zeros"):
+        fastpeft.to_peft(model)
+    assert isinstance(model.k, fastpeft.Ia3Linear) and model.k.merged

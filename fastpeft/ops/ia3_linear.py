@@ -55,7 +55,19 @@ def _row_scales(vectors, adapter_index) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # torch backend: no M×N or M×K temporary beyond the one the formula needs. An output scale multiplies the base output
 # in place (unless l is trained: then that output is kept for dl); an input scale scales x (PEFT's copy, in x's dtype).
+# Products with the scale are taken in the scale's precision and rounded once into x's dtype (``out=``), as PEFT's
+# fp32 products are: rounding the scale to bf16 first would differ from PEFT in the last bit.
 # ----------------------------------------------------------------------------------------------------------
+
+def _scaled(t, scale):
+    """``t ⊙ scale`` in t's dtype, computed in the wider of the two dtypes and rounded once (under autograd, the
+    small calls' route, through a widened copy, as PEFT computes it)."""
+    if scale.dtype == t.dtype:
+        return t * scale
+    if torch.is_grad_enabled() and (t.requires_grad or scale.requires_grad):
+        return (t * scale).to(t.dtype)
+    return torch.mul(t, scale, out=torch.empty_like(t))
+
 
 def _base_product(x, weight, bias=None):
     if isinstance(weight, QuantizedWeight):
@@ -64,19 +76,18 @@ def _base_product(x, weight, bias=None):
 
 
 def _torch_forward(x, weight, bias, scale, feedforward, keep_pre, index=None):
-    dtype = x.dtype
-    s = (scale if index is None else _row_scales(scale, index)).to(dtype)
+    s = scale if index is None else _row_scales(scale, index)
     if feedforward:
-        return _base_product(x * s, weight, bias), None
+        return _base_product(_scaled(x, s), weight, bias), None
     pre = _base_product(x, weight, bias)
-    if keep_pre:
-        return pre * s, pre
+    if keep_pre or torch.is_grad_enabled() and s.requires_grad:
+        return _scaled(pre, s), pre
     return pre.mul_(s), None
 
 
 def _torch_backward(dy, x, weight, scale, feedforward, pre, needs_dx, needs_dl, needs_dbias):
     dtype = dy.dtype
-    s = scale.to(dtype)
+    s = scale.to(dtype)  # (dX's scale, folded into a GEMM operand)
     dx = dl = dbias = None
     if not feedforward:
         if needs_dl:
@@ -99,7 +110,7 @@ def _torch_backward(dy, x, weight, scale, feedforward, pre, needs_dx, needs_dl, 
         if needs_dl:
             dl = (g * x).sum(0, dtype=torch.float32)
         if needs_dx:
-            dx = g.mul_(s)
+            dx = g.mul_(scale)  # (in scale's precision, rounded once)
     return dx, dl, dbias
 
 
@@ -300,7 +311,8 @@ class _Ia3Linear(FusedOp):
         return dataclasses.replace(call, x=call.x.reshape(-1, call.x.shape[-1]), lead=tuple(call.x.shape[:-1]))
 
     def tensors(self, call):
-        return [call.x, call.weight, *call.vectors] + ([call.bias] if call.bias is not None else [])
+        # (not the vectors: any float dtype is read as fp32 by every backend; their devices are checked with x's)
+        return [call.x, call.weight] + ([call.bias] if call.bias is not None else [])
 
     def reasons_call(self, call):
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in self.trainable(call))
