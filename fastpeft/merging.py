@@ -8,6 +8,7 @@ Read top to bottom: the checks of the arguments; fastpeft's models; PEFT's model
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -98,6 +99,37 @@ def _checked_request(adapters, weights, adapter_name, combination_type, svd_rank
                     svd_driver, None if seed is None else int(seed))
 
 
+@dataclass(frozen=True)
+class _PeftRules:
+    """What the installed PEFT's ``add_weighted_adapter`` does where its versions differ. From 0.22 the merged adapter
+    has ``use_rslora=False`` (the sources' scales are folded into its factors, so its own scale is exactly 1) and
+    ``lora_bias`` when any source has one (Σ wᵢ sᵢ bᵢ), and DoRA adapters are refused; before, it took the first
+    adapter's ``use_rslora`` (scale √r with lora_alpha = r) and ``use_dora``, and merged no biases."""
+    folds_rslora: bool
+    refuses_dora: bool
+    merges_bias: bool
+
+
+@functools.cache
+def _peft_rules() -> _PeftRules:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        major, minor = (int(p) for p in version("peft").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        major, minor = 0, 22  # no PEFT (or an odd version string): the newest rules
+    new = (major, minor) >= (0, 22)
+    return _PeftRules(folds_rslora=new, refuses_dora=new, merges_bias=new)
+
+
+def _refuse_dora(names_dora: dict[str, bool]) -> None:
+    """PEFT (from 0.22) does not merge DoRA adapters; its words, naming the first one."""
+    if _peft_rules().refuses_dora:
+        dora = [name for name, is_dora in names_dora.items() if is_dora]
+        if dora:
+            raise ValueError(f"add_weighted_adapter does not support DoRA (problematic adapter '{dora[0]}'), as PEFT "
+                             "does not (nothing was changed)")
+
+
 def _merged_rank(request: _Request, ranks: dict[str, int]) -> int:
     """PEFT's rank of the merged adapter from each adapter's rank: the common rank (factor types, which refuse
     unequal ranks), their sum (``cat``), or ``svd_rank`` / the largest (the SVD types)."""
@@ -166,6 +198,8 @@ def _merge_fastpeft(model: nn.Module, request: _Request) -> None:
     ranks = {a: max(layers[name].adapters[a].r for name in held if a in held[name]) for a in request.adapters}
     rank = _merged_rank(request, ranks)
     first = next(layers[name].adapters[request.adapters[0]] for name in held if request.adapters[0] in held[name])
+    _refuse_dora({a: any(layers[name].adapters[a].use_dora for name in held if a in held[name])
+                  for a in request.adapters})
     problems = _rank_problems(request, rank, {name: {a: layers[name].adapters[a].r for a in names}
                                               for name, names in held.items()})
     for name in held:
@@ -178,8 +212,8 @@ def _merge_fastpeft(model: nn.Module, request: _Request) -> None:
     built: dict[str, LoraAdapter] = {}
     for name in held:
         layer = layers[name]
-        adapter = _new_adapter(layer.base_layer, rank, rank, first.lora_dropout, first.use_rslora, True, True,
-                               first.use_dora)
+        adapter = _new_adapter(layer.base_layer, rank, rank, first.lora_dropout,
+                               first.use_rslora and not _peft_rules().folds_rslora, True, True, first.use_dora)
         built[name] = adapter.to(dtype=layer.adapters[held[name][0]].lora_A.dtype)
     generators = _Generators(request.seed)
     merged = {}
@@ -255,8 +289,10 @@ def _peft_new_config(tuner, request: _Request, rank: int):
     else:
         raise TypeError(f"add_weighted_adapter: the adapters' target_modules are {kind.__name__}, where PEFT keeps a "
                         "set or a regular expression")
-    return dataclasses.replace(configs[request.adapters[0]], r=rank, lora_alpha=rank, target_modules=targets,
-                               alpha_pattern={}, rank_pattern={})
+    changes = dict(r=rank, lora_alpha=rank, target_modules=targets, alpha_pattern={}, rank_pattern={})
+    if _peft_rules().folds_rslora:
+        changes.update(use_rslora=False, lora_bias=any(configs[a].lora_bias for a in request.adapters))
+    return dataclasses.replace(configs[request.adapters[0]], **changes)
 
 
 def _check_peft_request(tuner, request: _Request) -> tuple[int, object, dict]:
@@ -279,6 +315,10 @@ def _check_peft_request(tuner, request: _Request) -> tuple[int, object, dict]:
         if configs[a].target_parameters:
             raise ValueError(f"add_weighted_adapter does not merge adapters targeting nn.Parameter "
                              f"(target_parameters), as PEFT does not: adapter {a!r}")
+        if configs[a].lora_bias and not _peft_rules().merges_bias:
+            raise ValueError(f"adapter {a!r} has a LoRA bias (lora_bias=True), which this PEFT version's merge "
+                             "leaves out; PEFT 0.22 and later merge it (nothing was changed)")
+    _refuse_dora({a: bool(configs[a].use_dora) for a in request.adapters})
     shared = [m for m in tuner.modules() if isinstance(m, ModulesToSaveWrapper)
               and sum(a in m.modules_to_save for a in request.adapters) > 1]
     if shared:
@@ -351,6 +391,12 @@ def _merge_peft(tuner, request: _Request) -> None:
             with torch.no_grad():
                 target[0].copy_(lora_A)
                 target[1].copy_(lora_B)
+                if module.lora_bias.get(name):  # PEFT (from 0.22): Σ wᵢ sᵢ bᵢ, apart from the factors
+                    bias = torch.zeros_like(module.lora_B[name].bias)
+                    for a, w in zip(request.adapters, request.weights, strict=True):
+                        if a in module.lora_B and module.lora_bias.get(a):
+                            bias += w * module.scaling[a] * module.lora_B[a].bias
+                    module.lora_B[name].bias.copy_(bias)
     except BaseException:
         _take_out(tuner, name, before)
         raise

@@ -142,9 +142,19 @@ def test_every_type_gives_peft_s_deltas_on_fused_and_fastpeft_models(model_kind,
 @pytest.mark.parametrize("model_kind", ["peft", "fastpeft"])
 @pytest.mark.parametrize("kind", ["svd", "cat", "ties", "magnitude_prune_svd"])
 def test_rslora_and_dora_adapters_merge_as_peft_merges_them(config, model_kind, kind):
-    """PEFT's merged adapter takes the first adapter's use_rslora (lora_alpha = r: scaling √r) and use_dora (its
-    magnitude left at its initialisation, ‖W‖ by row): the same here."""
+    """As the installed PEFT does. From 0.22 the merged adapter has use_rslora=False (scale 1: the sources' scales are
+    in its factors) and DoRA adapters are refused, by both in PEFT's words, the model unchanged; before, it took the
+    first adapter's use_rslora (lora_alpha = r: scale √r) and use_dora (its magnitude left at its initialisation,
+    ‖W‖ by row)."""
     reference, ours = twins(model_kind, **config)
+    if config.get("use_dora") and merging._peft_rules().refuses_dora:
+        before = snapshot(ours)
+        with pytest.raises(ValueError, match="does not support DoRA"):
+            reference.add_weighted_adapter(ADAPTERS, WEIGHTS, "m", combination_type=kind, **type_kwargs(kind))
+        with pytest.raises(ValueError, match=r"does not support DoRA \(problematic adapter 'a0'\)"):
+            fastpeft.add_weighted_adapter(ours, ADAPTERS, WEIGHTS, "m", combination_type=kind, **type_kwargs(kind))
+        assert_unchanged(ours, before)
+        return
     both_merge(reference, ours, kind, seed=3, **type_kwargs(kind))
     assert_deltas_close(deltas(ours, "m"), deltas(reference, "m"), SVD if kind == "svd" else EXACT)
     for key in ("q", "v"):
@@ -332,6 +342,9 @@ def llama_with_adapters(config=None):
                          ids=["svd", "ties_svd", "cat-dora"])
 def test_a_merged_adapter_saves_as_peft_s_files_and_peft_loads_it_to_the_same_logits(model_kind, kind, config,
                                                                                         tmp_path):
+    if config.get("use_dora") and merging._peft_rules().refuses_dora:
+        pytest.skip("this PEFT refuses to merge DoRA adapters (test_rslora_and_dora_adapters_merge_as_peft_merges_"
+                    "them checks fastpeft refuses them too)")
     model = llama_with_adapters(config)
     if model_kind == "fused":
         fastpeft.fuse(model)
@@ -355,7 +368,7 @@ def test_a_merged_adapter_saves_as_peft_s_files_and_peft_loads_it_to_the_same_lo
 
 
 def test_on_a_fused_model_the_merged_adapter_runs_fused_with_peft_s_outputs():
-    reference = llama_with_adapters({"use_dora": True})
+    reference = llama_with_adapters({} if merging._peft_rules().refuses_dora else {"use_dora": True})
     fused = fastpeft.fuse(copy.deepcopy(reference))
     reference.add_weighted_adapter(["t1", "t2"], [0.7, 0.5], "merged", combination_type="svd")
     fastpeft.add_weighted_adapter(fused, ["t1", "t2"], [0.7, 0.5], "merged", combination_type="svd")
@@ -566,3 +579,25 @@ def test_ia3_merge_refuses_what_does_not_apply(kwargs, match):
         assert model.state_dict().keys() == before.keys()
     with pytest.raises(ValueError, match="already"):
         fastpeft.add_weighted_adapter(ours, ["default", "b"], [0.5, 0.5], "b", combination_type="linear")
+
+
+def test_lora_bias_merges_as_the_installed_peft_merges_it():
+    """PEFT 0.22 and later: the merged adapter has a LoRA bias, Σ wᵢ sᵢ bᵢ; earlier PEFT leaves biases out, and fastpeft
+    refuses such adapters there rather than drop them."""
+    reference = peft_model(lora_bias=True)
+    ours = copy.deepcopy(reference)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name and name.endswith(".bias"):
+                p.copy_(torch.randn_like(p))
+                ours.get_parameter(name).copy_(p)
+    if not merging._peft_rules().merges_bias:
+        with pytest.raises(ValueError, match="LoRA bias"):
+            fastpeft.add_weighted_adapter(ours, ADAPTERS, WEIGHTS, "m", combination_type="cat")
+        return
+    both_merge(reference, ours, "cat")
+    theirs = {k: v for k, v in reference.state_dict().items() if ".m." in k or k.endswith(".m")}
+    mine = {k: v for k, v in ours.state_dict().items() if ".m." in k or k.endswith(".m")}
+    assert theirs.keys() == mine.keys() and any("bias" in k for k in theirs)
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key])
