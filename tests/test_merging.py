@@ -601,3 +601,15 @@ def test_lora_bias_merges_as_the_installed_peft_merges_it():
     assert theirs.keys() == mine.keys() and any("bias" in k for k in theirs)
     for key in theirs:
         torch.testing.assert_close(mine[key], theirs[key])
+
+
+def test_ia3_merge_on_a_fused_peft_model_runs_fused_with_peft_s_outputs():
+    peft_model, _ = _ia3_twins(2)
+    fused = fastpeft.fuse(copy.deepcopy(peft_model))
+    peft_model.base_model.add_weighted_adapter(["default", "b"], [0.3, 0.9], "m")
+    fastpeft.add_weighted_adapter(fused, ["default", "b"], [0.3, 0.9], "m")
+    peft_model.set_adapter("m")
+    fused.set_adapter("m")
+    assert set(fastpeft.fuse_report(fused).values()) == {None}
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(fused(x), peft_model(x), rtol=1e-6, atol=1e-6)
