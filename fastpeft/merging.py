@@ -66,6 +66,10 @@ def _checked_request(adapters, weights, adapter_name, combination_type, svd_rank
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters \
             or not all(isinstance(a, str) and a for a in adapters):
         raise TypeError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+    if isinstance(weights, (torch.Tensor,)) or type(weights).__module__ == "numpy":  # PEFT takes these too
+        weights = weights.tolist() if getattr(weights, "ndim", 1) == 1 else weights
+    if isinstance(weights, Sequence) and not isinstance(weights, str):
+        weights = [w.item() if isinstance(w, torch.Tensor) and w.numel() == 1 else w for w in weights]
     if isinstance(weights, str) or not isinstance(weights, Sequence) or not all(map(_is_real, weights)):
         raise TypeError(f"weights must be a list of finite numbers, one per adapter, got {weights!r}")
     if len(weights) != len(adapters):
@@ -73,6 +77,7 @@ def _checked_request(adapters, weights, adapter_name, combination_type, svd_rank
                          f"({list(adapters)}), weights has {len(weights)}")
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    _check_adapter_name(adapter_name)  # (no '.': it names modules; PEFT's own error would come after changes)
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type must be one of {', '.join(COMBINATION_TYPES)}; got {combination_type!r}")
     if svd_rank is not None and (not isinstance(svd_rank, numbers.Integral) or isinstance(svd_rank, bool)
@@ -371,9 +376,12 @@ def _merge_peft(tuner, request: _Request) -> None:
     try:
         tuner.peft_config[name] = config
         tuner.inject_adapter(tuner.model, name)
-        for key, param in tuner.model.named_parameters():  # PEFT freezes the merged adapter
-            if f".{name}." in key or key.endswith(f".{name}"):
-                param.requires_grad_(False)
+        for module in tuner.model.modules():  # the merged adapter frozen (its own tensors, found by container)
+            if isinstance(module, LoraLayer):
+                for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+                    container = getattr(module, attr, {})
+                    if name in container:
+                        container[name].requires_grad_(False)
         generators = _Generators(request.seed)
         for key, module in tuner.model.named_modules():
             target = _peft_factors(module, name) if isinstance(module, LoraLayer) else None
@@ -408,19 +416,24 @@ def _take_out(tuner, name: str, before: dict) -> None:
     """Undo a failed merge: the adapter out of every layer, layers PEFT wrapped for it unwrapped, its config, the
     targeted names and every parameter's requires_grad as they were."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    for key, module in list(tuner.model.named_modules()):
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        if id(module) not in before["layers"]:
-            parent, _, child = key.rpartition(".")
-            setattr(tuner.model.get_submodule(parent) if parent else tuner.model, child, module.get_base_layer())
-        else:
-            module.delete_adapter(name)
-    tuner.peft_config.pop(name, None)
-    if hasattr(tuner, "targeted_module_names"):
-        tuner.targeted_module_names[:] = before["targeted"]
-    for param, flag in before["grad"]:
-        param.requires_grad_(flag)
+    try:
+        for key, module in list(tuner.model.named_modules()):
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            if id(module) not in before["layers"]:
+                parent, _, child = key.rpartition(".")
+                setattr(tuner.model.get_submodule(parent) if parent else tuner.model, child, module.get_base_layer())
+            else:
+                try:  # (a layer PEFT failed on may hold none of it)
+                    module.delete_adapter(name)
+                except (KeyError, AttributeError, ValueError):
+                    pass
+    finally:  # the rest whatever a layer did: the caller re-raises the failure that brought us here
+        tuner.peft_config.pop(name, None)
+        if hasattr(tuner, "targeted_module_names"):
+            tuner.targeted_module_names[:] = before["targeted"]
+        for param, flag in before["grad"]:
+            param.requires_grad_(flag)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -432,6 +445,8 @@ def _check_ia3_request(request: _Request, combination_type: str) -> None:
     given = {"svd_rank": request.svd_rank, "svd_clamp": request.svd_clamp, "density": request.density,
              "seed": request.seed, "svd_driver": request.svd_driver}
     given = [name for name, value in given.items() if value is not None]
+    given += ["majority_sign_method"] if request.majority_sign_method != "total" else []
+    given += ["svd_full_matrices"] if request.svd_full_matrices is not True else []
     if combination_type not in ("linear", "svd") or given:
         what = [f"combination_type={combination_type!r}"] if combination_type not in ("linear", "svd") else []
         raise ValueError(f"(IA)³ adapters merge linearly, as PEFT's IA3 does (the new vector is Σ wᵢ lᵢ): "
@@ -488,6 +503,10 @@ def _model_kind(model: nn.Module, adapters: list[str]) -> str:
     if isinstance(model, Ia3Linear):
         in_ia3 = set(model.ia3_l)
     if any(a in in_ia3 for a in adapters):
+        unknown = [a for a in adapters if a not in in_ia3 and a not in in_lora]
+        if unknown:
+            raise ValueError(f"adapters {unknown} are not adapters of the model (its (IA)³ adapters: "
+                             f"{sorted(in_ia3)})")
         both = [a for a in adapters if a in in_lora or a not in in_ia3]
         if both:
             ia3 = sorted(set(adapters) - set(both))

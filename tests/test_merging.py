@@ -613,3 +613,29 @@ def test_ia3_merge_on_a_fused_peft_model_runs_fused_with_peft_s_outputs():
     assert set(fastpeft.fuse_report(fused).values()) == {None}
     x = torch.randn(4, 12)
     torch.testing.assert_close(fused(x), peft_model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_the_new_name_is_checked_first_and_only_the_merged_adapter_is_frozen():
+    """A name PEFT cannot hold is refused up front, naming adapter_name, on PEFT's LoRA and IA3 models alike, leaving
+    no config behind; naming the merge "weight" freezes the merged adapter's tensors and nothing else."""
+    reference, _ = twins("peft")
+    peft_ia3, _ = _ia3_twins(3)
+    for model in (reference, peft_ia3):
+        before = snapshot(model)
+        names = ["default", "b"] if model is peft_ia3 else ADAPTERS[:2]
+        with pytest.raises(ValueError, match="adapter_name must be a non-empty string without '.'"):
+            fastpeft.add_weighted_adapter(model, names, [0.5, 0.5], "a.b", combination_type="linear")
+        assert_unchanged(model, before)
+    reference.set_adapter("a0")
+    trained = {n for n, p in reference.named_parameters() if p.requires_grad}
+    fastpeft.add_weighted_adapter(reference, ADAPTERS, WEIGHTS, "weight", combination_type="cat")
+    assert {n for n, p in reference.named_parameters() if p.requires_grad} == trained
+
+
+def test_weights_may_be_a_tensor_or_an_array_as_in_peft():
+    import numpy as np
+    reference, ours = twins("peft")
+    both_merge(reference, ours, "cat")
+    for i, weights in enumerate((torch.tensor(WEIGHTS), np.array(WEIGHTS), [torch.tensor(w) for w in WEIGHTS])):
+        fastpeft.add_weighted_adapter(ours, ADAPTERS, weights, f"w{i}", combination_type="cat")
+        assert_deltas_close(deltas(ours, f"w{i}"), deltas(reference, "m"), EXACT)
