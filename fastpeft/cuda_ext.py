@@ -125,6 +125,16 @@ def _vector_ok(dtype: torch.dtype, K: int, *tensors_and_strides) -> bool:
         (t.data_ptr() % 16 == 0) and (stride % vec == 0) for t, stride in tensors_and_strides)
 
 
+def _nf4_args(weight: NF4Weight, device) -> dict:
+    """The decode kernel's arguments for a 4-bit base: the code book, the absmaxes and, double-quantised, theirs."""
+    quant = dict(nf4_code=nf4_code(device).data_ptr(), nf4_absmax=weight.absmax.data_ptr(),
+                 nf4_block=weight.blocksize, nf4_block2=weight.absmax_blocksize)
+    if weight.nested:
+        quant.update(nf4_absmax_code=weight.absmax_code.data_ptr(), nf4_absmax_scale=weight.absmax_scale.data_ptr(),
+                     nf4_absmax_offset=weight.absmax_offset.data_ptr())
+    return quant
+
+
 def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scale=None, row_adapter=None,
                        adapter_rank: int = 0) -> torch.Tensor:
     """``x Wᵀ + b + scaling · (x Aᵀ) Bᵀ`` for 2-D x with M <= 16 rows, by the fused CUDA kernel (forward only);
@@ -169,12 +179,7 @@ def lora_linear_decode(x, weight, bias, lora_A, lora_B, scaling: float, col_scal
     stream = torch.cuda.current_stream(x.device).cuda_stream
     if nf4:  # 16-byte loads of codes, 32 elements of one block (decode_reasons has checked they can run)
         vector = True
-        quant = dict(nf4_code=nf4_code(x.device).data_ptr(), nf4_absmax=weight.absmax.data_ptr(),
-                     nf4_block=weight.blocksize, nf4_block2=weight.absmax_blocksize)
-        if weight.nested:
-            quant.update(nf4_absmax_code=weight.absmax_code.data_ptr(),
-                         nf4_absmax_scale=weight.absmax_scale.data_ptr(),
-                         nf4_absmax_offset=weight.absmax_offset.data_ptr())
+        quant = _nf4_args(weight, x.device)
     else:
         vector = _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K), (lora_A, K))
         quant = {}
@@ -226,12 +231,7 @@ def ia3_linear_decode(x, weight, bias, scale, feedforward: bool, index=None) -> 
     row_stride = scale.shape[-1] if index is not None else 0
     nf4 = isinstance(weight, NF4Weight)
     if nf4:
-        quant = dict(nf4_code=nf4_code(x.device).data_ptr(), nf4_absmax=weight.absmax.data_ptr(),
-                     nf4_block=weight.blocksize, nf4_block2=weight.absmax_blocksize)
-        if weight.nested:
-            quant.update(nf4_absmax_code=weight.absmax_code.data_ptr(),
-                         nf4_absmax_scale=weight.absmax_scale.data_ptr(),
-                         nf4_absmax_offset=weight.absmax_offset.data_ptr())
+        quant = _nf4_args(weight, x.device)
         vector = True
     else:
         quant, vector = {}, _vector_ok(x.dtype, K, (x, x.stride(0)), (weight, K))

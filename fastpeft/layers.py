@@ -261,6 +261,35 @@ class LoraAdapter(nn.Module):
                 f"use_rslora={self.use_rslora}, use_dora={self.use_dora}")
 
 
+def _check_mixed_batch(layer, x, adapter_names, strict: bool) -> None:
+    """A layer's mixed batch: x (batch, ..., in_features) and one adapter name per sample. ``strict``: every name
+    must be one of ``layer.adapters`` (a direct call; from :func:`fastpeft.mixed_batch` a name the layer lacks runs
+    its samples through the base, as in PEFT); no adapter may be merged."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError("a mixed batch needs x of shape (batch, ..., in_features), with adapter_names naming one "
+                         f"adapter per sample, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
+    if len(adapter_names) != x.shape[0]:
+        raise ValueError(f"adapter_names must name one adapter per sample: x has {x.shape[0]} samples, "
+                         f"adapter_names has {len(adapter_names)}")
+    unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in layer.adapters})
+    if strict and unknown:
+        raise ValueError(f"adapter_names has {unknown}, not adapters of this layer ({list(layer.adapters)}; "
+                         f"{BASE_ADAPTER!r} for none)")
+    if layer.merged:
+        raise RuntimeError(f"adapter {layer.merged_adapter!r} is merged; unmerge() before a mixed batch")
+
+
+def _mixed_batch_index(adapters, x, adapter_names) -> tuple[list[str], torch.Tensor]:
+    """The adapters the batch uses (those of ``adapters`` it names, in first-use order) and each row's position among
+    them, of x's leading shape (-1: the base alone)."""
+    used = [n for n in dict.fromkeys(adapter_names) if n in adapters]
+    position = {n: i for i, n in enumerate(used)}
+    per_sample = torch.tensor([position.get(n, BASE_INDEX) for n in adapter_names], device=x.device)
+    return used, per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+
+
 class LoraLinear(nn.Module):
     """``nn.Linear`` plus a LoRA update, computed by one fused op: ``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ``.
 
@@ -432,29 +461,13 @@ class LoraLinear(nn.Module):
     def _mixed_forward(self, x, adapter_names, strict):
         """A mixed batch. ``strict``: every name must be one of this layer's adapters (a direct call); from
         :func:`fastpeft.mixed_batch` a name the layer lacks runs its samples through the base here, as in PEFT."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError("a mixed batch needs x of shape (batch, ..., in_features), with adapter_names naming one "
-                             f"adapter per sample, got {getattr(x, 'shape', type(x).__name__)}")
-        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names must name one adapter per sample: x has {x.shape[0]} samples, "
-                             f"adapter_names has {len(adapter_names)}")
-        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.adapters})
-        if strict and unknown:
-            raise ValueError(f"adapter_names has {unknown}, not adapters of this layer ({list(self.adapters)}; "
-                             f"{BASE_ADAPTER!r} for none)")
-        if self.merged:
-            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before a mixed batch")
+        _check_mixed_batch(self, x, adapter_names, strict)
         if isinstance(self.base_layer, QuantizedLinear):
             raise ValueError(f"mixed-adapter batches over a {self.base_layer.weight.base_name} are not supported: "
                              "run one adapter at a time (set_adapter)")
         if not self.adapters_enabled:
             return self.base_layer(x)
-        used = [n for n in dict.fromkeys(adapter_names) if n in self.adapters]
-        position = {n: i for i, n in enumerate(used)}
-        per_sample = torch.tensor([position.get(n, BASE_INDEX) for n in adapter_names], device=x.device)
-        index = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
+        used, index = _mixed_batch_index(self.adapters, x, adapter_names)
         base = self._modules["base_layer"]
         adapters = [self.adapters[n] for n in used]
         for module in (base, *adapters):
@@ -681,28 +694,12 @@ class Ia3Linear(nn.Module):
         return ia3_linear(x, weight, bias, ia3_l, self.feedforward, self.backend, adapter_index=index)
 
     def _mixed_forward(self, x, adapter_names, strict):
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError("a mixed batch needs x of shape (batch, ..., in_features), with adapter_names naming one "
-                             f"adapter per sample, got {getattr(x, 'shape', type(x).__name__)}")
-        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names must name one adapter per sample: x has {x.shape[0]} samples, "
-                             f"adapter_names has {len(adapter_names)}")
-        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.ia3_l})
-        if strict and unknown:
-            raise ValueError(f"adapter_names has {unknown}, not adapters of this layer ({list(self.ia3_l)}; "
-                             f"{BASE_ADAPTER!r} for none)")
-        if self.merged:
-            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before a mixed batch")
+        _check_mixed_batch(self, x, adapter_names, strict)
         if not self.adapters_enabled:
             return self.base_layer(x)
-        used = [n for n in dict.fromkeys(adapter_names) if n in self.ia3_l]
+        used, index = _mixed_batch_index(self.ia3_l, x, adapter_names)
         if not used:
             return self.base_layer(x)
-        position = {n: i for i, n in enumerate(used)}
-        per_sample = torch.tensor([position.get(n, BASE_INDEX) for n in adapter_names], device=x.device)
-        index = per_sample.view(-1, *([1] * (x.dim() - 2))).expand(x.shape[:-1])
         return self._scaled(x, [self.ia3_l[n].view(-1) for n in used], index)
 
     def add_adapter(self, adapter_name: str, init_ia3_weights: bool = True, *,

@@ -24,6 +24,7 @@ from ..checks import check_same_device
 from ..quantized import QuantizedWeight
 from .frame import FusedOp, autocast_cast, unkeyed
 from .lora_checks import check_adapter_index, check_adapter_index_values, check_float_tensors, check_frozen_base
+from .lora_linear import _base_product, _format_reasons
 
 __all__ = ["IA3_LINEAR_BACKENDS", "ia3_linear", "ia3_linear_reference"]
 
@@ -67,12 +68,6 @@ def _scaled(t, scale):
     if torch.is_grad_enabled() and (t.requires_grad or scale.requires_grad):
         return (t * scale).to(t.dtype)
     return torch.mul(t, scale, out=torch.empty_like(t))
-
-
-def _base_product(x, weight, bias=None):
-    if isinstance(weight, QuantizedWeight):
-        return weight.matmul(x, bias)
-    return torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
 def _torch_forward(x, weight, bias, scale, feedforward, keep_pre, index=None):
@@ -123,13 +118,6 @@ def _torch_forward_fake(x, weight, feedforward, keep_pre):
 # The backend table. Every entry's forward takes (x, weight, bias, scale, feedforward, keep_pre, index) and returns
 # (y, pre); backward returns (dx, dl, dbias).
 # ----------------------------------------------------------------------------------------------------------
-
-def _format_reasons(backend, weight) -> list[str]:
-    if isinstance(weight, QuantizedWeight) and backend not in weight.kernels:
-        return [f"the {backend} backend has no kernel for a {weight.label} base (its format's kernels: "
-                f"{', '.join(sorted(weight.kernels)) or 'none'}; the torch backend runs any)"]
-    return []
-
 
 def _triton_reasons(x, weight, bias, scale, feedforward, index, needs_grad):
     reasons = _format_reasons("triton", weight)
